@@ -1,0 +1,1 @@
+"""Balancer drivers behind one small interface (see `base.Balancer`)."""

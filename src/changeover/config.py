@@ -1,0 +1,370 @@
+"""The topology: a validated model of `changeover.toml`.
+
+Loading never raises anything but `ConfigError`, whose message names the file,
+the key and what was expected, so the CLI can print one line and exit.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_CONFIG = "changeover.toml"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number or a string such as "250ms", "30s", "10m", "1h"."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30, \"30s\" or \"10m\"")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        raise ValueError("expected a duration such as 30, \"30s\" or \"10m\"")
+    if seconds < 0:
+        raise ValueError("expected a duration of zero or more")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """("127.0.0.1", 8080) from "127.0.0.1:8080" or "[::1]:8080"."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    host = host.strip("[]")
+    number = int(port)
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port out of range in {value!r}")
+    return host, number
+
+
+class Listen(_Model):
+    """An address to listen on, written "HOST:PORT"."""
+
+    host: str
+    port: int
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            host, port = parse_hostport(value)
+            return {"host": host, "port": port}
+        return value
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+class Member(_Model):
+    name: Name
+    host: str = "127.0.0.1"
+    port: Port
+    route: Name | None = None  # sticky-session route; defaults to the member name
+
+    @property
+    def route_id(self) -> str:
+        return self.route or self.name
+
+    @property
+    def base_url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+
+class Cluster(_Model):
+    name: Name
+    members: list[Member] = Field(min_length=1)
+    qa_host: str | None = None  # Host header that reaches this cluster only
+    qa_port: Port | None = None  # port of a listener that reaches this cluster only
+
+
+class HealthCheck(_Model):
+    """The balancer's own active health check of every member."""
+
+    path: str = "/health"
+    interval: Duration = 1.0
+    timeout: Duration = 1.0
+    rise: int = Field(default=2, ge=1)
+    fall: int = Field(default=2, ge=1)
+
+
+class BalancerInstance(_Model):
+    """One balancer process; several instances form a group changed all-or-nothing.
+
+    Which fields matter depends on the driver (see docs/drivers.md).
+    """
+
+    name: Name = "lb1"
+    admin_url: str | None = None  # builtin: admin API base URL
+    stats_socket: str | None = None  # haproxy: unix path or HOST:PORT of the runtime API
+    config_path: str | None = None  # apache/haproxy/nginx: where the rendered config goes
+    check_command: list[str] | None = None  # e.g. ["nginx", "-t", "-c", "..."]
+    reload_command: list[str] | None = None  # e.g. ["nginx", "-s", "reload", "-c", "..."]
+    manager_url: str | None = None  # apache: balancer-manager URL
+    state_file: str | None = None  # haproxy server-state-file / builtin admissions
+
+
+class Balancer(_Model):
+    driver: Literal["builtin", "haproxy", "apache", "nginx"] = "builtin"
+    listen: Listen = Listen(host="127.0.0.1", port=8080)
+    admin_listen: Listen = Listen(host="127.0.0.1", port=8089)
+    admin_token: str | None = None  # prefer admin_token_env in production
+    admin_token_env: str = "CHANGEOVER_ADMIN_TOKEN"
+    sticky_cookie: str = "JSESSIONID"
+    route_cookie: str = "CHANGEOVER_ROUTE"  # inserted when the app sets no sticky cookie
+    algorithm: Literal["round-robin", "least-conn"] = "round-robin"
+    workers: int = Field(default=1, ge=1, le=64)
+    state_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    health: HealthCheck = HealthCheck()
+    instances: list[BalancerInstance] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Balancer:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        return self
+
+    def token(self) -> str | None:
+        """The admin token: the environment variable wins over the file."""
+        return os.environ.get(self.admin_token_env) or self.admin_token
+
+
+class SshSettings(_Model):
+    user: str | None = None
+    port: Port = 22
+    key_file: str | None = None  # default: the SSH agent and ~/.ssh keys
+    known_hosts: str | None = None  # default: ~/.ssh/known_hosts
+    insecure_ignore_host_keys: bool = False  # labs only: accept any host key
+    jump_host: str | None = None  # [user@]host[:port]
+    connect_timeout: Duration = 10.0
+
+
+class Executor(_Model):
+    kind: Literal["local", "ssh"] = "local"
+    parallel: int = Field(default=0, ge=0)  # members of a cluster at once; 0: all
+    max_failed: int = Field(default=0, ge=0)
+    timeout: Duration = 120.0  # per command
+    ssh: SshSettings = SshSettings()
+
+
+class Upload(_Model):
+    src: str
+    dest: str
+
+
+class Release(_Model):
+    """Commands run on each member; `{version}`, `{member}`, `{host}`, `{port}`,
+    `{cluster}` and `{route}` are substituted as single literal arguments."""
+
+    stop: str | None = None
+    deploy: str | None = None
+    start: str | None = None
+    upload: list[Upload] = Field(default_factory=list)
+
+
+class Smoke(_Model):
+    """One HTTP request sent through the cluster's QA entry point."""
+
+    path: str = "/"
+    method: Literal["GET", "HEAD", "POST"] = "GET"
+    status: int = 200
+    body_contains: str | None = None
+
+
+class Checks(_Model):
+    health_path: str = "/health"
+    health_status: int = 200
+    version_path: str = "/version"
+    version_contains: str = "{version}"
+    smoke: list[Smoke] = Field(default_factory=list)
+    smoke_command: str | None = None  # run locally with CHANGEOVER_QA_URL set
+    timeout: Duration = 5.0
+
+
+class Policy(_Model):
+    strategy: Literal["rolling-clusters", "bluegreen"] = "rolling-clusters"
+    order: list[Name] | None = None  # default: the order of [[clusters]]
+    drain_timeout: Duration = 30.0
+    health_timeout: Duration = 120.0
+    approval: Literal["auto", "manual"] = "auto"
+    min_healthy: int = Field(default=1, ge=1)
+    keep_previous: Duration = 600.0
+    bake: Duration = 0.0
+    auto_rollback: bool = False
+    max_error_ratio: float = Field(default=0.01, ge=0, le=1)
+
+
+class Site(_Model):
+    name: Name = "site"
+    state_dir: str = ".changeover"  # journal and lock; relative to the config file
+
+
+class Topology(_Model):
+    site: Site = Site()
+    clusters: list[Cluster]
+    balancer: Balancer = Balancer()
+    executor: Executor = Executor()
+    release: Release = Release()
+    checks: Checks = Checks()
+    policy: Policy = Policy()
+    # Where the file was loaded from (set by `load`), for relative paths.
+    source: Path | None = Field(default=None, exclude=True)
+
+    @field_validator("clusters")
+    @classmethod
+    def _at_least_two(cls, clusters: list[Cluster]) -> list[Cluster]:
+        if len(clusters) < 2:
+            raise ValueError("expected at least two clusters: a release needs one to serve while another is out")
+        return clusters
+
+    @model_validator(mode="after")
+    def _separate(self) -> Topology:
+        for problem in _separation_problems(self.clusters):
+            raise ValueError(problem)
+        if self.policy.order is not None:
+            names = [c.name for c in self.clusters]
+            if sorted(self.policy.order) != sorted(names):
+                raise ValueError(
+                    f"policy.order must list every cluster exactly once: {names}, got {self.policy.order}"
+                )
+        return self
+
+    # --- lookups -----------------------------------------------------------
+
+    def cluster(self, name: str) -> Cluster:
+        for c in self.clusters:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def cluster_order(self) -> list[str]:
+        return list(self.policy.order or [c.name for c in self.clusters])
+
+    def members(self) -> Iterator[tuple[Cluster, Member]]:
+        for c in self.clusters:
+            for m in c.members:
+                yield c, m
+
+    def cluster_of(self, member: str) -> str:
+        for c, m in self.members():
+            if m.name == member:
+                return c.name
+        raise KeyError(member)
+
+    def state_dir(self) -> Path:
+        base = self.source.parent if self.source else Path.cwd()
+        return (base / self.site.state_dir).resolve()
+
+    def resolve_path(self, value: str) -> Path:
+        """A path from the file, relative to the file's folder."""
+        base = self.source.parent if self.source else Path.cwd()
+        return (base / value).resolve()
+
+
+def _separation_problems(clusters: list[Cluster]) -> Iterator[str]:
+    """Clusters must be completely separate: no shared member, address or route."""
+    seen_cluster: dict[str, str] = {}
+    seen_name: dict[str, str] = {}
+    seen_addr: dict[tuple[str, int], str] = {}
+    seen_route: dict[str, str] = {}
+    for c in clusters:
+        if c.name in seen_cluster:
+            yield f"cluster name {c.name!r} appears twice"
+        seen_cluster[c.name] = c.name
+        for m in c.members:
+            for table, key, what in (
+                (seen_name, m.name, f"member name {m.name!r}"),
+                (seen_addr, (m.host, m.port), f"member address {m.host}:{m.port}"),
+                (seen_route, m.route_id, f"route {m.route_id!r}"),
+            ):
+                owner = table.get(key)  # type: ignore[call-overload]
+                if owner is not None:
+                    where = "twice in cluster" if owner == c.name else f"in clusters {owner!r} and"
+                    yield f"{what} appears {where} {c.name!r}: clusters must be completely separate"
+                table[key] = c.name  # type: ignore[index]
+
+
+class ConfigError(Exception):
+    """A topology that cannot be used; the message is one line for the user."""
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.startswith(("function-", "tagged-union")):
+            continue
+        else:
+            out += f".{part}" if out else part
+    return out or "(top level)"
+
+
+def _describe(err: Any) -> str:
+    kind = err["type"]
+    if kind == "missing":
+        return "is required but missing"
+    if kind == "extra_forbidden":
+        return "is not a known key (check the spelling)"
+    msg = str(err["msg"])
+    return msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+
+
+def format_validation(path: Path | str, exc: ValidationError) -> str:
+    problems = [f"{path}: {_loc(tuple(e['loc']))}: {_describe(e)}" for e in exc.errors()]
+    return problems[0] if len(problems) == 1 else "\n".join(problems)
+
+
+def parse(data: dict[str, Any], path: Path | str = DEFAULT_CONFIG) -> Topology:
+    try:
+        topo = Topology.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation(path, exc)) from None
+    return topo.model_copy(update={"source": Path(path).resolve()})
+
+
+def load(path: Path | str = DEFAULT_CONFIG) -> Topology:
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such file (write one with `changeover init`)") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    return parse(data, p)

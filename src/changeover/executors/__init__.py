@@ -1,0 +1,1 @@
+"""Executors run a release command on a member: locally or over SSH."""

@@ -1,0 +1,86 @@
+"""The executor interface and the one way commands are built from templates.
+
+A template is split into words the way a POSIX shell would (shlex), then each
+placeholder is substituted inside its word. A substituted value therefore stays
+one literal argument whatever it contains (`1.0; rm -rf /` included): locally
+the argv is executed without a shell; over SSH it is joined with `shlex.join`.
+"""
+
+from __future__ import annotations
+
+import shlex
+import string
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from changeover.config import Cluster, Member
+
+PLACEHOLDERS = ("version", "member", "host", "port", "cluster", "route")
+
+
+class TemplateError(ValueError):
+    """A command template that cannot be rendered."""
+
+
+def render_argv(template: str, values: Mapping[str, str]) -> list[str]:
+    """argv for `template` with `{name}` placeholders replaced by literal values."""
+    try:
+        words = shlex.split(template, comments=False, posix=True)
+    except ValueError as exc:
+        raise TemplateError(f"cannot split command {template!r}: {exc}") from None
+    if not words:
+        raise TemplateError("empty command")
+    formatter = string.Formatter()
+    argv = []
+    for word in words:
+        try:
+            for _, field, spec, conv in formatter.parse(word):
+                if field is not None and (field not in values or spec or conv):
+                    known = ", ".join("{" + p + "}" for p in values)
+                    raise TemplateError(f"unknown placeholder {{{field}}} in {template!r}; known: {known}")
+            argv.append(word.format_map(values))
+        except (ValueError, IndexError) as exc:
+            raise TemplateError(f"bad placeholder in {template!r}: {exc}") from None
+    return argv
+
+
+def member_values(cluster: Cluster, member: Member, version: str) -> dict[str, str]:
+    return {
+        "version": version,
+        "member": member.name,
+        "host": member.host,
+        "port": str(member.port),
+        "cluster": cluster.name,
+        "route": member.route_id,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    member: str
+    argv: tuple[str, ...]
+    exit_status: int | None  # None: timed out or could not start
+    output: str  # stdout and stderr, interleaved, truncated to a bounded size
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_status == 0
+
+
+class Executor(Protocol):
+    """Runs one argv on one member."""
+
+    async def run(
+        self, cluster: Cluster, member: Member, argv: list[str], timeout: float
+    ) -> CommandResult: ...
+
+    async def upload(
+        self, cluster: Cluster, member: Member, src: Path, dest: str, timeout: float
+    ) -> CommandResult:
+        """Copy a local file to `dest` on the member and verify its checksum there."""
+        ...
+
+    async def close(self) -> None: ...

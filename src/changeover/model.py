@@ -1,0 +1,71 @@
+"""Plain data shared by every layer: admissions and what a balancer reports.
+
+Nothing here does I/O; planning and interlocks are pure functions over these types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Admission(StrEnum):
+    """Whether a member may receive traffic from the live pool.
+
+    LIVE: new and sticky sessions. DRAINING: only requests whose sticky route
+    names the member. OUT: nothing from the live pool (QA entry points still reach it).
+    """
+
+    LIVE = "live"
+    DRAINING = "draining"
+    OUT = "out"
+
+
+@dataclass(frozen=True, slots=True)
+class MemberState:
+    """One member as a balancer sees it."""
+
+    name: str
+    cluster: str
+    admission: Admission
+    healthy: bool
+    active: int = 0  # requests (or connections/sessions, per driver) in flight
+
+
+@dataclass(frozen=True, slots=True)
+class PoolView:
+    """The live pool as read from a balancer (or a group of them)."""
+
+    members: tuple[MemberState, ...]
+
+    def member(self, name: str) -> MemberState:
+        for m in self.members:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def in_cluster(self, cluster: str) -> tuple[MemberState, ...]:
+        return tuple(m for m in self.members if m.cluster == cluster)
+
+    def admissions(self) -> dict[str, Admission]:
+        return {m.name: m.admission for m in self.members}
+
+    def active_in(self, cluster: str) -> int:
+        return sum(m.active for m in self.in_cluster(cluster))
+
+
+def cluster_admission(view: PoolView, cluster: str) -> Admission | None:
+    """The cluster's admission when all its members agree, else None (mixed)."""
+    seen = {m.admission for m in view.in_cluster(cluster)}
+    return seen.pop() if len(seen) == 1 else None
+
+
+def admissions_for(members: Iterable[str], admission: Admission) -> dict[str, Admission]:
+    return dict.fromkeys(members, admission)
+
+
+def differs(view: PoolView, desired: Mapping[str, Admission]) -> dict[str, Admission]:
+    """The subset of `desired` that the view does not show yet."""
+    current = view.admissions()
+    return {name: adm for name, adm in desired.items() if current.get(name) != adm}
