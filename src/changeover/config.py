@@ -224,6 +224,19 @@ class Policy(_Model):
     max_error_ratio: float = Field(default=0.01, ge=0, le=1)
 
 
+class Database(_Model):
+    """The database both clusters share, and the release's migrations."""
+
+    url: str  # sqlite:///path, postgresql://..., mysql://...
+    dialect: Literal["postgres", "mysql", "sqlite"] | None = None  # default: from the URL
+    # Either a directory of ordered .sql files whose names start expand_/contract_ ...
+    migrations_dir: str | None = None
+    # ... or commands: one that applies, one that prints the SQL it would run.
+    apply_command: str | None = None
+    sql_command: str | None = None
+    phase: Literal["expand", "contract"] = "expand"  # phase of command-driven migrations
+
+
 class Site(_Model):
     name: Name = "site"
     state_dir: str = ".changeover"  # journal and lock; relative to the config file
@@ -237,6 +250,7 @@ class Topology(_Model):
     release: Release = Release()
     checks: Checks = Checks()
     policy: Policy = Policy()
+    database: Database | None = None
     # Where the file was loaded from (set by `load`), for relative paths.
     source: Path | None = Field(default=None, exclude=True)
 

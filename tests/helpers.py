@@ -1,0 +1,53 @@
+"""Small shared test helpers: ports, real binaries, awaiting conditions."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+REQUIRE_REAL = os.environ.get("CHANGEOVER_REQUIRE_REAL") == "1"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """An ephemeral port that was free a moment ago on `host`."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def require_binary(name: str, *candidates: str) -> Path:
+    """Path of a real server binary; skip on a laptop without it, fail in CI."""
+    for candidate in (name, *candidates):
+        found = shutil.which(candidate) or (candidate if os.access(candidate, os.X_OK) else None)
+        if found:
+            return Path(found)
+    message = f"real {name} not installed (make system-deps installs it)"
+    if REQUIRE_REAL:
+        pytest.fail(f"{message}; CHANGEOVER_REQUIRE_REAL=1 forbids skipping")
+    pytest.skip(message)
+
+
+async def wait_until(
+    condition: Callable[[], Awaitable[bool]] | Callable[[], bool],
+    timeout: float = 10.0,
+    interval: float = 0.05,
+    what: str = "condition",
+) -> None:
+    """Poll `condition` until it is true; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
