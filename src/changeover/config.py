@@ -215,6 +215,9 @@ class Policy(_Model):
     strategy: Literal["rolling-clusters", "bluegreen"] = "rolling-clusters"
     order: list[Name] | None = None  # default: the order of [[clusters]]
     drain_timeout: Duration = 30.0
+    # A draining cluster is drained once nothing is in flight and no request
+    # arrived for this long (sticky sessions have gone quiet), or at drain_timeout.
+    drain_idle: Duration = 2.0
     health_timeout: Duration = 120.0
     approval: Literal["auto", "manual"] = "auto"
     min_healthy: int = Field(default=1, ge=1)

@@ -31,6 +31,7 @@ class MemberState:
     admission: Admission
     healthy: bool
     active: int = 0  # requests (or connections/sessions, per driver) in flight
+    requests: int = 0  # total served, where the balancer counts it (drain idleness)
 
 
 @dataclass(frozen=True, slots=True)
