@@ -32,13 +32,13 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 def parse_duration(value: object) -> float:
     """Seconds from a number or a string such as "250ms", "30s", "10m", "1h"."""
     if isinstance(value, bool):
-        raise ValueError("expected a duration such as 30, \"30s\" or \"10m\"")
+        raise ValueError('expected a duration such as 30, "30s" or "10m"')
     if isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str) and (m := _DURATION.match(value)):
         seconds = float(m.group(1)) * _UNITS[m.group(2)]
     else:
-        raise ValueError("expected a duration such as 30, \"30s\" or \"10m\"")
+        raise ValueError('expected a duration such as 30, "30s" or "10m"')
     if seconds < 0:
         raise ValueError("expected a duration of zero or more")
     return seconds
@@ -261,7 +261,9 @@ class Topology(_Model):
     @classmethod
     def _at_least_two(cls, clusters: list[Cluster]) -> list[Cluster]:
         if len(clusters) < 2:
-            raise ValueError("expected at least two clusters: a release needs one to serve while another is out")
+            raise ValueError(
+                "expected at least two clusters: a release needs one to serve while another is out"
+            )
         return clusters
 
     @model_validator(mode="after")
@@ -272,7 +274,8 @@ class Topology(_Model):
             names = [c.name for c in self.clusters]
             if sorted(self.policy.order) != sorted(names):
                 raise ValueError(
-                    f"policy.order must list every cluster exactly once: {names}, got {self.policy.order}"
+                    f"policy.order must list every cluster exactly once: {names}, "
+                    f"got {self.policy.order}"
                 )
         return self
 
@@ -310,25 +313,23 @@ class Topology(_Model):
 
 def _separation_problems(clusters: list[Cluster]) -> Iterator[str]:
     """Clusters must be completely separate: no shared member, address or route."""
-    seen_cluster: dict[str, str] = {}
-    seen_name: dict[str, str] = {}
-    seen_addr: dict[tuple[str, int], str] = {}
-    seen_route: dict[str, str] = {}
+    owners: dict[str, dict[object, str]] = {"name": {}, "address": {}, "route": {}}
+    clusters_seen: set[str] = set()
     for c in clusters:
-        if c.name in seen_cluster:
+        if c.name in clusters_seen:
             yield f"cluster name {c.name!r} appears twice"
-        seen_cluster[c.name] = c.name
+        clusters_seen.add(c.name)
         for m in c.members:
-            for table, key, what in (
-                (seen_name, m.name, f"member name {m.name!r}"),
-                (seen_addr, (m.host, m.port), f"member address {m.host}:{m.port}"),
-                (seen_route, m.route_id, f"route {m.route_id!r}"),
+            for kind, key, what in (
+                ("name", m.name, f"member name {m.name!r}"),
+                ("address", (m.host, m.port), f"member address {m.host}:{m.port}"),
+                ("route", m.route_id, f"route {m.route_id!r}"),
             ):
-                owner = table.get(key)  # type: ignore[call-overload]
+                owner = owners[kind].get(key)
                 if owner is not None:
                     where = "twice in cluster" if owner == c.name else f"in clusters {owner!r} and"
                     yield f"{what} appears {where} {c.name!r}: clusters must be completely separate"
-                table[key] = c.name  # type: ignore[index]
+                owners[kind][key] = c.name
 
 
 class ConfigError(Exception):

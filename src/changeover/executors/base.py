@@ -39,7 +39,9 @@ def render_argv(template: str, values: Mapping[str, str]) -> list[str]:
             for _, field, spec, conv in formatter.parse(word):
                 if field is not None and (field not in values or spec or conv):
                     known = ", ".join("{" + p + "}" for p in values)
-                    raise TemplateError(f"unknown placeholder {{{field}}} in {template!r}; known: {known}")
+                    raise TemplateError(
+                        f"unknown placeholder {{{field}}} in {template!r}; known: {known}"
+                    )
             argv.append(word.format_map(values))
         except (ValueError, IndexError) as exc:
             raise TemplateError(f"bad placeholder in {template!r}: {exc}") from None

@@ -1,0 +1,106 @@
+"""Driver for the embedded balancer (`changeover balancer serve`), via its admin API."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+
+from changeover.balancers.base import BalancerError
+from changeover.config import Topology
+from changeover.model import Admission, MemberState, PoolView, differs
+
+
+def admin_url_of(topo: Topology) -> str:
+    listen = topo.balancer.admin_listen
+    host = "127.0.0.1" if listen.host in ("0.0.0.0", "") else listen.host
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{listen.port}"
+
+
+def pool_from_json(data: Mapping[str, Any]) -> PoolView:
+    return PoolView(
+        tuple(
+            MemberState(
+                name=m["name"],
+                cluster=m["cluster"],
+                admission=Admission(m["admission"]),
+                healthy=bool(m["healthy"]),
+                active=int(m.get("active", 0)),
+                requests=int(m.get("requests", 0)),
+            )
+            for m in data["members"]
+        )
+    )
+
+
+class BuiltinBalancer:
+    """One embedded balancer instance; admission changes are atomic on its side."""
+
+    def __init__(
+        self, url: str, token: str | None, name: str = "builtin", timeout: float = 5.0
+    ) -> None:
+        if not token:
+            raise BalancerError(
+                "the embedded balancer's admin API needs a token: set balancer.admin_token_env "
+                "(default CHANGEOVER_ADMIN_TOKEN) or balancer.admin_token"
+            )
+        self.name = name
+        self.url = url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {token}"}
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
+        return self._session
+
+    async def _call(self, method: str, path: str, body: object = None) -> PoolView:
+        try:
+            async with self._client().request(method, self.url + path, json=body) as resp:
+                data = await resp.json(content_type=None)
+                if resp.status != 200:
+                    error = data.get("error") if isinstance(data, dict) else data
+                    raise BalancerError(
+                        f"{self.name}: {method} {path}: HTTP {resp.status}: {error}"
+                    )
+                return pool_from_json(data)
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
+            raise BalancerError(
+                f"{self.name}: admin API at {self.url} unreachable or invalid: {exc!r}"
+            ) from exc
+
+    async def read(self) -> PoolView:
+        return await self._call("GET", "/v1/pool")
+
+    async def apply(self, desired: Mapping[str, Admission]) -> PoolView:
+        body = {"admissions": {name: adm.value for name, adm in desired.items()}}
+        await self._call("POST", "/v1/admissions", body)
+        view = await self.read()
+        missing = differs(view, desired)
+        if missing:
+            raise BalancerError(
+                f"{self.name}: admissions did not take effect for {sorted(missing)}"
+            )
+        return view
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def builtin_balancers(topo: Topology) -> list[BuiltinBalancer]:
+    token = topo.balancer.token()
+    if not topo.balancer.instances:
+        return [BuiltinBalancer(admin_url_of(topo), token)]
+    out = []
+    for inst in topo.balancer.instances:
+        if not inst.admin_url:
+            raise BalancerError(
+                f"balancer.instances {inst.name!r}: the builtin driver needs admin_url"
+            )
+        out.append(BuiltinBalancer(inst.admin_url, token, inst.name))
+    return out

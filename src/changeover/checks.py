@@ -1,0 +1,147 @@
+"""HTTP checks: health and version of each member directly, smoke checks through
+a cluster's QA entry point, and an optional smoke command."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+from dataclasses import dataclass
+
+import aiohttp
+
+from changeover.config import Checks, Cluster, Member, Topology
+from changeover.executors.base import render_argv
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    target: str
+    ok: bool
+    detail: str
+
+
+def qa_entry(topo: Topology, cluster: Cluster) -> tuple[str, str | None]:
+    """(base URL, Host header) of the cluster's QA entry point: its own port when
+    it has one, else the public listener with the cluster's QA host name."""
+    bal = topo.balancer
+    scheme = "https" if bal.tls_cert else "http"
+    host = bal.listen.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    if cluster.qa_port:
+        return f"{scheme}://{host}:{cluster.qa_port}", None
+    if cluster.qa_host:
+        return f"{scheme}://{host}:{bal.listen.port}", cluster.qa_host
+    raise ValueError(f"cluster {cluster.name!r} has no QA entry point (qa_port or qa_host)")
+
+
+class Checker:
+    """One pooled HTTP client for all checks of a release."""
+
+    def __init__(self, topo: Topology) -> None:
+        self.topo = topo
+        self.cfg: Checks = topo.checks
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            timeout = aiohttp.ClientTimeout(total=self.cfg.timeout)
+            # QA entry points commonly use self-signed certificates in front of
+            # a private cluster; smoke checks test the app, not the PKI.
+            insecure = ssl.create_default_context()
+            insecure.check_hostname = False
+            insecure.verify_mode = ssl.CERT_NONE
+            self._session = aiohttp.ClientSession(
+                timeout=timeout,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                connector=aiohttp.TCPConnector(limit=64, ssl=insecure),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _get(
+        self, url: str, method: str = "GET", host: str | None = None
+    ) -> tuple[int, str] | str:
+        headers = {"Host": host} if host else {}
+        try:
+            async with self._client().request(
+                method, url, headers=headers, allow_redirects=False
+            ) as resp:
+                body = await resp.text(errors="replace")
+                return resp.status, body
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return f"{type(exc).__name__}: {exc}".rstrip(": ")
+
+    async def health(self, member: Member) -> CheckResult:
+        got = await self._get(member.base_url + self.cfg.health_path)
+        if isinstance(got, str):
+            return CheckResult(member.name, False, got)
+        ok = got[0] == self.cfg.health_status
+        return CheckResult(member.name, ok, f"HTTP {got[0]}")
+
+    async def version(self, member: Member, version: str) -> CheckResult:
+        got = await self._get(member.base_url + self.cfg.version_path)
+        if isinstance(got, str):
+            return CheckResult(member.name, False, got)
+        want = self.cfg.version_contains.replace("{version}", version)
+        body = got[1].strip()
+        ok = got[0] == 200 and want in body
+        return CheckResult(
+            member.name, ok, f"reports {body[:80]!r}" + ("" if ok else f", expected {want!r}")
+        )
+
+    async def smoke(self, cluster: Cluster, version: str) -> list[CheckResult]:
+        base, host = qa_entry(self.topo, cluster)
+        results = []
+        for check in self.cfg.smoke:
+            url = base + check.path
+            got = await self._get(url, check.method, host)
+            target = f"{check.method} {check.path} via {base}" + (
+                f" (Host: {host})" if host else ""
+            )
+            if isinstance(got, str):
+                results.append(CheckResult(target, False, got))
+                continue
+            status, body = got
+            problems = []
+            if status != check.status:
+                problems.append(f"HTTP {status}, expected {check.status}")
+            if check.body_contains:
+                want = check.body_contains.replace("{version}", version)
+                if want not in body:
+                    problems.append(f"body lacks {want!r}")
+            results.append(
+                CheckResult(target, not problems, "; ".join(problems) or f"HTTP {status}")
+            )
+        if self.cfg.smoke_command:
+            results.append(await self._smoke_command(base, host, version))
+        return results
+
+    async def _smoke_command(self, base: str, host: str | None, version: str) -> CheckResult:
+        argv = render_argv(self.cfg.smoke_command or "", {"version": version})
+        env = os.environ | {"CHANGEOVER_QA_URL": base, "CHANGEOVER_VERSION": version}
+        if host:
+            env["CHANGEOVER_QA_HOST"] = host
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=env,
+            )
+            out, _ = await asyncio.wait_for(proc.communicate(), self.topo.executor.timeout)
+        except (OSError, TimeoutError) as exc:
+            return CheckResult("smoke command", False, f"{type(exc).__name__}: {exc}")
+        text = out.decode("utf-8", "replace")[-2000:]
+        return CheckResult(
+            "smoke command",
+            proc.returncode == 0,
+            f"exit {proc.returncode}" + (f": {text.strip()}" if text.strip() else ""),
+        )

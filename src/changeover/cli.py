@@ -1,0 +1,579 @@
+"""The `changeover` command line (Typer + Rich).
+
+Exit codes (documented in README and `changeover --help`):
+0 success; 1 the release (or check) failed; 2 bad input (config, arguments);
+3 refused by the release lock or an interlock; 4 stopped at a safe point
+(Ctrl-C or `changeover abort`), resumable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from changeover import __version__
+from changeover import journal as J
+from changeover.balancers.base import BalancerError
+from changeover.config import DEFAULT_CONFIG, ConfigError, Topology, load
+from changeover.engine import Engine, Event, approval_request
+from changeover.journal import Journal, JournalError, LockHeld
+from changeover.plan import PlanRefused, StepKind, describe, make_plan
+from changeover.runtime import make_balancer, make_executor, open_journal
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_STOPPED = 0, 1, 2, 3, 4
+
+HELP = f"""Zero-downtime releases across separate clusters behind a load balancer.
+
+A release drains one cluster out of the live pool, stops, deploys, starts and
+checks it, lets QA test it through its own entry point, then puts it live and
+drains the next one in a single balancer change, and so on.
+
+Exit codes: {EXIT_OK} success, {EXIT_FAILED} release/check failed,
+{EXIT_BAD_INPUT} bad input, {EXIT_REFUSED} refused by the lock or an interlock,
+{EXIT_STOPPED} stopped at a safe point (resumable).
+"""
+
+app = typer.Typer(help=HELP, no_args_is_help=True, rich_markup_mode=None, add_completion=False)
+balancer_app = typer.Typer(help="Run the embedded balancer.", no_args_is_help=True)
+app.add_typer(balancer_app, name="balancer")
+
+out = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[
+    Path, typer.Option("--config", "-c", envvar="CHANGEOVER_CONFIG", help="Topology file.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+
+T = TypeVar("T")
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        out.print(f"changeover {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version_callback, is_eager=True, help="Show the version."
+        ),
+    ] = False,
+) -> None:
+    pass
+
+
+def fail(code: int, message: str) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _load(path: Path) -> Topology:
+    try:
+        return load(path)
+    except ConfigError as exc:
+        fail(EXIT_BAD_INPUT, str(exc))
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine, mapping the expected failures to exit codes."""
+    try:
+        return asyncio.run(coro)
+    except (ConfigError, JournalError) as exc:
+        fail(EXIT_BAD_INPUT, str(exc))
+    except LockHeld as exc:
+        fail(EXIT_REFUSED, f"another release holds the lock: {exc}")
+    except PlanRefused as exc:
+        fail(EXIT_REFUSED, str(exc))
+    except BalancerError as exc:
+        fail(EXIT_FAILED, str(exc))
+
+
+def _journal(topo: Topology) -> Journal:
+    try:
+        return open_journal(topo)
+    except JournalError as exc:
+        fail(EXIT_BAD_INPUT, str(exc))
+
+
+# --- topology --------------------------------------------------------------------
+
+
+@app.command()
+def init(
+    path: Annotated[Path, typer.Argument(help="Where to write the starter file.")] = Path(
+        DEFAULT_CONFIG
+    ),
+    force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a commented starter changeover.toml."""
+    from changeover.starter import STARTER
+
+    if path.exists() and not force:
+        fail(EXIT_BAD_INPUT, f"{path} exists (use --force to overwrite)")
+    path.write_text(STARTER)
+    out.print(f"wrote {path}; edit it, then run `changeover check -c {path}`")
+
+
+@app.command()
+def check(
+    config: ConfigOpt = Path(DEFAULT_CONFIG),
+    reach: Annotated[
+        bool, typer.Option("--reach", help="Also run a trivial command on every member.")
+    ] = False,
+) -> None:
+    """Validate the topology and print it as a table."""
+    topo = _load(config)
+    table = Table(title=f"site {topo.site.name} ({config})")
+    for col in ("cluster", "member", "address", "route", "QA entry point"):
+        table.add_column(col)
+    for cluster, member in topo.members():
+        qa = ", ".join(
+            x
+            for x in (
+                f"port {cluster.qa_port}" if cluster.qa_port else "",
+                f"Host {cluster.qa_host}" if cluster.qa_host else "",
+            )
+            if x
+        )
+        table.add_row(
+            cluster.name, member.name, f"{member.host}:{member.port}", member.route_id, qa or "-"
+        )
+    out.print(table)
+    bal, pol = topo.balancer, topo.policy
+    out.print(
+        f"balancer: {bal.driver}, public {bal.listen}, sticky cookie {bal.sticky_cookie}, "
+        f"{bal.algorithm}; executor: {topo.executor.kind}; strategy {pol.strategy}, "
+        f"order {' -> '.join(topo.cluster_order())}, approval {pol.approval}, "
+        f"min_healthy {pol.min_healthy}"
+    )
+    if reach:
+        _check_reach(topo)
+
+
+def _check_reach(topo: Topology) -> None:
+    from changeover.executors.reach import reach as reach_all
+
+    async def go() -> list[Any]:
+        executor = make_executor(topo)
+        try:
+            return await reach_all(topo, executor)
+        finally:
+            await executor.close()
+
+    results = _run(go())
+    table = Table(title="reachability")
+    for col in ("member", "host", "reachable", "seconds", "detail"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(
+            r.member,
+            r.host,
+            "[green]yes[/]" if r.ok else "[red]no[/]",
+            f"{r.seconds:.2f}",
+            r.error or "",
+        )
+    out.print(table)
+    if not all(r.ok for r in results):
+        raise typer.Exit(EXIT_FAILED)
+
+
+# --- planning and releasing -------------------------------------------------------
+
+
+@app.command()
+def plan(
+    version: Annotated[str, typer.Argument(help="The version to release.")],
+    config: ConfigOpt = Path(DEFAULT_CONFIG),
+    json_out: JsonOpt = False,
+    offline: Annotated[
+        bool, typer.Option(help="Plan without reading the balancer (no interlock check).")
+    ] = False,
+) -> None:
+    """Print the ordered steps of a release; touches nothing."""
+    topo = _load(config)
+
+    async def go() -> list[Any]:
+        view = None
+        if not offline:
+            balancer = make_balancer(topo)
+            try:
+                view = await balancer.read()
+            finally:
+                await balancer.close()
+        return make_plan(topo, version, view)
+
+    steps = _run(go())
+    if json_out:
+        print(json.dumps({"version": version, "steps": [s.to_dict() for s in steps]}, indent=2))
+        return
+    out.print(f"[bold]plan[/]: release {version!r} to {topo.site.name}", highlight=False)
+    for line in describe(steps):
+        out.print(line, highlight=False, markup=False)
+
+
+class Timeline:
+    """Prints engine events as a readable timeline."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.t0 = time.monotonic()
+
+    def __call__(self, event: Event) -> None:
+        elapsed = time.monotonic() - self.t0
+        counter = f"{event.index + 1}/{event.total}" if event.index is not None else ""
+        mark, style = {
+            "step-start": ("…", "dim"),
+            "step-done": ("✓", "green"),
+            "step-failed": ("✗", "bold red"),
+            "warn": ("!", "yellow"),
+            "info": ("·", "cyan"),
+            "state": ("■", "bold"),
+        }.get(event.kind, ("·", ""))
+        if event.kind == "step-start" and event.step and event.step.kind not in _LONG_STEPS:
+            return  # quick steps: the done line is enough
+        self.console.print(
+            f"[dim]{elapsed:6.1f}s[/] [{style}]{mark}[/] {counter:>5} {event.message}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+_LONG_STEPS = {StepKind.WAIT_DRAINED, StepKind.WAIT_HEALTHY, StepKind.APPROVE, StepKind.RUN}
+
+
+async def run_engine(
+    topo: Topology,
+    go: Callable[[Engine], Coroutine[Any, Any, int]],
+    console: Console,
+) -> tuple[int, str]:
+    """Build the edges, run `go` (which returns a release id to run), clean up.
+
+    SIGINT and SIGTERM ask the engine to stop at the next safe point.
+    """
+    balancer = make_balancer(topo)
+    executor = make_executor(topo)
+    journal = await asyncio.to_thread(open_journal, topo)
+    engine = Engine(topo, balancer, executor, journal, on_event=Timeline(console))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, engine.interrupt)
+    try:
+        release_id = await go(engine)
+        return release_id, await engine.run(release_id)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await balancer.close()
+        await executor.close()
+        journal.close()
+
+
+_STATE_EXIT = {J.DONE: EXIT_OK, J.FAILED: EXIT_FAILED, J.INTERRUPTED: EXIT_STOPPED}
+
+
+def _finish(topo: Topology, release_id: int, state: str, json_out: bool) -> None:
+    if json_out:
+        journal = _journal(topo)
+        print(json.dumps(release_json(journal, release_id), indent=2))
+    raise typer.Exit(_STATE_EXIT.get(state, EXIT_STOPPED))
+
+
+@app.command()
+def release(
+    version: Annotated[str, typer.Argument(help="The version to release.")],
+    config: ConfigOpt = Path(DEFAULT_CONFIG),
+    json_out: JsonOpt = False,
+) -> None:
+    """Release VERSION to every cluster, one cluster at a time, with zero downtime."""
+    topo = _load(config)
+    console = err if json_out else out
+    release_id, state = _run(run_engine(topo, lambda e: e.begin(version), console))
+    _finish(topo, release_id, state, json_out)
+
+
+@app.command()
+def resume(config: ConfigOpt = Path(DEFAULT_CONFIG), json_out: JsonOpt = False) -> None:
+    """Continue the unfinished release after a crash, Ctrl-C or a fixed failure."""
+    topo = _load(config)
+    console = err if json_out else out
+    release_id, state = _run(run_engine(topo, lambda e: e.take_over(), console))
+    _finish(topo, release_id, state, json_out)
+
+
+@app.command()
+def abort(config: ConfigOpt = Path(DEFAULT_CONFIG)) -> None:
+    """Stop the release in progress at its next safe point (from another shell)."""
+    topo = _load(config)
+    journal = _journal(topo)
+    row = journal.unfinished(topo.site.name)
+    if row is None:
+        fail(EXIT_BAD_INPUT, "no release in progress")
+    holder = journal.lock_holder(topo.site.name)
+    if holder is None or holder.is_stale():
+        # Nobody is running it: mark it aborted now; the pool stays as it is.
+        journal.set_state(row.id, J.ABORTED, "aborted while not running")
+        if holder is not None:
+            journal.force_unlock(topo.site.name)
+        out.print(
+            f"release #{row.id} aborted; the pool was left as it is (see `changeover status`)"
+        )
+        return
+    journal.request(row.id, "abort")
+    out.print(f"asked release #{row.id} ({holder.describe()}) to stop at its next safe point")
+
+
+@app.command()
+def approve(config: ConfigOpt = Path(DEFAULT_CONFIG)) -> None:
+    """Approve the cluster that a release with approval = "manual" waits for."""
+    topo = _load(config)
+    journal = _journal(topo)
+    row = journal.unfinished(topo.site.name)
+    if row is None or row.state != J.AWAITING_APPROVAL:
+        fail(EXIT_BAD_INPUT, "no release is awaiting approval")
+    running = [s for s in journal.steps(row.id) if s.state == J.STEP_RUNNING]
+    if not running:
+        fail(EXIT_BAD_INPUT, "no step is awaiting approval")
+    journal.request(row.id, approval_request(running[0].step_id))
+    out.print(f"approved {running[0].step_id} of release #{row.id}")
+
+
+@app.command()
+def unlock(
+    config: ConfigOpt = Path(DEFAULT_CONFIG),
+    force: Annotated[bool, typer.Option("--force", help="Required: break the lock.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Break the site's release lock (only when its holder is surely gone)."""
+    if not force:
+        fail(EXIT_BAD_INPUT, "unlock needs --force: it breaks the lock of a release in progress")
+    topo = _load(config)
+    journal = _journal(topo)
+    holder = journal.lock_holder(topo.site.name)
+    if holder is None:
+        out.print("the site is not locked")
+        return
+    if not yes and not typer.confirm(f"break the lock held by {holder.describe()}?"):
+        raise typer.Exit(EXIT_REFUSED)
+    journal.force_unlock(topo.site.name)
+    out.print(f"lock of {holder.describe()} broken")
+
+
+# --- looking ------------------------------------------------------------------------
+
+
+def release_json(journal: Journal, release_id: int) -> dict[str, Any]:
+    row = journal.release(release_id)
+    steps = {s.idx: s for s in journal.steps(release_id)}
+    return {
+        "id": row.id,
+        "site": row.site,
+        "version": row.version,
+        "previous_version": row.previous_version,
+        "strategy": row.strategy,
+        "kind": row.kind,
+        "state": row.state,
+        "error": row.error,
+        "started": row.started,
+        "finished": row.finished,
+        "user": row.user,
+        "host": row.host,
+        "steps": [
+            {
+                "id": s["id"],
+                "description": s["description"],
+                "state": steps[i].state,
+                "started": steps[i].started,
+                "finished": steps[i].finished,
+                "detail": steps[i].detail,
+            }
+            for i, s in enumerate(row.plan)
+        ],
+    }
+
+
+@app.command()
+def status(config: ConfigOpt = Path(DEFAULT_CONFIG), json_out: JsonOpt = False) -> None:
+    """Show the pool as the balancer sees it and any release in progress."""
+    topo = _load(config)
+    journal = _journal(topo)
+
+    async def read() -> Any:
+        balancer = make_balancer(topo)
+        try:
+            return await balancer.read()
+        except BalancerError as exc:
+            return exc
+        finally:
+            await balancer.close()
+
+    view = asyncio.run(read())
+    pending = journal.unfinished(topo.site.name)
+    holder = journal.lock_holder(topo.site.name)
+    if json_out:
+        print(
+            json.dumps(
+                {
+                    "pool": None
+                    if isinstance(view, Exception)
+                    else [
+                        {
+                            "name": m.name,
+                            "cluster": m.cluster,
+                            "admission": m.admission.value,
+                            "healthy": m.healthy,
+                            "active": m.active,
+                        }
+                        for m in view.members
+                    ],
+                    "balancer_error": str(view) if isinstance(view, Exception) else None,
+                    "release": release_json(journal, pending.id) if pending else None,
+                    "lock": holder.describe() if holder else None,
+                },
+                indent=2,
+            )
+        )
+        return
+    if isinstance(view, Exception):
+        err.print(f"[red]balancer unreachable:[/] {view}", highlight=False)
+    else:
+        table = Table(title=f"pool of {topo.site.name}")
+        for col in ("cluster", "member", "admission", "health", "in flight"):
+            table.add_column(col)
+        colour = {"live": "green", "draining": "yellow", "out": "red"}
+        for m in view.members:
+            table.add_row(
+                m.cluster,
+                m.name,
+                f"[{colour[m.admission.value]}]{m.admission.value}[/]",
+                "up" if m.healthy else "[red]down[/]",
+                str(m.active),
+            )
+        out.print(table)
+    if pending:
+        done = sum(1 for s in journal.steps(pending.id) if s.state == J.STEP_DONE)
+        out.print(
+            f"release #{pending.id} {pending.version!r}: [bold]{pending.state}[/], "
+            f"{done}/{len(pending.plan)} steps done"
+            + (f"; {pending.error}" if pending.error else ""),
+            highlight=False,
+        )
+    else:
+        out.print("no release in progress")
+    if holder:
+        stale = " (stale: its process is gone)" if holder.is_stale() else ""
+        out.print(f"lock: {holder.describe()}{stale}", highlight=False)
+    if isinstance(view, Exception):
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
+def history(
+    config: ConfigOpt = Path(DEFAULT_CONFIG),
+    json_out: JsonOpt = False,
+    limit: Annotated[int, typer.Option(help="How many releases.")] = 20,
+) -> None:
+    """List past releases, newest first."""
+    topo = _load(config)
+    journal = _journal(topo)
+    rows = journal.releases(topo.site.name, limit)
+    if json_out:
+        print(json.dumps([release_json(journal, r.id) for r in rows], indent=2))
+        return
+    table = Table(title=f"releases of {topo.site.name}")
+    for col in ("#", "version", "previous", "kind", "state", "started", "took", "by"):
+        table.add_column(col)
+    for r in rows:
+        took = f"{r.finished - r.started:.1f}s" if r.finished else "-"
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started))
+        table.add_row(
+            str(r.id),
+            r.version,
+            r.previous_version or "-",
+            r.kind,
+            r.state,
+            started,
+            took,
+            f"{r.user}@{r.host}",
+        )
+    out.print(table)
+
+
+@app.command()
+def show(
+    release_id: Annotated[int, typer.Argument(metavar="RELEASE", help="Release number.")],
+    config: ConfigOpt = Path(DEFAULT_CONFIG),
+    json_out: JsonOpt = False,
+) -> None:
+    """Show every step of one release with times, outputs and who ran it."""
+    topo = _load(config)
+    journal = _journal(topo)
+    try:
+        data = release_json(journal, release_id)
+    except KeyError:
+        fail(EXIT_BAD_INPUT, f"no release #{release_id}")
+    outputs = journal.outputs(release_id)
+    if json_out:
+        data["outputs"] = [o.__dict__ for o in outputs]
+        data["events"] = [e.__dict__ for e in journal.events(release_id)]
+        print(json.dumps(data, indent=2, default=str))
+        return
+    out.print(
+        f"[bold]release #{data['id']}[/] {data['version']!r} ({data['kind']}, {data['strategy']}) "
+        f"by {data['user']}@{data['host']}: {data['state']}",
+        highlight=False,
+    )
+    if data["error"]:
+        out.print(f"[red]{data['error']}[/]", highlight=False)
+    for i, s in enumerate(data["steps"]):
+        took = f"{s['finished'] - s['started']:.1f}s" if s["finished"] and s["started"] else ""
+        out.print(
+            f"{i + 1:>3}. {s['state']:<8} {took:>7} {s['description']}"
+            + (f": {s['detail']}" if s["detail"] else ""),
+            highlight=False,
+            markup=False,
+        )
+        for o in (o for o in outputs if o.idx == i):
+            status_text = (
+                "timeout/unreachable" if o.exit_status is None else f"exit {o.exit_status}"
+            )
+            out.print(f"       {o.member}: {status_text} in {o.seconds:.2f}s", markup=False)
+            for line in o.output.strip().splitlines()[-5:]:
+                out.print(f"         | {line}", markup=False, highlight=False)
+
+
+# --- the embedded balancer, the probe and the demo ----------------------------------
+
+
+@balancer_app.command("serve")
+def balancer_serve(
+    config: ConfigOpt = Path(DEFAULT_CONFIG),
+    workers: Annotated[
+        int | None, typer.Option(help="Worker processes (default: balancer.workers).")
+    ] = None,
+) -> None:
+    """Serve the live pool, the QA entry points and the admin API."""
+    from changeover.proxy.server import run as serve
+
+    raise typer.Exit(serve(_load(config), workers))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(EXIT_STOPPED)

@@ -1,0 +1,487 @@
+"""The engine: runs a plan's steps one by one against the balancer, the executor
+and the checks, journaling each step before and after it runs.
+
+Every step is idempotent, so a release killed at any point is finished by
+`resume`, which re-runs the step that was in progress. Waiting steps (drain,
+health, approval) watch for Ctrl-C and `changeover abort` and stop at a safe
+point: between balancer changes, never half-way through one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
+
+from changeover import journal as J
+from changeover.balancers.base import Balancer, BalancerError
+from changeover.checks import Checker, CheckResult
+from changeover.config import Cluster, Member, Topology
+from changeover.executors.base import CommandResult, Executor, member_values, render_argv
+from changeover.model import PoolView, cluster_admission
+from changeover.plan import PlanRefused, Step, StepKind, admit_refusal, make_plan, member_admissions
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+APPLY_ATTEMPTS = 4  # a balancer that refuses or is unreachable is retried with backoff
+APPLY_BACKOFF = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """What the engine tells the screen (and the journal)."""
+
+    at: float
+    kind: str  # step-start, step-done, step-failed, info, warn, state
+    message: str
+    step: Step | None = None
+    index: int | None = None
+    total: int | None = None
+
+
+class StepFailed(Exception):
+    """A step did not achieve its goal; the message says why."""
+
+
+class Stopped(Exception):
+    """The release stopped at a safe point (Ctrl-C or `changeover abort`)."""
+
+    def __init__(self, state: str, why: str) -> None:
+        super().__init__(why)
+        self.state = state
+
+
+class Engine:
+    def __init__(
+        self,
+        topo: Topology,
+        balancer: Balancer,
+        executor: Executor,
+        journal: J.Journal,
+        on_event: Callable[[Event], None] | None = None,
+        poll: float = 0.1,
+    ) -> None:
+        self.topo = topo
+        self.balancer = balancer
+        self.executor = executor
+        self.journal = journal
+        self.checker = Checker(topo)
+        self.on_event = on_event or (lambda e: None)
+        self.poll = poll
+        self.site = topo.site.name
+        self._interrupt = asyncio.Event()
+        self._release_id = 0
+        self._version = ""
+
+    # --- plumbing ----------------------------------------------------------------
+
+    async def _j(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    async def _emit(
+        self,
+        kind: str,
+        message: str,
+        step: Step | None = None,
+        index: int | None = None,
+        total: int | None = None,
+        journal: bool = True,
+    ) -> None:
+        self.on_event(Event(time.time(), kind, message, step, index, total))
+        if journal and self._release_id:
+            await self._j(self.journal.add_event, self._release_id, kind, message)
+
+    def interrupt(self) -> None:
+        """Ctrl-C: stop at the next safe point."""
+        self._interrupt.set()
+
+    async def _check_stop(self) -> None:
+        if self._interrupt.is_set():
+            raise Stopped(J.INTERRUPTED, "interrupted (Ctrl-C); `changeover resume` continues")
+        row = await self._j(self.journal.release, self._release_id)
+        if row.request == "abort":
+            raise Stopped(J.ABORTED, "aborted on request (`changeover abort`)")
+
+    async def _wait(self, seconds: float) -> None:
+        """Sleep that wakes early for Ctrl-C."""
+        try:
+            await asyncio.wait_for(self._interrupt.wait(), seconds)
+        except TimeoutError:
+            return
+
+    # --- starting and resuming ----------------------------------------------------
+
+    async def begin(self, version: str, kind: str = "release") -> int:
+        """Take the lock, plan against the live pool, and journal the new release."""
+        await self._j(self.journal.acquire, self.site, None)
+        try:
+            pending = await self._j(self.journal.unfinished, self.site)
+            if pending is not None:
+                raise PlanRefused(
+                    f"release #{pending.id} ({pending.version}) is {pending.state}: "
+                    "`changeover resume` it, or `changeover abort` it first"
+                )
+            view = await self.balancer.read()
+            steps = make_plan(self.topo, version, view)
+            last = await self._j(self.journal.last_done, self.site)
+            release_id = await self._j(
+                self.journal.create_release,
+                self.site,
+                version,
+                last.version if last else None,
+                self.topo.policy.strategy,
+                [s.to_dict() for s in steps],
+                kind,
+            )
+            await self._j(self.journal.set_lock_release, self.site, release_id)
+        except BaseException:
+            await self._j(self.journal.release_lock, self.site)
+            raise
+        return release_id
+
+    async def take_over(self) -> int:
+        """Lock the site for the unfinished release (the previous holder is gone)."""
+        row = await self._j(self.journal.unfinished, self.site)
+        if row is None:
+            raise PlanRefused("no release to resume")
+        stale = await self._j(self.journal.acquire, self.site, row.id)
+        if stale is not None:
+            await self._j(
+                self.journal.add_event,
+                row.id,
+                "warn",
+                f"took over a stale lock left by {stale.describe()}",
+            )
+        await self._j(self.journal.request, row.id, None)
+        await self._j(self.journal.set_state, row.id, J.RUNNING)
+        return row.id
+
+    async def run(self, release_id: int) -> str:
+        """Run the release's remaining steps; returns its final state."""
+        self._release_id = release_id
+        row = await self._j(self.journal.release, release_id)
+        self._version = row.version
+        steps = [Step.from_dict(s) for s in row.plan]
+        done = {
+            s.idx for s in await self._j(self.journal.steps, release_id) if s.state == J.STEP_DONE
+        }
+        state = J.DONE
+        try:
+            await self._emit(
+                "state",
+                f"release #{release_id}: {row.version} on {self.site}"
+                + (" (resumed)" if done else ""),
+            )
+            for idx, step in enumerate(steps):
+                if idx in done:
+                    continue
+                await self._check_stop()
+                await self._run_step(idx, step, len(steps))
+            await self._j(self.journal.set_state, release_id, J.DONE)
+            await self._emit(
+                "state", f"release #{release_id} done: {self.site} serves {row.version}"
+            )
+        except Stopped as stop:
+            state = stop.state
+            await self._j(self.journal.set_state, release_id, state, str(stop))
+            await self._emit("warn", str(stop))
+        except StepFailed as exc:
+            state = J.FAILED
+            await self._j(self.journal.set_state, release_id, state, str(exc))
+            await self._emit("state", f"release #{release_id} failed: {exc}")
+        finally:
+            await self.checker.close()
+            await self._j(self.journal.release_lock, self.site)
+        return state
+
+    async def _run_step(self, idx: int, step: Step, total: int) -> None:
+        await self._j(self.journal.step_started, self._release_id, idx)
+        await self._emit("step-start", step.description, step, idx, total, journal=False)
+        started = time.monotonic()
+        try:
+            detail = await self._dispatch(idx, step)
+        except (StepFailed, BalancerError, PlanRefused) as exc:
+            await self._j(self.journal.step_finished, self._release_id, idx, False, str(exc))
+            await self._emit("step-failed", f"{step.description}: {exc}", step, idx, total)
+            raise StepFailed(f"{step.description}: {exc}") from exc
+        except Stopped as stop:
+            # Not done: resume runs this step again from the start.
+            await self._j(self.journal.step_finished, self._release_id, idx, False, str(stop))
+            raise
+        await self._j(self.journal.step_finished, self._release_id, idx, True, detail)
+        took = time.monotonic() - started
+        await self._emit(
+            "step-done",
+            f"{step.description} ({took:.1f}s){': ' + detail if detail else ''}",
+            step,
+            idx,
+            total,
+        )
+
+    async def _dispatch(self, idx: int, step: Step) -> str:
+        match step.kind:
+            case StepKind.PREFLIGHT:
+                return await self._preflight()
+            case StepKind.ADMIT:
+                return await self._admit(step)
+            case StepKind.WAIT_DRAINED:
+                return await self._wait_drained(self._cluster(step))
+            case StepKind.RUN:
+                return await self._run_command(idx, self._cluster(step), step.command or "")
+            case StepKind.UPLOAD:
+                return await self._upload(idx, self._cluster(step))
+            case StepKind.WAIT_HEALTHY:
+                return await self._wait_healthy(self._cluster(step))
+            case StepKind.VERIFY_VERSION:
+                return await self._verify_version(self._cluster(step))
+            case StepKind.SMOKE:
+                return await self._smoke(self._cluster(step))
+            case StepKind.APPROVE:
+                return await self._approve(step)
+        raise StepFailed(f"unknown step kind {step.kind}")
+
+    def _cluster(self, step: Step) -> Cluster:
+        assert step.cluster is not None
+        return self.topo.cluster(step.cluster)
+
+    # --- steps ---------------------------------------------------------------------
+
+    async def _preflight(self) -> str:
+        view = await self.balancer.read()
+        known = {m.name for m in view.members}
+        missing = [m.name for _, m in self.topo.members() if m.name not in known]
+        if missing:
+            raise StepFailed(
+                f"the balancer does not know member(s) {missing}: render/reload its config first"
+            )
+        summary = ", ".join(
+            f"{c.name}: {sum(m.healthy for m in view.in_cluster(c.name))}/{len(c.members)} healthy"
+            for c in self.topo.clusters
+        )
+        return summary
+
+    async def _admit(self, step: Step) -> str:
+        if step.promote:
+            await self._require_checks_passed(step.promote)
+            await self._wait_balancer_healthy(step.promote)
+        desired = member_admissions(self.topo, step.admissions)
+        last_error: Exception | None = None
+        for attempt in range(APPLY_ATTEMPTS):
+            try:
+                view = await self.balancer.read()
+                refusal = admit_refusal(self.topo, view, step.admissions)
+                if refusal:
+                    raise PlanRefused(refusal)
+                view = await self.balancer.apply(desired)
+                return _admissions_summary(self.topo, view)
+            except BalancerError as exc:
+                last_error = exc
+                if attempt + 1 < APPLY_ATTEMPTS:
+                    delay = APPLY_BACKOFF * 2**attempt
+                    await self._emit(
+                        "warn", f"balancer change failed ({exc}); retrying in {delay:g}s"
+                    )
+                    await self._wait(delay)
+                    await self._check_stop()
+        raise StepFailed(
+            f"the balancer did not take the change after {APPLY_ATTEMPTS} attempts: {last_error}"
+        )
+
+    async def _require_checks_passed(self, cluster: str) -> None:
+        """Never swap to a cluster that failed (or skipped) any check of this release."""
+        steps = {s.step_id: s.state for s in await self._j(self.journal.steps, self._release_id)}
+        needed = [f"healthy-{cluster}", f"version-{cluster}", f"smoke-{cluster}"]
+        if self.topo.policy.approval == "manual":
+            needed.append(f"approve-{cluster}")
+        missing = [s for s in needed if steps.get(s) != J.STEP_DONE]
+        if missing:
+            raise StepFailed(f"refusing to put {cluster} live: check(s) not passed: {missing}")
+
+    async def _wait_balancer_healthy(self, cluster: str) -> None:
+        deadline = time.monotonic() + self.topo.policy.health_timeout
+        while True:
+            view = await self.balancer.read()
+            sick = [m.name for m in view.in_cluster(cluster) if not m.healthy]
+            if not sick:
+                return
+            if time.monotonic() > deadline:
+                raise StepFailed(f"the balancer still sees {sick} unhealthy")
+            await self._check_stop()
+            await self._wait(self.poll)
+
+    async def _wait_drained(self, cluster: Cluster) -> str:
+        policy = self.topo.policy
+        started = time.monotonic()
+        quiet_since = started
+        last_total = -1
+        view: PoolView | None = None
+        while True:
+            view = await self.balancer.read()
+            active = view.active_in(cluster.name)
+            total = sum(m.requests for m in view.in_cluster(cluster.name))
+            now = time.monotonic()
+            if active or total != last_total:
+                quiet_since = now
+            last_total = total
+            if now - quiet_since >= policy.drain_idle:
+                return f"quiet for {policy.drain_idle:g}s"
+            if now - started >= policy.drain_timeout:
+                msg = (
+                    f"drain timeout ({policy.drain_timeout:g}s): {active} request(s) in flight and "
+                    "sticky sessions still active; they move to the live pool once it is out"
+                )
+                await self._emit("info", msg)
+                return "drain timeout reached"
+            await self._check_stop()
+            await self._wait(min(self.poll * 2, 0.25))
+
+    async def _for_members(
+        self, idx: int, cluster: Cluster, work: Callable[[Member], Awaitable[CommandResult]]
+    ) -> str:
+        """Run `work` on every member, `executor.parallel` at a time; once more
+        than `max_failed` members failed, no further member starts."""
+        cfg = self.topo.executor
+        limit = asyncio.Semaphore(cfg.parallel or len(cluster.members))
+        failed: list[CommandResult] = []
+        skipped: list[str] = []
+
+        async def one(member: Member) -> None:
+            async with limit:
+                if len(failed) > cfg.max_failed:
+                    skipped.append(member.name)
+                    return
+                result = await work(member)
+                await self._j(
+                    self.journal.add_output,
+                    self._release_id,
+                    idx,
+                    member.name,
+                    list(result.argv),
+                    result.exit_status,
+                    result.seconds,
+                    result.output,
+                )
+                if not result.ok:
+                    failed.append(result)
+
+        await asyncio.gather(*(one(m) for m in cluster.members))
+        if failed:
+            first = failed[0]
+            status = (
+                "timed out or unreachable"
+                if first.exit_status is None
+                else f"exit {first.exit_status}"
+            )
+            tail = first.output.strip().splitlines()[-5:]
+            summary = (
+                f"{len(failed)} member(s) failed, first {first.member} ({status}): "
+                + " | ".join(tail)
+            )
+            if skipped:
+                summary += (
+                    f"; not started on {len(skipped)} member(s): {', '.join(sorted(skipped))}"
+                )
+            if len(failed) > cfg.max_failed:
+                raise StepFailed(summary)
+            await self._emit("warn", summary + f" (within max_failed={cfg.max_failed})")
+        return f"{len(cluster.members) - len(failed)}/{len(cluster.members)} ok"
+
+    async def _run_command(self, idx: int, cluster: Cluster, command: str) -> str:
+        template = getattr(self.topo.release, command)
+        timeout = self.topo.executor.timeout
+
+        async def work(member: Member) -> CommandResult:
+            argv = render_argv(template, member_values(cluster, member, self._version))
+            return await self.executor.run(cluster, member, argv, timeout)
+
+        return await self._for_members(idx, cluster, work)
+
+    async def _upload(self, idx: int, cluster: Cluster) -> str:
+        timeout = self.topo.executor.timeout
+
+        async def work(member: Member) -> CommandResult:
+            values = member_values(cluster, member, self._version)
+            result: CommandResult | None = None
+            for up in self.topo.release.upload:
+                src = self.topo.resolve_path(up.src.format_map(values))
+                result = await self.executor.upload(
+                    cluster, member, src, up.dest.format_map(values), timeout
+                )
+                if not result.ok:
+                    break
+            assert result is not None
+            return result
+
+        return await self._for_members(idx, cluster, work)
+
+    async def _wait_healthy(self, cluster: Cluster) -> str:
+        deadline = time.monotonic() + self.topo.policy.health_timeout
+        started = time.monotonic()
+        while True:
+            results = await asyncio.gather(*(self.checker.health(m) for m in cluster.members))
+            sick = [r for r in results if not r.ok]
+            if not sick:
+                return f"{len(results)} member(s) healthy after {time.monotonic() - started:.1f}s"
+            if time.monotonic() > deadline:
+                raise StepFailed(
+                    f"not healthy after {self.topo.policy.health_timeout:g}s: {_brief(sick)}"
+                )
+            await self._check_stop()
+            await self._wait(max(self.poll, 0.1))
+
+    async def _verify_version(self, cluster: Cluster) -> str:
+        results = await asyncio.gather(
+            *(self.checker.version(m, self._version) for m in cluster.members)
+        )
+        wrong = [r for r in results if not r.ok]
+        if wrong:
+            raise StepFailed(f"wrong version: {_brief(wrong)}")
+        return f"{len(results)} member(s) on {self._version}"
+
+    async def _smoke(self, cluster: Cluster) -> str:
+        results = await self.checker.smoke(cluster, self._version)
+        bad = [r for r in results if not r.ok]
+        if bad:
+            raise StepFailed(f"smoke check failed: {_brief(bad)}")
+        return f"{len(results)} check(s) passed" if results else "no smoke checks configured"
+
+    async def _approve(self, step: Step) -> str:
+        await self._j(self.journal.set_state, self._release_id, J.AWAITING_APPROVAL)
+        await self._emit(
+            "info",
+            f"awaiting approval of {step.cluster}: "
+            f"`changeover approve` (or `changeover abort`) from another shell",
+        )
+        try:
+            while True:
+                row = await self._j(self.journal.release, self._release_id)
+                if row.request and row.request.startswith(f"approve:{step.id}:"):
+                    who = row.request.split(":", 2)[2]
+                    await self._j(self.journal.request, self._release_id, None)
+                    return f"approved by {who}"
+                await self._check_stop()
+                await self._wait(0.2)
+        finally:
+            await self._j(self.journal.set_state, self._release_id, J.RUNNING)
+
+
+def approval_request(step_id: str) -> str:
+    return f"approve:{step_id}:{getpass.getuser()}@{socket.gethostname()}"
+
+
+def _brief(results: list[CheckResult]) -> str:
+    shown = "; ".join(f"{r.target}: {r.detail}" for r in results[:3])
+    return shown + (f" (+{len(results) - 3} more)" if len(results) > 3 else "")
+
+
+def _admissions_summary(topo: Topology, view: PoolView) -> str:
+    parts = []
+    for c in topo.clusters:
+        adm = cluster_admission(view, c.name)
+        parts.append(f"{c.name}={adm.value if adm else 'mixed'}")
+    return " ".join(parts)

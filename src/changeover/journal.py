@@ -1,0 +1,472 @@
+"""The release journal: SQLite in WAL mode, one file per site.
+
+Every step is written before and after it runs, with its outputs, so `resume`
+knows where to pick up and `rollback` knows what was done. The journal also
+holds the site's release lock. Methods are synchronous and short; the engine
+calls them through `asyncio.to_thread` so the event loop never blocks on disk.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS releases (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    site TEXT NOT NULL,
+    version TEXT NOT NULL,
+    previous_version TEXT,
+    strategy TEXT NOT NULL,
+    kind TEXT NOT NULL DEFAULT 'release',
+    state TEXT NOT NULL,
+    plan TEXT NOT NULL,
+    started REAL NOT NULL,
+    finished REAL,
+    user TEXT NOT NULL,
+    host TEXT NOT NULL,
+    error TEXT,
+    request TEXT
+);
+CREATE TABLE IF NOT EXISTS steps (
+    release_id INTEGER NOT NULL REFERENCES releases(id),
+    idx INTEGER NOT NULL,
+    step_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    started REAL,
+    finished REAL,
+    detail TEXT,
+    PRIMARY KEY (release_id, idx)
+);
+CREATE TABLE IF NOT EXISTS outputs (
+    release_id INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    member TEXT NOT NULL,
+    argv TEXT NOT NULL,
+    exit_status INTEGER,
+    seconds REAL NOT NULL,
+    output TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    release_id INTEGER NOT NULL,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS locks (
+    site TEXT PRIMARY KEY,
+    release_id INTEGER,
+    pid INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    user TEXT NOT NULL,
+    acquired REAL NOT NULL,
+    proc_start REAL
+);
+"""
+
+# Release states. ACTIVE ones hold (or held, if the tool died) the site lock.
+RUNNING = "running"
+AWAITING_APPROVAL = "awaiting-approval"
+INTERRUPTED = "interrupted"  # stopped at a safe point by Ctrl-C; resumable
+FAILED = "failed"  # a step failed; the site is still served; resumable or roll back
+ABORTED = "aborted"
+DONE = "done"
+RESUMABLE = (RUNNING, AWAITING_APPROVAL, INTERRUPTED, FAILED)
+
+STEP_PENDING = "pending"
+STEP_RUNNING = "running"
+STEP_DONE = "done"
+STEP_FAILED = "failed"
+
+
+class JournalError(Exception):
+    """The journal cannot be used (corrupt, newer schema, unwritable)."""
+
+
+class LockHeld(Exception):
+    """Another release holds the site's lock."""
+
+    def __init__(self, holder: LockInfo) -> None:
+        super().__init__(holder.describe())
+        self.holder = holder
+
+
+@dataclass(frozen=True, slots=True)
+class LockInfo:
+    site: str
+    release_id: int | None
+    pid: int
+    host: str
+    user: str
+    acquired: float
+    proc_start: float | None
+
+    def describe(self) -> str:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.acquired))
+        rel = f"release #{self.release_id}" if self.release_id else "a command"
+        return f"{rel} by {self.user}@{self.host} (pid {self.pid}) since {when}"
+
+    def is_stale(self) -> bool:
+        """True when the holder was a process on this host that no longer runs."""
+        if self.host != socket.gethostname():
+            return False  # cannot tell from here; `unlock --force` exists for that
+        try:
+            proc = psutil.Process(self.pid)
+        except psutil.NoSuchProcess:
+            return True
+        # A reused pid is another process: compare start times.
+        return self.proc_start is not None and abs(proc.create_time() - self.proc_start) > 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseRow:
+    id: int
+    site: str
+    version: str
+    previous_version: str | None
+    strategy: str
+    kind: str
+    state: str
+    plan: list[dict[str, Any]]
+    started: float
+    finished: float | None
+    user: str
+    host: str
+    error: str | None
+    request: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StepRow:
+    idx: int
+    step_id: str
+    state: str
+    started: float | None
+    finished: float | None
+    detail: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class OutputRow:
+    idx: int
+    member: str
+    argv: list[str]
+    exit_status: int | None
+    seconds: float
+    output: str
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    at: float
+    kind: str
+    message: str
+
+
+def _me() -> tuple[int, str, str, float]:
+    pid = os.getpid()
+    return pid, socket.gethostname(), getpass.getuser(), psutil.Process(pid).create_time()
+
+
+class Journal:
+    """One site's journal file. Thread-safe: one connection behind a lock."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA busy_timeout = 5000")
+            mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            # FULL: every commit (each step boundary) is on disk before we go on.
+            self._db.execute("PRAGMA synchronous = FULL")
+            self._db.execute("PRAGMA foreign_keys = ON")
+            self._check_schema()
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(
+                f"{path}: not a usable changeover journal ({exc}); it was left untouched"
+            ) from None
+        except OSError as exc:
+            raise JournalError(f"{path}: cannot open the journal: {exc}") from None
+        if mode.lower() != "wal":
+            raise JournalError(f"{path}: SQLite refused WAL mode ({mode})")
+        self._lock = threading.Lock()
+
+    def _check_schema(self) -> None:
+        tables = {
+            r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
+        if "meta" in tables:
+            row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            found = int(row[0]) if row else 0
+            if found > SCHEMA_VERSION:
+                raise JournalError(
+                    f"{self.path}: journal schema {found} is newer than this changeover "
+                    f"understands ({SCHEMA_VERSION}); upgrade changeover, "
+                    "the journal was left untouched"
+                )
+            if found < SCHEMA_VERSION:
+                raise JournalError(
+                    f"{self.path}: journal schema {found} is unknown; left untouched"
+                )
+            self._db.execute("PRAGMA quick_check").fetchone()
+            return
+        if tables:
+            raise JournalError(
+                f"{self.path}: not a changeover journal (tables: {sorted(tables)}); left untouched"
+            )
+        self._db.executescript(_SCHEMA)
+        self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # --- the site lock ---------------------------------------------------------
+
+    def lock_holder(self, site: str) -> LockInfo | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM locks WHERE site=?", (site,)).fetchone()
+        return LockInfo(**dict(row)) if row else None
+
+    def acquire(
+        self, site: str, release_id: int | None, take_stale: bool = True
+    ) -> LockInfo | None:
+        """Take the site lock; returns the stale lock that was taken over, if any."""
+        pid, host, user, start = _me()
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM locks WHERE site=?", (site,)).fetchone()
+            stale: LockInfo | None = None
+            if row:
+                holder = LockInfo(**dict(row))
+                if holder.pid == pid and holder.host == host:
+                    stale = None
+                elif take_stale and holder.is_stale():
+                    stale = holder
+                else:
+                    raise LockHeld(holder)
+            db.execute(
+                "INSERT OR REPLACE INTO locks VALUES (?,?,?,?,?,?,?)",
+                (site, release_id, pid, host, user, time.time(), start),
+            )
+        return stale
+
+    def set_lock_release(self, site: str, release_id: int) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE locks SET release_id=? WHERE site=?", (release_id, site))
+
+    def release_lock(self, site: str) -> None:
+        pid, host, _, _ = _me()
+        with self._tx() as db:
+            db.execute("DELETE FROM locks WHERE site=? AND pid=? AND host=?", (site, pid, host))
+
+    def force_unlock(self, site: str) -> LockInfo | None:
+        holder = self.lock_holder(site)
+        with self._tx() as db:
+            db.execute("DELETE FROM locks WHERE site=?", (site,))
+        return holder
+
+    # --- releases and steps ----------------------------------------------------
+
+    def create_release(
+        self,
+        site: str,
+        version: str,
+        previous_version: str | None,
+        strategy: str,
+        plan: list[dict[str, Any]],
+        kind: str = "release",
+    ) -> int:
+        _, host, user, _ = _me()
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO releases (site, version, previous_version, strategy, kind, state,"
+                " plan,"
+                " started, user, host) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    site,
+                    version,
+                    previous_version,
+                    strategy,
+                    kind,
+                    RUNNING,
+                    json.dumps(plan),
+                    time.time(),
+                    user,
+                    host,
+                ),
+            )
+            release_id = int(cur.lastrowid or 0)
+            db.executemany(
+                "INSERT INTO steps (release_id, idx, step_id, state) VALUES (?,?,?,?)",
+                [(release_id, i, s["id"], STEP_PENDING) for i, s in enumerate(plan)],
+            )
+        return release_id
+
+    def set_state(self, release_id: int, state: str, error: str | None = None) -> None:
+        finished = time.time() if state in (DONE, ABORTED) else None
+        with self._tx() as db:
+            db.execute(
+                "UPDATE releases SET state=?, error=?, finished=COALESCE(?, finished) WHERE id=?",
+                (state, error, finished, release_id),
+            )
+
+    def request(self, release_id: int, what: str | None) -> None:
+        """Ask a running release (from another process) to 'abort' or 'approve:<step>'."""
+        with self._tx() as db:
+            db.execute("UPDATE releases SET request=? WHERE id=?", (what, release_id))
+
+    def step_started(self, release_id: int, idx: int) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE steps SET state=?, started=?, finished=NULL, detail=NULL"
+                " WHERE release_id=? AND idx=?",
+                (STEP_RUNNING, time.time(), release_id, idx),
+            )
+
+    def step_finished(self, release_id: int, idx: int, ok: bool, detail: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE steps SET state=?, finished=?, detail=? WHERE release_id=? AND idx=?",
+                (STEP_DONE if ok else STEP_FAILED, time.time(), detail, release_id, idx),
+            )
+
+    def add_output(
+        self,
+        release_id: int,
+        idx: int,
+        member: str,
+        argv: list[str],
+        exit_status: int | None,
+        seconds: float,
+        output: str,
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO outputs VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    release_id,
+                    idx,
+                    member,
+                    json.dumps(argv),
+                    exit_status,
+                    seconds,
+                    output,
+                    time.time(),
+                ),
+            )
+
+    def add_event(self, release_id: int, kind: str, message: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO events (release_id, at, kind, message) VALUES (?,?,?,?)",
+                (release_id, time.time(), kind, message),
+            )
+
+    # --- reading ---------------------------------------------------------------
+
+    def release(self, release_id: int) -> ReleaseRow:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM releases WHERE id=?", (release_id,)).fetchone()
+        if row is None:
+            raise KeyError(release_id)
+        return _release_row(row)
+
+    def releases(self, site: str, limit: int = 20) -> list[ReleaseRow]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM releases WHERE site=? ORDER BY id DESC LIMIT ?", (site, limit)
+            ).fetchall()
+        return [_release_row(r) for r in rows]
+
+    def unfinished(self, site: str) -> ReleaseRow | None:
+        """The newest release that neither finished nor was aborted."""
+        marks = ",".join("?" * len(RESUMABLE))
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT * FROM releases WHERE site=? AND state IN ({marks})"
+                " ORDER BY id DESC LIMIT 1",
+                (site, *RESUMABLE),
+            ).fetchone()
+        return _release_row(row) if row else None
+
+    def last_done(self, site: str) -> ReleaseRow | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM releases WHERE site=? AND state=? ORDER BY id DESC LIMIT 1",
+                (site, DONE),
+            ).fetchone()
+        return _release_row(row) if row else None
+
+    def steps(self, release_id: int) -> list[StepRow]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT idx, step_id, state, started, finished, detail FROM steps"
+                " WHERE release_id=? ORDER BY idx",
+                (release_id,),
+            ).fetchall()
+        return [StepRow(**dict(r)) for r in rows]
+
+    def outputs(self, release_id: int) -> list[OutputRow]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT idx, member, argv, exit_status, seconds, output FROM outputs"
+                " WHERE release_id=? ORDER BY at",
+                (release_id,),
+            ).fetchall()
+        return [
+            OutputRow(
+                r["idx"],
+                r["member"],
+                json.loads(r["argv"]),
+                r["exit_status"],
+                r["seconds"],
+                r["output"],
+            )
+            for r in rows
+        ]
+
+    def events(self, release_id: int) -> list[EventRow]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT at, kind, message FROM events WHERE release_id=? ORDER BY id", (release_id,)
+            ).fetchall()
+        return [EventRow(**dict(r)) for r in rows]
+
+
+def _release_row(row: sqlite3.Row) -> ReleaseRow:
+    data = dict(row)
+    data["plan"] = json.loads(data["plan"])
+    return ReleaseRow(**data)
+
+
+def journal_path(state_dir: Path, site: str) -> Path:
+    return state_dir / f"{site}.journal.sqlite"

@@ -1,0 +1,211 @@
+"""Planning and interlocks: pure functions from a topology and a pool view to steps.
+
+Nothing here does I/O. The plan is stored in the journal as plain data, so a
+resumed release follows the plan it started with, not a new one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from changeover.config import Topology
+from changeover.model import Admission, PoolView
+
+
+class StepKind(StrEnum):
+    PREFLIGHT = "preflight"  # balancer reachable, every member known, interlock holds
+    ADMIT = "admit"  # set cluster admissions in one balancer change
+    WAIT_DRAINED = "wait-drained"  # in-flight work on a draining cluster goes quiet
+    RUN = "run"  # a release command on every member of a cluster
+    UPLOAD = "upload"  # artifacts to every member of a cluster
+    WAIT_HEALTHY = "wait-healthy"  # every member answers its health check directly
+    VERIFY_VERSION = "verify-version"  # every member reports the new version
+    SMOKE = "smoke"  # smoke checks through the cluster's QA entry point
+    APPROVE = "approve"  # a person approves the cluster (approval = "manual")
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    id: str
+    kind: StepKind
+    description: str
+    cluster: str | None = None
+    # ADMIT: cluster -> admission. `promote` names the cluster put LIVE, which
+    # must have passed its checks and be healthy as the balancer sees it.
+    admissions: dict[str, Admission] = field(default_factory=dict)
+    promote: str | None = None
+    command: str | None = None  # RUN: "stop", "deploy" or "start"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["kind"] = self.kind.value
+        data["admissions"] = {k: v.value for k, v in self.admissions.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Step:
+        return cls(
+            id=data["id"],
+            kind=StepKind(data["kind"]),
+            description=data["description"],
+            cluster=data.get("cluster"),
+            admissions={k: Admission(v) for k, v in (data.get("admissions") or {}).items()},
+            promote=data.get("promote"),
+            command=data.get("command"),
+        )
+
+
+class PlanRefused(Exception):
+    """The plan would break an interlock with the pool as it is now."""
+
+
+def _cluster_steps(topo: Topology, cluster: str) -> list[Step]:
+    """Stop, deploy, start and check one cluster that is out of the live pool."""
+    steps: list[Step] = []
+    rel = topo.release
+    if rel.stop:
+        steps.append(
+            Step(f"stop-{cluster}", StepKind.RUN, f"stop {cluster}", cluster, command="stop")
+        )
+    if rel.upload:
+        steps.append(
+            Step(f"upload-{cluster}", StepKind.UPLOAD, f"upload artifacts to {cluster}", cluster)
+        )
+    if rel.deploy:
+        steps.append(
+            Step(
+                f"deploy-{cluster}", StepKind.RUN, f"deploy to {cluster}", cluster, command="deploy"
+            )
+        )
+    if rel.start:
+        steps.append(
+            Step(f"start-{cluster}", StepKind.RUN, f"start {cluster}", cluster, command="start")
+        )
+    steps += [
+        Step(
+            f"healthy-{cluster}", StepKind.WAIT_HEALTHY, f"wait until {cluster} is healthy", cluster
+        ),
+        Step(
+            f"version-{cluster}",
+            StepKind.VERIFY_VERSION,
+            f"verify {cluster} runs the new version",
+            cluster,
+        ),
+        Step(
+            f"smoke-{cluster}",
+            StepKind.SMOKE,
+            f"smoke-test {cluster} through its QA entry point",
+            cluster,
+        ),
+    ]
+    if topo.policy.approval == "manual":
+        steps.append(
+            Step(f"approve-{cluster}", StepKind.APPROVE, f"wait for approval of {cluster}", cluster)
+        )
+    return steps
+
+
+def _take_out(
+    cluster: str, admissions: dict[str, Admission], promote: str | None, what: str
+) -> list[Step]:
+    return [
+        Step(f"drain-{cluster}", StepKind.ADMIT, what, admissions=admissions, promote=promote),
+        Step(
+            f"drained-{cluster}", StepKind.WAIT_DRAINED, f"wait until {cluster} is drained", cluster
+        ),
+        Step(
+            f"out-{cluster}",
+            StepKind.ADMIT,
+            f"take {cluster} out of the live pool",
+            admissions={cluster: Admission.OUT},
+        ),
+    ]
+
+
+def make_plan(topo: Topology, version: str, view: PoolView | None = None) -> list[Step]:
+    """The seed's rolling-clusters release: one cluster out at a time, swapping
+    the released cluster live and the next one draining in a single change."""
+    if not version.strip():
+        raise PlanRefused("the version is empty")
+    order = topo.cluster_order()
+    steps = [
+        Step("preflight", StepKind.PREFLIGHT, "check the balancer, the pool and the interlocks")
+    ]
+    previous: str | None = None
+    for cluster in order:
+        if previous is None:
+            steps += _take_out(cluster, {cluster: Admission.DRAINING}, None, f"drain {cluster}")
+        else:
+            steps += _take_out(
+                cluster,
+                {previous: Admission.LIVE, cluster: Admission.DRAINING},
+                previous,
+                f"swap: {previous} live, {cluster} draining",
+            )
+        steps += _cluster_steps(topo, cluster)
+        previous = cluster
+    assert previous is not None
+    steps.append(
+        Step(
+            f"live-{previous}",
+            StepKind.ADMIT,
+            f"put {previous} live",
+            admissions={previous: Admission.LIVE},
+            promote=previous,
+        )
+    )
+    if view is not None:
+        refusal = first_refusal(topo, view, steps)
+        if refusal:
+            raise PlanRefused(refusal)
+    return steps
+
+
+# --- interlocks ---------------------------------------------------------------
+
+
+def member_admissions(topo: Topology, clusters: Mapping[str, Admission]) -> dict[str, Admission]:
+    """Per-member admissions for cluster-level ones."""
+    return {m.name: clusters[c.name] for c, m in topo.members() if c.name in clusters}
+
+
+def admit_refusal(topo: Topology, view: PoolView, clusters: Mapping[str, Admission]) -> str | None:
+    """Why applying `clusters` to `view` must not happen, or None when it is safe.
+
+    The clusters left LIVE must together keep at least `policy.min_healthy`
+    members that the balancer sees healthy: the last healthy cluster is never
+    taken out of the live pool.
+    """
+    after = view.admissions() | member_admissions(topo, clusters)
+    healthy_live = [
+        m.name for m in view.members if after.get(m.name) is Admission.LIVE and m.healthy
+    ]
+    need = topo.policy.min_healthy
+    if len(healthy_live) < need:
+        live_clusters = sorted(
+            {m.cluster for m in view.members if after.get(m.name) is Admission.LIVE}
+        )
+        return (
+            f"interlock: after this change the live pool ({', '.join(live_clusters) or 'nothing'}) "
+            f"would have {len(healthy_live)} healthy member(s); policy.min_healthy is {need}"
+        )
+    return None
+
+
+def first_refusal(topo: Topology, view: PoolView, steps: list[Step]) -> str | None:
+    """Check the first change that takes capacity away against today's pool.
+
+    Later changes depend on clusters released by then, so the engine checks
+    each one again, against a fresh view, right before applying it.
+    """
+    for step in steps:
+        if step.kind is StepKind.ADMIT and step.promote is None:
+            return admit_refusal(topo, view, step.admissions)
+    return None
+
+
+def describe(steps: list[Step]) -> list[str]:
+    return [f"{i + 1:>2}. {s.description}" for i, s in enumerate(steps)]
