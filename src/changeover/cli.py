@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
+import os
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -25,10 +25,10 @@ from changeover import __version__
 from changeover import journal as J
 from changeover.balancers.base import BalancerError
 from changeover.config import DEFAULT_CONFIG, ConfigError, Topology, load
-from changeover.engine import Engine, Event, approval_request
+from changeover.engine import approval_request
 from changeover.journal import Journal, JournalError, LockHeld
-from changeover.plan import PlanRefused, StepKind, describe, make_plan
-from changeover.runtime import make_balancer, make_executor, open_journal
+from changeover.plan import PlanRefused, describe, make_plan
+from changeover.runtime import make_balancer, make_executor, open_journal, run_engine
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_STOPPED = 0, 1, 2, 3, 4
 
@@ -223,63 +223,6 @@ def plan(
     out.print(f"[bold]plan[/]: release {version!r} to {topo.site.name}", highlight=False)
     for line in describe(steps):
         out.print(line, highlight=False, markup=False)
-
-
-class Timeline:
-    """Prints engine events as a readable timeline."""
-
-    def __init__(self, console: Console) -> None:
-        self.console = console
-        self.t0 = time.monotonic()
-
-    def __call__(self, event: Event) -> None:
-        elapsed = time.monotonic() - self.t0
-        counter = f"{event.index + 1}/{event.total}" if event.index is not None else ""
-        mark, style = {
-            "step-start": ("…", "dim"),
-            "step-done": ("✓", "green"),
-            "step-failed": ("✗", "bold red"),
-            "warn": ("!", "yellow"),
-            "info": ("·", "cyan"),
-            "state": ("■", "bold"),
-        }.get(event.kind, ("·", ""))
-        if event.kind == "step-start" and event.step and event.step.kind not in _LONG_STEPS:
-            return  # quick steps: the done line is enough
-        self.console.print(
-            f"[dim]{elapsed:6.1f}s[/] [{style}]{mark}[/] {counter:>5} {event.message}",
-            highlight=False,
-            soft_wrap=True,
-        )
-
-
-_LONG_STEPS = {StepKind.WAIT_DRAINED, StepKind.WAIT_HEALTHY, StepKind.APPROVE, StepKind.RUN}
-
-
-async def run_engine(
-    topo: Topology,
-    go: Callable[[Engine], Coroutine[Any, Any, int]],
-    console: Console,
-) -> tuple[int, str]:
-    """Build the edges, run `go` (which returns a release id to run), clean up.
-
-    SIGINT and SIGTERM ask the engine to stop at the next safe point.
-    """
-    balancer = make_balancer(topo)
-    executor = make_executor(topo)
-    journal = await asyncio.to_thread(open_journal, topo)
-    engine = Engine(topo, balancer, executor, journal, on_event=Timeline(console))
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, engine.interrupt)
-    try:
-        release_id = await go(engine)
-        return release_id, await engine.run(release_id)
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        await balancer.close()
-        await executor.close()
-        journal.close()
 
 
 _STATE_EXIT = {J.DONE: EXIT_OK, J.FAILED: EXIT_FAILED, J.INTERRUPTED: EXIT_STOPPED}
@@ -569,6 +512,69 @@ def balancer_serve(
     from changeover.proxy.server import run as serve
 
     raise typer.Exit(serve(_load(config), workers))
+
+
+@app.command()
+def probe(
+    url: Annotated[str, typer.Argument(help="Where to send traffic, e.g. the balancer.")],
+    rate: Annotated[float, typer.Option(help="Requests per second, open loop.")] = 200.0,
+    duration: Annotated[float, typer.Option(help="Seconds (Ctrl-C ends early).")] = 10.0,
+    sticky_users: Annotated[int, typer.Option(help="Virtual users keeping cookies.")] = 50,
+    json_out: JsonOpt = False,
+    host_header: Annotated[str | None, typer.Option(help="Host header to send.")] = None,
+    timeout: Annotated[float, typer.Option(help="Per-request timeout, seconds.")] = 2.0,
+    insecure: Annotated[bool, typer.Option(help="Do not verify TLS certificates.")] = False,
+    watch_admin: Annotated[
+        str | None,
+        typer.Option(help="Embedded balancer admin URL: moves off an OUT member are no break."),
+    ] = None,
+    token_env: Annotated[
+        str, typer.Option(help="Environment variable holding the admin token.")
+    ] = "CHANGEOVER_ADMIN_TOKEN",
+) -> None:
+    """Send traffic at a fixed rate with sticky users; report failures, latency,
+    broken sessions and version flaps (exit 1 on any)."""
+    from changeover.probe import main_cli
+
+    raise typer.Exit(
+        main_cli(
+            url,
+            rate,
+            duration,
+            sticky_users,
+            json_out,
+            host_header,
+            timeout,
+            insecure,
+            watch_admin,
+            os.environ.get(token_env),
+            out,
+        )
+    )
+
+
+@app.command()
+def demo(
+    members_per_cluster: Annotated[
+        int, typer.Option(min=1, max=200, help="Members in each of the two clusters.")
+    ] = 3,
+    rate: Annotated[float, typer.Option(help="Probe requests per second.")] = 200.0,
+    sticky_users: Annotated[int, typer.Option(help="Probe virtual users.")] = 40,
+    workers: Annotated[int, typer.Option(help="Embedded balancer worker processes.")] = 1,
+    keep: Annotated[bool, typer.Option(help="Keep the temporary directory.")] = False,
+) -> None:
+    """Release v1 -> v2 across two local clusters behind the embedded balancer,
+    under the probe, and print the timeline and the report (exit 1 on any failure)."""
+    from changeover.demo.scenario import DemoOptions, run_demo
+
+    opts = DemoOptions(
+        members_per_cluster=members_per_cluster,
+        rate=rate,
+        sticky_users=sticky_users,
+        workers=workers,
+        keep=keep,
+    )
+    raise typer.Exit(_run(run_demo(opts, out)))
 
 
 def main() -> None:

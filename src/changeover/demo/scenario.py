@@ -1,0 +1,272 @@
+"""`changeover demo`: a whole release, v1 -> v2, on loopback, under the probe.
+
+It starts the embedded balancer and two clusters of the sample app, sends
+sticky traffic through the balancer at a fixed rate, releases with the seed's
+procedure, and prints the timeline and the probe's report. Everything runs in
+a temporary directory and is stopped at the end, whatever happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+from rich.console import Console
+
+from changeover.config import Topology, load
+from changeover.probe import ProbeReport
+from changeover.runtime import make_balancer, run_engine
+
+TOKEN_ENV = "CHANGEOVER_ADMIN_TOKEN"
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    members_per_cluster: int = 3
+    rate: float = 200.0
+    sticky_users: int = 40
+    from_version: str = "1.0"
+    to_version: str = "2.0"
+    workers: int = 1
+    startup_delay: float = 0.5
+    keep: bool = False
+
+
+def _free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Distinct ephemeral ports that were free a moment ago."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind((host, 0))
+            socks.append(s)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _toml_str(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+def write_topology(root: Path, opts: DemoOptions) -> Path:
+    """The demo site's changeover.toml; release commands drive the sample app's appctl."""
+    n = opts.members_per_cluster
+    ports = _free_ports(4 + 2 * n)
+    listen, admin, qa_a, qa_b = ports[:4]
+    member_ports = ports[4:]
+    # Templates are split like a shell would; shlex.join quotes our own paths.
+    appctl = shlex.join([sys.executable, "-m", "changeover.demo.appctl"])
+    common = (
+        shlex.join(["--root", str(root / "apps")])
+        + " --member {member} --host {host} --port {port} --route {route}"
+    )
+    lines = [
+        "# Written by `changeover demo`.",
+        "[site]",
+        'name = "demo"',
+        'state_dir = "state"',
+        "",
+    ]
+    for c, (cluster, qa) in enumerate((("a", qa_a), ("b", qa_b))):
+        lines += [
+            "[[clusters]]",
+            f'name = "{cluster}"',
+            f'qa_host = "prod-{cluster}.example.com"',
+            f"qa_port = {qa}",
+            "members = [",
+        ]
+        for i in range(n):
+            name = f"{cluster}{i + 1}"
+            port = member_ports[c * n + i]
+            lines.append(f'  {{ name = "{name}", host = "127.0.0.1", port = {port} }},')
+        lines += ["]", ""]
+    lines += [
+        "[balancer]",
+        'driver = "builtin"',
+        f'listen = "127.0.0.1:{listen}"',
+        f'admin_listen = "127.0.0.1:{admin}"',
+        f'admin_token_env = "{TOKEN_ENV}"',
+        f"workers = {opts.workers}",
+        f"state_file = {_toml_str(str(root / 'state' / 'admissions.json'))}",
+        "",
+        "[balancer.health]",
+        'interval = "250ms"',
+        'timeout = "1s"',
+        "rise = 2",
+        "fall = 1",
+        "",
+        "[executor]",
+        'kind = "local"',
+        'timeout = "30s"',
+        "",
+        "[release]",
+        f"stop = {_toml_str(f'{appctl} stop {common}')}",
+        f"deploy = {_toml_str(f'{appctl} deploy {common} --version {{version}}')}",
+        f"start = {_toml_str(f'{appctl} start {common} --startup-delay {opts.startup_delay:g}')}",
+        "",
+        "[checks]",
+        'smoke = [ { path = "/", status = 200, body_contains = "{version}" } ]',
+        "",
+        "[policy]",
+        'drain_timeout = "3s"',
+        'drain_idle = "1s"',
+        'health_timeout = "30s"',
+        "min_healthy = 1",
+        "",
+    ]
+    path = root / "changeover.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+async def _run(*argv: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:4])} ... failed: {out.decode(errors='replace')}")
+
+
+async def _appctl(topo: Topology, action: str, version: str | None = None) -> None:
+    """Run one release command template on every member (used to set up v1)."""
+    from changeover.executors.base import member_values, render_argv
+
+    template = getattr(topo.release, action)
+    await asyncio.gather(
+        *(
+            _run(*render_argv(template, member_values(c, m, version or "")))
+            for c, m in topo.members()
+        )
+    )
+
+
+async def _wait_http(url: str, timeout: float, headers: dict[str, str] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession(headers=headers) as http:
+        while True:
+            try:
+                async with http.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not answer within {timeout:g}s")
+            await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def _process(
+    argv: list[str], env: dict[str, str], log: Path
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    with log.open("wb") as sink:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=sink
+        )
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+async def _all_healthy(topo: Topology, timeout: float) -> None:
+    balancer = make_balancer(topo)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            view = await balancer.read()
+            if all(m.healthy for m in view.members):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError("the balancer does not see every member healthy")
+            await asyncio.sleep(0.05)
+    finally:
+        await balancer.close()
+
+
+async def run_demo(opts: DemoOptions, console: Console) -> int:
+    root = Path(tempfile.mkdtemp(prefix="changeover-demo-"))
+    token = secrets.token_urlsafe(24)
+    os.environ[TOKEN_ENV] = token  # the engine's builtin driver reads it from here
+    env = os.environ | {TOKEN_ENV: token, "PYTHONUNBUFFERED": "1"}
+    config = write_topology(root, opts)
+    topo = load(config)
+    listen = topo.balancer.listen
+    public = f"http://{listen.host}:{listen.port}"
+    admin = f"http://{topo.balancer.admin_listen.host}:{topo.balancer.admin_listen.port}"
+    n = opts.members_per_cluster
+    console.print(
+        f"[bold]changeover demo[/]: 2 clusters x {n} members of the sample app behind the "
+        f"embedded balancer at {public}; files in {root}",
+        highlight=False,
+    )
+    try:
+        await _appctl(topo, "deploy", opts.from_version)
+        await _appctl(topo, "start")
+        balancer_cmd = [sys.executable, "-m", "changeover.proxy", "-c", str(config)]
+        async with _process(balancer_cmd, env, root / "balancer.log"):
+            await _wait_http(f"{admin}/v1/healthz", 15)
+            await _all_healthy(topo, 30)
+            console.print(
+                f"v{opts.from_version} serving on every member; probe: {opts.rate:g} req/s, "
+                f"{opts.sticky_users} sticky users",
+                highlight=False,
+            )
+            probe_cmd = [
+                sys.executable, "-m", "changeover.probe", public,
+                "--rate", f"{opts.rate:g}", "--duration", "600",
+                "--sticky-users", str(opts.sticky_users), "--json",
+                "--watch-admin", admin, "--token-env", TOKEN_ENV,
+            ]  # fmt: skip
+            async with _process(probe_cmd, env, root / "probe.log") as probe:
+                await asyncio.sleep(1.0)  # let sticky sessions form before the release
+                _, state = await run_engine(
+                    topo, lambda engine: engine.begin(opts.to_version), console
+                )
+                await asyncio.sleep(1.0)  # traffic after the release counts too
+                probe.send_signal(signal.SIGINT)
+                assert probe.stdout is not None
+                raw = await asyncio.wait_for(probe.stdout.read(), 30)
+                await probe.wait()
+            report = ProbeReport.from_dict(json.loads(raw))
+        console.print()
+        report.render(console)
+        passed = state == "done" and report.passed
+        verdict = (
+            "[bold green]zero downtime: no failed request, no broken session, no version flap[/]"
+            if passed
+            else f"[bold red]FAILED[/]: release {state}, probe "
+            + ("passed" if report.passed else "saw failures")
+        )
+        console.print(verdict)
+        return 0 if passed else 1
+    finally:
+        with contextlib.suppress(Exception):
+            await _appctl(topo, "stop")
+        if opts.keep:
+            console.print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
