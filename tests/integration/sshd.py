@@ -1,0 +1,236 @@
+"""A real OpenSSH server on loopback addresses, for tests that must cross a real SSH hop.
+
+Usage (any test, including end-to-end ones)::
+
+    async with running_sshd(cluster_hosts(1, 3) + cluster_hosts(2, 3)) as server:
+        executor = SshExecutor(server.settings())
+        ...
+
+The server runs from a temporary directory with its own host key, an authorized
+client key and a `known_hosts` file listing every host it listens on; the system
+sshd and its configuration are never touched. Linux routes all of 127.0.0.0/8 to
+`lo`, but a socket bound to 127.0.0.1 only answers 127.0.0.1, so sshd gets one
+`ListenAddress` per member address: each member is a distinct host, as on a fleet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import re
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import psutil
+
+from changeover.config import SshSettings
+from tests.helpers import free_port, require_binary
+
+PRIVSEP_DIR = Path("/run/sshd")  # Debian's sshd refuses to start without it
+START_TIMEOUT = 10.0
+
+
+def cluster_hosts(cluster: int, count: int) -> list[str]:
+    """Distinct loopback addresses for a cluster: 127.0.<cluster>.1 ... .<count>."""
+    if not 1 <= cluster <= 254 or not 1 <= count <= 254:
+        raise ValueError("cluster and count must be within 1..254")
+    return [f"127.0.{cluster}.{i}" for i in range(1, count + 1)]
+
+
+@dataclass(frozen=True)
+class SshdServer:
+    """What a client needs to reach the running sshd."""
+
+    hosts: tuple[str, ...]
+    port: int
+    user: str
+    key_file: Path  # the authorized client's private key
+    known_hosts: Path  # one line per host, "[host]:port key"
+    host_key_line: str  # "ssh-ed25519 AAAA..." of the server
+    log_file: Path  # sshd's own log (LogLevel VERBOSE)
+    directory: Path
+
+    def settings(self, **overrides: Any) -> SshSettings:
+        """SshSettings that reach this server with strict host key checking."""
+        values: dict[str, Any] = {
+            "user": self.user,
+            "port": self.port,
+            "key_file": str(self.key_file),
+            "known_hosts": str(self.known_hosts),
+        }
+        values.update(overrides)
+        return SshSettings(**values)
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace")
+
+    def accepted(self, host: str | None = None) -> int:
+        """How many connections sshd accepted (authenticated), on `host` or on any."""
+        # VERBOSE logs "Connection from A port P on HOST port N" before authentication
+        # and "Accepted publickey for USER from A port P" after it; join them by (A, P).
+        text = self.log()
+        on = {
+            (m["src"], m["sport"]): m["dst"]
+            for m in re.finditer(
+                r"Connection from (?P<src>\S+) port (?P<sport>\d+) on (?P<dst>\S+) port", text
+            )
+        }
+        count = 0
+        for m in re.finditer(r"Accepted publickey for \S+ from (\S+) port (\d+)", text):
+            if host is None or on.get((m[1], m[2])) == host:
+                count += 1
+        return count
+
+
+def _write_keys(directory: Path) -> tuple[Path, Path, str]:
+    """A host key and a client key, like `ssh-keygen -t ed25519 -N ''` would write."""
+    PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)
+    host_key = asyncssh.generate_private_key("ssh-ed25519", comment="changeover-test-host")
+    host_key_path = directory / "ssh_host_ed25519_key"
+    host_key.write_private_key(str(host_key_path))
+    client_key = asyncssh.generate_private_key("ssh-ed25519", comment="changeover-test-client")
+    client_key_path = directory / "id_ed25519"
+    client_key.write_private_key(str(client_key_path))
+    authorized = directory / "authorized_keys"
+    client_key.write_public_key(str(authorized))
+    for path in (host_key_path, client_key_path, authorized):
+        path.chmod(0o600)  # sshd ignores a host key that others can read
+    line = host_key.export_public_key().decode().split()
+    return host_key_path, authorized, f"{line[0]} {line[1]}"
+
+
+def _config(
+    directory: Path,
+    hosts: Sequence[str],
+    port: int,
+    host_key: Path,
+    authorized: Path,
+    extra: Mapping[str, str],
+) -> Path:
+    options = {
+        "Port": str(port),
+        "HostKey": str(host_key),
+        "PidFile": str(directory / "sshd.pid"),
+        "AuthorizedKeysFile": str(authorized),
+        "StrictModes": "no",
+        "UsePAM": "no",
+        "PermitRootLogin": "yes",
+        "PubkeyAuthentication": "yes",
+        "PasswordAuthentication": "no",
+        "KbdInteractiveAuthentication": "no",
+        "Subsystem": "sftp internal-sftp",
+        "LogLevel": "VERBOSE",
+        # A release opens one connection per member at once; the default
+        # MaxStartups 10:30:100 would randomly drop some of 36 concurrent handshakes.
+        "MaxStartups": "1000",
+        "MaxSessions": "100",
+        "PrintMotd": "no",
+        "AcceptEnv": "none",
+        **extra,
+    }
+    lines = [f"ListenAddress {host}" for host in hosts]
+    lines += [f"{key} {value}" for key, value in options.items()]
+    path = directory / "sshd_config"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _kill_tree(pid: int) -> None:
+    """Kill sshd and the per-connection sshd processes it forked."""
+    try:
+        parent = psutil.Process(pid)
+        procs = [*parent.children(recursive=True), parent]
+    except psutil.NoSuchProcess:
+        return
+    for proc in procs:
+        with suppress(psutil.NoSuchProcess):
+            proc.send_signal(signal.SIGKILL)
+    psutil.wait_procs(procs, timeout=5)
+
+
+async def _wait_listening(
+    proc: asyncio.subprocess.Process, log_file: Path, hosts: Sequence[str], port: int
+) -> bool:
+    """True once sshd listens on every host; False if a bind failed (port taken)."""
+    wanted = {f"Server listening on {host} port {port}." for host in hosts}
+    deadline = time.monotonic() + START_TIMEOUT
+    text = ""
+    while time.monotonic() < deadline:
+        text = await asyncio.to_thread(log_file.read_text, errors="replace")
+        if "Address already in use" in text:
+            return False
+        if all(line in text for line in wanted):
+            return True
+        if proc.returncode is not None:
+            raise RuntimeError(f"sshd exited with {proc.returncode}:\n{text}")
+        await asyncio.sleep(0.02)
+    raise RuntimeError(f"sshd did not listen within {START_TIMEOUT}s:\n{text}")
+
+
+@asynccontextmanager
+async def running_sshd(
+    hosts: Sequence[str],
+    *,
+    extra_config: Mapping[str, str] | None = None,
+    directory: Path | None = None,
+) -> AsyncIterator[SshdServer]:
+    """Start sshd listening on `hosts` (loopback addresses), yield it, kill it.
+
+    `extra_config` adds or overrides sshd_config options (e.g. AllowTcpForwarding).
+    Skips the test without an sshd binary, fails instead with CHANGEOVER_REQUIRE_REAL=1.
+    """
+    sshd = require_binary("sshd", "/usr/sbin/sshd")
+    if not hosts:
+        raise ValueError("running_sshd needs at least one host address")
+    owned = directory is None
+    workdir = directory or Path(
+        await asyncio.to_thread(tempfile.mkdtemp, prefix="changeover-sshd-")
+    )
+    proc: asyncio.subprocess.Process | None = None
+    try:
+        host_key, authorized, host_key_line = await asyncio.to_thread(_write_keys, workdir)
+        log_file = workdir / "sshd.log"
+        for _attempt in range(5):  # the free port may be taken on another address
+            port = free_port()
+            config = await asyncio.to_thread(
+                _config, workdir, hosts, port, host_key, authorized, extra_config or {}
+            )
+            with log_file.open("wb") as log:
+                proc = await asyncio.create_subprocess_exec(
+                    str(sshd), "-D", "-e", "-f", str(config),
+                    stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+                )  # fmt: skip
+            if await _wait_listening(proc, log_file, hosts, port):
+                break
+            await asyncio.to_thread(_kill_tree, proc.pid)
+            await proc.wait()
+            proc = None
+        else:
+            raise RuntimeError(f"sshd found no free port:\n{log_file.read_text()}")
+        known_hosts = workdir / "known_hosts"
+        lines = "".join(f"[{h}]:{port} {host_key_line}\n" for h in hosts)
+        await asyncio.to_thread(known_hosts.write_text, lines)
+        yield SshdServer(
+            hosts=tuple(hosts),
+            port=port,
+            user=getpass.getuser(),
+            key_file=workdir / "id_ed25519",
+            known_hosts=known_hosts,
+            host_key_line=host_key_line,
+            log_file=log_file,
+            directory=workdir,
+        )
+    finally:
+        if proc is not None:
+            await asyncio.to_thread(_kill_tree, proc.pid)
+            await proc.wait()
+        if owned:
+            await asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True)
