@@ -1,0 +1,22 @@
+"""The probe: an open-loop traffic generator with sticky virtual users that
+proves a release caused no failed request, broken session or version flap.
+
+`python -m changeover.probe URL --rate R --duration S --sticky-users U` runs it
+as a separate process (see `changeover.probe.command`).
+"""
+
+from changeover.probe.command import main_cli
+from changeover.probe.report import FAILURE_KINDS, ProbeReport
+from changeover.probe.runner import failure_kind, run_probe
+from changeover.probe.watcher import AdminPoolReader, AdmissionWatcher, pool_from_json
+
+__all__ = [
+    "FAILURE_KINDS",
+    "AdminPoolReader",
+    "AdmissionWatcher",
+    "ProbeReport",
+    "failure_kind",
+    "main_cli",
+    "pool_from_json",
+    "run_probe",
+]

@@ -1,0 +1,204 @@
+"""Pure accounting for the probe: latency percentiles, the admission timeline,
+session moves, breaks and version flaps.
+
+Nothing here does I/O or reads a clock: callers pass times in, so every rule is
+tested on synthetic sequences.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left, bisect_right
+from collections import Counter, deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from changeover.model import Admission
+
+ADMITTED = frozenset({Admission.LIVE, Admission.DRAINING})
+
+
+class LatencyHistogram:
+    """Latencies in log-spaced buckets: memory stays bounded at any rate and
+    duration, percentiles are within `precision` (relative) or `floor_ms`
+    (absolute) of the exact value, and the maximum is exact."""
+
+    def __init__(self, precision: float = 0.01, floor_ms: float = 0.01) -> None:
+        self._log_base = math.log1p(precision)
+        self._growth = 1.0 + precision
+        self._floor = floor_ms
+        self._counts: Counter[int] = Counter()
+        self.count = 0
+        self.max_ms = 0.0
+
+    def record(self, ms: float) -> None:
+        # Bucket 0 holds [0, floor]; bucket b >= 1 holds (floor*g^(b-1), floor*g^b].
+        bucket = 0 if ms <= self._floor else 1 + int(math.log(ms / self._floor) / self._log_base)
+        self._counts[bucket] += 1
+        self.count += 1
+        self.max_ms = max(self.max_ms, ms)
+
+    def percentile(self, p: float) -> float:
+        """Nearest-rank percentile (the smallest value with at least p% of the
+        values at or below it), as its bucket's upper bound, capped at the max."""
+        if not self.count:
+            return 0.0
+        rank = max(1, math.ceil(p / 100.0 * self.count))
+        seen = 0
+        for bucket in sorted(self._counts):
+            seen += self._counts[bucket]
+            if seen >= rank:
+                return min(self._floor * self._growth**bucket, self.max_ms)
+        return self.max_ms
+
+
+@dataclass(slots=True)
+class Segment:
+    """Consecutive successful reads that all saw the same admissions."""
+
+    first: float
+    last: float
+    admissions: Mapping[str, Admission]
+
+
+class Timeline:
+    """Admission reads over time, run-length encoded so memory grows with
+    changes, not with time. Failed reads are simply absent: the neighbouring
+    reads answer for the gap."""
+
+    def __init__(self) -> None:
+        self.segments: list[Segment] = []
+
+    def record(self, t: float, admissions: Mapping[str, Admission]) -> None:
+        """A read that started at `t` (times must not go backwards)."""
+        if self.segments and self.segments[-1].admissions == admissions:
+            self.segments[-1].last = t
+        else:
+            self.segments.append(Segment(t, t, dict(admissions)))
+
+    @property
+    def last_read(self) -> float | None:
+        return self.segments[-1].last if self.segments else None
+
+    def at_or_before(self, t: float) -> Mapping[str, Admission] | None:
+        """What the last read started at or before `t` saw."""
+        i = bisect_right(self.segments, t, key=lambda s: s.first) - 1
+        return self.segments[i].admissions if i >= 0 else None
+
+    def at_or_after(self, t: float) -> Mapping[str, Admission] | None:
+        """What the first read started at or after `t` saw."""
+        i = bisect_left(self.segments, t, key=lambda s: s.last)
+        return self.segments[i].admissions if i < len(self.segments) else None
+
+
+def move_is_break(
+    member: str,
+    before: Mapping[str, Admission] | None,
+    after: Mapping[str, Admission] | None,
+) -> bool:
+    """A user moved away from `member`: a break unless a read just before or
+    just after the move shows the member not admitted (a member absent from the
+    pool counts as not admitted). A missing read is no excuse."""
+    return all(
+        view is None or view.get(member, Admission.OUT) in ADMITTED for view in (before, after)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """A user whose request carried `from_member`'s session was served by `to_member`."""
+
+    user: int
+    from_member: str
+    to_member: str
+    sent_at: float
+    done_at: float
+
+
+class BreakLedger:
+    """Counts moves as breaks once the timeline brackets them.
+
+    A move waits until a read has started after its response arrived; moves
+    arrive in completion order, so only the head of the queue is ever checked.
+    The queue is capped: past `max_pending` the oldest is judged with what is
+    known, so memory stays bounded even when the watcher cannot read.
+    """
+
+    def __init__(self, timeline: Timeline | None, max_pending: int = 10_000) -> None:
+        self._timeline = timeline
+        self._pending: deque[Move] = deque()
+        self._max_pending = max_pending
+        self.breaks = 0
+
+    def add(self, move: Move) -> None:
+        self._pending.append(move)
+        self.settle()
+
+    def settle(self, *, final: bool = False) -> None:
+        """Judge the moves that can be judged (all of them when `final`)."""
+        timeline = self._timeline
+        while self._pending:
+            move = self._pending[0]
+            last = timeline.last_read if timeline else None
+            bracketed = timeline is None or (last is not None and last >= move.done_at)
+            if not (bracketed or final or len(self._pending) > self._max_pending):
+                return
+            self._pending.popleft()
+            before = timeline.at_or_before(move.sent_at) if timeline else None
+            after = timeline.at_or_after(move.done_at) if timeline else None
+            self.breaks += move_is_break(move.from_member, before, after)
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+
+@dataclass(slots=True)
+class UserHistory:
+    """What one virtual user has been served, kept small: O(distinct versions)."""
+
+    member: str | None = None  # the member that served the latest response
+    version: str | None = None
+    versions: list[str] = field(default_factory=list)  # distinct, in the order first served
+    flapped: bool = False
+
+
+class Sessions:
+    """Per-user member and version history, in the order responses arrive."""
+
+    def __init__(self, users: int) -> None:
+        self.users = [UserHistory() for _ in range(users)]
+        self.moves = 0
+        self.flaps = 0  # users who returned to an earlier version
+        self.members_seen: Counter[str] = Counter()
+        self.versions_seen: Counter[str] = Counter()
+
+    def served(
+        self,
+        user: int,
+        sent_member: str | None,
+        member: str | None,
+        version: str | None,
+        sent_at: float,
+        done_at: float,
+    ) -> Move | None:
+        """Record a response; `sent_member` is the user's member when the request
+        left (whose session its cookies carried). Returns the move, if any."""
+        history = self.users[user]
+        move = None
+        if member is not None:
+            self.members_seen[member] += 1
+            if sent_member is not None and member != sent_member:
+                self.moves += 1
+                move = Move(user, sent_member, member, sent_at, done_at)
+            history.member = member
+        if version is not None:
+            self.versions_seen[version] += 1
+            if version != history.version:
+                if version in history.versions:
+                    self.flaps += not history.flapped
+                    history.flapped = True
+                else:
+                    history.versions.append(version)
+                history.version = version
+        return move

@@ -1,0 +1,168 @@
+"""The probe as a command: `main_cli` for the changeover CLI, `main` for
+`python -m changeover.probe`.
+
+    python -m changeover.probe URL [--rate R] [--duration S] [--sticky-users U] [--json]
+        [--host-header H] [--timeout T] [--insecure] [--watch-admin URL [--token-env NAME]]
+
+SIGINT or SIGTERM ends the run early; the report is printed all the same.
+
+Exit codes: 0 passed; 1 failed (a request failed, a session broke, a user saw
+a version flap, or nothing was sent); 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+
+import uvloop
+from rich.console import Console
+
+from changeover.probe.report import ProbeReport
+from changeover.probe.runner import run_probe
+from changeover.probe.watcher import AdminPoolReader, AdmissionWatcher
+
+DEFAULT_TOKEN_ENV = "CHANGEOVER_ADMIN_TOKEN"
+
+
+def main_cli(
+    url: str,
+    rate: float,
+    duration: float,
+    sticky_users: int,
+    json_out: bool = False,
+    host_header: str | None = None,
+    timeout: float = 2.0,
+    insecure: bool = False,
+    watch_admin: str | None = None,
+    admin_token: str | None = None,
+    console: Console | None = None,
+) -> int:
+    """Run the probe in a fresh (uvloop) event loop, print the report, return the exit code.
+
+    `watch_admin` is the embedded balancer's admin URL: with it, moves caused
+    by a member leaving the pool are not counted as broken sessions.
+    """
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        report = runner.run(
+            _run(
+                url,
+                rate=rate,
+                duration=duration,
+                sticky_users=sticky_users,
+                host_header=host_header,
+                timeout=timeout,
+                verify_tls=not insecure,
+                watch_admin=watch_admin,
+                admin_token=admin_token,
+            )
+        )
+    if json_out:
+        sys.stdout.write(json.dumps(report.to_dict()) + "\n")
+        sys.stdout.flush()
+    else:
+        report.render(console or Console())
+    return 0 if report.passed else 1
+
+
+async def _run(
+    url: str,
+    *,
+    rate: float,
+    duration: float,
+    sticky_users: int,
+    host_header: str | None,
+    timeout: float,
+    verify_tls: bool,
+    watch_admin: str | None,
+    admin_token: str | None,
+) -> ProbeReport:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    reader = AdminPoolReader(watch_admin, admin_token) if watch_admin else None
+    try:
+        watching = AdmissionWatcher(reader) if reader else contextlib.nullcontext()
+        async with watching as watcher:
+            return await run_probe(
+                url,
+                rate=rate,
+                duration=duration,
+                sticky_users=sticky_users,
+                timeout=timeout,
+                host_header=host_header,
+                stop=stop,
+                watcher=watcher,
+                verify_tls=verify_tls,
+            )
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        if reader is not None:
+            await reader.close()
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected zero or more, got {text}")
+    return value
+
+
+def _users(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {text}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m changeover.probe",
+        description="Open-loop HTTP probe with sticky virtual users.",
+    )
+    parser.add_argument("url")
+    parser.add_argument("--rate", type=_positive, default=200.0, help="requests per second")
+    parser.add_argument("--duration", type=_non_negative, default=10.0, help="seconds")
+    parser.add_argument("--sticky-users", type=_users, default=100)
+    parser.add_argument("--timeout", type=_positive, default=2.0, help="per request, seconds")
+    parser.add_argument("--host-header", help="Host header to send (e.g. a QA host name)")
+    parser.add_argument("--insecure", action="store_true", help="do not verify TLS certificates")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--watch-admin", metavar="URL", help="embedded balancer's admin API")
+    parser.add_argument(
+        "--token-env",
+        metavar="NAME",
+        default=DEFAULT_TOKEN_ENV,
+        help=f"environment variable holding the admin token (default {DEFAULT_TOKEN_ENV})",
+    )
+    args = parser.parse_args(argv)
+    token = os.environ.get(args.token_env) if args.watch_admin else None
+    if args.watch_admin and not token:
+        parser.error(f"--watch-admin needs the admin token in ${args.token_env}")
+    return main_cli(
+        args.url,
+        args.rate,
+        args.duration,
+        args.sticky_users,
+        json_out=args.json,
+        host_header=args.host_header,
+        timeout=args.timeout,
+        insecure=args.insecure,
+        watch_admin=args.watch_admin,
+        admin_token=token,
+    )

@@ -1,0 +1,124 @@
+"""The probe's report: plain data, JSON both ways, and a Rich rendering."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.console import Console, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+# Failure kinds, in the order they are shown.
+FAILURE_KINDS = (
+    "connect",  # refused or unreachable: nothing listening
+    "timeout",  # no complete response within the timeout
+    "disconnect",  # the connection closed or reset before the response was complete
+    "protocol",  # a malformed response
+    "http_5xx",
+    "http_other",  # an unexpected 4xx (or 1xx)
+    "overload",  # not sent: too many requests already in flight
+    "other",
+)
+
+
+@dataclass
+class ProbeReport:
+    """What one probe run saw.
+
+    `sent` counts requests dispatched; slots skipped as `overload` are failures
+    but were never sent. Latency runs from each request's scheduled time, so a
+    probe that fell behind cannot hide it (no coordinated omission).
+    """
+
+    url: str
+    target_rate: float
+    sticky_users: int
+    duration: float  # seconds from the first scheduled request to the last dispatch
+    sent: int
+    completed: int  # responses received, any status
+    ok: int  # 2xx and 3xx
+    failures: dict[str, int]
+    latency_ms: dict[str, float]  # p50, p99, max
+    session_moves: int
+    session_breaks: int
+    version_flaps: int  # users served an earlier version again after a newer one
+    versions_seen: dict[str, int]
+    members_seen: dict[str, int]
+    max_schedule_lag_ms: float
+    achieved_rate: float
+    watched: bool = False  # breaks judged against a balancer's admissions
+    admission_reads: int = 0
+    admission_read_failures: int = 0
+    failure_examples: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> int:
+        return sum(self.failures.values())
+
+    @property
+    def passed(self) -> bool:
+        """Something was sent, and nothing failed, broke or flapped."""
+        return (
+            self.sent > 0
+            and self.failed == 0
+            and self.session_breaks == 0
+            and self.version_flaps == 0
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["passed"] = self.passed
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProbeReport:
+        """Read back `to_dict` output (such as `--json`); unknown keys are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:
+            raise ValueError(f"not a probe report: {exc}") from None
+
+    def __rich__(self) -> RenderableType:
+        verdict = Text("PASSED", style="bold green") if self.passed else Text("FAILED", "bold red")
+        table = Table(title=Text.assemble("Probe ", verdict), show_header=False, box=None)
+        table.add_column(style="bold")
+        table.add_column()
+        lat = self.latency_ms
+        rows = [
+            ("target", f"{self.url} at {self.target_rate:g} req/s, {self.sticky_users} users"),
+            ("sent", f"{self.sent} in {self.duration:.1f} s ({self.achieved_rate:.0f} req/s)"),
+            ("completed", f"{self.completed} ({self.ok} ok)"),
+            ("failed", _counts(self.failures) if self.failed else "0"),
+            (
+                "latency",
+                f"p50 {lat['p50']:.1f} ms  p99 {lat['p99']:.1f} ms  max {lat['max']:.1f} ms",
+            ),
+            ("schedule lag", f"max {self.max_schedule_lag_ms:.1f} ms"),
+            ("sessions", f"{self.session_moves} moved, {self.session_breaks} broken"),
+            ("version flaps", str(self.version_flaps)),
+            ("versions", _counts(self.versions_seen) or "-"),
+            ("members", _counts(self.members_seen) or "-"),
+        ]
+        if self.watched:
+            rows.append(
+                (
+                    "admissions",
+                    f"{self.admission_reads} reads, {self.admission_read_failures} failed",
+                )
+            )
+        else:
+            rows.append(("admissions", "not watched: every move counts as a break"))
+        rows.extend(("example", example) for example in self.failure_examples)
+        for label, value in rows:
+            table.add_row(label, value)
+        return table
+
+    def render(self, console: Console) -> None:
+        console.print(self)
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{name} {n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))

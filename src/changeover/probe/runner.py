@@ -1,0 +1,242 @@
+"""The open-loop traffic generator.
+
+Request i is dispatched at t0 + i/rate whether or not earlier requests have
+returned, as real users do; request i belongs to virtual user i % sticky_users,
+who keeps the cookies the balancer and the app set, like a browser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+
+import aiohttp
+
+from changeover.probe.accounting import BreakLedger, LatencyHistogram, Sessions
+from changeover.probe.report import ProbeReport
+from changeover.probe.watcher import AdmissionWatcher
+
+MAX_EXAMPLES = 5  # failure messages kept for the report
+MAX_SLEEP = 0.05  # the scheduler wakes at least this often to notice `stop`
+
+
+async def run_probe(
+    url: str,
+    *,
+    rate: float,
+    duration: float,
+    sticky_users: int,
+    timeout: float = 2.0,
+    host_header: str | None = None,
+    stop: asyncio.Event | None = None,
+    watcher: AdmissionWatcher | None = None,
+    member_header: str = "X-Changeover-Member",
+    version_header: str = "X-Changeover-Version",
+    verify_tls: bool = True,
+) -> ProbeReport:
+    """Send GET `url` at `rate` requests/s until `duration` elapses or `stop` is set.
+
+    With a running `watcher`, a user moved off a member that the balancer had
+    taken out is not a broken session; without one every move is a break.
+    """
+    if rate <= 0 or duration < 0 or sticky_users < 1 or timeout <= 0:
+        raise ValueError("rate and timeout must be positive, duration >= 0, sticky_users >= 1")
+    probe = _Probe(
+        url,
+        rate=rate,
+        sticky_users=sticky_users,
+        timeout=timeout,
+        host_header=host_header,
+        watcher=watcher,
+        member_header=member_header,
+        version_header=version_header,
+    )
+    # The pool is sized to the rate: enough connections for a slow second, not unbounded.
+    connector = aiohttp.TCPConnector(
+        limit=max(64, min(512, int(rate // 2))),
+        ssl=verify_tls,
+    )
+    async with aiohttp.ClientSession(
+        connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),  # cookies are kept per virtual user instead
+        timeout=aiohttp.ClientTimeout(total=timeout),
+        auto_decompress=False,
+    ) as session:
+        elapsed = await probe.schedule(session, duration, stop or asyncio.Event())
+        await probe.drain()
+    await probe.settle_breaks()
+    return probe.report(duration=elapsed)
+
+
+def failure_kind(exc: BaseException) -> str:
+    """The report's failure kind for an exception raised by a request."""
+    if isinstance(exc, TimeoutError):  # also aiohttp's connect and read timeouts
+        return "timeout"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "connect"
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+        return "disconnect"
+    if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ClientResponseError):
+        return "protocol"
+    return "other"
+
+
+class _Probe:
+    def __init__(
+        self,
+        url: str,
+        *,
+        rate: float,
+        sticky_users: int,
+        timeout: float,
+        host_header: str | None,
+        watcher: AdmissionWatcher | None,
+        member_header: str,
+        version_header: str,
+    ) -> None:
+        self.url = url
+        self.rate = rate
+        self.users = sticky_users
+        self.timeout = timeout
+        self.host_header = host_header
+        self.watcher = watcher
+        self.member_header = member_header
+        self.version_header = version_header
+        # Past this many requests in flight, further ones are failed, not queued.
+        self.max_in_flight = max(100, int(10 * rate))
+        self.in_flight: set[asyncio.Task[None]] = set()
+        self.cookies: list[dict[str, str]] = [{} for _ in range(sticky_users)]
+        self.cookie_header: list[str] = [""] * sticky_users
+        self.sessions = Sessions(sticky_users)
+        self.ledger = BreakLedger(watcher.timeline if watcher else None)
+        self.latency = LatencyHistogram()
+        self.failures: Counter[str] = Counter()
+        self.examples: list[str] = []
+        self.sent = 0
+        self.completed = 0
+        self.ok = 0
+        self.max_lag = 0.0
+        self.last_done = 0.0
+
+    async def schedule(
+        self, session: aiohttp.ClientSession, duration: float, stop: asyncio.Event
+    ) -> float:
+        """Dispatch every request when it is due; return the seconds spent."""
+        total = int(duration * self.rate)
+        t0 = time.monotonic()
+        i = 0
+        while i < total and not stop.is_set():
+            now = time.monotonic()
+            due = min(total, int((now - t0) * self.rate) + 1)
+            while i < due:
+                self._dispatch(session, i, t0 + i / self.rate)
+                i += 1
+            delay = t0 + i / self.rate - time.monotonic()
+            # sleep(0) when behind still lets the dispatched requests run.
+            await asyncio.sleep(min(max(delay, 0.0), MAX_SLEEP))
+        if not stop.is_set():  # the last request owns a 1/rate slot too
+            await asyncio.sleep(max(0.0, t0 + total / self.rate - time.monotonic()))
+        return time.monotonic() - t0
+
+    async def drain(self) -> None:
+        """Wait for the requests in flight; each is bounded by the timeout."""
+        if not self.in_flight:
+            return
+        _, late = await asyncio.wait(self.in_flight, timeout=self.timeout + 1.0)
+        for task in late:  # only if a response handler itself hung
+            task.cancel()
+            self._fail("timeout", "request still running after the timeout")
+
+    async def settle_breaks(self) -> None:
+        """Judge the last moves once the watcher has read past the last response."""
+        if self.watcher is not None and self.ledger.pending:
+            await self.watcher.wait_for_read_after(
+                self.last_done, timeout=max(1.0, 5 * self.watcher.interval)
+            )
+        self.ledger.settle(final=True)
+
+    def _dispatch(self, session: aiohttp.ClientSession, seq: int, due: float) -> None:
+        if len(self.in_flight) >= self.max_in_flight:
+            self._fail("overload", f"more than {self.max_in_flight} requests in flight")
+            return
+        self.sent += 1
+        task = asyncio.create_task(self._request(session, seq % self.users, due))
+        self.in_flight.add(task)
+        task.add_done_callback(self.in_flight.discard)
+
+    async def _request(self, session: aiohttp.ClientSession, user: int, due: float) -> None:
+        started = time.monotonic()
+        self.max_lag = max(self.max_lag, started - due)
+        sent_member = self.sessions.users[user].member
+        headers = {}
+        if self.cookie_header[user]:
+            headers["Cookie"] = self.cookie_header[user]
+        if self.host_header:
+            headers["Host"] = self.host_header
+        try:
+            async with session.get(self.url, headers=headers, allow_redirects=False) as resp:
+                while await resp.content.readany():  # the body is read and discarded
+                    pass
+                status = resp.status
+                member = resp.headers.get(self.member_header)
+                version = resp.headers.get(self.version_header)
+                if "Set-Cookie" in resp.headers:
+                    self._keep_cookies(user, resp)
+        except Exception as exc:  # every request sent is accounted for, whatever went wrong
+            self._fail(failure_kind(exc), f"{type(exc).__name__}: {exc}")
+            return
+        done = time.monotonic()
+        self.last_done = done
+        self.completed += 1
+        self.latency.record((done - due) * 1000.0)
+        if 200 <= status < 400:
+            self.ok += 1
+        else:
+            self._fail("http_5xx" if status >= 500 else "http_other", f"HTTP {status}")
+        move = self.sessions.served(user, sent_member, member, version, started, done)
+        if move is not None:
+            self.ledger.add(move)
+
+    def _keep_cookies(self, user: int, resp: aiohttp.ClientResponse) -> None:
+        jar = self.cookies[user]
+        for name, morsel in resp.cookies.items():
+            if morsel["max-age"] in ("0", "-1"):  # the server deleted it
+                jar.pop(name, None)
+            else:
+                jar[name] = morsel.value
+        self.cookie_header[user] = "; ".join(f"{k}={v}" for k, v in jar.items())
+
+    def _fail(self, kind: str, message: str) -> None:
+        self.failures[kind] += 1
+        if len(self.examples) < MAX_EXAMPLES:
+            self.examples.append(f"{kind}: {message}")
+
+    def report(self, *, duration: float) -> ProbeReport:
+        watcher = self.watcher
+        return ProbeReport(
+            url=self.url,
+            target_rate=self.rate,
+            sticky_users=self.users,
+            duration=round(duration, 3),
+            sent=self.sent,
+            completed=self.completed,
+            ok=self.ok,
+            failures=dict(self.failures),
+            latency_ms={
+                "p50": round(self.latency.percentile(50), 3),
+                "p99": round(self.latency.percentile(99), 3),
+                "max": round(self.latency.max_ms, 3),
+            },
+            session_moves=self.sessions.moves,
+            session_breaks=self.ledger.breaks,
+            version_flaps=self.sessions.flaps,
+            versions_seen=dict(self.sessions.versions_seen),
+            members_seen=dict(self.sessions.members_seen),
+            max_schedule_lag_ms=round(self.max_lag * 1000.0, 3),
+            achieved_rate=round(self.sent / duration, 1) if duration > 0 else 0.0,
+            watched=watcher is not None,
+            admission_reads=watcher.reads if watcher else 0,
+            admission_read_failures=watcher.failures if watcher else 0,
+            failure_examples=self.examples,
+        )

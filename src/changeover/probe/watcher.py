@@ -1,0 +1,140 @@
+"""Watching a balancer's admissions while the probe runs, so a session that
+moved because its member was taken out is told apart from a broken one."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from types import TracebackType
+from typing import Any, Protocol
+
+import aiohttp
+
+from changeover.balancers.base import BalancerError
+from changeover.model import Admission, MemberState, PoolView
+from changeover.probe.accounting import Timeline
+
+
+class PoolReader(Protocol):
+    """Anything that reads a pool: every Balancer driver, or AdminPoolReader."""
+
+    async def read(self) -> PoolView: ...
+
+
+class AdmissionWatcher:
+    """Polls `balancer.read()` every `interval` seconds in a background task.
+
+    `timeline` holds what each successful read saw, timed by when the read
+    started (time.monotonic()); failed reads are counted and leave a gap.
+    """
+
+    def __init__(self, balancer: PoolReader, interval: float = 0.1) -> None:
+        if interval <= 0:
+            raise ValueError("interval must be positive")
+        self.balancer = balancer
+        self.interval = interval
+        self.timeline = Timeline()
+        self.reads = 0
+        self.failures = 0
+        self.last_error: str | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._poll(), name="admission-watcher")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def __aenter__(self) -> AdmissionWatcher:
+        self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def read_once(self) -> None:
+        started = time.monotonic()
+        try:
+            # A read that hangs must not stall the timeline for longer than this.
+            async with asyncio.timeout(max(1.0, 10 * self.interval)):
+                view = await self.balancer.read()
+        except Exception as exc:  # any failure is tolerated: the timeline has a gap
+            self.failures += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+        else:
+            self.reads += 1
+            self.timeline.record(started, view.admissions())
+
+    async def wait_for_read_after(self, t: float, timeout: float) -> bool:
+        """Wait (at most `timeout` s) until a successful read started at or after `t`."""
+        deadline = time.monotonic() + timeout
+        while (last := self.timeline.last_read) is None or last < t:
+            if self._task is None or time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(self.interval / 4)
+        return True
+
+    async def _poll(self) -> None:
+        while True:  # until stop() cancels it
+            started = time.monotonic()
+            await self.read_once()
+            await asyncio.sleep(max(0.0, started + self.interval - time.monotonic()))
+
+
+def pool_from_json(data: Any) -> PoolView:
+    """PoolView from the admin API's {"members": [{"name", "cluster", "admission", ...}]}."""
+    try:
+        return PoolView(
+            tuple(
+                MemberState(
+                    name=str(m["name"]),
+                    cluster=str(m["cluster"]),
+                    admission=Admission(m["admission"]),
+                    healthy=bool(m.get("healthy", False)),
+                    active=int(m.get("active", 0)),
+                )
+                for m in data["members"]
+            )
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BalancerError(f"unexpected pool document from the admin API: {exc!r}") from None
+
+
+class AdminPoolReader:
+    """Reads the embedded balancer's admin API: GET {admin_url}/v1/pool with a bearer token."""
+
+    name = "admin"
+
+    def __init__(self, admin_url: str, token: str | None, *, timeout: float = 2.0) -> None:
+        self.url = admin_url.rstrip("/") + "/v1/pool"
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def read(self) -> PoolView:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        try:
+            async with self._session.get(self.url, headers=self._headers) as resp:
+                if resp.status != 200:
+                    raise BalancerError(f"{self.url}: HTTP {resp.status}")
+                data = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:  # ValueError: not JSON
+            raise BalancerError(f"{self.url}: {type(exc).__name__}: {exc}") from None
+        return pool_from_json(data)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
