@@ -1,0 +1,179 @@
+"""The sample app: one member of a cluster, behaving like a JBoss app server.
+
+    python -m changeover.demo.app --host H --port P --member M --route R --version V
+        [--startup-delay S] [--drain-timeout S]
+
+- The port opens only after the start-up delay, as a server booting its app.
+- GET / returns {"version", "member", "route", "session", "count"}: a
+  per-session counter kept in this process's memory. A request without a
+  session this member knows gets a new one and `JSESSIONID=<id>.<route>`, so a
+  user moved to another member loses its session, as with a real app.
+- GET /health: "ok" (503 once shutting down). GET /version: the version.
+  GET /slow?ms=N: answers after N ms (at most 30000), for drain tests.
+- Every response carries X-Changeover-Member and X-Changeover-Version.
+- SIGTERM (or SIGINT): stop accepting connections, finish the requests in
+  flight (for at most --drain-timeout seconds), exit 0.
+
+Exit codes: 0 after a graceful stop; 1 when the port cannot be opened; 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import secrets
+import signal
+from dataclasses import dataclass, field
+
+import uvloop
+from aiohttp import web
+
+log = logging.getLogger("changeover.demo.app")
+
+SESSION_COOKIE = "JSESSIONID"
+MEMBER_HEADER = "X-Changeover-Member"
+VERSION_HEADER = "X-Changeover-Version"
+MAX_SLOW_MS = 30_000
+MAX_SESSIONS = 100_000  # the oldest session is forgotten past this, like a session timeout
+
+
+@dataclass
+class AppState:
+    member: str
+    route: str
+    version: str
+    sessions: dict[str, int] = field(default_factory=dict)  # insertion order: oldest first
+    shutting_down: bool = False
+
+
+STATE = web.AppKey("state", AppState)
+
+
+async def index(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    session = request.cookies.get(SESSION_COOKIE)
+    new = session is None or session not in state.sessions
+    if session is None or new:
+        session = f"{secrets.token_hex(8)}.{state.route}"
+        if len(state.sessions) >= MAX_SESSIONS:
+            del state.sessions[next(iter(state.sessions))]
+        state.sessions[session] = 0
+    state.sessions[session] += 1
+    response = web.json_response(
+        {
+            "version": state.version,
+            "member": state.member,
+            "route": state.route,
+            "session": session,
+            "count": state.sessions[session],
+        }
+    )
+    if new:
+        response.set_cookie(SESSION_COOKIE, session, path="/", httponly=True)
+    return response
+
+
+async def health(request: web.Request) -> web.Response:
+    if request.app[STATE].shutting_down:
+        return web.Response(status=503, text="shutting down")
+    return web.Response(text="ok")
+
+
+async def version_text(request: web.Request) -> web.Response:
+    return web.Response(text=request.app[STATE].version)
+
+
+async def slow(request: web.Request) -> web.Response:
+    try:
+        ms = int(request.query.get("ms", "1000"))
+    except ValueError:
+        raise web.HTTPBadRequest(text="ms must be an integer") from None
+    ms = min(max(ms, 0), MAX_SLOW_MS)
+    await asyncio.sleep(ms / 1000)
+    return web.json_response({"slept_ms": ms, "member": request.app[STATE].member})
+
+
+async def _identify(request: web.Request, response: web.StreamResponse) -> None:
+    # on_response_prepare also covers errors raised by the router (404, 405).
+    state = request.app[STATE]
+    response.headers[MEMBER_HEADER] = state.member
+    response.headers[VERSION_HEADER] = state.version
+
+
+def build_app(member: str, route: str, version: str) -> web.Application:
+    app = web.Application()
+    app[STATE] = AppState(member=member, route=route, version=version)
+    app.on_response_prepare.append(_identify)
+    app.router.add_get("/", index)
+    app.router.add_get("/health", health)
+    app.router.add_get("/version", version_text)
+    app.router.add_get("/slow", slow)
+    return app
+
+
+async def serve(
+    host: str,
+    port: int,
+    app: web.Application,
+    *,
+    startup_delay: float = 0.0,
+    drain_timeout: float = 30.0,
+) -> None:
+    """Boot (wait `startup_delay`), listen, and on SIGTERM/SIGINT drain and return."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    state = app[STATE]
+    log.info("%s booting version %r (%.1f s)", state.member, state.version, startup_delay)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), startup_delay)
+    if stop.is_set():
+        log.info("%s stopped while booting", state.member)
+        return
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=drain_timeout)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        log.info("%s listening on %s:%d", state.member, host, port)
+        await stop.wait()
+        log.info("%s stopping: finishing requests in flight", state.member)
+        state.shutting_down = True
+    finally:
+        # Closes the listener first, then waits for handlers in flight (bounded).
+        await runner.cleanup()
+    log.info("%s stopped", state.member)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m changeover.demo.app")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--member", required=True)
+    parser.add_argument("--route", help="sticky-session route (default: the member name)")
+    parser.add_argument("--version", required=True)
+    parser.add_argument("--startup-delay", type=float, default=0.0)
+    parser.add_argument("--drain-timeout", type=float, default=30.0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    app = build_app(args.member, args.route or args.member, args.version)
+    coro = serve(
+        args.host,
+        args.port,
+        app,
+        startup_delay=args.startup_delay,
+        drain_timeout=args.drain_timeout,
+    )
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(coro)
+    except OSError as exc:
+        log.error("%s cannot listen on %s:%d: %s", args.member, args.host, args.port, exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
