@@ -1,0 +1,91 @@
+"""The journal: durable, locked, and never silently reset."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from changeover import journal as J
+from changeover.journal import Journal, JournalError, LockHeld
+
+PLAN = [{"id": "preflight"}, {"id": "drain-a"}]
+
+
+def test_release_and_steps_round_trip(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.sqlite")
+    rid = j.create_release("site", "2.0", "1.0", "rolling-clusters", PLAN)
+    j.step_started(rid, 0)
+    j.step_finished(rid, 0, True, "fine")
+    j.add_output(rid, 1, "a1", ["ctl", "stop"], 0, 0.1, "stopped")
+    steps = j.steps(rid)
+    assert [(s.step_id, s.state) for s in steps] == [("preflight", "done"), ("drain-a", "pending")]
+    assert j.outputs(rid)[0].argv == ["ctl", "stop"]
+    assert j.unfinished("site") is not None
+    j.set_state(rid, J.DONE)
+    assert j.unfinished("site") is None
+    assert j.last_done("site") is not None
+
+
+def test_journal_is_in_wal_mode_with_full_sync(tmp_path: Path) -> None:
+    Journal(tmp_path / "j.sqlite").close()
+    db = sqlite3.connect(tmp_path / "j.sqlite")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def _hold_lock(
+    path: str, ready: multiprocessing.synchronize.Event, done: multiprocessing.synchronize.Event
+) -> None:
+    Journal(Path(path)).acquire("site", 7)
+    ready.set()
+    done.wait(30)
+
+
+def test_lock_refuses_a_second_holder_and_names_it(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    ready, done = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_hold_lock, args=(str(tmp_path / "j.sqlite"), ready, done))
+    proc.start()
+    try:
+        assert ready.wait(30)
+        with pytest.raises(LockHeld) as info:
+            Journal(tmp_path / "j.sqlite").acquire("site", None)
+        assert f"pid {proc.pid}" in str(info.value)
+        assert "release #7" in str(info.value)
+    finally:
+        done.set()
+        proc.join(30)
+    # The holder is dead now: its lock is stale and is taken over.
+    stale = Journal(tmp_path / "j.sqlite").acquire("site", None)
+    assert stale is not None and stale.pid == proc.pid
+
+
+def test_corrupt_journal_is_an_error_and_left_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(JournalError, match="not a usable changeover journal"):
+        Journal(path)
+    assert path.read_bytes() == b"this is not a database" * 100
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite"
+    Journal(path).close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+    db.commit()
+    db.close()
+    with pytest.raises(JournalError, match="newer than this changeover"):
+        Journal(path)
+
+
+def test_foreign_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE users (id INTEGER)")
+    db.commit()
+    db.close()
+    with pytest.raises(JournalError, match="not a changeover journal"):
+        Journal(path)

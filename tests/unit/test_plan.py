@@ -1,0 +1,111 @@
+"""Planning and interlocks are pure functions over plain data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from changeover.config import Topology, parse
+from changeover.model import Admission, MemberState, PoolView
+from changeover.plan import PlanRefused, Step, StepKind, admit_refusal, make_plan
+
+
+def topo(clusters: int = 2, members: int = 2, **policy: Any) -> Topology:
+    data: dict[str, Any] = {
+        "clusters": [
+            {
+                "name": name,
+                "members": [
+                    {"name": f"{name}{i}", "port": 9000 + 10 * c + i} for i in range(members)
+                ],
+            }
+            for c, name in enumerate("abcdef"[:clusters])
+        ],
+        "release": {"stop": "ctl stop", "deploy": "ctl deploy {version}", "start": "ctl start"},
+        "policy": policy,
+    }
+    return parse(data, "t.toml")
+
+
+def view(
+    t: Topology, admissions: dict[str, Admission] | None = None, sick: set[str] = frozenset()
+) -> PoolView:  # type: ignore[assignment]
+    admissions = admissions or {}
+    return PoolView(
+        tuple(
+            MemberState(m.name, c.name, admissions.get(c.name, Admission.LIVE), m.name not in sick)
+            for c, m in t.members()
+        )
+    )
+
+
+def admits(steps: list[Step]) -> list[dict[str, Admission]]:
+    return [s.admissions for s in steps if s.kind is StepKind.ADMIT]
+
+
+def test_rolling_clusters_follows_the_seed_procedure() -> None:
+    t = topo()
+    steps = make_plan(t, "2.0", view(t))
+    assert admits(steps) == [
+        {"a": Admission.DRAINING},
+        {"a": Admission.OUT},
+        {"a": Admission.LIVE, "b": Admission.DRAINING},  # the swap is one change
+        {"b": Admission.OUT},
+        {"b": Admission.LIVE},
+    ]
+    kinds = [s.kind for s in steps]
+    # a is stopped, deployed, started and checked before the swap
+    a_steps = [s.id for s in steps][: [s.id for s in steps].index("drain-b")]
+    for needed in ("stop-a", "deploy-a", "start-a", "healthy-a", "version-a", "smoke-a"):
+        assert needed in a_steps
+    assert kinds[0] is StepKind.PREFLIGHT
+    swap = next(s for s in steps if s.id == "drain-b")
+    assert swap.promote == "a"
+    assert steps[-1].promote == "b"
+
+
+def test_three_clusters_swap_pairwise() -> None:
+    t = topo(clusters=3)
+    assert admits(make_plan(t, "2"))[2::2] == [
+        {"a": Admission.LIVE, "b": Admission.DRAINING},
+        {"b": Admission.LIVE, "c": Admission.DRAINING},
+        {"c": Admission.LIVE},
+    ]
+
+
+def test_order_and_manual_approval() -> None:
+    t = topo(order=["b", "a"], approval="manual")
+    steps = make_plan(t, "2")
+    assert steps[1].admissions == {"b": Admission.DRAINING}
+    assert [s.id for s in steps if s.kind is StepKind.APPROVE] == ["approve-b", "approve-a"]
+
+
+def test_plan_round_trips_through_plain_data() -> None:
+    steps = make_plan(topo(), "2")
+    assert [Step.from_dict(s.to_dict()) for s in steps] == steps
+
+
+def test_plan_refuses_when_the_remaining_cluster_is_unhealthy() -> None:
+    t = topo()
+    with pytest.raises(PlanRefused, match="would have 0 healthy"):
+        make_plan(t, "2", view(t, sick={"b0", "b1"}))
+
+
+def test_plan_refuses_empty_version() -> None:
+    with pytest.raises(PlanRefused, match="empty"):
+        make_plan(topo(), "  ")
+
+
+def test_min_healthy_counts_members_left_live() -> None:
+    t = topo(min_healthy=2)
+    assert admit_refusal(t, view(t), {"a": Admission.DRAINING}) is None
+    refusal = admit_refusal(t, view(t, sick={"b1"}), {"a": Admission.DRAINING})
+    assert refusal is not None and "1 healthy member(s); policy.min_healthy is 2" in refusal
+
+
+def test_last_live_cluster_is_never_taken_out() -> None:
+    t = topo()
+    v = view(t, {"a": Admission.OUT})
+    assert admit_refusal(t, v, {"b": Admission.DRAINING}) is not None
+    assert admit_refusal(t, v, {"a": Admission.LIVE, "b": Admission.DRAINING}) is None
