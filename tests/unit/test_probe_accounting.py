@@ -1,0 +1,171 @@
+"""The probe's accounting on synthetic sequences: percentiles, timeline, breaks, flaps."""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from changeover.model import Admission
+from changeover.probe.accounting import (
+    BreakLedger,
+    LatencyHistogram,
+    Move,
+    Sessions,
+    Timeline,
+    move_is_break,
+)
+
+LIVE, DRAINING, OUT = Admission.LIVE, Admission.DRAINING, Admission.OUT
+
+
+def nearest_rank(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(p / 100 * len(ordered))) - 1]
+
+
+@given(
+    st.lists(st.floats(min_value=0, max_value=60_000, allow_nan=False), min_size=1, max_size=500),
+    st.sampled_from([1.0, 50.0, 90.0, 99.0, 99.9, 100.0]),
+)
+def test_percentiles_are_within_the_histogram_precision(values: list[float], p: float) -> None:
+    hist = LatencyHistogram(precision=0.01, floor_ms=0.01)
+    for v in values:
+        hist.record(v)
+    exact = nearest_rank(values, p)
+    assert abs(hist.percentile(p) - exact) <= max(exact * 0.01 * 1.000001, 0.01)
+    assert hist.max_ms == max(values)
+    assert hist.count == len(values)
+
+
+def test_percentiles_of_a_known_sequence() -> None:
+    hist = LatencyHistogram()
+    for ms in range(1, 101):  # 1..100 ms
+        hist.record(float(ms))
+    assert math.isclose(hist.percentile(50), 50, rel_tol=0.01)
+    assert math.isclose(hist.percentile(99), 99, rel_tol=0.01)
+    assert hist.percentile(100) == 100.0
+    assert LatencyHistogram().percentile(50) == 0.0
+
+
+def test_histogram_memory_grows_with_distinct_buckets_not_samples() -> None:
+    hist = LatencyHistogram()
+    for i in range(60_000):
+        hist.record(1.0 + (i % 1000) / 100)  # 1..11 ms
+    assert len(hist._counts) < 300
+
+
+def test_timeline_run_length_encodes_and_answers_before_and_after() -> None:
+    tl = Timeline()
+    assert tl.at_or_before(1.0) is None and tl.at_or_after(1.0) is None
+    for t in (1.0, 1.1, 1.2):
+        tl.record(t, {"a1": LIVE})
+    tl.record(1.3, {"a1": DRAINING})
+    tl.record(1.6, {"a1": OUT})  # reads at 1.4 and 1.5 failed: a gap
+    assert len(tl.segments) == 3
+    assert tl.last_read == 1.6
+    assert tl.at_or_before(0.9) is None
+    assert tl.at_or_before(1.15) == {"a1": LIVE}
+    assert tl.at_or_before(1.3) == {"a1": DRAINING}
+    assert tl.at_or_before(1.55) == {"a1": DRAINING}  # the last read before the gap
+    assert tl.at_or_after(1.15) == {"a1": LIVE}  # the read at 1.2
+    assert tl.at_or_after(1.25) == {"a1": DRAINING}
+    assert tl.at_or_after(1.45) == {"a1": OUT}  # the first read after the gap
+    assert tl.at_or_after(1.7) is None
+
+
+def test_a_move_is_excused_only_when_a_bracketing_read_shows_the_member_not_admitted() -> None:
+    assert move_is_break("a1", {"a1": LIVE}, {"a1": LIVE})
+    assert move_is_break("a1", {"a1": DRAINING}, {"a1": DRAINING})
+    assert not move_is_break("a1", {"a1": DRAINING}, {"a1": OUT})
+    assert not move_is_break("a1", {"a1": OUT}, {"a1": LIVE})
+    assert not move_is_break("a1", {"b1": LIVE}, {"b1": LIVE})  # not in the pool at all
+    assert move_is_break("a1", None, None)  # no watcher: every move breaks
+    assert move_is_break("a1", None, {"a1": LIVE})
+    assert not move_is_break("a1", None, {"a1": OUT})
+
+
+def _move(sent: float, done: float, frm: str = "a1") -> Move:
+    return Move(user=0, from_member=frm, to_member="b1", sent_at=sent, done_at=done)
+
+
+def test_ledger_without_timeline_counts_every_move() -> None:
+    ledger = BreakLedger(None)
+    ledger.add(_move(1.0, 1.01))
+    ledger.add(_move(2.0, 2.01))
+    assert ledger.breaks == 2 and ledger.pending == 0
+
+
+def test_ledger_waits_for_a_read_after_the_move() -> None:
+    tl = Timeline()
+    tl.record(1.0, {"a1": LIVE})
+    ledger = BreakLedger(tl)
+    ledger.add(_move(1.05, 1.06))
+    assert ledger.pending == 1 and ledger.breaks == 0
+    tl.record(1.1, {"a1": LIVE})  # still admitted after the move: a real break
+    ledger.settle()
+    assert ledger.pending == 0 and ledger.breaks == 1
+
+
+def test_ledger_excuses_a_move_off_a_member_taken_out() -> None:
+    tl = Timeline()
+    tl.record(1.0, {"a1": DRAINING})
+    ledger = BreakLedger(tl)
+    ledger.add(_move(1.05, 1.06))
+    tl.record(1.1, {"a1": OUT})
+    ledger.settle()
+    assert ledger.breaks == 0
+
+
+def test_ledger_final_settle_judges_with_what_is_known() -> None:
+    tl = Timeline()
+    tl.record(1.0, {"a1": LIVE})
+    ledger = BreakLedger(tl)
+    ledger.add(_move(1.05, 1.06))
+    ledger.settle(final=True)  # no read after it: not excused
+    assert ledger.breaks == 1
+
+
+def test_ledger_pending_queue_is_bounded() -> None:
+    tl = Timeline()
+    tl.record(0.0, {"a1": OUT})
+    ledger = BreakLedger(tl, max_pending=10)
+    for i in range(100):
+        ledger.add(_move(1.0 + i, 1.5 + i))
+    assert ledger.pending == 10
+    assert ledger.breaks == 0  # judged early, and excused by the read before
+
+
+def test_sessions_count_moves_against_the_member_the_cookie_named() -> None:
+    s = Sessions(users=2)
+    assert s.served(0, None, "a1", "v1", 0.0, 0.1) is None  # first response: no session yet
+    assert s.served(0, "a1", "a1", "v1", 1.0, 1.1) is None
+    move = s.served(0, "a1", "b1", "v1", 2.0, 2.1)
+    assert move == Move(0, "a1", "b1", 2.0, 2.1)
+    # A response that left before the move carried a1's cookie and a1 served it: no move.
+    assert s.served(0, "a1", "a1", "v1", 1.9, 2.2) is None
+    assert s.users[0].member == "a1"
+    assert s.moves == 1
+    assert s.members_seen == {"a1": 3, "b1": 1}
+
+
+def test_version_flap_is_a_return_to_an_earlier_version() -> None:
+    s = Sessions(users=3)
+    for version in ("v1", "v1", "v2", "v2"):  # a normal upgrade
+        s.served(0, None, None, version, 0.0, 0.0)
+    for version in ("v1", "v2", "v1", "v2", "v1"):  # flaps, counted once per user
+        s.served(1, None, None, version, 0.0, 0.0)
+    for version in ("v1", "v2", "v3"):
+        s.served(2, None, None, version, 0.0, 0.0)
+    assert s.flaps == 1
+    assert [u.flapped for u in s.users] == [False, True, False]
+    assert s.users[1].versions == ["v1", "v2"]
+    assert s.versions_seen == {"v1": 6, "v2": 5, "v3": 1}
+
+
+def test_responses_without_headers_are_not_tracked() -> None:
+    s = Sessions(users=1)
+    s.served(0, None, "a1", "v1", 0.0, 0.0)
+    assert s.served(0, "a1", None, None, 1.0, 1.1) is None  # e.g. a balancer's own 503
+    assert s.users[0].member == "a1" and s.users[0].version == "v1"

@@ -1,0 +1,145 @@
+"""The probe report (JSON both ways, verdict, rendering), failure kinds, the
+admin API document and the admission watcher against an in-process fake."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+
+import aiohttp
+import pytest
+from rich.console import Console
+
+from changeover.balancers.base import BalancerError
+from changeover.model import Admission, MemberState, PoolView
+from changeover.probe import AdmissionWatcher, ProbeReport, failure_kind, pool_from_json
+from tests.helpers import wait_until
+
+
+def sample_report() -> ProbeReport:
+    return ProbeReport(
+        url="http://127.0.0.1:8080/",
+        target_rate=200.0,
+        sticky_users=50,
+        duration=10.0,
+        sent=2000,
+        completed=2000,
+        ok=2000,
+        failures={},
+        latency_ms={"p50": 1.2, "p99": 4.5, "max": 9.0},
+        session_moves=3,
+        session_breaks=0,
+        version_flaps=0,
+        versions_seen={"v1": 1200, "v2": 800},
+        members_seen={"a1": 1000, "b1": 1000},
+        max_schedule_lag_ms=2.5,
+        achieved_rate=200.0,
+        watched=True,
+        admission_reads=100,
+    )
+
+
+def test_json_round_trip() -> None:
+    report = sample_report()
+    text = json.dumps(report.to_dict())
+    data = json.loads(text)
+    assert data["passed"] is True
+    assert ProbeReport.from_dict(data) == report
+
+
+def test_from_dict_rejects_what_is_not_a_report() -> None:
+    with pytest.raises(ValueError, match="not a probe report"):
+        ProbeReport.from_dict({"sent": 1})
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"failures": {"connect": 1}},
+        {"session_breaks": 1},
+        {"version_flaps": 1},
+        {"sent": 0, "completed": 0, "ok": 0},
+    ],
+)
+def test_any_failure_break_flap_or_silence_fails(change: dict[str, object]) -> None:
+    assert not replace(sample_report(), **change).passed  # type: ignore[arg-type]
+
+
+def test_render_shows_the_verdict_and_figures() -> None:
+    console = Console(record=True, width=120)
+    failing = replace(
+        sample_report(), failures={"http_5xx": 2}, failure_examples=["http_5xx: HTTP 502"]
+    )
+    failing.render(console)
+    text = console.export_text()
+    assert "FAILED" in text
+    assert "http_5xx 2" in text
+    assert "p99 4.5 ms" in text
+    assert "v1 1200, v2 800" in text
+    assert "HTTP 502" in text
+
+
+def test_failure_kinds() -> None:
+    conn_key = aiohttp.client_reqrep.ConnectionKey("127.0.0.1", 1, False, True, None, None, None)
+    refused = aiohttp.ClientConnectorError(conn_key, ConnectionRefusedError(111, "refused"))
+    assert failure_kind(refused) == "connect"
+    assert failure_kind(TimeoutError()) == "timeout"
+    assert failure_kind(aiohttp.ServerTimeoutError()) == "timeout"
+    assert failure_kind(aiohttp.ServerDisconnectedError()) == "disconnect"
+    assert failure_kind(aiohttp.ClientPayloadError("cut")) == "protocol"
+    assert failure_kind(RuntimeError("bug")) == "other"
+
+
+def test_pool_from_json() -> None:
+    view = pool_from_json(
+        {
+            "members": [
+                {
+                    "name": "a1",
+                    "cluster": "a",
+                    "admission": "draining",
+                    "healthy": True,
+                    "active": 3,
+                },
+                {"name": "b1", "cluster": "b", "admission": "live", "healthy": False},
+            ]
+        }
+    )
+    assert view.admissions() == {"a1": Admission.DRAINING, "b1": Admission.LIVE}
+    assert view.member("a1").active == 3
+    with pytest.raises(BalancerError):
+        pool_from_json({"members": [{"name": "a1", "cluster": "a", "admission": "maybe"}]})
+    with pytest.raises(BalancerError):
+        pool_from_json([])
+
+
+class FakeBalancer:
+    """Serves a scripted sequence of admissions; None means the read fails."""
+
+    def __init__(self, script: list[Admission | None]) -> None:
+        self.script = script
+        self.calls = 0
+
+    async def read(self) -> PoolView:
+        admission = self.script[min(self.calls, len(self.script) - 1)]
+        self.calls += 1
+        if admission is None:
+            raise BalancerError("admin API unreachable")
+        return PoolView((MemberState("a1", "a", admission, healthy=True),))
+
+
+async def test_watcher_records_a_timeline_and_tolerates_failed_reads() -> None:
+    fake = FakeBalancer([Admission.LIVE, None, Admission.DRAINING, Admission.OUT])
+    async with AdmissionWatcher(fake, interval=0.01) as watcher:
+        await wait_until(lambda: fake.calls >= 5, timeout=5, interval=0.005, what="5 reads")
+    assert watcher.failures == 1
+    assert watcher.last_error == "BalancerError: admin API unreachable"
+    assert [dict(s.admissions) for s in watcher.timeline.segments] == [
+        {"a1": Admission.LIVE},
+        {"a1": Admission.DRAINING},
+        {"a1": Admission.OUT},
+    ]
+    calls = fake.calls
+    await asyncio.sleep(0.05)
+    assert fake.calls == calls  # stopped means stopped (an absence can only be sampled)
