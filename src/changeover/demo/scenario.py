@@ -207,51 +207,86 @@ async def _all_healthy(topo: Topology, timeout: float) -> None:
         await balancer.close()
 
 
+class DemoSite:
+    """A running demo site: the sample app on every member and the embedded
+    balancer in front, all on loopback under `root`. Used by the demo and the
+    end-to-end tests."""
+
+    def __init__(self, root: Path, opts: DemoOptions) -> None:
+        self.root = root
+        self.opts = opts
+        self.token = secrets.token_urlsafe(24)
+        self.env = os.environ | {TOKEN_ENV: self.token, "PYTHONUNBUFFERED": "1"}
+        self.config = write_topology(root, opts)
+        self.topo = load(self.config)
+        listen, admin = self.topo.balancer.listen, self.topo.balancer.admin_listen
+        self.public_url = f"http://{listen.host}:{listen.port}"
+        self.admin_url = f"http://{admin.host}:{admin.port}"
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[DemoSite]:
+        """Every member on `from_version` and healthy behind the balancer."""
+        # The engine's builtin driver, in this process, reads the token from here.
+        os.environ[TOKEN_ENV] = self.token
+        try:
+            await _appctl(self.topo, "deploy", self.opts.from_version)
+            await _appctl(self.topo, "start")
+            balancer_cmd = [sys.executable, "-m", "changeover.proxy", "-c", str(self.config)]
+            async with _process(balancer_cmd, self.env, self.root / "balancer.log"):
+                await _wait_http(f"{self.admin_url}/v1/healthz", 15)
+                await _all_healthy(self.topo, 30)
+                yield self
+        finally:
+            with contextlib.suppress(Exception):
+                await _appctl(self.topo, "stop")
+
+    @contextlib.asynccontextmanager
+    async def probe(self, rate: float, sticky_users: int) -> AsyncIterator[ProbeHandle]:
+        """The probe in its own process (its schedule must not share our event loop)."""
+        cmd = [
+            sys.executable, "-m", "changeover.probe", self.public_url,
+            "--rate", f"{rate:g}", "--duration", "600", "--sticky-users", str(sticky_users),
+            "--json", "--watch-admin", self.admin_url, "--token-env", TOKEN_ENV,
+        ]  # fmt: skip
+        async with _process(cmd, self.env, self.root / "probe.log") as proc:
+            yield ProbeHandle(proc)
+
+
+class ProbeHandle:
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    async def finish(self) -> ProbeReport:
+        """Stop the probe (SIGINT) and read its JSON report."""
+        self.proc.send_signal(signal.SIGINT)
+        assert self.proc.stdout is not None
+        raw = await asyncio.wait_for(self.proc.stdout.read(), 30)
+        await self.proc.wait()
+        return ProbeReport.from_dict(json.loads(raw))
+
+
 async def run_demo(opts: DemoOptions, console: Console) -> int:
     root = Path(tempfile.mkdtemp(prefix="changeover-demo-"))
-    token = secrets.token_urlsafe(24)
-    os.environ[TOKEN_ENV] = token  # the engine's builtin driver reads it from here
-    env = os.environ | {TOKEN_ENV: token, "PYTHONUNBUFFERED": "1"}
-    config = write_topology(root, opts)
-    topo = load(config)
-    listen = topo.balancer.listen
-    public = f"http://{listen.host}:{listen.port}"
-    admin = f"http://{topo.balancer.admin_listen.host}:{topo.balancer.admin_listen.port}"
+    site = DemoSite(root, opts)
     n = opts.members_per_cluster
     console.print(
         f"[bold]changeover demo[/]: 2 clusters x {n} members of the sample app behind the "
-        f"embedded balancer at {public}; files in {root}",
+        f"embedded balancer at {site.public_url}; files in {root}",
         highlight=False,
     )
     try:
-        await _appctl(topo, "deploy", opts.from_version)
-        await _appctl(topo, "start")
-        balancer_cmd = [sys.executable, "-m", "changeover.proxy", "-c", str(config)]
-        async with _process(balancer_cmd, env, root / "balancer.log"):
-            await _wait_http(f"{admin}/v1/healthz", 15)
-            await _all_healthy(topo, 30)
+        async with site.running(), site.probe(opts.rate, opts.sticky_users) as probe:
             console.print(
                 f"v{opts.from_version} serving on every member; probe: {opts.rate:g} req/s, "
                 f"{opts.sticky_users} sticky users",
                 highlight=False,
             )
-            probe_cmd = [
-                sys.executable, "-m", "changeover.probe", public,
-                "--rate", f"{opts.rate:g}", "--duration", "600",
-                "--sticky-users", str(opts.sticky_users), "--json",
-                "--watch-admin", admin, "--token-env", TOKEN_ENV,
-            ]  # fmt: skip
-            async with _process(probe_cmd, env, root / "probe.log") as probe:
-                await asyncio.sleep(1.0)  # let sticky sessions form before the release
-                _, state = await run_engine(
-                    topo, lambda engine: engine.begin(opts.to_version), console
-                )
-                await asyncio.sleep(1.0)  # traffic after the release counts too
-                probe.send_signal(signal.SIGINT)
-                assert probe.stdout is not None
-                raw = await asyncio.wait_for(probe.stdout.read(), 30)
-                await probe.wait()
-            report = ProbeReport.from_dict(json.loads(raw))
+            await asyncio.sleep(1.0)  # let sticky sessions form before the release
+            _, state = await run_engine(
+                site.topo, lambda engine: engine.begin(opts.to_version), console
+            )
+            await asyncio.sleep(1.0)  # traffic after the release counts too
+            report = await probe.finish()
         console.print()
         report.render(console)
         passed = state == "done" and report.passed
@@ -264,8 +299,6 @@ async def run_demo(opts: DemoOptions, console: Console) -> int:
         console.print(verdict)
         return 0 if passed else 1
     finally:
-        with contextlib.suppress(Exception):
-            await _appctl(topo, "stop")
         if opts.keep:
             console.print(f"kept {root}")
         else:
