@@ -583,3 +583,7 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(EXIT_STOPPED)
+
+
+if __name__ == "__main__":
+    main()

@@ -36,7 +36,7 @@ def make_executor(topo: Topology) -> Executor:
     if topo.executor.kind == "ssh":
         from changeover.executors.ssh import SshExecutor
 
-        return SshExecutor(topo.executor.ssh)  # type: ignore[no-any-return]
+        return SshExecutor(topo.executor.ssh)
     from changeover.executors.local import LocalExecutor
 
     return LocalExecutor()

@@ -1,0 +1,103 @@
+"""End to end on the embedded balancer: whole releases under the probe."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from rich.console import Console
+
+from changeover import journal as J
+from changeover.demo.scenario import DemoOptions, DemoSite
+from changeover.model import Admission
+from changeover.runtime import make_balancer, open_journal, run_engine
+from tests.helpers import wait_until
+
+RATE = 200.0
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+async def site(tmp_path: Path) -> AsyncIterator[DemoSite]:
+    demo = DemoSite(tmp_path, DemoOptions(members_per_cluster=3, startup_delay=0.3))
+    async with demo.running():
+        yield demo
+
+
+async def versions_served(site: DemoSite) -> set[str]:
+    async with aiohttp.ClientSession() as http:
+        seen = set()
+        for _, member in site.topo.members():
+            async with http.get(member.base_url + "/version") as resp:
+                seen.add((await resp.text()).strip())
+        return seen
+
+
+async def pool_admissions(site: DemoSite) -> set[Admission]:
+    balancer = make_balancer(site.topo)
+    try:
+        return {m.admission for m in (await balancer.read()).members}
+    finally:
+        await balancer.close()
+
+
+async def test_full_release_under_probe_has_zero_downtime(site: DemoSite) -> None:
+    async with site.probe(RATE, sticky_users=40) as probe:
+        release_id, state = await run_engine(
+            site.topo, lambda e: e.begin("2.0"), Console(quiet=True)
+        )
+        report = await probe.finish()
+    assert state == J.DONE
+    assert report.sent >= RATE * 10  # the release really ran under traffic
+    assert report.failed == 0, report.failure_examples
+    assert report.session_breaks == 0
+    assert report.version_flaps == 0
+    assert set(report.versions_seen) == {"1.0", "2.0"}
+    assert await versions_served(site) == {"2.0"}
+    assert await pool_admissions(site) == {Admission.LIVE}
+    journal = open_journal(site.topo)
+    assert all(s.state == J.STEP_DONE for s in journal.steps(release_id))
+
+
+async def _cli(site: DemoSite, *args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "changeover.cli", *args, "-c", str(site.config),
+        env=site.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("kill_in", ["drained-a", "start-b", "healthy-b"])
+async def test_sigkill_mid_step_then_resume_keeps_the_site_up(site: DemoSite, kill_in: str) -> None:
+    journal = open_journal(site.topo)
+    async with site.probe(RATE, sticky_users=40) as probe:
+        release = await _cli(site, "release", "2.0")
+
+        def step_running() -> bool:
+            row = journal.unfinished(site.topo.site.name)
+            return row is not None and any(
+                s.step_id == kill_in and s.state == J.STEP_RUNNING for s in journal.steps(row.id)
+            )
+
+        await wait_until(step_running, timeout=60, interval=0.02, what=f"step {kill_in} running")
+        release.send_signal(signal.SIGKILL)
+        await release.wait()
+        row = journal.unfinished(site.topo.site.name)
+        assert row is not None and row.state == J.RUNNING  # the journal says: not finished
+
+        resumed = await _cli(site, "resume")
+        output, _ = await resumed.communicate()
+        report = await probe.finish()
+    assert resumed.returncode == 0, output.decode()
+    assert b"took over a stale lock" in output or b"resumed" in output
+    final = journal.release(row.id)
+    assert final.state == J.DONE
+    assert report.failed == 0, report.failure_examples
+    assert report.session_breaks == 0
+    assert report.version_flaps == 0
+    assert await versions_served(site) == {"2.0"}
+    assert await pool_admissions(site) == {Admission.LIVE}
