@@ -1,0 +1,53 @@
+"""`changeover migrations check`: the analyser as a gate (the lead mounts `app`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from changeover.migrations.analysis import check_paths
+from changeover.migrations.report import Format, format_findings
+from changeover.migrations.rules import RULES, Dialect, Phase
+
+EXIT_CLEAN, EXIT_FINDINGS, EXIT_BAD_INPUT = 0, 1, 2
+
+app = typer.Typer(no_args_is_help=True, add_completion=False)
+
+
+@app.callback()
+def migrations() -> None:
+    """Check migrations against the release that is still running."""
+
+
+@app.command()
+def check(
+    paths: Annotated[list[Path], typer.Argument(help=".sql files, or directories of them")],
+    dialect: Annotated[Dialect, typer.Option(help="SQL dialect of the files")] = "postgres",
+    phase: Annotated[
+        Phase | None,
+        typer.Option(
+            help="phase of every file; default: from each file name (expand unless "
+            "it names 'contract')"
+        ),
+    ] = None,
+    fmt: Annotated[Format, typer.Option("--format", help="output format")] = "text",
+    allow: Annotated[list[str] | None, typer.Option(help="rule id to accept (repeatable)")] = None,
+) -> None:
+    """Exit 1 when a statement breaks the old release or locks a table, 0 when clean."""
+    allowed = set(allow or ())
+    unknown = sorted(allowed - RULES.keys())
+    if unknown:
+        typer.echo(f"error: unknown rule(s) for --allow: {', '.join(unknown)}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    try:
+        findings = check_paths(paths, dialect=dialect, phase=phase)
+    except (OSError, UnicodeDecodeError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    blocking = [f for f in findings if f.rule not in allowed]
+    typer.echo(format_findings(blocking, fmt))
+    if len(blocking) < len(findings):
+        typer.echo(f"{len(findings) - len(blocking)} finding(s) allowed by --allow", err=True)
+    raise typer.Exit(EXIT_FINDINGS if blocking else EXIT_CLEAN)

@@ -1,0 +1,270 @@
+"""MySQL and SQLite statements, parsed by sqlglot, classified into Hits.
+
+The file is split into statements on the tokenizer's `;` tokens (never by
+text), and each statement is parsed on its own so that one unparseable
+statement becomes a needs-review finding without hiding the others.
+Anything sqlglot can only parse as an opaque `Command`, and any statement or
+ALTER TABLE action not handled here, is needs-review.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlglot import exp
+from sqlglot.dialects.dialect import Dialect as SqlglotDialect
+from sqlglot.errors import ErrorLevel
+from sqlglot.tokenizer_core import Token, TokenType
+
+from changeover.migrations.analysis import (
+    NEEDS_REVIEW,
+    ColumnInfo,
+    FileState,
+    Hit,
+    Statement,
+    retype,
+)
+from changeover.migrations.coltypes import ColType
+from changeover.migrations.rules import Dialect
+
+# Functions whose value differs per row: a DEFAULT using them makes MySQL copy
+# the table (and SQLite refuses a non-constant default in ADD COLUMN).
+VOLATILE_FUNCTIONS = frozenset({"rand", "random", "uuid", "uuid_short", "randomblob"})
+
+_HARMLESS: tuple[type[exp.Expr], ...] = (
+    exp.Select,
+    exp.SetOperation,
+    exp.Insert,
+    exp.Update,
+    exp.Delete,
+    exp.Set,
+    exp.Transaction,
+    exp.Commit,
+    exp.Rollback,
+    exp.Use,
+    exp.Pragma,
+)
+# ALTER TABLE ... DROP of these kinds leaves every column the old release uses.
+_DROP_HARMLESS_IN_ALTER = frozenset({"INDEX", "KEY", "CONSTRAINT", "FOREIGN KEY", "CHECK"})
+
+
+@contextmanager
+def _quiet_sqlglot() -> Iterator[None]:
+    """sqlglot logs a warning when it falls back to Command; the finding says it better."""
+    logger = logging.getLogger("sqlglot")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _chunks(tokens: list[Token]) -> Iterator[list[Token]]:
+    chunk: list[Token] = []
+    for token in tokens:
+        if token.token_type == TokenType.SEMICOLON:
+            if chunk:
+                yield chunk
+            chunk = []
+        else:
+            chunk.append(token)
+    if chunk:
+        yield chunk
+
+
+def statements(sql: str, dialect: Dialect, state: FileState) -> Iterator[Statement]:
+    sg = SqlglotDialect.get_or_raise(dialect)
+    try:
+        tokens = sg.tokenize(sql)
+    except Exception as error:  # sqlglot raises more than TokenError on odd input
+        yield Statement(0, sql, [Hit(NEEDS_REVIEW, f"sqlglot cannot tokenize the file ({error})")])
+        return
+    for chunk in _chunks(tokens):
+        start = chunk[0].start
+        text = sql[start : chunk[-1].end + 1]
+        try:
+            with _quiet_sqlglot():
+                parsed = sg.parser(error_level=ErrorLevel.IMMEDIATE).parse(chunk, sql)
+        except Exception as error:  # ParseError, or a parser bug on odd input
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            yield Statement(start, text, [Hit(NEEDS_REVIEW, f"sqlglot cannot parse it ({reason})")])
+            continue
+        for node in parsed:
+            if node is not None:
+                yield Statement(start, text, _classify(node, chunk, dialect, state))
+
+
+# --- helpers ------------------------------------------------------------------
+
+
+def _col_type(data_type: exp.Expr | None) -> ColType:
+    if not isinstance(data_type, exp.DataType):
+        return ColType("?")
+    params = tuple(p.name for p in data_type.expressions)
+    return ColType(data_type.this.name.lower(), params)
+
+
+def _constraint(col: exp.ColumnDef, kind: type[exp.Expr]) -> exp.Expr | None:
+    for constraint in col.constraints:
+        if isinstance(constraint.kind, kind):
+            return constraint.kind
+    return None
+
+
+def _volatile_call(expr: exp.Expr | None) -> str | None:
+    for func in expr.find_all(exp.Func) if expr is not None else ():
+        name = func.name if isinstance(func, exp.Anonymous) else func.sql_name()
+        if name.lower() in VOLATILE_FUNCTIONS:
+            return name
+    return None
+
+
+# --- ALTER TABLE actions ------------------------------------------------------
+
+
+def _add_column(table: str, col: exp.ColumnDef, state: FileState) -> list[Hit]:
+    where = f"{table}.{col.name}"
+    not_null = _constraint(col, exp.NotNullColumnConstraint) is not None
+    default = _constraint(col, exp.DefaultColumnConstraint)
+    auto = _constraint(col, exp.AutoIncrementColumnConstraint) is not None
+    hits: list[Hit] = []
+    if not_null and default is None and not auto:
+        hits.append(Hit("adding-required-field", f"adds NOT NULL column {where}", table))
+    volatile = _volatile_call(default)
+    if volatile:
+        detail = f"adds {where} with a default {volatile}()"
+        hits.append(Hit("adding-field-with-default", detail, table))
+    state.schema.columns[(table, col.name)] = ColumnInfo(_col_type(col.args.get("kind")), not_null)
+    return hits
+
+
+def _modify_column(
+    table: str, action: exp.ModifyColumn, dialect: Dialect, state: FileState
+) -> list[Hit]:
+    """MySQL MODIFY / CHANGE: a rename, a type change and a nullability change in one."""
+    col = action.this
+    rename_from = action.args.get("rename_from")
+    old_name = rename_from.name if rename_from is not None else col.name
+    hits: list[Hit] = []
+    if old_name != col.name:
+        detail = f"renames {table}.{old_name} to {col.name}"
+        hits.append(Hit("renaming-column", detail, table))
+    old = state.schema.columns.get((table, old_name))
+    not_null = _constraint(col, exp.NotNullColumnConstraint) is not None
+    new_type = _col_type(col.args.get("kind"))
+    type_hit = retype(
+        state, dialect, table, old_name, new_type, new_name=col.name, not_null=not_null
+    )
+    if type_hit:
+        hits.append(type_hit)
+    elif not_null and old is not None and not old.not_null:
+        hits.append(Hit("adding-not-nullable-field", f"sets {table}.{col.name} NOT NULL", table))
+    return hits
+
+
+def _alter_column(
+    table: str, action: exp.AlterColumn, dialect: Dialect, state: FileState
+) -> list[Hit]:
+    dtype = action.args.get("dtype")
+    if dtype is not None:
+        hit = retype(state, dialect, table, action.name, _col_type(dtype))
+        return [hit] if hit else []
+    if action.args.get("default") is not None or action.args.get("drop"):
+        return []  # SET / DROP DEFAULT: catalog only
+    # sqlglot drops clauses it does not model (e.g. SET NOT NULL), so do not guess.
+    return [Hit(NEEDS_REVIEW, f"ALTER COLUMN {table}.{action.name} is not classified")]
+
+
+def _alter_action(table: str, action: exp.Expr, dialect: Dialect, state: FileState) -> list[Hit]:
+    if isinstance(action, exp.ColumnDef):
+        return _add_column(table, action, state)
+    if isinstance(action, exp.ModifyColumn):
+        return _modify_column(table, action, dialect, state)
+    if isinstance(action, exp.AlterColumn):
+        return _alter_column(table, action, dialect, state)
+    if isinstance(action, exp.RenameColumn):
+        old, new = action.this.name, action.args["to"].name
+        return [Hit("renaming-column", f"renames {table}.{old} to {new}", table)]
+    if isinstance(action, exp.AlterRename):
+        return [Hit("renaming-table", f"renames table {table} to {action.this.name}", table)]
+    if isinstance(action, exp.Drop):
+        kind = str(action.args.get("kind") or "").upper()
+        if kind == "COLUMN":
+            names = [c.name for c in action.args.get("tables") or ()]
+            return [Hit("ban-drop-column", f"drops column {table}.{n}", table) for n in names]
+        if kind in _DROP_HARMLESS_IN_ALTER:
+            return []
+    if isinstance(action, exp.AddConstraint):
+        # MySQL builds indexes and unique keys online; see docs/migrations.md for the gaps.
+        return []
+    what = type(action).__name__
+    return [Hit(NEEDS_REVIEW, f"ALTER TABLE {table} action {what} is not classified")]
+
+
+# --- statements ---------------------------------------------------------------
+
+
+def _alter(node: exp.Alter, tokens: list[Token], dialect: Dialect, state: FileState) -> list[Hit]:
+    table = node.this.name
+    actions = node.args.get("actions") or []
+    if str(node.args.get("kind") or "").upper() != "TABLE":
+        return []
+    if not actions:  # e.g. ENGINE=InnoDB or FORCE: options sqlglot keeps elsewhere
+        return [Hit(NEEDS_REVIEW, f"ALTER TABLE {table} has no action the analyser understands")]
+    return [hit for action in actions for hit in _alter_action(table, action, dialect, state)]
+
+
+def _create(node: exp.Create, tokens: list[Token], dialect: Dialect, state: FileState) -> list[Hit]:
+    target = node.this
+    table = target.this if isinstance(target, exp.Schema) else target
+    name = table.name if table is not None else "?"
+    state.created.add(name)
+    if isinstance(target, exp.Schema):
+        for col in target.expressions:
+            if isinstance(col, exp.ColumnDef):
+                not_null = _constraint(col, exp.NotNullColumnConstraint) is not None
+                info = ColumnInfo(_col_type(col.args.get("kind")), not_null)
+                state.schema.columns[(name, col.name)] = info
+    return []
+
+
+def _drop(node: exp.Drop, tokens: list[Token], dialect: Dialect, state: FileState) -> list[Hit]:
+    kind = str(node.args.get("kind") or "").upper()
+    if kind == "INDEX":  # MySQL drops an index in place; SQLite has one writer anyway
+        return []
+    rule = "ban-drop-table" if kind == "TABLE" else "ban-drop-object"
+    names = [t.name for t in node.args.get("tables") or ()] or ["?"]
+    return [Hit(rule, f"drops {kind.lower()} {n}", n) for n in names]
+
+
+def _command(
+    node: exp.Command, tokens: list[Token], dialect: Dialect, state: FileState
+) -> list[Hit]:
+    # MySQL's RENAME TABLE a TO b is a Command to sqlglot; its tokens still say what it is.
+    words = [t.text.upper() for t in tokens[:2]]
+    if dialect == "mysql" and words == ["RENAME", "TABLE"] and len(tokens) > 2:
+        old = tokens[2].text
+        return [Hit("renaming-table", f"renames table {old}", old)]
+    return [Hit(NEEDS_REVIEW, f"sqlglot cannot parse {' '.join(words)} statements")]
+
+
+Classifier = Callable[[Any, list[Token], Dialect, FileState], list[Hit]]
+_CLASSIFIERS: dict[type[exp.Expr], Classifier] = {
+    exp.Alter: _alter,
+    exp.Create: _create,
+    exp.Drop: _drop,
+    exp.Command: _command,
+}
+
+
+def _classify(node: exp.Expr, tokens: list[Token], dialect: Dialect, state: FileState) -> list[Hit]:
+    classifier = _CLASSIFIERS.get(type(node))
+    if classifier is not None:
+        return classifier(node, tokens, dialect, state)
+    if isinstance(node, _HARMLESS):
+        return []
+    return [Hit(NEEDS_REVIEW, f"{type(node).__name__} statements are not classified")]

@@ -1,0 +1,478 @@
+"""PostgreSQL statements, parsed by pglast (PostgreSQL's own grammar), classified into Hits.
+
+Every statement type is either handled, known to be harmless (`_HARMLESS`),
+or reported as needs-review: nothing passes just because it was not foreseen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from pglast import ast, parse_sql
+from pglast.enums import AlterTableType, ConstrType, ObjectType, TransactionStmtKind
+from pglast.parser import ParseError, scan
+
+from changeover.migrations.analysis import (
+    LOCK_TIMEOUT,
+    NEEDS_REVIEW,
+    ColumnInfo,
+    FileState,
+    Hit,
+    Statement,
+    retype,
+)
+from changeover.migrations.coltypes import ColType
+
+# Functions whose value differs per row, so a DEFAULT using them rewrites the table.
+VOLATILE_FUNCTIONS = frozenset(
+    {
+        "random",
+        "clock_timestamp",
+        "timeofday",
+        "gen_random_uuid",
+        "uuid_generate_v1",
+        "uuid_generate_v1mc",
+        "uuid_generate_v4",
+        "uuidv4",
+        "uuidv7",
+        "nextval",
+    }
+)
+_SERIAL_TYPES = frozenset({"serial", "bigserial", "smallserial", "serial2", "serial4", "serial8"})
+
+# Statements that neither lock an existing table for long nor change what the
+# old release sees.  Data changes (INSERT/UPDATE/DELETE) are the author's business.
+_HARMLESS = frozenset(
+    {
+        "SelectStmt",
+        "InsertStmt",
+        "UpdateStmt",
+        "DeleteStmt",
+        "CreateSchemaStmt",
+        "CreateExtensionStmt",
+        "CommentStmt",
+        "GrantStmt",
+        "GrantRoleStmt",
+        "AlterDefaultPrivilegesStmt",
+        "AlterSeqStmt",
+        "AlterOwnerStmt",
+        "CreatePolicyStmt",
+        "ExplainStmt",
+        "CheckPointStmt",
+    }
+)
+# Objects whose names an application does not use: renaming them is harmless.
+_RENAME_HARMLESS = frozenset(
+    {
+        ObjectType.OBJECT_INDEX,
+        ObjectType.OBJECT_TABCONSTRAINT,
+        ObjectType.OBJECT_TRIGGER,
+        ObjectType.OBJECT_POLICY,
+        ObjectType.OBJECT_RULE,
+        ObjectType.OBJECT_STATISTIC_EXT,
+    }
+)
+# ALTER TABLE subcommands that only change catalog entries under a brief lock.
+_ALTER_HARMLESS = frozenset(
+    {
+        AlterTableType.AT_ColumnDefault,  # SET/DROP DEFAULT affects new rows only
+        AlterTableType.AT_DropNotNull,
+        AlterTableType.AT_DropConstraint,
+        AlterTableType.AT_ValidateConstraint,  # SHARE UPDATE EXCLUSIVE: reads and writes go on
+        AlterTableType.AT_SetStatistics,
+        AlterTableType.AT_SetOptions,
+        AlterTableType.AT_ResetOptions,
+        AlterTableType.AT_SetRelOptions,
+        AlterTableType.AT_ResetRelOptions,
+        AlterTableType.AT_ChangeOwner,
+        AlterTableType.AT_EnableTrig,
+        AlterTableType.AT_EnableAlwaysTrig,
+        AlterTableType.AT_EnableReplicaTrig,
+        AlterTableType.AT_DisableTrig,
+        AlterTableType.AT_EnableTrigAll,
+        AlterTableType.AT_DisableTrigAll,
+        AlterTableType.AT_EnableTrigUser,
+        AlterTableType.AT_DisableTrigUser,
+        AlterTableType.AT_EnableRowSecurity,
+        AlterTableType.AT_DisableRowSecurity,
+        AlterTableType.AT_ForceRowSecurity,
+        AlterTableType.AT_NoForceRowSecurity,
+        AlterTableType.AT_ReplicaIdentity,
+        AlterTableType.AT_AddIdentity,  # on an existing column: catalog only
+        AlterTableType.AT_SetIdentity,
+        AlterTableType.AT_DropIdentity,
+    }
+)
+# Table constraints that check or index every existing row, and their rule.
+# NOT VALID (skip_validation) or USING INDEX (indexname) avoids the long lock.
+_CONSTRAINT_RULES = {
+    ConstrType.CONSTR_FOREIGN: "adding-foreign-key-constraint",
+    ConstrType.CONSTR_CHECK: "constraint-missing-not-valid",
+    ConstrType.CONSTR_NOTNULL: "adding-not-nullable-field",
+    ConstrType.CONSTR_UNIQUE: "disallowed-unique-constraint",
+    ConstrType.CONSTR_EXCLUSION: "disallowed-unique-constraint",
+    ConstrType.CONSTR_PRIMARY: "adding-serial-primary-key-field",
+}
+_TRANSACTION_START = frozenset(
+    {TransactionStmtKind.TRANS_STMT_BEGIN, TransactionStmtKind.TRANS_STMT_START}
+)
+_TRANSACTION_END = frozenset(
+    {
+        TransactionStmtKind.TRANS_STMT_COMMIT,
+        TransactionStmtKind.TRANS_STMT_ROLLBACK,
+        TransactionStmtKind.TRANS_STMT_PREPARE,
+    }
+)
+
+
+# --- splitting and parsing ---------------------------------------------------
+
+
+def _parsed(sql: str) -> Iterator[tuple[int, str, Any]]:
+    """(offset, text, node) per statement; node is a ParseError when it does not parse."""
+    if "\0" in sql:  # libpg_query reads C strings: it would silently stop at the NUL
+        yield 0, sql, ParseError("the file contains a NUL character")
+        return
+    try:
+        raws = parse_sql(sql)
+    except ParseError as whole_file_error:
+        yield from _parsed_one_by_one(sql, whole_file_error)
+        return
+    for raw in raws:
+        start = raw.stmt_location or 0
+        end = start + raw.stmt_len if raw.stmt_len else len(sql)
+        yield start, sql[start:end], raw.stmt
+
+
+def _parsed_one_by_one(sql: str, whole_file_error: ParseError) -> Iterator[tuple[int, str, Any]]:
+    """After a syntax error, parse statement by statement so the others are still checked.
+
+    Statements are split on the scanner's `;` tokens, so semicolons inside
+    strings, dollar quotes and comments are never split on.
+    """
+    try:
+        tokens = scan(sql)
+    except ParseError:  # e.g. an unterminated string: nothing can be split reliably
+        location = whole_file_error.args[1] if len(whole_file_error.args) > 1 else 0
+        yield location if isinstance(location, int) else 0, sql, whole_file_error
+        return
+    start: int | None = None
+    end = 0
+    bounds: list[tuple[int, int]] = []
+    for token in tokens:
+        if token.name in ("SQL_COMMENT", "C_COMMENT"):
+            continue
+        if token.name == "ASCII_59":  # ';'
+            if start is not None:
+                bounds.append((start, token.start))
+            start = None
+        elif start is None:
+            start = token.start
+        end = token.end + 1
+    if start is not None:
+        bounds.append((start, end))
+    for begin, finish in bounds:
+        text = sql[begin:finish]
+        try:
+            raws = parse_sql(text)
+        except ParseError as error:
+            yield begin, text, error
+            continue
+        for raw in raws:
+            yield begin + (raw.stmt_location or 0), text, raw.stmt
+
+
+def statements(sql: str, state: FileState) -> Iterator[Statement]:
+    for offset, text, node in _parsed(sql):
+        if isinstance(node, ParseError):
+            hits = [Hit(NEEDS_REVIEW, f"PostgreSQL's parser rejects it ({node.args[0]})")]
+        else:
+            hits = _classify(node, state)
+        yield Statement(offset, text, hits)
+
+
+# --- small AST helpers -------------------------------------------------------
+
+
+def _name(node: Any) -> str:
+    """The unqualified name in a String, a qualified-name tuple, a TypeName or a function."""
+    if isinstance(node, ast.String):
+        return str(node.sval)
+    if isinstance(node, (tuple, list)):
+        return _name(node[-1]) if node else "?"
+    if isinstance(node, ast.TypeName):
+        return _name(node.names)
+    if isinstance(node, ast.ObjectWithArgs):
+        return _name(node.objname)
+    if isinstance(node, ast.RangeVar):
+        return str(node.relname)
+    return "?"
+
+
+def _col_type(type_name: Any) -> ColType:
+    params = tuple(
+        str(mod.val.ival if isinstance(mod.val, ast.Integer) else _name(mod.val))
+        for mod in (type_name.typmods or ())
+        if isinstance(mod, ast.A_Const)
+    )
+    name = _name(type_name.names).lower() + ("[]" if type_name.arrayBounds else "")
+    return ColType(name, params)
+
+
+def _walk(node: Any) -> Iterator[Any]:
+    if isinstance(node, (tuple, list)):
+        for item in node:
+            yield from _walk(item)
+    elif isinstance(node, ast.Node):
+        yield node
+        for attribute in node:
+            yield from _walk(getattr(node, attribute))
+
+
+def _volatile_call(expr: Any) -> str | None:
+    for node in _walk(expr):
+        if isinstance(node, ast.FuncCall) and _name(node.funcname).lower() in VOLATILE_FUNCTIONS:
+            return _name(node.funcname)
+    return None
+
+
+def _constraint_hit(table: str, con: Any) -> Hit | None:
+    rule = _CONSTRAINT_RULES.get(con.contype)
+    if rule is None or con.skip_validation or con.indexname:
+        return None
+    kind = ConstrType(con.contype).name.removeprefix("CONSTR_")
+    label = f" {con.conname}" if con.conname else ""
+    return Hit(rule, f"adds {kind} constraint{label} to {table}", table)
+
+
+# --- classifiers, one per statement type --------------------------------------
+
+Classifier = Callable[[Any, FileState], list[Hit]]
+
+
+def _lock(table: str | None) -> Hit:
+    return Hit(LOCK_TIMEOUT, f"locks {table or 'an existing object'}", table)
+
+
+def _row_filler(ctype: ColType, kinds: set[Any], stored: bool) -> str | None:
+    """What, besides a DEFAULT, gives every existing row a computed value."""
+    if ctype.name in _SERIAL_TYPES:
+        return "serial"
+    if ConstrType.CONSTR_IDENTITY in kinds:
+        return "identity"
+    return "stored generated" if stored else None
+
+
+def _add_column(table: str, col: Any, state: FileState) -> list[Hit]:
+    column, ctype = str(col.colname), _col_type(col.typeName)
+    cons = list(col.constraints or ())
+    kinds = {c.contype for c in cons}
+    default = next((c.raw_expr for c in cons if c.contype == ConstrType.CONSTR_DEFAULT), None)
+    stored = any(c.contype == ConstrType.CONSTR_GENERATED and c.generated_kind == "s" for c in cons)
+    filler = _row_filler(ctype, kinds, stored)
+    not_null = bool(col.is_not_null) or ConstrType.CONSTR_NOTNULL in kinds
+    where = f"{table}.{column}"
+    hits: list[Hit] = []
+    if not_null and default is None and filler is None:
+        hits.append(Hit("adding-required-field", f"adds NOT NULL column {where}", table))
+    volatile = _volatile_call(default)
+    if volatile or filler:
+        what = f"default {volatile}()" if volatile else f"{filler} column"
+        hits.append(Hit("adding-field-with-default", f"adds {where} with a {what}", table))
+    # An inline NOT NULL was judged above; the other inline constraints lock like table ones.
+    inline = (c for c in cons if c.contype != ConstrType.CONSTR_NOTNULL)
+    hits.extend(h for c in inline if (h := _constraint_hit(table, c)))
+    state.schema.columns[(table, column)] = ColumnInfo(ctype, not_null)
+    return hits
+
+
+def _alter_table_cmd(table: str, cmd: Any, state: FileState) -> list[Hit]:
+    subtype = cmd.subtype
+    if subtype == AlterTableType.AT_AddColumn:
+        return _add_column(table, cmd.def_, state)
+    if subtype == AlterTableType.AT_DropColumn:
+        state.schema.columns.pop((table, str(cmd.name)), None)
+        return [Hit("ban-drop-column", f"drops column {table}.{cmd.name}", table)]
+    if subtype == AlterTableType.AT_AlterColumnType:
+        hit = retype(state, "postgres", table, str(cmd.name), _col_type(cmd.def_.typeName))
+        return [hit] if hit else []
+    if subtype == AlterTableType.AT_SetNotNull:
+        return [Hit("adding-not-nullable-field", f"sets {table}.{cmd.name} NOT NULL", table)]
+    if subtype == AlterTableType.AT_AddConstraint:
+        hit = _constraint_hit(table, cmd.def_)
+        return [hit] if hit else []
+    if subtype in _ALTER_HARMLESS:
+        return []
+    what = AlterTableType(subtype).name.removeprefix("AT_")
+    return [Hit(NEEDS_REVIEW, f"ALTER TABLE {table} {what} is not classified")]
+
+
+def _alter_table(node: Any, state: FileState) -> list[Hit]:
+    table = _name(node.relation)
+    hits = [_lock(table)]
+    if node.objtype in (ObjectType.OBJECT_TABLE, ObjectType.OBJECT_FOREIGN_TABLE):
+        for cmd in node.cmds or ():
+            hits.extend(_alter_table_cmd(table, cmd, state))
+    return hits
+
+
+def _concurrently(state: FileState, what: str) -> list[Hit]:
+    if state.in_transaction:
+        return [Hit("ban-concurrent-index-creation-in-transaction", f"{what} CONCURRENTLY")]
+    return []
+
+
+def _create_index(node: Any, state: FileState) -> list[Hit]:
+    table = _name(node.relation)
+    if node.idxname:
+        state.created.add(str(node.idxname))
+    if node.concurrent:
+        return _concurrently(state, "creates an index")
+    name = f" {node.idxname}" if node.idxname else ""
+    rule = "require-concurrent-index-creation"
+    return [Hit(rule, f"creates index{name} on {table}", table), _lock(table)]
+
+
+def _drop(node: Any, state: FileState) -> list[Hit]:
+    kind = node.removeType
+    if kind == ObjectType.OBJECT_INDEX and node.concurrent:
+        return _concurrently(state, "drops an index")
+    hits: list[Hit] = []
+    for obj in node.objects or ():
+        name = _name(obj)
+        if kind == ObjectType.OBJECT_INDEX:
+            hits.append(Hit("require-concurrent-index-deletion", f"drops index {name}", name))
+        elif kind == ObjectType.OBJECT_TABLE:
+            hits.append(Hit("ban-drop-table", f"drops table {name}", name))
+        else:
+            what = ObjectType(kind).name.removeprefix("OBJECT_").lower()
+            hits.append(Hit("ban-drop-object", f"drops {what} {name}", name))
+        hits.append(_lock(name))
+    return hits
+
+
+def _rename(node: Any, state: FileState) -> list[Hit]:
+    kind, new = node.renameType, node.newname
+    table = _name(node.relation) if node.relation else None
+    if kind == ObjectType.OBJECT_COLUMN:
+        hit = Hit("renaming-column", f"renames {table}.{node.subname} to {new}", table)
+    elif kind == ObjectType.OBJECT_TABLE:
+        hit = Hit("renaming-table", f"renames table {table} to {new}", table)
+    elif kind in _RENAME_HARMLESS:
+        return [_lock(table)]
+    else:
+        old = table or (str(node.subname) if node.subname else _name(node.object))
+        what = ObjectType(kind).name.removeprefix("OBJECT_").lower()
+        hit = Hit("renaming-object", f"renames {what} {old} to {new}", old)
+    return [hit, _lock(hit.obj)]
+
+
+def _set_schema(node: Any, state: FileState) -> list[Hit]:
+    name = _name(node.relation) if node.relation else _name(node.object)
+    hit = Hit("renaming-object", f"moves {name} to schema {node.newschema}", name)
+    return [hit, _lock(name)]
+
+
+def _alter_enum(node: Any, state: FileState) -> list[Hit]:
+    name = _name(node.typeName)
+    if node.oldVal is not None:
+        detail = f"renames value {node.oldVal!r} of {name} to {node.newVal!r}"
+        return [Hit("renaming-enum-value", detail, name), _lock(name)]
+    hits = [_lock(name)]
+    if state.in_transaction:
+        detail = f"adds value {node.newVal!r} to {name}"
+        hits.append(Hit("adding-enum-value-in-transaction", detail, name))
+    return hits
+
+
+def _disables_timeout(arg: Any) -> bool:
+    """SET lock_timeout = 0 (in any unit) switches the timeout off."""
+    value = arg.val.ival if isinstance(arg.val, ast.Integer) else _name(arg.val)
+    digits = "".join(ch for ch in str(value) if ch.isdigit() or ch == ".")
+    return not digits or float(digits) == 0
+
+
+def _set(node: Any, state: FileState) -> list[Hit]:
+    if node.name != "lock_timeout":
+        return []
+    args = [a for a in node.args or () if isinstance(a, ast.A_Const)]
+    enabled = bool(args) and not _disables_timeout(args[0])  # RESET / DEFAULT: off
+    if node.is_local:
+        # SET LOCAL outside a transaction block has no effect (PostgreSQL warns).
+        state.local_lock_timeout = enabled and state.in_transaction
+    else:
+        state.session_lock_timeout = enabled
+    return []
+
+
+def _transaction(node: Any, state: FileState) -> list[Hit]:
+    if node.kind in _TRANSACTION_START:
+        state.in_transaction = True
+    elif node.kind in _TRANSACTION_END:
+        state.end_transaction()
+    return []
+
+
+def _created(name_of: Callable[[Any], Any]) -> Classifier:
+    """A classifier for CREATE statements: remember the new object, nothing to report."""
+
+    def classify(node: Any, state: FileState) -> list[Hit]:
+        state.created.add(_name(name_of(node)))
+        return []
+
+    return classify
+
+
+def _create_table(node: Any, state: FileState) -> list[Hit]:
+    table = _name(node.relation)
+    state.created.add(table)
+    for element in node.tableElts or ():
+        if isinstance(element, ast.ColumnDef):
+            not_null = bool(element.is_not_null) or any(
+                c.contype == ConstrType.CONSTR_NOTNULL for c in element.constraints or ()
+            )
+            info = ColumnInfo(_col_type(element.typeName), not_null)
+            state.schema.columns[(table, str(element.colname))] = info
+    return []
+
+
+def _create_trigger(node: Any, state: FileState) -> list[Hit]:
+    state.created.add(str(node.trigname))
+    return [_lock(_name(node.relation))]
+
+
+def _do(node: Any, state: FileState) -> list[Hit]:
+    return [Hit(NEEDS_REVIEW, "a DO block runs procedural code the analyser cannot see into")]
+
+
+_CLASSIFIERS: dict[type[Any], Classifier] = {
+    ast.AlterTableStmt: _alter_table,
+    ast.IndexStmt: _create_index,
+    ast.DropStmt: _drop,
+    ast.RenameStmt: _rename,
+    ast.AlterObjectSchemaStmt: _set_schema,
+    ast.AlterEnumStmt: _alter_enum,
+    ast.VariableSetStmt: _set,
+    ast.TransactionStmt: _transaction,
+    ast.CreateStmt: _create_table,
+    ast.CreateTrigStmt: _create_trigger,
+    ast.DoStmt: _do,
+    ast.CreateTableAsStmt: _created(lambda n: n.into.rel),
+    ast.ViewStmt: _created(lambda n: n.view),
+    ast.CreateSeqStmt: _created(lambda n: n.sequence),
+    ast.CreateEnumStmt: _created(lambda n: n.typeName),
+    ast.CreateDomainStmt: _created(lambda n: n.domainname),
+    ast.CompositeTypeStmt: _created(lambda n: n.typevar),
+    ast.CreateFunctionStmt: _created(lambda n: n.funcname),
+}
+
+
+def _classify(node: Any, state: FileState) -> list[Hit]:
+    classifier = _CLASSIFIERS.get(type(node))
+    if classifier is not None:
+        return classifier(node, state)
+    kind = type(node).__name__
+    if kind in _HARMLESS:
+        return []
+    return [Hit(NEEDS_REVIEW, f"{kind.removesuffix('Stmt')} statements are not classified")]

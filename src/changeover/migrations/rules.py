@@ -1,0 +1,240 @@
+"""The rule table and the Finding record.
+
+Rule ids follow squawk (https://squawkhq.com/docs/rules) where squawk has one,
+so operators can look a finding up in familiar documentation.  Each rule says
+in which phase it applies: rules about *compatibility* (the old release still
+runs against the changed schema) apply only to the expand phase, because the
+contract phase runs after every cluster serves the new release; rules about
+*locking* apply to both phases, because a long lock hurts whichever release
+is serving.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Dialect = Literal["postgres", "mysql", "sqlite"]
+Phase = Literal["expand", "contract"]
+Severity = Literal["error", "warning"]
+
+EXPAND_ONLY: frozenset[Phase] = frozenset({"expand"})
+BOTH_PHASES: frozenset[Phase] = frozenset({"expand", "contract"})
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem in one statement of one migration file."""
+
+    rule: str
+    path: str
+    line: int  # 1-based line of the statement's first token
+    statement: str  # a short excerpt
+    message: str  # what the statement does and why it breaks the old release or locks
+    safe_alternative: str
+    severity: Severity
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    title: str  # what the statement does, for docs and SARIF short descriptions
+    why: str  # why that breaks the old release or locks the table
+    safe_alternative: str
+    phases: frozenset[Phase]
+    severity: Severity = "error"
+    # Most rules do not matter for objects created earlier in the same file
+    # (no old release reads them, nobody else holds locks on them); these do.
+    applies_to_new_objects: bool = False
+
+
+_RULES = (
+    # --- compatibility: the old release still runs (expand only) ---------------
+    Rule(
+        "ban-drop-column",
+        "drops a column",
+        "the old release still reads or writes it, and its queries fail with "
+        "'column does not exist'",
+        "stop using the column in the new release, then drop it in a contract "
+        "migration once every cluster runs the new release",
+        EXPAND_ONLY,
+    ),
+    Rule(
+        "ban-drop-table",
+        "drops a table",
+        "the old release still queries it, and its queries fail with 'relation does not exist'",
+        "stop using the table in the new release, then drop it in a contract migration",
+        EXPAND_ONLY,
+    ),
+    Rule(
+        "ban-drop-object",
+        "drops a view, type, schema, function, sequence or trigger",
+        "the old release may still use it (a view it selects from, a type it casts to, "
+        "a trigger that keeps two columns in sync)",
+        "drop it in a contract migration once every cluster runs the new release",
+        EXPAND_ONLY,
+    ),
+    Rule(
+        "renaming-column",
+        "renames a column",
+        "the old release still uses the old name, and its queries fail",
+        "add a column with the new name, write both (trigger or application), backfill, "
+        "switch reads; drop the old column in a contract migration",
+        EXPAND_ONLY,
+    ),
+    Rule(
+        "renaming-table",
+        "renames a table",
+        "the old release still uses the old name, and its queries fail",
+        "create the new name as a view over the old table (or the reverse) so both names "
+        "work, and finish the rename in a contract migration",
+        EXPAND_ONLY,
+    ),
+    Rule(
+        "renaming-object",
+        "renames a schema, view, type, function or sequence, or moves it to another schema",
+        "the old release still uses the old name, and its queries fail",
+        "create the object under the new name alongside the old one; remove the old name "
+        "in a contract migration",
+        EXPAND_ONLY,
+    ),
+    Rule(
+        "renaming-enum-value",
+        "renames an enum value",
+        "the old release still writes and compares the old label; its writes fail with "
+        "'invalid input value for enum'",
+        "add the new value (ALTER TYPE ... ADD VALUE), move rows to it, and stop using the "
+        "old label in the new release; enum values cannot be removed in place",
+        EXPAND_ONLY,
+    ),
+    Rule(
+        "adding-required-field",
+        "adds a NOT NULL column without a default",
+        "it fails on a populated table, and the old release's INSERTs do not set the column "
+        "so they fail with a not-null violation",
+        "add the column nullable or with a constant DEFAULT; backfill; enforce NOT NULL in a "
+        "contract migration",
+        EXPAND_ONLY,
+    ),
+    # --- locking: hurts whichever release serves (both phases) ----------------
+    Rule(
+        "changing-column-type",
+        "changes a column's type",
+        "the table and its indexes are rewritten under an ACCESS EXCLUSIVE lock (MySQL: a "
+        "table copy), blocking reads and writes; the old release may also send values the "
+        "new type rejects",
+        "add a column of the new type, backfill in batches, write both, switch reads, and "
+        "drop the old column in a contract migration; known-safe widenings (varchar(n) to "
+        "varchar(m>n) or text, numeric precision increase) pass when the old type is "
+        "declared earlier in the checked files",
+        BOTH_PHASES,
+    ),
+    Rule(
+        "adding-not-nullable-field",
+        "makes an existing column NOT NULL",
+        "the whole table is scanned under an ACCESS EXCLUSIVE lock; during expand the old "
+        "release may still insert NULL and fail",
+        "ADD CONSTRAINT c CHECK (col IS NOT NULL) NOT VALID; then VALIDATE CONSTRAINT c; then "
+        "SET NOT NULL (PostgreSQL 12+ uses the validated check and skips the scan) and drop "
+        "the check",
+        BOTH_PHASES,
+    ),
+    Rule(
+        "adding-foreign-key-constraint",
+        "adds a foreign key without NOT VALID",
+        "every existing row is checked while both tables are locked against writes",
+        "ADD CONSTRAINT ... FOREIGN KEY ... NOT VALID; then VALIDATE CONSTRAINT in a separate "
+        "transaction (it only takes a SHARE UPDATE EXCLUSIVE lock)",
+        BOTH_PHASES,
+    ),
+    Rule(
+        "constraint-missing-not-valid",
+        "adds a CHECK constraint without NOT VALID",
+        "every existing row is checked under an ACCESS EXCLUSIVE lock",
+        "ADD CONSTRAINT ... CHECK (...) NOT VALID; then VALIDATE CONSTRAINT in a separate "
+        "transaction",
+        BOTH_PHASES,
+    ),
+    Rule(
+        "disallowed-unique-constraint",
+        "adds a UNIQUE (or EXCLUDE) constraint to an existing table",
+        "the index behind it is built under an ACCESS EXCLUSIVE lock, blocking reads and writes",
+        "CREATE UNIQUE INDEX CONCURRENTLY i ON t (...); then "
+        "ALTER TABLE t ADD CONSTRAINT c UNIQUE USING INDEX i",
+        BOTH_PHASES,
+    ),
+    Rule(
+        "adding-serial-primary-key-field",
+        "adds a PRIMARY KEY to an existing table",
+        "the index behind it is built under an ACCESS EXCLUSIVE lock, blocking reads and writes",
+        "CREATE UNIQUE INDEX CONCURRENTLY i ON t (...); then "
+        "ALTER TABLE t ADD CONSTRAINT pk PRIMARY KEY USING INDEX i",
+        BOTH_PHASES,
+    ),
+    Rule(
+        "require-concurrent-index-creation",
+        "creates an index without CONCURRENTLY",
+        "CREATE INDEX blocks every write to the table until the index is built",
+        "CREATE INDEX CONCURRENTLY, outside a transaction block",
+        BOTH_PHASES,
+    ),
+    Rule(
+        "require-concurrent-index-deletion",
+        "drops an index without CONCURRENTLY",
+        "DROP INDEX takes an ACCESS EXCLUSIVE lock on the table, queueing every query behind "
+        "the longest running one",
+        "DROP INDEX CONCURRENTLY, outside a transaction block",
+        BOTH_PHASES,
+    ),
+    Rule(
+        "ban-concurrent-index-creation-in-transaction",
+        "uses CONCURRENTLY inside a transaction block",
+        "PostgreSQL refuses CREATE/DROP INDEX CONCURRENTLY inside BEGIN ... COMMIT, so the "
+        "migration fails half applied",
+        "run the CONCURRENTLY statement on its own, outside BEGIN ... COMMIT",
+        BOTH_PHASES,
+        applies_to_new_objects=True,
+    ),
+    Rule(
+        "adding-field-with-default",
+        "adds a column whose value must be computed for every existing row",
+        "a volatile default (random(), clock_timestamp(), gen_random_uuid(), nextval()), a "
+        "serial or identity column, or a stored generated column rewrites the whole table "
+        "under an ACCESS EXCLUSIVE lock (a constant default does not, since PostgreSQL 11)",
+        "add the column nullable or with a constant default, set the volatile default with "
+        "ALTER COLUMN ... SET DEFAULT (affects new rows only), and backfill existing rows in "
+        "batches",
+        BOTH_PHASES,
+    ),
+    Rule(
+        "require-lock-timeout",
+        "runs DDL on an existing object without a lock_timeout",
+        "while the DDL waits for its lock behind a long query, every other query on the table "
+        "queues behind it and the site stalls",
+        "start the file with SET lock_timeout = '2s' (or SET LOCAL inside the transaction) and "
+        "retry the migration when it times out",
+        BOTH_PHASES,
+    ),
+    Rule(
+        "adding-enum-value-in-transaction",
+        "adds an enum value inside a transaction block",
+        "PostgreSQL before 12 refuses ALTER TYPE ... ADD VALUE inside BEGIN ... COMMIT, and "
+        "later versions cannot use the new value until the transaction commits",
+        "run ALTER TYPE ... ADD VALUE on its own, outside BEGIN ... COMMIT",
+        BOTH_PHASES,
+        severity="warning",
+        applies_to_new_objects=True,
+    ),
+    Rule(
+        "needs-review",
+        "cannot be parsed or classified",
+        "the analyser cannot tell whether it breaks the old release or locks a table, so a "
+        "person must",
+        "read the statement; if it is safe, allow it with --allow needs-review --reason '...'",
+        BOTH_PHASES,
+        severity="warning",
+        applies_to_new_objects=True,
+    ),
+)
+
+RULES: dict[str, Rule] = {rule.id: rule for rule in _RULES}
