@@ -90,21 +90,26 @@ class SshdServer:
         return count
 
 
-def _write_keys(directory: Path) -> tuple[Path, Path, str]:
-    """A host key and a client key, like `ssh-keygen -t ed25519 -N ''` would write."""
+def _write_keys(directory: Path, client_key: Path | None) -> tuple[Path, Path, Path, str]:
+    """Host key, client key and authorized_keys, as `ssh-keygen -t ed25519 -N ''` would.
+
+    Returns (host key, client key, authorized_keys, host public key line).
+    """
     PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)
     host_key = asyncssh.generate_private_key("ssh-ed25519", comment="changeover-test-host")
     host_key_path = directory / "ssh_host_ed25519_key"
     host_key.write_private_key(str(host_key_path))
-    client_key = asyncssh.generate_private_key("ssh-ed25519", comment="changeover-test-client")
-    client_key_path = directory / "id_ed25519"
-    client_key.write_private_key(str(client_key_path))
+    if client_key is None:
+        client_key = directory / "id_ed25519"
+        asyncssh.generate_private_key("ssh-ed25519", comment="changeover-test-client")\
+            .write_private_key(str(client_key))  # fmt: skip
+        client_key.chmod(0o600)
     authorized = directory / "authorized_keys"
-    client_key.write_public_key(str(authorized))
-    for path in (host_key_path, client_key_path, authorized):
+    asyncssh.read_private_key(str(client_key)).write_public_key(str(authorized))
+    for path in (host_key_path, authorized):
         path.chmod(0o600)  # sshd ignores a host key that others can read
     line = host_key.export_public_key().decode().split()
-    return host_key_path, authorized, f"{line[0]} {line[1]}"
+    return host_key_path, client_key, authorized, f"{line[0]} {line[1]}"
 
 
 def _config(
@@ -144,16 +149,19 @@ def _config(
 
 
 def _kill_tree(pid: int) -> None:
-    """Kill sshd and the per-connection sshd processes it forked."""
+    """Kill sshd and the per-connection sshd processes it forked.
+
+    Only the forked ones are awaited here: sshd itself is asyncio's child to reap.
+    """
     try:
         parent = psutil.Process(pid)
-        procs = [*parent.children(recursive=True), parent]
+        forked = parent.children(recursive=True)
     except psutil.NoSuchProcess:
         return
-    for proc in procs:
+    for proc in [parent, *forked]:
         with suppress(psutil.NoSuchProcess):
             proc.send_signal(signal.SIGKILL)
-    psutil.wait_procs(procs, timeout=5)
+    psutil.wait_procs(forked, timeout=5)
 
 
 async def _wait_listening(
@@ -180,11 +188,14 @@ async def running_sshd(
     hosts: Sequence[str],
     *,
     extra_config: Mapping[str, str] | None = None,
+    client_key: Path | None = None,
     directory: Path | None = None,
 ) -> AsyncIterator[SshdServer]:
     """Start sshd listening on `hosts` (loopback addresses), yield it, kill it.
 
     `extra_config` adds or overrides sshd_config options (e.g. AllowTcpForwarding).
+    `client_key` authorizes that private key instead of a new one (several servers,
+    one client). `directory` keeps the files there instead of a removed temp dir.
     Skips the test without an sshd binary, fails instead with CHANGEOVER_REQUIRE_REAL=1.
     """
     sshd = require_binary("sshd", "/usr/sbin/sshd")
@@ -196,7 +207,9 @@ async def running_sshd(
     )
     proc: asyncio.subprocess.Process | None = None
     try:
-        host_key, authorized, host_key_line = await asyncio.to_thread(_write_keys, workdir)
+        host_key, key_file, authorized, host_key_line = await asyncio.to_thread(
+            _write_keys, workdir, client_key
+        )
         log_file = workdir / "sshd.log"
         for _attempt in range(5):  # the free port may be taken on another address
             port = free_port()
@@ -222,7 +235,7 @@ async def running_sshd(
             hosts=tuple(hosts),
             port=port,
             user=getpass.getuser(),
-            key_file=workdir / "id_ed25519",
+            key_file=key_file,
             known_hosts=known_hosts,
             host_key_line=host_key_line,
             log_file=log_file,
