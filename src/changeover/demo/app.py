@@ -9,7 +9,8 @@
   session this member knows gets a new one and `JSESSIONID=<id>.<route>`, so a
   user moved to another member loses its session, as with a real app.
 - GET /health: "ok" (503 once shutting down). GET /version: the version.
-  GET /slow?ms=N: answers after N ms (at most 30000), for drain tests.
+  GET /slow?ms=N: sends the headers at once and the body after N ms (at most
+  30000), for drain tests.
 - Every response carries X-Changeover-Member and X-Changeover-Version.
 - SIGTERM (or SIGINT): stop accepting connections, finish the requests in
   flight (for at most --drain-timeout seconds), exit 0.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import signal
@@ -85,14 +87,19 @@ async def version_text(request: web.Request) -> web.Response:
     return web.Response(text=request.app[STATE].version)
 
 
-async def slow(request: web.Request) -> web.Response:
+async def slow(request: web.Request) -> web.StreamResponse:
+    """Headers at once, the body after `ms`: a long response that is visibly in flight."""
     try:
         ms = int(request.query.get("ms", "1000"))
     except ValueError:
         raise web.HTTPBadRequest(text="ms must be an integer") from None
     ms = min(max(ms, 0), MAX_SLOW_MS)
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    await response.prepare(request)
     await asyncio.sleep(ms / 1000)
-    return web.json_response({"slept_ms": ms, "member": request.app[STATE].member})
+    await response.write(json.dumps({"slept_ms": ms, "member": request.app[STATE].member}).encode())
+    await response.write_eof()
+    return response
 
 
 async def _identify(request: web.Request, response: web.StreamResponse) -> None:
