@@ -1,0 +1,303 @@
+"""What the config-driven drivers (HAProxy, Apache httpd, nginx) share.
+
+- `run_command`: a check or reload command as an asyncio subprocess, with a timeout.
+- `ConfigFile`: the rendered config on disk; a candidate is checked by the
+  product's own checker (`haproxy -c`, `apache2 -t`, `nginx -t`) before it
+  replaces the file, so a config the product rejects is never installed nor
+  reloaded, and the error carries the product's own message.
+- `converge`: read back until the balancer shows the desired admissions, so a
+  change that silently did nothing is an error, not a success.
+- `ConfiguredBalancer`: the apply skeleton built from those three; each driver
+  says how to read its balancer and how to enact a change (runtime API or reload).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from changeover.balancers.base import BalancerError
+from changeover.balancers.render import Product, RenderError, RenderOptions, render
+from changeover.config import BalancerInstance, Topology
+from changeover.model import Admission, PoolView, differs
+
+# Order in which changes are enacted when the balancer cannot change several
+# members atomically: admit first, then drain, then take out, so the live pool
+# never shrinks below what both the old and the new admissions allow.
+_ORDER = {Admission.LIVE: 0, Admission.DRAINING: 1, Admission.OUT: 2}
+
+
+@dataclass(frozen=True, slots=True)
+class CommandOutput:
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def message(self) -> str:
+        """What the program said, stderr first (where the products put errors)."""
+        text = "\n".join(part.strip() for part in (self.stderr, self.stdout) if part.strip())
+        return text or f"exit status {self.returncode}"
+
+
+async def run_command(argv: Sequence[str], *, timeout: float = 30.0) -> CommandOutput:
+    """Run `argv` (no shell) and capture its output; BalancerError if it cannot run."""
+    if not argv:
+        raise BalancerError("empty command")
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except OSError as exc:
+        raise BalancerError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise BalancerError(f"{' '.join(argv)} did not finish within {timeout:g}s") from None
+    return CommandOutput(
+        tuple(argv),
+        proc.returncode if proc.returncode is not None else -1,
+        out.decode(errors="replace"),
+        err.decode(errors="replace"),
+    )
+
+
+def substitute(argv: Sequence[str], config: Path) -> list[str]:
+    """`{config}` in a check or reload command is the config file to use."""
+    return [word.replace("{config}", str(config)) for word in argv]
+
+
+class ConfigFile:
+    """A rendered config on disk, replaced only by candidates the product accepts."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        product: str,
+        check: Sequence[str],
+        reload: Sequence[str],
+        timeout: float = 30.0,
+    ) -> None:
+        self.path = path
+        self.product = product
+        self.check_argv = list(check)
+        self.reload_argv = list(reload)
+        self.timeout = timeout
+
+    async def read(self) -> str | None:
+        try:
+            return await asyncio.to_thread(self.path.read_text)
+        except FileNotFoundError:
+            return None
+
+    async def _write(self, path: Path, text: str) -> None:
+        def write() -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+
+        await asyncio.to_thread(write)
+
+    async def check(self, text: str) -> None:
+        """Raise BalancerError with the product's message unless it accepts `text`."""
+        candidate = self.path.with_name(f".{self.path.name}.changeover-check")
+        await self._write(candidate, text)
+        try:
+            result = await run_command(substitute(self.check_argv, candidate), timeout=self.timeout)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                await asyncio.to_thread(candidate.unlink)
+        if not result.ok:
+            raise BalancerError(
+                f"{self.product} rejected the new config (nothing installed, nothing "
+                f"reloaded; the running {self.product} is untouched):\n{result.message()}"
+            )
+
+    async def install(self, text: str) -> str | None:
+        """Check `text`, then atomically replace the file; return the previous text."""
+        previous = await self.read()
+        if previous == text:
+            return previous
+        await self.check(text)
+        temporary = self.path.with_name(f".{self.path.name}.changeover-new")
+        await self._write(temporary, text)
+        await asyncio.to_thread(os.replace, temporary, self.path)
+        return previous
+
+    async def restore(self, previous: str | None) -> None:
+        """Put back what `install` replaced (the product accepted it before)."""
+        if previous is None:
+            with contextlib.suppress(FileNotFoundError):
+                await asyncio.to_thread(self.path.unlink)
+            return
+        temporary = self.path.with_name(f".{self.path.name}.changeover-new")
+        await self._write(temporary, previous)
+        await asyncio.to_thread(os.replace, temporary, self.path)
+
+    async def reload(self) -> None:
+        result = await run_command(substitute(self.reload_argv, self.path), timeout=self.timeout)
+        if not result.ok:
+            raise BalancerError(f"{self.product} reload failed: {result.message()}")
+
+
+async def converge(
+    read: Callable[[], Awaitable[PoolView]],
+    desired: Mapping[str, Admission],
+    *,
+    timeout: float,
+    what: str,
+) -> PoolView:
+    """Read until every member in `desired` shows its admission; else BalancerError."""
+    deadline = time.monotonic() + timeout
+    while True:
+        view = await read()
+        missing = differs(view, desired)
+        if not missing:
+            return view
+        if time.monotonic() >= deadline:
+            shown = view.admissions()
+            detail = ", ".join(
+                f"{name} is {shown.get(name, 'absent')} (wanted {adm})"
+                for name, adm in sorted(missing.items())
+            )
+            raise BalancerError(
+                f"{what}: the change did not take effect within {timeout:g}s: {detail}"
+            )
+        await asyncio.sleep(0.05)
+
+
+def ordered_changes(
+    current: Mapping[str, Admission], target: Mapping[str, Admission]
+) -> list[tuple[str, Admission]]:
+    """The members whose admission changes, admissions first, removals last."""
+    changes = [(name, adm) for name, adm in target.items() if current.get(name) != adm]
+    return sorted(changes, key=lambda change: _ORDER[change[1]])
+
+
+class ConfiguredBalancer(ABC):
+    """A balancer driven through a rendered config file plus, where it has one, a
+    runtime channel. `apply` = render -> check -> install -> enact -> read back."""
+
+    product: ClassVar[Product]
+    default_config: ClassVar[str]
+    default_check: ClassVar[tuple[str, ...]]
+    default_reload: ClassVar[tuple[str, ...]]
+
+    def __init__(
+        self,
+        topology: Topology,
+        instance: BalancerInstance | None = None,
+        *,
+        run_dir: Path | None = None,
+        template_dir: Path | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self.topology = topology
+        self.instance = instance or BalancerInstance()
+        self.name = self.instance.name
+        self.timeout = timeout
+        self.options = RenderOptions(
+            instance=self.instance, run_dir=run_dir, template_dir=template_dir
+        )
+        path = Path(self.instance.config_path or self.default_config)
+        self.config = ConfigFile(
+            path,
+            product=self.product,
+            check=self.instance.check_command or self.default_check,
+            reload=self.instance.reload_command or self.default_reload,
+            timeout=max(timeout, 30.0),
+        )
+        # One change at a time per instance: a read-modify-write of the whole config.
+        self._lock = asyncio.Lock()
+        self._cluster_of = {m.name: c.name for c, m in topology.members()}
+
+    # --- what each driver provides -----------------------------------------
+
+    @abstractmethod
+    async def read(self) -> PoolView: ...
+
+    @abstractmethod
+    async def _enact(self, current: PoolView, target: Mapping[str, Admission]) -> None:
+        """Make the running balancer serve `target` (the installed file already does)."""
+
+    async def close(self) -> None:  # noqa: B027 - drivers without connections keep this
+        """Release connections; drivers that hold none need nothing."""
+
+    # --- shared ----------------------------------------------------------------
+
+    def render(self, admissions: Mapping[str, Admission]) -> str:
+        try:
+            return render(self.topology, self.product, admissions, options=self.options)
+        except RenderError as exc:
+            raise BalancerError(
+                f"{self.name}: cannot render the {self.product} config: {exc}"
+            ) from None
+
+    def _target(self, current: PoolView, desired: Mapping[str, Admission]) -> dict[str, Admission]:
+        unknown = sorted(set(desired) - set(self._cluster_of))
+        if unknown:
+            raise BalancerError(f"{self.name}: no such member(s): {', '.join(unknown)}")
+        target = {name: Admission(adm) for name, adm in current.admissions().items()}
+        target.update({name: Admission(adm) for name, adm in desired.items()})
+        return target
+
+    async def apply(self, desired: Mapping[str, Admission]) -> PoolView:
+        async with self._lock:
+            current = await self.read()
+            target = self._target(current, desired)
+            previous = await self.config.install(self.render(target))
+            try:
+                await self._enact(current, target)
+                return await converge(self.read, target, timeout=self.timeout, what=self.name)
+            except Exception as exc:
+                await self._undo(current, previous, exc)
+                raise
+
+    async def _undo(self, before: PoolView, previous: str | None, exc: BaseException) -> None:
+        """After a failed change: the old file back, the old admissions re-enacted."""
+        await self.config.restore(previous)
+        try:
+            now = await self.read()
+            if differs(now, before.admissions()):
+                await self._enact(now, before.admissions())
+        except (BalancerError, OSError) as undo_exc:
+            exc.add_note(
+                f"{self.name}: putting the previous admissions back also failed: {undo_exc}"
+            )
+
+    async def reload(self) -> PoolView:
+        """Render the current admissions, check, install, reload; verify they survived.
+        For a topology change (members, ports, TLS) rather than an admission change."""
+        async with self._lock:
+            current = await self.read()
+            admissions = current.admissions()
+            previous = await self.config.install(self.render(admissions))
+            try:
+                await self._reload()
+                return await converge(self.read, admissions, timeout=self.timeout, what=self.name)
+            except Exception:
+                await self.config.restore(previous)
+                raise
+
+    async def _reload(self) -> None:
+        """Reload the product and return once the new configuration serves."""
+        await self.config.reload()
+
+    def cluster_of(self, member: str) -> str:
+        return self._cluster_of[member]

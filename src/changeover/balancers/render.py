@@ -1,0 +1,267 @@
+"""Balancer configs rendered from the topology with Jinja2 templates.
+
+One template per product lives in `changeover/templates/`; each is commented so
+that it can be read side by side with the product's manual. Rendering is a pure
+function: it reads no file and touches no server, so `changeover render` can
+print a config for review and a driver can render the exact text it will test
+with the product's own checker before installing it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import jinja2
+
+from changeover.config import BalancerInstance, Cluster, Listen, Member, Topology
+from changeover.model import Admission
+
+Product = Literal["haproxy", "apache", "nginx"]
+PRODUCTS: tuple[Product, ...] = ("haproxy", "apache", "nginx")
+
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
+
+# Where each product keeps its runtime files when no private run directory is given:
+# the locations Debian's packages use, so a rendered file can replace the stock one.
+_SYSTEM_PATHS: dict[Product, dict[str, str]] = {
+    "haproxy": {
+        "stats_socket": "/run/haproxy/admin.sock",
+        "state_file": "/var/lib/haproxy/server-state",
+    },
+    "apache": {
+        "server_root": "/etc/apache2",
+        "pid_file": "/run/apache2/apache2.pid",
+        "runtime_dir": "/run/apache2",
+        "error_log": "/var/log/apache2/error.log",
+    },
+    "nginx": {
+        "pid_file": "/run/nginx.pid",
+        "error_log": "/var/log/nginx/error.log",
+        "temp_dir": "/var/lib/nginx",
+    },
+}
+
+_PRIVATE_NAMES: dict[str, str] = {
+    "stats_socket": "admin.sock",
+    "state_file": "server-state",
+    "server_root": ".",
+    "pid_file": "{product}.pid",
+    "runtime_dir": ".",
+    "error_log": "error.log",
+    "temp_dir": "tmp",
+}
+
+
+_NGINX_MAP_WORDS = frozenset({"default", "hostnames", "include", "volatile"})
+
+
+class RenderError(ValueError):
+    """The topology cannot be expressed in this product's config."""
+
+
+@dataclass(frozen=True, slots=True)
+class RenderOptions:
+    """What a config needs beyond the topology: where the process keeps its files.
+
+    `run_dir` None means the distribution's standard locations; a directory gives
+    a private instance (tests, or several balancers on one host).
+    """
+
+    instance: BalancerInstance | None = None
+    run_dir: Path | None = None
+    template_dir: Path | None = None  # a site's own copy of the templates
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def path(self, product: Product, key: str) -> str:
+        if self.run_dir is None:
+            return _SYSTEM_PATHS[product][key]
+        name = _PRIVATE_NAMES[key].format(product=product)
+        return str((self.run_dir / name).resolve())
+
+
+def runtime_paths(product: Product, options: RenderOptions) -> dict[str, str]:
+    """The files a product's process uses (pid, logs, sockets), as rendered."""
+    paths = {key: options.path(product, key) for key in _SYSTEM_PATHS[product]}
+    instance = options.instance
+    if product == "haproxy" and instance is not None:
+        if instance.stats_socket:
+            paths["stats_socket"] = instance.stats_socket
+        if instance.state_file:
+            paths["state_file"] = instance.state_file
+    return paths
+
+
+@dataclass(frozen=True, slots=True)
+class MemberContext:
+    name: str
+    cluster: str
+    host: str
+    port: int
+    route: str
+    admission: str
+    address: str  # host:port with IPv6 brackets
+    # The route as a regular expression literal: routes may contain dots.
+    route_regex: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterContext:
+    name: str
+    qa_host: str | None
+    qa_port: int | None
+    members: tuple[MemberContext, ...]
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _member(cluster: Cluster, member: Member, admission: Admission) -> MemberContext:
+    return MemberContext(
+        name=member.name,
+        cluster=cluster.name,
+        host=member.host,
+        port=member.port,
+        route=member.route_id,
+        admission=admission.value,
+        address=_address(member.host, member.port),
+        route_regex=re.sub(r"\.", "[.]", member.route_id),
+    )
+
+
+def resolve_admissions(
+    topology: Topology, admissions: Mapping[str, Admission] | None
+) -> dict[str, Admission]:
+    """Every member's admission: the given ones, LIVE for the rest; unknown names refused."""
+    names = [m.name for _, m in topology.members()]
+    unknown = sorted(set(admissions or {}) - set(names))
+    if unknown:
+        raise RenderError(f"unknown member(s) {', '.join(unknown)}; known: {', '.join(names)}")
+    given = dict(admissions or {})
+    return {name: Admission(given.get(name, Admission.LIVE)) for name in names}
+
+
+def admissions_fingerprint(admissions: Mapping[str, Admission]) -> str:
+    """A short digest of a set of admissions, rendered into configs that cannot be
+    queried at run time (nginx) so a reload can be proven to have taken effect."""
+    text = json.dumps({k: str(v) for k, v in sorted(admissions.items())}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _context(
+    topology: Topology,
+    product: Product,
+    admissions: dict[str, Admission],
+    options: RenderOptions,
+) -> dict[str, Any]:
+    lb = topology.balancer
+    clusters = tuple(
+        ClusterContext(
+            name=c.name,
+            qa_host=c.qa_host,
+            qa_port=c.qa_port,
+            members=tuple(_member(c, m, admissions[m.name]) for m in c.members),
+        )
+        for c in topology.clusters
+    )
+    members = tuple(m for c in clusters for m in c.members)
+    tls = None
+    if lb.tls_cert and lb.tls_key:
+        tls = {
+            "cert": str(topology.resolve_path(lb.tls_cert)),
+            "key": str(topology.resolve_path(lb.tls_key)),
+        }
+    paths = runtime_paths(product, options)
+    health = lb.health
+    return {
+        "site": topology.site.name,
+        "product": product,
+        "listen": lb.listen,
+        "admin": lb.admin_listen,
+        "tls": tls,
+        "sticky_cookie": lb.sticky_cookie,
+        "algorithm": lb.algorithm,
+        "health": {
+            "path": health.path,
+            "interval_ms": max(100, round(health.interval * 1000)),
+            "timeout_ms": max(100, round(health.timeout * 1000)),
+            # mod_proxy_hcheck counts in whole seconds.
+            "interval_s": max(1, math.ceil(health.interval)),
+            "timeout_s": max(1, math.ceil(health.timeout)),
+            "rise": health.rise,
+            "fall": health.fall,
+        },
+        "clusters": clusters,
+        "members": members,
+        "live": tuple(m for m in members if m.admission == Admission.LIVE.value),
+        "paths": paths,
+        "run_dir": str(options.run_dir.resolve()) if options.run_dir else None,
+        "fingerprint": admissions_fingerprint(admissions),
+        "admissions_json": json.dumps(
+            {m.name: m.admission for m in members}, separators=(",", ":")
+        ),
+        **options.extra,
+    }
+
+
+def _check(topology: Topology, product: Product, options: RenderOptions) -> None:
+    """Refuse what a product cannot express, with the reason, before rendering."""
+    lb = topology.balancer
+    if product == "nginx" and not re.fullmatch(r"[A-Za-z0-9_]+", lb.sticky_cookie):
+        raise RenderError(
+            f"nginx reads the sticky cookie as $cookie_{lb.sticky_cookie}, which only "
+            "works for names of letters, digits and underscores"
+        )
+    if product == "haproxy" and lb.tls_cert and lb.tls_key:
+        cert, key = topology.resolve_path(lb.tls_cert), topology.resolve_path(lb.tls_key)
+        if key not in (cert, Path(f"{cert}.key")):
+            raise RenderError(
+                "HAProxy 2.6 loads the key from the certificate file or from "
+                f"'<certificate>.key': put the key in {cert} or {cert}.key (got {key})"
+            )
+
+
+def _environment(template_dir: Path | None) -> jinja2.Environment:
+    dirs = [str(template_dir)] if template_dir else []
+    dirs.append(str(TEMPLATE_DIR))
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(dirs),
+        undefined=jinja2.StrictUndefined,  # a typo in a template fails loudly
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,  # configs, not HTML
+    )
+    env.filters["hostport"] = lambda listen: str(listen) if isinstance(listen, Listen) else listen
+    env.filters["ident"] = lambda name: re.sub(r"[^A-Za-z0-9_]", "_", str(name))
+    # nginx "map": a key spelled like one of its parameters must be escaped.
+    env.filters["map_key"] = lambda key: f"\\{key}" if key in _NGINX_MAP_WORDS else key
+    return env
+
+
+def render(
+    topology: Topology,
+    driver: str,
+    admissions: Mapping[str, Admission] | None = None,
+    *,
+    options: RenderOptions | None = None,
+) -> str:
+    """The complete config of `driver` ("haproxy", "apache" or "nginx") for `topology`,
+    with each member's admission (LIVE when not given), QA entry points included."""
+    if driver not in PRODUCTS:
+        raise RenderError(
+            f"no template for driver {driver!r}; expected one of {', '.join(PRODUCTS)}"
+        )
+    product: Product = driver
+    options = options or RenderOptions()
+    _check(topology, product, options)
+    context = _context(topology, product, resolve_admissions(topology, admissions), options)
+    template = _environment(options.template_dir).get_template(f"{product}.cfg.j2")
+    return template.render(context)
