@@ -1,0 +1,205 @@
+"""Apache httpd 2.4 with mod_proxy_balancer, through the rendered config and the
+balancer-manager.
+
+The rendered config is the source of truth (a graceful restart re-reads it and
+forgets balancer-manager changes: no BalancerPersist): LIVE is no flag, DRAINING
+`status=+N`, OUT `status=+D`. `apply` re-renders and checks the file first
+(`apache2 -t`), then makes the same change at run time through the
+balancer-manager (a POST with the balancer's nonce and a matching Referer), so
+no restart is needed, and reads `?xml=1` back: the manager answers 200 even to
+a change it ignored, so only the read-back proves it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import aiohttp
+
+from changeover.balancers.base import BalancerError
+from changeover.balancers.process import ConfiguredBalancer, ordered_changes
+from changeover.model import Admission, MemberState, PoolView
+
+NS = {"h": "http://httpd.apache.org"}
+LIVE_BALANCER = "live"
+
+# balancer-manager form fields per admission: w_status_N is drain, w_status_D
+# disabled, w_status_S stopped (cleared so a hand-stopped member comes back too).
+_FORM = {
+    Admission.LIVE: {"w_status_N": "0", "w_status_D": "0", "w_status_S": "0"},
+    Admission.DRAINING: {"w_status_N": "1", "w_status_D": "0", "w_status_S": "0"},
+    Admission.OUT: {"w_status_N": "0", "w_status_D": "1"},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Worker:
+    balancer: str  # without "balancer://"
+    url: str  # the worker's name, as the form's "w" field wants it
+    route: str
+    status: frozenset[str]  # "Init", "Ok", "Drn", "Dis", "Stop", "Err", "HcFl", ...
+    busy: int
+    elected: int
+
+    @property
+    def admission(self) -> Admission:
+        if self.status & {"Dis", "Stop"}:
+            return Admission.OUT
+        if "Drn" in self.status:
+            return Admission.DRAINING
+        return Admission.LIVE
+
+    @property
+    def healthy(self) -> bool:
+        return not self.status & {"Err", "HcFl"}
+
+
+@dataclass(frozen=True, slots=True)
+class ManagerState:
+    nonces: dict[str, str]  # balancer -> nonce
+    workers: dict[tuple[str, str], Worker]  # (balancer, route) -> worker
+
+
+def parse_manager_xml(text: str) -> ManagerState:
+    try:
+        root = ET.fromstring(text)
+    except ET.ParseError as exc:
+        raise BalancerError(f"balancer-manager did not answer XML: {exc}: {text[:200]!r}") from None
+    nonces: dict[str, str] = {}
+    workers: dict[tuple[str, str], Worker] = {}
+    for balancer in root.iterfind("h:balancers/h:balancer", NS):
+        name = (balancer.findtext("h:name", "", NS)).removeprefix("balancer://")
+        nonces[name] = balancer.findtext("h:nonce", "", NS)
+        for w in balancer.iterfind("h:workers/h:worker", NS):
+            route = w.findtext("h:route", "", NS)
+            workers[name, route] = Worker(
+                balancer=name,
+                url=w.findtext("h:name", "", NS),
+                route=route,
+                status=frozenset(w.findtext("h:status", "", NS).split()),
+                busy=int(w.findtext("h:busy", "0", NS) or 0),
+                elected=int(w.findtext("h:elected", "0", NS) or 0),
+            )
+    return ManagerState(nonces, workers)
+
+
+class ApacheBalancer(ConfiguredBalancer):
+    product = "apache"
+    default_config = "/etc/apache2/apache2.conf"
+    default_check = ("apache2", "-t", "-f", "{config}")
+    default_reload = ("apache2", "-k", "graceful", "-f", "{config}")
+
+    _session: aiohttp.ClientSession | None = None
+
+    @property
+    def manager_url(self) -> str:
+        if self.instance.manager_url:
+            return self.instance.manager_url
+        admin = self.topology.balancer.admin_listen
+        host = "127.0.0.1" if admin.host in ("0.0.0.0", "::", "") else admin.host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{admin.port}/balancer-manager"
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                # The manager only honours requests that come "from itself".
+                headers={"Referer": self.manager_url},
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _get(self, url: str) -> str:
+        try:
+            async with self._client().get(url) as resp:
+                body = await resp.text()
+                if resp.status != 200:
+                    raise BalancerError(f"{self.name}: GET {url}: HTTP {resp.status}")
+                return body
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise BalancerError(f"{self.name}: cannot reach {url}: {exc!r}") from None
+
+    async def manager(self) -> ManagerState:
+        return parse_manager_xml(await self._get(self.manager_url + "?xml=1"))
+
+    async def read(self) -> PoolView:
+        state = await self.manager()
+        members = []
+        for cluster, member in self.topology.members():
+            live = state.workers.get((LIVE_BALANCER, member.route_id))
+            if live is None:
+                raise BalancerError(
+                    f"{self.name}: balancer://{LIVE_BALANCER} has no member with route "
+                    f"{member.route_id!r} (is the running config the rendered one?)"
+                )
+            # The QA balancer's worker is never disabled: its health check result
+            # stands for the member even while it is OUT of the live pool.
+            qa = state.workers.get((f"qa-{cluster.name}", member.route_id), live)
+            members.append(
+                MemberState(
+                    name=member.name,
+                    cluster=cluster.name,
+                    admission=live.admission,
+                    healthy=qa.healthy,
+                    active=live.busy,
+                    requests=live.elected,
+                )
+            )
+        return PoolView(tuple(members))
+
+    async def _enact(self, current: PoolView, target: Mapping[str, Admission]) -> None:
+        changes = ordered_changes(current.admissions(), target)
+        if not changes:
+            return
+        state = await self.manager()
+        routes = {m.name: m.route_id for _, m in self.topology.members()}
+        # One member per POST: the manager has no batch; order keeps the pool non-empty.
+        for name, admission in changes:
+            worker = state.workers[LIVE_BALANCER, routes[name]]
+            form = {
+                "b": LIVE_BALANCER,
+                "w": worker.url,
+                "nonce": state.nonces[LIVE_BALANCER],
+                **_FORM[admission],
+            }
+            try:
+                async with self._client().post(self.manager_url, data=form) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        raise BalancerError(
+                            f"{self.name}: balancer-manager refused {name} -> {admission}: "
+                            f"HTTP {resp.status}"
+                        )
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise BalancerError(f"{self.name}: balancer-manager unreachable: {exc!r}") from None
+
+    async def _generation(self) -> int:
+        status_url = self.manager_url.rsplit("/", 1)[0] + "/server-status?auto"
+        for line in (await self._get(status_url)).splitlines():
+            if line.startswith("ParentServerConfigGeneration:"):
+                return int(line.split(":", 1)[1])
+        raise BalancerError(f"{self.name}: server-status shows no ParentServerConfigGeneration")
+
+    async def _reload(self) -> None:
+        # A graceful restart re-reads the config (with its status flags); it has
+        # happened when the parent's config generation moves on.
+        before = await self._generation()
+        await self.config.reload()
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        while True:
+            try:
+                if await self._generation() > before:
+                    return
+            except BalancerError:
+                pass  # children are being replaced
+            if asyncio.get_running_loop().time() > deadline:
+                raise BalancerError(f"{self.name}: Apache did not restart within {self.timeout:g}s")
+            await asyncio.sleep(0.05)
