@@ -1,0 +1,43 @@
+"""The driver (or group of drivers) a topology names, for HAProxy, Apache httpd and nginx."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from changeover.balancers.apache import ApacheBalancer
+from changeover.balancers.base import Balancer, BalancerError
+from changeover.balancers.group import BalancerGroup
+from changeover.balancers.haproxy import HAProxyBalancer
+from changeover.balancers.nginx import NginxBalancer
+from changeover.balancers.process import ConfiguredBalancer
+from changeover.config import BalancerInstance, Topology
+
+DRIVERS: dict[str, type[ConfiguredBalancer]] = {
+    "haproxy": HAProxyBalancer,
+    "apache": ApacheBalancer,
+    "nginx": NginxBalancer,
+}
+
+
+def make_balancer(
+    topology: Topology, *, run_dir: Path | None = None, template_dir: Path | None = None
+) -> Balancer:
+    """One driver per `balancer.instances` entry (one default instance if none),
+    grouped when there are several. `run_dir` gives every instance a private
+    directory `run_dir/<instance name>` for its runtime files instead of the
+    distribution's locations (see docs/drivers.md)."""
+    driver = topology.balancer.driver
+    cls = DRIVERS.get(driver)
+    if cls is None:
+        raise BalancerError(f"no {driver!r} driver here; expected one of {', '.join(DRIVERS)}")
+    instances = topology.balancer.instances or [BalancerInstance()]
+    drivers: list[Balancer] = [
+        cls(
+            topology,
+            instance,
+            run_dir=run_dir / instance.name if run_dir else None,
+            template_dir=template_dir,
+        )
+        for instance in instances
+    ]
+    return drivers[0] if len(drivers) == 1 else BalancerGroup(drivers)
