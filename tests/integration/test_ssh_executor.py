@@ -72,13 +72,18 @@ async def test_substituted_values_stay_one_literal_argument(
     assert (victim / "keep").read_text() == "still here"
 
 
-async def test_exit_status_and_both_streams_are_captured(executor: SshExecutor) -> None:
+async def test_exit_status_output_and_environment(executor: SshExecutor) -> None:
     result = await executor.run(
         CLUSTER, A1, ["sh", "-c", "echo to-stdout; echo to-stderr >&2; exit 3"], timeout=10
     )
     assert result.exit_status == 3
     assert "to-stdout\n" in result.output and "to-stderr\n" in result.output
     assert "changeover-pid" not in result.output  # the kill marker never reaches the user
+
+    env = await executor.run(
+        CLUSTER, A1, ["sh", "-c", 'echo "$CHANGEOVER_CLUSTER/$CHANGEOVER_MEMBER"'], timeout=10
+    )
+    assert env.output == f"{CLUSTER.name}/{A1.name}\n"
 
     missing = await executor.run(CLUSTER, A1, ["no-such-program-here"], timeout=10)
     assert missing.exit_status == 127

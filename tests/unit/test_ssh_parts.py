@@ -52,6 +52,13 @@ def test_remote_command_keeps_each_argument_one_word() -> None:
         remote_command([])
 
 
+def test_remote_command_exports_the_environment_quoted() -> None:
+    command = remote_command(["true"], {"CHANGEOVER_MEMBER": "a 1;x"})
+    assert "export CHANGEOVER_MEMBER='a 1;x'; exec true" in command
+    with pytest.raises(ValueError, match="environment variable"):
+        remote_command(["true"], {"BAD NAME": "x"})
+
+
 def test_output_tail_keeps_the_last_bytes() -> None:
     tail = OutputTail(limit=10)
     tail.add(b"0123456789")

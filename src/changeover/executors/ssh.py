@@ -24,7 +24,7 @@ import shlex
 import signal
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import asyncssh
@@ -63,11 +63,19 @@ def parse_jump_host(value: str) -> tuple[str | None, str, int]:
     return (user or None), host, int(port_text) if port_text else 22
 
 
-def remote_command(argv: list[str]) -> str:
-    """The command line sent to the remote shell; every argv item stays one word."""
+def remote_command(argv: list[str], env: Mapping[str, str] | None = None) -> str:
+    """The command line sent to the remote shell; every argv item stays one word.
+
+    `env` is exported by the shell itself: sshd passes few client variables on.
+    """
     if not argv:
         raise ValueError("empty argv")
-    return f"echo changeover-pid:$$; exec {shlex.join(argv)}"
+    exports = ""
+    for name, value in (env or {}).items():
+        if not name.isidentifier() or not name.isascii():
+            raise ValueError(f"not an environment variable name: {name!r}")
+        exports += f"export {name}={shlex.quote(value)}; "
+    return f"echo changeover-pid:$$; {exports}exec {shlex.join(argv)}"
 
 
 def parse_sha256sum(output: str) -> str | None:
@@ -203,7 +211,7 @@ class SshExecutor:
             conn = await self._connection(member.host)
         except SshError as exc:
             return CommandResult(member.name, tuple(argv), None, str(exc), _since(started))
-        return await self._execute(conn, member, argv, timeout, started)
+        return await self._execute(conn, cluster, member, argv, timeout, started)
 
     async def upload(
         self, cluster: Cluster, member: Member, src: Path, dest: str, timeout: float
@@ -236,7 +244,7 @@ class SshExecutor:
                 try:
                     await self._put(sftp, src, temp)
                     check = await self._execute(
-                        conn, member, ["sha256sum", "--", temp], deadline - loop.time()
+                        conn, cluster, member, ["sha256sum", "--", temp], deadline - loop.time()
                     )
                     if not check.ok:
                         status = None if check.exit_status is None else 1
@@ -279,6 +287,7 @@ class SshExecutor:
     async def _execute(
         self,
         conn: asyncssh.SSHClientConnection,
+        cluster: Cluster,
         member: Member,
         argv: list[str],
         timeout: float,
@@ -295,8 +304,10 @@ class SshExecutor:
             return CommandResult(member.name, tuple(argv), status, text, _since(started))
 
         try:
+            # The same variables the local executor sets, so scripts work with either.
+            env = {"CHANGEOVER_CLUSTER": cluster.name, "CHANGEOVER_MEMBER": member.name}
             proc = await conn.create_process(
-                remote_command(argv), stdin=asyncssh.DEVNULL, encoding=None
+                remote_command(argv, env), stdin=asyncssh.DEVNULL, encoding=None
             )
         except (asyncssh.Error, OSError) as exc:
             self._forget(member.host, conn)
