@@ -1,0 +1,75 @@
+"""The admin API on `balancer.admin_listen`, served by the master process.
+
+GET /v1/pool, POST /v1/admissions (bearer token) and GET /v1/healthz (open).
+aiohttp is fine here: this is not the request hot path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from changeover.proxy.state import AdmissionError, PoolState
+
+log = logging.getLogger("changeover.proxy")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+OPEN_PATHS = frozenset({"/v1/healthz"})
+
+
+def _digest(value: str) -> bytes:
+    # Comparing digests keeps the comparison constant-time whatever the lengths.
+    return hashlib.sha256(value.encode("utf-8", "surrogateescape")).digest()
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def build_app(pool: PoolState, token: str) -> web.Application:
+    expected = _digest(f"Bearer {token}")
+
+    @web.middleware
+    async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in OPEN_PATHS:
+            given = _digest(request.headers.get("Authorization", ""))
+            if not hmac.compare_digest(given, expected):
+                response = _error(401, "missing or wrong bearer token")
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return response
+        return await handler(request)
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def get_pool(_: web.Request) -> web.Response:
+        return web.json_response(pool.view())
+
+    async def post_admissions(request: web.Request) -> web.Response:
+        try:
+            body: Any = await request.json()
+        except ValueError:
+            return _error(400, "the body is not JSON")
+        changes = body.get("admissions") if isinstance(body, dict) else None
+        if not isinstance(changes, dict) or not changes:
+            return _error(400, 'expected {"admissions": {"<member>": "live|draining|out", ...}}')
+        try:
+            done = pool.set_admissions(changes)
+        except AdmissionError as exc:
+            return _error(400, str(exc))
+        except OSError as exc:
+            return _error(500, f"cannot save the balancer state: {exc}")
+        if done:
+            log.info("admissions changed: %s", ", ".join(done))
+        return web.json_response(pool.view())
+
+    app = web.Application(middlewares=[require_token])
+    app.router.add_get("/v1/healthz", healthz)
+    app.router.add_get("/v1/pool", get_pool)
+    app.router.add_post("/v1/admissions", post_admissions)
+    return app

@@ -1,0 +1,307 @@
+"""Process management: the master, its workers, listeners, TLS and shutdown.
+
+The master checks the addresses, creates the shared state, forks one worker
+per core (each binds its own SO_REUSEPORT sockets, so the kernel spreads
+connections), then serves the admin API and runs the health checks. SIGTERM
+or SIGINT: workers stop accepting, finish the requests in flight (bounded)
+and exit; the master returns 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import ssl
+import sys
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+
+import uvloop
+from aiohttp import web
+
+from changeover.config import Listen, Topology
+from changeover.proxy.admin import build_app
+from changeover.proxy.health import HealthChecker
+from changeover.proxy.protocol import Worker, client_factory
+from changeover.proxy.routing import PUBLIC
+from changeover.proxy.state import PoolState, SharedState
+
+log = logging.getLogger("changeover.proxy")
+
+BACKLOG = 1024
+START_TIMEOUT = 10.0  # for every worker to be listening
+DRAIN_TIMEOUT = 10.0  # for requests in flight at shutdown
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Listener:
+    listen: Listen
+    scope: int  # PUBLIC or the cluster index of a QA listener
+    label: str
+
+
+def listeners(topology: Topology) -> list[Listener]:
+    public = topology.balancer.listen
+    found = [Listener(public, PUBLIC, "public")]
+    for index, cluster in enumerate(topology.clusters):
+        if cluster.qa_port is not None:
+            qa = Listen(host=public.host, port=cluster.qa_port)
+            found.append(Listener(qa, index, f"QA {cluster.name}"))
+    return found
+
+
+def bind(listen: Listen, reuse_port: bool) -> socket.socket:
+    family, kind, proto, _, address = socket.getaddrinfo(
+        listen.host, listen.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _address_problem(addresses: list[Listen]) -> str | None:
+    """Refuse to share a port with anything already listening (SO_REUSEPORT would)."""
+    for listen in addresses:
+        try:
+            bind(listen, reuse_port=False).close()
+        except OSError as exc:
+            return f"cannot listen on {listen}: {exc.strerror or exc}"
+    return None
+
+
+def tls_context(topology: Topology) -> ssl.SSLContext | None:
+    balancer = topology.balancer
+    if balancer.tls_cert is None or balancer.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(
+        topology.resolve_path(balancer.tls_cert), topology.resolve_path(balancer.tls_key)
+    )
+    return context
+
+
+def run(topology: Topology, workers: int | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; return the exit code (2: refused to start)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(message)s")
+    balancer = topology.balancer
+    token = balancer.token()
+    if not token:
+        print(
+            f"changeover balancer: no admin token: set {balancer.admin_token_env} "
+            "or balancer.admin_token",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    count = workers or balancer.workers
+    serving = listeners(topology)
+    try:
+        tls = tls_context(topology)
+        state_file = topology.resolve_path(balancer.state_file) if balancer.state_file else None
+        shared = SharedState(sum(len(c.members) for c in topology.clusters), count)
+        pool = PoolState(topology, shared, state_file)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        print(f"changeover balancer: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    problem = _address_problem([*(s.listen for s in serving), balancer.admin_listen])
+    if problem:
+        print(f"changeover balancer: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    processes = _start_workers(topology, shared, serving, tls, count)
+    if isinstance(processes, str):
+        print(f"changeover balancer: {processes}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(_master(topology, pool, token, serving, processes))
+
+
+def _start_workers(
+    topology: Topology,
+    shared: SharedState,
+    serving: list[Listener],
+    tls: ssl.SSLContext | None,
+    count: int,
+) -> list[BaseProcess] | str:
+    """Fork the workers (before the master has an event loop); an error message if one fails."""
+    context = multiprocessing.get_context("fork")
+    processes: list[BaseProcess] = []
+    pipes: list[Connection] = []
+    for index in range(count):
+        receive, send = context.Pipe(duplex=False)
+        process: BaseProcess = context.Process(
+            target=_worker_main,
+            args=(index, topology, shared, serving, tls, send),
+            name=f"changeover-worker-{index}",
+            daemon=False,
+        )
+        process.start()
+        send.close()
+        processes.append(process)
+        pipes.append(receive)
+    problem = None
+    waiting = list(pipes)
+    while waiting and problem is None:
+        ready = wait(waiting, timeout=START_TIMEOUT)
+        if not ready:
+            problem = f"workers did not start within {START_TIMEOUT:g}s"
+        for pipe in ready:
+            assert isinstance(pipe, Connection)
+            waiting.remove(pipe)
+            try:
+                message = pipe.recv()
+            except EOFError:
+                message = "a worker exited while starting"
+            problem = problem or message
+    for pipe in pipes:
+        pipe.close()
+    if problem is not None:
+        for process in processes:
+            process.terminate()
+            process.join(5)
+        return str(problem)
+    return processes
+
+
+def _worker_main(
+    index: int,
+    topology: Topology,
+    shared: SharedState,
+    serving: list[Listener],
+    tls: ssl.SSLContext | None,
+    ready: Connection,
+) -> None:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        code = runner.run(_serve(index, topology, shared, serving, tls, ready))
+    sys.exit(code)
+
+
+async def _serve(
+    index: int,
+    topology: Topology,
+    shared: SharedState,
+    serving: list[Listener],
+    tls: ssl.SSLContext | None,
+    ready: Connection,
+) -> int:
+    loop = asyncio.get_running_loop()
+    worker = Worker(topology, shared, index)
+    servers: list[asyncio.Server] = []
+    for listener in serving:
+        try:
+            sock = bind(listener.listen, reuse_port=True)
+            sock.listen(BACKLOG)
+        except OSError as exc:
+            ready.send(f"cannot listen on {listener.listen}: {exc.strerror or exc}")
+            return EXIT_BAD_INPUT
+        factory = client_factory(worker, listener.scope, tls is not None, str(listener.listen))
+        servers.append(await loop.create_server(factory, sock=sock, ssl=tls, backlog=BACKLOG))
+    ready.send(None)
+    ready.close()
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    parent = os.getppid()
+
+    def orphaned() -> None:  # the master was killed: do not serve on alone
+        if os.getppid() != parent:
+            stop.set()
+        else:
+            loop.call_later(1.0, orphaned)
+
+    orphaned()
+    await stop.wait()
+    for server in servers:
+        server.close()
+    worker.stop()
+    try:
+        async with asyncio.timeout(DRAIN_TIMEOUT):
+            while worker.clients:
+                await worker.drained.wait()
+                worker.drained.clear()
+    except TimeoutError:
+        pass  # whatever is still open is cut by close()
+    worker.close()
+    return EXIT_OK
+
+
+async def _master(
+    topology: Topology,
+    pool: PoolState,
+    token: str,
+    serving: list[Listener],
+    processes: list[BaseProcess],
+) -> int:
+    loop = asyncio.get_running_loop()
+    balancer = topology.balancer
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    alive = set(processes)
+    all_exited = asyncio.Event()
+    code = EXIT_OK
+
+    def exited(process: BaseProcess) -> None:
+        nonlocal code
+        loop.remove_reader(process.sentinel)
+        process.join()
+        alive.discard(process)
+        if not stop.is_set():
+            log.error("balancer worker %s exited with code %s", process.pid, process.exitcode)
+            if not alive:
+                code = EXIT_FAILED
+                stop.set()
+        if not alive:
+            all_exited.set()
+
+    for process in processes:
+        loop.add_reader(process.sentinel, exited, process)
+
+    runner = web.AppRunner(build_app(pool, token), access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, balancer.admin_listen.host, balancer.admin_listen.port).start()
+    except OSError as exc:
+        log.error("cannot listen on %s (admin): %s", balancer.admin_listen, exc.strerror or exc)
+        code = EXIT_BAD_INPUT
+        stop.set()
+    health = asyncio.create_task(HealthChecker(topology, pool).run())
+    if not stop.is_set():
+        log.info(
+            "balancer started: %s, admin %s, %d worker%s, %s, %d members",
+            ", ".join(f"{s.label} {s.listen}" for s in serving),
+            balancer.admin_listen,
+            len(processes),
+            "" if len(processes) == 1 else "s",
+            balancer.algorithm,
+            len(pool.names),
+        )
+    await stop.wait()
+    log.info("balancer stopping: finishing requests in flight")
+    health.cancel()
+    for process in list(alive):
+        if process.pid is not None:
+            os.kill(process.pid, signal.SIGTERM)
+    try:
+        async with asyncio.timeout(DRAIN_TIMEOUT + 5):
+            await all_exited.wait()
+    except TimeoutError:
+        for process in list(alive):
+            process.kill()
+    await runner.cleanup()
+    log.info("balancer stopped")
+    return code

@@ -1,0 +1,205 @@
+"""Pool state shared by the master and its worker processes.
+
+`SharedState` is an anonymous shared mmap created before the workers fork:
+
+    [generation: int64]
+    [slot 0: admission byte x N | healthy byte x N]   (padded to 8 bytes)
+    [slot 1: same]
+    [per worker: in-flight int64 x N | requests int64 x N | connect failures int64 x N]
+
+Only the master writes the slots: it fills the slot the next generation
+selects, then bumps the generation, so a worker that copies a slot sees one
+whole admission change or none (a seqlock with one writer). Each worker writes
+only its own counters; the master sums them.
+
+`PoolState` is the master's authority over admissions and health: it
+validates admin changes, publishes them to the shared slots and persists the
+admissions to `balancer.state_file`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from changeover.config import Topology
+from changeover.model import Admission
+from changeover.proxy.routing import ADMISSIONS, CODES, LIVE
+
+log = logging.getLogger("changeover.proxy")
+
+_WORD = 8
+
+
+def _padded(n: int) -> int:
+    return (n + _WORD - 1) // _WORD * _WORD
+
+
+class SharedState:
+    def __init__(self, members: int, workers: int) -> None:
+        self.members = members
+        self.workers = workers
+        self._slot_size = _padded(2 * members)
+        self._counters_at = _WORD + 2 * self._slot_size
+        size = self._counters_at + workers * 3 * members * _WORD
+        self._map = mmap.mmap(-1, size)  # anonymous and MAP_SHARED: inherited by fork
+        self._view = memoryview(self._map)
+        self._generation = self._view[:_WORD].cast("q")
+
+    def _slot(self, generation: int) -> memoryview:
+        start = _WORD + (generation % 2) * self._slot_size
+        return self._view[start : start + 2 * self.members]
+
+    def generation(self) -> int:
+        return int(self._generation[0])
+
+    def publish(self, admission: Sequence[int], healthy: Sequence[bool]) -> None:
+        """Master only: make a new admission/health picture visible to every worker."""
+        following = self.generation() + 1
+        slot = self._slot(following)
+        slot[: self.members] = bytes(admission)
+        slot[self.members :] = bytes(int(h) for h in healthy)
+        self._generation[0] = following
+
+    def snapshot(self) -> tuple[int, bytes, bytes]:
+        """(generation, admission bytes, healthy bytes) as of one publish."""
+        while True:
+            generation = self.generation()
+            data = bytes(self._slot(generation))
+            if self.generation() == generation:
+                return generation, data[: self.members], data[self.members :]
+
+    def counters(self, worker: int) -> tuple[memoryview, memoryview, memoryview]:
+        """One worker's (in-flight, requests, connect failures) arrays, int64 per member."""
+        n = self.members
+        start = self._counters_at + worker * 3 * n * _WORD
+        whole = self._view[start : start + 3 * n * _WORD].cast("q")
+        return whole[:n], whole[n : 2 * n], whole[2 * n :]
+
+    def failures(self, member: int) -> int:
+        """Connect failures to one member, summed over workers."""
+        return sum(int(self.counters(w)[2][member]) for w in range(self.workers))
+
+    def totals(self) -> tuple[list[int], list[int], list[int]]:
+        """In-flight, requests and connect failures per member, summed over workers."""
+        sums = ([0] * self.members, [0] * self.members, [0] * self.members)
+        for w in range(self.workers):
+            for total, part in zip(sums, self.counters(w), strict=True):
+                for m in range(self.members):
+                    total[m] += part[m]
+        return sums
+
+
+class AdmissionError(ValueError):
+    """An admin request named an unknown member or an unknown admission."""
+
+
+class PoolState:
+    """The master's view: admissions (persisted) and health (from the checker)."""
+
+    def __init__(self, topology: Topology, shared: SharedState, state_file: Path | None) -> None:
+        self.topology = topology
+        self.shared = shared
+        self.state_file = state_file
+        self.names = [m.name for _, m in topology.members()]
+        self.index = {name: i for i, name in enumerate(self.names)}
+        self.admission = [LIVE] * len(self.names)
+        self.healthy = [True] * len(self.names)  # until the checker says otherwise
+        if state_file is not None:
+            for name, adm in load_admissions(state_file).items():
+                if name in self.index:
+                    self.admission[self.index[name]] = CODES[adm]
+                else:
+                    log.warning("state file %s names unknown member %r: ignored", state_file, name)
+        shared.publish(self.admission, self.healthy)
+
+    def set_admissions(self, changes: Mapping[str, Any]) -> list[str]:
+        """Apply every change or none; return 'member: old -> new' for each real change."""
+        parsed: dict[int, int] = {}
+        for name, value in changes.items():
+            if name not in self.index:
+                raise AdmissionError(f"unknown member {name!r}")
+            try:
+                parsed[self.index[name]] = CODES[Admission(value)]
+            except (ValueError, TypeError):
+                raise AdmissionError(
+                    f"bad admission {value!r} for {name!r}: expected live, draining or out"
+                ) from None
+        done = [
+            f"{self.names[i]}: {ADMISSIONS[self.admission[i]]} -> {ADMISSIONS[code]}"
+            for i, code in parsed.items()
+            if self.admission[i] != code
+        ]
+        if done:
+            following = list(self.admission)
+            for i, code in parsed.items():
+                following[i] = code
+            if self.state_file is not None:  # persist first: a failed write changes nothing
+                save_admissions(self.state_file, dict(zip(self.names, following, strict=True)))
+            self.admission = following
+            self.shared.publish(self.admission, self.healthy)
+        return done
+
+    def set_healthy(self, member: int, healthy: bool) -> None:
+        self.healthy[member] = healthy
+        self.shared.publish(self.admission, self.healthy)
+
+    def view(self) -> dict[str, list[dict[str, Any]]]:
+        """The admin API's pool document, members in topology order."""
+        active, requests, _ = self.shared.totals()
+        members = []
+        for i, (cluster, member) in enumerate(self.topology.members()):
+            members.append(
+                {
+                    "name": member.name,
+                    "cluster": cluster.name,
+                    "host": member.host,
+                    "port": member.port,
+                    "route": member.route_id,
+                    "admission": str(ADMISSIONS[self.admission[i]]),
+                    "healthy": self.healthy[i],
+                    "active": active[i],
+                    "requests": requests[i],
+                }
+            )
+        return {"members": members}
+
+
+def load_admissions(path: Path) -> dict[str, Admission]:
+    """Admissions saved by `save_admissions`; an absent file means all LIVE."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot read the balancer state: {exc}") from None
+    saved = data.get("admissions") if isinstance(data, dict) else None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: expected a JSON object with an 'admissions' object")
+    try:
+        return {str(name): Admission(value) for name, value in saved.items()}
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def save_admissions(path: Path, admissions: Mapping[str, int]) -> None:
+    """Write atomically: a crash leaves the old file or the new one, never half."""
+    document = {"admissions": {name: str(ADMISSIONS[code]) for name, code in admissions.items()}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as out:
+            json.dump(document, out, indent=2)
+            out.write("\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
