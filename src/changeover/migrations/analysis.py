@@ -49,6 +49,10 @@ class Schema:
     """Column declarations seen so far in a check; shared by the files of one run."""
 
     columns: dict[tuple[str, str], ColumnInfo] = field(default_factory=dict)
+    # The safe way to SET NOT NULL: a CHECK (col IS NOT NULL) constraint added
+    # NOT VALID, then validated; PostgreSQL 12+ then skips the table scan.
+    unvalidated_not_null_checks: dict[str, tuple[str, str]] = field(default_factory=dict)
+    validated_not_null: set[tuple[str, str]] = field(default_factory=set)
 
 
 @dataclass

@@ -95,7 +95,7 @@ def statements(sql: str, dialect: Dialect, state: FileState) -> Iterator[Stateme
             continue
         for node in parsed:
             if node is not None:
-                yield Statement(start, text, _classify(node, chunk, dialect, state))
+                yield Statement(start, text, _classify(node, dialect, state))
 
 
 # --- helpers ------------------------------------------------------------------
@@ -115,6 +115,12 @@ def _constraint(col: exp.ColumnDef, kind: type[exp.Expr]) -> exp.Expr | None:
     return None
 
 
+def _not_null(col: exp.ColumnDef) -> bool:
+    # sqlglot models an explicit NULL as NotNullColumnConstraint(allow_null=True).
+    constraint = _constraint(col, exp.NotNullColumnConstraint)
+    return constraint is not None and not constraint.args.get("allow_null")
+
+
 def _volatile_call(expr: exp.Expr | None) -> str | None:
     for func in expr.find_all(exp.Func) if expr is not None else ():
         name = func.name if isinstance(func, exp.Anonymous) else func.sql_name()
@@ -128,7 +134,7 @@ def _volatile_call(expr: exp.Expr | None) -> str | None:
 
 def _add_column(table: str, col: exp.ColumnDef, state: FileState) -> list[Hit]:
     where = f"{table}.{col.name}"
-    not_null = _constraint(col, exp.NotNullColumnConstraint) is not None
+    not_null = _not_null(col)
     default = _constraint(col, exp.DefaultColumnConstraint)
     auto = _constraint(col, exp.AutoIncrementColumnConstraint) is not None
     hits: list[Hit] = []
@@ -154,7 +160,7 @@ def _modify_column(
         detail = f"renames {table}.{old_name} to {col.name}"
         hits.append(Hit("renaming-column", detail, table))
     old = state.schema.columns.get((table, old_name))
-    not_null = _constraint(col, exp.NotNullColumnConstraint) is not None
+    not_null = _not_null(col)
     new_type = _col_type(col.args.get("kind"))
     type_hit = retype(
         state, dialect, table, old_name, new_type, new_name=col.name, not_null=not_null
@@ -208,7 +214,7 @@ def _alter_action(table: str, action: exp.Expr, dialect: Dialect, state: FileSta
 # --- statements ---------------------------------------------------------------
 
 
-def _alter(node: exp.Alter, tokens: list[Token], dialect: Dialect, state: FileState) -> list[Hit]:
+def _alter(node: exp.Alter, dialect: Dialect, state: FileState) -> list[Hit]:
     table = node.this.name
     actions = node.args.get("actions") or []
     if str(node.args.get("kind") or "").upper() != "TABLE":
@@ -218,7 +224,7 @@ def _alter(node: exp.Alter, tokens: list[Token], dialect: Dialect, state: FileSt
     return [hit for action in actions for hit in _alter_action(table, action, dialect, state)]
 
 
-def _create(node: exp.Create, tokens: list[Token], dialect: Dialect, state: FileState) -> list[Hit]:
+def _create(node: exp.Create, dialect: Dialect, state: FileState) -> list[Hit]:
     target = node.this
     table = target.this if isinstance(target, exp.Schema) else target
     name = table.name if table is not None else "?"
@@ -226,13 +232,13 @@ def _create(node: exp.Create, tokens: list[Token], dialect: Dialect, state: File
     if isinstance(target, exp.Schema):
         for col in target.expressions:
             if isinstance(col, exp.ColumnDef):
-                not_null = _constraint(col, exp.NotNullColumnConstraint) is not None
+                not_null = _not_null(col)
                 info = ColumnInfo(_col_type(col.args.get("kind")), not_null)
                 state.schema.columns[(name, col.name)] = info
     return []
 
 
-def _drop(node: exp.Drop, tokens: list[Token], dialect: Dialect, state: FileState) -> list[Hit]:
+def _drop(node: exp.Drop, dialect: Dialect, state: FileState) -> list[Hit]:
     kind = str(node.args.get("kind") or "").upper()
     if kind == "INDEX":  # MySQL drops an index in place; SQLite has one writer anyway
         return []
@@ -241,18 +247,22 @@ def _drop(node: exp.Drop, tokens: list[Token], dialect: Dialect, state: FileStat
     return [Hit(rule, f"drops {kind.lower()} {n}", n) for n in names]
 
 
-def _command(
-    node: exp.Command, tokens: list[Token], dialect: Dialect, state: FileState
-) -> list[Hit]:
-    # MySQL's RENAME TABLE a TO b is a Command to sqlglot; its tokens still say what it is.
-    words = [t.text.upper() for t in tokens[:2]]
-    if dialect == "mysql" and words == ["RENAME", "TABLE"] and len(tokens) > 2:
-        old = tokens[2].text
-        return [Hit("renaming-table", f"renames table {old}", old)]
-    return [Hit(NEEDS_REVIEW, f"sqlglot cannot parse {' '.join(words)} statements")]
+def _command(node: exp.Command, dialect: Dialect, state: FileState) -> list[Hit]:
+    keyword = str(node.this).upper()
+    # MySQL's RENAME TABLE a TO b is an opaque Command to sqlglot, which keeps the
+    # rest as one string; tokenizing that string again says which table it renames.
+    if dialect == "mysql" and keyword == "RENAME" and isinstance(node.expression, exp.Literal):
+        try:
+            words = SqlglotDialect.get_or_raise(dialect).tokenize(node.expression.name)
+        except Exception:  # the same leniency as for any other tokenizer failure
+            words = []
+        if len(words) > 1 and words[0].token_type == TokenType.TABLE:
+            old = words[1].text
+            return [Hit("renaming-table", f"renames table {old}", old)]
+    return [Hit(NEEDS_REVIEW, f"sqlglot cannot parse {keyword} statements")]
 
 
-Classifier = Callable[[Any, list[Token], Dialect, FileState], list[Hit]]
+Classifier = Callable[[Any, Dialect, FileState], list[Hit]]
 _CLASSIFIERS: dict[type[exp.Expr], Classifier] = {
     exp.Alter: _alter,
     exp.Create: _create,
@@ -261,10 +271,10 @@ _CLASSIFIERS: dict[type[exp.Expr], Classifier] = {
 }
 
 
-def _classify(node: exp.Expr, tokens: list[Token], dialect: Dialect, state: FileState) -> list[Hit]:
+def _classify(node: exp.Expr, dialect: Dialect, state: FileState) -> list[Hit]:
     classifier = _CLASSIFIERS.get(type(node))
     if classifier is not None:
-        return classifier(node, tokens, dialect, state)
+        return classifier(node, dialect, state)
     if isinstance(node, _HARMLESS):
         return []
     return [Hit(NEEDS_REVIEW, f"{type(node).__name__} statements are not classified")]

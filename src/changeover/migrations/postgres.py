@@ -10,7 +10,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from pglast import ast, parse_sql
-from pglast.enums import AlterTableType, ConstrType, ObjectType, TransactionStmtKind
+from pglast.enums import (
+    AlterTableType,
+    ConstrType,
+    NullTestType,
+    ObjectType,
+    TransactionStmtKind,
+)
 from pglast.parser import ParseError, scan
 
 from changeover.migrations.analysis import (
@@ -79,7 +85,6 @@ _ALTER_HARMLESS = frozenset(
         AlterTableType.AT_ColumnDefault,  # SET/DROP DEFAULT affects new rows only
         AlterTableType.AT_DropNotNull,
         AlterTableType.AT_DropConstraint,
-        AlterTableType.AT_ValidateConstraint,  # SHARE UPDATE EXCLUSIVE: reads and writes go on
         AlterTableType.AT_SetStatistics,
         AlterTableType.AT_SetOptions,
         AlterTableType.AT_ResetOptions,
@@ -287,6 +292,23 @@ def _add_column(table: str, col: Any, state: FileState) -> list[Hit]:
     return hits
 
 
+def _remember_not_null_check(table: str, con: Any, state: FileState) -> None:
+    """Note CHECK (col IS NOT NULL), so that a later SET NOT NULL is known to be cheap."""
+    expr = con.raw_expr
+    if not (
+        con.contype == ConstrType.CONSTR_CHECK
+        and isinstance(expr, ast.NullTest)
+        and expr.nulltesttype == NullTestType.IS_NOT_NULL
+        and isinstance(expr.arg, ast.ColumnRef)
+    ):
+        return
+    column = (table, _name(expr.arg.fields))
+    if con.skip_validation and con.conname:
+        state.schema.unvalidated_not_null_checks[str(con.conname)] = column
+    elif not con.skip_validation:
+        state.schema.validated_not_null.add(column)
+
+
 def _alter_table_cmd(table: str, cmd: Any, state: FileState) -> list[Hit]:
     subtype = cmd.subtype
     if subtype == AlterTableType.AT_AddColumn:
@@ -298,10 +320,18 @@ def _alter_table_cmd(table: str, cmd: Any, state: FileState) -> list[Hit]:
         hit = retype(state, "postgres", table, str(cmd.name), _col_type(cmd.def_.typeName))
         return [hit] if hit else []
     if subtype == AlterTableType.AT_SetNotNull:
+        if (table, str(cmd.name)) in state.schema.validated_not_null:
+            return []
         return [Hit("adding-not-nullable-field", f"sets {table}.{cmd.name} NOT NULL", table)]
     if subtype == AlterTableType.AT_AddConstraint:
+        _remember_not_null_check(table, cmd.def_, state)
         hit = _constraint_hit(table, cmd.def_)
         return [hit] if hit else []
+    if subtype == AlterTableType.AT_ValidateConstraint:
+        checked = state.schema.unvalidated_not_null_checks.pop(str(cmd.name), None)
+        if checked:
+            state.schema.validated_not_null.add(checked)
+        return []
     if subtype in _ALTER_HARMLESS:
         return []
     what = AlterTableType(subtype).name.removeprefix("AT_")

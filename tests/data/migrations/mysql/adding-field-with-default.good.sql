@@ -1,0 +1,1 @@
+ALTER TABLE users ADD COLUMN api_token CHAR(36) NULL;

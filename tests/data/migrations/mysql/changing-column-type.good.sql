@@ -1,0 +1,1 @@
+ALTER TABLE users ADD COLUMN id_big BIGINT NULL;

@@ -1,0 +1,6 @@
+SET lock_timeout = '2s';
+ALTER TABLE users ADD CONSTRAINT users_email_not_null CHECK (email IS NOT NULL) NOT VALID;
+ALTER TABLE users VALIDATE CONSTRAINT users_email_not_null;
+-- PostgreSQL 12+ uses the validated check instead of scanning the table.
+ALTER TABLE users ALTER COLUMN email SET NOT NULL;
+ALTER TABLE users DROP CONSTRAINT users_email_not_null;

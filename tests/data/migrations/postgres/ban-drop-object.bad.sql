@@ -1,0 +1,2 @@
+SET lock_timeout = '2s';
+DROP VIEW user_summary;

@@ -1,0 +1,2 @@
+-- sqlglot parses VACUUM only as an opaque command.
+VACUUM;

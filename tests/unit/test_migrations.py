@@ -1,0 +1,431 @@
+"""The migration safety analyser: every rule's failing and safe example, lines, phases."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from changeover.migrations import (
+    RULES,
+    Dialect,
+    Finding,
+    Phase,
+    analyse,
+    check_paths,
+    format_findings,
+    phase_of,
+)
+
+DATA = Path(__file__).parent.parent / "data" / "migrations"
+EXAMPLES = sorted(DATA.glob("*/*.sql"))
+LOCK = "SET lock_timeout = '2s';\n"
+
+
+def rules(findings: list[Finding]) -> list[str]:
+    return [f.rule for f in findings]
+
+
+def pg(sql: str, phase: Phase = "expand") -> list[Finding]:
+    return analyse(sql, dialect="postgres", phase=phase)
+
+
+def example_rule(path: Path) -> str:
+    return path.name.split(".")[0]  # <rule>.bad.sql, <rule>.good.sql, <rule>.good-contract.sql
+
+
+# --- the examples: one failing and one safe file per rule ----------------------
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_example(path: Path) -> None:
+    dialect: Dialect = path.parent.name  # type: ignore[assignment]
+    findings = check_paths([path], dialect=dialect)
+    if ".bad." in path.name:
+        assert rules(findings) == [example_rule(path)]
+        (finding,) = findings
+        assert finding.path == str(path)
+        assert finding.message and finding.safe_alternative
+        assert finding.severity == RULES[finding.rule].severity
+        # The finding points at the statement's first line, past comments and SET.
+        first_word = path.read_text().splitlines()[finding.line - 1].split()[0].rstrip(";")
+        assert first_word.upper() in {"ALTER", "DROP", "CREATE", "DO", "RENAME", "VACUUM"}
+    else:
+        assert findings == []
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_every_rule_has_a_failing_and_a_safe_postgres_example(rule: str) -> None:
+    names = {p.name for p in EXAMPLES if p.parent.name == "postgres"}
+    assert f"{rule}.bad.sql" in names
+    assert f"{rule}.good.sql" in names or f"{rule}.good-contract.sql" in names
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for p in EXAMPLES if ".bad." in p.name],
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
+def test_contract_phase_keeps_only_locking_rules(path: Path) -> None:
+    rule = example_rule(path)
+    dialect: Dialect = path.parent.name  # type: ignore[assignment]
+    findings = analyse(path.read_text(), dialect=dialect, phase="contract")
+    assert rules(findings) == ([rule] if "contract" in RULES[rule].phases else [])
+
+
+def test_compatibility_rules_are_expand_only_and_locking_rules_apply_to_both() -> None:
+    expand_only = {r.id for r in RULES.values() if r.phases == {"expand"}}
+    assert expand_only == {
+        "ban-drop-column",
+        "ban-drop-table",
+        "ban-drop-object",
+        "renaming-column",
+        "renaming-table",
+        "renaming-object",
+        "renaming-enum-value",
+        "adding-required-field",
+    }
+    assert all(
+        r.phases == {"expand", "contract"} for r in RULES.values() if r.id not in expand_only
+    )
+
+
+# --- line numbers --------------------------------------------------------------
+
+MULTI = """\
+-- héllo: a comment with non-ASCII text, so byte and character offsets differ
+SET lock_timeout = '2s';
+
+/* a block
+   comment */
+ALTER TABLE users
+    DROP COLUMN nickname;   -- line 6
+SELECT 'ünïcode; not a separator';
+ALTER TABLE users RENAME COLUMN a TO b; ALTER TABLE users RENAME TO accounts;
+CREATE INDEX users_email ON users (email);
+"""
+
+
+def test_lines_in_a_multi_statement_file() -> None:
+    findings = pg(MULTI)
+    assert [(f.rule, f.line) for f in findings] == [
+        ("ban-drop-column", 6),
+        ("renaming-column", 9),
+        ("renaming-table", 9),
+        ("require-concurrent-index-creation", 10),
+    ]
+    assert findings[0].statement == "ALTER TABLE users DROP COLUMN nickname"
+
+
+def test_a_syntax_error_does_not_hide_the_other_statements() -> None:
+    sql = LOCK + "ALTER TABLE users DROP COLUMN a;\nALTER TABLE WHAT;\n\nDROP TABLE b;\n"
+    assert [(f.rule, f.line) for f in pg(sql)] == [
+        ("ban-drop-column", 2),
+        ("needs-review", 3),
+        ("ban-drop-table", 5),
+    ]
+
+
+def test_semicolons_in_strings_do_not_split_after_a_syntax_error() -> None:
+    sql = LOCK + "SELECT $$;;$$, ';';\nBOGUS;\nDROP TABLE b;"
+    assert [(f.rule, f.line) for f in pg(sql)] == [("needs-review", 3), ("ban-drop-table", 4)]
+
+
+@pytest.mark.parametrize("sql", ["SELECT 'unterminated", "DROP TABLE a;\0DROP TABLE b;"])
+def test_unsplittable_files_are_one_needs_review(sql: str) -> None:
+    assert rules(pg(sql)) == ["needs-review"]
+
+
+def test_mysql_and_sqlite_lines() -> None:
+    sql = "-- c\nALTER TABLE a DROP COLUMN x;\n\nSELEC oops;\nALTER TABLE a\n  RENAME TO b;\n"
+    for dialect in ("mysql", "sqlite"):
+        findings = analyse(sql, dialect=dialect, phase="expand")
+        assert [(f.rule, f.line) for f in findings] == [
+            ("ban-drop-column", 2),
+            ("needs-review", 4),
+            ("renaming-table", 5),
+        ]
+
+
+# --- objects created in the same file are new ------------------------------------
+
+
+def test_operations_on_tables_created_in_the_same_file_are_safe() -> None:
+    sql = """
+        CREATE TABLE invoices (id bigint, note varchar(10), total numeric);
+        CREATE INDEX invoices_note ON invoices (note);
+        ALTER TABLE invoices ADD CONSTRAINT invoices_total CHECK (total >= 0);
+        ALTER TABLE invoices ALTER COLUMN id TYPE text, ALTER COLUMN note SET NOT NULL;
+        ALTER TABLE invoices ADD COLUMN code text NOT NULL;
+        ALTER TABLE invoices RENAME COLUMN note TO memo;
+        DROP INDEX invoices_note;
+        DROP TABLE invoices;
+    """
+    assert pg(sql) == []
+
+
+def test_concurrently_in_a_transaction_fails_even_on_a_new_table() -> None:
+    sql = "CREATE TABLE t (a int);\nBEGIN;\nCREATE INDEX CONCURRENTLY t_a ON t (a);\nCOMMIT;"
+    assert rules(pg(sql)) == ["ban-concurrent-index-creation-in-transaction"]
+
+
+def test_new_tables_are_per_file(tmp_path: Path) -> None:
+    (tmp_path / "0001_expand.sql").write_text("CREATE TABLE t (a int);")
+    (tmp_path / "0002_expand.sql").write_text(LOCK + "ALTER TABLE t DROP COLUMN a;")
+    assert rules(check_paths([tmp_path], dialect="postgres")) == ["ban-drop-column"]
+
+
+# --- lock_timeout ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("prelude", "flagged"),
+    [
+        ("", True),
+        ("SET lock_timeout = '2s';", False),
+        ("SET lock_timeout TO 2000;", False),
+        ("SET SESSION lock_timeout = '1min';", False),
+        ("SET lock_timeout = 0;", True),
+        ("SET lock_timeout = '0s';", True),
+        ("SET lock_timeout = '2s'; RESET lock_timeout;", True),
+        ("SET lock_timeout = '2s'; SET lock_timeout TO DEFAULT;", True),
+        ("SET statement_timeout = '2s';", True),
+        ("SET LOCAL lock_timeout = '2s';", True),  # no effect outside a transaction
+        ("BEGIN; SET LOCAL lock_timeout = '2s'; COMMIT;", True),  # ended with it
+        ("BEGIN; SET LOCAL lock_timeout = '2s';", False),
+    ],
+)
+def test_lock_timeout(prelude: str, flagged: bool) -> None:
+    findings = pg(prelude + "\nALTER TABLE users ADD COLUMN bio text;")
+    assert rules(findings) == (["require-lock-timeout"] if flagged else [])
+
+
+def test_lock_timeout_is_reported_once_per_file() -> None:
+    sql = "ALTER TABLE a ADD COLUMN x int;\nALTER TABLE b ADD COLUMN y int;"
+    assert [(f.rule, f.line) for f in pg(sql)] == [("require-lock-timeout", 1)]
+
+
+def test_new_objects_and_concurrent_indexes_need_no_lock_timeout() -> None:
+    # CONCURRENTLY takes a lock that does not conflict with reads and writes.
+    sql = "CREATE TABLE t (a int);\nALTER TABLE t ADD COLUMN b int;\n"
+    sql += "CREATE INDEX CONCURRENTLY i ON u (a);"
+    assert pg(sql) == []
+
+
+# --- type changes: known-safe widenings need the old type ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("dialect", "old", "new", "safe"),
+    [
+        ("postgres", "varchar(10)", "varchar(20)", True),
+        ("postgres", "varchar(20)", "varchar(10)", False),
+        ("postgres", "varchar(20)", "varchar", True),
+        ("postgres", "varchar(20)", "text", True),
+        ("postgres", "text", "varchar", True),
+        ("postgres", "text", "varchar(10)", False),
+        ("postgres", "numeric(10,2)", "numeric(12,2)", True),
+        ("postgres", "numeric(10,2)", "numeric(12,3)", False),
+        ("postgres", "numeric(10,2)", "numeric", True),
+        ("postgres", "integer", "bigint", False),
+        ("postgres", "cidr", "inet", True),
+        ("postgres", "text[]", "text", False),
+        ("mysql", "varchar(20)", "varchar(50)", True),
+        ("mysql", "varchar(50)", "varchar(100)", False),  # may cross the 255-byte boundary
+        ("mysql", "varchar(300)", "varchar(500)", True),
+        ("mysql", "varchar(20)", "text", False),
+        ("mysql", "decimal(10,2)", "decimal(12,2)", False),  # MySQL copies the table
+        ("mysql", "enum('a','b')", "enum('a','b','c')", True),
+        ("mysql", "enum('a','b','c')", "enum('a','c')", False),
+    ],
+)
+def test_type_change(tmp_path: Path, dialect: Dialect, old: str, new: str, safe: bool) -> None:
+    (tmp_path / "0001_create.sql").write_text(f"CREATE TABLE t (c {old});")
+    change = (
+        f"{LOCK}ALTER TABLE t ALTER COLUMN c TYPE {new};"
+        if dialect == "postgres"
+        else f"ALTER TABLE t MODIFY COLUMN c {new};"
+    )
+    (tmp_path / "0002_expand.sql").write_text(change)
+    findings = check_paths([tmp_path], dialect=dialect)
+    assert rules(findings) == ([] if safe else ["changing-column-type"])
+
+
+def test_unknown_old_type_is_flagged_and_says_so() -> None:
+    (finding,) = pg(LOCK + "ALTER TABLE users ALTER COLUMN name TYPE text;")
+    assert finding.rule == "changing-column-type"
+    assert "old type not declared" in finding.message
+
+
+def test_mysql_modify_to_not_null_of_a_known_nullable_column(tmp_path: Path) -> None:
+    (tmp_path / "0001.sql").write_text("CREATE TABLE t (c varchar(10) NULL);")
+    (tmp_path / "0002.sql").write_text("ALTER TABLE t MODIFY c varchar(10) NOT NULL;")
+    assert rules(check_paths([tmp_path], dialect="mysql")) == ["adding-not-nullable-field"]
+
+
+def test_mysql_change_is_a_rename_and_a_redefinition() -> None:
+    findings = analyse("ALTER TABLE t CHANGE a b int;", dialect="mysql", phase="expand")
+    assert rules(findings) == ["renaming-column", "changing-column-type"]
+
+
+# --- PostgreSQL details ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("statement", "expected"),
+    [
+        ("ALTER TABLE t ADD COLUMN c timestamptz DEFAULT now()", []),  # stable: no rewrite
+        ("ALTER TABLE t ADD COLUMN c float8 DEFAULT random()", ["adding-field-with-default"]),
+        ("ALTER TABLE t ADD COLUMN c bigserial", ["adding-field-with-default"]),
+        (
+            "ALTER TABLE t ADD COLUMN c int GENERATED ALWAYS AS IDENTITY",
+            ["adding-field-with-default"],
+        ),
+        (
+            "ALTER TABLE t ADD COLUMN c int GENERATED ALWAYS AS (a * 2) STORED",
+            ["adding-field-with-default"],
+        ),
+        ("ALTER TABLE t ADD COLUMN c int GENERATED ALWAYS AS (a * 2) VIRTUAL", []),
+        ("ALTER TABLE t ADD COLUMN c int REFERENCES u (id)", ["adding-foreign-key-constraint"]),
+        ("ALTER TABLE t ADD COLUMN c int UNIQUE", ["disallowed-unique-constraint"]),
+        ("ALTER TABLE t ADD COLUMN c int NOT NULL DEFAULT 0", []),
+        ("ALTER TABLE t ALTER COLUMN c DROP NOT NULL", []),
+        ("ALTER TABLE t ALTER COLUMN c SET DEFAULT 1", []),
+        ("ALTER TABLE t ADD CONSTRAINT c NOT NULL c", ["adding-not-nullable-field"]),
+        ("ALTER TABLE t SET SCHEMA archive", ["renaming-object"]),
+        ("ALTER INDEX i RENAME TO j", []),
+        ("ALTER VIEW v RENAME TO w", ["renaming-object"]),
+        ("DROP TYPE order_status", ["ban-drop-object"]),
+        ("DROP INDEX a, b", ["require-concurrent-index-deletion"] * 2),
+        ("ALTER TABLE t SET TABLESPACE slow", ["needs-review"]),  # rewrites: not classified
+        ("VACUUM FULL t", ["needs-review"]),
+        ("CREATE FUNCTION f() RETURNS int LANGUAGE sql AS $$ SELECT 1 $$", []),
+        ("COMMENT ON TABLE t IS 'x'", []),
+    ],
+)
+def test_postgres_statement(statement: str, expected: list[str]) -> None:
+    assert rules(pg(LOCK + statement + ";")) == expected
+
+
+def test_dropping_a_function_created_in_the_same_file_is_fine() -> None:
+    sql = "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS $$ SELECT 1 $$;\nDROP FUNCTION f();"
+    assert pg(sql) == []
+
+
+# --- MySQL and SQLite --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dialect", "sql", "expected"),
+    [
+        ("mysql", "ALTER TABLE t DROP INDEX i, ADD INDEX j (a)", []),
+        ("mysql", "ALTER TABLE t ALTER COLUMN a SET DEFAULT 1", []),
+        ("mysql", "ALTER TABLE t ADD COLUMN a INT NOT NULL AUTO_INCREMENT", []),
+        ("mysql", "FLUSH TABLES", ["needs-review"]),
+        ("mysql", "RENAME TABLE `users` TO accounts", ["renaming-table"]),
+        ("sqlite", "CREATE TRIGGER tr AFTER INSERT ON t BEGIN SELECT 1; END", ["needs-review"] * 2),
+        ("sqlite", "PRAGMA foreign_keys = off", []),
+        (
+            "sqlite",
+            "ALTER TABLE t ADD COLUMN a TEXT DEFAULT (randomblob(16))",
+            ["adding-field-with-default"],
+        ),
+    ],
+)
+def test_mysql_and_sqlite_statement(dialect: Dialect, sql: str, expected: list[str]) -> None:
+    assert rules(analyse(sql, dialect=dialect, phase="expand")) == expected
+
+
+# --- phases and paths ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "phase"),
+    [
+        ("0003_expand_add_email.sql", "expand"),
+        ("0007_contract_drop_old.sql", "contract"),
+        ("contract-0007.sql", "contract"),
+        ("0007_CONTRACT.sql", "contract"),
+        ("0004_add_contractor.sql", "expand"),  # a word, not a substring
+        ("0005_add_index.sql", "expand"),  # neither: the strict default
+        ("0006_expand_then_contract.sql", "expand"),  # both: the strict reading
+    ],
+)
+def test_phase_of(name: str, phase: Phase) -> None:
+    assert phase_of(Path("migrations") / name) == phase
+
+
+def test_check_paths_reads_directories_in_name_order_with_each_files_phase(tmp_path: Path) -> None:
+    (tmp_path / "0002_contract_drop.sql").write_text(LOCK + "ALTER TABLE t DROP COLUMN a;")
+    (tmp_path / "0001_expand_rename.sql").write_text(LOCK + "ALTER TABLE t RENAME a TO b;")
+    (tmp_path / "notes.txt").write_text("DROP TABLE t;")
+    findings = check_paths([tmp_path], dialect="postgres")
+    assert [(Path(f.path).name, f.rule) for f in findings] == [
+        ("0001_expand_rename.sql", "renaming-column")
+    ]
+    forced = check_paths([tmp_path], dialect="postgres", phase="expand")
+    assert rules(forced) == ["renaming-column", "ban-drop-column"]
+
+
+def test_check_paths_refuses_a_missing_path(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        check_paths([tmp_path / "nope.sql"], dialect="postgres", phase="expand")
+
+
+# --- output formats ---------------------------------------------------------------
+
+
+def test_formats() -> None:
+    findings = pg(MULTI, "expand")
+    text = format_findings(findings, "text")
+    assert "<sql>:6: error [ban-drop-column]" in text
+    assert text.endswith("4 finding(s)")
+    assert format_findings([], "text") == "no findings"
+
+    records = json.loads(format_findings(findings, "json"))
+    assert records[0] == {
+        "rule": "ban-drop-column",
+        "path": "<sql>",
+        "line": 6,
+        "statement": "ALTER TABLE users DROP COLUMN nickname",
+        "message": findings[0].message,
+        "safe_alternative": findings[0].safe_alternative,
+        "severity": "error",
+    }
+
+    sarif = json.loads(format_findings(findings, "sarif"))
+    assert sarif["version"] == "2.1.0"
+    (run,) = sarif["runs"]
+    rule_ids = [r["id"] for r in run["tool"]["driver"]["rules"]]
+    assert len(run["results"]) == 4
+    for result in run["results"]:
+        assert rule_ids[result["ruleIndex"]] == result["ruleId"]
+        assert result["level"] in ("error", "warning")
+        region = result["locations"][0]["physicalLocation"]["region"]
+        assert region["startLine"] >= 1
+    assert json.loads(format_findings([], "sarif"))["runs"][0]["results"] == []
+
+
+# --- robustness -----------------------------------------------------------------------
+
+# Words that drive the parsers and classifiers into their less travelled paths.
+SQL_WORDS = (
+    "ALTER TABLE DROP COLUMN ADD CREATE INDEX CONCURRENTLY ON t a b ( ) , ; ' $$ -- /* */ "
+    "NOT NULL DEFAULT RENAME TO TYPE int varchar(3) BEGIN COMMIT SET lock_timeout = 0 "
+    "MODIFY CHANGE ENUM UNIQUE PRIMARY KEY REFERENCES CHECK VALID \n"
+)
+SQLISH = st.lists(st.sampled_from(SQL_WORDS.split(" ")), max_size=40).map(" ".join)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    sql=st.one_of(st.text(max_size=200), SQLISH),
+    dialect=st.sampled_from(["postgres", "mysql", "sqlite"]),
+)
+def test_any_text_yields_findings_or_nothing_never_an_exception(sql: str, dialect: Dialect) -> None:
+    for finding in analyse(sql, dialect=dialect, phase="expand"):
+        assert finding.rule in RULES
+        assert 1 <= finding.line <= sql.count("\n") + 1
