@@ -23,7 +23,9 @@ def migrations() -> None:
 
 @app.command()
 def check(
-    paths: Annotated[list[Path], typer.Argument(help=".sql files, or directories of them")],
+    paths: Annotated[
+        list[Path], typer.Argument(metavar="PATH...", help=".sql files, or directories of them")
+    ],
     dialect: Annotated[Dialect, typer.Option(help="SQL dialect of the files")] = "postgres",
     phase: Annotated[
         Phase | None,
@@ -33,7 +35,9 @@ def check(
         ),
     ] = None,
     fmt: Annotated[Format, typer.Option("--format", help="output format")] = "text",
-    allow: Annotated[list[str] | None, typer.Option(help="rule id to accept (repeatable)")] = None,
+    allow: Annotated[
+        list[str] | None, typer.Option(metavar="RULE", help="rule id to accept (repeatable)")
+    ] = None,
 ) -> None:
     """Exit 1 when a statement breaks the old release or locks a table, 0 when clean."""
     allowed = set(allow or ())
