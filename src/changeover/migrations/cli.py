@@ -24,7 +24,7 @@ def migrations() -> None:
 @app.command()
 def check(
     paths: Annotated[
-        list[Path], typer.Argument(metavar="PATH...", help=".sql files, or directories of them")
+        list[Path], typer.Argument(metavar="PATH", help=".sql files, or directories of them")
     ],
     dialect: Annotated[Dialect, typer.Option(help="SQL dialect of the files")] = "postgres",
     phase: Annotated[

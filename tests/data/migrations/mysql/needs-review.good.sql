@@ -1,1 +1,1 @@
-UPDATE users SET plan = 'free' WHERE plan IS NULL;
+UPDATE users SET nickname = name WHERE nickname IS NULL;

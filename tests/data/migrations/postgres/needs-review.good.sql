@@ -1,2 +1,2 @@
 -- Plain data migrations are classified (and left to the author).
-UPDATE users SET plan = 'free' WHERE plan IS NULL;
+UPDATE users SET nickname = name WHERE nickname IS NULL;
