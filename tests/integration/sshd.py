@@ -11,6 +11,8 @@ client key and a `known_hosts` file listing every host it listens on; the system
 sshd and its configuration are never touched. Linux routes all of 127.0.0.0/8 to
 `lo`, but a socket bound to 127.0.0.1 only answers 127.0.0.1, so sshd gets one
 `ListenAddress` per member address: each member is a distinct host, as on a fleet.
+One sshd listens on at most 16 addresses, so larger fleets get one sshd process
+per 16 hosts, all on the same port with the same host key and authorized key.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from tests.helpers import free_port, require_binary
 
 PRIVSEP_DIR = Path("/run/sshd")  # Debian's sshd refuses to start without it
 START_TIMEOUT = 10.0
+MAX_LISTEN = 16  # sshd's MAX_LISTEN_SOCKS: "Too many listen sockets" beyond it
 
 
 def cluster_hosts(cluster: int, count: int) -> list[str]:
@@ -96,6 +99,7 @@ def _write_keys(directory: Path, client_key: Path | None) -> tuple[Path, Path, P
     Returns (host key, client key, authorized_keys, host public key line).
     """
     PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)
+    (directory / "home").mkdir(exist_ok=True)
     host_key = asyncssh.generate_private_key("ssh-ed25519", comment="changeover-test-host")
     host_key_path = directory / "ssh_host_ed25519_key"
     host_key.write_private_key(str(host_key_path))
@@ -114,6 +118,7 @@ def _write_keys(directory: Path, client_key: Path | None) -> tuple[Path, Path, P
 
 def _config(
     directory: Path,
+    index: int,
     hosts: Sequence[str],
     port: int,
     host_key: Path,
@@ -123,7 +128,7 @@ def _config(
     options = {
         "Port": str(port),
         "HostKey": str(host_key),
-        "PidFile": str(directory / "sshd.pid"),
+        "PidFile": str(directory / f"sshd.{index}.pid"),
         "AuthorizedKeysFile": str(authorized),
         "StrictModes": "no",
         "UsePAM": "no",
@@ -139,11 +144,14 @@ def _config(
         "MaxSessions": "100",
         "PrintMotd": "no",
         "AcceptEnv": "none",
+        # Sessions get a home of their own: the test host stays hermetic and the
+        # local user's ~/.bashrc (bash reads it under sshd) adds no cost per command.
+        "SetEnv": f"HOME={directory / 'home'}",
         **extra,
     }
     lines = [f"ListenAddress {host}" for host in hosts]
     lines += [f"{key} {value}" for key, value in options.items()]
-    path = directory / "sshd_config"
+    path = directory / f"sshd_config.{index}"
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -165,7 +173,7 @@ def _kill_tree(pid: int) -> None:
 
 
 async def _wait_listening(
-    proc: asyncio.subprocess.Process, log_file: Path, hosts: Sequence[str], port: int
+    procs: Sequence[asyncio.subprocess.Process], log_file: Path, hosts: Sequence[str], port: int
 ) -> bool:
     """True once sshd listens on every host; False if a bind failed (port taken)."""
     wanted = {f"Server listening on {host} port {port}." for host in hosts}
@@ -177,10 +185,18 @@ async def _wait_listening(
             return False
         if all(line in text for line in wanted):
             return True
-        if proc.returncode is not None:
-            raise RuntimeError(f"sshd exited with {proc.returncode}:\n{text}")
+        for proc in procs:
+            if proc.returncode is not None:
+                raise RuntimeError(f"sshd exited with {proc.returncode}:\n{text}")
         await asyncio.sleep(0.02)
     raise RuntimeError(f"sshd did not listen within {START_TIMEOUT}s:\n{text}")
+
+
+async def _stop(procs: list[asyncio.subprocess.Process]) -> None:
+    for proc in procs:
+        await asyncio.to_thread(_kill_tree, proc.pid)
+        await proc.wait()
+    procs.clear()
 
 
 @asynccontextmanager
@@ -205,27 +221,30 @@ async def running_sshd(
     workdir = directory or Path(
         await asyncio.to_thread(tempfile.mkdtemp, prefix="changeover-sshd-")
     )
-    proc: asyncio.subprocess.Process | None = None
+    procs: list[asyncio.subprocess.Process] = []
     try:
         host_key, key_file, authorized, host_key_line = await asyncio.to_thread(
             _write_keys, workdir, client_key
         )
         log_file = workdir / "sshd.log"
+        groups = [hosts[i : i + MAX_LISTEN] for i in range(0, len(hosts), MAX_LISTEN)]
         for _attempt in range(5):  # the free port may be taken on another address
-            port = free_port()
-            config = await asyncio.to_thread(
-                _config, workdir, hosts, port, host_key, authorized, extra_config or {}
-            )
-            with log_file.open("wb") as log:
-                proc = await asyncio.create_subprocess_exec(
-                    str(sshd), "-D", "-e", "-f", str(config),
-                    stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-                )  # fmt: skip
-            if await _wait_listening(proc, log_file, hosts, port):
+            port = free_port(hosts[0])
+            log_file.write_bytes(b"")
+            for index, group in enumerate(groups):
+                config = await asyncio.to_thread(
+                    _config, workdir, index, group, port, host_key, authorized, extra_config or {}
+                )
+                with log_file.open("ab") as log:  # every instance appends to one log
+                    procs.append(
+                        await asyncio.create_subprocess_exec(
+                            str(sshd), "-D", "-e", "-f", str(config),
+                            stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+                        )
+                    )  # fmt: skip
+            if await _wait_listening(procs, log_file, hosts, port):
                 break
-            await asyncio.to_thread(_kill_tree, proc.pid)
-            await proc.wait()
-            proc = None
+            await _stop(procs)
         else:
             raise RuntimeError(f"sshd found no free port:\n{log_file.read_text()}")
         known_hosts = workdir / "known_hosts"
@@ -242,8 +261,6 @@ async def running_sshd(
             directory=workdir,
         )
     finally:
-        if proc is not None:
-            await asyncio.to_thread(_kill_tree, proc.pid)
-            await proc.wait()
+        await _stop(procs)
         if owned:
             await asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True)
