@@ -159,17 +159,28 @@ def _config(
 def _kill_tree(pid: int) -> None:
     """Kill sshd and the per-connection sshd processes it forked.
 
-    Only the forked ones are awaited here: sshd itself is asyncio's child to reap.
+    Killed processes whose parent is gone become zombies until init reaps them,
+    which can take seconds; a zombie holds no socket, so it counts as gone here.
+    sshd itself is asyncio's child to reap.
     """
     try:
         parent = psutil.Process(pid)
         forked = parent.children(recursive=True)
     except psutil.NoSuchProcess:
         return
-    for proc in [parent, *forked]:
+    for proc in [*reversed(forked), parent]:
         with suppress(psutil.NoSuchProcess):
             proc.send_signal(signal.SIGKILL)
-    psutil.wait_procs(forked, timeout=5)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(_alive(p) for p in forked):
+        time.sleep(0.01)
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 async def _wait_listening(
