@@ -76,6 +76,11 @@ def test_contract_phase_keeps_only_locking_rules(path: Path) -> None:
     assert rules(findings) == ([rule] if "contract" in RULES[rule].phases else [])
 
 
+def test_the_docs_describe_every_rule() -> None:
+    docs = (Path(__file__).parents[2] / "docs" / "migrations.md").read_text()
+    assert [rule for rule in RULES if f"| `{rule}`" not in docs] == []
+
+
 def test_compatibility_rules_are_expand_only_and_locking_rules_apply_to_both() -> None:
     expand_only = {r.id for r in RULES.values() if r.phases == {"expand"}}
     assert expand_only == {
