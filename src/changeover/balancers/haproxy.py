@@ -82,7 +82,7 @@ def healthy_status(status: str) -> bool:
 class HAProxyBalancer(ConfiguredBalancer):
     product = "haproxy"
     default_config = "/etc/haproxy/haproxy.cfg"
-    default_check = ("haproxy", "-c", "-q", "-f", "{config}")
+    default_check = ("haproxy", "-c", "-f", "{config}")
     # Debian's unit runs HAProxy in master-worker mode: reload = seamless USR2.
     default_reload = ("systemctl", "reload", "haproxy")
 
