@@ -17,7 +17,7 @@ from changeover.probe.accounting import BreakLedger, LatencyHistogram, Sessions
 from changeover.probe.report import ProbeReport
 from changeover.probe.watcher import AdmissionWatcher
 
-MAX_EXAMPLES = 5  # failure messages kept for the report
+MAX_EXAMPLES = 5  # distinct failure messages kept for the report
 MAX_SLEEP = 0.05  # the scheduler wakes at least this often to notice `stop`
 
 
@@ -184,7 +184,8 @@ class _Probe:
                 if "Set-Cookie" in resp.headers:
                     self._keep_cookies(user, resp)
         except Exception as exc:  # every request sent is accounted for, whatever went wrong
-            self._fail(failure_kind(exc), f"{type(exc).__name__}: {exc}")
+            detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            self._fail(failure_kind(exc), detail)
             return
         done = time.monotonic()
         self.last_done = done
@@ -209,8 +210,9 @@ class _Probe:
 
     def _fail(self, kind: str, message: str) -> None:
         self.failures[kind] += 1
-        if len(self.examples) < MAX_EXAMPLES:
-            self.examples.append(f"{kind}: {message}")
+        example = f"{kind}: {message}"
+        if len(self.examples) < MAX_EXAMPLES and example not in self.examples:
+            self.examples.append(example)
 
     def report(self, *, duration: float) -> ProbeReport:
         watcher = self.watcher

@@ -1,0 +1,162 @@
+"""The probe against real sample apps on loopback: rate, failures, moves, breaks, flaps."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from changeover.demo.app import STATE, AppState, build_app
+from changeover.model import Admission, MemberState, PoolView
+from changeover.probe import AdmissionWatcher, ProbeReport, run_probe
+from tests.helpers import free_port, wait_until
+from tests.integration.test_sample_app import running_app
+
+HOST = "127.0.0.1"
+
+
+async def test_holds_1000_requests_per_second_on_schedule() -> None:
+    async with running_app() as app:
+        report = await run_probe(app.url + "/", rate=1000, duration=5, sticky_users=100)
+    assert report.failures == {}, report.failure_examples
+    assert report.sent == report.completed == report.ok == 5000
+    assert abs(report.achieved_rate - 1000) < 30
+    assert report.max_schedule_lag_ms < 100
+    assert report.versions_seen == {"v1": 5000}
+    assert report.session_moves == 0 and report.passed
+
+
+@contextlib.asynccontextmanager
+async def in_process_app(port: int, member: str, version: str) -> AsyncIterator[AppState]:
+    """The sample app in the test's own loop, so a test can await what it has served;
+    leaving stops it the way SIGTERM does (listener closed, requests in flight finished)."""
+    app = build_app(member, member, version)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
+    await runner.setup()
+    await web.TCPSite(runner, HOST, port).start()
+    try:
+        yield app[STATE]
+    finally:
+        await runner.cleanup()
+
+
+def served(state: AppState) -> int:
+    return sum(state.sessions.values())
+
+
+async def test_an_app_stopped_mid_run_shows_as_connect_failures() -> None:
+    port = free_port()
+    url = f"http://{HOST}:{port}/"
+    async with in_process_app(port, "a1", "v1") as state:
+        probe = asyncio.create_task(run_probe(url, rate=200, duration=2, sticky_users=10))
+        await wait_until(lambda: served(state) >= 100, what="100 requests served")
+    report = await probe  # the app stopped after about 0.5 s of the 2 s run
+    assert report.sent == 400
+    assert 100 <= report.ok < 400
+    assert report.failures.get("connect", 0) >= 200, report.failures
+    assert report.sent == report.completed + sum(report.failures.values())
+    assert not report.passed
+
+
+class FakePool:
+    """A balancer whose admissions the test sets by hand."""
+
+    def __init__(self, **admissions: Admission) -> None:
+        self.admissions = admissions
+
+    async def read(self) -> PoolView:
+        return PoolView(
+            tuple(MemberState(n, n[0], a, healthy=True) for n, a in self.admissions.items())
+        )
+
+
+async def test_moves_off_a_member_taken_out_are_not_breaks_but_others_are() -> None:
+    """Swap the member behind one port: a1 (v1) -> b1 (v2) after a1 left the pool,
+    then back to a1 (v1) while b1 is still admitted: 20 breaks and 20 flaps."""
+    port = free_port()
+    url = f"http://{HOST}:{port}/"
+    pool = FakePool(a1=Admission.LIVE, b1=Admission.OUT)
+    stop = asyncio.Event()
+    async with AdmissionWatcher(pool, interval=0.02) as watcher:
+        probe = asyncio.create_task(
+            run_probe(url, rate=200, duration=30, sticky_users=20, stop=stop, watcher=watcher)
+        )
+        async with in_process_app(port, "a1", "v1") as a1:
+            await wait_until(lambda: served(a1) >= 100, what="every user on a1")
+            pool.admissions = {"a1": Admission.OUT, "b1": Admission.LIVE}
+            await wait_until(lambda: _seen(watcher, "a1", Admission.OUT), what="a1 out")
+        async with in_process_app(port, "b1", "v2") as b1:
+            await wait_until(lambda: served(b1) >= 100, what="every user moved to b1")
+        async with in_process_app(port, "a1", "v1") as a1_again:  # b1 still LIVE: breaks
+            await wait_until(lambda: served(a1_again) >= 100, what="every user back on a1")
+            stop.set()
+            report = await probe
+    assert report.session_moves == 40
+    assert report.session_breaks == 20
+    assert report.version_flaps == 20
+    assert set(report.versions_seen) == {"v1", "v2"}
+    assert set(report.members_seen) == {"a1", "b1"}
+    assert report.watched and report.admission_reads > 0
+    assert not report.passed
+
+
+def _seen(watcher: AdmissionWatcher, member: str, admission: Admission) -> bool:
+    """Whether the watcher's latest read shows `member` with `admission`."""
+    last = watcher.timeline.last_read
+    view = watcher.timeline.at_or_before(last) if last is not None else None
+    return view is not None and view.get(member) == admission
+
+
+async def test_probe_process_stops_on_sigterm_and_prints_its_json_report() -> None:
+    """`python -m changeover.probe` as the demo runs it, watching a fake admin API."""
+    token = "s3cret"
+    reads: list[str] = []
+
+    async def pool(request: web.Request) -> web.Response:
+        reads.append(request.headers.get("Authorization", ""))
+        if request.headers.get("Authorization") != f"Bearer {token}":
+            return web.Response(status=401)
+        doc = {"members": [{"name": "a1", "cluster": "a", "admission": "live", "healthy": True}]}
+        return web.json_response(doc)
+
+    admin = web.Application()
+    admin.router.add_get("/v1/pool", pool)
+    admin_runner = web.AppRunner(admin)
+    await admin_runner.setup()
+    admin_port = free_port()
+    await web.TCPSite(admin_runner, HOST, admin_port).start()
+    port = free_port()
+    try:
+        async with in_process_app(port, "a1", "v1") as state:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "changeover.probe",
+                f"http://{HOST}:{port}/",
+                "--rate=100",
+                "--duration=60",
+                "--sticky-users=10",
+                "--json",
+                f"--watch-admin=http://{HOST}:{admin_port}",
+                "--token-env=PROBE_TEST_TOKEN",
+                env={**os.environ, "PROBE_TEST_TOKEN": token},
+                stdout=asyncio.subprocess.PIPE,
+            )
+            await wait_until(lambda: served(state) >= 50 and len(reads) >= 3, what="traffic")
+            proc.send_signal(signal.SIGTERM)
+            out, _ = await asyncio.wait_for(proc.communicate(), timeout=15)
+    finally:
+        await admin_runner.cleanup()
+    assert proc.returncode == 0
+    report = ProbeReport.from_dict(json.loads(out))
+    assert report.passed and report.duration < 30
+    assert report.sent == report.ok >= 50
+    assert report.watched and report.admission_reads >= 3
+    assert report.admission_read_failures == 0
+    assert set(reads) == {f"Bearer {token}"}
