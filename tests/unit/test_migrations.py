@@ -422,10 +422,20 @@ SQL_WORDS = (
     "NOT NULL DEFAULT RENAME TO TYPE int varchar(3) BEGIN COMMIT SET lock_timeout = 0 "
     "MODIFY CHANGE ENUM UNIQUE PRIMARY KEY REFERENCES CHECK VALID \n"
 )
-SQLISH = st.lists(st.sampled_from(SQL_WORDS.split(" ")), max_size=40).map(" ".join)
+# Fragments that often make whole statements, so the classifiers see real ASTs.
+SQL_FRAGMENTS = (
+    "ALTER TABLE t |ADD COLUMN c int |DEFAULT random() |NOT NULL |TYPE varchar(2) |"
+    "ALTER COLUMN c |RENAME |TO x |; |BEGIN; |CONSTRAINT k |CHECK (c IS NOT NULL) |"
+    "NOT VALID |VALIDATE CONSTRAINT k |SET NOT NULL |MODIFY c ENUM('a') |CHANGE c d int |"
+    "DROP |INDEX |CONCURRENTLY |CREATE |TABLE t (c int) "
+)
+SQLISH = st.one_of(
+    st.lists(st.sampled_from(SQL_WORDS.split(" ")), max_size=40).map(" ".join),
+    st.lists(st.sampled_from(SQL_FRAGMENTS.split("|")), max_size=30).map("".join),
+)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     sql=st.one_of(st.text(max_size=200), SQLISH),
     dialect=st.sampled_from(["postgres", "mysql", "sqlite"]),
