@@ -27,6 +27,7 @@ from changeover.balancers.base import BalancerError
 from changeover.config import DEFAULT_CONFIG, ConfigError, Topology, load
 from changeover.engine import approval_request
 from changeover.journal import Journal, JournalError, LockHeld
+from changeover.migrations.cli import app as migrations_app
 from changeover.plan import PlanRefused, describe, make_plan
 from changeover.runtime import make_balancer, make_executor, open_journal, run_engine
 
@@ -46,6 +47,9 @@ Exit codes: {EXIT_OK} success, {EXIT_FAILED} release/check failed,
 app = typer.Typer(help=HELP, no_args_is_help=True, rich_markup_mode=None, add_completion=False)
 balancer_app = typer.Typer(help="Run the embedded balancer.", no_args_is_help=True)
 app.add_typer(balancer_app, name="balancer")
+app.add_typer(
+    migrations_app, name="migrations", help="Check migrations for expand/contract safety."
+)
 
 out = Console()
 err = Console(stderr=True)
