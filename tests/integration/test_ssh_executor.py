@@ -315,3 +315,17 @@ async def test_jump_host_that_refuses_forwarding_is_a_clear_error(
             result.output
         )
         assert sshd.accepted() == 0  # never reached directly
+
+
+async def test_a_dropped_connection_is_replaced_on_the_next_command(
+    sshd: SshdServer, executor: SshExecutor
+) -> None:
+    first = await executor.run(CLUSTER, A1, ["true"], timeout=10)
+    assert first.ok, first.output
+    # The command's parent is sshd's process for this connection: killing it drops the link.
+    dropped = await executor.run(CLUSTER, A1, ["sh", "-c", "kill -KILL $PPID"], timeout=10)
+    assert dropped.exit_status is None
+    assert f"lost the command on {A1.host}" in dropped.output
+    after = await executor.run(CLUSTER, A1, ["true"], timeout=10)
+    assert after.ok, after.output
+    assert sshd.accepted(A1.host) == 2

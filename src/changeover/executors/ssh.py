@@ -303,29 +303,33 @@ class SshExecutor:
                 text += ("\n" if text and not text.endswith("\n") else "") + f"[changeover: {note}]"
             return CommandResult(member.name, tuple(argv), status, text, _since(started))
 
+        # The same variables the local executor sets, so scripts work with either.
+        command = remote_command(
+            argv, {"CHANGEOVER_CLUSTER": cluster.name, "CHANGEOVER_MEMBER": member.name}
+        )
+        proc: asyncssh.SSHClientProcess[bytes] | None = None
         try:
-            # The same variables the local executor sets, so scripts work with either.
-            env = {"CHANGEOVER_CLUSTER": cluster.name, "CHANGEOVER_MEMBER": member.name}
-            proc = await conn.create_process(
-                remote_command(argv, env), stdin=asyncssh.DEVNULL, encoding=None
-            )
-        except (asyncssh.Error, OSError) as exc:
-            self._forget(member.host, conn)
-            return result(None, f"cannot start the command on {member.host}: {_describe(exc)}")
-        try:
+            # Opening the channel counts too: a silently dead connection hangs there.
             async with asyncio.timeout(max(timeout, 0.0)):
+                proc = await conn.create_process(command, stdin=asyncssh.DEVNULL, encoding=None)
                 await asyncio.gather(_pump(proc.stdout, stdout.feed), _pump(proc.stderr, tail.add))
                 await proc.wait_closed()
         except TimeoutError:
             stdout.flush()
-            killed = await self._kill(conn, stdout.pid)
+            if proc is None:
+                self._forget(member.host, conn)
+                return result(None, f"no session opened on {member.host} within {timeout:g}s")
+            killed = await self._kill(conn, member.host, stdout.pid)
             return result(None, f"timed out after {timeout:g}s on {member.host}; {killed}")
         except (asyncssh.Error, OSError) as exc:
             stdout.flush()
-            self._forget(member.host, conn)
-            return result(None, f"connection to {member.host} lost: {_describe(exc)}")
+            if conn.is_closed():
+                self._forget(member.host, conn)
+            what = "cannot start the command on" if proc is None else "lost the command on"
+            return result(None, f"{what} {member.host}: {_describe(exc)}")
         finally:
-            proc.close()
+            if proc is not None:
+                proc.close()
         stdout.flush()
         code = proc.returncode
         if code is None:
@@ -335,7 +339,7 @@ class SshExecutor:
             return result(128 - code, f"killed by signal {name}")
         return result(code)
 
-    async def _kill(self, conn: asyncssh.SSHClientConnection, pid: int | None) -> str:
+    async def _kill(self, conn: asyncssh.SSHClientConnection, host: str, pid: int | None) -> str:
         if pid is None:
             return "its pid was never announced, so it may still be running"
         # The pid is the session leader: -pid names its process group.
@@ -344,6 +348,7 @@ class SshExecutor:
             async with asyncio.timeout(KILL_TIMEOUT):
                 done = await conn.run(command, check=False, stdin=asyncssh.DEVNULL)
         except (TimeoutError, asyncssh.Error, OSError) as exc:
+            self._forget(host, conn)  # it could not even run `kill`: reconnect next time
             return f"could not kill process group {pid}: {_describe(exc)}"
         if done.exit_status != 0:
             return f"could not kill process group {pid} (kill exited {done.exit_status})"
@@ -359,7 +364,11 @@ class SshExecutor:
             return conn
 
     def _forget(self, host: str, conn: asyncssh.SSHClientConnection) -> None:
-        """Drop a broken pooled connection so the next command reconnects."""
+        """Drop a broken pooled connection so the next command reconnects.
+
+        Only for a connection that is closed or unresponsive: others on the same
+        host may be running commands on it.
+        """
         if self._conns.get(host) is conn:
             del self._conns[host]
             conn.abort()
