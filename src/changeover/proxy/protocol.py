@@ -151,8 +151,7 @@ class Worker:
     def route(self, scope: int, sticky: int, tried: tuple[int, ...] | list[int]) -> int:
         if self.shared.generation() != self.generation:
             self._reload()
-        self.turn += 1
-        return pick(
+        chosen = pick(
             self.table,
             self.candidates,
             self.admission,
@@ -163,6 +162,9 @@ class Worker:
             self.inflight if self.least_conn else None,
             tried,
         )
+        if chosen != sticky:  # only new-session choices take a round-robin turn
+            self.turn += 1
+        return chosen
 
     def acquire(self, member: int) -> Upstream | None:
         idle = self.idle[member]
@@ -276,10 +278,10 @@ class Client(asyncio.Protocol):
     __slots__ = (
         "active",
         "chunked",
-        "closing",
         "cookies",
         "deadline",
         "drop",
+        "eof",
         "fallback_host",
         "head_size",
         "header_bytes",
@@ -316,7 +318,7 @@ class Client(asyncio.Protocol):
         self.queue: deque[Request] | None = None  # pipelined, waiting for `active`
         self.paused = 0
         self.write_paused = False
-        self.closing = False
+        self.eof = False  # no more requests will be read on this connection
         self.deadline = 0.0
         self._new_head()
 
@@ -344,7 +346,7 @@ class Client(asyncio.Protocol):
         self.deadline = self.w.loop.time() + HEADER_TIMEOUT
 
     def data_received(self, data: bytes) -> None:
-        if self.closing:  # after a "Connection: close" request, nothing more is read
+        if self.eof:  # after a "Connection: close" request, nothing more is read
             return
         if self.reading_head:
             if self.head_size == 0:
@@ -367,7 +369,7 @@ class Client(asyncio.Protocol):
             self._refuse(431)
 
     def eof_received(self) -> bool | None:
-        self.closing = True
+        self.eof = True
         if self.active is None and self.transport is not None:
             self.transport.close()
         # Half-close: still deliver the response in flight (TLS cannot half-close).
@@ -505,7 +507,7 @@ class Client(asyncio.Protocol):
             self._send(req, b"0\r\n\r\n")
         req.done = True
         if not req.keep_alive:
-            self.closing = True  # ignore anything the client sends after this request
+            self.eof = True
 
     # --- exchange ----------------------------------------------------------------
 
@@ -593,12 +595,7 @@ class Client(asyncio.Protocol):
             return
         if self.paused & _UPLOAD:
             self._resume(_UPLOAD)
-        if (
-            not req.keep_alive
-            or not req.done
-            or self.closing
-            or (self.w.stopping and not self.queue)
-        ):
+        if not req.keep_alive or not req.done or (not self.queue and (self.eof or self.w.stopping)):
             self.transport.close()
         elif self.queue:
             following = self.queue.popleft()
@@ -632,7 +629,7 @@ class Client(asyncio.Protocol):
 
     def _answer(self, status: int) -> None:
         """A response of our own, then close (the request body may be unread)."""
-        self.closing = True
+        self.eof = True
         self.req = None
         if self.transport is not None:
             self.transport.write(_ERRORS[status])
@@ -829,7 +826,7 @@ class Upstream(asyncio.Protocol):
         # HTTP/1.0 clients cannot read chunks: they get the raw body and a close.
         unsized = self.framing != _LENGTH_FRAMED
         self.rechunk = unsized and not req.http10
-        close = not req.keep_alive or client.closing or self.w.stopping or (unsized and req.http10)
+        close = not req.keep_alive or self.w.stopping or (unsized and req.http10)
         if close:
             req.keep_alive = False
         self.keep = self.parser.should_keep_alive()

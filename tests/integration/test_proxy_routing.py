@@ -1,0 +1,116 @@
+"""The embedded balancer routes like the design says: sticky, drain, QA."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+
+from tests.integration.proxy_fixtures import balancer_site, get_json, members
+
+LAYOUT = {"a": ["a1", "a2"], "b": ["b1", "b2"]}
+
+
+def fresh() -> aiohttp.ClientSession:
+    """A client with its own cookie jar: one user."""
+    return aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+
+
+async def test_new_users_spread_and_sticky_users_stay(tmp_path: Path) -> None:
+    async with members(LAYOUT) as started, balancer_site(tmp_path, started) as site:
+        first: Counter[str] = Counter()
+        for _ in range(8):
+            async with fresh() as user:
+                _, body = await get_json(user, site.public + "/")
+                first[body["member"]] += 1
+                for _ in range(5):  # the session cookie's route keeps the user on its member
+                    status, again = await get_json(user, site.public + "/")
+                    assert (status, again["member"]) == (200, body["member"])
+        assert first == {"a1": 2, "a2": 2, "b1": 2, "b2": 2}
+
+
+async def test_route_cookie_is_inserted_for_apps_that_set_none(tmp_path: Path) -> None:
+    async with (
+        members(LAYOUT) as started,
+        balancer_site(tmp_path, started) as site,
+        fresh() as user,
+    ):
+        async with user.get(site.public + "/plain") as r:
+            member = (await r.json())["member"]
+            assert r.cookies["CHANGEOVER_ROUTE"].value == member
+            assert "HttpOnly" in r.headers["Set-Cookie"]
+        for _ in range(5):
+            async with user.get(site.public + "/plain") as r:
+                assert (await r.json())["member"] == member
+                assert "Set-Cookie" not in r.headers  # a valid route needs no new cookie
+        async with user.get(site.public + "/") as r:  # the app sets its own sticky cookie
+            assert "CHANGEOVER_ROUTE" not in r.headers.get("Set-Cookie", "")
+
+
+async def test_drain_keeps_sticky_users_and_sends_new_users_elsewhere(tmp_path: Path) -> None:
+    async with members(LAYOUT) as started, balancer_site(tmp_path, started) as site:
+        users = [fresh() for _ in range(8)]
+        try:
+            homes = {}
+            for user in users:
+                homes[user] = (await get_json(user, site.public + "/"))[1]["member"]
+            async with aiohttp.ClientSession() as admin:
+                await site.admit(admin, a1="draining", a2="draining")
+            for user, home in homes.items():  # sticky users on a stay on a
+                assert (await get_json(user, site.public + "/"))[1]["member"] == home
+            for _ in range(10):  # new users never land on a draining member
+                async with fresh() as newcomer:
+                    _, body = await get_json(newcomer, site.public + "/")
+                    assert body["cluster"] == "b"
+            async with aiohttp.ClientSession() as admin:
+                await site.admit(admin, a1="out", a2="out")
+            for user in homes:  # OUT: sticky users of a are re-routed to b
+                assert (await get_json(user, site.public + "/"))[1]["cluster"] == "b"
+        finally:
+            for user in users:
+                await user.close()
+
+
+async def test_draining_members_serve_new_users_when_no_live_member_is_left(
+    tmp_path: Path,
+) -> None:
+    async with (
+        members(LAYOUT) as started,
+        balancer_site(tmp_path, started) as site,
+        aiohttp.ClientSession() as admin,
+    ):
+        await site.admit(admin, a1="draining", a2="draining", b1="out", b2="out")
+        _, body = await get_json(admin, site.public + "/")
+        assert body["cluster"] == "a"
+        await site.admit(admin, a1="out", a2="out")
+        async with admin.get(site.public + "/") as r:
+            assert r.status == 503
+
+
+async def test_qa_port_reaches_its_cluster_whatever_the_admission(tmp_path: Path) -> None:
+    async with (
+        members(LAYOUT) as started,
+        balancer_site(tmp_path, started, qa=True) as site,
+        aiohttp.ClientSession() as client,
+    ):
+        await site.admit(client, a1="out", a2="out")
+        for _ in range(6):
+            assert (await get_json(client, site.qa["a"] + "/"))[1]["cluster"] == "a"
+            assert (await get_json(client, site.qa["b"] + "/"))[1]["cluster"] == "b"
+            assert (await get_json(client, site.public + "/"))[1]["cluster"] == "b"
+
+
+async def test_qa_host_on_the_public_listener_reaches_its_cluster(tmp_path: Path) -> None:
+    hosts = {"a": "prod-a.example.com", "b": "prod-b.example.com"}
+    async with (
+        members(LAYOUT) as started,
+        balancer_site(tmp_path, started, qa_hosts=hosts) as site,
+        aiohttp.ClientSession() as client,
+    ):
+        await site.admit(client, b1="out", b2="out")
+        for _ in range(6):
+            qa_b = {"Host": "PROD-B.example.com:8080"}
+            assert (await get_json(client, site.public + "/", headers=qa_b))[1]["cluster"] == "b"
+            www = {"Host": "www.example"}
+            assert (await get_json(client, site.public + "/", headers=www))[1]["cluster"] == "a"

@@ -1,0 +1,135 @@
+"""The balancer's shared pool state, persistence and health streaks."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from changeover.config import Topology, parse
+from changeover.model import Admission
+from changeover.proxy.health import next_health
+from changeover.proxy.routing import DRAINING, LIVE, OUT
+from changeover.proxy.state import (
+    AdmissionError,
+    PoolState,
+    SharedState,
+    load_admissions,
+    save_admissions,
+)
+
+
+def topology() -> Topology:
+    return parse(
+        {
+            "clusters": [
+                {
+                    "name": "a",
+                    "members": [{"name": "a1", "port": 9001}, {"name": "a2", "port": 9002}],
+                },
+                {"name": "b", "members": [{"name": "b1", "port": 9003}]},
+            ]
+        }
+    )
+
+
+def test_publish_makes_one_whole_picture_visible() -> None:
+    shared = SharedState(members=3, workers=2)
+    shared.publish([LIVE, DRAINING, OUT], [True, False, True])
+    generation, admission, healthy = shared.snapshot()
+    assert (admission, healthy) == (bytes([LIVE, DRAINING, OUT]), bytes([1, 0, 1]))
+    shared.publish([OUT, OUT, LIVE], [True, True, True])
+    assert shared.snapshot() == (generation + 1, bytes([OUT, OUT, LIVE]), bytes([1, 1, 1]))
+
+
+def test_counters_are_per_worker_and_summed() -> None:
+    shared = SharedState(members=3, workers=2)
+    inflight0, requests0, failures0 = shared.counters(0)
+    inflight1, requests1, _ = shared.counters(1)
+    inflight0[1] += 2
+    inflight1[1] += 3
+    requests0[2] += 7
+    requests1[2] += 1
+    failures0[0] += 1
+    assert shared.totals() == ([0, 5, 0], [0, 0, 8], [1, 0, 0])
+    assert shared.failures(0) == 1
+
+
+def test_shared_state_is_seen_by_a_forked_worker() -> None:
+    shared = SharedState(members=2, workers=1)
+    shared.publish([LIVE, LIVE], [True, True])
+    pid = os.fork()
+    if pid == 0:  # the child plays a worker: count a request, then exit
+        shared.counters(0)[1][0] += 1
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert shared.totals()[1] == [1, 0]
+
+
+def test_admission_changes_are_all_or_nothing(tmp_path: Path) -> None:
+    pool = PoolState(topology(), SharedState(3, 1), tmp_path / "state.json")
+    with pytest.raises(AdmissionError, match="unknown member 'zz'"):
+        pool.set_admissions({"a1": "out", "zz": "out"})
+    with pytest.raises(AdmissionError, match="bad admission 'gone'"):
+        pool.set_admissions({"a1": "out", "a2": "gone"})
+    assert pool.admission == [LIVE, LIVE, LIVE]
+    assert not (tmp_path / "state.json").exists()
+    assert pool.set_admissions({"a1": "draining", "a2": "draining", "b1": "live"}) == [
+        "a1: live -> draining",
+        "a2: live -> draining",
+    ]
+    assert pool.shared.snapshot()[1] == bytes([DRAINING, DRAINING, LIVE])
+    assert [m["admission"] for m in pool.view()["members"]] == ["draining", "draining", "live"]
+
+
+def test_admissions_persist_and_load_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "balancer.json"
+    PoolState(topology(), SharedState(3, 1), path).set_admissions({"b1": "out"})
+    assert json.loads(path.read_text()) == {"admissions": {"a1": "live", "a2": "live", "b1": "out"}}
+    again = PoolState(topology(), SharedState(3, 1), path)
+    assert again.admission == [LIVE, LIVE, OUT]
+    assert [p.name for p in path.parent.iterdir()] == ["balancer.json"]  # no temp file left
+
+
+def test_state_file_absent_means_all_live_and_bad_one_is_an_error(tmp_path: Path) -> None:
+    assert load_admissions(tmp_path / "none.json") == {}
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"admissions": {"a1": "maybe"}}')
+    with pytest.raises(ValueError, match=r"bad\.json"):
+        load_admissions(bad)
+    save_admissions(bad, {"a1": DRAINING})
+    assert load_admissions(bad) == {"a1": Admission.DRAINING}
+
+
+def test_pool_view_has_the_admin_contract_fields() -> None:
+    pool = PoolState(topology(), SharedState(3, 2), None)
+    pool.shared.counters(1)[0][2] += 1
+    member = pool.view()["members"][2]
+    assert member == {
+        "name": "b1",
+        "cluster": "b",
+        "host": "127.0.0.1",
+        "port": 9003,
+        "route": "b1",
+        "admission": "live",
+        "healthy": True,
+        "active": 1,
+        "requests": 0,
+    }
+
+
+def test_health_needs_fall_failures_to_go_down_and_rise_successes_to_return() -> None:
+    healthy, streak = True, 0
+    healthy, streak = next_health(healthy, streak, False, rise=2, fall=3)
+    healthy, streak = next_health(healthy, streak, False, rise=2, fall=3)
+    assert healthy
+    healthy, streak = next_health(healthy, streak, True, rise=2, fall=3)  # resets the streak
+    for _ in range(3):
+        healthy, streak = next_health(healthy, streak, False, rise=2, fall=3)
+    assert not healthy
+    healthy, streak = next_health(healthy, streak, True, rise=2, fall=3)
+    assert not healthy
+    healthy, streak = next_health(healthy, streak, True, rise=2, fall=3)
+    assert healthy and streak == 0
