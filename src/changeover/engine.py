@@ -444,6 +444,8 @@ class Engine:
         return f"{len(results)} member(s) on {self._version}"
 
     async def _smoke(self, cluster: Cluster) -> str:
+        # The QA entry point goes through the balancer: it must see the cluster up.
+        await self._wait_balancer_healthy(cluster.name)
         results = await self.checker.smoke(cluster, self._version)
         bad = [r for r in results if not r.ok]
         if bad:
