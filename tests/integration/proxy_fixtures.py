@@ -42,6 +42,7 @@ class FakeMember:
     port: int = 0
     healthy: bool = True
     served: int = 0
+    streamed: int = 0  # download bytes written so far (backpressure shows as a stall)
     peers: set[tuple[str, int]] = field(default_factory=set)  # distinct client connections
     headers: list[dict[str, str]] = field(default_factory=list)
     runner: web.AppRunner | None = None
@@ -78,9 +79,12 @@ class FakeMember:
         return response
 
     async def plain(self, request: web.Request) -> web.Response:
-        """An app that sets no cookie: the balancer inserts its route cookie."""
+        """An app that sets no cookie (the balancer inserts its route cookie); it
+        names the balancer's source port, which tells which worker sent it."""
         self._seen(request)
-        return web.json_response({"member": self.name, "cluster": self.cluster})
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        port = peer[1] if peer else 0
+        return web.json_response({"member": self.name, "cluster": self.cluster, "peer": port})
 
     async def echo_headers(self, request: web.Request) -> web.Response:
         self._seen(request)
@@ -105,6 +109,7 @@ class FakeMember:
         left = size
         while left > 0:
             await response.write(block[: min(left, CHUNK)])
+            self.streamed += min(left, CHUNK)
             left -= CHUNK
         await response.write_eof()
         return response

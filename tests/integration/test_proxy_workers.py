@@ -1,0 +1,82 @@
+"""Several worker processes share one admission state; shutdown is graceful."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections import defaultdict
+from pathlib import Path
+
+import aiohttp
+import psutil
+
+from tests.helpers import wait_until
+from tests.integration.proxy_fixtures import Site, balancer_site, get_json, members
+
+LAYOUT = {"a": ["a1", "a2"], "b": ["b1", "b2"]}
+
+
+def worker_of_port(site: Site) -> dict[int, int]:
+    """Local port of every upstream connection -> pid of the worker that owns it."""
+    owners = {}
+    for pid in site.worker_pids():
+        for conn in psutil.Process(pid).net_connections(kind="tcp"):
+            if conn.raddr:
+                owners[conn.laddr.port] = pid
+    return owners
+
+
+async def spread(site: Site, requests: int) -> dict[int, set[str]]:
+    """Clusters each worker served, over `requests` new client connections."""
+    served: list[tuple[str, int]] = []
+    for _ in range(requests):
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as client:
+            _, body = await get_json(client, site.public + "/plain")
+            served.append((body["cluster"], body["peer"]))
+    owners = worker_of_port(site)
+    by_worker: dict[int, set[str]] = defaultdict(set)
+    for cluster, port in served:
+        by_worker[owners[port]].add(cluster)
+    return by_worker
+
+
+async def test_two_workers_see_one_admission_state(tmp_path: Path) -> None:
+    async with (
+        members(LAYOUT) as started,
+        balancer_site(tmp_path, started, "--workers", "2") as site,
+        aiohttp.ClientSession() as admin,
+    ):
+        assert len(site.worker_pids()) == 2
+        before = await spread(site, 40)
+        assert len(before) == 2, "the kernel should spread 40 connections over both workers"
+        assert all(clusters == {"a", "b"} for clusters in before.values())
+
+        await site.admit(admin, a1="out", a2="out")
+        after = await spread(site, 40)
+        assert len(after) == 2
+        assert all(clusters == {"b"} for clusters in after.values()), after
+
+        pool = await site.pool(admin)
+        assert sum(m["requests"] for m in pool.values()) == 80  # summed over both workers
+
+
+async def test_sigterm_lets_requests_in_flight_finish(tmp_path: Path) -> None:
+    async with (
+        members(LAYOUT) as started,
+        balancer_site(tmp_path, started) as site,
+        aiohttp.ClientSession() as client,
+    ):
+        slow = asyncio.create_task(get_json(client, site.public + "/slow?delay=1"))
+
+        async def in_flight() -> bool:
+            active: int = sum(m["active"] for m in (await site.pool(client)).values())
+            return active == 1
+
+        await wait_until(in_flight, what="the slow request to be in flight")
+        site.process.send_signal(signal.SIGTERM)
+        status, body = await slow
+        assert status == 200 and body["cluster"] in ("a", "b")
+        assert await asyncio.wait_for(site.process.wait(), 20) == 0
+        log = site.log_text()
+        assert "balancer stopping" in log and "balancer stopped" in log
