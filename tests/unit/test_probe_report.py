@@ -143,3 +143,12 @@ async def test_watcher_records_a_timeline_and_tolerates_failed_reads() -> None:
     calls = fake.calls
     await asyncio.sleep(0.05)
     assert fake.calls == calls  # stopped means stopped (an absence can only be sampled)
+
+
+def test_render_warns_when_the_probe_fell_behind() -> None:
+    console = Console(record=True, width=120)
+    replace(sample_report(), max_schedule_lag_ms=500.0).render(console)
+    assert "the probe fell behind its schedule" in console.export_text()
+    console = Console(record=True, width=120)
+    sample_report().render(console)
+    assert "fell behind" not in console.export_text()

@@ -10,6 +10,8 @@ from rich.console import Console, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+LAG_WARNING_MS = 100.0  # schedule lag past which the report warns about the probe itself
+
 # Failure kinds, in the order they are shown.
 FAILURE_KINDS = (
     "connect",  # refused or unreachable: nothing listening
@@ -87,7 +89,7 @@ class ProbeReport:
         table.add_column(style="bold")
         table.add_column()
         lat = self.latency_ms
-        rows = [
+        rows: list[tuple[str, str | Text]] = [
             ("target", f"{self.url} at {self.target_rate:g} req/s, {self.sticky_users} users"),
             ("sent", f"{self.sent} in {self.duration:.1f} s ({self.achieved_rate:.0f} req/s)"),
             ("completed", f"{self.completed} ({self.ok} ok)"),
@@ -96,7 +98,7 @@ class ProbeReport:
                 "latency",
                 f"p50 {lat['p50']:.1f} ms  p99 {lat['p99']:.1f} ms  max {lat['max']:.1f} ms",
             ),
-            ("schedule lag", f"max {self.max_schedule_lag_ms:.1f} ms"),
+            ("schedule lag", self._lag()),
             ("sessions", f"{self.session_moves} moved, {self.session_breaks} broken"),
             ("version flaps", str(self.version_flaps)),
             ("versions", _counts(self.versions_seen) or "-"),
@@ -115,6 +117,13 @@ class ProbeReport:
         for label, value in rows:
             table.add_row(label, value)
         return table
+
+    def _lag(self) -> str | Text:
+        lag = f"max {self.max_schedule_lag_ms:.1f} ms"
+        if self.max_schedule_lag_ms <= LAG_WARNING_MS:
+            return lag
+        # The probe's own machine could not keep up: failures may be the probe's.
+        return Text(f"{lag}: the probe fell behind its schedule", style="yellow")
 
     def render(self, console: Console) -> None:
         console.print(self)
