@@ -63,7 +63,7 @@ class AdmissionWatcher:
     ) -> None:
         await self.stop()
 
-    async def read_once(self) -> None:
+    async def _read_once(self) -> None:
         started = time.monotonic()
         try:
             # A read that hangs must not stall the timeline for longer than this.
@@ -88,7 +88,7 @@ class AdmissionWatcher:
     async def _poll(self) -> None:
         while True:  # until stop() cancels it
             started = time.monotonic()
-            await self.read_once()
+            await self._read_once()
             await asyncio.sleep(max(0.0, started + self.interval - time.monotonic()))
 
 
