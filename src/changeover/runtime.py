@@ -36,7 +36,7 @@ def make_executor(topo: Topology) -> Executor:
     if topo.executor.kind == "ssh":
         from changeover.executors.ssh import SshExecutor
 
-        return SshExecutor(topo.executor.ssh)
+        return SshExecutor.from_topology(topo)
     from changeover.executors.local import LocalExecutor
 
     return LocalExecutor()

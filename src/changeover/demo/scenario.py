@@ -107,9 +107,9 @@ def write_topology(root: Path, opts: DemoOptions) -> Path:
         "",
         "[balancer.health]",
         'interval = "250ms"',
-        'timeout = "1s"',
+        'timeout = "2s"',
         "rise = 2",
-        "fall = 1",
+        "fall = 3",  # a busy 2-core demo box must not eject a whole cluster
         "",
         "[executor]",
         'kind = "local"',
