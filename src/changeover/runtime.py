@@ -26,7 +26,7 @@ def make_balancer(topo: Topology) -> Balancer:
             return instances[0]
         from changeover.balancers.group import BalancerGroup
 
-        return BalancerGroup(instances)  # type: ignore[arg-type]
+        return BalancerGroup(instances)
     from changeover.balancers.factory import make_balancer as make_external
 
     return make_external(topo)
