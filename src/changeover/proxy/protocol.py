@@ -106,10 +106,15 @@ class Refused(Exception):
         self.status = status
 
 
+_PLAIN_CONNECTION = frozenset({b"close", b"keep-alive", b"upgrade"})
+
+
 def _connection_tokens(value: bytes) -> set[bytes]:
     """Header names a Connection header lists beyond the usual options."""
-    tokens = {t.strip() for t in value.lower().split(b",")}
-    return tokens - {b"close", b"keep-alive", b"upgrade", b""}
+    value = value.lower()
+    if value in _PLAIN_CONNECTION:  # nearly always: skip the split
+        return set()
+    return {t.strip() for t in value.split(b",")} - _PLAIN_CONNECTION - {b""}
 
 
 def _without(lines: list[bytes], names: set[bytes]) -> list[bytes]:
