@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import os
+import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -200,9 +202,11 @@ class Engine:
         return state
 
     async def _run_step(self, idx: int, step: Step, total: int) -> None:
+        failpoint(step.id, "before")
         await self._j(self.journal.step_started, self._release_id, idx)
         await self._emit("step-start", step.description, step, idx, total, journal=False)
         started = time.monotonic()
+        failpoint(step.id, "during")
         try:
             detail = await self._dispatch(idx, step)
         except (StepFailed, BalancerError, PlanRefused) as exc:
@@ -211,9 +215,10 @@ class Engine:
             raise StepFailed(f"{step.description}: {exc}") from exc
         except Stopped as stop:
             # Not done: resume runs this step again from the start.
-            await self._j(self.journal.step_finished, self._release_id, idx, False, str(stop))
+            await self._j(self.journal.step_interrupted, self._release_id, idx, str(stop))
             raise
         await self._j(self.journal.step_finished, self._release_id, idx, True, detail)
+        failpoint(step.id, "after")
         took = time.monotonic() - started
         await self._emit(
             "step-done",
@@ -470,6 +475,20 @@ class Engine:
                 await self._wait(0.2)
         finally:
             await self._j(self.journal.set_state, self._release_id, J.RUNNING)
+
+
+def failpoint(step_id: str, where: str) -> None:
+    """Crash on purpose where CHANGEOVER_FAILPOINT="<step id>:<before|during|after>"
+    says, so tests can kill a release at every step boundary and inside every
+    step (the same SIGKILL an operator's `kill -9` or a power cut delivers).
+    `during` fires CHANGEOVER_FAILPOINT_DELAY seconds (default 0.2) into the step."""
+    if os.environ.get("CHANGEOVER_FAILPOINT") != f"{step_id}:{where}":
+        return
+    if where == "during":
+        delay = float(os.environ.get("CHANGEOVER_FAILPOINT_DELAY", "0.2"))
+        asyncio.get_running_loop().call_later(delay, os.kill, os.getpid(), signal.SIGKILL)
+    else:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def approval_request(step_id: str) -> str:

@@ -359,6 +359,14 @@ class Journal:
                 (STEP_DONE if ok else STEP_FAILED, time.time(), detail, release_id, idx),
             )
 
+    def step_interrupted(self, release_id: int, idx: int, why: str) -> None:
+        """Back to pending: the step did not finish and runs again on resume."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE steps SET state=?, finished=NULL, detail=? WHERE release_id=? AND idx=?",
+                (STEP_PENDING, why, release_id, idx),
+            )
+
     def add_output(
         self,
         release_id: int,
