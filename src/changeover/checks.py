@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
+from collections import Counter
 from dataclasses import dataclass
 
 import aiohttp
@@ -96,6 +97,16 @@ class Checker:
             member.name, ok, f"reports {body[:80]!r}" + ("" if ok else f", expected {want!r}")
         )
 
+    async def served_version(self) -> str | None:
+        """The version most members report now (a short one-line answer of the
+        version endpoint), for a site whose first release has no journal yet."""
+        answers = await asyncio.gather(
+            *(self._get(m.base_url + self.cfg.version_path) for _, m in self.topo.members())
+        )
+        bodies = [a[1].strip() for a in answers if not isinstance(a, str) and a[0] == 200]
+        votes = Counter(b for b in bodies if b and len(b) <= 100 and "\n" not in b)
+        return votes.most_common(1)[0][0] if votes else None
+
     async def smoke(self, cluster: Cluster, version: str) -> list[CheckResult]:
         base, host = qa_entry(self.topo, cluster)
         results = []
@@ -122,6 +133,15 @@ class Checker:
         if self.cfg.smoke_command:
             results.append(await self._smoke_command(base, host, version))
         return results
+
+    async def live_smoke(self, version: str) -> CheckResult | None:
+        """The smoke command against the public live pool (bake), if there is one."""
+        if not self.cfg.smoke_command:
+            return None
+        listen = self.topo.balancer.listen
+        host = "127.0.0.1" if listen.host in ("0.0.0.0", "::", "") else listen.host
+        scheme = "https" if self.topo.balancer.tls_cert else "http"
+        return await self._smoke_command(f"{scheme}://{host}:{listen.port}", None, version)
 
     async def _smoke_command(self, base: str, host: str | None, version: str) -> CheckResult:
         argv = render_argv(self.cfg.smoke_command or "", {"version": version})

@@ -229,7 +229,12 @@ def plan(
         out.print(line, highlight=False, markup=False)
 
 
-_STATE_EXIT = {J.DONE: EXIT_OK, J.FAILED: EXIT_FAILED, J.INTERRUPTED: EXIT_STOPPED}
+_STATE_EXIT = {
+    J.DONE: EXIT_OK,
+    J.FAILED: EXIT_FAILED,
+    J.ROLLED_BACK: EXIT_FAILED,
+    J.INTERRUPTED: EXIT_STOPPED,
+}
 
 
 def _finish(topo: Topology, release_id: int, state: str, json_out: bool) -> None:
@@ -249,6 +254,16 @@ def release(
     topo = _load(config)
     console = err if json_out else out
     release_id, state = _run(run_engine(topo, lambda e: e.begin(version), console))
+    _finish(topo, release_id, state, json_out)
+
+
+@app.command()
+def rollback(config: ConfigOpt = Path(DEFAULT_CONFIG), json_out: JsonOpt = False) -> None:
+    """Go back to the previous version: an instant flip to the clusters a bluegreen
+    release kept on it (within policy.keep_previous), else a release of it."""
+    topo = _load(config)
+    console = err if json_out else out
+    release_id, state = _run(run_engine(topo, lambda e: e.begin_rollback(), console))
     _finish(topo, release_id, state, json_out)
 
 

@@ -24,8 +24,17 @@ from changeover.balancers.base import Balancer, BalancerError
 from changeover.checks import Checker, CheckResult
 from changeover.config import Cluster, Member, Topology
 from changeover.executors.base import CommandResult, Executor, member_values, render_argv
-from changeover.model import PoolView, cluster_admission
-from changeover.plan import PlanRefused, Step, StepKind, admit_refusal, make_plan, member_admissions
+from changeover.model import Admission, PoolView, cluster_admission
+from changeover.plan import (
+    PlanRefused,
+    Step,
+    StepKind,
+    admit_refusal,
+    bake_problem,
+    flip_back_plan,
+    make_plan,
+    member_admissions,
+)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -48,6 +57,10 @@ class Event:
 
 class StepFailed(Exception):
     """A step did not achieve its goal; the message says why."""
+
+
+class RolledBack(Exception):
+    """The bake found the new release bad and the engine flipped back."""
 
 
 class Stopped(Exception):
@@ -79,6 +92,7 @@ class Engine:
         self._interrupt = asyncio.Event()
         self._release_id = 0
         self._version = ""
+        self._steps: list[Step] = []
 
     # --- plumbing ----------------------------------------------------------------
 
@@ -118,8 +132,33 @@ class Engine:
 
     # --- starting and resuming ----------------------------------------------------
 
-    async def begin(self, version: str, kind: str = "release") -> int:
+    async def begin(self, version: str) -> int:
         """Take the lock, plan against the live pool, and journal the new release."""
+        return await self._create(
+            lambda view, _last: (version, make_plan(self.topo, version, view))
+        )
+
+    async def begin_rollback(self) -> int:
+        """Back to the version before the last finished release: an instant flip
+        to the clusters a bluegreen release kept on it, within `keep_previous`;
+        otherwise a release of that version through the same safe steps."""
+
+        def plan(view: PoolView, last: J.ReleaseRow | None) -> tuple[str, list[Step]]:
+            if last is None or last.previous_version is None:
+                raise PlanRefused("nothing to roll back to: no finished release with a predecessor")
+            kept = kept_clusters(self.topo, last, view, time.time())
+            if kept is not None:
+                current, previous = kept
+                return last.previous_version, flip_back_plan(self.topo, current, previous)
+            return last.previous_version, make_plan(self.topo, last.previous_version, view)
+
+        return await self._create(plan, kind="rollback")
+
+    async def _create(
+        self,
+        plan: Callable[[PoolView, J.ReleaseRow | None], tuple[str, list[Step]]],
+        kind: str = "release",
+    ) -> int:
         await self._j(self.journal.acquire, self.site, None)
         try:
             pending = await self._j(self.journal.unfinished, self.site)
@@ -129,13 +168,14 @@ class Engine:
                     "`changeover resume` it, or `changeover abort` it first"
                 )
             view = await self.balancer.read()
-            steps = make_plan(self.topo, version, view)
             last = await self._j(self.journal.last_done, self.site)
+            version, steps = plan(view, last)
+            serving = last.version if last else await self.checker.served_version()
             release_id = await self._j(
                 self.journal.create_release,
                 self.site,
                 version,
-                last.version if last else None,
+                serving,
                 self.topo.policy.strategy,
                 [s.to_dict() for s in steps],
                 kind,
@@ -168,7 +208,7 @@ class Engine:
         self._release_id = release_id
         row = await self._j(self.journal.release, release_id)
         self._version = row.version
-        steps = [Step.from_dict(s) for s in row.plan]
+        self._steps = steps = [Step.from_dict(s) for s in row.plan]
         done = {
             s.idx for s in await self._j(self.journal.steps, release_id) if s.state == J.STEP_DONE
         }
@@ -192,6 +232,10 @@ class Engine:
             state = stop.state
             await self._j(self.journal.set_state, release_id, state, str(stop))
             await self._emit("warn", str(stop))
+        except RolledBack as exc:
+            state = J.ROLLED_BACK
+            await self._j(self.journal.set_state, release_id, state, str(exc))
+            await self._emit("state", f"release #{release_id} rolled back: {exc}")
         except StepFailed as exc:
             state = J.FAILED
             await self._j(self.journal.set_state, release_id, state, str(exc))
@@ -248,6 +292,8 @@ class Engine:
                 return await self._smoke(self._cluster(step))
             case StepKind.APPROVE:
                 return await self._approve(step)
+            case StepKind.BAKE:
+                return await self._bake(step, self._cluster(step))
         raise StepFailed(f"unknown step kind {step.kind}")
 
     def _cluster(self, step: Step) -> Cluster:
@@ -299,13 +345,13 @@ class Engine:
 
     async def _require_checks_passed(self, cluster: str) -> None:
         """Never swap to a cluster that failed (or skipped) any check of this release."""
-        steps = {s.step_id: s.state for s in await self._j(self.journal.steps, self._release_id)}
-        needed = [f"healthy-{cluster}", f"version-{cluster}", f"smoke-{cluster}"]
-        if self.topo.policy.approval == "manual":
-            needed.append(f"approve-{cluster}")
-        missing = [s for s in needed if steps.get(s) != J.STEP_DONE]
-        if missing:
-            raise StepFailed(f"refusing to put {cluster} live: check(s) not passed: {missing}")
+        done = {s.step_id: s.state for s in await self._j(self.journal.steps, self._release_id)}
+        needed = [s.id for s in self._steps if s.cluster == cluster and s.kind in _GATE_KINDS]
+        missing = [s for s in needed if done.get(s) != J.STEP_DONE]
+        if not needed or missing:
+            raise StepFailed(
+                f"refusing to put {cluster} live: check(s) not passed: {missing or 'none planned'}"
+            )
 
     async def _wait_balancer_healthy(self, cluster: str) -> None:
         deadline = time.monotonic() + self.topo.policy.health_timeout
@@ -457,6 +503,39 @@ class Engine:
             raise StepFailed(f"smoke check failed: {_brief(bad)}")
         return f"{len(results)} check(s) passed" if results else "no smoke checks configured"
 
+    async def _bake(self, step: Step, cluster: Cluster) -> str:
+        policy = self.topo.policy
+        first = await self.balancer.read()
+        base_requests = sum(m.requests for m in first.in_cluster(cluster.name))
+        base_errors = sum(m.errors for m in first.in_cluster(cluster.name))
+        deadline = time.monotonic() + policy.bake
+        problem: str | None = None
+        while problem is None and time.monotonic() < deadline:
+            await self._check_stop()
+            await self._wait(min(1.0, policy.bake / 5))
+            view = await self.balancer.read()
+            problem = bake_problem(
+                view, cluster.name, base_requests, base_errors, policy.max_error_ratio
+            )
+            smoke = await self.checker.live_smoke(self._version) if problem is None else None
+            if smoke is not None and not smoke.ok:
+                problem = f"smoke command against the live pool: {smoke.detail}"
+        if problem is None:
+            served = sum(m.requests for m in view.in_cluster(cluster.name)) - base_requests
+            return f"{cluster.name} served {served} request(s) cleanly for {policy.bake:g}s"
+        await self._emit("warn", f"bake of {cluster.name} failed: {problem}")
+        if not (policy.auto_rollback and step.admissions):
+            raise StepFailed(problem)
+        # Flip back while the previous clusters still run the old release.
+        refusal = admit_refusal(self.topo, await self.balancer.read(), step.admissions)
+        if refusal:
+            raise StepFailed(f"{problem}; automatic rollback refused: {refusal}")
+        await self.balancer.apply(member_admissions(self.topo, step.admissions))
+        back = ", ".join(c for c, a in step.admissions.items() if a is Admission.LIVE)
+        raise RolledBack(
+            f"{problem}; flipped back: {back} live on the previous release, {cluster.name} out"
+        )
+
     async def _approve(self, step: Step) -> str:
         await self._j(self.journal.set_state, self._release_id, J.AWAITING_APPROVAL)
         await self._emit(
@@ -475,6 +554,28 @@ class Engine:
                 await self._wait(0.2)
         finally:
             await self._j(self.journal.set_state, self._release_id, J.RUNNING)
+
+
+_GATE_KINDS = (StepKind.WAIT_HEALTHY, StepKind.VERIFY_VERSION, StepKind.SMOKE, StepKind.APPROVE)
+
+
+def kept_clusters(
+    topo: Topology, last: J.ReleaseRow, view: PoolView, now: float
+) -> tuple[str, list[str]] | None:
+    """(current, kept) when the last release was bluegreen, its bake window is
+    still open and the clusters it swapped out are still draining (running the
+    old release); None when only a re-release can roll back."""
+    if last.strategy != "bluegreen" or last.finished is None:
+        return None
+    if now > last.finished + topo.policy.keep_previous:
+        return None
+    swaps = [Step.from_dict(s) for s in last.plan if s["id"].startswith("swap-")]
+    if not swaps or swaps[-1].promote is None:
+        return None
+    kept = [c for c, adm in swaps[-1].admissions.items() if adm is Admission.DRAINING]
+    if not kept or any(cluster_admission(view, c) is not Admission.DRAINING for c in kept):
+        return None
+    return swaps[-1].promote, kept
 
 
 def failpoint(step_id: str, where: str) -> None:

@@ -87,6 +87,7 @@ AWAITING_APPROVAL = "awaiting-approval"
 INTERRUPTED = "interrupted"  # stopped at a safe point by Ctrl-C; resumable
 FAILED = "failed"  # a step failed; the site is still served; resumable or roll back
 ABORTED = "aborted"
+ROLLED_BACK = "rolled-back"  # the bake failed and the engine flipped back on its own
 DONE = "done"
 RESUMABLE = (RUNNING, AWAITING_APPROVAL, INTERRUPTED, FAILED)
 
@@ -332,7 +333,7 @@ class Journal:
         return release_id
 
     def set_state(self, release_id: int, state: str, error: str | None = None) -> None:
-        finished = time.time() if state in (DONE, ABORTED) else None
+        finished = time.time() if state in (DONE, ABORTED, ROLLED_BACK) else None
         with self._tx() as db:
             db.execute(
                 "UPDATE releases SET state=?, error=?, finished=COALESCE(?, finished) WHERE id=?",

@@ -32,6 +32,7 @@ class MemberState:
     healthy: bool
     active: int = 0  # requests (or connections/sessions, per driver) in flight
     requests: int = 0  # total served, where the balancer counts it (drain idleness)
+    errors: int = 0  # 5xx responses served, where the balancer counts them (bake)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import Any
 
 from changeover.config import Topology
-from changeover.model import Admission, PoolView
+from changeover.model import Admission, PoolView, cluster_admission
 
 
 class StepKind(StrEnum):
@@ -25,6 +25,7 @@ class StepKind(StrEnum):
     VERIFY_VERSION = "verify-version"  # every member reports the new version
     SMOKE = "smoke"  # smoke checks through the cluster's QA entry point
     APPROVE = "approve"  # a person approves the cluster (approval = "manual")
+    BAKE = "bake"  # watch the live pool after a swap; flip back when it goes bad
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +92,7 @@ def _cluster_steps(topo: Topology, cluster: str) -> list[Step]:
         Step(
             f"version-{cluster}",
             StepKind.VERIFY_VERSION,
-            f"verify {cluster} runs the new version",
+            f"verify {cluster} reports the version",
             cluster,
         ),
         Step(
@@ -125,43 +126,111 @@ def _take_out(
     ]
 
 
-def make_plan(topo: Topology, version: str, view: PoolView | None = None) -> list[Step]:
-    """The seed's rolling-clusters release: one cluster out at a time, swapping
-    the released cluster live and the next one draining in a single change."""
+def _bake(promoted: str, fallback: list[str]) -> list[Step]:
+    """Watch `promoted` after it went live; `admissions` is the flip back that an
+    automatic rollback applies (only possible while `fallback` still runs the
+    old release, i.e. is draining, not yet stopped)."""
+    flip = {c: Admission.LIVE for c in fallback} | {promoted: Admission.OUT}
+    return [
+        Step(f"bake-{promoted}", StepKind.BAKE, f"bake: watch {promoted} in the live pool",
+             promoted, admissions=flip if fallback else {})
+    ]  # fmt: skip
+
+
+def make_plan(
+    topo: Topology, version: str, view: PoolView | None = None, strategy: str | None = None
+) -> list[Step]:
+    """The steps of a release of `version` with the topology's strategy (or `strategy`)."""
     if not version.strip():
         raise PlanRefused("the version is empty")
-    order = topo.cluster_order()
-    steps = [
-        Step("preflight", StepKind.PREFLIGHT, "check the balancer, the pool and the interlocks")
-    ]
-    previous: str | None = None
-    for cluster in order:
-        if previous is None:
-            steps += _take_out(cluster, {cluster: Admission.DRAINING}, None, f"drain {cluster}")
-        else:
-            steps += _take_out(
-                cluster,
-                {previous: Admission.LIVE, cluster: Admission.DRAINING},
-                previous,
-                f"swap: {previous} live, {cluster} draining",
-            )
-        steps += _cluster_steps(topo, cluster)
-        previous = cluster
-    assert previous is not None
-    steps.append(
-        Step(
-            f"live-{previous}",
-            StepKind.ADMIT,
-            f"put {previous} live",
-            admissions={previous: Admission.LIVE},
-            promote=previous,
-        )
-    )
+    if (strategy or topo.policy.strategy) == "bluegreen":
+        steps = _bluegreen(topo, view)
+    else:
+        steps = _rolling(topo)
     if view is not None:
         refusal = first_refusal(topo, view, steps)
         if refusal:
             raise PlanRefused(refusal)
     return steps
+
+
+def _preflight() -> Step:
+    return Step("preflight", StepKind.PREFLIGHT, "check the balancer, the pool and the interlocks")
+
+
+def _rolling(topo: Topology) -> list[Step]:
+    """The seed's rolling-clusters release: one cluster out at a time, swapping
+    the released cluster live and the next one draining in a single change."""
+    bake = topo.policy.bake > 0
+    steps = [_preflight()]
+    previous: str | None = None
+    for cluster in topo.cluster_order():
+        if previous is None:
+            steps += _take_out(cluster, {cluster: Admission.DRAINING}, None, f"drain {cluster}")
+        else:
+            swap = {previous: Admission.LIVE, cluster: Admission.DRAINING}
+            steps += _take_out(
+                cluster, swap, previous, f"swap: {previous} live, {cluster} draining"
+            )
+            # The swap is the one balancer change between drain and drained:
+            # bake right after it, while `cluster` still runs the old release.
+            if bake:
+                steps[-2:-2] = _bake(previous, [cluster])
+        steps += _cluster_steps(topo, cluster)
+        previous = cluster
+    assert previous is not None
+    steps.append(
+        Step(f"live-{previous}", StepKind.ADMIT, f"put {previous} live",
+             admissions={previous: Admission.LIVE}, promote=previous)
+    )  # fmt: skip
+    if bake:
+        steps += _bake(previous, [])
+    return steps
+
+
+def _bluegreen(topo: Topology, view: PoolView | None) -> list[Step]:
+    """Release only the idle cluster and swap it live; the clusters that served
+    until now stay draining on the old release (`keep_previous`), ready for an
+    instant flip back by `changeover rollback`."""
+    order = topo.cluster_order()
+    admission = {c: (cluster_admission(view, c) if view else Admission.LIVE) for c in order}
+    idle = [c for c in order if admission[c] is not Admission.LIVE]
+    target = idle[0] if idle else order[0]
+    serving = [c for c in order if c != target and admission[c] is Admission.LIVE]
+    steps = [_preflight()]
+    if admission[target] is Admission.LIVE:
+        steps += _take_out(target, {target: Admission.DRAINING}, None, f"drain {target}")
+    elif admission[target] is not Admission.OUT:
+        steps += _take_out(target, {target: Admission.OUT}, None, f"take {target} out")[1:]
+    steps += _cluster_steps(topo, target)
+    swap = {target: Admission.LIVE} | {c: Admission.DRAINING for c in serving}
+    previous = ", ".join(serving) or "nothing"
+    steps.append(
+        Step(f"swap-{target}", StepKind.ADMIT, f"swap: {target} live, {previous} draining (kept)",
+             admissions=swap, promote=target)
+    )  # fmt: skip
+    if topo.policy.bake > 0:
+        steps += _bake(target, serving)
+    return steps
+
+
+def flip_back_plan(topo: Topology, current: str, previous: list[str]) -> list[Step]:
+    """An instant rollback: the kept clusters (still on the old release) are
+    checked and put live in one change, the current one drained and taken out."""
+    steps = [_preflight()]
+    for cluster in previous:
+        steps += [s for s in _cluster_steps(topo, cluster) if s.kind in _CHECK_KINDS]
+    flip = {c: Admission.LIVE for c in previous} | {current: Admission.DRAINING}
+    steps.append(
+        Step(f"flip-{current}", StepKind.ADMIT,
+             f"flip back: {', '.join(previous)} live, {current} draining",
+             admissions=flip, promote=previous[0])
+    )  # fmt: skip
+    steps += _take_out(current, {}, None, "")[1:]
+    return steps
+
+
+_CHECK_KINDS = (StepKind.WAIT_HEALTHY, StepKind.VERIFY_VERSION, StepKind.SMOKE)
 
 
 # --- interlocks ---------------------------------------------------------------
@@ -204,6 +273,25 @@ def first_refusal(topo: Topology, view: PoolView, steps: list[Step]) -> str | No
     for step in steps:
         if step.kind is StepKind.ADMIT and step.promote is None:
             return admit_refusal(topo, view, step.admissions)
+    return None
+
+
+def bake_problem(
+    view: PoolView, cluster: str, base_requests: int, base_errors: int, max_error_ratio: float
+) -> str | None:
+    """Why a freshly promoted cluster looks bad, from the balancer's own figures
+    since the bake began, or None. A ratio needs a few requests to mean anything."""
+    members = view.in_cluster(cluster)
+    sick = [m.name for m in members if not m.healthy]
+    if sick:
+        return f"the balancer sees {', '.join(sick)} unhealthy"
+    requests = sum(m.requests for m in members) - base_requests
+    errors = sum(m.errors for m in members) - base_errors
+    if requests >= 20 and errors / requests > max_error_ratio:
+        return (
+            f"{errors} of {requests} responses were 5xx ({errors / requests:.1%} > "
+            f"max_error_ratio {max_error_ratio:.1%})"
+        )
     return None
 
 

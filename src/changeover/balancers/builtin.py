@@ -29,6 +29,7 @@ def pool_from_json(data: Mapping[str, Any]) -> PoolView:
                 healthy=bool(m["healthy"]),
                 active=int(m.get("active", 0)),
                 requests=int(m.get("requests", 0)),
+                errors=int(m.get("errors", 0)),
             )
             for m in data["members"]
         )

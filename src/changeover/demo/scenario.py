@@ -44,6 +44,9 @@ class DemoOptions:
     workers: int = 1
     startup_delay: float = 0.5
     keep: bool = False
+    strategy: str = "rolling-clusters"
+    bake: float = 0.0
+    auto_rollback: bool = False
 
 
 def _free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -128,6 +131,9 @@ def write_topology(root: Path, opts: DemoOptions) -> Path:
         'drain_idle = "1s"',
         'health_timeout = "30s"',
         "min_healthy = 1",
+        f'strategy = "{opts.strategy}"',
+        f"bake = {opts.bake:g}",
+        f"auto_rollback = {'true' if opts.auto_rollback else 'false'}",
         "",
     ]
     path = root / "changeover.toml"
