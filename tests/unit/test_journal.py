@@ -89,3 +89,11 @@ def test_foreign_database_is_refused(tmp_path: Path) -> None:
     db.close()
     with pytest.raises(JournalError, match="not a changeover journal"):
         Journal(path)
+
+
+def test_interrupted_step_goes_back_to_pending(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.sqlite")
+    rid = j.create_release("site", "2.0", "1.0", "rolling-clusters", PLAN)
+    j.step_started(rid, 1)
+    j.step_interrupted(rid, 1, "Ctrl-C")
+    assert j.steps(rid)[1].state == J.STEP_PENDING

@@ -29,8 +29,10 @@ def topo(clusters: int = 2, members: int = 2, **policy: Any) -> Topology:
 
 
 def view(
-    t: Topology, admissions: dict[str, Admission] | None = None, sick: set[str] = frozenset()
-) -> PoolView:  # type: ignore[assignment]
+    t: Topology,
+    admissions: dict[str, Admission] | None = None,
+    sick: frozenset[str] | set[str] = frozenset(),
+) -> PoolView:
     admissions = admissions or {}
     return PoolView(
         tuple(
@@ -109,3 +111,62 @@ def test_last_live_cluster_is_never_taken_out() -> None:
     v = view(t, {"a": Admission.OUT})
     assert admit_refusal(t, v, {"b": Admission.DRAINING}) is not None
     assert admit_refusal(t, v, {"a": Admission.LIVE, "b": Admission.DRAINING}) is None
+
+
+def test_bluegreen_releases_the_first_cluster_when_all_are_live() -> None:
+    t = topo(strategy="bluegreen")
+    steps = make_plan(t, "2", view(t))
+    assert admits(steps) == [
+        {"a": Admission.DRAINING},
+        {"a": Admission.OUT},
+        {"a": Admission.LIVE, "b": Admission.DRAINING},  # b kept draining on the old release
+    ]
+    assert not any(s.cluster == "b" and s.kind is StepKind.RUN for s in steps)
+
+
+def test_bluegreen_releases_the_idle_cluster() -> None:
+    t = topo(strategy="bluegreen")
+    steps = make_plan(t, "3", view(t, {"a": Admission.LIVE, "b": Admission.DRAINING}))
+    assert [s.id for s in steps[:3]] == ["preflight", "drained-b", "out-b"]
+    assert admits(steps)[-1] == {"b": Admission.LIVE, "a": Admission.DRAINING}
+    steps = make_plan(t, "3", view(t, {"a": Admission.LIVE, "b": Admission.OUT}))
+    assert steps[1].id == "stop-b"
+
+
+def test_bake_follows_each_swap_with_a_flip_back_while_the_old_release_runs() -> None:
+    t = topo(bake=30)
+    steps = make_plan(t, "2")
+    ids = [s.id for s in steps]
+    assert ids.index("bake-a") == ids.index("drain-b") + 1
+    assert ids.index("bake-a") < ids.index("drained-b") < ids.index("stop-b")
+    bake_a = steps[ids.index("bake-a")]
+    assert bake_a.admissions == {"b": Admission.LIVE, "a": Admission.OUT}
+    assert steps[-1].id == "bake-b" and steps[-1].admissions == {}  # nothing old left running
+
+
+def test_flip_back_checks_the_kept_cluster_then_swaps_in_one_change() -> None:
+    from changeover.plan import flip_back_plan
+
+    steps = flip_back_plan(topo(), "a", ["b"])
+    kinds = [s.kind for s in steps]
+    assert StepKind.RUN not in kinds  # no stop, deploy or start: an instant flip
+    assert [s.id for s in steps[1:4]] == ["healthy-b", "version-b", "smoke-b"]
+    assert admits(steps) == [{"b": Admission.LIVE, "a": Admission.DRAINING}, {"a": Admission.OUT}]
+
+
+def test_bake_problem_from_the_balancers_figures() -> None:
+    from dataclasses import replace
+
+    from changeover.plan import bake_problem
+
+    t = topo()
+    base = view(t)
+    assert bake_problem(base, "a", 0, 0, 0.01) is None
+    busy = PoolView(tuple(replace(m, requests=100, errors=5) for m in base.members))
+    problem = bake_problem(busy, "a", 0, 0, 0.01)
+    assert problem is not None and "10 of 200 responses were 5xx" in problem
+    assert bake_problem(busy, "a", 0, 0, 0.1) is None
+    few = PoolView(tuple(replace(m, requests=5, errors=5) for m in base.members))
+    assert bake_problem(few, "a", 0, 0, 0.01) is None  # too few requests to judge
+    sick = view(t, sick={"a1"})
+    assert "a1 unhealthy" in (bake_problem(sick, "a", 0, 0, 0.01) or "")
