@@ -4,7 +4,8 @@ Runs one sample app and, for each rate, `python -m changeover.probe --json` for
 10 s as its own process (as the demo runs it), then prints the achieved rate,
 the worst schedule lag, latency and the CPU used by the probe and by the app.
 
-    .venv/bin/python benchmarks/bench_probe.py [--rates 1000,2000] [--duration 10]
+    .venv/bin/python -m benchmarks probe     (or: benchmarks/bench_probe.py [--rates 1000,2000]
+                                              [--duration 10])
 """
 
 from __future__ import annotations
@@ -76,11 +77,12 @@ def run(
     return ProbeReport.from_dict(json.loads(out)), probe_cpu, app_cpu
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Print one line per rate; `python -m benchmarks` calls this with no arguments."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", default="1000,2000")
     parser.add_argument("--duration", type=float, default=10.0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv or [])
     port = free_port()
     app = subprocess.Popen(
         [
@@ -97,7 +99,8 @@ def main() -> None:
     try:
         wait_for_port(port)
         print(
-            f"# {platform.node()}: {os.cpu_count()} CPUs, {platform.python_version()},"
+            f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {os.cpu_count()} CPUs,"
+            f" {platform.platform()}, Python {platform.python_version()},"
             f" load average before {os.getloadavg()[0]:.2f}"
         )
         print("rate  sent   achieved  failed  max lag ms  p50 ms  p99 ms  probe CPU%  app CPU%")
@@ -111,10 +114,12 @@ def main() -> None:
                 f" {report.max_schedule_lag_ms:<11.1f} {lat['p50']:<7.2f} {lat['p99']:<7.2f}"
                 f" {probe_cpu:<11.0f} {app_cpu:.0f}"
             )
+        print(f"# load average after: {os.getloadavg()[0]:.2f}")
     finally:
         app.terminate()
         app.wait(timeout=40)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:]))
