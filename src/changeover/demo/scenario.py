@@ -47,6 +47,11 @@ class DemoOptions:
     strategy: str = "rolling-clusters"
     bake: float = 0.0
     auto_rollback: bool = False
+    # Policy timings; the crash and fault tests shorten them to stay fast.
+    drain_timeout: float = 3.0
+    drain_idle: float = 1.0
+    health_timeout: float = 30.0
+    keep_previous: float = 600.0
 
 
 def _free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -127,9 +132,10 @@ def write_topology(root: Path, opts: DemoOptions) -> Path:
         'smoke = [ { path = "/", status = 200, body_contains = "{version}" } ]',
         "",
         "[policy]",
-        'drain_timeout = "3s"',
-        'drain_idle = "1s"',
-        'health_timeout = "30s"',
+        f"drain_timeout = {opts.drain_timeout:g}",
+        f"drain_idle = {opts.drain_idle:g}",
+        f"health_timeout = {opts.health_timeout:g}",
+        f"keep_previous = {opts.keep_previous:g}",
         "min_healthy = 1",
         f'strategy = "{opts.strategy}"',
         f"bake = {opts.bake:g}",
