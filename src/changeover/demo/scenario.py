@@ -52,6 +52,7 @@ class DemoOptions:
     drain_idle: float = 1.0
     health_timeout: float = 30.0
     keep_previous: float = 600.0
+    approval: str = "auto"
 
 
 def _free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -79,7 +80,7 @@ def write_topology(root: Path, opts: DemoOptions) -> Path:
     listen, admin, qa_a, qa_b = ports[:4]
     member_ports = ports[4:]
     # Templates are split like a shell would; shlex.join quotes our own paths.
-    appctl = shlex.join([sys.executable, "-m", "changeover.demo.appctl"])
+    appctl = shlex.join(["nice", "-n", "10", sys.executable, "-m", "changeover.demo.appctl"])
     common = (
         shlex.join(["--root", str(root / "apps")])
         + " --member {member} --host {host} --port {port} --route {route}"
@@ -138,6 +139,7 @@ def write_topology(root: Path, opts: DemoOptions) -> Path:
         f"keep_previous = {opts.keep_previous:g}",
         "min_healthy = 1",
         f'strategy = "{opts.strategy}"',
+        f'approval = "{opts.approval}"',
         f"bake = {opts.bake:g}",
         f"auto_rollback = {'true' if opts.auto_rollback else 'false'}",
         "",

@@ -1,0 +1,87 @@
+"""approval = "manual": the release waits for `changeover approve` or `abort`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from changeover import journal as J
+from changeover.demo.scenario import DemoOptions, DemoSite
+from changeover.runtime import open_journal
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+async def site(tmp_path: Path) -> AsyncIterator[DemoSite]:
+    demo = DemoSite(
+        tmp_path, DemoOptions(members_per_cluster=2, startup_delay=0.1, approval="manual")
+    )
+    async with demo.running():
+        yield demo
+
+
+async def cli(site: DemoSite, *args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "changeover.cli", *args, "-c", str(site.config),
+        env=site.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+async def awaiting(site: DemoSite, step_id: str) -> None:
+    journal = open_journal(site.topo)
+
+    def waiting() -> bool:
+        row = journal.unfinished(site.topo.site.name)
+        return (
+            row is not None
+            and row.state == J.AWAITING_APPROVAL
+            and any(
+                s.step_id == step_id and s.state == J.STEP_RUNNING for s in journal.steps(row.id)
+            )
+        )
+
+    await wait_until(waiting, timeout=60, what=f"{step_id} awaiting approval")
+
+
+async def test_release_waits_for_each_approval(site: DemoSite) -> None:
+    release = asyncio.create_task(cli(site, "release", "2.0"))
+    await awaiting(site, "approve-a")
+    code, text = await cli(site, "status")
+    assert code == 0 and "awaiting-approval" in text
+    assert not release.done()  # nothing was swapped without a person
+    code, text = await cli(site, "approve")
+    assert code == 0, text
+    await awaiting(site, "approve-b")
+    code, text = await cli(site, "approve")
+    assert code == 0, text
+    code, text = await asyncio.wait_for(release, 60)
+    assert code == 0, text
+    show_code, shown = await cli(site, "show", "1")
+    assert show_code == 0
+    assert "approved by" in shown
+
+
+async def test_abort_while_awaiting_approval_stops_at_a_safe_point(site: DemoSite) -> None:
+    release = asyncio.create_task(cli(site, "release", "2.0"))
+    await awaiting(site, "approve-a")
+    code, text = await cli(site, "abort")
+    assert code == 0, text
+    code, text = await asyncio.wait_for(release, 60)
+    assert code == 4, text
+    row = open_journal(site.topo).releases(site.topo.site.name)[0]
+    assert row.state == J.ABORTED
+    # b never left the live pool: the site was served throughout.
+    code, text = await cli(site, "status", "--json")
+    assert code == 0
+    pool = json.loads(text)["pool"]
+    assert {m["admission"] for m in pool if m["cluster"] == "b"} == {"live"}
