@@ -236,6 +236,43 @@ async def test_appctl_fail_start_hook_and_bad_versions(tmp_path: Path) -> None:
     assert (tmp_path / "a1" / "deployed-version").read_text() == "v1"
 
 
+async def http_status(url: str) -> tuple[int, str] | None:
+    try:
+        async with aiohttp.ClientSession() as http, http.get(url) as resp:
+            return resp.status, await resp.text()
+    except aiohttp.ClientError:
+        return None
+
+
+async def test_appctl_fault_hooks_unhealthy_and_report_version(tmp_path: Path) -> None:
+    port = free_port()
+    base = f"http://{HOST}:{port}"
+    faults = tmp_path / "a1"
+    try:
+        await appctl(tmp_path, "deploy", "--version=v1")
+        assert (await appctl(tmp_path, "start", f"--port={port}"))[0] == 0
+        await wait_until(lambda: serves(base + "/version", "v1"), timeout=15, what="v1 serving")
+        assert await http_status(base + "/health") == (200, "ok")
+
+        (faults / "unhealthy").touch()  # empty: whatever version runs
+        assert await http_status(base + "/health") == (503, "unhealthy (fault injection)")
+        (faults / "unhealthy").write_text("v2\n")  # only v2 is sick: v1 is not
+        assert await http_status(base + "/health") == (200, "ok")
+        (faults / "unhealthy").write_text("v1")
+        assert (await http_status(base + "/health") or (0, ""))[0] == 503
+        (faults / "unhealthy").unlink()
+        assert await http_status(base + "/health") == (200, "ok")
+
+        (faults / "report-version").write_text("v0-wrong\n")
+        assert await http_status(base + "/version") == (200, "v0-wrong")
+        page = await http_status(base + "/")
+        assert page is not None and '"version": "v1"' in page[1]  # only /version lies
+        (faults / "report-version").unlink()
+        assert await http_status(base + "/version") == (200, "v1")
+    finally:
+        await appctl(tmp_path, "stop")
+
+
 async def test_appctl_stop_leaves_a_process_that_reused_the_pid_alone(tmp_path: Path) -> None:
     other = await asyncio.create_subprocess_exec("sleep", "30")
     try:

@@ -1,7 +1,7 @@
 """The sample app: one member of a cluster, behaving like a JBoss app server.
 
     python -m changeover.demo.app --host H --port P --member M --route R --version V
-        [--startup-delay S] [--drain-timeout S]
+        [--startup-delay S] [--drain-timeout S] [--fault-dir DIR]
 
 - The port opens only after the start-up delay, as a server booting its app.
 - GET / returns {"version", "member", "route", "session", "count"}: a
@@ -9,6 +9,10 @@
   session this member knows gets a new one and `JSESSIONID=<id>.<route>`, so a
   user moved to another member loses its session, as with a real app.
 - GET /health: "ok" (503 once shutting down). GET /version: the version.
+- Fault injection, read on every request from --fault-dir (appctl passes the
+  member's directory): while `unhealthy` exists /health answers 503 (when the
+  file holds a version, only an app running that version is unhealthy); while
+  `report-version` exists /version answers its content instead of the version.
   GET /slow?ms=N: sends the headers at once and the body after N ms (at most
   30000), for drain tests.
 - Every response carries X-Changeover-Member and X-Changeover-Version.
@@ -28,6 +32,7 @@ import logging
 import secrets
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import uvloop
 from aiohttp import web
@@ -48,6 +53,16 @@ class AppState:
     version: str
     sessions: dict[str, int] = field(default_factory=dict)  # insertion order: oldest first
     shutting_down: bool = False
+    fault_dir: Path | None = None
+
+    def fault(self, name: str) -> str | None:
+        """The stripped content of fault-injection file `name`, None when it is absent."""
+        if self.fault_dir is None:
+            return None
+        try:
+            return (self.fault_dir / name).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            return None
 
 
 STATE = web.AppKey("state", AppState)
@@ -78,13 +93,19 @@ async def index(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    if request.app[STATE].shutting_down:
+    state = request.app[STATE]
+    if state.shutting_down:
         return web.Response(status=503, text="shutting down")
+    sick = state.fault("unhealthy")
+    if sick is not None and sick in ("", state.version):
+        return web.Response(status=503, text="unhealthy (fault injection)")
     return web.Response(text="ok")
 
 
 async def version_text(request: web.Request) -> web.Response:
-    return web.Response(text=request.app[STATE].version)
+    state = request.app[STATE]
+    reported = state.fault("report-version")
+    return web.Response(text=state.version if reported is None else reported)
 
 
 async def slow(request: web.Request) -> web.StreamResponse:
@@ -109,9 +130,11 @@ async def _identify(request: web.Request, response: web.StreamResponse) -> None:
     response.headers[VERSION_HEADER] = state.version
 
 
-def build_app(member: str, route: str, version: str) -> web.Application:
+def build_app(
+    member: str, route: str, version: str, fault_dir: Path | None = None
+) -> web.Application:
     app = web.Application()
-    app[STATE] = AppState(member=member, route=route, version=version)
+    app[STATE] = AppState(member=member, route=route, version=version, fault_dir=fault_dir)
     app.on_response_prepare.append(_identify)
     app.router.add_get("/", index)
     app.router.add_get("/health", health)
@@ -163,9 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", required=True)
     parser.add_argument("--startup-delay", type=float, default=0.0)
     parser.add_argument("--drain-timeout", type=float, default=30.0)
+    parser.add_argument("--fault-dir", type=Path, help="where fault-injection files are read")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    app = build_app(args.member, args.route or args.member, args.version)
+    app = build_app(args.member, args.route or args.member, args.version, args.fault_dir)
     coro = serve(
         args.host,
         args.port,

@@ -9,7 +9,9 @@ Files live in DIR/M:
 - deployed-version: written by `deploy` (atomically, the version stored
   literally: it is data, never run or parsed by a shell);
 - app.pid, app.log: the running app's process id and its output;
-- fail-start: while it exists, `start` refuses (a fault-injection hook for tests).
+- fail-start: while it exists, `start` refuses (a fault-injection hook for tests);
+- unhealthy, report-version: read by the running app (see changeover.demo.app):
+  /health answers 503, /version answers the file's content.
 
 `start` is idempotent: when the process in app.pid is the app for this member
 and runs the deployed version it does nothing; when it runs another version it
@@ -146,6 +148,7 @@ def start(member: Member, args: argparse.Namespace) -> int:
         f"--route={args.route or member.name}",
         f"--version={version}",
         f"--startup-delay={args.startup_delay}",
+        f"--fault-dir={member.dir}",
     ]
     with open(member.log_file, "ab") as log:
         child = subprocess.Popen(
