@@ -74,9 +74,13 @@ def admission_of(row: Mapping[str, str]) -> Admission:
     return Admission.LIVE
 
 
-def healthy_status(status: str) -> bool:
-    """`show stat` status of a server that takes traffic when admitted."""
-    return status.startswith(("UP", "DRAIN", "NOLB")) or status == "no check"
+def healthy_status(row: Mapping[str, str]) -> bool:
+    """A `show stat` row of a server that takes traffic when admitted. HAProxy
+    starts servers UP before any check ran ("INI"): that is not health yet."""
+    status = row.get("status", "")
+    if status == "no check":
+        return True
+    return status.startswith(("UP", "DRAIN", "NOLB")) and row.get("check_status") not in ("INI", "")
 
 
 class HAProxyBalancer(ConfiguredBalancer):
@@ -136,7 +140,7 @@ class HAProxyBalancer(ConfiguredBalancer):
                     name=member.name,
                     cluster=cluster.name,
                     admission=admission_of(row),
-                    healthy=healthy_status(qa.get("status", "")),
+                    healthy=healthy_status(qa),
                     active=int(live.get("scur") or 0),
                     requests=int(live.get("stot") or 0),
                 )

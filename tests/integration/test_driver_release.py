@@ -1,0 +1,145 @@
+"""A whole release, v1 -> v2 on 2 clusters x 3 members, through each real
+balancer, under the probe at 300 requests/s with sticky users."""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from changeover import journal as J
+from changeover.balancers.factory import DRIVERS
+from changeover.config import BalancerInstance, Topology
+from changeover.engine import Engine, Event
+from changeover.executors.base import member_values, render_argv
+from changeover.model import Admission
+from changeover.runtime import make_executor, open_journal
+from tests.helpers import wait_until
+from tests.integration.realbalancers import (
+    PRODUCTS,
+    finish_probe,
+    instance_for,
+    need,
+    parse_site,
+    probe_process,
+    running_balancer,
+    site_data,
+    write_probe_site,
+)
+
+pytestmark = [pytest.mark.real, pytest.mark.slow]
+
+RATE = 300.0
+
+
+def release_site(product: str, root: Path) -> dict[str, Any]:
+    data = site_data(product)
+    appctl = shlex.join([sys.executable, "-m", "changeover.demo.appctl"])
+    common = (
+        shlex.join(["--root", str(root / "apps")])
+        + " --member {member} --host {host} --port {port} --route {route}"
+    )
+    data["site"]["state_dir"] = "state"
+    data["balancer"]["instances"] = [instance_for(product, root / "lb1")]
+    data["executor"] = {"kind": "local", "timeout": "30s"}
+    data["release"] = {
+        "stop": f"{appctl} stop {common}",
+        "deploy": f"{appctl} deploy {common} --version {{version}}",
+        "start": f"{appctl} start {common} --startup-delay 0.3",
+    }
+    data["checks"] = {"smoke": [{"path": "/", "status": 200, "body_contains": "{version}"}]}
+    data["policy"] = {
+        "drain_timeout": "3s",
+        "drain_idle": "1s",
+        "health_timeout": "30s",
+        "min_healthy": 1,
+    }
+    return data
+
+
+async def run_on_members(topology: Topology, action: str, version: str = "") -> None:
+    async def one(argv: list[str]) -> None:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+        out, _ = await proc.communicate()
+        assert proc.returncode == 0, out.decode(errors="replace")
+
+    template = getattr(topology.release, action)
+    await asyncio.gather(
+        *(one(render_argv(template, member_values(c, m, version))) for c, m in topology.members())
+    )
+
+
+async def members_up(topology: Topology) -> bool:
+    async with aiohttp.ClientSession() as http:
+        for _, member in topology.members():
+            try:
+                async with http.get(member.base_url + "/health") as resp:
+                    if resp.status != 200:
+                        return False
+            except aiohttp.ClientError:
+                return False
+    return True
+
+
+async def versions_served(topology: Topology) -> set[str]:
+    async with aiohttp.ClientSession() as http:
+        seen = set()
+        for _, member in topology.members():
+            async with http.get(member.base_url + "/version") as resp:
+                seen.add((await resp.text()).strip())
+        return seen
+
+
+@pytest.mark.parametrize("product", PRODUCTS)
+async def test_full_release_under_probe_has_zero_downtime(product: str, tmp_path: Path) -> None:
+    need(product)
+    data = release_site(product, tmp_path)
+    topology = parse_site(data, tmp_path)
+    instance = BalancerInstance.model_validate(data["balancer"]["instances"][0])
+    events: list[Event] = []
+    await run_on_members(topology, "deploy", "1.0")
+    await run_on_members(topology, "start")
+    await wait_until(lambda: members_up(topology), timeout=20, what="members listening")
+    try:
+        async with running_balancer(product, topology, tmp_path / "lb1", instance=instance) as real:
+            site_file = write_probe_site(tmp_path / "probe-site.json", real, data)
+            async with probe_process(
+                site_file, real.url, rate=RATE, sticky_users=40, log=tmp_path / "probe.log"
+            ) as probe:
+                await asyncio.sleep(1.0)  # sticky sessions form before the release
+                driver = DRIVERS[product](topology, instance, run_dir=tmp_path / "lb1")
+                journal = open_journal(topology)
+                executor = make_executor(topology)
+                try:
+                    engine = Engine(
+                        topology, driver, executor, journal, on_event=lambda e: events.append(e)
+                    )
+                    release_id = await engine.begin("2.0")
+                    state = await engine.run(release_id)
+                    steps = journal.steps(release_id)
+                finally:
+                    await driver.close()
+                    await executor.close()
+                    journal.close()
+                await asyncio.sleep(1.0)  # traffic after the release counts too
+                report = await finish_probe(probe)
+            final = await real.driver.read()
+            served = await versions_served(topology)
+    finally:
+        await run_on_members(topology, "stop")
+    assert state == J.DONE, "\n".join(f"{e.kind}: {e.message}" for e in events)
+    assert all(s.state == J.STEP_DONE for s in steps)
+    assert report.sent >= RATE * 10, report.sent  # the release really ran under traffic
+    assert report.failed == 0, report.failure_examples
+    assert report.session_breaks == 0
+    assert report.version_flaps == 0
+    assert set(report.versions_seen) == {"1.0", "2.0"}
+    assert served == {"2.0"}
+    assert {m.admission for m in final.members} == {Admission.LIVE}
