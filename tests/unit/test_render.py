@@ -1,0 +1,167 @@
+"""Rendered balancer configs: what each admission becomes, what is refused, and
+that each product's own checker accepts the result (TLS included)."""
+
+from __future__ import annotations
+
+import datetime
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from changeover.balancers.render import RenderError, RenderOptions, render
+from changeover.config import Topology, parse
+from changeover.model import Admission
+from tests.integration.realbalancers import PRODUCTS, need
+
+LIVE, DRAINING, OUT = Admission.LIVE, Admission.DRAINING, Admission.OUT
+MIXED = {"a1": DRAINING, "a2": OUT}
+
+
+def topology(balancer: dict[str, Any] | None = None, route: str | None = None) -> Topology:
+    a1: dict[str, Any] = {"name": "a1", "port": 9101}
+    if route:
+        a1["route"] = route
+    return parse(
+        {
+            "clusters": [
+                {
+                    "name": "a",
+                    "qa_host": "prod-a.example.com",
+                    "qa_port": 8801,
+                    "members": [a1, {"name": "a2", "port": 9102}, {"name": "a3", "port": 9103}],
+                },
+                {
+                    "name": "b",
+                    "qa_host": "prod-b.example.com",
+                    "members": [{"name": "b1", "port": 9111}],
+                },
+            ],
+            "balancer": {"listen": "127.0.0.1:8800", "admin_listen": "127.0.0.1:8899"}
+            | (balancer or {}),
+        }
+    )
+
+
+def self_signed(where: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = where / "site.pem", where / "site.pem.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def lines_with(text: str, word: str) -> list[str]:
+    return [
+        line.strip()
+        for line in text.splitlines()
+        if word in line and not line.strip().startswith("#")
+    ]
+
+
+def test_haproxy_admissions_qa_and_sticky_routes() -> None:
+    text = render(topology(route="r.1"), "haproxy", MIXED)
+    assert "server a1 127.0.0.1:9101 weight 0" in text  # DRAINING: persistence only
+    assert "server a2 127.0.0.1:9102 weight 1 disabled" in text  # OUT: maintenance
+    assert "server a3 127.0.0.1:9103 weight 1\n" in text
+    # Routes are regex literals: the dot of "r.1" matches only a dot.
+    assert "use-server a1 if { req.cook(JSESSIONID) -m reg ^[^.]*[.]r[.]1$ }" in text
+    assert "use_backend qa_a if qa_host_a" in text and "bind 127.0.0.1:8801" in text
+    # QA backends never carry admissions.
+    qa_a = text.split("backend qa_a", 1)[1].split("backend qa_b", 1)[0]
+    assert "disabled" not in qa_a and "weight 0" not in qa_a
+    assert "level admin expose-fd listeners" in text
+
+
+def test_apache_status_flags_and_manager_on_loopback() -> None:
+    text = render(topology(), "apache", MIXED)
+    live = text.split('<Proxy "balancer://live">', 1)[1].split("</Proxy>", 1)[0]
+    assert "route=a1 status=+N" in live and "route=a2 status=+D" in live
+    assert "route=a3 hcmethod" in live
+    qa = text.split('<Proxy "balancer://qa-a">', 1)[1].split("</Proxy>", 1)[0]
+    assert "status=" not in qa
+    assert "stickysession=JSESSIONID|jsessionid" in text
+    assert "ServerName prod-a.example.com" in text
+    manager = text.split('<Location "/balancer-manager">', 1)[1].split("</Location>", 1)[0]
+    assert "Require ip 127.0.0.1 ::1" in manager
+
+
+def test_nginx_drain_is_a_route_map_and_out_is_nothing() -> None:
+    text = render(topology(route="default"), "nginx", MIXED)
+    live_map = text.split("map $changeover_route $changeover_live {", 1)[1].split("}", 1)[0]
+    # "default" is a map keyword: the route is escaped.
+    assert "\\default live_a1;  # draining" in live_map
+    assert "a2" not in live_map  # OUT: its sticky users go to the live pool
+    live = text.split("upstream live {", 1)[1].split("}", 1)[0]
+    assert "127.0.0.1:9101 max_fails=2 fail_timeout=1s down;  # a1 draining" in live
+    assert "127.0.0.1:9103 max_fails=2 fail_timeout=1s;  # a3 live" in live
+    assert "upstream live_a2" not in text and "upstream qa_a2" in text
+    assert '"admissions":{"a1":"draining","a2":"out","a3":"live","b1":"live"}' in text
+
+
+def test_refusals_name_the_reason() -> None:
+    with pytest.raises(RenderError, match="unknown member"):
+        render(topology(), "haproxy", {"zz": OUT})
+    with pytest.raises(RenderError, match="no template"):
+        render(topology(), "traefik")
+    with pytest.raises(RenderError, match=r"\$cookie_"):
+        render(topology({"sticky_cookie": "my-session"}), "nginx")
+    with pytest.raises(RenderError, match=r"HAProxy 2\.6 loads the key"):
+        render(topology({"tls_cert": "/x/cert.pem", "tls_key": "/y/key.pem"}), "haproxy")
+
+
+def test_a_site_template_directory_overrides_the_bundled_one(tmp_path: Path) -> None:
+    (tmp_path / "nginx.cfg.j2").write_text("# site {{ site }}: {{ members | length }} members\n")
+    options = RenderOptions(template_dir=tmp_path)
+    assert render(topology(), "nginx", options=options) == "# site site: 4 members\n"
+
+
+CHECK = {
+    "haproxy": lambda conf, run: ["haproxy", "-c", "-f", str(conf)],
+    "apache": lambda conf, run: ["apache2", "-t", "-f", str(conf)],
+    "nginx": lambda conf, run: ["nginx", "-t", "-p", str(run), "-c", str(conf)],
+}
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+@pytest.mark.parametrize("product", PRODUCTS)
+def test_the_product_accepts_what_is_rendered(product: str, tls: bool, tmp_path: Path) -> None:
+    need(product)
+    balancer: dict[str, Any] = {"algorithm": "least-conn"}
+    if tls:
+        cert, key = self_signed(tmp_path)
+        balancer |= {"tls_cert": str(cert), "tls_key": str(key)}
+    run_dir = tmp_path / "run"
+    (run_dir / "tmp").mkdir(parents=True)
+    text = render(topology(balancer), product, MIXED, options=RenderOptions(run_dir=run_dir))
+    conf = tmp_path / f"{product}.conf"
+    conf.write_text(text)
+    result = subprocess.run(
+        CHECK[product](conf, run_dir), capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
