@@ -64,18 +64,19 @@ _REQUEST_HEADERS = {
     b"x-forwarded-proto": _DROP,
     b"x-forwarded-host": _DROP,
 }
-_RESPONSE_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"upgrade",
-        b"proxy-authorization",
-        b"transfer-encoding",  # re-added when the body is relayed chunked
-    }
-)
+# What to do with each response header (absent: relay as is).
+_RESPONSE_HEADERS = {
+    b"content-length": _LENGTH,
+    b"transfer-encoding": _CODING,  # re-added when the body is relayed chunked
+    b"connection": _CONNECTION,
+    b"set-cookie": _COOKIE,
+    b"keep-alive": _DROP,
+    b"proxy-connection": _DROP,
+    b"te": _DROP,
+    b"trailer": _DROP,
+    b"upgrade": _DROP,
+    b"proxy-authorization": _DROP,
+}
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 
 # How the upstream response body ends.
@@ -118,8 +119,12 @@ def _connection_tokens(value: bytes) -> set[bytes]:
 
 
 def _without(lines: list[bytes], names: set[bytes]) -> list[bytes]:
-    """Our own rebuilt header lines minus those whose names a Connection header listed."""
-    return [line for line in lines if line.partition(b":")[0].lower() not in names]
+    """Header pieces (name, ": ", value, CRLF) minus those a Connection header listed."""
+    kept: list[bytes] = []
+    for i in range(0, len(lines), 4):
+        if lines[i].lower() not in names:
+            kept += lines[i : i + 4]
+    return kept
 
 
 class Worker:
@@ -145,6 +150,10 @@ class Worker:
         self.stopping = False
         self.drained = asyncio.Event()  # set when a client closes while stopping
         self.turn = 0
+        # Deadlines are checked once a second, so a clock updated as often is
+        # precise enough and spares a loop.time() call per request.
+        self.now = self.loop.time()
+        self._generation = shared.generation_view()
         self.generation = -1
         self._reload()
         self._sweeper = self.loop.call_later(1.0, self._sweep)
@@ -154,7 +163,7 @@ class Worker:
         self.candidates = eligible(self.table, self.admission, self.healthy)
 
     def route(self, scope: int, sticky: int, tried: tuple[int, ...] | list[int]) -> int:
-        if self.shared.generation() != self.generation:
+        if self._generation[0] != self.generation:
             self._reload()
         chosen = pick(
             self.table,
@@ -205,7 +214,7 @@ class Worker:
 
     def _sweep(self) -> None:
         """Close clients past their deadline (slow heads, idle keep-alive)."""
-        now = self.loop.time()
+        self.now = now = self.loop.time()
         for client in [c for c in self.clients if 0 < c.deadline < now]:
             client.expire()
         self._sweeper = self.loop.call_later(1.0, self._sweep)
@@ -348,14 +357,14 @@ class Client(asyncio.Protocol):
         self.ip = str(peer[0]).encode() if peer else b"unknown"
         self.xf = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n" % (self.ip, self.proto)
         self.w.clients.add(self)
-        self.deadline = self.w.loop.time() + HEADER_TIMEOUT
+        self.deadline = self.w.now + HEADER_TIMEOUT
 
     def data_received(self, data: bytes) -> None:
         if self.eof:  # after a "Connection: close" request, nothing more is read
             return
         if self.reading_head:
             if self.head_size == 0:
-                self.deadline = self.w.loop.time() + HEADER_TIMEOUT
+                self.deadline = self.w.now + HEADER_TIMEOUT
             self.head_size += len(data)
         try:
             self.parser.feed_data(data)
@@ -418,21 +427,21 @@ class Client(asyncio.Protocol):
             raise Refused(431)
         kind = _REQUEST_HEADERS.get(name.lower())
         if kind is None:
-            self.lines.append(name + b": " + value + b"\r\n")
+            self.lines += (name, b": ", value, b"\r\n")
         elif kind == _HOST:
             if self.host is not None:
                 raise Refused(400)
             self.host = value
-            self.lines.append(name + b": " + value + b"\r\n")
+            self.lines += (name, b": ", value, b"\r\n")
         elif kind == _COOKIE:
             self.cookies = value if self.cookies is None else self.cookies + b"; " + value
-            self.lines.append(name + b": " + value + b"\r\n")
+            self.lines += (name, b": ", value, b"\r\n")
         elif kind == _LENGTH:
             # llhttp refuses these too; checking here keeps it out of upstream for sure.
             if self.length_seen or self.chunked:
                 raise Refused(400)
             self.length_seen = True
-            self.lines.append(name + b": " + value + b"\r\n")
+            self.lines += (name, b": ", value, b"\r\n")
         elif kind == _CODING:
             # Only "chunked" is relayed: llhttp reports other codings only after
             # the head is complete, when the request would already be upstream.
@@ -608,7 +617,7 @@ class Client(asyncio.Protocol):
                 self._resume(_QUEUED)
             self._dispatch(following)
         else:
-            self.deadline = self.w.loop.time() + IDLE_TIMEOUT
+            self.deadline = self.w.now + IDLE_TIMEOUT
 
     def upstream_lost(self, upstream: Upstream) -> None:
         """The upstream connection closed before its response was complete."""
@@ -794,20 +803,23 @@ class Upstream(asyncio.Protocol):
     # --- response parser callbacks -----------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        lname = name.lower()
-        if lname in _RESPONSE_HOP:
-            if lname == b"transfer-encoding":
+        kind = _RESPONSE_HEADERS.get(name.lower())
+        if kind is not None:
+            if kind == _LENGTH:
+                self.length = True
+            elif kind == _COOKIE:
+                self.sticky_seen = self.sticky_seen or value.startswith(self.w.sticky)
+            elif kind == _CODING:
                 self.te = True
-            elif lname == b"connection":
+                return
+            elif kind == _CONNECTION:
                 tokens = _connection_tokens(value)
                 if tokens:
                     self.drop = tokens if self.drop is None else self.drop | tokens
-            return
-        if lname == b"content-length":
-            self.length = True
-        elif lname == b"set-cookie" and value.startswith(self.w.sticky):
-            self.sticky_seen = True
-        self.lines.append(name + b": " + value + b"\r\n")
+                return
+            else:
+                return
+        self.lines += (name, b": ", value, b"\r\n")
 
     def on_headers_complete(self) -> None:
         req = self.req

@@ -59,6 +59,10 @@ class SharedState:
     def generation(self) -> int:
         return int(self._generation[0])
 
+    def generation_view(self) -> memoryview:
+        """The generation counter itself, for a worker to poll per request."""
+        return self._generation
+
     def publish(self, admission: Sequence[int], healthy: Sequence[bool]) -> None:
         """Master only: make a new admission/health picture visible to every worker."""
         following = self.generation() + 1
