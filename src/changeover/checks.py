@@ -22,19 +22,28 @@ class CheckResult:
     detail: str
 
 
-def qa_entry(topo: Topology, cluster: Cluster) -> tuple[str, str | None]:
-    """(base URL, Host header) of the cluster's QA entry point: its own port when
-    it has one, else the public listener with the cluster's QA host name."""
+def _balancer_url(topo: Topology, port: int) -> str:
     bal = topo.balancer
     scheme = "https" if bal.tls_cert else "http"
     host = bal.listen.host
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
     host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}:{port}"
+
+
+def public_entry(topo: Topology) -> str:
+    """Base URL of the public listener: the live pool, as users reach it."""
+    return _balancer_url(topo, topo.balancer.listen.port)
+
+
+def qa_entry(topo: Topology, cluster: Cluster) -> tuple[str, str | None]:
+    """(base URL, Host header) of the cluster's QA entry point: its own port when
+    it has one, else the public listener with the cluster's QA host name."""
     if cluster.qa_port:
-        return f"{scheme}://{host}:{cluster.qa_port}", None
+        return _balancer_url(topo, cluster.qa_port), None
     if cluster.qa_host:
-        return f"{scheme}://{host}:{bal.listen.port}", cluster.qa_host
+        return public_entry(topo), cluster.qa_host
     raise ValueError(f"cluster {cluster.name!r} has no QA entry point (qa_port or qa_host)")
 
 
@@ -108,7 +117,10 @@ class Checker:
         return votes.most_common(1)[0][0] if votes else None
 
     async def smoke(self, cluster: Cluster, version: str) -> list[CheckResult]:
-        base, host = qa_entry(self.topo, cluster)
+        return await self.smoke_via(*qa_entry(self.topo, cluster), version)
+
+    async def smoke_via(self, base: str, host: str | None, version: str) -> list[CheckResult]:
+        """The smoke checks sent to `base` (with `host` as the Host header)."""
         results = []
         for check in self.cfg.smoke:
             url = base + check.path

@@ -227,17 +227,60 @@ class Policy(_Model):
     max_error_ratio: float = Field(default=0.01, ge=0, le=1)
 
 
+SqlDialect = Literal["postgres", "mysql", "sqlite"]
+_URL_DIALECTS: dict[str, SqlDialect] = {
+    "sqlite": "sqlite",
+    "postgres": "postgres",
+    "postgresql": "postgres",
+    "mysql": "mysql",
+    "mariadb": "mysql",
+}
+
+
 class Database(_Model):
     """The database both clusters share, and the release's migrations."""
 
     url: str  # sqlite:///path, postgresql://..., mysql://...
-    dialect: Literal["postgres", "mysql", "sqlite"] | None = None  # default: from the URL
+    dialect: SqlDialect | None = None  # default: from the URL
     # Either a directory of ordered .sql files whose names start expand_/contract_ ...
     migrations_dir: str | None = None
     # ... or commands: one that applies, one that prints the SQL it would run.
     apply_command: str | None = None
     sql_command: str | None = None
     phase: Literal["expand", "contract"] = "expand"  # phase of command-driven migrations
+    timeout: Duration = 600.0  # for apply_command and sql_command
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Database:
+        if (self.migrations_dir is None) == (self.apply_command is None):
+            raise ValueError("give either migrations_dir or apply_command (with sql_command)")
+        if self.apply_command is not None and self.sql_command is None:
+            raise ValueError(
+                "apply_command needs sql_command: the SQL is checked before anything is applied"
+            )
+        if self.sql_dialect() == "mysql" and self.migrations_dir is not None:
+            raise ValueError(
+                "migrations_dir is applied to SQLite and PostgreSQL only; "
+                "for MySQL use apply_command and sql_command"
+            )
+        return self
+
+    def sql_dialect(self) -> SqlDialect:
+        """The dialect given, else the one the URL's scheme names (e.g. postgresql+psycopg)."""
+        if self.dialect is not None:
+            return self.dialect
+        scheme = self.url.partition(":")[0].partition("+")[0].lower()
+        if scheme not in _URL_DIALECTS:
+            # Only what follows the credentials is shown.
+            raise ValueError(
+                f"cannot tell the dialect from the URL {self.url.rpartition('@')[2]!r}: "
+                "use sqlite:///..., postgresql://... or mysql://..., or set dialect"
+            )
+        return _URL_DIALECTS[scheme]
+
+    def phases(self) -> tuple[Literal["expand", "contract"], ...]:
+        """The phases that have migrations: a directory has both, commands their `phase`."""
+        return ("expand", "contract") if self.migrations_dir is not None else (self.phase,)
 
 
 class Site(_Model):

@@ -1,0 +1,270 @@
+"""Applying migrations to a real SQLite file and a real (throwaway) PostgreSQL."""
+
+from __future__ import annotations
+
+import shlex
+import sqlite3
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from changeover.config import Topology, parse
+from changeover.database import (
+    MigrationError,
+    applied_migrations,
+    review,
+    run_migrations,
+    sqlite_path,
+)
+from tests.postgres import Postgres, running_postgres
+
+CLUSTERS = [
+    {"name": "a", "members": [{"name": "a1", "port": 18001}]},
+    {"name": "b", "members": [{"name": "b1", "port": 18002}]},
+]
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.real)])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'app.db'}"
+        return
+    server: Postgres = request.getfixturevalue("postgres")
+    with server.database() as database_url:
+        yield database_url
+
+
+def topology(root: Path, url: str, files: dict[str, str], **database: Any) -> Topology:
+    folder = root / "migrations"
+    folder.mkdir(exist_ok=True)
+    for name, sql in files.items():
+        (folder / name).write_text(sql)
+    settings = (
+        {"url": url, **database} if database else {"url": url, "migrations_dir": "migrations"}
+    )
+    return parse({"clusters": CLUSTERS, "database": settings}, root / "changeover.toml")
+
+
+def query(url: str, sql: str) -> list[tuple[Any, ...]]:
+    if url.startswith("sqlite"):
+        with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
+            return conn.execute(sql).fetchall()
+    with psycopg.connect(url) as conn:
+        return conn.execute(sql.encode()).fetchall()
+
+
+def columns(url: str, table: str) -> list[str]:
+    if url.startswith("sqlite"):
+        return [row[1] for row in query(url, f"PRAGMA table_info({table})")]
+    return [
+        row[0]
+        for row in query(
+            url,
+            "SELECT column_name FROM information_schema.columns "
+            f"WHERE table_name = '{table}' ORDER BY ordinal_position",
+        )
+    ]
+
+
+class Notes:
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    async def __call__(self, message: str) -> None:
+        self.seen.append(message)
+
+
+BASE = {
+    "0001_expand_users.sql": "CREATE TABLE users (id integer PRIMARY KEY, name text);\n"
+    "INSERT INTO users (id, name) VALUES (1, 'ada');\n",
+    "0002_expand_add_email.sql": "ALTER TABLE users ADD COLUMN email text;\n",
+    "0003_contract_drop_name.sql": "ALTER TABLE users DROP COLUMN name;\n",
+}
+
+
+async def test_expand_applies_the_expand_files_in_order_and_records_them(
+    tmp_path: Path, url: str
+) -> None:
+    topo = topology(tmp_path, url, BASE)
+    notes = Notes()
+    detail = await run_migrations(topo, "expand", "2.0", notes)
+    assert detail == "applied 0001_expand_users.sql, 0002_expand_add_email.sql"
+    assert columns(url, "users") == ["id", "name", "email"]  # contract not applied
+    assert sorted(await applied_migrations(topo)) == [
+        ("0001_expand_users.sql", "expand", "2.0"),
+        ("0002_expand_add_email.sql", "expand", "2.0"),
+    ]
+    assert [n.split(" in ")[0] for n in notes.seen] == [
+        "applied expand migration 0001_expand_users.sql",
+        "applied expand migration 0002_expand_add_email.sql",
+    ]
+
+
+async def test_running_a_phase_again_applies_nothing(tmp_path: Path, url: str) -> None:
+    topo = topology(tmp_path, url, BASE)
+    await run_migrations(topo, "expand", "2.0", Notes())
+    again = await run_migrations(topo, "expand", "2.0", Notes())
+    assert again == "no pending expand migrations (2 already applied)"
+    assert query(url, "SELECT count(*) FROM users") == [(1,)]  # the INSERT ran once
+
+
+async def test_contract_runs_only_the_contract_files(tmp_path: Path, url: str) -> None:
+    topo = topology(tmp_path, url, BASE)
+    await run_migrations(topo, "expand", "2.0", Notes())
+    detail = await run_migrations(topo, "contract", "2.0", Notes())
+    assert detail == "applied 0003_contract_drop_name.sql"
+    assert columns(url, "users") == ["id", "email"]
+
+
+async def test_a_failing_file_is_rolled_back_whole_and_not_recorded(
+    tmp_path: Path, url: str
+) -> None:
+    files = {
+        "0001_expand_users.sql": BASE["0001_expand_users.sql"],
+        "0002_expand_broken.sql": "ALTER TABLE users ADD COLUMN email text;\n\n"
+        "INSERT INTO no_such_table VALUES (1);\n",
+        "0003_expand_after.sql": "ALTER TABLE users ADD COLUMN phone text;\n",
+    }
+    topo = topology(tmp_path, url, files)
+    with pytest.raises(MigrationError, match=r"^0002_expand_broken\.sql:3: .*no_such_table"):
+        await run_migrations(topo, "expand", "2.0", Notes())
+    assert columns(url, "users") == ["id", "name"]  # its first statement was undone too
+    assert [name for name, _, _ in await applied_migrations(topo)] == ["0001_expand_users.sql"]
+    # Fixed, the release resumes with the failed file; the one before is not re-run.
+    (tmp_path / "migrations" / "0002_expand_broken.sql").write_text(
+        "ALTER TABLE users ADD COLUMN email text;\n"
+    )
+    detail = await run_migrations(topo, "expand", "2.0", Notes())
+    assert detail == "applied 0002_expand_broken.sql, 0003_expand_after.sql (1 already applied)"
+    assert columns(url, "users") == ["id", "name", "email", "phone"]
+
+
+async def test_a_file_with_its_own_transaction_runs_as_written(tmp_path: Path, url: str) -> None:
+    files = {
+        "0001_expand_users.sql": BASE["0001_expand_users.sql"],
+        "0002_expand_tx.sql": "BEGIN;\nALTER TABLE users ADD COLUMN email text;\n"
+        "UPDATE users SET email = 'a;b' WHERE id = 1; -- a ';' in a string\nCOMMIT;\n",
+    }
+    topo = topology(tmp_path, url, files)
+    await run_migrations(topo, "expand", "2.0", Notes())
+    assert query(url, "SELECT email FROM users") == [("a;b",)]
+    assert len(await applied_migrations(topo)) == 2
+
+
+async def test_a_file_that_leaves_a_transaction_open_is_refused(tmp_path: Path, url: str) -> None:
+    files = {"0001_expand_open.sql": "BEGIN;\nCREATE TABLE t (a integer);\n"}
+    topo = topology(tmp_path, url, files)
+    with pytest.raises(MigrationError, match="leaves a transaction open"):
+        await run_migrations(topo, "expand", "2.0", Notes())
+    assert await applied_migrations(topo) == []
+
+
+@pytest.mark.real
+async def test_postgres_concurrently_runs_outside_a_transaction(
+    tmp_path: Path, postgres: Postgres
+) -> None:
+    files = {
+        "0001_expand_users.sql": BASE["0001_expand_users.sql"],
+        "0002_expand_index.sql": "SET lock_timeout = '2s';\n"
+        "CREATE INDEX CONCURRENTLY users_name ON users (name);\n",
+    }
+    with postgres.database() as url:
+        topo = topology(tmp_path, url, files)
+        await run_migrations(topo, "expand", "2.0", Notes())
+        assert query(url, "SELECT indexname FROM pg_indexes WHERE tablename = 'users'") == [
+            ("users_pkey",),
+            ("users_name",),
+        ]
+        assert len(await applied_migrations(topo)) == 2
+
+
+@pytest.mark.real
+async def test_postgres_percent_and_dollar_quotes_are_sent_as_written(
+    tmp_path: Path, postgres: Postgres
+) -> None:
+    files = {
+        "0001_expand_t.sql": "CREATE TABLE t (v text);\nINSERT INTO t VALUES ('100%s %');\n"
+        "CREATE FUNCTION f() RETURNS text LANGUAGE sql AS $$ SELECT 'x;y' $$;\n"
+    }
+    with postgres.database() as url:
+        await run_migrations(topology(tmp_path, url, files), "expand", "2.0", Notes())
+        assert query(url, "SELECT v, f() FROM t") == [("100%s %", "x;y")]
+
+
+def test_sqlite_paths_are_relative_to_the_topology_file(tmp_path: Path) -> None:
+    topo = topology(tmp_path, "sqlite:///data/app.db", {})
+    assert sqlite_path(topo, "sqlite:///data/app.db") == tmp_path / "data" / "app.db"
+    assert sqlite_path(topo, "sqlite:////var/app.db") == Path("/var/app.db")
+    assert sqlite_path(topo, "app.db") == tmp_path / "app.db"
+
+
+async def test_review_counts_only_pending_migrations(tmp_path: Path) -> None:
+    # SQLite: no locking rules, so the files above are clean (PostgreSQL would
+    # want a lock_timeout in each).
+    topo = topology(tmp_path, "sqlite:///app.db", BASE)
+    before = await review(topo, "2.0")
+    assert before.pending == {
+        "expand": ["0001_expand_users.sql", "0002_expand_add_email.sql"],
+        "contract": ["0003_contract_drop_name.sql"],
+    }
+    assert before.findings == []  # dropping is fine in contract; SQLite has no locking rules
+    # A drop in a new expand file is a finding; once applied, it no longer is.
+    (tmp_path / "migrations" / "0004_expand_drop_email.sql").write_text(
+        "ALTER TABLE users DROP COLUMN email;\n"
+    )
+    after = await review(topo, "2.0")
+    assert [(f.rule, Path(f.path).name, f.line) for f in after.findings] == [
+        ("ban-drop-column", "0004_expand_drop_email.sql", 1)
+    ]
+    assert after.blocking(["ban-drop-column"]) == []
+    await run_migrations(topo, "expand", "2.0", Notes())
+    assert (await review(topo, "2.0")).findings == []
+
+
+def python_command(code: str) -> str:
+    return shlex.join([sys.executable, "-c", code])
+
+
+async def test_commands_get_the_url_and_their_sql_is_reviewed(tmp_path: Path) -> None:
+    url = "sqlite:///app.db"
+    apply = python_command(
+        "import os, sqlite3, sys; url = os.environ['CHANGEOVER_DATABASE_URL'];"
+        "sqlite3.connect(url.removeprefix('sqlite:///')).execute('CREATE TABLE t (a)');"
+        "print('upgraded to', sys.argv[1], os.environ['CHANGEOVER_MIGRATION_PHASE'])"
+    )
+    topo = topology(
+        tmp_path,
+        url,
+        {},
+        apply_command=apply + " {version}",
+        sql_command=python_command("print('ALTER TABLE users DROP COLUMN email;')"),
+    )
+    found = await review(topo, "2.0")
+    assert found.pending == {"expand": [f"`{topo.database and topo.database.sql_command}`"]}
+    assert [f.rule for f in found.findings] == ["ban-drop-column"]
+    detail = await run_migrations(topo, "expand", "2.0", Notes())
+    assert detail.endswith(": upgraded to 2.0 expand")
+    assert query(f"sqlite:///{tmp_path / 'app.db'}", "SELECT count(*) FROM t") == [(0,)]
+
+
+async def test_a_failing_command_is_reported_with_its_output(tmp_path: Path) -> None:
+    failing = python_command("import sys; sys.exit('alembic: cannot locate revision 42')")
+    topo = topology(tmp_path, "sqlite:///app.db", {}, apply_command=failing, sql_command=failing)
+    with pytest.raises(MigrationError, match=r"failed \(exit 1\): alembic: cannot locate"):
+        await run_migrations(topo, "expand", "2.0", Notes())
+
+
+async def test_an_unreachable_database_is_a_migration_error(tmp_path: Path) -> None:
+    topo = topology(tmp_path, "postgresql://nobody@127.0.0.1:1/none", BASE)
+    with pytest.raises(MigrationError, match="cannot open the database"):
+        await run_migrations(topo, "expand", "2.0", Notes())
