@@ -20,14 +20,14 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 from rich.console import Console
 
-from changeover.config import Topology, load
+from changeover.config import SshSettings, Topology, load
 from changeover.probe import ProbeReport
 from changeover.runtime import make_balancer, run_engine
 
@@ -53,6 +53,11 @@ class DemoOptions:
     health_timeout: float = 30.0
     keep_previous: float = 600.0
     approval: str = "auto"
+    # A fleet instead of one box: each cluster's member addresses (default: all on
+    # 127.0.0.1), and the members reached over SSH with these settings.
+    member_hosts: tuple[Sequence[str], Sequence[str]] | None = None
+    ssh: SshSettings | None = None
+    parallel: int = 0  # executor.parallel: members of a cluster at once, 0: all
 
 
 def _free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -80,7 +85,11 @@ def write_topology(root: Path, opts: DemoOptions) -> Path:
     listen, admin, qa_a, qa_b = ports[:4]
     member_ports = ports[4:]
     # Templates are split like a shell would; shlex.join quotes our own paths.
-    appctl = shlex.join(["nice", "-n", "10", sys.executable, "-m", "changeover.demo.appctl"])
+    # Absolute paths: over SSH the remote shell has its own PATH and HOME. The members
+    # run at a lower CPU priority: on one box they stand in for separate hosts, and
+    # 18 Python apps booting at once must not starve the balancer or the probe.
+    nice = [shutil.which("nice") or "/usr/bin/nice", "-n", "10"]
+    appctl = shlex.join([*nice, sys.executable, "-m", "changeover.demo.appctl"])
     common = (
         shlex.join(["--root", str(root / "apps")])
         + " --member {member} --host {host} --port {port} --route {route}"
@@ -103,7 +112,8 @@ def write_topology(root: Path, opts: DemoOptions) -> Path:
         for i in range(n):
             name = f"{cluster}{i + 1}"
             port = member_ports[c * n + i]
-            lines.append(f'  {{ name = "{name}", host = "127.0.0.1", port = {port} }},')
+            host = opts.member_hosts[c][i] if opts.member_hosts else "127.0.0.1"
+            lines.append(f'  {{ name = "{name}", host = "{host}", port = {port} }},')
         lines += ["]", ""]
     lines += [
         "[balancer]",
@@ -121,9 +131,19 @@ def write_topology(root: Path, opts: DemoOptions) -> Path:
         "fall = 3",  # a busy 2-core demo box must not eject a whole cluster
         "",
         "[executor]",
-        'kind = "local"',
+        f'kind = "{"ssh" if opts.ssh else "local"}"',
         'timeout = "30s"',
+        f"parallel = {opts.parallel}",
         "",
+    ]
+    if opts.ssh:
+        lines.append("[executor.ssh]")
+        # JSON strings, numbers and booleans are valid TOML values.
+        lines += [
+            f"{k} = {json.dumps(v)}" for k, v in opts.ssh.model_dump(exclude_none=True).items()
+        ]
+        lines.append("")
+    lines += [
         "[release]",
         f"stop = {_toml_str(f'{appctl} stop {common}')}",
         f"deploy = {_toml_str(f'{appctl} deploy {common} --version {{version}}')}",
