@@ -180,12 +180,13 @@ def _check_reach(topo: Topology) -> None:
 
     results = _run(go())
     table = Table(title="reachability")
-    for col in ("member", "host", "reachable", "seconds", "detail"):
+    for col in ("member", "host", "node", "reachable", "seconds", "detail"):
         table.add_column(col)
     for r in results:
         table.add_row(
             r.member,
             r.host,
+            r.node or "-",  # what the host calls itself: catches an address that reaches another
             "[green]yes[/]" if r.ok else "[red]no[/]",
             f"{r.seconds:.2f}",
             r.error or "",
