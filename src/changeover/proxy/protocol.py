@@ -149,7 +149,7 @@ class Worker:
         self.clients: set[Client] = set()
         self.stopping = False
         self.drained = asyncio.Event()  # set when a client closes while stopping
-        self.turn = 0
+        self.turn = index  # workers start their round-robin at different members
         # Deadlines are checked once a second, so a clock updated as often is
         # precise enough and spares a loop.time() call per request.
         self.now = self.loop.time()
