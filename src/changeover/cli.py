@@ -9,6 +9,7 @@ Exit codes (documented in README and `changeover --help`):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -490,8 +491,9 @@ def show(
         fail(EXIT_BAD_INPUT, f"no release #{release_id}")
     outputs = journal.outputs(release_id)
     if json_out:
-        data["outputs"] = [o.__dict__ for o in outputs]
-        data["events"] = [e.__dict__ for e in journal.events(release_id)]
+        # The rows are slotted dataclasses: they have no __dict__.
+        data["outputs"] = [dataclasses.asdict(o) for o in outputs]
+        data["events"] = [dataclasses.asdict(e) for e in journal.events(release_id)]
         print(json.dumps(data, indent=2, default=str))
         return
     out.print(

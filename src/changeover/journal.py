@@ -196,11 +196,12 @@ class Journal:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA busy_timeout = 5000")
+            # Check first: switching to WAL rewrites the header of a foreign file.
+            self._check_schema()
             mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             # FULL: every commit (each step boundary) is on disk before we go on.
             self._db.execute("PRAGMA synchronous = FULL")
             self._db.execute("PRAGMA foreign_keys = ON")
-            self._check_schema()
         except sqlite3.DatabaseError as exc:
             raise JournalError(
                 f"{path}: not a usable changeover journal ({exc}); it was left untouched"
@@ -228,7 +229,11 @@ class Journal:
                 raise JournalError(
                     f"{self.path}: journal schema {found} is unknown; left untouched"
                 )
-            self._db.execute("PRAGMA quick_check").fetchone()
+            verdict = self._db.execute("PRAGMA quick_check").fetchone()[0]
+            if verdict != "ok":
+                raise JournalError(
+                    f"{self.path}: the journal is damaged ({verdict}); it was left untouched"
+                )
             return
         if tables:
             raise JournalError(
