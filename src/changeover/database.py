@@ -413,7 +413,10 @@ async def run_migrations(
         output = await _command(topo, db.apply_command, version, phase)
         last = output.strip().splitlines()[-1:] or ["no output"]
         return f"`{db.apply_command}`: {last[0]}"
-    files = [m for m in migration_files(topo) if m.phase == phase]
+    try:
+        files = [m for m in migration_files(topo) if m.phase == phase]
+    except ConfigError as exc:  # e.g. the folder went away before a resume
+        raise MigrationError(str(exc)) from None
     conn = await asyncio.to_thread(_open, topo)
     try:
         await _in_thread(conn.create_table)

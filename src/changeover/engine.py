@@ -23,7 +23,9 @@ from changeover import journal as J
 from changeover.balancers.base import Balancer, BalancerError
 from changeover.checks import Checker, CheckResult
 from changeover.config import Cluster, Member, Topology
+from changeover.database import MigrationError, run_migrations, verify_live
 from changeover.executors.base import CommandResult, Executor, member_values, render_argv
+from changeover.migrations import Phase
 from changeover.model import Admission, PoolView, cluster_admission
 from changeover.plan import (
     PlanRefused,
@@ -150,7 +152,10 @@ class Engine:
             if kept is not None:
                 current, previous = kept
                 return last.previous_version, flip_back_plan(self.topo, current, previous)
-            return last.previous_version, make_plan(self.topo, last.previous_version, view)
+            # The old release runs on the expanded schema: nothing to migrate back.
+            return last.previous_version, make_plan(
+                self.topo, last.previous_version, view, migrate=False
+            )
 
         return await self._create(plan, kind="rollback")
 
@@ -253,7 +258,7 @@ class Engine:
         failpoint(step.id, "during")
         try:
             detail = await self._dispatch(idx, step)
-        except (StepFailed, BalancerError, PlanRefused) as exc:
+        except (StepFailed, BalancerError, PlanRefused, MigrationError) as exc:
             await self._j(self.journal.step_finished, self._release_id, idx, False, str(exc))
             await self._emit("step-failed", f"{step.description}: {exc}", step, idx, total)
             raise StepFailed(f"{step.description}: {exc}") from exc
@@ -294,6 +299,16 @@ class Engine:
                 return await self._approve(step)
             case StepKind.BAKE:
                 return await self._bake(step, self._cluster(step))
+            case StepKind.MIGRATE:
+                phase: Phase = "contract" if step.phase == "contract" else "expand"
+                return await run_migrations(
+                    self.topo, phase, self._version, lambda note: self._emit("info", note)
+                )
+            case StepKind.VERIFY_LIVE:
+                row = await self._j(self.journal.release, self._release_id)
+                return await verify_live(
+                    self.topo, self.checker, self._version, row.previous_version
+                )
         raise StepFailed(f"unknown step kind {step.kind}")
 
     def _cluster(self, step: Step) -> Cluster:

@@ -26,6 +26,8 @@ class StepKind(StrEnum):
     SMOKE = "smoke"  # smoke checks through the cluster's QA entry point
     APPROVE = "approve"  # a person approves the cluster (approval = "manual")
     BAKE = "bake"  # watch the live pool after a swap; flip back when it goes bad
+    MIGRATE = "migrate"  # apply one phase of the database migrations
+    VERIFY_LIVE = "verify-live"  # after expand: the old release still passes its checks
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +41,7 @@ class Step:
     admissions: dict[str, Admission] = field(default_factory=dict)
     promote: str | None = None
     command: str | None = None  # RUN: "stop", "deploy" or "start"
+    phase: str | None = None  # MIGRATE: "expand" or "contract"
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -56,6 +59,7 @@ class Step:
             admissions={k: Admission(v) for k, v in (data.get("admissions") or {}).items()},
             promote=data.get("promote"),
             command=data.get("command"),
+            phase=data.get("phase"),
         )
 
 
@@ -138,20 +142,53 @@ def _bake(promoted: str, fallback: list[str]) -> list[Step]:
 
 
 def make_plan(
-    topo: Topology, version: str, view: PoolView | None = None, strategy: str | None = None
+    topo: Topology,
+    version: str,
+    view: PoolView | None = None,
+    strategy: str | None = None,
+    migrate: bool = True,
 ) -> list[Step]:
-    """The steps of a release of `version` with the topology's strategy (or `strategy`)."""
+    """The steps of a release of `version` with the topology's strategy (or `strategy`);
+    with the `[database]` migrations unless `migrate` is false (a rollback)."""
     if not version.strip():
         raise PlanRefused("the version is empty")
     if (strategy or topo.policy.strategy) == "bluegreen":
         steps = _bluegreen(topo, view)
     else:
         steps = _rolling(topo)
+    if migrate:
+        steps = _with_migrations(topo, steps, strategy or topo.policy.strategy)
     if view is not None:
         refusal = first_refusal(topo, view, steps)
         if refusal:
             raise PlanRefused(refusal)
     return steps
+
+
+def _with_migrations(topo: Topology, steps: list[Step], strategy: str) -> list[Step]:
+    """Expand right after the preflight, before any cluster leaves the live pool
+    or is deployed, then the old release's checks on the expanded schema;
+    contract once every cluster serves the new release. Bluegreen keeps the
+    previous clusters on the old release, so it never contracts."""
+    if topo.database is None:
+        return steps
+    phases = topo.database.phases()
+    head, tail = steps[:1], steps[1:]
+    if "expand" in phases:
+        head += [
+            Step("migrate-expand", StepKind.MIGRATE,
+                 "apply the expand migrations (the old release keeps working)", phase="expand"),
+            Step("verify-live", StepKind.VERIFY_LIVE,
+                 "check the release still serving: health of every member, "
+                 "smoke checks through the live pool"),
+        ]  # fmt: skip
+    if "contract" in phases and strategy != "bluegreen":
+        tail.append(
+            Step("migrate-contract", StepKind.MIGRATE,
+                 "apply the contract migrations (every cluster serves the new release)",
+                 phase="contract")
+        )  # fmt: skip
+    return head + tail
 
 
 def _preflight() -> Step:
