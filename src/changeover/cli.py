@@ -26,8 +26,11 @@ from changeover import __version__
 from changeover import journal as J
 from changeover.balancers.base import BalancerError
 from changeover.config import DEFAULT_CONFIG, ConfigError, Topology, load
-from changeover.engine import approval_request
+from changeover.database import MigrationError, Review
+from changeover.database import review as review_migrations
+from changeover.engine import Engine, approval_request
 from changeover.journal import Journal, JournalError, LockHeld
+from changeover.migrations import RULES, format_findings
 from changeover.migrations.cli import app as migrations_app
 from changeover.plan import PlanRefused, describe, make_plan
 from changeover.runtime import make_balancer, make_executor, open_journal, run_engine
@@ -103,7 +106,7 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         fail(EXIT_REFUSED, f"another release holds the lock: {exc}")
     except PlanRefused as exc:
         fail(EXIT_REFUSED, str(exc))
-    except BalancerError as exc:
+    except (BalancerError, MigrationError) as exc:
         fail(EXIT_FAILED, str(exc))
 
 
@@ -200,6 +203,56 @@ def _check_reach(topo: Topology) -> None:
 # --- planning and releasing -------------------------------------------------------
 
 
+AllowOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--allow",
+        metavar="RULE",
+        help="Accept the migration check's findings of RULE (repeatable; needs --reason).",
+    ),
+]
+ReasonOpt = Annotated[
+    str | None,
+    typer.Option(help="Why the allowed findings are safe here; written to the journal."),
+]
+
+
+def _gate(topo: Topology, version: str, allow: list[str], reason: str | None) -> Review | None:
+    """Check the migrations this release would apply; refuse (exit 3, the findings
+    printed) unless every finding's rule is allowed."""
+    unknown = sorted(set(allow) - RULES.keys())
+    if unknown:
+        fail(EXIT_BAD_INPUT, f"unknown rule(s) for --allow: {', '.join(unknown)}")
+    if allow and not (reason or "").strip():
+        fail(EXIT_BAD_INPUT, '--allow needs --reason "why this is safe here" (for the journal)')
+    if topo.database is None:
+        if allow:
+            fail(EXIT_BAD_INPUT, r"--allow accepts migration findings, but there is no \[database]")
+        return None
+    found = _run(review_migrations(topo, version))
+    blocking = found.blocking(allow)
+    if blocking:
+        err.print(format_findings(blocking, "text"), markup=False, highlight=False, soft_wrap=True)
+        fail(
+            EXIT_REFUSED,
+            f"refused: {len(blocking)} migration finding(s) would break the release still "
+            'serving or lock a table; fix them, or accept a rule with --allow RULE --reason "..."',
+        )
+    return found
+
+
+def _allowance(found: Review | None, allow: list[str], reason: str | None) -> str | None:
+    """The journal's record of what --allow accepted, and why."""
+    if found is None or not allow:
+        return None
+    # Past the gate, every finding is of an allowed rule.
+    accepted = "; ".join(f"{f.rule} at {f.path}:{f.line}" for f in found.findings)
+    return (
+        f"migration check: --allow {', '.join(allow)} --reason {reason!r}; "
+        f"accepted {accepted or 'no finding (nothing matched)'}"
+    )
+
+
 @app.command()
 def plan(
     version: Annotated[str, typer.Argument(help="The version to release.")],
@@ -208,9 +261,12 @@ def plan(
     offline: Annotated[
         bool, typer.Option(help="Plan without reading the balancer (no interlock check).")
     ] = False,
+    allow: AllowOpt = None,
+    reason: ReasonOpt = None,
 ) -> None:
-    """Print the ordered steps of a release; touches nothing."""
+    """Print the ordered steps of a release and check its migrations; touches nothing."""
     topo = _load(config)
+    found = _gate(topo, version, allow or [], reason)
 
     async def go() -> list[Any]:
         view = None
@@ -224,11 +280,23 @@ def plan(
 
     steps = _run(go())
     if json_out:
-        print(json.dumps({"version": version, "steps": [s.to_dict() for s in steps]}, indent=2))
+        data: dict[str, Any] = {"version": version, "steps": [s.to_dict() for s in steps]}
+        if found is not None:
+            data["migrations"] = {
+                "pending": found.pending,
+                "allowed_findings": [dataclasses.asdict(f) for f in found.findings],
+            }
+        print(json.dumps(data, indent=2))
         return
     out.print(f"[bold]plan[/]: release {version!r} to {topo.site.name}", highlight=False)
     for line in describe(steps):
         out.print(line, highlight=False, markup=False)
+    if found is not None:
+        pending = "; ".join(f"{p}: {', '.join(n) or 'none'}" for p, n in found.pending.items())
+        out.print(f"pending migrations: {pending}", highlight=False, markup=False, soft_wrap=True)
+        note = _allowance(found, allow or [], reason)
+        if note:
+            out.print(note, highlight=False, markup=False, soft_wrap=True)
 
 
 _STATE_EXIT = {
@@ -251,11 +319,22 @@ def release(
     version: Annotated[str, typer.Argument(help="The version to release.")],
     config: ConfigOpt = Path(DEFAULT_CONFIG),
     json_out: JsonOpt = False,
+    allow: AllowOpt = None,
+    reason: ReasonOpt = None,
 ) -> None:
     """Release VERSION to every cluster, one cluster at a time, with zero downtime."""
     topo = _load(config)
     console = err if json_out else out
-    release_id, state = _run(run_engine(topo, lambda e: e.begin(version), console))
+    note = _allowance(_gate(topo, version, allow or [], reason), allow or [], reason)
+
+    async def begin(engine: Engine) -> int:
+        release_id = await engine.begin(version)
+        if note:
+            await asyncio.to_thread(engine.journal.add_event, release_id, "allow", note)
+            console.print(note, highlight=False, markup=False, soft_wrap=True)
+        return release_id
+
+    release_id, state = _run(run_engine(topo, begin, console))
     _finish(topo, release_id, state, json_out)
 
 

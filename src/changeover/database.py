@@ -31,7 +31,6 @@ from changeover.checks import Checker, public_entry
 from changeover.config import ConfigError, Database, Topology
 from changeover.executors.base import render_argv
 from changeover.migrations import Finding, Phase, analyse, check_paths, phase_of
-from changeover.plan import PlanRefused
 
 if TYPE_CHECKING:
     import psycopg
@@ -44,10 +43,6 @@ _OUTPUT_TAIL = 5  # lines of a failed command's output in the error
 
 class MigrationError(Exception):
     """Migrations could not be read or applied, or the old release broke; one line."""
-
-
-class MigrationsRefused(PlanRefused):
-    """The review found problems in the migrations that nobody allowed."""
 
 
 def _database(topo: Topology) -> Database:
@@ -345,13 +340,20 @@ async def _in_thread(fn: Callable[[], T]) -> T:
         raise MigrationError(f"database error: {_one_line(exc)}") from exc
 
 
+def _read_applied(topo: Topology) -> list[tuple[str, str, str]]:
+    db = _database(topo)
+    if db.sql_dialect() == "sqlite" and not sqlite_path(topo, db.url).exists():
+        return []  # nothing applied yet; reading must not create the file
+    conn = _open(topo)
+    try:
+        return conn.applied()
+    finally:
+        conn.close()
+
+
 async def applied_migrations(topo: Topology) -> list[tuple[str, str, str]]:
     """(name, phase, version) of every migration recorded in the database."""
-    conn = await asyncio.to_thread(_open, topo)
-    try:
-        return await _in_thread(conn.applied)
-    finally:
-        await asyncio.to_thread(conn.close)
+    return await _in_thread(functools.partial(_read_applied, topo))
 
 
 # --- commands -------------------------------------------------------------------------

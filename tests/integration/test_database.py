@@ -231,6 +231,32 @@ async def test_review_counts_only_pending_migrations(tmp_path: Path) -> None:
     assert (await review(topo, "2.0")).findings == []
 
 
+@pytest.mark.real
+async def test_review_on_postgres_reads_what_was_applied_and_keeps_contract_to_locking(
+    tmp_path: Path, postgres: Postgres
+) -> None:
+    files = {
+        "0001_expand_users.sql": BASE["0001_expand_users.sql"],
+        "0002_contract_drop_name.sql": "SET lock_timeout = '2s';\n"
+        "ALTER TABLE users DROP COLUMN name;\n",
+    }
+    with postgres.database() as url:
+        topo = topology(tmp_path, url, files)
+        assert (await review(topo, "2.0")).findings == []  # dropping is what contract is for
+        await run_migrations(topo, "expand", "2.0", Notes())
+        (tmp_path / "migrations" / "0003_contract_index.sql").write_text(
+            "SET lock_timeout = '2s';\nCREATE INDEX users_id ON users (id);\n"
+        )
+        found = await review(topo, "2.0")
+        assert found.pending == {
+            "expand": [],
+            "contract": ["0002_contract_drop_name.sql", "0003_contract_index.sql"],
+        }
+        assert [(f.rule, Path(f.path).name) for f in found.findings] == [
+            ("require-concurrent-index-creation", "0003_contract_index.sql")
+        ]
+
+
 def python_command(code: str) -> str:
     return shlex.join([sys.executable, "-c", code])
 
