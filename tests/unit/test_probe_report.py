@@ -12,8 +12,9 @@ import pytest
 from rich.console import Console
 
 from changeover.balancers.base import BalancerError
+from changeover.balancers.builtin import pool_from_json
 from changeover.model import Admission, MemberState, PoolView
-from changeover.probe import AdmissionWatcher, ProbeReport, failure_kind, pool_from_json
+from changeover.probe import AdmissionWatcher, ProbeReport, failure_kind
 from tests.helpers import wait_until
 
 

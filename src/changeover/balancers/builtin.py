@@ -19,21 +19,25 @@ def admin_url_of(topo: Topology) -> str:
     return f"http://{host}:{listen.port}"
 
 
-def pool_from_json(data: Mapping[str, Any]) -> PoolView:
-    return PoolView(
-        tuple(
-            MemberState(
-                name=m["name"],
-                cluster=m["cluster"],
-                admission=Admission(m["admission"]),
-                healthy=bool(m["healthy"]),
-                active=int(m.get("active", 0)),
-                requests=int(m.get("requests", 0)),
-                errors=int(m.get("errors", 0)),
+def pool_from_json(data: Any) -> PoolView:
+    """PoolView from the admin API's {"members": [{"name", "cluster", "admission", ...}]}."""
+    try:
+        return PoolView(
+            tuple(
+                MemberState(
+                    name=str(m["name"]),
+                    cluster=str(m["cluster"]),
+                    admission=Admission(m["admission"]),
+                    healthy=bool(m.get("healthy", False)),
+                    active=int(m.get("active", 0)),
+                    requests=int(m.get("requests", 0)),
+                    errors=int(m.get("errors", 0)),
+                )
+                for m in data["members"]
             )
-            for m in data["members"]
         )
-    )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BalancerError(f"unexpected pool document from the admin API: {exc!r}") from None
 
 
 class BuiltinBalancer:

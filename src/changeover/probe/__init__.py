@@ -8,15 +8,13 @@ as a separate process (see `changeover.probe.command`).
 from changeover.probe.command import main_cli
 from changeover.probe.report import FAILURE_KINDS, ProbeReport
 from changeover.probe.runner import failure_kind, run_probe
-from changeover.probe.watcher import AdminPoolReader, AdmissionWatcher, pool_from_json
+from changeover.probe.watcher import AdmissionWatcher
 
 __all__ = [
     "FAILURE_KINDS",
-    "AdminPoolReader",
     "AdmissionWatcher",
     "ProbeReport",
     "failure_kind",
     "main_cli",
-    "pool_from_json",
     "run_probe",
 ]

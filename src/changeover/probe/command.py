@@ -23,9 +23,10 @@ import sys
 import uvloop
 from rich.console import Console
 
+from changeover.balancers.builtin import BuiltinBalancer
 from changeover.probe.report import ProbeReport
 from changeover.probe.runner import run_probe
-from changeover.probe.watcher import AdminPoolReader, AdmissionWatcher
+from changeover.probe.watcher import AdmissionWatcher
 
 DEFAULT_TOKEN_ENV = "CHANGEOVER_ADMIN_TOKEN"
 
@@ -87,7 +88,7 @@ async def _run(
     signals = (signal.SIGINT, signal.SIGTERM)
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
-    reader = AdminPoolReader(watch_admin, admin_token) if watch_admin else None
+    reader = BuiltinBalancer(watch_admin, admin_token, "admin", 2.0) if watch_admin else None
     try:
         watching = AdmissionWatcher(reader) if reader else contextlib.nullcontext()
         async with watching as watcher:

@@ -7,17 +7,14 @@ import asyncio
 import contextlib
 import time
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Protocol
 
-import aiohttp
-
-from changeover.balancers.base import BalancerError
-from changeover.model import Admission, MemberState, PoolView
+from changeover.model import PoolView
 from changeover.probe.accounting import Timeline
 
 
 class PoolReader(Protocol):
-    """Anything that reads a pool: every Balancer driver, or AdminPoolReader."""
+    """Anything that reads a pool: every Balancer driver."""
 
     async def read(self) -> PoolView: ...
 
@@ -90,51 +87,3 @@ class AdmissionWatcher:
             started = time.monotonic()
             await self._read_once()
             await asyncio.sleep(max(0.0, started + self.interval - time.monotonic()))
-
-
-def pool_from_json(data: Any) -> PoolView:
-    """PoolView from the admin API's {"members": [{"name", "cluster", "admission", ...}]}."""
-    try:
-        return PoolView(
-            tuple(
-                MemberState(
-                    name=str(m["name"]),
-                    cluster=str(m["cluster"]),
-                    admission=Admission(m["admission"]),
-                    healthy=bool(m.get("healthy", False)),
-                    active=int(m.get("active", 0)),
-                )
-                for m in data["members"]
-            )
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BalancerError(f"unexpected pool document from the admin API: {exc!r}") from None
-
-
-class AdminPoolReader:
-    """Reads the embedded balancer's admin API: GET {admin_url}/v1/pool with a bearer token."""
-
-    name = "admin"
-
-    def __init__(self, admin_url: str, token: str | None, *, timeout: float = 2.0) -> None:
-        self.url = admin_url.rstrip("/") + "/v1/pool"
-        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
-        self._session: aiohttp.ClientSession | None = None
-
-    async def read(self) -> PoolView:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
-        try:
-            async with self._session.get(self.url, headers=self._headers) as resp:
-                if resp.status != 200:
-                    raise BalancerError(f"{self.url}: HTTP {resp.status}")
-                data = await resp.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:  # ValueError: not JSON
-            raise BalancerError(f"{self.url}: {type(exc).__name__}: {exc}") from None
-        return pool_from_json(data)
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
