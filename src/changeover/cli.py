@@ -200,6 +200,59 @@ def _check_reach(topo: Topology) -> None:
         raise typer.Exit(EXIT_FAILED)
 
 
+@app.command("render")
+def render_config(
+    driver: Annotated[str, typer.Argument(help="apache, haproxy or nginx.")],
+    config: ConfigOpt = Path(DEFAULT_CONFIG),
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")
+    ] = None,
+    instance: Annotated[
+        str | None, typer.Option(help="Which balancer.instances entry (default: the first).")
+    ] = None,
+    current: Annotated[
+        bool, typer.Option(help="Each member's admission as the running balancer has it.")
+    ] = False,
+) -> None:
+    """Write the complete balancer config for the topology (QA entry points included);
+    every member live unless --current."""
+    from changeover.balancers.render import RenderError, RenderOptions, render
+
+    topo = _load(config)
+    chosen = next((i for i in topo.balancer.instances if i.name == instance), None)
+    if instance and chosen is None:
+        fail(EXIT_BAD_INPUT, f"no balancer instance named {instance!r} in {config}")
+    chosen = chosen or (topo.balancer.instances[0] if topo.balancer.instances else None)
+    admissions = None
+    if current:
+
+        async def read() -> dict[str, Any]:
+            balancer = make_balancer(topo)
+            try:
+                return dict((await balancer.read()).admissions())
+            finally:
+                await balancer.close()
+
+        admissions = _run(read())
+    run_dir = chosen.run_dir if chosen and chosen.run_dir else None
+    options = RenderOptions(
+        instance=chosen,
+        run_dir=topo.resolve_path(run_dir) if run_dir else None,
+        template_dir=topo.resolve_path(topo.balancer.template_dir)
+        if topo.balancer.template_dir
+        else None,
+    )
+    try:
+        text = render(topo, driver, admissions, options=options)
+    except RenderError as exc:
+        fail(EXIT_BAD_INPUT, str(exc))
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text)
+        err.print(f"wrote {output}")
+
+
 # --- planning and releasing -------------------------------------------------------
 
 

@@ -130,6 +130,9 @@ class BalancerInstance(_Model):
     reload_command: list[str] | None = None  # e.g. ["nginx", "-s", "reload", "-c", "..."]
     manager_url: str | None = None  # apache: balancer-manager URL
     state_file: str | None = None  # haproxy server-state-file / builtin admissions
+    # Private directory for the instance's pid, logs and sockets (relative to the
+    # config file); default: the distribution's standard locations.
+    run_dir: str | None = None
 
 
 class Balancer(_Model):
@@ -146,6 +149,7 @@ class Balancer(_Model):
     tls_cert: str | None = None
     tls_key: str | None = None
     health: HealthCheck = HealthCheck()
+    template_dir: str | None = None  # a site's own copies of the Jinja2 templates
     instances: list[BalancerInstance] = Field(default_factory=list)
 
     @model_validator(mode="after")

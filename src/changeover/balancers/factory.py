@@ -31,13 +31,21 @@ def make_balancer(
     if cls is None:
         raise BalancerError(f"no {driver!r} driver here; expected one of {', '.join(DRIVERS)}")
     instances = topology.balancer.instances or [BalancerInstance()]
+    if template_dir is None and topology.balancer.template_dir:
+        template_dir = topology.resolve_path(topology.balancer.template_dir)
     drivers: list[Balancer] = [
         cls(
             topology,
             instance,
-            run_dir=run_dir / instance.name if run_dir else None,
+            run_dir=_run_dir(topology, instance, run_dir),
             template_dir=template_dir,
         )
         for instance in instances
     ]
     return drivers[0] if len(drivers) == 1 else BalancerGroup(drivers)
+
+
+def _run_dir(topology: Topology, instance: BalancerInstance, override: Path | None) -> Path | None:
+    if override is not None:
+        return override / instance.name
+    return topology.resolve_path(instance.run_dir) if instance.run_dir else None
