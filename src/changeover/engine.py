@@ -143,9 +143,16 @@ class Engine:
     async def begin_rollback(self) -> int:
         """Back to the version before the last finished release: an instant flip
         to the clusters a bluegreen release kept on it, within `keep_previous`;
-        otherwise a release of that version through the same safe steps."""
+        otherwise a release of that version through the same safe steps. A release
+        that failed or was interrupted is superseded: back to what it replaced."""
 
         def plan(view: PoolView, last: J.ReleaseRow | None) -> tuple[str, list[Step]]:
+            if pending is not None:
+                if pending.previous_version is None:
+                    raise PlanRefused(f"release #{pending.id} recorded no previous version")
+                return pending.previous_version, make_plan(
+                    self.topo, pending.previous_version, view, migrate=False
+                )
             if last is None or last.previous_version is None:
                 raise PlanRefused("nothing to roll back to: no finished release with a predecessor")
             kept = kept_clusters(self.topo, last, view, time.time())
@@ -157,17 +164,21 @@ class Engine:
                 self.topo, last.previous_version, view, migrate=False
             )
 
-        return await self._create(plan, kind="rollback")
+        pending = await self._j(self.journal.unfinished, self.site)
+        if pending is not None and pending.state not in (J.FAILED, J.INTERRUPTED):
+            pending = None  # still running or awaiting approval: _create refuses
+        return await self._create(plan, kind="rollback", supersede=pending)
 
     async def _create(
         self,
         plan: Callable[[PoolView, J.ReleaseRow | None], tuple[str, list[Step]]],
         kind: str = "release",
+        supersede: J.ReleaseRow | None = None,
     ) -> int:
         await self._j(self.journal.acquire, self.site, None)
         try:
             pending = await self._j(self.journal.unfinished, self.site)
-            if pending is not None:
+            if pending is not None and (supersede is None or pending.id != supersede.id):
                 raise PlanRefused(
                     f"release #{pending.id} ({pending.version}) is {pending.state}: "
                     "`changeover resume` it, or `changeover abort` it first"
@@ -175,7 +186,10 @@ class Engine:
             view = await self.balancer.read()
             last = await self._j(self.journal.last_done, self.site)
             version, steps = plan(view, last)
-            serving = last.version if last else await self.checker.served_version()
+            if supersede is not None:
+                serving: str | None = supersede.version
+            else:
+                serving = last.version if last else await self.checker.served_version()
             release_id = await self._j(
                 self.journal.create_release,
                 self.site,
@@ -186,6 +200,13 @@ class Engine:
                 kind,
             )
             await self._j(self.journal.set_lock_release, self.site, release_id)
+            if supersede is not None:
+                await self._j(
+                    self.journal.set_state,
+                    supersede.id,
+                    J.ABORTED,
+                    f"superseded by rollback #{release_id}",
+                )
         except BaseException:
             await self._j(self.journal.release_lock, self.site)
             raise

@@ -155,7 +155,7 @@ def make_plan(
     if (strategy or topo.policy.strategy) == "bluegreen":
         steps = _bluegreen(topo, view)
     else:
-        steps = _rolling(topo)
+        steps = _rolling(topo, view)
     if migrate:
         steps = _with_migrations(topo, steps, strategy or topo.policy.strategy)
     if view is not None:
@@ -195,15 +195,21 @@ def _preflight() -> Step:
     return Step("preflight", StepKind.PREFLIGHT, "check the balancer, the pool and the interlocks")
 
 
-def _rolling(topo: Topology) -> list[Step]:
+def _rolling(topo: Topology, view: PoolView | None) -> list[Step]:
     """The seed's rolling-clusters release: one cluster out at a time, swapping
-    the released cluster live and the next one draining in a single change."""
+    the released cluster live and the next one draining in a single change.
+    Clusters already out of the live pool (a failed release) go first."""
     bake = topo.policy.bake > 0
+    admission = {
+        c: (cluster_admission(view, c) if view else Admission.LIVE) for c in topo.cluster_order()
+    }
     steps = [_preflight()]
     previous: str | None = None
-    for cluster in topo.cluster_order():
+    for cluster in sorted(admission, key=lambda c: admission[c] is Admission.LIVE):
         if previous is None:
             steps += _take_out(cluster, {cluster: Admission.DRAINING}, None, f"drain {cluster}")
+            if admission[cluster] is Admission.OUT:
+                steps = steps[:-3] + steps[-1:]  # already out: nothing to drain
         else:
             swap = {previous: Admission.LIVE, cluster: Admission.DRAINING}
             steps += _take_out(

@@ -170,3 +170,10 @@ def test_bake_problem_from_the_balancers_figures() -> None:
     assert bake_problem(few, "a", 0, 0, 0.01) is None  # too few requests to judge
     sick = view(t, sick={"a1"})
     assert "a1 unhealthy" in (bake_problem(sick, "a", 0, 0, 0.01) or "")
+
+
+def test_a_cluster_left_out_by_a_failed_release_goes_first_without_draining() -> None:
+    t = topo()
+    steps = make_plan(t, "1", view(t, {"a": Admission.LIVE, "b": Admission.OUT}))
+    assert [s.id for s in steps[:3]] == ["preflight", "out-b", "stop-b"]
+    assert admits(steps)[1] == {"b": Admission.LIVE, "a": Admission.DRAINING}
