@@ -11,6 +11,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
 from changeover.config import Topology, parse
 from changeover.database import (
@@ -20,6 +21,7 @@ from changeover.database import (
     run_migrations,
     sqlite_path,
 )
+from changeover.demo.app import build_app
 from tests.postgres import Postgres, running_postgres
 
 CLUSTERS = [
@@ -60,7 +62,8 @@ def query(url: str, sql: str) -> list[tuple[Any, ...]]:
         with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
             return conn.execute(sql).fetchall()
     with psycopg.connect(url) as conn:
-        return conn.execute(sql.encode()).fetchall()
+        cursor = conn.execute(sql.encode())
+        return cursor.fetchall() if cursor.description else []
 
 
 def columns(url: str, table: str) -> list[str]:
@@ -294,3 +297,19 @@ async def test_an_unreachable_database_is_a_migration_error(tmp_path: Path) -> N
     topo = topology(tmp_path, "postgresql://nobody@127.0.0.1:1/none", BASE)
     with pytest.raises(MigrationError, match="cannot open the database"):
         await run_migrations(topo, "expand", "2.0", Notes())
+
+
+async def test_the_sample_app_serves_users_until_a_column_it_reads_is_dropped(
+    tmp_path: Path, url: str
+) -> None:
+    topo = topology(tmp_path, url, BASE)
+    await run_migrations(topo, "expand", "1.0", Notes())
+    app = build_app("a1", "a1", "1.0", db=url.removeprefix("sqlite:///"))
+    async with TestClient(TestServer(app)) as client:
+        resp = await client.get("/db")
+        assert resp.status == 200
+        assert (await resp.json())["users"] == [{"id": 1, "name": "ada", "email": None}]
+        query(url, "ALTER TABLE users DROP COLUMN email")
+        resp = await client.get("/db")
+        assert resp.status == 500
+        assert "email" in (await resp.json())["error"]

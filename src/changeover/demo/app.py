@@ -1,7 +1,7 @@
 """The sample app: one member of a cluster, behaving like a JBoss app server.
 
     python -m changeover.demo.app --host H --port P --member M --route R --version V
-        [--startup-delay S] [--drain-timeout S] [--fault-dir DIR]
+        [--startup-delay S] [--drain-timeout S] [--fault-dir DIR] [--db URL]
 
 - The port opens only after the start-up delay, as a server booting its app.
 - GET / returns {"version", "member", "route", "session", "count"}: a
@@ -15,6 +15,9 @@
   `report-version` exists /version answers its content instead of the version.
   GET /slow?ms=N: sends the headers at once and the body after N ms (at most
   30000), for drain tests.
+- With --db (a postgresql:// URL or a SQLite file path), GET /db returns
+  {"version", "users": [{"id", "name", "email"}]} read from the users table,
+  or 500 with the database's error (e.g. after a migration dropped a column).
 - Every response carries X-Changeover-Member and X-Changeover-Version.
 - SIGTERM (or SIGINT): stop accepting connections, finish the requests in
   flight (for at most --drain-timeout seconds), exit 0.
@@ -31,9 +34,11 @@ import json
 import logging
 import secrets
 import signal
+import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psycopg
 import uvloop
 from aiohttp import web
 
@@ -54,6 +59,7 @@ class AppState:
     sessions: dict[str, int] = field(default_factory=dict)  # insertion order: oldest first
     shutting_down: bool = False
     fault_dir: Path | None = None
+    db: str | None = None  # a postgresql:// URL or a SQLite file path
 
     def fault(self, name: str) -> str | None:
         """The stripped content of fault-injection file `name`, None when it is absent."""
@@ -130,16 +136,47 @@ async def _identify(request: web.Request, response: web.StreamResponse) -> None:
     response.headers[VERSION_HEADER] = state.version
 
 
+# The columns this release reads: a migration that drops one breaks this page.
+USERS_QUERY = "SELECT id, name, email FROM users ORDER BY id"
+
+
+def _sqlite_users(path: str) -> list[tuple[object, ...]]:
+    with contextlib.closing(sqlite3.connect(path, timeout=5)) as conn:
+        return conn.execute(USERS_QUERY).fetchall()
+
+
+async def users(request: web.Request) -> web.Response:
+    """The users table, read on every request (one connection each: no pool to go stale)."""
+    state = request.app[STATE]
+    assert state.db is not None
+    try:
+        if state.db.startswith(("postgresql://", "postgres://")):
+            async with await psycopg.AsyncConnection.connect(state.db, connect_timeout=5) as conn:
+                rows = await (await conn.execute(USERS_QUERY)).fetchall()
+        else:
+            rows = await asyncio.to_thread(_sqlite_users, state.db)
+    except (psycopg.Error, sqlite3.Error) as exc:
+        return web.json_response({"version": state.version, "error": str(exc)}, status=500)
+    return web.json_response(
+        {
+            "version": state.version,
+            "users": [{"id": i, "name": n, "email": e} for i, n, e in rows],
+        }
+    )
+
+
 def build_app(
-    member: str, route: str, version: str, fault_dir: Path | None = None
+    member: str, route: str, version: str, fault_dir: Path | None = None, db: str | None = None
 ) -> web.Application:
     app = web.Application()
-    app[STATE] = AppState(member=member, route=route, version=version, fault_dir=fault_dir)
+    app[STATE] = AppState(member=member, route=route, version=version, fault_dir=fault_dir, db=db)
     app.on_response_prepare.append(_identify)
     app.router.add_get("/", index)
     app.router.add_get("/health", health)
     app.router.add_get("/version", version_text)
     app.router.add_get("/slow", slow)
+    if db is not None:
+        app.router.add_get("/db", users)
     return app
 
 
@@ -187,9 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--startup-delay", type=float, default=0.0)
     parser.add_argument("--drain-timeout", type=float, default=30.0)
     parser.add_argument("--fault-dir", type=Path, help="where fault-injection files are read")
+    parser.add_argument("--db", help="GET /db reads users from: a postgresql:// URL or a path")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    app = build_app(args.member, args.route or args.member, args.version, args.fault_dir)
+    app = build_app(args.member, args.route or args.member, args.version, args.fault_dir, args.db)
     coro = serve(
         args.host,
         args.port,

@@ -2,6 +2,7 @@
 
     python -m changeover.demo.appctl deploy|start|stop|status --root DIR --member M
         [--host H] [--port P] [--route R] [--version V] [--startup-delay S] [--stop-timeout S]
+        [--db URL]
 
 Every subcommand accepts the same options, so one command template fits all.
 Files live in DIR/M:
@@ -149,6 +150,7 @@ def start(member: Member, args: argparse.Namespace) -> int:
         f"--version={version}",
         f"--startup-delay={args.startup_delay}",
         f"--fault-dir={member.dir}",
+        *([f"--db={args.db}"] if args.db else []),
     ]
     with open(member.log_file, "ab") as log:
         child = subprocess.Popen(
@@ -221,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version")
     parser.add_argument("--startup-delay", type=float, default=0.0)
     parser.add_argument("--stop-timeout", type=float, default=35.0)
+    parser.add_argument("--db", help="start: the app's database (see the app's --db)")
     args = parser.parse_args(argv)
     if os.sep in args.member or args.member in ("", ".", ".."):
         parser.error(f"--member must be a plain name, got {args.member!r}")

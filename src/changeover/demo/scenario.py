@@ -58,6 +58,10 @@ class DemoOptions:
     member_hosts: tuple[Sequence[str], Sequence[str]] | None = None
     ssh: SshSettings | None = None
     parallel: int = 0  # executor.parallel: members of a cluster at once, 0: all
+    # The shared database (postgresql://... or sqlite:////ABSOLUTE), given together
+    # with its migrations: the app serves GET /db from it, a smoke check reads it.
+    database_url: str | None = None
+    migrations_dir: Path | None = None
 
 
 def _free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -94,6 +98,8 @@ def write_topology(root: Path, opts: DemoOptions) -> Path:
         shlex.join(["--root", str(root / "apps")])
         + " --member {member} --host {host} --port {port} --route {route}"
     )
+    if opts.database_url:
+        common += " " + shlex.join(["--db", opts.database_url.removeprefix("sqlite:///")])
     lines = [
         "# Written by `changeover demo`.",
         "[site]",
@@ -150,7 +156,9 @@ def write_topology(root: Path, opts: DemoOptions) -> Path:
         f"start = {_toml_str(f'{appctl} start {common} --startup-delay {opts.startup_delay:g}')}",
         "",
         "[checks]",
-        'smoke = [ { path = "/", status = 200, body_contains = "{version}" } ]',
+        'smoke = [ { path = "/", status = 200, body_contains = "{version}" }'
+        + (' , { path = "/db", status = 200 }' if opts.database_url else "")
+        + " ]",
         "",
         "[policy]",
         f"drain_timeout = {opts.drain_timeout:g}",
@@ -164,6 +172,14 @@ def write_topology(root: Path, opts: DemoOptions) -> Path:
         f"auto_rollback = {'true' if opts.auto_rollback else 'false'}",
         "",
     ]
+    if opts.database_url:
+        assert opts.migrations_dir is not None, "a database comes with its migrations"
+        lines += [
+            "[database]",
+            f"url = {_toml_str(opts.database_url)}",
+            f"migrations_dir = {_toml_str(str(opts.migrations_dir))}",
+            "",
+        ]
     path = root / "changeover.toml"
     path.write_text("\n".join(lines))
     return path
