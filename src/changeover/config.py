@@ -6,6 +6,7 @@ the key and what was expected, so the CLI can print one line and exit.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -33,12 +34,17 @@ def parse_duration(value: object) -> float:
     """Seconds from a number or a string such as "250ms", "30s", "10m", "1h"."""
     if isinstance(value, bool):
         raise ValueError('expected a duration such as 30, "30s" or "10m"')
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and (m := _DURATION.match(value)):
-        seconds = float(m.group(1)) * _UNITS[m.group(2)]
-    else:
-        raise ValueError('expected a duration such as 30, "30s" or "10m"')
+    try:
+        if isinstance(value, int | float):
+            seconds = float(value)
+        elif isinstance(value, str) and (m := _DURATION.match(value)):
+            seconds = float(m.group(1)) * _UNITS[m.group(2)]
+        else:
+            raise ValueError('expected a duration such as 30, "30s" or "10m"')
+    except OverflowError:
+        raise ValueError("expected a duration that fits a number of seconds") from None
+    if not math.isfinite(seconds):
+        raise ValueError("expected a finite duration")
     if seconds < 0:
         raise ValueError("expected a duration of zero or more")
     return seconds
@@ -415,6 +421,8 @@ def parse(data: dict[str, Any], path: Path | str = DEFAULT_CONFIG) -> Topology:
         topo = Topology.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation(path, exc)) from None
+    except RecursionError:
+        raise ConfigError(f"{path}: arrays or tables nested too deep") from None
     return topo.model_copy(update={"source": Path(path).resolve()})
 
 
@@ -432,4 +440,6 @@ def load(path: Path | str = DEFAULT_CONFIG) -> Topology:
         raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: not valid TOML: arrays or tables nested too deep") from None
     return parse(data, p)
