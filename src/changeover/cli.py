@@ -2,7 +2,7 @@
 
 Exit codes (documented in README and `changeover --help`):
 0 success; 1 the release (or check) failed; 2 bad input (config, arguments);
-3 refused by the release lock or an interlock; 4 stopped at a safe point
+3 refused by the release lock, an interlock or the migration check; 4 stopped at a safe point
 (Ctrl-C or `changeover abort`), resumable.
 """
 
@@ -44,8 +44,8 @@ checks it, lets QA test it through its own entry point, then puts it live and
 drains the next one in a single balancer change, and so on.
 
 Exit codes: {EXIT_OK} success, {EXIT_FAILED} release/check failed,
-{EXIT_BAD_INPUT} bad input, {EXIT_REFUSED} refused by the lock or an interlock,
-{EXIT_STOPPED} stopped at a safe point (resumable).
+{EXIT_BAD_INPUT} bad input, {EXIT_REFUSED} refused by the lock, an interlock or
+the migration check, {EXIT_STOPPED} stopped at a safe point (resumable).
 """
 
 app = typer.Typer(help=HELP, no_args_is_help=True, rich_markup_mode=None, add_completion=False)

@@ -179,8 +179,7 @@ def _with_migrations(topo: Topology, steps: list[Step], strategy: str) -> list[S
             Step("migrate-expand", StepKind.MIGRATE,
                  "apply the expand migrations (the old release keeps working)", phase="expand"),
             Step("verify-live", StepKind.VERIFY_LIVE,
-                 "check the release still serving: health of every member, "
-                 "smoke checks through the live pool"),
+                 "check the release still serving (health, smoke through the live pool)"),
         ]  # fmt: skip
     if "contract" in phases and strategy != "bluegreen":
         tail.append(
