@@ -159,7 +159,7 @@ class _Connection(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
-    def rollback_quietly(self) -> None:
+    def rollback_if_open(self) -> None:
         if self.in_transaction():
             self.execute("ROLLBACK")
 
@@ -288,7 +288,10 @@ def _apply(conn: _Connection, migration: Migration, version: str) -> None:
     that refuses to run in a transaction (CREATE INDEX CONCURRENTLY), runs as
     written and is recorded afterwards: such a file must be safe to re-run.
     """
-    sql = migration.path.read_text(encoding="utf-8")
+    try:
+        sql = migration.path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MigrationError(f"{migration.name}: cannot read it: {exc}") from None
     statements = conn.split(sql, migration.name)
 
     def run_all() -> None:
@@ -307,19 +310,19 @@ def _apply(conn: _Connection, migration: Migration, version: str) -> None:
             conn.execute("COMMIT")
             return
         except _StatementFailed as failed:
-            conn.rollback_quietly()
+            conn.rollback_if_open()
             if not conn.cannot_run_in_transaction(failed.cause):
                 raise MigrationError(str(failed)) from failed.cause
         except Exception:
-            conn.rollback_quietly()
+            conn.rollback_if_open()
             raise
     try:
         run_all()
     except _StatementFailed as failed:
-        conn.rollback_quietly()
+        conn.rollback_if_open()
         raise MigrationError(str(failed)) from failed.cause
     if conn.in_transaction():
-        conn.rollback_quietly()
+        conn.rollback_if_open()
         raise MigrationError(f"{migration.name}: leaves a transaction open (BEGIN without COMMIT)")
     conn.record(migration, version)
 
