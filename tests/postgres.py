@@ -43,13 +43,15 @@ class Postgres:
         self.url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
 
     def _run(self, tool: str, *args: str) -> None:
-        subprocess.run(
+        done = subprocess.run(
             [*self.as_user, str(self.bin_dir / tool), *args],
-            check=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             timeout=60,
         )
+        if done.returncode != 0:
+            output = done.stdout.decode(errors="replace")
+            raise RuntimeError(f"{tool} exited {done.returncode}: {output}")
 
     def start(self) -> None:
         data, sockets = self.root / "data", self.root / "sockets"
@@ -101,9 +103,9 @@ def running_postgres() -> Iterator[Postgres]:
     server = Postgres(bin_dir, root, free_port(), as_user)
     try:
         server.start()
-        try:
-            yield server
-        finally:
-            server.stop()
+        yield server
     finally:
+        # Also after a start that timed out: the server may still be coming up.
+        if (root / "data" / "postmaster.pid").exists():
+            server.stop()
         shutil.rmtree(root, ignore_errors=True)
