@@ -13,6 +13,7 @@ import aiohttp
 
 from changeover.config import Checks, Cluster, Member, Topology
 from changeover.executors.base import render_argv
+from changeover.executors.local import run_local
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,20 +161,10 @@ class Checker:
         env = os.environ | {"CHANGEOVER_QA_URL": base, "CHANGEOVER_VERSION": version}
         if host:
             env["CHANGEOVER_QA_HOST"] = host
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-                env=env,
-            )
-            out, _ = await asyncio.wait_for(proc.communicate(), self.topo.executor.timeout)
-        except (OSError, TimeoutError) as exc:
-            return CheckResult("smoke command", False, f"{type(exc).__name__}: {exc}")
-        text = out.decode("utf-8", "replace")[-2000:]
+        done = await run_local(argv, self.topo.executor.timeout, env=env)
+        if done.problem:
+            return CheckResult("smoke command", False, done.problem)
+        text = done.out.decode("utf-8", "replace")[-2000:].strip()
         return CheckResult(
-            "smoke command",
-            proc.returncode == 0,
-            f"exit {proc.returncode}" + (f": {text.strip()}" if text.strip() else ""),
+            "smoke command", done.status == 0, f"exit {done.status}" + (f": {text}" if text else "")
         )

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from changeover.checks import Checker, public_entry
 from changeover.config import ConfigError, Database, Topology
 from changeover.executors.base import render_argv
+from changeover.executors.local import run_local
 from changeover.migrations import Finding, Phase, analyse, check_paths, phase_of
 
 if TYPE_CHECKING:
@@ -380,27 +381,13 @@ async def _command(topo: Topology, template: str, version: str, phase: Phase) ->
         "CHANGEOVER_MIGRATION_PHASE": phase,
     }
     cwd = topo.source.parent if topo.source else Path.cwd()
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-            cwd=cwd,
-        )
-    except OSError as exc:
-        raise MigrationError(f"cannot run {argv[0]!r}: {exc.strerror}") from None
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), db.timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise MigrationError(f"`{template}` did not finish within {db.timeout:g}s") from None
-    if proc.returncode != 0:
-        tail = err.decode("utf-8", "replace").strip().splitlines()[-_OUTPUT_TAIL:]
-        raise MigrationError(f"`{template}` failed (exit {proc.returncode}): " + " | ".join(tail))
-    return out.decode("utf-8", "replace")
+    done = await run_local(argv, db.timeout, env=env, cwd=cwd, merge_stderr=False)
+    if done.problem:
+        raise MigrationError(f"`{template}`: {done.problem}")
+    if done.status != 0:
+        tail = done.err.decode("utf-8", "replace").strip().splitlines()[-_OUTPUT_TAIL:]
+        raise MigrationError(f"`{template}` failed (exit {done.status}): " + " | ".join(tail))
+    return done.out.decode("utf-8", "replace")
 
 
 # --- the engine's steps ------------------------------------------------------------------

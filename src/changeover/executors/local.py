@@ -9,6 +9,8 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from changeover.config import Cluster, Member
@@ -30,9 +32,48 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-class LocalExecutor:
+@dataclass(frozen=True, slots=True)
+class LocalRun:
+    status: int | None  # None: it could not start, or was killed at the timeout
+    out: bytes  # stdout, with stderr unless kept apart
+    err: bytes
+    problem: str | None  # why status is None
+
+
+async def run_local(
+    argv: list[str],
+    timeout: float,
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    merge_stderr: bool = True,
+) -> LocalRun:
     """argv executed without a shell, in its own process group so a timeout
     kills everything the command started in the foreground."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT if merge_stderr else asyncio.subprocess.PIPE,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        return LocalRun(None, b"", b"", f"cannot start {argv[0]!r}: {exc.strerror or exc}")
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        return LocalRun(None, b"", b"", f"timed out after {timeout:g}s")
+    return LocalRun(proc.returncode, out, err or b"", None)
+
+
+class LocalExecutor:
+    """Release commands on this host (see `run_local`)."""
 
     def __init__(self, env: dict[str, str] | None = None) -> None:
         self._env = env or {}
@@ -41,46 +82,12 @@ class LocalExecutor:
         self, cluster: Cluster, member: Member, argv: list[str], timeout: float
     ) -> CommandResult:
         start = time.monotonic()
-        env = (
-            os.environ
-            | self._env
-            | {
-                "CHANGEOVER_CLUSTER": cluster.name,
-                "CHANGEOVER_MEMBER": member.name,
-            }
-        )
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            return CommandResult(
-                member.name,
-                tuple(argv),
-                None,
-                f"cannot start {argv[0]!r}: {exc}",
-                time.monotonic() - start,
-            )
-        try:
-            out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
-            return CommandResult(
-                member.name,
-                tuple(argv),
-                None,
-                f"timed out after {timeout:g}s",
-                time.monotonic() - start,
-            )
+        env = os.environ | self._env
+        env |= {"CHANGEOVER_CLUSTER": cluster.name, "CHANGEOVER_MEMBER": member.name}
+        done = await run_local(argv, timeout, env=env)
+        output = done.problem if done.problem else _tail(done.out)
         return CommandResult(
-            member.name, tuple(argv), proc.returncode, _tail(out), time.monotonic() - start
+            member.name, tuple(argv), done.status, output, time.monotonic() - start
         )
 
     async def upload(
