@@ -287,6 +287,10 @@ class Engine:
             # Not done: resume runs this step again from the start.
             await self._j(self.journal.step_interrupted, self._release_id, idx, str(stop))
             raise
+        except RolledBack as exc:
+            # The bake failed: the step is finished (not done), the release rolled back.
+            await self._j(self.journal.step_finished, self._release_id, idx, False, str(exc))
+            raise
         await self._j(self.journal.step_finished, self._release_id, idx, True, detail)
         failpoint(step.id, "after")
         took = time.monotonic() - started
