@@ -1,0 +1,188 @@
+"""The seed's scale end to end: 2 clusters x 18 members of the sample app, each
+member on its own loopback address (127.0.1.1..18 and 127.0.2.1..18), every
+release command run over SSH by a real OpenSSH server, under the probe.
+
+The tests share one site (36 apps take a while to boot on 2 cores) and run in
+file order: each releases a new version from whatever the previous one left;
+the failure test comes last since it leaves cluster a out of the pool.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from rich.console import Console
+
+from changeover import journal as J
+from changeover.config import Topology
+from changeover.demo.scenario import DemoOptions, DemoSite
+from changeover.model import Admission
+from changeover.runtime import run_engine
+from tests.e2e import support as S
+from tests.integration.sshd import SshdServer, cluster_hosts, running_sshd
+
+N = 18
+RATE = 300.0
+STICKY_USERS = 60
+A_HOSTS, B_HOSTS = cluster_hosts(1, N), cluster_hosts(2, N)
+COMMANDS = ("stop", "deploy", "start")
+
+pytestmark = [pytest.mark.slow, pytest.mark.real, pytest.mark.asyncio(loop_scope="module")]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def sshd() -> AsyncIterator[SshdServer]:
+    async with running_sshd(A_HOSTS + B_HOSTS) as server:
+        yield server
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def site(
+    sshd: SshdServer, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[DemoSite]:
+    opts = DemoOptions(
+        members_per_cluster=N,
+        startup_delay=0.2,
+        member_hosts=(A_HOSTS, B_HOSTS),
+        ssh=sshd.settings(),
+    )
+    demo = DemoSite(tmp_path_factory.mktemp("fleet"), opts)
+    async with demo.running():
+        yield demo
+
+
+async def release(topo: Topology, version: str) -> tuple[int, str]:
+    return await run_engine(topo, lambda engine: engine.begin(version), Console(quiet=True))
+
+
+def outputs(site: DemoSite, release_id: int) -> list[J.OutputRow]:
+    journal = S.journal(site)
+    try:
+        return journal.outputs(release_id)
+    finally:
+        journal.close()
+
+
+async def test_36_members_released_over_ssh_under_the_probe(
+    site: DemoSite, sshd: SshdServer
+) -> None:
+    assert [m.host for _, m in site.topo.members()] == A_HOSTS + B_HOSTS
+    before = {h: sshd.accepted(h) for h in sshd.hosts}
+    async with site.probe(RATE, sticky_users=STICKY_USERS) as probe:
+        await S.traffic_flows(site)  # sticky sessions exist before the first drain
+        release_id, state = await release(site.topo, "2.0")
+        report = await probe.finish()
+
+    assert state == J.DONE
+    assert report.sent >= RATE * 10  # the release really ran under traffic
+    assert report.failed == 0, report.failure_examples
+    assert report.session_breaks == 0
+    assert report.version_flaps == 0
+    assert set(report.versions_seen) == {"1.0", "2.0"}
+    assert set((await S.versions_by_member(site)).values()) == {"2.0"}
+    assert {m.admission for m in (await S.pool(site)).members} == {Admission.LIVE}
+    # Every command went over SSH: 36 x 3 outputs, one connection per host for all steps.
+    ran = outputs(site, release_id)
+    assert len(ran) == 2 * N * len(COMMANDS)
+    assert all(o.exit_status == 0 for o in ran), [o for o in ran if o.exit_status]
+    assert {h: sshd.accepted(h) - before[h] for h in sshd.hosts} == dict.fromkeys(sshd.hosts, 1)
+
+
+# Each release command, wrapped: the member's shell appends "START END" (wall clock)
+# to STAMPS/<member>.<command> around the real command and keeps its exit status.
+STAMP = 's=$(date +%s.%N); f=$1; shift; "$@"; rc=$?; echo "$s $(date +%s.%N)" >>"$f"; exit $rc'
+
+
+def stamped(topo: Topology, stamps: Path, parallel: int) -> Topology:
+    """The site's topology with `executor.parallel` and every release command timed."""
+    wrap = shlex.join(["/bin/sh", "-c", STAMP, "stamp"])
+    release = topo.release.model_copy(
+        update={
+            cmd: f"{wrap} {shlex.quote(str(stamps))}/{{member}}.{cmd} {getattr(topo.release, cmd)}"
+            for cmd in COMMANDS
+        }
+    )
+    executor = topo.executor.model_copy(update={"parallel": parallel})
+    return topo.model_copy(update={"release": release, "executor": executor})
+
+
+def most_at_once(intervals: list[tuple[float, float]]) -> int:
+    """The largest number of intervals that overlap at one instant."""
+    edges = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    running = peak = 0
+    for _, change in edges:  # at a tie an end (-1) sorts before a start: touching is no overlap
+        running += change
+        peak = max(peak, running)
+    return peak
+
+
+async def test_parallel_bounds_the_members_running_a_command_at_once(
+    site: DemoSite, tmp_path: Path
+) -> None:
+    parallel = 5
+    _, state = await release(stamped(site.topo, tmp_path, parallel), "3.0")
+    assert state == J.DONE
+
+    peaks = {}
+    for cluster in site.topo.clusters:
+        for cmd in COMMANDS:
+            intervals = []
+            for member in cluster.members:
+                lines = (tmp_path / f"{member.name}.{cmd}").read_text().splitlines()
+                assert len(lines) == 1, (member.name, cmd, lines)  # ran exactly once
+                start, end = map(float, lines[0].split())
+                intervals.append((start, end))
+            peaks[f"{cmd}-{cluster.name}"] = most_at_once(intervals)
+    assert all(peak <= parallel for peak in peaks.values()), peaks
+    assert max(peaks.values()) == parallel, peaks  # the bound was reached, not just respected
+    assert set((await S.versions_by_member(site)).values()) == {"3.0"}
+
+
+async def test_a_failing_start_stops_the_release_and_the_site_stays_up(site: DemoSite) -> None:
+    parallel, failing = 5, "a1"  # a1 is the first member to take a slot
+    topo = site.topo.model_copy(
+        update={"executor": site.topo.executor.model_copy(update={"parallel": parallel})}
+    )
+    previous = set((await S.versions_by_member(site)).values())
+    (S.app_member(site, failing).dir / "fail-start").touch()
+    try:
+        async with site.probe(RATE, sticky_users=STICKY_USERS) as probe:
+            await S.traffic_flows(site)
+            release_id, state = await release(topo, "4.0")
+            report = await probe.finish()
+    finally:
+        S.faults_cleared(site)
+
+    assert state == J.FAILED
+    assert report.failed == 0, report.failure_examples
+    assert report.session_breaks == 0
+    assert report.version_flaps == 0
+    assert await S.admissions(site) == {"a": Admission.OUT, "b": Admission.LIVE}
+    assert {v for m, v in (await S.versions_by_member(site)).items() if m[0] == "b"} == previous
+
+    steps = S.step_states(site, release_id)
+    assert steps["start-a"] == J.STEP_FAILED and steps["stop-a"] == steps["deploy-a"] == J.STEP_DONE
+    journal = S.journal(site)
+    try:
+        start_idx = next(s.idx for s in journal.steps(release_id) if s.step_id == "start-a")
+        ran = [o for o in journal.outputs(release_id) if o.idx == start_idx]  # order recorded
+    finally:
+        journal.close()
+    first_failure = next(i for i, o in enumerate(ran) if o.exit_status != 0)
+    assert ran[first_failure].member == failing
+    # A member takes a slot only while nothing failed: the first `parallel`, plus one
+    # per member that finished (freeing its slot) before the failure was recorded.
+    assert len(ran) <= parallel + first_failure
+    not_started = {m.name for m in site.topo.cluster("a").members} - {o.member for o in ran}
+    assert len(not_started) >= N - 2 * parallel
+    assert all(S.running_versions(site, "a")[m] is None for m in not_started)
+
+    shown = await S.cli(site, "show", str(release_id))
+    assert shown.code == 0, shown.output
+    assert f"{failing}: exit 1" in shown.output
+    assert "start refused" in shown.output and "fault injection" in shown.output
+    assert f"not started on {len(not_started)} member(s)" in shown.output
