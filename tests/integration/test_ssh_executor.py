@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from changeover.config import Cluster, Member
-from changeover.executors.base import render_argv
+from changeover.executors.base import member_values, render_argv
 from changeover.executors.ssh import SshExecutor
 from tests.helpers import wait_until
 from tests.integration.sshd import SshdServer, cluster_hosts, running_sshd
@@ -70,6 +70,27 @@ async def test_substituted_values_stay_one_literal_argument(
     assert result.output == f"<{version}>\n<{A1.name}>\n"
     assert not [m for m in marks if m.exists()]
     assert (victim / "keep").read_text() == "still here"
+
+
+async def test_hostile_member_cluster_and_route_names_stay_literal_over_ssh(
+    executor: SshExecutor, tmp_path: Path
+) -> None:
+    """The config refuses such names; if one ever got through (or a template used a
+    free-form value), it would still reach the remote command as one argument."""
+    marks = [tmp_path / f"pwned{i}" for i in range(3)]
+    name = f"a1; touch {marks[0]} $(touch {marks[1]}) `touch {marks[2]}` 'q\" \n* ~ %s"
+    cluster = Cluster.model_construct(name=f"{name}-cluster", members=[])
+    member = Member.model_construct(name=name, host=A1.host, port=A1.port, route=f"r {name}")
+    argv = render_argv(
+        "printf '<%s>\\n' {member} {cluster} --route={route}",
+        member_values(cluster, member, "1.0"),
+    )
+
+    result = await executor.run(cluster, member, argv, timeout=10)
+
+    assert result.ok, result.output
+    assert result.output == f"<{name}>\n<{name}-cluster>\n<--route=r {name}>\n"
+    assert not [m for m in marks if m.exists()]
 
 
 async def test_exit_status_output_and_environment(executor: SshExecutor) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
+from pathlib import Path
 
 import pytest
 
-from changeover.config import Cluster, Member
+from changeover.config import Cluster, ConfigError, Member, load, parse
 from changeover.executors.base import TemplateError, member_values, render_argv
 from changeover.executors.local import LocalExecutor
 
@@ -59,3 +61,65 @@ async def test_local_executor_timeout_kills_and_reports() -> None:
     assert result.exit_status is None
     assert "timed out" in result.output
     assert asyncio.get_running_loop().time() - started < 10
+
+
+# --- member names and hosts ------------------------------------------------------------
+
+HOSTILE_NAMES = [*HOSTILE, "a1 --force", "-rf", "a1'; touch /tmp/pwned; '"]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_config_refuses_a_hostile_member_name_naming_the_key(name: str) -> None:
+    data = {
+        "clusters": [
+            {"name": "a", "members": [{"name": name, "port": 9001}]},
+            {"name": "b", "members": [{"name": "b1", "port": 9002}]},
+        ]
+    }
+    with pytest.raises(ConfigError) as info:
+        parse(data, "site.toml")
+    assert str(info.value).startswith("site.toml: clusters[0].members[0].name: ")
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+async def test_a_hostile_member_name_would_still_be_one_literal_argument(name: str) -> None:
+    """Defence in depth: even a name that bypassed validation stays data."""
+    cluster = Cluster.model_construct(name=name, members=[])
+    member = Member.model_construct(name=name, host="127.0.0.1", port=9001, route=name)
+    script = "import sys; sys.stdout.write(repr(sys.argv[1:]))"
+    argv = render_argv(
+        f"{sys.executable} -c {{script}} {{member}} --route={{route}} {{cluster}}",
+        {"script": script} | member_values(cluster, member, "1.0"),
+    )
+    result = await LocalExecutor().run(cluster, member, argv, timeout=10)
+    assert result.ok, result.output
+    assert result.output == repr([name, f"--route={name}", name])
+
+
+@pytest.mark.parametrize("host", ["app-1; touch /tmp/pwned", "$(id).example.com", "h\nx", "a b"])
+async def test_a_free_form_host_from_the_config_is_one_literal_argument(
+    host: str, tmp_path: Path
+) -> None:
+    """`host` is not restricted by the config: it must reach commands as data."""
+    config = tmp_path / "changeover.toml"
+    config.write_text(
+        "[[clusters]]\n"
+        'name = "a"\n'
+        f'members = [{{ name = "a1", host = {json.dumps(host)}, port = 9001 }}]\n'
+        "[[clusters]]\n"
+        'name = "b"\n'
+        'members = [{ name = "b1", port = 9002 }]\n'
+        "[release]\n"
+        f"deploy = {json.dumps(f'{sys.executable} -c {{script}} {{host}} {{version}}')}\n"
+    )
+    topo = load(config)
+    cluster, member = next(topo.members())
+    assert member.host == host
+    script = "import sys; sys.stdout.write(repr(sys.argv[1:]))"
+    assert topo.release.deploy is not None
+    argv = render_argv(
+        topo.release.deploy, {"script": script} | member_values(cluster, member, "2.0 && reboot")
+    )
+    result = await LocalExecutor().run(cluster, member, argv, timeout=10)
+    assert result.ok, result.output
+    assert result.output == repr([host, "2.0 && reboot"])
