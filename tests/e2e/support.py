@@ -32,16 +32,27 @@ class Run:
     code: int
     output: str
 
+    @property
+    def text(self) -> str:
+        """The output with Rich's line wrapping undone (whitespace collapsed)."""
+        return " ".join(self.output.split())
+
 
 async def start_cli(
-    site: DemoSite, *args: str, env: Mapping[str, str] | None = None, config: str | None = None
+    site: DemoSite,
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    config: str | None = None,
+    new_session: bool = False,
 ) -> asyncio.subprocess.Process:
-    """`python -m changeover.cli ARGS -c CONFIG` with the site's environment."""
+    """`python -m changeover.cli ARGS -c CONFIG` with the site's environment;
+    `new_session`: in its own process group, as a terminal's foreground job."""
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "changeover.cli", *args, "-c", config or str(site.config),
         env=dict(site.env) | dict(env or {}),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        start_new_session=new_session,
     )  # fmt: skip
 
 
@@ -152,6 +163,14 @@ def releases(site: DemoSite, limit: int = 20) -> list[J.ReleaseRow]:
     j = journal(site)
     try:
         return j.releases(site.topo.site.name, limit)
+    finally:
+        j.close()
+
+
+def outputs(site: DemoSite, release_id: int) -> list[J.OutputRow]:
+    j = journal(site)
+    try:
+        return j.outputs(release_id)
     finally:
         j.close()
 
