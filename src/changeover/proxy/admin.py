@@ -47,7 +47,12 @@ def build_app(pool: PoolState, token: str) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"ok": True})
 
+    # At start-up a read waits for the checker's first verdict on every member
+    # (one probe each, bounded by the probe timeout) rather than report a guess.
+    first_verdicts = pool.topology.balancer.health.timeout + 1.0
+
     async def get_pool(_: web.Request) -> web.Response:
+        await pool.first_verdicts(first_verdicts)
         return web.json_response(pool.view())
 
     async def post_admissions(request: web.Request) -> web.Response:

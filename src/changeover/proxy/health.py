@@ -4,7 +4,9 @@ Each member is probed every `interval` with GET `path` (2xx and 3xx are good),
 whatever its admission: a member that is OUT must be seen healthy before it
 goes back in. Connect failures the workers met since the last probe count as
 one failed probe (passive checks). Results reach the workers through
-`PoolState.set_healthy`.
+`PoolState.set_healthy`. Until its first probe a member is served as healthy
+(a restarted balancer serves at once) but never reported healthy by the admin
+API; that first verdict is decisive, later ones follow `rise` and `fall`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class HealthChecker:
         self.members: list[Member] = [m for _, m in topology.members()]
         self.streaks = [0] * len(self.members)
         self.failures_seen = [0] * len(self.members)
+        pool.expect_checks()
 
     async def run(self) -> None:
         timeout = aiohttp.ClientTimeout(total=self.check.timeout)
@@ -71,10 +74,15 @@ class HealthChecker:
 
     def _observe(self, index: int, ok: bool, why: str) -> None:
         was = self.pool.healthy[index]
-        healthy, self.streaks[index] = next_health(
-            was, self.streaks[index], ok, self.check.rise, self.check.fall
-        )
+        if index in self.pool.unchecked:
+            # The first verdict is decisive: "healthy" was only a start-up guess.
+            healthy, self.streaks[index] = ok, 0
+        else:
+            healthy, self.streaks[index] = next_health(
+                was, self.streaks[index], ok, self.check.rise, self.check.fall
+            )
         if healthy != was:
             self.pool.set_healthy(index, healthy)
             state = "up" if healthy else "down"
             log.info("member %s is %s (%s)", self.members[index].name, state, why)
+        self.pool.checked(index)

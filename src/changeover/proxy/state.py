@@ -19,6 +19,8 @@ admissions to `balancer.state_file`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import mmap
@@ -114,7 +116,12 @@ class PoolState:
         self.names = [m.name for _, m in topology.members()]
         self.index = {name: i for i, name in enumerate(self.names)}
         self.admission = [LIVE] * len(self.names)
-        self.healthy = [True] * len(self.names)  # until the checker says otherwise
+        # Requests go to every member until the checker says otherwise (a restarted
+        # balancer serves at once), but the admin API reports a member healthy only
+        # once a check has seen it: see expect_checks().
+        self.healthy = [True] * len(self.names)
+        self.unchecked: set[int] = set()
+        self._verdicts: asyncio.Event | None = None
         if state_file is not None:
             for name, adm in load_admissions(state_file).items():
                 if name in self.index:
@@ -150,6 +157,27 @@ class PoolState:
             self.shared.publish(self.admission, self.healthy)
         return done
 
+    def expect_checks(self) -> None:
+        """A health checker runs: until its first verdict on a member, that member's
+        health is a start-up guess, which the admin API never reports as healthy
+        (see first_verdicts). Otherwise a caller that waits for health (a release,
+        a test, a benchmark) could go ahead at start-up while every member is in
+        fact still down."""
+        self.unchecked = set(range(len(self.names)))
+        self._verdicts = asyncio.Event()
+
+    def checked(self, member: int) -> None:
+        """The checker has a verdict on `member` (its `healthy` flag is now real)."""
+        self.unchecked.discard(member)
+        if not self.unchecked and self._verdicts is not None:
+            self._verdicts.set()
+
+    async def first_verdicts(self, timeout: float) -> None:
+        """Wait (at most `timeout` s, once at start-up) for a verdict on every member."""
+        if self.unchecked and self._verdicts is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._verdicts.wait(), timeout)
+
     def set_healthy(self, member: int, healthy: bool) -> None:
         self.healthy[member] = healthy
         self.shared.publish(self.admission, self.healthy)
@@ -167,7 +195,7 @@ class PoolState:
                     "port": member.port,
                     "route": member.route_id,
                     "admission": str(ADMISSIONS[self.admission[i]]),
-                    "healthy": self.healthy[i],
+                    "healthy": self.healthy[i] and i not in self.unchecked,
                     "active": active[i],
                     "requests": requests[i],
                 }
