@@ -685,11 +685,17 @@ def probe(
     token_env: Annotated[
         str, typer.Option(help="Environment variable holding the admin token.")
     ] = "CHANGEOVER_ADMIN_TOKEN",
+    watch_config: Annotated[
+        Path | None,
+        typer.Option(help="changeover.toml: watch its balancer through its driver (any driver)."),
+    ] = None,
 ) -> None:
     """Send traffic at a fixed rate with sticky users; report failures, latency,
     broken sessions and version flaps (exit 1 on any)."""
     from changeover.probe import main_cli
 
+    if watch_admin and watch_config:
+        raise typer.BadParameter("give --watch-admin or --watch-config, not both")
     raise typer.Exit(
         main_cli(
             url,
@@ -703,6 +709,7 @@ def probe(
             watch_admin,
             os.environ.get(token_env),
             out,
+            watch_config=watch_config,
         )
     )
 

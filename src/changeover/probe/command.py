@@ -2,7 +2,12 @@
 `python -m changeover.probe`.
 
     python -m changeover.probe URL [--rate R] [--duration S] [--sticky-users U] [--json]
-        [--host-header H] [--timeout T] [--insecure] [--watch-admin URL [--token-env NAME]]
+        [--host-header H] [--timeout T] [--insecure]
+        [--watch-admin URL [--token-env NAME] | --watch-config FILE]
+
+--watch-admin reads the embedded balancer's admin API; --watch-config reads
+whatever balancer a changeover.toml names (HAProxy, Apache httpd, nginx or the
+embedded one) through its driver, as `changeover status` would.
 
 SIGINT or SIGTERM ends the run early; the report is printed all the same.
 
@@ -19,11 +24,14 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 
 import uvloop
 from rich.console import Console
 
+from changeover.balancers.base import Balancer, BalancerError
 from changeover.balancers.builtin import BuiltinBalancer
+from changeover.config import ConfigError, load
 from changeover.probe.report import ProbeReport
 from changeover.probe.runner import run_probe
 from changeover.probe.watcher import AdmissionWatcher
@@ -43,12 +51,26 @@ def main_cli(
     watch_admin: str | None = None,
     admin_token: str | None = None,
     console: Console | None = None,
+    watch_config: Path | None = None,
 ) -> int:
     """Run the probe in a fresh (uvloop) event loop, print the report, return the exit code.
 
-    `watch_admin` is the embedded balancer's admin URL: with it, moves caused
-    by a member leaving the pool are not counted as broken sessions.
+    `watch_admin` is the embedded balancer's admin URL, `watch_config` a
+    changeover.toml whose balancer (any driver) is read instead: with either,
+    moves caused by a member leaving the pool are not counted as broken
+    sessions. Exit 2 when the config cannot be loaded or names no usable balancer.
     """
+    if watch_admin and watch_config:
+        raise ValueError("watch_admin and watch_config exclude each other")
+    reader: Balancer | None = None
+    if watch_config is not None:
+        try:
+            reader = watching_config(watch_config)
+        except (ConfigError, BalancerError) as exc:
+            Console(stderr=True).print(f"error: {exc}", markup=False, highlight=False)
+            return 2
+    elif watch_admin:
+        reader = BuiltinBalancer(watch_admin, admin_token, "admin", 2.0)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         report = runner.run(
             _run(
@@ -59,8 +81,7 @@ def main_cli(
                 host_header=host_header,
                 timeout=timeout,
                 verify_tls=not insecure,
-                watch_admin=watch_admin,
-                admin_token=admin_token,
+                reader=reader,
             )
         )
     if json_out:
@@ -80,15 +101,13 @@ async def _run(
     host_header: str | None,
     timeout: float,
     verify_tls: bool,
-    watch_admin: str | None,
-    admin_token: str | None,
+    reader: Balancer | None,
 ) -> ProbeReport:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = (signal.SIGINT, signal.SIGTERM)
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
-    reader = BuiltinBalancer(watch_admin, admin_token, "admin", 2.0) if watch_admin else None
     try:
         watching = AdmissionWatcher(reader) if reader else contextlib.nullcontext()
         async with watching as watcher:
@@ -108,6 +127,16 @@ async def _run(
             loop.remove_signal_handler(sig)
         if reader is not None:
             await reader.close()
+
+
+def watching_config(path: Path) -> Balancer:
+    """The balancer (driver or group) that the changeover.toml at `path` names.
+
+    Only `read()` is ever called on it: the probe watches, it never applies.
+    """
+    from changeover.runtime import make_balancer
+
+    return make_balancer(load(path))
 
 
 def _positive(text: str) -> float:
@@ -144,7 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host-header", help="Host header to send (e.g. a QA host name)")
     parser.add_argument("--insecure", action="store_true", help="do not verify TLS certificates")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--watch-admin", metavar="URL", help="embedded balancer's admin API")
+    watch = parser.add_mutually_exclusive_group()
+    watch.add_argument("--watch-admin", metavar="URL", help="embedded balancer's admin API")
+    watch.add_argument(
+        "--watch-config",
+        metavar="FILE",
+        type=Path,
+        help="changeover.toml: watch its balancer (any driver) through the driver",
+    )
     parser.add_argument(
         "--token-env",
         metavar="NAME",
@@ -166,4 +202,5 @@ def main(argv: list[str] | None = None) -> int:
         insecure=args.insecure,
         watch_admin=args.watch_admin,
         admin_token=token,
+        watch_config=args.watch_config,
     )
