@@ -5,20 +5,24 @@ foreground as our child process, on ephemeral loopback ports, with a config the
 driver rendered: never the system service, never the system's files. The
 members are the bundled sample app (`python -m changeover.demo.app`).
 
-`python -m tests.integration.realbalancers probe SITE.json URL ...` runs the
-probe in its own process with an admission watcher that reads the real balancer
-through its driver (the probe's own --watch-admin speaks only the embedded
-balancer's admin API).
+The probe runs in its own process (`python -m changeover.probe --watch-config`)
+and watches the real balancer through its driver, configured by a changeover.toml
+that names the instance and its run directory.
+
+The members run at a lower CPU priority (nice 10), as in the demo site: on one
+box they stand in for separate hosts, and on a shared 2-core machine the probe
+must not be the process that starves, or it reports its own lateness as
+timeouts.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -40,6 +44,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PRODUCTS = ("haproxy", "apache", "nginx")
 BINARY = {"haproxy": "haproxy", "apache": "apache2", "nginx": "nginx"}
 SBIN = {"haproxy": "/usr/sbin/haproxy", "apache": "/usr/sbin/apache2", "nginx": "/usr/sbin/nginx"}
+# Members stand in for separate hosts: they yield the CPU to the balancer and the probe.
+NICE = (shutil.which("nice") or "/usr/bin/nice", "-n", "10")
 
 # One value of each template broken on purpose: the product's checker rejects it.
 BREAKAGE = {
@@ -240,7 +246,7 @@ async def running_members(
     try:
         for _, m in topology.members():
             members.procs[m.name] = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "changeover.demo.app", "--host", m.host,
+                *NICE, sys.executable, "-m", "changeover.demo.app", "--host", m.host,
                 "--port", str(m.port), "--member", m.name, "--route", m.route_id,
                 "--version", version,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -291,42 +297,40 @@ def parse_site(data: dict[str, Any], root: Path) -> Topology:
 # --- the probe, in its own process, watching a real balancer -----------------
 
 
-async def _probe_main(args: argparse.Namespace) -> int:
-    from changeover.probe import AdmissionWatcher, run_probe
+def _toml_value(value: Any) -> str:
+    """One TOML value on one line (inline tables and arrays); JSON strings are TOML strings."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float | str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        items = (f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items() if v is not None)
+        return "{ " + ", ".join(items) + " }"
+    raise TypeError(f"no TOML for {value!r}")
 
-    payload = json.loads(await asyncio.to_thread(Path(args.site).read_text))
-    topology = parse(payload["topology"], payload["source"])
-    instance = BalancerInstance.model_validate(payload["instance"])
-    driver = DRIVERS[topology.balancer.driver](topology, instance, run_dir=Path(payload["run_dir"]))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        async with AdmissionWatcher(driver, interval=0.1) as watcher:
-            report = await run_probe(
-                args.url,
-                rate=args.rate,
-                duration=args.duration,
-                sticky_users=args.sticky_users,
-                stop=stop,
-                watcher=watcher,
-            )
-    finally:
-        await driver.close()
-    sys.stdout.write(json.dumps(report.to_dict()) + "\n")
-    sys.stdout.flush()
-    return 0
+
+def toml_document(data: Mapping[str, Any]) -> str:
+    """`data` (tables of plain values, as site_data gives) as a TOML document."""
+    lines = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            lines.append(f"[{json.dumps(key)}]")
+            lines += [
+                f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items() if v is not None
+            ]
+        else:
+            lines.insert(0, f"{json.dumps(key)} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
 
 
 def write_probe_site(path: Path, real: RealBalancer, data: dict[str, Any]) -> Path:
-    payload = {
-        "topology": data,
-        "source": str(real.topology.source),
-        "instance": real.driver.instance.model_dump(),
-        "run_dir": str(real.run_dir),
-    }
-    path.write_text(json.dumps(payload))
+    """A changeover.toml naming `real` (instance and run directory) for `--watch-config`."""
+    balancer = dict(data["balancer"])
+    instance = real.driver.instance.model_dump(exclude_none=True)
+    balancer["instances"] = [instance | {"run_dir": str(real.run_dir)}]
+    path.write_text(toml_document(data | {"balancer": balancer}))
     return path
 
 
@@ -334,11 +338,13 @@ def write_probe_site(path: Path, real: RealBalancer, data: dict[str, Any]) -> Pa
 async def probe_process(
     site: Path, url: str, *, rate: float, sticky_users: int, log: Path
 ) -> AsyncIterator[asyncio.subprocess.Process]:
-    """The probe against `url` until the context ends (SIGINT); stdout is its report."""
+    """`python -m changeover.probe` against `url` until the context ends (SIGINT),
+    watching the balancer that the changeover.toml `site` names; stdout is its report."""
     with log.open("ab") as sink:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.integration.realbalancers", "probe", str(site), url,
-            "--rate", f"{rate:g}", "--sticky-users", str(sticky_users),
+            sys.executable, "-m", "changeover.probe", url,
+            "--rate", f"{rate:g}", "--duration", "3600", "--sticky-users", str(sticky_users),
+            "--json", "--watch-config", str(site),
             cwd=str(PROJECT_ROOT),
             env=os.environ | {"PYTHONUNBUFFERED": "1"},
             stdout=asyncio.subprocess.PIPE, stderr=sink,
@@ -359,20 +365,3 @@ async def finish_probe(proc: asyncio.subprocess.Process) -> Any:
     raw = await asyncio.wait_for(proc.stdout.read(), 60)
     await proc.wait()
     return ProbeReport.from_dict(json.loads(raw))
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.integration.realbalancers")
-    sub = parser.add_subparsers(dest="command", required=True)
-    probe = sub.add_parser("probe", help="the probe, watching a real balancer")
-    probe.add_argument("site")
-    probe.add_argument("url")
-    probe.add_argument("--rate", type=float, default=300.0)
-    probe.add_argument("--duration", type=float, default=3600.0)
-    probe.add_argument("--sticky-users", type=int, default=40)
-    args = parser.parse_args(argv)
-    return asyncio.run(_probe_main(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

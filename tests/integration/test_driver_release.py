@@ -21,6 +21,7 @@ from changeover.model import Admission
 from changeover.runtime import make_executor, open_journal
 from tests.helpers import wait_until
 from tests.integration.realbalancers import (
+    NICE,
     PRODUCTS,
     finish_probe,
     instance_for,
@@ -39,7 +40,11 @@ RATE = 300.0
 
 def release_site(product: str, root: Path) -> dict[str, Any]:
     data = site_data(product)
-    appctl = shlex.join([sys.executable, "-m", "changeover.demo.appctl"])
+    # Members and their release commands run at a lower CPU priority (as in the
+    # demo site): on one box they stand in for separate hosts, and Python processes
+    # starting three at a time must not starve the probe, which would then count
+    # its own lateness as timeouts.
+    appctl = shlex.join([*NICE, sys.executable, "-m", "changeover.demo.appctl"])
     common = (
         shlex.join(["--root", str(root / "apps")])
         + " --member {member} --host {host} --port {port} --route {route}"
@@ -109,7 +114,7 @@ async def test_full_release_under_probe_has_zero_downtime(product: str, tmp_path
     await wait_until(lambda: members_up(topology), timeout=20, what="members listening")
     try:
         async with running_balancer(product, topology, tmp_path / "lb1", instance=instance) as real:
-            site_file = write_probe_site(tmp_path / "probe-site.json", real, data)
+            site_file = write_probe_site(tmp_path / "probe-site.toml", real, data)
             async with probe_process(
                 site_file, real.url, rate=RATE, sticky_users=40, log=tmp_path / "probe.log"
             ) as probe:
