@@ -4,10 +4,15 @@ and how many requests fail over 20 consecutive flips under 500 requests/s.
 For each driver (HAProxy, Apache httpd, nginx, and the embedded balancer) on
 2 clusters x 3 sample-app members: the probe runs in its own process at 500
 requests/s with sticky users; we flip "a live, b out" <-> "a out, b live" 20
-times, 1 s apart. A separate closed-loop poller sends cookieless requests
-(new sessions) back to back; the flip time is from `apply` called to the start
-of the first such request answered by the new cluster and followed only by
-answers from it (5 in a row).
+times, 1 s apart. A separate poller sends a cookieless request (a new session)
+every 10 ms; the flip time is from `apply` called to the start of the first such
+request answered by the new cluster and followed only by answers from it (5 in
+a row), so it is known to about 10 ms. (The poller used to send back to back:
+on a 2-core machine that closed loop alone took as much CPU as the probe and the
+members together, and the starved probe reported its own lateness as timeouts.)
+
+The probe watches the balancer through its driver (`--watch-config`), so a user
+moved off a member that the flip took out is not counted as a broken session.
 
     .venv/bin/python -m benchmarks flip   (or: benchmarks/bench_flip.py [--flips 20]
                                            [--rate 500] [--drivers haproxy,apache,nginx,builtin])
@@ -34,6 +39,7 @@ from changeover.model import Admission, PoolView
 from changeover.probe import ProbeReport
 
 CONFIRM = 5  # consecutive answers from the new cluster that make a flip "seen"
+POLL_EVERY = 0.01  # seconds between the poller's new-session requests
 
 
 class Flippable(Protocol):
@@ -57,14 +63,18 @@ def pool(live: str, out: str) -> dict[str, Admission]:
 
 
 async def poll_members(url: str, stop: asyncio.Event, seen: list[tuple[float, str]]) -> None:
-    """Closed loop of new-session requests; (start time, cluster) of each answer."""
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+    """A new-session request every POLL_EVERY s (never a burst to catch up, never
+    two at once); (start time, cluster) of each answer."""
+    async with aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=2), cookie_jar=aiohttp.DummyCookieJar()
+    ) as http:
         while not stop.is_set():
             started = time.monotonic()
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                 async with http.get(url) as resp:
                     await resp.read()
                     seen.append((started, resp.headers.get("X-Changeover-Member", "?")[:1]))
+            await asyncio.sleep(max(0.0, started + POLL_EVERY - time.monotonic()))
 
 
 def flip_seen_at(seen: list[tuple[float, str]], since: float, cluster: str) -> float | None:
@@ -116,7 +126,7 @@ async def real_site(product: str, root: Path) -> AsyncIterator[tuple[Any, Path, 
         running_members(topology, logs=root),
         running_balancer(product, topology, root / "lb1") as real,
     ):
-        yield real, write_probe_site(root / "probe-site.json", real, data), data
+        yield real, write_probe_site(root / "probe-site.toml", real, data), data
 
 
 async def run_real(product: str, count: int, rate: float) -> FlipResult:
