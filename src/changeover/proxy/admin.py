@@ -47,9 +47,12 @@ def build_app(pool: PoolState, token: str) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"ok": True})
 
-    # At start-up a read waits for the checker's first verdict on every member
-    # (one probe each, bounded by the probe timeout) rather than report a guess.
-    first_verdicts = pool.topology.balancer.health.timeout + 1.0
+    # At start-up a read waits for the checker's verdict on every member rather
+    # than report a guess: a member that is down takes `fall` probes. The wait is
+    # capped below the drivers' read timeouts; a member still without a verdict is
+    # reported unhealthy.
+    health = pool.topology.balancer.health
+    first_verdicts = min(3.0, health.fall * health.interval + health.timeout)
 
     async def get_pool(_: web.Request) -> web.Response:
         await pool.first_verdicts(first_verdicts)

@@ -4,9 +4,10 @@ Each member is probed every `interval` with GET `path` (2xx and 3xx are good),
 whatever its admission: a member that is OUT must be seen healthy before it
 goes back in. Connect failures the workers met since the last probe count as
 one failed probe (passive checks). Results reach the workers through
-`PoolState.set_healthy`. Until its first probe a member is served as healthy
-(a restarted balancer serves at once) but never reported healthy by the admin
-API; that first verdict is decisive, later ones follow `rise` and `fall`.
+`PoolState.set_healthy`. A member starts healthy (a restarted balancer serves
+at once), but the admin API reports it healthy only once a probe has agreed
+with its state: a member down from the start is reported unhealthy at once,
+and marked down after `fall` failed probes as usual.
 """
 
 from __future__ import annotations
@@ -74,15 +75,12 @@ class HealthChecker:
 
     def _observe(self, index: int, ok: bool, why: str) -> None:
         was = self.pool.healthy[index]
-        if index in self.pool.unchecked:
-            # The first verdict is decisive: "healthy" was only a start-up guess.
-            healthy, self.streaks[index] = ok, 0
-        else:
-            healthy, self.streaks[index] = next_health(
-                was, self.streaks[index], ok, self.check.rise, self.check.fall
-            )
+        healthy, self.streaks[index] = next_health(
+            was, self.streaks[index], ok, self.check.rise, self.check.fall
+        )
         if healthy != was:
             self.pool.set_healthy(index, healthy)
             state = "up" if healthy else "down"
             log.info("member %s is %s (%s)", self.members[index].name, state, why)
-        self.pool.checked(index)
+        if ok == healthy:  # a probe agrees with the state: it is no start-up guess
+            self.pool.checked(index)

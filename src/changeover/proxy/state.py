@@ -167,13 +167,14 @@ class PoolState:
         self._verdicts = asyncio.Event()
 
     def checked(self, member: int) -> None:
-        """The checker has a verdict on `member` (its `healthy` flag is now real)."""
+        """A probe has agreed with `member`'s health: its `healthy` flag is now real."""
         self.unchecked.discard(member)
         if not self.unchecked and self._verdicts is not None:
             self._verdicts.set()
 
     async def first_verdicts(self, timeout: float) -> None:
-        """Wait (at most `timeout` s, once at start-up) for a verdict on every member."""
+        """Wait (at most `timeout` s, at start-up) for a verdict on every member; a
+        member still without one is then reported unhealthy."""
         if self.unchecked and self._verdicts is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._verdicts.wait(), timeout)
