@@ -461,6 +461,10 @@ class Engine:
                     failed.append(result)
 
         await asyncio.gather(*(one(m) for m in cluster.members))
+        if self._interrupt.is_set() and any(r.exit_status == -signal.SIGINT for r in failed):
+            # Ctrl-C reached a command being spawned (before it left our process
+            # group): not a failure of the step, which runs again on resume.
+            raise Stopped(J.INTERRUPTED, "interrupted (Ctrl-C); `changeover resume` continues")
         if failed:
             first = failed[0]
             status = (
