@@ -1,16 +1,23 @@
 """The hot path of one worker process: client and upstream connections.
 
 asyncio Protocol callbacks only (no streams, no task per request): httptools
-(llhttp) finds message boundaries in both directions and calls back per
-header, body piece and message end. A request head is rebuilt once (hop-by-hop
-headers out, X-Forwarded-* in); body pieces are written on as they arrive, with
-pause_reading/resume_reading for backpressure both ways. Upstream connections
-are kept alive in a LIFO pool per member. Nothing here logs per request.
+(llhttp) finds message boundaries in both directions and validates every head
+strictly (CRLF line ends, token names, no obs-fold, no whitespace before a
+colon), so once it has accepted a head, that head ends at its first blank line
+and every header is one `Name: value` line. That lets the balancer work on the
+raw head bytes: one regular-expression scan per head picks out the few headers
+that matter (Host, Cookie, framing, hop-by-hop), and the rest is relayed as
+received, without a Python call per header. Response bodies are relayed as the
+bytes arrived (chunked framing included); llhttp says where each message ends.
+Upstream connections are kept alive in a LIFO pool per member. Nothing here
+logs per request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 from collections import deque
 from functools import partial
 from http import HTTPStatus
@@ -36,6 +43,7 @@ BUFFER_LIMIT = 256 * 1024  # request bytes held while no upstream is attached
 REPLAY_LIMIT = 64 * 1024  # request bytes kept to replay on a stale keep-alive connection
 IDLE_PER_MEMBER = 256  # idle keep-alive upstream connections kept per member
 HEADER_TIMEOUT = 10.0  # a request head must arrive within this
+BODY_TIMEOUT = 60.0  # a request body may pause this long between two reads
 IDLE_TIMEOUT = 60.0  # an idle keep-alive client connection is closed after this
 CONNECT_TIMEOUT = 5.0
 
@@ -45,15 +53,17 @@ _UPLOAD, _BUFFERED, _QUEUED = 1, 2, 4
 
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
-# What to do with each request header (absent: forward as is).
+# Request headers the balancer reads or removes; every other line goes upstream
+# as received. A match is anchored at the CRLF before the name and ends at the
+# colon, so `te` never matches `tex` or `x-te`; the value runs to the line end.
 _HOST, _COOKIE, _LENGTH, _CODING, _CONNECTION, _XFF, _DROP = range(7)
-_REQUEST_HEADERS = {
+_REQUEST_KINDS = {
     b"host": _HOST,
     b"cookie": _COOKIE,
     b"content-length": _LENGTH,
-    b"transfer-encoding": _CODING,
+    b"transfer-encoding": _CODING,  # re-added: chunked request bodies are re-framed
     b"connection": _CONNECTION,
-    b"x-forwarded-for": _XFF,
+    b"x-forwarded-for": _XFF,  # re-added with the client's address appended
     # Hop-by-hop, or ours to set: a client must not choose them.
     b"keep-alive": _DROP,
     b"proxy-connection": _DROP,
@@ -64,23 +74,33 @@ _REQUEST_HEADERS = {
     b"x-forwarded-proto": _DROP,
     b"x-forwarded-host": _DROP,
 }
-# What to do with each response header (absent: relay as is).
-_RESPONSE_HEADERS = {
-    b"content-length": _LENGTH,
-    b"transfer-encoding": _CODING,  # re-added when the body is relayed chunked
-    b"connection": _CONNECTION,
-    b"set-cookie": _COOKIE,
-    b"keep-alive": _DROP,
-    b"proxy-connection": _DROP,
-    b"te": _DROP,
-    b"trailer": _DROP,
-    b"upgrade": _DROP,
-    b"proxy-authorization": _DROP,
-}
+
+
+def _names(names: list[bytes]) -> bytes:
+    return b"|".join(re.escape(n) for n in names)
+
+
+# Matched in a lower-case copy of the head: IGNORECASE makes the scan twice as slow.
+_REQUEST_SCAN = re.compile(rb"\r\n(%s):[ \t]*([^\r]*)" % _names(list(_REQUEST_KINDS)))
+
+# Response headers that decide the framing, the route cookie, or are hop-by-hop.
+_HOP_BY_HOP = [b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"]
+_HOP_BY_HOP += [b"proxy-authorization"]
+_RESPONSE_SCAN = re.compile(  # in a lower-case copy, like _REQUEST_SCAN
+    rb"\r\n(%s):[ \t]*([^\r]*)"
+    % _names([b"content-length", b"transfer-encoding", b"set-cookie", b"connection", *_HOP_BY_HOP])
+)
+_CODING_LINE = re.compile(rb"\r\ntransfer-encoding:[^\r]*")
+
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 
-# How the upstream response body ends.
-_LENGTH_FRAMED, _CHUNK_FRAMED, _CLOSE_FRAMED = range(3)
+# How the upstream response body ends: no body, Content-Length, chunked, connection close.
+_NO_BODY, _LENGTH_FRAMED, _CHUNK_FRAMED, _CLOSE_FRAMED = range(4)
+
+_CHUNKED = b"Transfer-Encoding: chunked\r\n"
+_CLOSE = b"Connection: close\r\n"
+_KEEP_ALIVE = b"Connection: keep-alive\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
 
 
 def status_line(status: int) -> bytes:
@@ -107,24 +127,49 @@ class Refused(Exception):
         self.status = status
 
 
+class UnaskedBytes(Exception):
+    """Raised from a response parser callback: the upstream sent more than one response."""
+
+
 _PLAIN_CONNECTION = frozenset({b"close", b"keep-alive", b"upgrade"})
 
 
 def _connection_tokens(value: bytes) -> set[bytes]:
     """Header names a Connection header lists beyond the usual options."""
-    value = value.lower()
+    value = value.strip().lower()
     if value in _PLAIN_CONNECTION:  # nearly always: skip the split
         return set()
     return {t.strip() for t in value.split(b",")} - _PLAIN_CONNECTION - {b""}
 
 
-def _without(lines: list[bytes], names: set[bytes]) -> list[bytes]:
-    """Header pieces (name, ": ", value, CRLF) minus those a Connection header listed."""
-    kept: list[bytes] = []
-    for i in range(0, len(lines), 4):
-        if lines[i].lower() not in names:
-            kept += lines[i : i + 4]
-    return kept
+def _without(block: bytes, names: set[bytes]) -> bytes:
+    """Header lines ("\\r\\nName: value" each) minus those a Connection header listed."""
+    return b"\r\n".join(
+        line for line in block.split(b"\r\n") if line.partition(b":")[0].lower() not in names
+    )
+
+
+_CRLF = (13, 10)
+
+
+def _skip_empty_lines(buf: bytes, start: int) -> int:
+    """Where a message starts: llhttp skips empty lines before one."""
+    while buf[start] in _CRLF:
+        start += 1
+    return start
+
+
+def _cut(block: bytes, removed: list[tuple[int, int]] | None, listed: set[bytes] | None) -> bytes:
+    """Header lines ("\\r\\nName: value" each) minus the `removed` spans and `listed` names."""
+    if removed:
+        kept = []
+        at = 0
+        for a, b in removed:
+            kept.append(block[at:a])
+            at = b
+        kept.append(block[at:])
+        block = b"".join(kept)
+    return _without(block, listed) if listed else block
 
 
 class Worker:
@@ -134,6 +179,8 @@ class Worker:
         balancer = topology.balancer
         self.loop = asyncio.get_running_loop()
         self.table = Table.from_topology(topology)
+        self.routes = self.table.routes
+        self.qa_hosts = bool(self.table.qa_hosts)
         self.shared = shared
         self.inflight, self.requests, self.failures = shared.counters(index)
         self.least_conn = balancer.algorithm == "least-conn"
@@ -155,16 +202,24 @@ class Worker:
         self.now = self.loop.time()
         self._generation = shared.generation_view()
         self.generation = -1
+        self.live: tuple[int, ...] = ()
         self._reload()
         self._sweeper = self.loop.call_later(1.0, self._sweep)
 
     def _reload(self) -> None:
         self.generation, self.admission, self.healthy = self.shared.snapshot()
         self.candidates = eligible(self.table, self.admission, self.healthy)
+        # The common choice (a new session on the public listener, round-robin)
+        # is made inline in route() from this tuple.
+        self.live = () if self.least_conn else self.candidates.live
 
     def route(self, scope: int, sticky: int, tried: tuple[int, ...] | list[int]) -> int:
         if self._generation[0] != self.generation:
             self._reload()
+        if sticky < 0 and scope == PUBLIC and not tried and self.live:
+            chosen = self.live[self.turn % len(self.live)]  # what pick() chooses here
+            self.turn += 1
+            return chosen
         chosen = pick(
             self.table,
             self.candidates,
@@ -213,7 +268,7 @@ class Worker:
         return upstream
 
     def _sweep(self) -> None:
-        """Close clients past their deadline (slow heads, idle keep-alive)."""
+        """Close clients past their deadline (slow heads, stalled bodies, idle keep-alive)."""
         self.now = now = self.loop.time()
         for client in [c for c in self.clients if 0 < c.deadline < now]:
             client.expire()
@@ -250,6 +305,7 @@ class Request:
         "member",
         "pending",
         "pending_size",
+        "plain",
         "scope",
         "sent",
         "sent_size",
@@ -275,6 +331,8 @@ class Request:
         self.head_only = head_only
         self.http10 = http10
         self.keep_alive = keep_alive
+        # A keep-alive HTTP/1.1 request for a body: its response head may go as received.
+        self.plain = keep_alive and not http10 and not head_only
         self.pending: list[bytes] | None = [head]  # None once streaming straight upstream
         self.pending_size = len(head)
         self.sent: list[bytes] | None = [head] if replayable else None
@@ -291,31 +349,27 @@ class Client(asyncio.Protocol):
 
     __slots__ = (
         "active",
-        "chunked",
-        "cookies",
+        "data",
         "deadline",
-        "drop",
         "eof",
         "fallback_host",
+        "forwarded",
+        "forwarded_host",
+        "head_parts",
         "head_size",
-        "header_bytes",
-        "host",
         "ip",
-        "length_seen",
-        "lines",
         "parser",
         "paused",
+        "pos",
         "proto",
         "queue",
         "reading_head",
         "req",
         "scope",
         "transport",
-        "url",
         "w",
         "write_paused",
         "xf",
-        "xff",
     )
 
     def __init__(self, worker: Worker, scope: int, https: bool, listen_host: bytes) -> None:
@@ -327,6 +381,10 @@ class Client(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.ip = b""
         self.xf = b""
+        # The X-Forwarded-* lines and the blank line that end a request head,
+        # kept for the last Host seen (a connection nearly always sends one).
+        self.forwarded_host: bytes | None = None
+        self.forwarded = b""
         self.req: Request | None = None  # being received
         self.active: Request | None = None  # being answered
         self.queue: deque[Request] | None = None  # pipelined, waiting for `active`
@@ -334,20 +392,11 @@ class Client(asyncio.Protocol):
         self.write_paused = False
         self.eof = False  # no more requests will be read on this connection
         self.deadline = 0.0
-        self._new_head()
-
-    def _new_head(self) -> None:
+        self.data = b""  # what data_received is parsing
+        self.pos = 0  # where the next message starts in `data`; -1: unknown
         self.reading_head = True
+        self.head_parts: list[bytes] | None = None  # a head that began in earlier reads
         self.head_size = 0
-        self.header_bytes = 0
-        self.url = b""
-        self.lines: list[bytes] = []
-        self.host: bytes | None = None
-        self.cookies: bytes | None = None
-        self.xff: bytes | None = None
-        self.drop: set[bytes] | None = None
-        self.length_seen = False
-        self.chunked = False
 
     # --- transport callbacks -------------------------------------------------
 
@@ -362,10 +411,10 @@ class Client(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.eof:  # after a "Connection: close" request, nothing more is read
             return
-        if self.reading_head:
-            if self.head_size == 0:
-                self.deadline = self.w.now + HEADER_TIMEOUT
-            self.head_size += len(data)
+        self.data = data
+        req = self.req
+        # A chunked request body still coming: llhttp will not say where it ends.
+        self.pos = -1 if req is not None and req.chunked else 0
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -379,12 +428,34 @@ class Client(asyncio.Protocol):
             reason = exc.__context__
             self._refuse(reason.status if isinstance(reason, Refused) else 400)
             return
-        if self.reading_head and self.head_size > HEADER_LIMIT:
-            self._refuse(431)
+        if not self.reading_head:  # a request body is on its way
+            self.deadline = self.w.now + BODY_TIMEOUT
+            return
+        pos = self.pos
+        if pos < 0:
+            # A chunked request ended in this read at a place llhttp does not
+            # tell; if more follows, where that next head starts is unknown.
+            # Take no more requests here: the client retries them elsewhere.
+            if not data.endswith(b"\r\n\r\n"):
+                self._stop_reading()
+        elif pos < len(data):
+            rest = data[pos:] if pos else data
+            if self.head_parts is None:
+                if not rest.lstrip(b"\r\n"):  # llhttp skips empty lines between requests
+                    return
+                self.head_parts = [rest]
+                self.head_size = len(rest)
+                self.deadline = self.w.now + HEADER_TIMEOUT
+            else:
+                self.head_parts.append(rest)
+                self.head_size += len(rest)
+            if self.head_size > HEADER_LIMIT:
+                self._refuse(431)
 
     def eof_received(self) -> bool | None:
         self.eof = True
-        if self.active is None and self.transport is not None:
+        # Nothing in flight, or a request body that can never be finished.
+        if (self.active is None or self.req is not None) and self.transport is not None:
             self.transport.close()
         # Half-close: still deliver the response in flight (TLS cannot half-close).
         return None if self.proto == b"https" else True
@@ -418,84 +489,157 @@ class Client(asyncio.Protocol):
 
     # --- request parser callbacks ----------------------------------------------
 
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.header_bytes += len(name) + len(value) + 4
-        if self.header_bytes > HEADER_LIMIT:
-            raise Refused(431)
-        kind = _REQUEST_HEADERS.get(name.lower())
-        if kind is None:
-            self.lines += (name, b": ", value, b"\r\n")
-        elif kind == _HOST:
-            if self.host is not None:
-                raise Refused(400)
-            self.host = value
-            self.lines += (name, b": ", value, b"\r\n")
-        elif kind == _COOKIE:
-            self.cookies = value if self.cookies is None else self.cookies + b"; " + value
-            self.lines += (name, b": ", value, b"\r\n")
-        elif kind == _LENGTH:
-            # llhttp refuses these too; checking here keeps it out of upstream for sure.
-            if self.length_seen or self.chunked:
-                raise Refused(400)
-            self.length_seen = True
-            self.lines += (name, b": ", value, b"\r\n")
-        elif kind == _CODING:
-            # Only "chunked" is relayed: llhttp reports other codings only after
-            # the head is complete, when the request would already be upstream.
-            if self.length_seen or self.chunked or value.strip().lower() != b"chunked":
-                raise Refused(400)
-            self.chunked = True
-        elif kind == _CONNECTION:
-            tokens = _connection_tokens(value)
-            if tokens:
-                self.drop = tokens if self.drop is None else self.drop | tokens
-        elif kind == _XFF:
-            self.xff = value if self.xff is None else self.xff + b", " + value
-
     def on_headers_complete(self) -> None:
-        parser = self.parser
-        w = self.w
-        if self.header_bytes + len(self.url) > HEADER_LIMIT:
-            raise Refused(431)
         self.reading_head = False
         self.deadline = 0.0
-        method: bytes = parser.get_method()
-        http10 = parser.get_http_version() == "1.0"
-        lines = self.lines if self.drop is None else _without(self.lines, self.drop)
-        parts = [method, b" ", self.url, b" HTTP/1.1\r\n", *lines]
-        if self.host is not None:
-            parts += (b"X-Forwarded-Host: ", self.host, b"\r\n")
+        buf = self.data
+        start = self.pos
+        if start < 0:  # see data_received: a request after a chunked one in one read
+            self.req = None
+            self._stop_reading()
+            return
+        offset = 0  # where `data` starts in `buf`
+        if self.head_parts is not None:  # the head began in earlier reads
+            earlier = b"".join(self.head_parts)
+            self.head_parts = None
+            self.head_size = 0
+            buf = earlier + buf
+            start, offset = 0, len(earlier)
+        if buf[start] in _CRLF:
+            start = _skip_empty_lines(buf, start)
+        end = buf.find(b"\r\n\r\n", start) + 4
+        self.pos = end - offset
+        if end - start > HEADER_LIMIT:
+            raise Refused(431)
+        line_end = buf.find(b"\r\n", start)
+        # Names are matched in a lower-case copy (same offsets as `buf`).
+        low = buf[line_end : end - 2].lower()
+
+        # Nearly every request: Host, perhaps one Cookie, a plain request line.
+        host = cookies = None
+        for name, value in _REQUEST_SCAN.findall(low):
+            if name == b"host" and host is None:
+                host = value.rstrip(b" \t")  # as a lower-case copy: host names ignore case
+            elif name == b"cookie" and cookies is None:
+                at = low.find(b"\r\ncookie:") + 9  # cookies keep their case
+                cookies = buf[line_end + at : line_end + low.find(b"\r", at)].strip(b" \t")
+            elif name != b"connection" or value != b"keep-alive":
+                break
+            # "Connection: keep-alive" may go on: it is what we say upstream too.
+        else:
+            if (
+                buf.endswith(b" HTTP/1.1", start, line_end)
+                and buf.count(b" ", start, line_end) == 2
+            ):
+                if host is not None and host != self.forwarded_host:
+                    self.forwarded_host = host
+                    self.forwarded = b"X-Forwarded-Host: %s\r\n%s\r\n" % (host, self.xf)
+                forwarded = (
+                    self.forwarded if host is not None else self.fallback_host + self.xf + b"\r\n"
+                )
+                self._request(buf[start : end - 2] + forwarded, buf, start, host, cookies)
+                return
+        self._unusual_head(buf, start, end, line_end, low)
+
+    def _unusual_head(self, buf: bytes, start: int, end: int, line_end: int, low: bytes) -> None:
+        """A head with hop-by-hop or framing headers, X-Forwarded-For, or an odd request line."""
+        host = cookies = xff = None
+        listed: set[bytes] | None = None
+        chunked = length = False
+        removed: list[tuple[int, int]] | None = None
+        for match in _REQUEST_SCAN.finditer(low):
+            kind = _REQUEST_KINDS[match[1]]
+            if kind == _HOST:
+                if host is not None:
+                    raise Refused(400)
+                host = match[2].rstrip(b" \t")
+                continue
+            if kind == _COOKIE:
+                a, b = match.span(2)
+                value = buf[line_end + a : line_end + b]
+                cookies = value if cookies is None else cookies + b"; " + value
+                continue
+            if kind == _LENGTH:
+                # llhttp refuses these too, but only after this callback, when
+                # the request could already be upstream.
+                if length or chunked:
+                    raise Refused(400)
+                length = True
+                continue
+            if kind == _CODING:
+                # Only "chunked" is relayed (llhttp reports other codings late too).
+                if length or chunked or match[2].strip() != b"chunked":
+                    raise Refused(400)
+                chunked = True
+            elif kind == _CONNECTION:
+                tokens = _connection_tokens(match[2])
+                if tokens:
+                    listed = tokens if listed is None else listed | tokens
+            elif kind == _XFF:
+                value = match[2].rstrip(b" \t")
+                xff = value if xff is None else xff + b", " + value
+            # This line does not go upstream (hop-by-hop, or ours to set).
+            if removed is None:
+                removed = []
+            removed.append(match.span())
+
+        if buf.endswith(b" HTTP/1.1", start, line_end) and buf.count(b" ", start, line_end) == 2:
+            line = buf[start:line_end]
+            http10 = False
+        else:  # "METHOD target HTTP/1.x" with single spaces, and always HTTP/1.1 upstream
+            http10 = self.parser.get_http_version() == "1.0"
+            method, target = buf[start:line_end].split()[:2]
+            line = b"%s %s HTTP/1.1" % (method, target)
+        parts = [line, _cut(buf[line_end : end - 4], removed, listed), b"\r\n"]
+        if host is not None:
+            parts += (b"X-Forwarded-Host: ", host, b"\r\n")
         else:
             parts.append(self.fallback_host)
-        if self.xff is None:
+        if xff is None:
             parts.append(self.xf)
         else:
-            parts += (b"X-Forwarded-For: ", self.xff, b", ", self.ip, b"\r\n")
+            parts += (b"X-Forwarded-For: ", xff, b", ", self.ip, b"\r\n")
             parts += (b"X-Forwarded-Proto: ", self.proto, b"\r\n")
-        if self.chunked:
-            parts.append(b"Transfer-Encoding: chunked\r\n")
+        if chunked:
+            parts.append(_CHUNKED)
+            self.pos = -1  # llhttp does not say where a chunked body ends
         parts.append(b"\r\n")
+        self._request(b"".join(parts), buf, start, host, cookies, chunked, http10)
 
+    def _request(
+        self,
+        head: bytes,
+        buf: bytes,
+        start: int,
+        host: bytes | None,
+        cookies: bytes | None,
+        chunked: bool = False,
+        http10: bool = False,
+    ) -> None:
+        """Route the request whose head (ending with its blank line) goes upstream."""
+        w = self.w
         scope = self.scope
-        if scope == PUBLIC and w.table.qa_hosts:
-            scope = qa_cluster(w.table, self.host)
+        if scope == PUBLIC and w.qa_hosts:
+            scope = qa_cluster(w.table, host)
         sticky = NO_MEMBER
-        if self.cookies is not None:
-            route = sticky_route(self.cookies, w.sticky, w.inserted)
+        if cookies is not None:
+            route = sticky_route(cookies, w.sticky, w.inserted)
             if route is not None:
-                sticky = w.table.routes.get(route, NO_MEMBER)
+                sticky = w.routes.get(route, NO_MEMBER)
+        if buf.startswith(b"GET ", start):
+            head_only, replayable = False, True
+        else:
+            method = self.parser.get_method()
+            head_only, replayable = method == b"HEAD", method in _IDEMPOTENT
         req = Request(
-            b"".join(parts),
+            head,
             scope,
             sticky,
-            self.chunked,
-            method == b"HEAD",
+            chunked,
+            head_only,
             http10,
-            parser.should_keep_alive() and not w.stopping,
-            method in _IDEMPOTENT,
+            self.parser.should_keep_alive() and not w.stopping,
+            replayable,
         )
         self.req = req
         if self.active is None:
@@ -508,17 +652,23 @@ class Client(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         req = self.req
-        if req is not None:
-            self._send(req, b"%x\r\n%s\r\n" % (len(body), body) if req.chunked else body)
+        if req is None:
+            return
+        if req.chunked:
+            self._send(req, b"%x\r\n%s\r\n" % (len(body), body))
+        else:
+            self.pos += len(body)  # a Content-Length body: its bytes follow the head
+            self._send(req, body)
 
     def on_message_complete(self) -> None:
         req = self.req
         self.req = None
-        self._new_head()
+        self.reading_head = True
+        self.deadline = 0.0  # the body timeout ends; the response may take its time
         if req is None:
             return
         if req.chunked:
-            self._send(req, b"0\r\n\r\n")
+            self._send(req, _LAST_CHUNK)
         req.done = True
         if not req.keep_alive:
             self.eof = True
@@ -656,6 +806,12 @@ class Client(asyncio.Protocol):
         elif self.transport is not None:
             self.transport.abort()
 
+    def _stop_reading(self) -> None:
+        """Take no more requests on this connection; close once the one in flight is answered."""
+        self.eof = True
+        if self.active is None and self.transport is not None:
+            self.transport.close()
+
     def _pause(self, reason: int) -> None:
         if not self.paused and self.transport is not None:
             self.transport.pause_reading()
@@ -686,29 +842,36 @@ class Client(asyncio.Protocol):
 
 
 class Upstream(asyncio.Protocol):
-    """One keep-alive connection to a member; relays one response at a time."""
+    """One keep-alive connection to a member; relays one response at a time.
+
+    The response head goes to the client as received unless something in it
+    must change (hop-by-hop headers, HTTP/1.0 status line or client); the
+    route cookie and our Connection header are inserted before its blank line.
+    The body is relayed as the bytes arrived. llhttp gets no per-header or
+    per-body callback: it only says where a head and a message end.
+    """
 
     __slots__ = (
         "client",
-        "close_client",
+        "cursor",
+        "data",
+        "dechunk",
         "done",
-        "drop",
         "framing",
         "got",
+        "head_parts",
         "head_sent",
-        "interim",
         "keep",
-        "length",
-        "lines",
+        "left",
+        "mark",
         "member",
         "out",
         "parser",
+        "raw_from",
         "read_paused",
         "rechunk",
         "req",
         "reused",
-        "sticky_seen",
-        "te",
         "transport",
         "w",
     )
@@ -722,8 +885,19 @@ class Upstream(asyncio.Protocol):
         self.req: Request | None = None
         self.reused = False
         self.read_paused = False
-        self.out: list[bytes] = []
-        self.lines: list[bytes] = []
+        self.out: list[bytes] = []  # what this read sends to the client
+        self.data = b""  # what data_received is parsing
+        self.mark = 0  # where the next response head starts in `data`
+        self.cursor = 0  # where the body bytes of this read start in `data`
+        self.raw_from = 0  # where the bytes relayed as received start (<= cursor)
+        self.head_parts: list[bytes] | None = None  # a head that began in earlier reads
+        self.framing = _LENGTH_FRAMED
+        self.left = 0  # Content-Length body bytes still to come
+        self.rechunk = False  # a close-framed body goes to an HTTP/1.1 client chunked
+        self.dechunk: Dechunk | None = None  # a chunked body goes to an HTTP/1.0 client plain
+        self.keep = False
+        self.got = False
+        self.head_sent = False
         self.done = True
 
     def start(self, client: Client, req: Request) -> None:
@@ -732,15 +906,8 @@ class Upstream(asyncio.Protocol):
         self.got = False
         self.head_sent = False
         self.done = False
-        self.interim = False
-        self.lines = []
-        self.drop: set[bytes] | None = None
-        self.sticky_seen = False
-        self.te = False
-        self.length = False
-        self.framing = _LENGTH_FRAMED
-        self.rechunk = False
-        self.keep = False
+        self.head_parts = None
+        self.dechunk = None
 
     def pause(self) -> None:
         if not self.read_paused and self.transport is not None:
@@ -764,19 +931,75 @@ class Upstream(asyncio.Protocol):
             self._discard()
             return
         self.got = True
-        reusable = True
+        self.data = data
+        self.mark = self.cursor = self.raw_from = 0
+        failed = False
         try:
             self.parser.feed_data(data)
         except (HttpParserError, HttpParserUpgrade):
-            reusable = False
-            if not self.done:
-                self._discard()  # connection_lost tells the client (502 or cut short)
-        if self.out:
-            out = self.out
-            client.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            failed = True  # llhttp stopped somewhere in `data`: it does not say where
+        out = self.out
+        if not self.head_sent:
+            if not failed and self.mark < len(data):  # keep the head begun so far
+                rest = data[self.mark :]
+                if self.head_parts is None:
+                    self.head_parts = [rest]
+                else:
+                    self.head_parts.append(rest)
+            self._flush(client, out)
+            if failed:
+                self._discard()  # connection_lost answers the client 502
+            return
+
+        cursor = self.cursor
+        framing = self.framing
+        cut = False  # the bytes in `data` cannot be relayed exactly: cut the client off
+        if framing in (_LENGTH_FRAMED, _NO_BODY):
+            size = len(data) - cursor
+            if size > self.left:  # bytes after the response, even if only empty lines
+                size = self.left
+                failed = True
+            self.left -= size
+            stop = cursor + size
+            out.append(
+                data if self.raw_from == 0 and stop == len(data) else data[self.raw_from : stop]
+            )
+            cut = (self.left == 0) != self.done  # llhttp and Content-Length must agree
+        elif self.dechunk is not None:
+            out.append(data[self.raw_from : cursor])
+            out += self.dechunk.feed(data[cursor:] if cursor else data)
+        elif framing == _CHUNK_FRAMED:
+            # The last chunk ends the body with a blank line; more after it,
+            # or a parse error, means bytes that must not reach the client.
+            cut = failed or (self.done and not data.endswith(b"\r\n\r\n"))
+            if not cut:
+                out.append(data[self.raw_from :] if self.raw_from else data)
+        elif self.rechunk:  # close-framed: everything until the upstream closes is body
+            out.append(data[self.raw_from : cursor])
+            if cursor < len(data):
+                out += (b"%x\r\n" % (len(data) - cursor), data[cursor:], b"\r\n")
+        else:
+            out.append(data[self.raw_from :] if self.raw_from else data)
+
+        if cut:
             out.clear()
+            self.client = None
+            self._discard()
+            client.transport.abort()
+            return
+        self._flush(client, out)
         if self.done:
-            client.response_done(self, reusable and self.keep)
+            client.response_done(self, not failed and self.keep)
+        elif failed:
+            self._discard()  # connection_lost cuts the client short
+
+    def _flush(self, client: Client, out: list[bytes]) -> None:
+        if out:
+            transport = client.transport
+            assert transport is not None
+            # One write: uvloop sends it at once, so a following abort() loses nothing.
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
 
     def pause_writing(self) -> None:
         if self.client is not None:
@@ -802,93 +1025,230 @@ class Upstream(asyncio.Protocol):
 
     # --- response parser callbacks -----------------------------------------------
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        kind = _RESPONSE_HEADERS.get(name.lower())
-        if kind is not None:
-            if kind == _LENGTH:
-                self.length = True
-            elif kind == _COOKIE:
-                self.sticky_seen = self.sticky_seen or value.startswith(self.w.sticky)
-            elif kind == _CODING:
-                self.te = True
-                return
-            elif kind == _CONNECTION:
-                tokens = _connection_tokens(value)
-                if tokens:
-                    self.drop = tokens if self.drop is None else self.drop | tokens
-                return
-            else:
-                return
-        self.lines += (name, b": ", value, b"\r\n")
-
     def on_headers_complete(self) -> None:
         req = self.req
-        client = self.client
-        assert req is not None and client is not None
+        if self.done or req is None:
+            raise UnaskedBytes  # a second response in one read
+        if self.head_parts is None:
+            buf = self.data
+            start = self.mark
+            if buf[start] in _CRLF:
+                start = _skip_empty_lines(buf, start)
+            end = buf.find(b"\r\n\r\n", start) + 4
+            self.mark = self.cursor = end
+        else:  # the head began in earlier reads
+            earlier = b"".join(self.head_parts)
+            self.head_parts = None
+            buf = earlier + self.data
+            start = _skip_empty_lines(buf, 0)
+            end = buf.find(b"\r\n\r\n", start) + 4
+            self.mark = self.cursor = end - len(earlier)
+        line_end = buf.find(b"\r\n", start)
         status: int = self.parser.get_status_code()
-        lines = self.lines if self.drop is None else _without(self.lines, self.drop)
-        self.lines = []
+        # Names are matched in a lower-case copy (same offsets as `buf`).
+        block = buf[line_end : end - 2].lower()
+
+        # Nearly every response to a keep-alive HTTP/1.1 client: HTTP/1.1,
+        # Content-Length, perhaps "Connection: keep-alive", nothing to remove.
+        if (
+            req.plain
+            and buf is self.data
+            and status >= 200
+            and buf.startswith(b"HTTP/1.1 ", start)
+            and not self.w.stopping
+        ):
+            length = -1
+            for name, value in _RESPONSE_SCAN.findall(block):
+                if name == b"content-length":
+                    length = int(value)  # llhttp has checked it: digits, one value
+                elif name != b"connection" or value != b"keep-alive":
+                    break
+            else:
+                if length >= 0 and status != 204 and status != 304:
+                    self.framing = _LENGTH_FRAMED
+                    self.left = length
+                    self.keep = self.parser.should_keep_alive()
+                    self.head_sent = True
+                    if req.cookie is None:  # relayed as received, from the status line on
+                        self.raw_from = start
+                    else:  # inserted before the blank line, which goes with the body
+                        self.out += (buf[start : end - 2], req.cookie)
+                        self.raw_from = end - 2
+                    return
+        self._unusual_head(req, buf, start, end, line_end, status, block)
+
+    def _unusual_head(
+        self,
+        req: Request,
+        buf: bytes,
+        start: int,
+        end: int,
+        line_end: int,
+        status: int,
+        block: bytes,
+    ) -> None:
+        """Any other response head: interim, hop-by-hop or Set-Cookie lines, other framing."""
+        http11 = buf.startswith(b"HTTP/1.1 ", start)
+        length = -1
+        coding: bytes | None = None
+        listed: set[bytes] | None = None
+        removed: list[tuple[int, int]] | None = None
+        sticky_seen = False
+        connections = 0  # Connection lines
+        keep_alive_line = False  # the only one says "keep-alive"
+        for match in _RESPONSE_SCAN.finditer(block):
+            name = match[1]
+            if name == b"content-length":
+                length = int(match[2])  # llhttp has checked it: digits, one value
+                continue
+            if name == b"set-cookie":
+                # Cookie names are case-sensitive: look at the original line.
+                a = line_end + match.start(2)
+                sticky_seen = sticky_seen or buf.startswith(self.w.sticky, a)
+                continue
+            if name == b"transfer-encoding":
+                value = match[2].rstrip(b" \t")
+                coding = value if coding is None else coding + b", " + value
+                continue
+            if name == b"connection":
+                connections += 1
+                value = match[2].strip()
+                keep_alive_line = connections == 1 and value == b"keep-alive"
+                tokens = _connection_tokens(value)
+                if tokens:
+                    listed = tokens if listed is None else listed | tokens
+            if removed is None:
+                removed = []
+            removed.append(match.span())
+
         if status < 200:  # interim (100 Continue, 103): relay, the final one follows
-            self.interim = True
-            self.out.append(b"".join((status_line(status), *lines, b"\r\n")))
+            head = self._rewritten(buf, start, line_end, end, http11, removed, listed)
+            self.out.append(head + b"\r\n")
+            self.raw_from = end
             return
+
         if req.head_only or status in (204, 304):
-            self.framing = _LENGTH_FRAMED
-        elif self.te:
-            self.framing = _CHUNK_FRAMED
-        elif self.length:
-            self.framing = _LENGTH_FRAMED
+            framing = _LENGTH_FRAMED
+            self.left = 0
+        elif coding is not None:
+            framing = _CHUNK_FRAMED if coding.endswith(b"chunked") else _CLOSE_FRAMED
+        elif length >= 0:
+            framing = _LENGTH_FRAMED
+            self.left = length
         else:
-            self.framing = _CLOSE_FRAMED
+            framing = _CLOSE_FRAMED
+        self.framing = framing
+        http10 = req.http10
         # HTTP/1.0 clients cannot read chunks: they get the raw body and a close.
-        unsized = self.framing != _LENGTH_FRAMED
-        self.rechunk = unsized and not req.http10
-        close = not req.keep_alive or self.w.stopping or (unsized and req.http10)
+        self.rechunk = framing == _CLOSE_FRAMED and coding is None and not http10
+        dechunk = framing == _CHUNK_FRAMED and http10
+        close = (
+            not req.keep_alive
+            or self.w.stopping
+            or dechunk
+            or (framing == _CLOSE_FRAMED and not self.rechunk)
+        )
         if close:
             req.keep_alive = False
         self.keep = self.parser.should_keep_alive()
-        parts = [status_line(status), *lines]
-        if self.rechunk:
-            parts.append(b"Transfer-Encoding: chunked\r\n")
-        if req.cookie is not None and not self.sticky_seen:
-            parts.append(req.cookie)
+
+        # Our Connection header: an upstream's lone "Connection: keep-alive"
+        # already says what we would say to a keep-alive client, so it stays.
+        said = keep_alive_line and not close and connections == 1 and len(removed or ()) == 1
+        if said:
+            removed = None
+        if dechunk:  # the body goes plain: its Transfer-Encoding line goes too
+            removed = sorted([*(removed or []), *(m.span() for m in _CODING_LINE.finditer(block))])
+        parts: list[bytes] = []
+        if removed is not None or listed is not None or not http11:
+            parts.append(self._rewritten(buf, start, line_end, end, http11, removed, listed))
         if close:
-            parts.append(b"Connection: close\r\n")
-        elif req.http10:
-            parts.append(b"Connection: keep-alive\r\n")
-        parts.append(b"\r\n")
-        self.out.append(b"".join(parts))
+            parts.append(_CLOSE)
+        elif http10 and not said:
+            parts.append(_KEEP_ALIVE)
+        if self.rechunk:
+            parts.append(_CHUNKED)
+        if req.cookie is not None and not sticky_seen:
+            parts.append(req.cookie)
+
+        out = self.out
+        if buf is not self.data:  # the head began in earlier reads: all of it goes here
+            if len(parts) == 0 or parts[0][:5] != b"HTTP/":
+                parts.insert(0, buf[start : end - 2])
+            parts.append(b"\r\n")
+            out.append(b"".join(parts))
+            self.raw_from = self.cursor
+        elif parts and parts[0][:5] == b"HTTP/":  # rewritten
+            parts.append(b"\r\n")
+            out.append(b"".join(parts))
+            self.raw_from = end
+        elif parts:  # inserted before the blank line, which goes with the body bytes
+            out.append(buf[start : end - 2])
+            out += parts
+            self.raw_from = end - 2
+        else:  # relayed as received, from the status line on
+            self.raw_from = start
         self.head_sent = True
+        if dechunk:
+            self.dechunk = Dechunk()
         if req.head_only:
             # llhttp cannot be told that a HEAD response has no body: finish
             # here and give the next response a fresh parser.
             self.done = True
             self.parser = httptools.HttpResponseParser(self)
 
-    def on_body(self, body: bytes) -> None:
-        if self.done:
-            raise HttpParserError("bytes after the response")
-        if self.rechunk:
-            self.out += (b"%x\r\n" % len(body), body, b"\r\n")
-        else:
-            self.out.append(body)
+    @staticmethod
+    def _rewritten(
+        buf: bytes,
+        start: int,
+        line_end: int,
+        end: int,
+        http11: bool,
+        removed: list[tuple[int, int]] | None,
+        listed: set[bytes] | None,
+    ) -> bytes:
+        """The head minus the `removed` spans and `listed` names, up to its blank line."""
+        # "HTTP/1.0 200 OK" becomes "HTTP/1.1 200 OK": we speak HTTP/1.1 to the client.
+        line = (
+            buf[start:line_end] if http11 else b"HTTP/1.1" + buf[buf.find(b" ", start) : line_end]
+        )
+        return line + _cut(buf[line_end : end - 4], removed, listed) + b"\r\n"
 
     def on_message_complete(self) -> None:
-        if self.interim:
-            self.interim = False
-            return
-        if self.done:
-            return
-        if self.rechunk:
-            self.out.append(b"0\r\n\r\n")
-        self.done = True
+        if self.head_sent:  # an interim response ends here too: the final one follows
+            self.done = True
 
     def finish_close_framed(self) -> None:
         """The upstream closed: that is the end of a body framed by the close."""
         client = self.client
         if self.rechunk and client is not None and client.transport is not None:
-            client.transport.write(b"0\r\n\r\n")
+            client.transport.write(_LAST_CHUNK)
         self.done = True
+
+
+class Dechunk:
+    """Decodes a chunked body for an HTTP/1.0 client; llhttp does the framing."""
+
+    __slots__ = ("done", "out", "parser")
+
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+        self.done = False
+        self.parser = httptools.HttpResponseParser(self)
+        self.parser.feed_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        if not self.done:
+            self.out.append(body)
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+    def feed(self, data: bytes) -> list[bytes]:
+        with contextlib.suppress(HttpParserError):  # the upstream's own parser reports it
+            self.parser.feed_data(data)
+        out, self.out = self.out, []
+        return out
 
 
 def client_factory(worker: Worker, scope: int, https: bool, listen_host: str) -> Any:
