@@ -247,6 +247,7 @@ class Worker:
         upstream.client = None
         upstream.req = None
         upstream.reused = True
+        upstream.dechunk = None
         transport = upstream.transport
         if transport is None:
             return
@@ -701,11 +702,25 @@ class Client(asyncio.Protocol):
         req.cookie = None if member == req.sticky else w.set_cookie[member]
         self.active = req
         w.inflight[member] += 1
-        upstream = w.acquire(member)
-        if upstream is None:
-            w.loop.create_task(self._connect(req))
-        else:
-            self._attach(req, upstream)
+        idle = w.idle[member]
+        while idle:  # Worker.acquire and _attach, inline: this runs per request
+            upstream = idle.pop()
+            transport = upstream.transport
+            if transport is not None and not transport.is_closing():
+                req.upstream = upstream
+                upstream.client = self
+                upstream.req = req
+                upstream.got = upstream.head_sent = upstream.done = False
+                if self.write_paused:
+                    upstream.pause()
+                pending = req.pending
+                assert pending is not None
+                req.pending = None
+                transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+                if self.paused & _BUFFERED:
+                    self._resume(_BUFFERED)
+                return
+        w.loop.create_task(self._connect(req))
 
     async def _connect(self, req: Request) -> None:
         w = self.w
@@ -748,9 +763,11 @@ class Client(asyncio.Protocol):
         assert req is not None
         self.active = None
         req.upstream = None
-        self._settle(req, served=True)
+        w = self.w
+        w.inflight[req.member] -= 1  # _settle(req, served=True), inline
+        w.requests[req.member] += 1
         if reusable and req.done:
-            self.w.release(upstream)
+            w.release(upstream)
         else:
             upstream.client = None
             if upstream.transport is not None:
@@ -901,13 +918,10 @@ class Upstream(asyncio.Protocol):
         self.done = True
 
     def start(self, client: Client, req: Request) -> None:
+        """Take on `req` (Client._dispatch does the same inline for pooled connections)."""
         self.client = client
         self.req = req
-        self.got = False
-        self.head_sent = False
-        self.done = False
-        self.head_parts = None
-        self.dechunk = None
+        self.got = self.head_sent = self.done = False
 
     def pause(self) -> None:
         if not self.read_paused and self.transport is not None:
@@ -987,7 +1001,10 @@ class Upstream(asyncio.Protocol):
             self._discard()
             client.transport.abort()
             return
-        self._flush(client, out)
+        if out:  # _flush, inline
+            # One write: uvloop sends it at once, so a following abort() loses nothing.
+            client.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
         if self.done:
             client.response_done(self, not failed and self.keep)
         elif failed:
