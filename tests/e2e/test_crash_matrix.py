@@ -1,7 +1,14 @@
 """SIGKILL `changeover release` at every step boundary of a 2 x 2 plan and inside
-long steps (a drain wait, commands in flight, a health wait; before and after
-the swap); `changeover resume` finishes it under the probe. Ctrl-C stops at
-the next safe point and `resume` continues.
+every long step (drain waits, commands in flight, health waits); `changeover
+resume` finishes it under the probe. Ctrl-C stops at the next safe point and
+`resume` continues.
+
+One chained release covers the kill points: killed at the first point, its
+`resume` killed at the next, and so on (28 kills, each followed by the checks
+below), for the cost of one release instead of 28. Inside a health wait a
+resumed process often finds the members already up (the step ends before the
+kill), so those points, and other representative ones, are killed in fresh
+releases, one kill each, parametrised.
 
 One running site serves the whole matrix; every case is a real release of a
 new version. After each kill the journal is held against the site: every step
@@ -18,6 +25,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import psutil
 import pytest
 import pytest_asyncio
 
@@ -27,6 +35,7 @@ from changeover.demo.scenario import DemoOptions, DemoSite, write_topology
 from changeover.model import Admission
 from changeover.plan import Step, StepKind, make_plan
 from tests.e2e import support as S
+from tests.helpers import wait_until
 
 RATE = 200.0
 USERS = (
@@ -41,10 +50,18 @@ OPTS = DemoOptions(
 )
 DURING_DELAY = "0.05"  # seconds into a long step: all of them last longer
 LONG_KINDS = (StepKind.WAIT_DRAINED, StepKind.RUN, StepKind.WAIT_HEALTHY)
-# Inside long steps, one of each kind on each side of the swap (every boundary is
-# covered in full): a drain wait and a command in flight on the first cluster, a
-# command in flight and the health wait on the second, after the swap.
-DURING = ("drained-a", "stop-a", "start-b", "healthy-b")
+# Fresh releases killed once: a drain wait, a command in flight and the health
+# wait on the first cluster; the swap, a command in flight, the health wait and
+# the last step on the second.
+CASES = [
+    ("drained-a", "during"),
+    ("stop-a", "during"),
+    ("healthy-a", "during"),
+    ("drain-b", "after"),
+    ("start-b", "during"),
+    ("healthy-b", "during"),
+    ("live-b", "after"),
+]
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -56,7 +73,17 @@ def offline_plan() -> list[Step]:
 
 
 PLAN = offline_plan()
-CASES = [(s.id, "after") for s in PLAN] + [(s.id, "during") for s in PLAN if s.id in DURING]
+# Every kill point in plan order: inside each long step (but health waits, see
+# above), then after each step.
+CHAIN = [
+    (s.id, where)
+    for s in PLAN
+    for where in (
+        ("during", "after")
+        if s.kind in LONG_KINDS and s.kind is not StepKind.WAIT_HEALTHY
+        else ("after",)
+    )
+]
 _versions = itertools.count(1)
 
 
@@ -73,10 +100,11 @@ async def test_matrix_covers_every_step_of_the_real_plan(site: DemoSite) -> None
     ids = S.plan_ids(run.output)
     assert ids == [s.id for s in PLAN]
     assert len(ids) >= 19  # preflight + 2 x (drain, drained, out, stop, deploy, start, checks)
-    assert {step for step, where in CASES if where == "after"} == set(ids)
-    long_steps = {s.id: s.kind for s in PLAN if s.kind in LONG_KINDS}
-    assert set(DURING) <= set(long_steps)
-    assert {long_steps[s] for s in DURING} == set(LONG_KINDS)  # every kind of long step
+    assert {step for step, where in CHAIN if where == "after"} == set(ids)
+    long_steps = {s.id for s in PLAN if s.kind in LONG_KINDS}
+    assert len(long_steps) >= 10  # 2 x (drained, stop, deploy, start, healthy)
+    covered = {step for step, where in [*CHAIN, *CASES] if where == "during"}
+    assert covered == long_steps  # every long step is killed inside, chained or fresh
 
 
 async def expected_admissions(site: DemoSite, done: list[Step]) -> dict[str, Admission]:
@@ -113,6 +141,47 @@ async def assert_journal_tells_the_truth(
             assert set(S.running_versions(site, str(cluster)).values()) == {None}, step.id
 
 
+def failpoint(step_id: str, where: str) -> dict[str, str]:
+    return {
+        "CHANGEOVER_FAILPOINT": f"{step_id}:{where}",
+        "CHANGEOVER_FAILPOINT_DELAY": DURING_DELAY,
+    }
+
+
+async def test_killed_at_every_boundary_and_inside_every_long_step(site: DemoSite) -> None:
+    assert await S.all_live(site), "the site is not clean"
+    version = f"v{next(_versions):03d}"
+    ids = [s.id for s in PLAN]
+    release_id: int | None = None
+    async with site.probe(RATE, sticky_users=USERS) as probe:
+        await S.traffic_flows(site)
+        command: tuple[str, ...] = ("release", version)
+        for step_id, where in CHAIN:
+            run = await S.cli(site, *command, env=failpoint(step_id, where))
+            assert run.code == -signal.SIGKILL, f"{step_id}:{where}: {run.output}"
+            row = S.newest(site)
+            release_id = release_id or row.id
+            assert (row.id, row.version, row.state) == (release_id, version, J.RUNNING)
+            await assert_journal_tells_the_truth(site, row.id, ids.index(step_id), where, version)
+            holder = S.lock_holder(site)
+            assert holder is not None and holder.is_stale()  # the dead process's lock
+            command = ("resume",)  # the next kill lands in a resumed release
+        finished = await S.cli(site, "resume")
+        report = await probe.finish()
+    assert finished.code == 0, finished.output
+    assert release_id is not None
+    events = [e["message"] for e in S.show(site, release_id)["events"]]
+    assert sum("took over a stale lock" in e for e in events) == len(CHAIN), events
+    assert S.newest(site).state == J.DONE
+    assert set(S.step_states(site, release_id).values()) == {J.STEP_DONE}
+    assert report.sent >= RATE * 10  # the whole chain ran under traffic
+    assert report.failed == 0, report.failure_examples
+    assert report.session_breaks == 0
+    assert report.version_flaps == 0
+    assert set((await S.versions_by_member(site)).values()) == {version}
+    assert await S.all_live(site)
+
+
 @pytest.mark.parametrize(("step_id", "where"), CASES, ids=[f"{s}:{w}" for s, w in CASES])
 async def test_sigkill_then_resume(site: DemoSite, step_id: str, where: str) -> None:
     assert await S.all_live(site), "the previous case left the site unclean"
@@ -120,15 +189,7 @@ async def test_sigkill_then_resume(site: DemoSite, step_id: str, where: str) -> 
     kill_at = [s.id for s in PLAN].index(step_id)
     async with site.probe(RATE, sticky_users=USERS) as probe:
         await S.traffic_flows(site)
-        release = await S.cli(
-            site,
-            "release",
-            version,
-            env={
-                "CHANGEOVER_FAILPOINT": f"{step_id}:{where}",
-                "CHANGEOVER_FAILPOINT_DELAY": DURING_DELAY,
-            },
-        )
+        release = await S.cli(site, "release", version, env=failpoint(step_id, where))
         assert release.code == -signal.SIGKILL, release.output
         row = S.newest(site)
         assert row.version == version and row.state == J.RUNNING  # not finished, says so
@@ -151,6 +212,16 @@ async def test_sigkill_then_resume(site: DemoSite, step_id: str, where: str) -> 
     assert await S.all_live(site)
 
 
+def commands_running(pid: int, count: int) -> bool:
+    """`count` release commands started by `pid`, all out of its process group."""
+    try:
+        children = psutil.Process(pid).children()
+        groups = [os.getpgid(c.pid) for c in children]
+    except (psutil.Error, ProcessLookupError):
+        return False
+    return len(children) >= count and pid not in groups
+
+
 @pytest.mark.parametrize("during", ["drained-a", "stop-b"])
 async def test_ctrl_c_stops_at_a_safe_point_then_resume(site: DemoSite, during: str) -> None:
     """SIGINT to the release's process group, as Ctrl-C in a terminal sends it:
@@ -162,6 +233,14 @@ async def test_ctrl_c_stops_at_a_safe_point_then_resume(site: DemoSite, during: 
         await S.traffic_flows(site)
         release = await S.start_cli(site, "release", version, new_session=True)
         release_id = await S.step_running(site, during)
+        if during != "drained-a":  # press Ctrl-C once the commands run, each in its session
+            members = len(site.topo.cluster(during.split("-")[1]).members)
+            await wait_until(
+                lambda: commands_running(release.pid, members),
+                timeout=30,
+                interval=0.01,
+                what="the step's commands running outside the release's process group",
+            )
         os.killpg(release.pid, signal.SIGINT)
         stopped = await S.finish(release)
         assert stopped.code == 4, stopped.output  # stopped at a safe point, resumable
