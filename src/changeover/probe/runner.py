@@ -108,6 +108,12 @@ class _Probe:
         self.in_flight: set[asyncio.Task[None]] = set()
         self.cookies: list[dict[str, str]] = [{} for _ in range(sticky_users)]
         self.cookie_header: list[str] = [""] * sticky_users
+        # The member whose session the user's current cookies stand for: the one
+        # that set them, or that last answered a request carrying them. A user's
+        # concurrent requests can each get a new session (after a move, say); the
+        # jar keeps the last one set, and that is the session the next request
+        # carries, whichever response happened to arrive last.
+        self.cookie_owner: list[str | None] = [None] * sticky_users
         self.sessions = Sessions(sticky_users)
         self.ledger = BreakLedger(watcher.timeline if watcher else None)
         self.latency = LatencyHistogram()
@@ -168,10 +174,13 @@ class _Probe:
     async def _request(self, session: aiohttp.ClientSession, user: int, due: float) -> None:
         started = time.monotonic()
         self.max_lag = max(self.max_lag, started - due)
-        sent_member = self.sessions.users[user].member
+        sent_cookies = self.cookie_header[user]
+        # Whose session this request carries: without cookies, the member that
+        # served the user last (an app that keeps no session can still be sticky).
+        sent_member = self.cookie_owner[user] if sent_cookies else self.sessions.users[user].member
         headers = {}
-        if self.cookie_header[user]:
-            headers["Cookie"] = self.cookie_header[user]
+        if sent_cookies:
+            headers["Cookie"] = sent_cookies
         if self.host_header:
             headers["Host"] = self.host_header
         try:
@@ -183,6 +192,11 @@ class _Probe:
                 version = resp.headers.get(self.version_header)
                 if "Set-Cookie" in resp.headers:
                     self._keep_cookies(user, resp)
+                    self.cookie_owner[user] = member
+                elif self.cookie_header[user] == sent_cookies and sent_cookies:
+                    # The session it carried is the user's current one: whoever
+                    # answered holds it now (a stale cookie's answer changes nothing).
+                    self.cookie_owner[user] = member
         except Exception as exc:  # every request sent is accounted for, whatever went wrong
             detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             self._fail(failure_kind(exc), detail)
