@@ -248,8 +248,12 @@ async def test_upstream_dying_mid_response_closes_the_client(tmp_path: Path) -> 
     async def dies_after_headers(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\npartial")
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"GET /health "):
+            # Healthy to the balancer's checks: only the request under test dies.
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\npartial")
         await writer.drain()
         writer.close()
 
