@@ -304,14 +304,21 @@ def summary(r: Result) -> str:
     a, p, c = r.args, r.report, r.clients
     mb = 1024 * 1024
     rss_max = max((s.rss for s in r.samples), default=0) / mb
-    held = [s.clients for s in r.samples]
+    held = sorted(s.clients for s in r.samples) or [0]
     lat = sorted(c.latencies) or [0.0]
     total = a.rate + a.clients / a.client_interval
     flips = sorted(r.flips) or [0.0]
     verdict = "**passed**" if r.passed else "**FAILED**"
+    niceness = os.nice(0)
+    priority = (
+        f" The benchmark's processes (balancer, apps, probe, clients) ran at niceness {niceness}"
+        " (`nice -n`), ahead of the other work on the machine."
+        if niceness < 0
+        else ""
+    )
     return f"""{a.duration:g} s measured after a {WARMUP:g} s warm-up; load average {r.load_before:.1f}
 before, {r.load_after:.1f} after (2 cores: anything well above 2 means other work
-competed). Embedded balancer with {a.workers} worker(s), 2 clusters x 2 sample-app
+competed).{priority} Embedded balancer with {a.workers} worker(s), 2 clusters x 2 sample-app
 members, all on loopback. Total offered load {total:,.0f} req/s: the probe at {a.rate:g}
 req/s ({a.sticky_users} sticky users, its own process, watching admissions) plus {a.clients}
 keep-alive clients (one connection each, held open, one request every {a.client_interval:g} s).
@@ -328,7 +335,7 @@ Verdict: {verdict} (zero failed requests, zero broken sessions, last-10-s RSS wi
 | probe max schedule lag | {p.max_schedule_lag_ms:.1f} ms |
 | keep-alive clients: requests / failed / reconnects | {c.requests:,} / {c.failed} / {c.reconnects} |
 | keep-alive clients: p50 / p99 latency | {lat[len(lat) // 2] * 1000:.1f} / {lat[int(len(lat) * 0.99)] * 1000:.1f} ms |
-| client connections open at the balancer, keep-alive + probe (min / max) | {min(held, default=0)} / {max(held, default=0)} |
+| client connections open at the balancer, keep-alive + probe (1 s samples: min / median / max) | {held[0]} / {held[len(held) // 2]} / {held[-1]} |
 | flips applied / apply() median / max | {len(r.flips)} / {flips[len(flips) // 2] * 1000:.1f} / {flips[-1] * 1000:.1f} ms |
 | balancer RSS, first 10 s / last 10 s (mean) | {r.rss_window(True) / mb:.1f} / {r.rss_window(False) / mb:.1f} MB ({(r.growth - 1) * 100:+.1f}%) |
 | balancer RSS max | {rss_max:.1f} MB |
