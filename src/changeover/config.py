@@ -394,7 +394,7 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part.startswith(("function-", "tagged-union")):
+        elif re.match(r"(function-[a-z]+|tagged-union)\[", part):  # pydantic's, not a key
             continue
         else:
             out += f".{part}" if out else part

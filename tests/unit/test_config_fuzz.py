@@ -430,3 +430,11 @@ def test_data_is_not_shared_between_examples() -> None:
     one["clusters"][0]["name"] = "changed"
     assert two["clusters"][0]["name"] == "a"
     assert copy.deepcopy(two) == valid()
+
+
+@pytest.mark.parametrize("key", ["function-x", "tagged-union", "function-after"])
+def test_unknown_keys_that_look_like_pydantic_internals_are_named(key: str) -> None:
+    data = valid()
+    data["policy"][key] = 1  # found by hypothesis: such keys were dropped from the message
+    path = write(toml_document(data))
+    assert names_key(error_lines(path), path, f"policy.{key}")
