@@ -174,7 +174,7 @@ async def test_killed_at_every_boundary_and_inside_every_long_step(site: DemoSit
     assert sum("took over a stale lock" in e for e in events) == len(CHAIN), events
     assert S.newest(site).state == J.DONE
     assert set(S.step_states(site, release_id).values()) == {J.STEP_DONE}
-    assert report.sent >= RATE * 10  # the whole chain ran under traffic
+    assert len(report.versions_seen) >= 2  # the whole chain ran under traffic
     assert report.failed == 0, report.failure_examples
     assert report.session_breaks == 0
     assert report.version_flaps == 0

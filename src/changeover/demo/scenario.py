@@ -92,7 +92,7 @@ def write_topology(root: Path, opts: DemoOptions) -> Path:
     # Absolute paths: over SSH the remote shell has its own PATH and HOME. The members
     # run at a lower CPU priority: on one box they stand in for separate hosts, and
     # 18 Python apps booting at once must not starve the balancer or the probe.
-    nice = [shutil.which("nice") or "/usr/bin/nice", "-n", "10"]
+    nice = [shutil.which("nice") or "/usr/bin/nice", "-n", "19"]
     appctl = shlex.join([*nice, sys.executable, "-m", "changeover.demo.appctl"])
     common = (
         shlex.join(["--root", str(root / "apps")])

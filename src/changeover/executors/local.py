@@ -58,7 +58,9 @@ async def run_local(
             stderr=asyncio.subprocess.STDOUT if merge_stderr else asyncio.subprocess.PIPE,
             env=dict(env) if env is not None else None,
             cwd=cwd,
-            start_new_session=True,
+            # Its own process group (a timeout kills all of it) but our session:
+            # a new session would be a new CPU autogroup, as heavy as this one.
+            process_group=0,
         )
     except OSError as exc:
         return LocalRun(None, b"", b"", f"cannot start {argv[0]!r}: {exc.strerror or exc}")
