@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import datetime
 import os
-import platform
 import re
 import statistics
 import sys
@@ -39,6 +38,7 @@ from pathlib import Path
 
 import psutil
 
+from benchmarks import machine
 from changeover.demo.scenario import DemoOptions, DemoSite
 from changeover.model import Admission
 from changeover.plan import member_admissions
@@ -286,18 +286,6 @@ async def run(args: argparse.Namespace) -> Result:
             await asyncio.gather(*clients)
             report = await probe.finish()
     return Result(args, report, stats, flips, samples, load_before, os.getloadavg()[0])
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    return (
-        f"{os.cpu_count()} cores ({model}), {platform.system()} {platform.release()}, "
-        f"Python {platform.python_version()}"
-    )
 
 
 def summary(r: Result) -> str:

@@ -31,6 +31,7 @@ from pathlib import Path
 import psutil
 import uvloop
 
+from benchmarks import machine
 from changeover.config import parse
 from changeover.proxy.protocol import Client, Upstream, Worker
 from changeover.proxy.routing import PUBLIC
@@ -274,15 +275,6 @@ def hot_path() -> tuple[float, str]:
         where = f"{Path(path).name}:{line} {name}" if line else name
         lines.append(f"| `{where}` | {values[2] / total:.0%} |")
     return us, "\n".join(lines)
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    return f"{os.cpu_count()} cores ({model}), {platform.system()} {platform.release()}"
 
 
 def versions() -> str:

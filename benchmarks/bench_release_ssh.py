@@ -42,6 +42,7 @@ from pathlib import Path
 from rich.console import Console
 from tests.integration.sshd import SshdServer, cluster_hosts, running_sshd
 
+from benchmarks import machine
 from changeover import journal as J
 from changeover.config import load
 from changeover.demo.scenario import DemoOptions, DemoSite
@@ -214,16 +215,6 @@ def options(size: int, a: list[str], b: list[str], server: SshdServer) -> DemoOp
     return DemoOptions(
         members_per_cluster=size, startup_delay=0.2, member_hosts=(a, b), ssh=server.settings()
     )
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{os.cpu_count()} cores ({model}), {platform.system()} {platform.release()}"
 
 
 def report(f: Figures) -> None:

@@ -8,7 +8,6 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import pytest
 from rich.console import Console
 
@@ -16,6 +15,7 @@ from changeover import journal as J
 from changeover.demo.scenario import DemoOptions, DemoSite
 from changeover.model import Admission
 from changeover.runtime import make_balancer, open_journal, run_engine
+from tests.e2e import support as S
 from tests.helpers import wait_until
 
 RATE = 200.0
@@ -29,13 +29,8 @@ async def site(tmp_path: Path) -> AsyncIterator[DemoSite]:
         yield demo
 
 
-async def versions_served(site: DemoSite) -> set[str]:
-    async with aiohttp.ClientSession() as http:
-        seen = set()
-        for _, member in site.topo.members():
-            async with http.get(member.base_url + "/version") as resp:
-                seen.add((await resp.text()).strip())
-        return seen
+async def versions_served(site: DemoSite) -> set[str | None]:
+    return set((await S.versions_by_member(site)).values())
 
 
 async def pool_admissions(site: DemoSite) -> set[Admission]:

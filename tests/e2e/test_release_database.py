@@ -17,6 +17,7 @@ from changeover.demo.scenario import DemoOptions, DemoSite
 from changeover.model import Admission
 from changeover.plan import StepKind
 from changeover.runtime import make_balancer, open_journal
+from tests.e2e import support as S
 from tests.postgres import Postgres, running_postgres
 
 RATE = 100.0
@@ -86,13 +87,8 @@ async def admissions(site: DemoSite) -> set[Admission]:
         await balancer.close()
 
 
-async def versions_served(site: DemoSite) -> set[str]:
-    async with aiohttp.ClientSession() as http:
-        seen = set()
-        for _, member in site.topo.members():
-            async with http.get(member.base_url + "/version") as resp:
-                seen.add((await resp.text()).strip())
-        return seen
+async def versions_served(site: DemoSite) -> set[str | None]:
+    return set((await S.versions_by_member(site)).values())
 
 
 async def test_expand_adding_a_nullable_column_releases_with_zero_failed_requests(
