@@ -25,12 +25,7 @@ class CheckResult:
 
 def _balancer_url(topo: Topology, port: int) -> str:
     bal = topo.balancer
-    scheme = "https" if bal.tls_cert else "http"
-    host = bal.listen.host
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    host = f"[{host}]" if ":" in host else host
-    return f"{scheme}://{host}:{port}"
+    return bal.listen.url("https" if bal.tls_cert else "http", port)
 
 
 def public_entry(topo: Topology) -> str:
@@ -151,10 +146,7 @@ class Checker:
         """The smoke command against the public live pool (bake), if there is one."""
         if not self.cfg.smoke_command:
             return None
-        listen = self.topo.balancer.listen
-        host = "127.0.0.1" if listen.host in ("0.0.0.0", "::", "") else listen.host
-        scheme = "https" if self.topo.balancer.tls_cert else "http"
-        return await self._smoke_command(f"{scheme}://{host}:{listen.port}", None, version)
+        return await self._smoke_command(public_entry(self.topo), None, version)
 
     async def _smoke_command(self, base: str, host: str | None, version: str) -> CheckResult:
         argv = render_argv(self.cfg.smoke_command or "", {"version": version})

@@ -88,6 +88,12 @@ class Listen(_Model):
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
+    def url(self, scheme: str = "http", port: int | None = None) -> str:
+        """How this host reaches the listener: a wildcard address means loopback."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        host = f"[{host}]" if ":" in host else host
+        return f"{scheme}://{host}:{port or self.port}"
+
 
 class Member(_Model):
     name: Name

@@ -129,3 +129,17 @@ def test_cli_check_prints_one_line_error(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "clusters[0].members[0].port" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("listen", "url"),
+    [
+        ("0.0.0.0:80", "http://127.0.0.1:80"),
+        ("[::]:8089", "http://127.0.0.1:8089"),
+        ("10.0.0.5:8080", "http://10.0.0.5:8080"),
+        ("[::1]:8443", "http://[::1]:8443"),
+    ],
+)
+def test_listen_url_reaches_a_wildcard_listener_on_loopback(listen: str, url: str) -> None:
+    data = two_clusters(balancer={"listen": listen})
+    assert parse(data, "t.toml").balancer.listen.url() == url

@@ -98,10 +98,7 @@ class ApacheBalancer(ConfiguredBalancer):
     def manager_url(self) -> str:
         if self.instance.manager_url:
             return self.instance.manager_url
-        admin = self.topology.balancer.admin_listen
-        host = "127.0.0.1" if admin.host in ("0.0.0.0", "::", "") else admin.host
-        host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{admin.port}/balancer-manager"
+        return self.topology.balancer.admin_listen.url() + "/balancer-manager"
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:

@@ -13,10 +13,7 @@ from changeover.model import Admission, MemberState, PoolView, differs
 
 
 def admin_url_of(topo: Topology) -> str:
-    listen = topo.balancer.admin_listen
-    host = "127.0.0.1" if listen.host in ("0.0.0.0", "") else listen.host
-    host = f"[{host}]" if ":" in host else host
-    return f"http://{host}:{listen.port}"
+    return topo.balancer.admin_listen.url()
 
 
 def pool_from_json(data: Any) -> PoolView:

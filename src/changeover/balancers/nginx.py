@@ -35,10 +35,7 @@ class NginxBalancer(ConfiguredBalancer):
     def control_url(self) -> str:
         if self.instance.admin_url:
             return self.instance.admin_url.rstrip("/")
-        admin = self.topology.balancer.admin_listen
-        host = "127.0.0.1" if admin.host in ("0.0.0.0", "::", "") else admin.host
-        host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{admin.port}"
+        return self.topology.balancer.admin_listen.url()
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
