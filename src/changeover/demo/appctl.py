@@ -236,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop-timeout", type=float, default=35.0)
     parser.add_argument("--db", help="start: the app's database (see the app's --db)")
     args = parser.parse_args(argv)
+    if os.getsid(0) == os.getpid():
+        # A session of our own (an SSH command that the login shell exec'd): its
+        # autogroup holds only us, so it takes our priority, like the app's does.
+        keep_priority(os.getpid())
     if os.sep in args.member or args.member in ("", ".", ".."):
         parser.error(f"--member must be a plain name, got {args.member!r}")
     member = Member(args.root, args.member)

@@ -64,11 +64,12 @@ class DemoOptions:
     migrations_dir: Path | None = None
 
 
-def _free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """Distinct ephemeral ports that were free a moment ago."""
+def _free_ports(hosts: Sequence[str]) -> list[int]:
+    """One ephemeral port per host that was free there a moment ago; all held at
+    once, so they are distinct."""
     socks = []
     try:
-        for _ in range(count):
+        for host in hosts:
             s = socket.socket()
             s.bind((host, 0))
             socks.append(s)
@@ -85,7 +86,9 @@ def _toml_str(value: str) -> str:
 def write_topology(root: Path, opts: DemoOptions) -> Path:
     """The demo site's changeover.toml; release commands drive the sample app's appctl."""
     n = opts.members_per_cluster
-    ports = _free_ports(4 + 2 * n)
+    hosts = opts.member_hosts or (["127.0.0.1"] * n, ["127.0.0.1"] * n)
+    # Each member's port is checked free on the member's own address.
+    ports = _free_ports(["127.0.0.1"] * 4 + [*hosts[0][:n], *hosts[1][:n]])
     listen, admin, qa_a, qa_b = ports[:4]
     member_ports = ports[4:]
     # Templates are split like a shell would; shlex.join quotes our own paths.
@@ -118,8 +121,7 @@ def write_topology(root: Path, opts: DemoOptions) -> Path:
         for i in range(n):
             name = f"{cluster}{i + 1}"
             port = member_ports[c * n + i]
-            host = opts.member_hosts[c][i] if opts.member_hosts else "127.0.0.1"
-            lines.append(f'  {{ name = "{name}", host = "{host}", port = {port} }},')
+            lines.append(f'  {{ name = "{name}", host = "{hosts[c][i]}", port = {port} }},')
         lines += ["]", ""]
     lines += [
         "[balancer]",
@@ -242,19 +244,38 @@ async def _process(
                 await proc.wait()
 
 
-async def _all_healthy(topo: Topology, timeout: float) -> None:
+async def _all_healthy(topo: Topology, apps: Path, stall: float) -> None:
+    """Wait until the balancer sees every member healthy. A big fleet booting on a
+    busy box takes a while, so the wait goes on as long as more members keep
+    turning healthy; it gives up after `stall` seconds without progress and names
+    the members still down with the end of their logs."""
     balancer = make_balancer(topo)
-    deadline = time.monotonic() + timeout
+    best, progress_at = -1, time.monotonic()
     try:
         while True:
             view = await balancer.read()
-            if all(m.healthy for m in view.members):
+            down = [m.name for m in view.members if not m.healthy]
+            if not down:
                 return
-            if time.monotonic() > deadline:
-                raise RuntimeError("the balancer does not see every member healthy")
+            healthy = len(view.members) - len(down)
+            if healthy > best:
+                best, progress_at = healthy, time.monotonic()
+            elif time.monotonic() - progress_at > stall:
+                raise RuntimeError(
+                    f"the balancer sees {len(down)} member(s) unhealthy after {stall:g}s "
+                    "without progress:\n" + "\n".join(_log_tail(apps / m) for m in down)
+                )
             await asyncio.sleep(0.05)
     finally:
         await balancer.close()
+
+
+def _log_tail(member_dir: Path, lines: int = 5) -> str:
+    try:
+        tail = (member_dir / "app.log").read_text(errors="replace").splitlines()[-lines:]
+    except OSError as e:
+        tail = [f"(no log: {e.strerror})"]
+    return f"{member_dir.name}: " + "\n  ".join(tail or ["(empty log)"])
 
 
 class DemoSite:
@@ -284,7 +305,7 @@ class DemoSite:
             balancer_cmd = [sys.executable, "-m", "changeover.proxy", "-c", str(self.config)]
             async with _process(balancer_cmd, self.env, self.root / "balancer.log"):
                 await _wait_http(f"{self.admin_url}/v1/healthz", 15)
-                await _all_healthy(self.topo, 30)
+                await _all_healthy(self.topo, self.root / "apps", 30)
                 yield self
         finally:
             with contextlib.suppress(Exception):
