@@ -24,6 +24,7 @@ import shutil
 import signal
 import tempfile
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -78,19 +79,26 @@ class SshdServer:
     def accepted(self, host: str | None = None) -> int:
         """How many connections sshd accepted (authenticated), on `host` or on any."""
         # VERBOSE logs "Connection from A port P on HOST port N" before authentication
-        # and "Accepted publickey for USER from A port P" after it; join them by (A, P).
-        text = self.log()
-        on = {
-            (m["src"], m["sport"]): m["dst"]
-            for m in re.finditer(
-                r"Connection from (?P<src>\S+) port (?P<sport>\d+) on (?P<dst>\S+) port", text
-            )
-        }
+        # and "Accepted publickey for USER from A port P" after it. One client port
+        # can connect to two member addresses at once, so (A, P) is not unique: each
+        # acceptance goes with the earliest connection from (A, P) not yet accepted.
+        waiting: dict[tuple[str, str], deque[str]] = {}
         count = 0
-        for m in re.finditer(r"Accepted publickey for \S+ from (\S+) port (\d+)", text):
-            if host is None or on.get((m[1], m[2])) == host:
+        for m in _LOG_EVENT.finditer(self.log()):
+            if m["dst"] is not None:
+                waiting.setdefault((m["src"], m["sport"]), deque()).append(m["dst"])
+                continue
+            on = waiting.get((m["asrc"], m["asport"]))
+            dst = on.popleft() if on else None
+            if host is None or dst == host:
                 count += 1
         return count
+
+
+_LOG_EVENT = re.compile(
+    r"Connection from (?P<src>\S+) port (?P<sport>\d+) on (?P<dst>\S+) port"
+    r"|Accepted publickey for \S+ from (?P<asrc>\S+) port (?P<asport>\d+)"
+)
 
 
 def _write_keys(directory: Path, client_key: Path | None) -> tuple[Path, Path, Path, str]:

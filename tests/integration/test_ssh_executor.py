@@ -41,6 +41,25 @@ async def executor(sshd: SshdServer) -> AsyncIterator[SshExecutor]:
     await ex.close()
 
 
+def test_sshd_log_counts_one_client_port_connected_to_two_hosts_once_each(
+    tmp_path: Path,
+) -> None:
+    """The harness's own count: a client port may reach two member addresses at
+    once, and each acceptance still goes to the host it was for."""
+    log = tmp_path / "sshd.log"
+    log.write_text(
+        'Connection from 127.0.0.1 port 5000 on 127.0.1.1 port 22 rdomain ""\n'
+        'Connection from 127.0.0.1 port 5000 on 127.0.2.7 port 22 rdomain ""\n'
+        "Accepted publickey for root from 127.0.0.1 port 5000 ssh2: ED25519 SHA256:k\n"
+        'Connection from 127.0.0.1 port 5001 on 127.0.2.7 port 22 rdomain ""\n'
+        "Accepted publickey for root from 127.0.0.1 port 5000 ssh2: ED25519 SHA256:k\n"
+    )
+    hosts = ("127.0.1.1", "127.0.2.7")
+    server = SshdServer(hosts, 22, "root", tmp_path, tmp_path, "", log, tmp_path)
+    assert [server.accepted(h) for h in hosts] == [1, 1]  # port 5001 never authenticated
+    assert server.accepted() == 2
+
+
 def _processes_with(token: str) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
