@@ -69,7 +69,7 @@ def app_pids(site: DemoSite, cluster: str) -> dict[str, int | None]:
 
 def assert_no_failures(report: ProbeReport) -> None:
     assert report.sent >= RATE, report
-    assert report.failed == 0, report.failure_examples
+    assert report.failed == 0, (report.failure_examples, report.failure_log)
     # A rollback serves users the old release again: version flaps are expected.
 
 

@@ -175,7 +175,7 @@ async def test_killed_at_every_boundary_and_inside_every_long_step(site: DemoSit
     assert S.newest(site).state == J.DONE
     assert set(S.step_states(site, release_id).values()) == {J.STEP_DONE}
     assert len(report.versions_seen) >= 2  # the whole chain ran under traffic
-    assert report.failed == 0, report.failure_examples
+    assert report.failed == 0, (report.failure_examples, report.failure_log)
     assert report.session_breaks == 0
     assert report.version_flaps == 0
     assert set((await S.versions_by_member(site)).values()) == {version}
@@ -205,7 +205,7 @@ async def test_sigkill_then_resume(site: DemoSite, step_id: str, where: str) -> 
     assert S.newest(site).state == J.DONE
     assert set(S.step_states(site, row.id).values()) == {J.STEP_DONE}
     assert report.sent >= RATE  # the release ran under traffic
-    assert report.failed == 0, report.failure_examples
+    assert report.failed == 0, (report.failure_examples, report.failure_log)
     assert report.session_breaks == 0
     assert report.version_flaps == 0
     assert set((await S.versions_by_member(site)).values()) == {version}
@@ -262,7 +262,7 @@ async def test_ctrl_c_stops_at_a_safe_point_then_resume(site: DemoSite, during: 
         report = await probe.finish()
     assert resumed.code == 0, resumed.output
     assert S.newest(site).state == J.DONE
-    assert report.failed == 0, report.failure_examples
+    assert report.failed == 0, (report.failure_examples, report.failure_log)
     assert report.session_breaks == 0
     assert report.version_flaps == 0
     assert set((await S.versions_by_member(site)).values()) == {version}

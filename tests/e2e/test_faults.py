@@ -80,7 +80,7 @@ def variant(site: DemoSite, name: str, replace: dict[str, str], append: str = ""
 
 def assert_clean(report: ProbeReport) -> None:
     assert report.sent >= RATE, report  # the release ran under traffic
-    assert report.failed == 0, report.failure_examples
+    assert report.failed == 0, (report.failure_examples, report.failure_log)
     assert report.session_breaks == 0
     assert report.version_flaps == 0
 

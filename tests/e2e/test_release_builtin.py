@@ -48,7 +48,7 @@ async def test_full_release_under_probe_has_zero_downtime(site: DemoSite) -> Non
         )
         report = await probe.finish()
     assert state == J.DONE
-    assert report.failed == 0, report.failure_examples
+    assert report.failed == 0, (report.failure_examples, report.failure_log)
     assert report.session_breaks == 0
     assert report.version_flaps == 0
     # Traffic saw both releases: the release really ran under the probe.
@@ -91,7 +91,7 @@ async def test_sigkill_mid_step_then_resume_keeps_the_site_up(site: DemoSite, ki
     assert b"took over a stale lock" in output or b"resumed" in output
     final = journal.release(row.id)
     assert final.state == J.DONE
-    assert report.failed == 0, report.failure_examples
+    assert report.failed == 0, (report.failure_examples, report.failure_log)
     assert report.session_breaks == 0
     assert report.version_flaps == 0
     assert await versions_served(site) == {"2.0"}

@@ -99,7 +99,7 @@ async def test_expand_adding_a_nullable_column_releases_with_zero_failed_request
         code, output = await release(site)
         report = await probe.finish()
     assert code == 0, output
-    assert report.failed == 0, report.failure_examples
+    assert report.failed == 0, (report.failure_examples, report.failure_log)
     assert report.session_breaks == 0
     assert report.version_flaps == 0
     assert set(report.versions_seen) == {"1.0", "2.0"}
@@ -156,5 +156,5 @@ async def test_forced_drop_is_caught_by_the_old_release_checks_before_any_swap(
     assert await versions_served(site) == {"1.0"}
     # The probe reads `/`, which does not touch the database: the site kept serving.
     assert report.sent > 0
-    assert report.failed == 0, report.failure_examples
+    assert report.failed == 0, (report.failure_examples, report.failure_log)
     assert report.passed

@@ -78,7 +78,7 @@ async def test_36_members_released_over_ssh_under_the_probe(
         report = await probe.finish()
 
     assert state == J.DONE
-    assert report.failed == 0, report.failure_examples
+    assert report.failed == 0, (report.failure_examples, report.failure_log)
     assert report.session_breaks == 0
     assert report.version_flaps == 0
     assert set(report.versions_seen) == {"1.0", "2.0"}  # the release ran under traffic
@@ -157,7 +157,7 @@ async def test_a_failing_start_stops_the_release_and_the_site_stays_up(site: Dem
         S.faults_cleared(site)
 
     assert state == J.FAILED
-    assert report.failed == 0, report.failure_examples
+    assert report.failed == 0, (report.failure_examples, report.failure_log)
     assert report.session_breaks == 0
     assert report.version_flaps == 0
     assert await S.admissions(site) == {"a": Admission.OUT, "b": Admission.LIVE}

@@ -141,7 +141,7 @@ async def test_full_release_under_probe_has_zero_downtime(product: str, tmp_path
         await run_on_members(topology, "stop")
     assert state == J.DONE, "\n".join(f"{e.kind}: {e.message}" for e in events)
     assert all(s.state == J.STEP_DONE for s in steps)
-    assert report.failed == 0, report.failure_examples
+    assert report.failed == 0, (report.failure_examples, report.failure_log)
     assert report.session_breaks == 0
     assert report.version_flaps == 0
     assert set(report.versions_seen) == {"1.0", "2.0"}  # the release ran under traffic

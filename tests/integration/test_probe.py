@@ -62,6 +62,11 @@ async def test_an_app_stopped_mid_run_shows_as_connect_failures() -> None:
     assert report.failures.get("connect", 0) >= 200, report.failures
     assert report.sent == report.completed + sum(report.failures.values())
     assert not report.passed
+    # The first failures, each with when it was due and whose session it carried.
+    assert len(report.failure_log) == 20
+    first = float(report.failure_log[0].split("s:")[0].removeprefix("at "))
+    assert 0.4 < first < 2.0, report.failure_log[0]
+    assert "connect" in report.failure_log[0] and " of a1" in report.failure_log[0]
 
 
 class FakePool:

@@ -54,6 +54,9 @@ class ProbeReport:
     admission_reads: int = 0
     admission_read_failures: int = 0
     failure_examples: list[str] = field(default_factory=list)
+    # The first failed requests: when (seconds after the first scheduled one), what,
+    # which user and the member its session was on ("None": no session yet).
+    failure_log: list[str] = field(default_factory=list)
 
     @property
     def failed(self) -> int:
@@ -114,6 +117,7 @@ class ProbeReport:
         else:
             rows.append(("admissions", "not watched: every move counts as a break"))
         rows.extend(("example", example) for example in self.failure_examples)
+        rows.extend(("failed request", line) for line in self.failure_log[:10])
         for label, value in rows:
             table.add_row(label, value)
         return table

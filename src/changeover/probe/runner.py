@@ -18,6 +18,7 @@ from changeover.probe.report import ProbeReport
 from changeover.probe.watcher import AdmissionWatcher
 
 MAX_EXAMPLES = 5  # distinct failure messages kept for the report
+MAX_LOGGED = 20  # failed requests kept with their time and member, to tell when and where
 MAX_SLEEP = 0.05  # the scheduler wakes at least this often to notice `stop`
 
 
@@ -119,6 +120,8 @@ class _Probe:
         self.latency = LatencyHistogram()
         self.failures: Counter[str] = Counter()
         self.examples: list[str] = []
+        self.failure_log: list[str] = []
+        self.t0 = time.monotonic()
         self.sent = 0
         self.completed = 0
         self.ok = 0
@@ -130,7 +133,7 @@ class _Probe:
     ) -> float:
         """Dispatch every request when it is due; return the seconds spent."""
         total = int(duration * self.rate)
-        t0 = time.monotonic()
+        self.t0 = t0 = time.monotonic()
         i = 0
         while i < total and not stop.is_set():
             now = time.monotonic()
@@ -200,6 +203,7 @@ class _Probe:
         except Exception as exc:  # every request sent is accounted for, whatever went wrong
             detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             self._fail(failure_kind(exc), detail)
+            self._log(due, f"{failure_kind(exc)} ({detail}), user {user} of {sent_member}")
             return
         done = time.monotonic()
         self.last_done = done
@@ -209,6 +213,7 @@ class _Probe:
             self.ok += 1
         else:
             self._fail("http_5xx" if status >= 500 else "http_other", f"HTTP {status}")
+            self._log(due, f"HTTP {status} from {member}, user {user} of {sent_member}")
         move = self.sessions.served(user, sent_member, member, version, started, done)
         if move is not None:
             self.ledger.add(move)
@@ -227,6 +232,10 @@ class _Probe:
         example = f"{kind}: {message}"
         if len(self.examples) < MAX_EXAMPLES and example not in self.examples:
             self.examples.append(example)
+
+    def _log(self, due: float, what: str) -> None:
+        if len(self.failure_log) < MAX_LOGGED:
+            self.failure_log.append(f"at {due - self.t0:.2f}s: {what}")
 
     def report(self, *, duration: float) -> ProbeReport:
         watcher = self.watcher
@@ -255,4 +264,5 @@ class _Probe:
             admission_reads=watcher.reads if watcher else 0,
             admission_read_failures=watcher.failures if watcher else 0,
             failure_examples=self.examples,
+            failure_log=self.failure_log,
         )
