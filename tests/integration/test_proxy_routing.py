@@ -48,6 +48,46 @@ async def test_route_cookie_is_inserted_for_apps_that_set_none(tmp_path: Path) -
             assert "CHANGEOVER_ROUTE" not in r.headers.get("Set-Cookie", "")
 
 
+async def test_a_repeated_request_head_is_still_routed_request_by_request(
+    tmp_path: Path,
+) -> None:
+    """A client that sends the same head again and again on one connection (the
+    balancer reuses what it read from the first) still takes a round-robin turn
+    per request, gets the route cookie of the member that served each one, and
+    its route cookie still holds it to that member."""
+    connections = 0
+
+    async def on_create(*_: object) -> None:
+        nonlocal connections
+        connections += 1
+
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_create_end.append(on_create)
+    async with (
+        members(LAYOUT) as started,
+        balancer_site(tmp_path, started) as site,
+        aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=1),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trace_configs=[trace],
+        ) as client,
+    ):
+        served: Counter[str] = Counter()
+        for _ in range(8):
+            async with client.get(site.public + "/plain") as r:
+                member = (await r.json())["member"]
+                assert r.cookies["CHANGEOVER_ROUTE"].value == member
+                served[member] += 1
+        assert served == {"a1": 2, "a2": 2, "b1": 2, "b2": 2}
+        for _ in range(4):
+            async with client.get(
+                site.public + "/plain", headers={"Cookie": "CHANGEOVER_ROUTE=b2"}
+            ) as r:
+                assert (await r.json())["member"] == "b2"
+                assert "Set-Cookie" not in r.headers
+        assert connections == 1  # every head after the first was a repeat on that connection
+
+
 async def test_drain_keeps_sticky_users_and_sends_new_users_elsewhere(tmp_path: Path) -> None:
     async with members(LAYOUT) as started, balancer_site(tmp_path, started) as site:
         users = [fresh() for _ in range(8)]

@@ -11,6 +11,14 @@ received, without a Python call per header. Response bodies are relayed as the
 bytes arrived (chunked framing included); llhttp says where each message ends.
 Upstream connections are kept alive in a LIFO pool per member. Nothing here
 logs per request.
+
+Clients and app servers repeat themselves: a connection's next request head is
+usually the same bytes as its last, and so is an upstream's next response head
+until its Date header ticks. Each connection keeps its last plain head and what
+was decided about it; a head that repeats it is not scanned again, and a read
+that is exactly the last whole message (a request without a body, a response
+with its Content-Length body) is not even fed to llhttp, which would only end
+where it already is, between two messages. Routing still happens per request.
 """
 
 from __future__ import annotations
@@ -293,6 +301,46 @@ class Worker:
                 client.transport.abort()
 
 
+class Head:
+    """What one request head asks for. A connection keeps the last plain one: a
+    client nearly always repeats its head byte for byte (same path, Host and
+    cookies), and then none of the work on it needs doing again."""
+
+    __slots__ = (
+        "chunked",
+        "head_only",
+        "http10",
+        "keep_alive",
+        "raw",
+        "replayable",
+        "scope",
+        "sticky",
+        "upstream",
+    )
+
+    def __init__(
+        self,
+        upstream: bytes,
+        scope: int,
+        sticky: int,
+        method: bytes | None,
+        keep_alive: bool,
+        chunked: bool = False,
+        http10: bool = False,
+    ) -> None:
+        # The head as received, blank line included, once it is worth keeping
+        # (only such a head becomes a connection's `last`: b"" starts every buffer).
+        self.raw = b""
+        self.upstream = upstream  # the head that goes upstream
+        self.scope = scope
+        self.sticky = sticky
+        self.head_only = method == b"HEAD"
+        self.replayable = method is None or method in _IDEMPOTENT  # None: GET
+        self.keep_alive = keep_alive
+        self.chunked = chunked
+        self.http10 = http10
+
+
 class Request:
     """One request on its way: routing inputs and bytes not yet sent upstream."""
 
@@ -315,29 +363,20 @@ class Request:
         "upstream",
     )
 
-    def __init__(
-        self,
-        head: bytes,
-        scope: int,
-        sticky: int,
-        chunked: bool,
-        head_only: bool,
-        http10: bool,
-        keep_alive: bool,
-        replayable: bool,
-    ) -> None:
-        self.scope = scope
-        self.sticky = sticky
-        self.chunked = chunked
-        self.head_only = head_only
-        self.http10 = http10
+    def __init__(self, head: Head, keep_alive: bool) -> None:
+        self.scope = head.scope
+        self.sticky = head.sticky
+        self.chunked = head.chunked
+        self.head_only = head.head_only
+        self.http10 = head.http10
         self.keep_alive = keep_alive
         # A keep-alive HTTP/1.1 request for a body: its response head may go as received.
-        self.plain = keep_alive and not http10 and not head_only
-        self.pending: list[bytes] | None = [head]  # None once streaming straight upstream
-        self.pending_size = len(head)
-        self.sent: list[bytes] | None = [head] if replayable else None
-        self.sent_size = len(head)
+        self.plain = keep_alive and not head.http10 and not head.head_only
+        data = head.upstream
+        self.pending: list[bytes] | None = [data]  # None once streaming straight upstream
+        self.pending_size = len(data)
+        self.sent: list[bytes] | None = [data] if head.replayable else None
+        self.sent_size = len(data)
         self.done = False  # the client sent the whole request
         self.member = NO_MEMBER
         self.cookie: bytes | None = None  # Set-Cookie to add unless the app sets its own
@@ -359,6 +398,7 @@ class Client(asyncio.Protocol):
         "head_parts",
         "head_size",
         "ip",
+        "last",
         "parser",
         "paused",
         "pos",
@@ -398,6 +438,7 @@ class Client(asyncio.Protocol):
         self.reading_head = True
         self.head_parts: list[bytes] | None = None  # a head that began in earlier reads
         self.head_size = 0
+        self.last: Head | None = None  # the last plain head, to reuse when it repeats
 
     # --- transport callbacks -------------------------------------------------
 
@@ -412,8 +453,15 @@ class Client(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.eof:  # after a "Connection: close" request, nothing more is read
             return
-        self.data = data
         req = self.req
+        last = self.last
+        if last is not None and data == last.raw and req is None and self.head_parts is None:
+            # Exactly the last plain head again, a whole request without a body:
+            # llhttp would say what it said then and end up where it is now.
+            self._request(last)
+            self.on_message_complete()
+            return
+        self.data = data
         # A chunked request body still coming: llhttp will not say where it ends.
         self.pos = -1 if req is not None and req.chunked else 0
         try:
@@ -506,6 +554,13 @@ class Client(asyncio.Protocol):
             self.head_size = 0
             buf = earlier + buf
             start, offset = 0, len(earlier)
+        last = self.last
+        # The same bytes as the last head: llhttp ended this head at its first
+        # blank line, and `last.raw` has exactly one, at its end.
+        if last is not None and buf.startswith(last.raw, start):
+            self.pos = start + len(last.raw) - offset
+            self._request(last)
+            return
         if buf[start] in _CRLF:
             start = _skip_empty_lines(buf, start)
         end = buf.find(b"\r\n\r\n", start) + 4
@@ -538,7 +593,10 @@ class Client(asyncio.Protocol):
                 forwarded = (
                     self.forwarded if host is not None else self.fallback_host + self.xf + b"\r\n"
                 )
-                self._request(buf[start : end - 2] + forwarded, buf, start, host, cookies)
+                head = self._head(buf[start : end - 2] + forwarded, buf, start, host, cookies)
+                head.raw = buf[start:end]
+                self.last = head
+                self._request(head)
                 return
         self._unusual_head(buf, start, end, line_end, low)
 
@@ -605,19 +663,19 @@ class Client(asyncio.Protocol):
             parts.append(_CHUNKED)
             self.pos = -1  # llhttp does not say where a chunked body ends
         parts.append(b"\r\n")
-        self._request(b"".join(parts), buf, start, host, cookies, chunked, http10)
+        self._request(self._head(b"".join(parts), buf, start, host, cookies, chunked, http10))
 
-    def _request(
+    def _head(
         self,
-        head: bytes,
+        upstream: bytes,
         buf: bytes,
         start: int,
         host: bytes | None,
         cookies: bytes | None,
         chunked: bool = False,
         http10: bool = False,
-    ) -> None:
-        """Route the request whose head (ending with its blank line) goes upstream."""
+    ) -> Head:
+        """Where the request whose head (ending with its blank line) goes upstream may go."""
         w = self.w
         scope = self.scope
         if scope == PUBLIC and w.qa_hosts:
@@ -627,21 +685,12 @@ class Client(asyncio.Protocol):
             route = sticky_route(cookies, w.sticky, w.inserted)
             if route is not None:
                 sticky = w.routes.get(route, NO_MEMBER)
-        if buf.startswith(b"GET ", start):
-            head_only, replayable = False, True
-        else:
-            method = self.parser.get_method()
-            head_only, replayable = method == b"HEAD", method in _IDEMPOTENT
-        req = Request(
-            head,
-            scope,
-            sticky,
-            chunked,
-            head_only,
-            http10,
-            self.parser.should_keep_alive() and not w.stopping,
-            replayable,
-        )
+        method = None if buf.startswith(b"GET ", start) else self.parser.get_method()
+        keep_alive = self.parser.should_keep_alive()
+        return Head(upstream, scope, sticky, method, keep_alive, chunked, http10)
+
+    def _request(self, head: Head) -> None:
+        req = Request(head, head.keep_alive and not self.w.stopping)
         self.req = req
         if self.active is None:
             self._dispatch(req)
@@ -879,6 +928,9 @@ class Upstream(asyncio.Protocol):
         "head_parts",
         "head_sent",
         "keep",
+        "last",
+        "last_length",
+        "last_size",
         "left",
         "mark",
         "member",
@@ -916,6 +968,11 @@ class Upstream(asyncio.Protocol):
         self.got = False
         self.head_sent = False
         self.done = True
+        # The last plain response head (status line to blank line) and its
+        # Content-Length: the next one is often the same bytes (until Date ticks).
+        self.last = b"\x00"  # starts no response
+        self.last_length = 0
+        self.last_size = -1  # the whole response: head and body
 
     def start(self, client: Client, req: Request) -> None:
         """Take on `req` (Client._dispatch does the same inline for pooled connections)."""
@@ -945,6 +1002,25 @@ class Upstream(asyncio.Protocol):
             self._discard()
             return
         self.got = True
+        req = self.req
+        if (
+            len(data) == self.last_size
+            and req is not None
+            and req.plain
+            and self.head_parts is None
+            and data.startswith(self.last)
+            and not self.w.stopping
+        ):
+            # The last plain response again, head and whole body in this read:
+            # llhttp would end up where it is now, between two messages.
+            self.head_sent = self.done = True
+            if req.cookie is None:
+                client.transport.write(data)
+            else:  # inserted before the blank line, which goes with the body
+                cut = len(self.last) - 2
+                client.transport.write(b"".join((data[:cut], req.cookie, data[cut:])))
+            client.response_done(self, True)
+            return
         self.data = data
         self.mark = self.cursor = self.raw_from = 0
         failed = False
@@ -1049,6 +1125,11 @@ class Upstream(asyncio.Protocol):
         if self.head_parts is None:
             buf = self.data
             start = self.mark
+            if req.plain and buf.startswith(self.last, start) and not self.w.stopping:
+                # The same bytes as the last plain head: the same decisions.
+                self.mark = self.cursor = end = start + len(self.last)
+                self._plain_head(req, buf, start, end, self.last_length)
+                return
             if buf[start] in _CRLF:
                 start = _skip_empty_lines(buf, start)
             end = buf.find(b"\r\n\r\n", start) + 4
@@ -1081,18 +1162,26 @@ class Upstream(asyncio.Protocol):
                 elif name != b"connection" or value != b"keep-alive":
                     break
             else:
-                if length >= 0 and status != 204 and status != 304:
-                    self.framing = _LENGTH_FRAMED
-                    self.left = length
-                    self.keep = self.parser.should_keep_alive()
-                    self.head_sent = True
-                    if req.cookie is None:  # relayed as received, from the status line on
-                        self.raw_from = start
-                    else:  # inserted before the blank line, which goes with the body
-                        self.out += (buf[start : end - 2], req.cookie)
-                        self.raw_from = end - 2
+                plain = length >= 0 and status != 204 and status != 304
+                if plain and self.parser.should_keep_alive():
+                    self.last = buf[start:end]
+                    self.last_length = length
+                    self.last_size = end - start + length
+                    self._plain_head(req, buf, start, end, length)
                     return
         self._unusual_head(req, buf, start, end, line_end, status, block)
+
+    def _plain_head(self, req: Request, buf: bytes, start: int, end: int, length: int) -> None:
+        """A keep-alive HTTP/1.1 response with a Content-Length and nothing to remove."""
+        self.framing = _LENGTH_FRAMED
+        self.left = length
+        self.keep = True
+        self.head_sent = True
+        if req.cookie is None:  # relayed as received, from the status line on
+            self.raw_from = start
+        else:  # inserted before the blank line, which goes with the body
+            self.out += (buf[start : end - 2], req.cookie)
+            self.raw_from = end - 2
 
     def _unusual_head(
         self,
