@@ -80,3 +80,52 @@ async def test_sigterm_lets_requests_in_flight_finish(tmp_path: Path) -> None:
         assert await asyncio.wait_for(site.process.wait(), 20) == 0
         log = site.log_text()
         assert "balancer stopping" in log and "balancer stopped" in log
+
+
+async def test_a_killed_worker_is_restarted_and_its_requests_are_not_counted(
+    tmp_path: Path,
+) -> None:
+    """The lone worker dies (SIGKILL) with a request in flight: the master forks a
+    new one that serves, the dead worker's request no longer counts as active (a
+    drain would wait for it forever), and shutdown is still graceful."""
+    async with (
+        members(LAYOUT) as started,
+        balancer_site(tmp_path, started) as site,
+        aiohttp.ClientSession() as client,
+    ):
+        [old] = site.worker_pids()
+        slow = asyncio.create_task(get_json(client, site.public + "/slow?delay=5"))
+
+        async def active() -> int:
+            return sum(m["active"] for m in (await site.pool(client)).values())
+
+        async def in_flight() -> bool:
+            return await active() == 1
+
+        await wait_until(in_flight, what="the slow request to be in flight")
+        psutil.Process(old).kill()
+        try:
+            await slow
+        except aiohttp.ClientError:
+            pass  # its connection died with the worker
+        else:
+            raise AssertionError("the request in flight should have been cut")
+
+        def restarted() -> bool:
+            pids = site.worker_pids()
+            return len(pids) == 1 and pids[0] != old
+
+        await wait_until(restarted, what="a new worker")
+        async with aiohttp.ClientSession() as user:  # a new connection to the new worker
+
+            async def serves() -> bool:
+                try:
+                    return (await get_json(user, site.public + "/plain"))[0] == 200
+                except aiohttp.ClientError:
+                    return False
+
+            await wait_until(serves, what="the new worker to serve")
+        assert await active() == 0
+        assert "balancer worker 0 restarted" in site.log_text()
+        site.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(site.process.wait(), 20) == 0

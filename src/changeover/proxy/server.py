@@ -2,14 +2,18 @@
 
 The master checks the addresses, creates the shared state, forks one worker
 per core (each binds its own SO_REUSEPORT sockets, so the kernel spreads
-connections), then serves the admin API and runs the health checks. SIGTERM
-or SIGINT: workers stop accepting, finish the requests in flight (bounded)
-and exit; the master returns 0.
+connections), then serves the admin API and runs the health checks. A worker
+that dies is forked again (its requests in flight are lost, the other
+workers' listeners stay up meanwhile); one that keeps dying within seconds of
+its start is given up after a few tries. SIGTERM or SIGINT: workers stop
+accepting, finish the requests in flight (bounded) and exit; the master
+returns 0.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -17,6 +21,7 @@ import signal
 import socket
 import ssl
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -36,6 +41,9 @@ log = logging.getLogger("changeover.proxy")
 BACKLOG = 1024
 START_TIMEOUT = 10.0  # for every worker to be listening
 DRAIN_TIMEOUT = 10.0  # for requests in flight at shutdown
+RESPAWN_DELAY = 0.1  # before a dead worker is restarted, times its quick deaths in a row
+CRASH_WINDOW = 10.0  # a worker that dies sooner than this after its start died quickly
+MAX_CRASHES = 5  # quick deaths in a row after which a worker is not restarted
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
@@ -121,28 +129,10 @@ def run(topology: Topology, workers: int | None = None) -> int:
         print(f"changeover balancer: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
-    processes = _start_workers(topology, shared, serving, tls, count)
-    if isinstance(processes, str):
-        print(f"changeover balancer: {processes}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(_master(topology, pool, token, serving, processes))
-
-
-def _start_workers(
-    topology: Topology,
-    shared: SharedState,
-    serving: list[Listener],
-    tls: ssl.SSLContext | None,
-    count: int,
-) -> list[BaseProcess] | str:
-    """Fork the workers (before the master has an event loop); an error message if one fails."""
-    context = multiprocessing.get_context("fork")
-    processes: list[BaseProcess] = []
-    pipes: list[Connection] = []
-    for index in range(count):
-        receive, send = context.Pipe(duplex=False)
-        process: BaseProcess = context.Process(
+    def fork(index: int) -> tuple[BaseProcess, Connection]:
+        """Start worker `index`; it says None on the pipe once it listens, else why not."""
+        receive, send = multiprocessing.get_context("fork").Pipe(duplex=False)
+        process: BaseProcess = multiprocessing.get_context("fork").Process(
             target=_worker_main,
             args=(index, topology, shared, serving, tls, send),
             name=f"changeover-worker-{index}",
@@ -150,6 +140,25 @@ def _start_workers(
         )
         process.start()
         send.close()
+        return process, receive
+
+    processes = _start_workers(fork, count)
+    if isinstance(processes, str):
+        print(f"changeover balancer: {processes}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(_master(topology, pool, token, serving, processes, fork))
+
+
+Fork = Callable[[int], tuple[BaseProcess, Connection]]
+
+
+def _start_workers(fork: Fork, count: int) -> list[BaseProcess] | str:
+    """Fork the workers (before the master has an event loop); an error message if one fails."""
+    processes: list[BaseProcess] = []
+    pipes: list[Connection] = []
+    for index in range(count):
+        process, receive = fork(index)
         processes.append(process)
         pipes.append(receive)
     problem = None
@@ -184,6 +193,11 @@ def _worker_main(
     tls: ssl.SSLContext | None,
     ready: Connection,
 ) -> None:
+    # A worker restarted by the master is forked from its running event loop: a
+    # signal must not reach the master's loop through its inherited wakeup fd.
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         code = runner.run(_serve(index, topology, shared, serving, tls, ready))
     sys.exit(code)
@@ -245,13 +259,16 @@ async def _master(
     token: str,
     serving: list[Listener],
     processes: list[BaseProcess],
+    fork: Fork,
 ) -> int:
     loop = asyncio.get_running_loop()
     balancer = topology.balancer
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    alive = set(processes)
+    alive: dict[BaseProcess, int] = {p: i for i, p in enumerate(processes)}  # -> worker index
+    started = dict.fromkeys(range(len(processes)), loop.time())
+    crashes = dict.fromkeys(range(len(processes)), 0)  # quick deaths in a row, per index
     all_exited = asyncio.Event()
     code = EXIT_OK
 
@@ -259,14 +276,48 @@ async def _master(
         nonlocal code
         loop.remove_reader(process.sentinel)
         process.join()
-        alive.discard(process)
+        index = alive.pop(process)
+        # Its requests in flight died with it: drain waits must not count them.
+        in_flight = pool.shared.counters(index)[0]
+        for member in range(len(in_flight)):
+            in_flight[member] = 0
         if not stop.is_set():
             log.error("balancer worker %s exited with code %s", process.pid, process.exitcode)
+            quick = loop.time() - started[index] < CRASH_WINDOW
+            crashes[index] = crashes[index] + 1 if quick else 1
+            if crashes[index] <= MAX_CRASHES:
+                # Like nginx's master: the listeners stay up in the other workers
+                # meanwhile, and a lone worker is back within RESPAWN_DELAY.
+                loop.call_later(RESPAWN_DELAY * crashes[index], respawn, index)
+                return
+            log.error("balancer worker %d died %d times running: not restarted", index, MAX_CRASHES)
             if not alive:
                 code = EXIT_FAILED
                 stop.set()
         if not alive:
             all_exited.set()
+
+    def respawn(index: int) -> None:
+        if stop.is_set():
+            if not alive:
+                all_exited.set()
+            return
+        process, pipe = fork(index)
+        started[index] = loop.time()
+        alive[process] = index
+        loop.add_reader(process.sentinel, exited, process)
+
+        def said() -> None:
+            loop.remove_reader(pipe.fileno())
+            with contextlib.suppress(EOFError):
+                problem = pipe.recv()
+                if problem is None:
+                    log.info("balancer worker %d restarted (pid %s)", index, process.pid)
+                else:
+                    log.error("balancer worker %d could not restart: %s", index, problem)
+            pipe.close()
+
+        loop.add_reader(pipe.fileno(), said)
 
     for process in processes:
         loop.add_reader(process.sentinel, exited, process)
