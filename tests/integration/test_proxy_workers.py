@@ -129,3 +129,31 @@ async def test_a_killed_worker_is_restarted_and_its_requests_are_not_counted(
         assert "balancer worker 0 restarted" in site.log_text()
         site.process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(site.process.wait(), 20) == 0
+
+
+async def test_least_conn_counts_the_requests_in_flight_of_every_worker(
+    tmp_path: Path,
+) -> None:
+    """A slow request holds a1 through one worker; new users arriving through
+    either worker go to the idle members, never to a1."""
+    async with (
+        members(LAYOUT) as started,
+        balancer_site(
+            tmp_path, started, "--workers", "2", balancer={"algorithm": "least-conn"}
+        ) as site,
+        aiohttp.ClientSession() as client,
+    ):
+        slow = asyncio.create_task(
+            get_json(client, site.public + "/slow?delay=5", cookies={"CHANGEOVER_ROUTE": "a1"})
+        )
+
+        async def a1_busy() -> bool:
+            return bool((await site.pool(client))["a1"]["active"] == 1)
+
+        await wait_until(a1_busy, what="the slow request to hold a1")
+        by_worker = await spread(site, 30)
+        assert len(by_worker) == 2, "the kernel should spread 30 connections over both workers"
+        served = [m.served for m in started if m.name == "a1"]
+        assert served == [1], "only the slow request reached a1"
+        status, body = await slow
+        assert (status, body["member"]) == (200, "a1")

@@ -192,6 +192,7 @@ class Worker:
         self.shared = shared
         self.inflight, self.requests, self.failures = shared.counters(index)
         self.least_conn = balancer.algorithm == "least-conn"
+        self.load = InFlight([shared.counters(w)[0] for w in range(shared.workers)])
         self.sticky = balancer.sticky_cookie.encode() + b"="
         self.inserted = balancer.route_cookie.encode() + b"="
         members = [m for _, m in topology.members()]
@@ -236,7 +237,7 @@ class Worker:
             scope,
             sticky,
             self.turn,
-            self.inflight if self.least_conn else None,
+            self.load if self.least_conn else None,
             tried,
         )
         if chosen != sticky:  # only new-session choices take a round-robin turn
@@ -299,6 +300,19 @@ class Worker:
         for client in list(self.clients):
             if client.transport is not None:
                 client.transport.abort()
+
+
+class InFlight:
+    """Requests in flight per member, summed over every worker: least-conn
+    compares the whole balancer's load, not one worker's share of it."""
+
+    __slots__ = ("views",)
+
+    def __init__(self, views: list[memoryview]) -> None:
+        self.views = views
+
+    def __getitem__(self, member: int) -> int:
+        return sum(int(view[member]) for view in self.views)
 
 
 class Head:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from changeover.config import Topology
 from changeover.model import Admission
@@ -112,6 +113,12 @@ def sticky_route(cookies: bytes, sticky: bytes, inserted: bytes) -> bytes | None
     return found
 
 
+class Load(Protocol):
+    """In-flight requests by member index (a list will do)."""
+
+    def __getitem__(self, member: int, /) -> int: ...
+
+
 def pick(
     table: Table,
     candidates: Eligible,
@@ -120,7 +127,7 @@ def pick(
     scope: int,
     sticky: int,
     turn: int,
-    load: Sequence[int] | None = None,
+    load: Load | None = None,
     exclude: Container[int] = (),
 ) -> int:
     """The member for one request, or NO_MEMBER (answer 503).
@@ -145,9 +152,7 @@ def pick(
     return _choose(candidates.qa[scope], turn, load, exclude)
 
 
-def _choose(
-    members: tuple[int, ...], turn: int, load: Sequence[int] | None, exclude: Container[int]
-) -> int:
+def _choose(members: tuple[int, ...], turn: int, load: Load | None, exclude: Container[int]) -> int:
     n = len(members)
     if n == 0:
         return NO_MEMBER
