@@ -128,6 +128,16 @@ class HealthCheck(_Model):
     fall: int = Field(default=2, ge=1)
 
 
+class ProxyTimeouts(_Model):
+    """The embedded balancer's limits on slow peers (checked once a second)."""
+
+    header: Duration = 10.0  # a request head must arrive within this (else 408)
+    body: Duration = 60.0  # a request body may pause this long between two reads
+    idle: Duration = 60.0  # an idle keep-alive client connection is closed after this
+    connect: Duration = 5.0  # to a member; then the next member is tried
+    response: Duration = 60.0  # from the request to the response head (else 504)
+
+
 class BalancerInstance(_Model):
     """One balancer process; several instances form a group changed all-or-nothing.
 
@@ -161,6 +171,7 @@ class Balancer(_Model):
     tls_cert: str | None = None
     tls_key: str | None = None
     health: HealthCheck = HealthCheck()
+    timeouts: ProxyTimeouts = ProxyTimeouts()  # builtin only
     template_dir: str | None = None  # a site's own copies of the Jinja2 templates
     instances: list[BalancerInstance] = Field(default_factory=list)
 

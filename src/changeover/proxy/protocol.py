@@ -50,10 +50,6 @@ HEADER_LIMIT = 32 * 1024  # request line + headers; more is answered 431
 BUFFER_LIMIT = 256 * 1024  # request bytes held while no upstream is attached
 REPLAY_LIMIT = 64 * 1024  # request bytes kept to replay on a stale keep-alive connection
 IDLE_PER_MEMBER = 256  # idle keep-alive upstream connections kept per member
-HEADER_TIMEOUT = 10.0  # a request head must arrive within this
-BODY_TIMEOUT = 60.0  # a request body may pause this long between two reads
-IDLE_TIMEOUT = 60.0  # an idle keep-alive client connection is closed after this
-CONNECT_TIMEOUT = 5.0
 
 # Why client reading is paused (bits): upstream is full, request bytes are
 # buffered while connecting, or pipelined requests wait for their turn.
@@ -124,7 +120,7 @@ def error_response(status: int) -> bytes:
     )
 
 
-_ERRORS = {s: error_response(s) for s in (400, 408, 431, 502, 503)}
+_ERRORS = {s: error_response(s) for s in (400, 408, 431, 502, 503, 504)}
 
 
 class Refused(Exception):
@@ -192,6 +188,10 @@ class Worker:
         self.shared = shared
         self.inflight, self.requests, self.failures = shared.counters(index)
         self.least_conn = balancer.algorithm == "least-conn"
+        timeouts = balancer.timeouts
+        self.header_timeout, self.body_timeout = timeouts.header, timeouts.body
+        self.idle_timeout, self.connect_timeout = timeouts.idle, timeouts.connect
+        self.response_timeout = timeouts.response
         self.load = InFlight([shared.counters(w)[0] for w in range(shared.workers)])
         self.sticky = balancer.sticky_cookie.encode() + b"="
         self.inserted = balancer.route_cookie.encode() + b"="
@@ -273,7 +273,7 @@ class Worker:
         host, port = self.addresses[member]
         _, upstream = await asyncio.wait_for(
             self.loop.create_connection(partial(Upstream, self, member), host, port),
-            CONNECT_TIMEOUT,
+            self.connect_timeout,
         )
         return upstream
 
@@ -462,7 +462,7 @@ class Client(asyncio.Protocol):
         self.ip = str(peer[0]).encode() if peer else b"unknown"
         self.xf = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n" % (self.ip, self.proto)
         self.w.clients.add(self)
-        self.deadline = self.w.now + HEADER_TIMEOUT
+        self.deadline = self.w.now + self.w.header_timeout
 
     def data_received(self, data: bytes) -> None:
         if self.eof:  # after a "Connection: close" request, nothing more is read
@@ -492,7 +492,7 @@ class Client(asyncio.Protocol):
             self._refuse(reason.status if isinstance(reason, Refused) else 400)
             return
         if not self.reading_head:  # a request body is on its way
-            self.deadline = self.w.now + BODY_TIMEOUT
+            self.deadline = self.w.now + self.w.body_timeout
             return
         pos = self.pos
         if pos < 0:
@@ -508,7 +508,7 @@ class Client(asyncio.Protocol):
                     return
                 self.head_parts = [rest]
                 self.head_size = len(rest)
-                self.deadline = self.w.now + HEADER_TIMEOUT
+                self.deadline = self.w.now + self.w.header_timeout
             else:
                 self.head_parts.append(rest)
                 self.head_size += len(rest)
@@ -728,7 +728,10 @@ class Client(asyncio.Protocol):
         req = self.req
         self.req = None
         self.reading_head = True
-        self.deadline = 0.0  # the body timeout ends; the response may take its time
+        # The body timeout ends; a response head still to come is due (504 after that).
+        active = self.active
+        waiting = active is not None and not (active.upstream and active.upstream.head_sent)
+        self.deadline = self.w.now + self.w.response_timeout if waiting else 0.0
         if req is None:
             return
         if req.chunked:
@@ -847,7 +850,7 @@ class Client(asyncio.Protocol):
                 self._resume(_QUEUED)
             self._dispatch(following)
         else:
-            self.deadline = self.w.now + IDLE_TIMEOUT
+            self.deadline = self.w.now + self.w.idle_timeout
 
     def upstream_lost(self, upstream: Upstream) -> None:
         """The upstream connection closed before its response was complete."""
@@ -903,11 +906,22 @@ class Client(asyncio.Protocol):
             self.transport.resume_reading()
 
     def expire(self) -> None:
-        """Past the deadline: a slow request head gets 408, an idle connection just closes."""
+        """Past the deadline: a slow request head gets 408, a response head that did
+        not come 504; an idle connection or a stalled body just closes."""
         if self.transport is None:
             return
-        if self.reading_head and self.head_size > 0 and self.active is None:
+        req = self.active
+        if self.reading_head and self.head_size > 0 and req is None:
             self._answer(408)
+        elif req is not None and self.req is None and not (req.upstream and req.upstream.head_sent):
+            upstream = req.upstream
+            self._settle(req, served=False)
+            self.active = None
+            if upstream is not None:  # it may still answer: that connection is done for
+                upstream.client = None
+                if upstream.transport is not None:
+                    upstream.transport.close()
+            self._answer(504)
         else:
             self.transport.close()
 
@@ -1185,12 +1199,18 @@ class Upstream(asyncio.Protocol):
                     return
         self._unusual_head(req, buf, start, end, line_end, status, block)
 
+    def _head_sent(self) -> None:
+        """The final response head is on its way: the response timeout is met."""
+        self.head_sent = True
+        if self.client is not None:
+            self.client.deadline = 0.0
+
     def _plain_head(self, req: Request, buf: bytes, start: int, end: int, length: int) -> None:
         """A keep-alive HTTP/1.1 response with a Content-Length and nothing to remove."""
         self.framing = _LENGTH_FRAMED
         self.left = length
         self.keep = True
-        self.head_sent = True
+        self._head_sent()
         if req.cookie is None:  # relayed as received, from the status line on
             self.raw_from = start
         else:  # inserted before the blank line, which goes with the body
@@ -1308,7 +1328,7 @@ class Upstream(asyncio.Protocol):
             self.raw_from = end - 2
         else:  # relayed as received, from the status line on
             self.raw_from = start
-        self.head_sent = True
+        self._head_sent()
         if dechunk:
             self.dechunk = Dechunk()
         if req.head_only:
