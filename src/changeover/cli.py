@@ -394,7 +394,8 @@ def release(
 @app.command()
 def rollback(config: ConfigOpt = Path(DEFAULT_CONFIG), json_out: JsonOpt = False) -> None:
     """Go back to the previous version: an instant flip to the clusters a bluegreen
-    release kept on it (within policy.keep_previous), else a release of it."""
+    release kept on it (within policy.keep_previous), else a release of it. After a
+    release that failed or was aborted: back to the version that one replaced."""
     topo = _load(config)
     console = err if json_out else out
     release_id, state = _run(run_engine(topo, lambda e: e.begin_rollback(), console))

@@ -143,8 +143,10 @@ class Engine:
     async def begin_rollback(self) -> int:
         """Back to the version before the last finished release: an instant flip
         to the clusters a bluegreen release kept on it, within `keep_previous`;
-        otherwise a release of that version through the same safe steps. A release
-        that failed or was interrupted is superseded: back to what it replaced."""
+        otherwise a release of that version through the same safe steps. When the
+        newest release did not finish (failed, interrupted or aborted), it is the
+        one undone: back to what it replaced, not to what the last finished one
+        replaced."""
 
         def plan(view: PoolView, last: J.ReleaseRow | None) -> tuple[str, list[Step]]:
             if pending is not None:
@@ -164,9 +166,9 @@ class Engine:
                 self.topo, last.previous_version, view, migrate=False
             )
 
-        pending = await self._j(self.journal.unfinished, self.site)
-        if pending is not None and pending.state not in (J.FAILED, J.INTERRUPTED):
-            pending = None  # still running or awaiting approval: _create refuses
+        pending = await self._j(self.journal.newest, self.site)
+        if pending is not None and pending.state not in (J.FAILED, J.INTERRUPTED, J.ABORTED):
+            pending = None  # done, or still running (then _create refuses)
         return await self._create(plan, kind="rollback", supersede=pending)
 
     async def _create(
@@ -200,7 +202,7 @@ class Engine:
                 kind,
             )
             await self._j(self.journal.set_lock_release, self.site, release_id)
-            if supersede is not None:
+            if supersede is not None and supersede.state != J.ABORTED:  # keeps why it stopped
                 await self._j(
                     self.journal.set_state,
                     supersede.id,

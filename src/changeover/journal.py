@@ -432,6 +432,14 @@ class Journal:
             ).fetchone()
         return _release_row(row) if row else None
 
+    def newest(self, site: str) -> ReleaseRow | None:
+        """The newest release of the site, whatever its state."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM releases WHERE site=? ORDER BY id DESC LIMIT 1", (site,)
+            ).fetchone()
+        return _release_row(row) if row else None
+
     def last_done(self, site: str) -> ReleaseRow | None:
         with self._lock:
             row = self._db.execute(

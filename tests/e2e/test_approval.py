@@ -13,6 +13,7 @@ import pytest
 from changeover import journal as J
 from changeover.demo.scenario import DemoOptions, DemoSite
 from changeover.runtime import open_journal
+from tests.e2e import support as S
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.slow
@@ -85,3 +86,33 @@ async def test_abort_while_awaiting_approval_stops_at_a_safe_point(site: DemoSit
     assert code == 0
     pool = json.loads(text)["pool"]
     assert {m["admission"] for m in pool if m["cluster"] == "b"} == {"live"}
+
+
+async def test_rollback_after_an_abort_returns_to_the_version_it_replaced(
+    site: DemoSite,
+) -> None:
+    """1.0 -> 2.0 finished; 2.0 -> 3.0 aborted with cluster a already on 3.0; the way
+    back is 2.0 everywhere (not 1.0, what the last finished release replaced)."""
+
+    async def approved_run(*args: str) -> None:
+        run = asyncio.create_task(cli(site, *args))
+        for step in ("approve-a", "approve-b"):
+            await awaiting(site, step)
+            code, text = await cli(site, "approve")
+            assert code == 0, text
+        code, text = await asyncio.wait_for(run, 120)
+        assert code == 0, text
+
+    await approved_run("release", "2.0")
+    aborted = asyncio.create_task(cli(site, "release", "3.0"))
+    await awaiting(site, "approve-a")
+    assert set(S.running_versions(site, "a").values()) == {"3.0"}
+    code, text = await cli(site, "abort")
+    assert code == 0, text
+    assert (await asyncio.wait_for(aborted, 60))[0] == 4
+    await approved_run("rollback")
+    assert set((await S.versions_by_member(site)).values()) == {"2.0"}
+    newest = S.newest(site)
+    assert (newest.kind, newest.version, newest.state) == ("rollback", "2.0", J.DONE)
+    aborted_row = S.releases(site)[1]
+    assert aborted_row.state == J.ABORTED and "abort" in (aborted_row.error or "")
