@@ -26,7 +26,7 @@ from changeover import __version__
 from changeover import journal as J
 from changeover.balancers.base import BalancerError
 from changeover.config import DEFAULT_CONFIG, ConfigError, Topology, load
-from changeover.database import MigrationError, Review
+from changeover.database import MigrationError, Review, migration_pins
 from changeover.database import review as review_migrations
 from changeover.engine import Engine, approval_request
 from changeover.journal import Journal, JournalError, LockHeld
@@ -294,6 +294,13 @@ def _gate(topo: Topology, version: str, allow: list[str], reason: str | None) ->
     return found
 
 
+def _pins(topo: Topology) -> dict[str, str] | None:
+    try:
+        return migration_pins(topo)
+    except (ConfigError, OSError) as exc:
+        fail(EXIT_BAD_INPUT, f"database.migrations_dir: {exc}")
+
+
 def _allowance(found: Review | None, allow: list[str], reason: str | None) -> str | None:
     """The journal's record of what --allow accepted, and why."""
     if found is None or not allow:
@@ -379,9 +386,13 @@ def release(
     topo = _load(config)
     console = err if json_out else out
     note = _allowance(_gate(topo, version, allow or [], reason), allow or [], reason)
+    pins = _pins(topo)
 
     async def begin(engine: Engine) -> int:
         release_id = await engine.begin(version)
+        if pins is not None:  # files edited before a resume are checked again
+            message = json.dumps({"files": pins, "allow": sorted(allow or [])}, sort_keys=True)
+            await asyncio.to_thread(engine.journal.add_event, release_id, J.MIGRATION_PINS, message)
         if note:
             await asyncio.to_thread(engine.journal.add_event, release_id, "allow", note)
             console.print(note, highlight=False, markup=False, soft_wrap=True)

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import os
 import re
 import sqlite3
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -71,6 +72,21 @@ def migration_files(topo: Topology) -> list[Migration]:
         raise ConfigError(f"database.migrations_dir: {folder} is not a directory")
     files = sorted(p for p in folder.glob("*.sql") if p.is_file())
     return [Migration(p.name, phase_of(p), p) for p in files]
+
+
+def migration_pins(topo: Topology) -> dict[str, str] | None:
+    """name -> sha256 of every migration file, as the release's check read them
+    (journaled, so a resume applies only what was checked); None without files."""
+    if topo.database is None or topo.database.migrations_dir is None:
+        return None
+    return {m.name: hashlib.sha256(m.path.read_bytes()).hexdigest() for m in migration_files(topo)}
+
+
+def _unchecked(files: list[Migration], pins: Mapping[str, str]) -> list[str]:
+    """The files that differ from what the release's check read: new or edited."""
+    return [
+        m.name for m in files if pins.get(m.name) != hashlib.sha256(m.path.read_bytes()).hexdigest()
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,11 +410,20 @@ async def _command(topo: Topology, template: str, version: str, phase: Phase) ->
 
 
 async def run_migrations(
-    topo: Topology, phase: Phase, version: str, note: Callable[[str], Awaitable[None]]
+    topo: Topology,
+    phase: Phase,
+    version: str,
+    note: Callable[[str], Awaitable[None]],
+    pins: Mapping[str, str] | None = None,
+    allowed: Sequence[str] = (),
 ) -> str:
     """Apply the pending migrations of `phase`; the step's detail.
 
     `note` is told about each file as soon as it is applied (the journal).
+    `pins` (name -> sha256, from `migration_pins` when the release was checked):
+    pending files that are new or edited since then (a fix before `resume`, say)
+    are checked again first; a finding whose rule the release did not allow
+    refuses them all, and nothing is applied.
     """
     db = _database(topo)
     if db.apply_command is not None:
@@ -413,8 +438,12 @@ async def run_migrations(
     try:
         await _in_thread(conn.create_table)
         done = {name for name, _, _ in await _in_thread(conn.applied)}
+        pending = [m for m in files if m.name not in done]
+        changed = await asyncio.to_thread(_unchecked, pending, pins) if pins is not None else []
+        if changed:
+            await _recheck(topo, version, changed, allowed, note)
         applied = []
-        for migration in (m for m in files if m.name not in done):
+        for migration in pending:
             started = time.monotonic()
             await _in_thread(functools.partial(_apply, conn, migration, version))
             applied.append(migration.name)
@@ -429,6 +458,28 @@ async def run_migrations(
             f" ({skipped} already applied)" if skipped else ""
         )
     return f"applied {', '.join(applied)}" + (f" ({skipped} already applied)" if skipped else "")
+
+
+async def _recheck(
+    topo: Topology,
+    version: str,
+    changed: list[str],
+    allowed: Sequence[str],
+    note: Callable[[str], Awaitable[None]],
+) -> None:
+    try:
+        found = await review(topo, version)
+    except ConfigError as exc:
+        raise MigrationError(str(exc)) from None
+    blocking = [f for f in found.blocking(allowed) if Path(f.path).name in changed]
+    if blocking:
+        raise MigrationError(
+            f"{', '.join(changed)}: new or edited since this release's migration check, "
+            "which now finds "
+            + "; ".join(f"{Path(f.path).name}:{f.line} {f.rule}" for f in blocking)
+            + ". Nothing applied: fix them and resume, or abort"
+        )
+    await note(f"checked again (new or edited since the release's check): {', '.join(changed)}")
 
 
 async def _expand_applied_by(topo: Topology, version: str) -> str:

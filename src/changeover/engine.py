@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import json
 import os
 import signal
 import socket
@@ -328,8 +329,16 @@ class Engine:
                 return await self._bake(step, self._cluster(step))
             case StepKind.MIGRATE:
                 phase: Phase = "contract" if step.phase == "contract" else "expand"
+                events = await self._j(self.journal.events, self._release_id)
+                pins = [json.loads(e.message) for e in events if e.kind == J.MIGRATION_PINS]
+                checked = pins[-1] if pins else {"files": None, "allow": []}
                 return await run_migrations(
-                    self.topo, phase, self._version, lambda note: self._emit("info", note)
+                    self.topo,
+                    phase,
+                    self._version,
+                    lambda note: self._emit("info", note),
+                    checked["files"],
+                    checked["allow"],
                 )
             case StepKind.VERIFY_LIVE:
                 row = await self._j(self.journal.release, self._release_id)

@@ -91,6 +91,10 @@ ROLLED_BACK = "rolled-back"  # the bake failed and the engine flipped back on it
 DONE = "done"
 RESUMABLE = (RUNNING, AWAITING_APPROVAL, INTERRUPTED, FAILED)
 
+# Event kind: JSON {"files": {name: sha256}, "allow": [rule]}: the migration files
+# the release's check read, and the rules it was allowed to break.
+MIGRATION_PINS = "migration-pins"
+
 STEP_PENDING = "pending"
 STEP_RUNNING = "running"
 STEP_DONE = "done"

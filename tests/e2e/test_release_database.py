@@ -4,6 +4,7 @@ check as a gate, and the old release's live check stopping a forced release."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -110,6 +111,9 @@ async def test_expand_adding_a_nullable_column_releases_with_zero_failed_request
     assert all(s.state == J.STEP_DONE for s in steps.values())
     assert steps["migrate-expand"].detail == "applied 0002_expand_add_nickname.sql"
     assert steps["migrate-contract"].detail == "no pending contract migrations"
+    # What the check read is journaled: a resume applies only those files, unedited.
+    (pins,) = [e.message for e in journal.events(row.id) if e.kind == J.MIGRATION_PINS]
+    assert "0002_expand_add_nickname.sql" in json.loads(pins)["files"]
     async with aiohttp.ClientSession() as http, http.get(site.public_url + "/db") as resp:
         assert resp.status == 200
         assert (await resp.json())["version"] == "2.0"

@@ -305,6 +305,18 @@ async def balancer_site(
         await stop_process(site.process)
 
 
+class ConnectionCount:
+    """Counts the connections an aiohttp session opens: `trace_configs=[c.trace]`."""
+
+    def __init__(self) -> None:
+        self.opened = 0
+        self.trace = aiohttp.TraceConfig()
+        self.trace.on_connection_create_end.append(self._opened)
+
+    async def _opened(self, *_: object) -> None:
+        self.opened += 1
+
+
 async def get_json(
     session: aiohttp.ClientSession, url: str, **kwargs: Any
 ) -> tuple[int, dict[str, Any]]:

@@ -17,6 +17,7 @@ from changeover.config import Topology, parse
 from changeover.database import (
     MigrationError,
     applied_migrations,
+    migration_pins,
     review,
     run_migrations,
     sqlite_path,
@@ -119,6 +120,36 @@ async def test_running_a_phase_again_applies_nothing(tmp_path: Path, url: str) -
     again = await run_migrations(topo, "expand", "2.0", Notes())
     assert again == "no pending expand migrations (2 already applied)"
     assert query(url, "SELECT count(*) FROM users") == [(1,)]  # the INSERT ran once
+
+
+async def test_files_new_or_edited_since_the_check_are_checked_again(
+    tmp_path: Path, url: str
+) -> None:
+    """What a resume meets when someone changed the folder after `release` checked it."""
+    topo = topology(tmp_path, url, BASE)
+    pins = migration_pins(topo)
+    assert pins is not None and sorted(pins) == sorted(BASE)
+    folder = tmp_path / "migrations"
+    (folder / "0002_expand_add_email.sql").write_text("ALTER TABLE users DROP COLUMN name;\n")
+    (folder / "0002b_expand_more.sql").write_text("ALTER TABLE users ADD COLUMN age int;\n")
+    with pytest.raises(MigrationError) as refused:
+        await run_migrations(topo, "expand", "2.0", Notes(), pins)
+    assert str(refused.value).startswith(
+        "0002_expand_add_email.sql, 0002b_expand_more.sql: new or edited"
+    )
+    assert "0002_expand_add_email.sql:1 ban-drop-column" in str(refused.value)
+    assert await applied_migrations(topo) == []  # not even the unchanged 0001
+    # The release allowed those rules: the edit passes (and so does the new file).
+    allowed = ["ban-drop-column", "require-lock-timeout"]  # the second: PostgreSQL's
+    notes = Notes()
+    detail = await run_migrations(topo, "expand", "2.0", notes, pins, allowed)
+    assert detail == (
+        "applied 0001_expand_users.sql, 0002_expand_add_email.sql, 0002b_expand_more.sql"
+    )
+    assert notes.seen[0] == (
+        "checked again (new or edited since the release's check): "
+        "0002_expand_add_email.sql, 0002b_expand_more.sql"
+    )
 
 
 async def test_contract_runs_only_the_contract_files(tmp_path: Path, url: str) -> None:

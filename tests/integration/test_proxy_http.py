@@ -13,7 +13,13 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 
-from tests.integration.proxy_fixtures import FakeMember, Site, balancer_site, members
+from tests.integration.proxy_fixtures import (
+    ConnectionCount,
+    FakeMember,
+    Site,
+    balancer_site,
+    members,
+)
 
 LAYOUT = {"a": ["a1"], "b": ["b1"]}
 
@@ -43,24 +49,17 @@ async def site_of(
 
 
 async def test_client_keep_alive_and_pooled_upstream_connections(tmp_path: Path) -> None:
-    created = 0
-
-    async def on_create(*_: object) -> None:
-        nonlocal created
-        created += 1
-
-    trace = aiohttp.TraceConfig()
-    trace.on_connection_create_end.append(on_create)
+    connections = ConnectionCount()
     connector = aiohttp.TCPConnector(limit=1)
     async with (
         site_of(tmp_path) as (site, started),
-        aiohttp.ClientSession(connector=connector, trace_configs=[trace]) as client,
+        aiohttp.ClientSession(connector=connector, trace_configs=[connections.trace]) as client,
     ):
         for _ in range(100):
             async with client.get(site.public + "/plain") as r:
                 assert r.status == 200
                 await r.read()
-        assert created == 1  # one client connection for 100 requests
+        assert connections.opened == 1  # one client connection for 100 requests
         served = sum(m.served for m in started)
         upstream_connections = sum(len(m.peers) for m in started)
         assert served == 100

@@ -7,7 +7,12 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.integration.proxy_fixtures import balancer_site, get_json, members
+from tests.integration.proxy_fixtures import (
+    ConnectionCount,
+    balancer_site,
+    get_json,
+    members,
+)
 
 LAYOUT = {"a": ["a1", "a2"], "b": ["b1", "b2"]}
 
@@ -55,21 +60,14 @@ async def test_a_repeated_request_head_is_still_routed_request_by_request(
     balancer reuses what it read from the first) still takes a round-robin turn
     per request, gets the route cookie of the member that served each one, and
     its route cookie still holds it to that member."""
-    connections = 0
-
-    async def on_create(*_: object) -> None:
-        nonlocal connections
-        connections += 1
-
-    trace = aiohttp.TraceConfig()
-    trace.on_connection_create_end.append(on_create)
+    connections = ConnectionCount()
     async with (
         members(LAYOUT) as started,
         balancer_site(tmp_path, started) as site,
         aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=1),
             cookie_jar=aiohttp.DummyCookieJar(),
-            trace_configs=[trace],
+            trace_configs=[connections.trace],
         ) as client,
     ):
         served: Counter[str] = Counter()
@@ -85,7 +83,7 @@ async def test_a_repeated_request_head_is_still_routed_request_by_request(
             ) as r:
                 assert (await r.json())["member"] == "b2"
                 assert "Set-Cookie" not in r.headers
-        assert connections == 1  # every head after the first was a repeat on that connection
+        assert connections.opened == 1  # every head after the first was a repeat on that connection
 
 
 async def test_drain_keeps_sticky_users_and_sends_new_users_elsewhere(tmp_path: Path) -> None:
