@@ -1035,6 +1035,7 @@ class Upstream(asyncio.Protocol):
             len(data) == self.last_size
             and req is not None
             and req.plain
+            and not self.head_sent  # this read starts the response
             and self.head_parts is None
             and data.startswith(self.last)
             and not self.w.stopping
