@@ -6,7 +6,10 @@ Results are recorded in docs/benchmarks.md.
 import contextlib
 import os
 import platform
+import re
 from pathlib import Path
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
 
 def machine() -> str:
@@ -18,3 +21,21 @@ def machine() -> str:
                 model = line.split(":", 1)[1].strip()
                 break
     return f"{os.cpu_count()} cores ({model}), {platform.system()} {platform.release()}"
+
+
+def write_section(heading: str, body: str) -> None:
+    """Put `body` under `heading` ("## ...") in docs/benchmarks.md, in place of
+    what was there, up to the next "## " heading."""
+    text = (
+        DOCS.read_text()
+        if DOCS.exists()
+        else "# Benchmarks\n\nFigures measured by `make bench` (`python -m benchmarks`).\n"
+    )
+    section = f"{heading}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
+    else:
+        text = text.rstrip() + "\n\n" + section
+    DOCS.parent.mkdir(parents=True, exist_ok=True)
+    DOCS.write_text(text)

@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import datetime
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -38,14 +37,13 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks import machine
+from benchmarks import DOCS, machine, write_section
 from changeover.demo.scenario import DemoOptions, DemoSite
 from changeover.model import Admission
 from changeover.plan import member_admissions
 from changeover.probe import ProbeReport
 from changeover.runtime import make_balancer
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 SECTION = "## Load with flips"
 WARMUP = 5.0  # clients connect and the probe settles before the measured window
 FLAT = 1.10  # last-10-s RSS may be at most this times the first-10-s RSS
@@ -330,17 +328,6 @@ Verdict: {verdict} (zero failed requests, zero broken sessions, last-10-s RSS wi
 """  # noqa: E501
 
 
-def write_section(body: str) -> None:
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    section = f"{SECTION}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + section
-    DOCS.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     """`python -m benchmarks` calls this with no arguments."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
@@ -360,10 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
         write_section(
+            SECTION,
             f"`python -m benchmarks load_flips` ({when}) on {machine()}.\n\n"
             f"{body}\n"
             f"Failure examples: probe {result.report.failure_examples or 'none'}; "
-            f"clients {result.clients.examples or 'none'}.\n"
+            f"clients {result.clients.examples or 'none'}.\n",
         )
         print(f"written to {DOCS}")
     return 0 if result.passed else 1

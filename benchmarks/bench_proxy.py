@@ -32,13 +32,12 @@ from pathlib import Path
 import psutil
 import uvloop
 
-from benchmarks import machine
+from benchmarks import DOCS, machine, write_section
 from changeover.config import parse
 from changeover.proxy.protocol import Client, Upstream, Worker
 from changeover.proxy.routing import PUBLIC
 from changeover.proxy.state import PoolState, SharedState
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 SECTION = "## Embedded balancer"
 DURATION = "10s"
 WARMUP = "2s"
@@ -340,22 +339,6 @@ def report(results: list[Figures]) -> str:
     return "\n".join(rows)
 
 
-def write_section(body: str) -> None:
-    text = (
-        DOCS.read_text()
-        if DOCS.exists()
-        else "# Benchmarks\n\nFigures measured by `make bench` (`python -m benchmarks`).\n"
-    )
-    section = f"{SECTION}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + section
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    DOCS.write_text(text)
-
-
 def main() -> int:
     for tool in ("nginx", "haproxy", "wrk"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
@@ -393,6 +376,7 @@ def main() -> int:
     print(table)
     when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     write_section(
+        SECTION,
         f"""`python -m benchmarks proxy` ({when}) on {machine()}; {versions()}.
 
 `wrk -t2 -c50 -d{DURATION} --latency` on loopback after a {WARMUP} warm-up, each balancer
@@ -427,7 +411,7 @@ Where the time goes (cProfile, own time), repeated heads:
 Heads that differ:
 
 {fresh_profile}
-"""
+""",
     )
     print(f"written to {DOCS}")
     return 0
