@@ -354,7 +354,7 @@ class Engine:
     # --- steps ---------------------------------------------------------------------
 
     async def _preflight(self) -> str:
-        view = await self.balancer.read()
+        view = await self._read()
         known = {m.name for m in view.members}
         missing = [m.name for _, m in self.topo.members() if m.name not in known]
         if missing:
@@ -372,27 +372,35 @@ class Engine:
             await self._require_checks_passed(step.promote)
             await self._wait_balancer_healthy(step.promote)
         desired = member_admissions(self.topo, step.admissions)
-        last_error: Exception | None = None
+
+        async def change() -> PoolView:
+            refusal = admit_refusal(self.topo, await self.balancer.read(), step.admissions)
+            if refusal:
+                raise PlanRefused(refusal)
+            return await self.balancer.apply(desired)
+
+        view = await self._retrying(change, "change", "take the change")
+        return _admissions_summary(self.topo, view)
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]], what: str, verb: str) -> T:
+        """A balancer call, retried with backoff (0.5 s, 1 s, 2 s) while the balancer
+        refuses or cannot be reached; then the step fails with the last error."""
         for attempt in range(APPLY_ATTEMPTS):
             try:
-                view = await self.balancer.read()
-                refusal = admit_refusal(self.topo, view, step.admissions)
-                if refusal:
-                    raise PlanRefused(refusal)
-                view = await self.balancer.apply(desired)
-                return _admissions_summary(self.topo, view)
+                return await call()
             except BalancerError as exc:
-                last_error = exc
-                if attempt + 1 < APPLY_ATTEMPTS:
-                    delay = APPLY_BACKOFF * 2**attempt
-                    await self._emit(
-                        "warn", f"balancer change failed ({exc}); retrying in {delay:g}s"
-                    )
-                    await self._wait(delay)
-                    await self._check_stop()
-        raise StepFailed(
-            f"the balancer did not take the change after {APPLY_ATTEMPTS} attempts: {last_error}"
-        )
+                if attempt + 1 == APPLY_ATTEMPTS:
+                    raise StepFailed(
+                        f"the balancer did not {verb} after {APPLY_ATTEMPTS} attempts: {exc}"
+                    ) from exc
+                delay = APPLY_BACKOFF * 2**attempt
+                await self._emit("warn", f"balancer {what} failed ({exc}); retrying in {delay:g}s")
+                await self._wait(delay)
+                await self._check_stop()
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _read(self) -> PoolView:
+        return await self._retrying(self.balancer.read, "read", "answer a read")
 
     async def _require_checks_passed(self, cluster: str) -> None:
         """Never swap to a cluster that failed (or skipped) any check of this release."""
@@ -407,7 +415,7 @@ class Engine:
     async def _wait_balancer_healthy(self, cluster: str) -> None:
         deadline = time.monotonic() + self.topo.policy.health_timeout
         while True:
-            view = await self.balancer.read()
+            view = await self._read()
             sick = [m.name for m in view.in_cluster(cluster) if not m.healthy]
             if not sick:
                 return
@@ -423,7 +431,7 @@ class Engine:
         last_total = -1
         view: PoolView | None = None
         while True:
-            view = await self.balancer.read()
+            view = await self._read()
             active = view.active_in(cluster.name)
             total = sum(m.requests for m in view.in_cluster(cluster.name))
             now = time.monotonic()
@@ -560,7 +568,7 @@ class Engine:
 
     async def _bake(self, step: Step, cluster: Cluster) -> str:
         policy = self.topo.policy
-        first = await self.balancer.read()
+        first = await self._read()
         base_requests = sum(m.requests for m in first.in_cluster(cluster.name))
         base_errors = sum(m.errors for m in first.in_cluster(cluster.name))
         deadline = time.monotonic() + policy.bake
@@ -568,7 +576,7 @@ class Engine:
         while problem is None and time.monotonic() < deadline:
             await self._check_stop()
             await self._wait(min(1.0, policy.bake / 5))
-            view = await self.balancer.read()
+            view = await self._read()
             problem = bake_problem(
                 view, cluster.name, base_requests, base_errors, policy.max_error_ratio
             )
@@ -582,10 +590,11 @@ class Engine:
         if not (policy.auto_rollback and step.admissions):
             raise StepFailed(problem)
         # Flip back while the previous clusters still run the old release.
-        refusal = admit_refusal(self.topo, await self.balancer.read(), step.admissions)
+        refusal = admit_refusal(self.topo, await self._read(), step.admissions)
         if refusal:
             raise StepFailed(f"{problem}; automatic rollback refused: {refusal}")
-        await self.balancer.apply(member_admissions(self.topo, step.admissions))
+        desired = member_admissions(self.topo, step.admissions)
+        await self._retrying(lambda: self.balancer.apply(desired), "change", "take the flip back")
         back = ", ".join(c for c, a in step.admissions.items() if a is Admission.LIVE)
         raise RolledBack(
             f"{problem}; flipped back: {back} live on the previous release, {cluster.name} out"

@@ -195,10 +195,14 @@ async def test_failing_smoke_check_means_no_swap(site: DemoSite, clean: str) -> 
 
 class FlakyAdmin:
     """An HTTP forwarder in front of the balancer's admin API that the test can
-    make unreachable (connections dropped) for a while from the first change on."""
+    make unreachable (connections dropped) for a while from the first change on,
+    or (`after_change`) from the second read after the first change (the first is
+    the change's own read-back: the second is the next step's)."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, after_change: bool = False) -> None:
         self.target = target
+        self.after_change = after_change
+        self.reads_after_change = -1  # counting once a change went through
         self.outage = 0.0
         self.down_until: float | None = None
         self.dropped = 0
@@ -207,8 +211,13 @@ class FlakyAdmin:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         now = asyncio.get_running_loop().time()
-        if self.down_until is None and request.method == "POST" and self.outage:
-            self.down_until = now + self.outage  # the outage starts with the first change
+        if request.method == "POST" and self.reads_after_change < 0:
+            self.reads_after_change = 0
+        elif request.method == "GET" and self.reads_after_change >= 0:
+            self.reads_after_change += 1
+        after = self.reads_after_change >= 2 if self.after_change else request.method == "POST"
+        if self.down_until is None and after and self.outage:
+            self.down_until = now + self.outage
         if self.down_until is not None and now < self.down_until:
             self.dropped += 1
             assert request.transport is not None
@@ -312,6 +321,32 @@ async def test_balancer_unreachable_for_a_while(
         assert await S.all_live(site)  # nothing was changed
         resumed = await S.cli(site, "resume")
         assert resumed.code == 0, resumed.output
+
+    report = await under_probe(site, scenario)
+    assert_clean(report)
+    assert set((await S.versions_by_member(site)).values()) == {version}
+
+
+async def test_balancer_reads_failing_for_a_while_are_retried(site: DemoSite, clean: str) -> None:
+    """The admin API drops connections for 1.2 s from the first read after the first
+    drain (the drain wait's reads): the release rides it out with retries."""
+    version = new_version()
+    flaky = FlakyAdmin(site.admin_url, after_change=True)
+    via_flaky = variant(
+        site,
+        "flaky-reads",
+        {},
+        f'\n[[balancer.instances]]\nname = "lb1"\nadmin_url = "{flaky.url}"\n',
+    )
+    flaky.outage = 1.2
+
+    async def scenario() -> None:
+        async with flaky.running():
+            run = await S.cli(site, "release", version, config=via_flaky)
+        assert flaky.dropped >= 1
+        assert run.code == 0, run.output
+        warnings = retry_warnings(site, S.newest(site).id)
+        assert warnings and all(w.startswith("balancer read failed") for w in warnings), warnings
 
     report = await under_probe(site, scenario)
     assert_clean(report)
