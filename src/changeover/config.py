@@ -152,6 +152,9 @@ class BalancerInstance(_Model):
     reload_command: list[str] | None = None  # e.g. ["nginx", "-s", "reload", "-c", "..."]
     manager_url: str | None = None  # apache: balancer-manager URL
     state_file: str | None = None  # haproxy server-state-file / builtin admissions
+    # nginx: the cluster admission flag files (absolute); default run_dir/state,
+    # else /var/lib/changeover/nginx. nginx's workers must be able to reach it.
+    state_dir: str | None = None
     # Private directory for the instance's pid, logs and sockets (relative to the
     # config file); default: the distribution's standard locations.
     run_dir: str | None = None

@@ -25,6 +25,7 @@ import shlex
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -105,6 +106,14 @@ def site_data(
     }
 
 
+def searchable_dir(prefix: str) -> Path:
+    """A new directory nginx's workers (user nobody) can search: pytest's own
+    temporary directories are private to root. `stop_balancer` removes it."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    return path
+
+
 def instance_for(product: str, run_dir: Path, name: str = "lb1") -> dict[str, Any]:
     """A BalancerInstance (as TOML) whose every file lives in `run_dir`."""
     config = run_dir / f"{product}.conf"
@@ -119,6 +128,7 @@ def instance_for(product: str, run_dir: Path, name: str = "lb1") -> dict[str, An
         }
     elif product == "nginx":
         data |= {
+            "state_dir": str(searchable_dir("changeover-nginx-state-")),
             "check_command": ["nginx", "-t", "-q", "-p", str(run_dir), "-c", "{config}"],
             "reload_command": ["nginx", "-s", "reload", "-p", str(run_dir), "-c", "{config}"],
         }
@@ -205,6 +215,9 @@ async def stop_balancer(real: RealBalancer) -> None:
         except TimeoutError:
             real.proc.kill()
             await real.proc.wait()
+    state_dir = real.driver.instance.state_dir
+    if state_dir and Path(state_dir).parent == Path(tempfile.gettempdir()):  # searchable_dir's
+        await asyncio.to_thread(shutil.rmtree, state_dir, True)
 
 
 @contextlib.asynccontextmanager

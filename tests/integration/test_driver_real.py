@@ -4,6 +4,8 @@ config, a group whose second instance fails, apply/read round trips."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,12 +16,14 @@ import pytest
 from changeover.balancers.base import BalancerError
 from changeover.balancers.group import BalancerGroup
 from changeover.balancers.render import RenderOptions
+from changeover.config import BalancerInstance
 from changeover.model import Admission
 from tests.integration.realbalancers import (
     PRODUCTS,
     Members,
     RealBalancer,
     broken_templates,
+    instance_for,
     need,
     parse_site,
     running_balancer,
@@ -214,3 +218,66 @@ async def test_apply_read_round_trip_and_reload_keeps_admissions(
     assert "b3" not in await members_seen(http, real.url, n=36)
     with pytest.raises(BalancerError, match="no such member"):
         await real.driver.apply({"zz9": OUT})
+
+
+@pytest.fixture
+def nginx() -> str:
+    need("nginx")
+    return "nginx"
+
+
+async def test_nginx_flips_clusters_without_closing_client_connections(
+    nginx: str, tmp_path: Path
+) -> None:
+    """A reload closes idle keep-alive connections (a request sent at that instant
+    is reset); cluster flips must not reload, so one client connection lives on."""
+    data = site_data(nginx)
+    topology = parse_site(data, tmp_path)
+    opened: list[object] = []
+
+    async def on_open(*_: object) -> None:
+        opened.append(_)
+
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_create_end.append(on_open)
+    async with (
+        running_members(topology, logs=tmp_path),
+        running_balancer(nginx, topology, tmp_path / "lb1") as real,
+        aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=1), trace_configs=[trace]
+        ) as client,
+    ):
+        for a_admission, clusters in ((OUT, {"b"}), (LIVE, {"a", "b"}), (DRAINING, {"b"})):
+            await real.driver.apply(cluster(a_admission, "a"))
+            assert {m[0] for m in await members_seen(client, real.url, n=24)} == clusters
+        assert (await real.driver.read()).admissions() == cluster(DRAINING, "a") | cluster(
+            LIVE, "b"
+        )
+        state_dir = str(real.driver.instance.state_dir)
+        assert await asyncio.to_thread(os.listdir, state_dir) == ["a.no-new"]
+    assert len(opened) == 1
+
+
+async def test_nginx_admission_files_it_cannot_see_are_an_error_and_undone(
+    nginx: str, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    data = site_data(nginx)
+    topology = parse_site(data, tmp_path)
+    hidden = tmp_path / "hidden"
+    hidden.mkdir(mode=0o000)  # nginx's workers cannot search it
+    settings = instance_for(nginx, tmp_path / "lb1") | {"state_dir": str(hidden / "state")}
+    instance = BalancerInstance.model_validate(settings)
+    try:
+        async with (
+            running_members(topology, logs=tmp_path),
+            running_balancer(nginx, topology, tmp_path / "lb1", instance=instance) as real,
+        ):
+            with pytest.raises(BalancerError, match="admission files") as info:
+                await real.driver.apply(cluster(OUT, "a"))
+            assert str(hidden / "state") in str(info.value)
+            hidden.chmod(0o755)
+            # Nothing left behind to take effect once nginx can see the directory.
+            assert list((hidden / "state").glob("*")) == []
+            assert {m[0] for m in await members_seen(http, real.url, n=36)} == {"a", "b"}
+    finally:
+        hidden.chmod(0o755)

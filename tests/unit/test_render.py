@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from changeover.balancers.render import RenderError, RenderOptions, render
-from changeover.config import Topology, parse
+from changeover.config import BalancerInstance, Topology, parse
 from changeover.model import Admission
 from tests.integration.realbalancers import PRODUCTS, need
 
@@ -112,15 +112,43 @@ def test_apache_status_flags_and_manager_on_loopback() -> None:
 
 def test_nginx_drain_is_a_route_map_and_out_is_nothing() -> None:
     text = render(topology(route="default"), "nginx", MIXED)
-    live_map = text.split("map $changeover_route $changeover_live {", 1)[1].split("}", 1)[0]
+    sticky = text.split("map $changeover_route $changeover_sticky_pool {", 1)[1].split("}", 1)[0]
     # "default" is a map keyword: the route is escaped.
-    assert "\\default live_a1;  # draining" in live_map
-    assert "a2" not in live_map  # OUT: its sticky users go to the live pool
-    live = text.split("upstream live {", 1)[1].split("}", 1)[0]
-    assert "127.0.0.1:9101 max_fails=2 fail_timeout=1s down;  # a1 draining" in live
-    assert "127.0.0.1:9103 max_fails=2 fail_timeout=1s;  # a3 live" in live
-    assert "upstream live_a2" not in text and "upstream qa_a2" in text
+    assert "\\default sticky_a1;  # draining" in sticky
+    assert "a2" not in sticky  # OUT: its sticky users go to the live pool
+    # A sticky route is honoured while its cluster (index 0: a) is not flagged OUT.
+    ok = text.split("map $changeover_route $changeover_sticky_ok {", 1)[1].split("}", 1)[0]
+    assert "\\default $changeover_sticky_0;" in ok and "b1 $changeover_sticky_1;" in ok
+    both = text.split("upstream new_11 {", 1)[1].split("}", 1)[0]
+    assert "127.0.0.1:9101 max_fails=2 fail_timeout=1s down;  # a1 draining" in both
+    assert "127.0.0.1:9103 max_fails=2 fail_timeout=1s;  # a3 live" in both
+    assert "9111" not in text.split("upstream new_10 {", 1)[1].split("}", 1)[0]
+    assert "upstream sticky_a2" not in text and "upstream qa_a2" in text
     assert '"admissions":{"a1":"draining","a2":"out","a3":"live","b1":"live"}' in text
+
+
+def test_nginx_reads_cluster_flags_on_every_request() -> None:
+    text = render(topology(), "nginx", options=RenderOptions(run_dir=Path("/srv/lb")))
+    public = text.split("default_server", 1)[1].split("location /", 1)[0]
+    assert "open_file_cache off;" in public
+    assert "if (-f /srv/lb/state/a.no-new) {\n            set $changeover_new_0 0;" in public
+    assert "if (-f /srv/lb/state/b.out) {\n            set $changeover_sticky_1 0;" in public
+    assert "set $changeover_pool new_${changeover_new_0}${changeover_new_1};" in public
+    assert '"clusters":{"a":{"new":$changeover_new_0,"sticky":$changeover_sticky_0}' in text
+    # An instance's own state_dir wins; one nginx cannot read unquoted is refused.
+    own = RenderOptions(instance=BalancerInstance(state_dir="/var/lib/lb-x"))
+    assert "if (-f /var/lib/lb-x/a.out)" in render(topology(), "nginx", options=own)
+    bad = RenderOptions(instance=BalancerInstance(state_dir="/var/lib/$lb"))
+    with pytest.raises(RenderError, match="state_dir must be an absolute path"):
+        render(topology(), "nginx", options=bad)
+
+
+def test_nginx_refuses_more_clusters_than_it_renders_pools_for() -> None:
+    clusters = [
+        {"name": f"c{i}", "members": [{"name": f"m{i}", "port": 9200 + i}]} for i in range(7)
+    ]
+    with pytest.raises(RenderError, match="at most 6 clusters"):
+        render(parse({"clusters": clusters}, Path("/x/changeover.toml")), "nginx")
 
 
 def test_refusals_name_the_reason() -> None:

@@ -185,7 +185,7 @@ class ApacheBalancer(ConfiguredBalancer):
                 return int(line.split(":", 1)[1])
         raise BalancerError(f"{self.name}: server-status shows no ParentServerConfigGeneration")
 
-    async def _reload(self) -> None:
+    async def _reload(self, admissions: Mapping[str, Admission]) -> None:
         # A graceful restart re-reads the config (with its status flags); it has
         # happened when the parent's config generation moves on.
         before = await self._generation()

@@ -168,7 +168,7 @@ class HAProxyBalancer(ConfiguredBalancer):
                 return line.split(":", 1)[1].strip()
         raise BalancerError(f"{self.name}: 'show info' did not show the worker's Pid")
 
-    async def _reload(self) -> None:
+    async def _reload(self, admissions: Mapping[str, Admission]) -> None:
         # Management Guide, "server-state-file": save the running state just before
         # the reload; the new process loads it (load-server-state-from-file).
         saved = await self.command("show servers state")

@@ -1,25 +1,128 @@
-"""nginx (open source, 1.18 or later) through its rendered config and reloads.
+"""nginx (open source, 1.18 or later): a rendered config, and flag files for
+the clusters' admissions.
 
-Open-source nginx has no runtime API: every admission change is a new rendered
-config, `nginx -t`, `nginx -s reload` (new workers take new connections, old
-ones finish their requests). The config answers for itself on the control
-listener: /changeover/state returns the admissions it was rendered with, so a
-reload that the master refused (a port it cannot bind, say) is detected.
+Open-source nginx has no runtime API, and a reload closes every idle client
+keep-alive connection at once: a request sent on one at that instant is reset
+(this project's release test saw it). So a release's flips do not reload: per
+cluster, two flag files in the state directory, which the rendered config
+checks on every request (`if (-f ...)`, one stat each):
+
+    <cluster>.no-new   no new sessions            (DRAINING)
+    <cluster>.out      no sticky sessions either  (OUT; always with .no-new)
+
+A member's admission is the narrower of its cluster's flags and the admission
+rendered for it in the config. What the flags cannot say (members of one
+cluster with different admissions) is rendered: a new file, `nginx -t`, a
+reload. The control listener answers /changeover/state with both parts as the
+running workers see them, so a change that did not take effect is detected.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 
 from changeover.balancers.base import BalancerError
-from changeover.balancers.process import ConfiguredBalancer, converge
+from changeover.balancers.process import ConfiguredBalancer, ordered_changes
 from changeover.balancers.render import runtime_paths
 from changeover.model import Admission, MemberState, PoolView
+
+_WIDTH = {Admission.OUT: 0, Admission.DRAINING: 1, Admission.LIVE: 2}
+# The flag files of each cluster admission: (.no-new present, .out present).
+_FLAGS = {
+    Admission.LIVE: (False, False),
+    Admission.DRAINING: (True, False),
+    Admission.OUT: (True, True),
+}
+
+
+def narrower(a: Admission, b: Admission) -> Admission:
+    return min(a, b, key=_WIDTH.__getitem__)
+
+
+def cluster_flags(
+    target: Mapping[str, Admission],
+    rendered: Mapping[str, Admission],
+    cluster_of: Mapping[str, str],
+) -> dict[str, Admission] | None:
+    """Each cluster's flag admission that narrows `rendered` to exactly `target`;
+    None when only a new rendering can (members of one cluster needing
+    admissions their rendered ones cannot be narrowed to in one step)."""
+    members: dict[str, list[str]] = {}
+    for name, cluster in cluster_of.items():
+        members.setdefault(cluster, []).append(name)
+    flags = {}
+    for cluster, names in members.items():
+        # If any admission works, the widest one wanted does.
+        flag = max((target[n] for n in names), key=_WIDTH.__getitem__)
+        if any(narrower(flag, rendered[n]) is not target[n] for n in names):
+            return None
+        flags[cluster] = flag
+    return flags
+
+
+def canonical(
+    target: Mapping[str, Admission], cluster_of: Mapping[str, str]
+) -> tuple[dict[str, Admission], dict[str, Admission]]:
+    """(rendered, flags) for `target` that leave the most to the flags: a cluster
+    whose members all share one admission is rendered LIVE and flagged; the
+    members of any other cluster are rendered as they are, their cluster LIVE."""
+    admissions: dict[str, set[Admission]] = {}
+    for name, cluster in cluster_of.items():
+        admissions.setdefault(cluster, set()).add(target[name])
+    flags = {c: next(iter(a)) if len(a) == 1 else Admission.LIVE for c, a in admissions.items()}
+    rendered = {
+        name: Admission.LIVE if len(admissions[cluster_of[name]]) == 1 else target[name]
+        for name in target
+    }
+    return rendered, flags
+
+
+def flag_admission(cluster: str, new: int, sticky: int) -> Admission:
+    """A cluster's admission from what nginx read: new sessions, sticky sessions."""
+    for admission, (no_new, out) in _FLAGS.items():
+        if (not new, not sticky) == (no_new, out):
+            return admission
+    raise BalancerError(
+        f"cluster {cluster} has '{cluster}.out' without '{cluster}.no-new' (sticky users "
+        f"moved away, new ones still sent there): remove the first or add the second"
+    )
+
+
+def write_flags(state_dir: Path, changes: list[tuple[str, Admission]]) -> None:
+    """Create and remove flag files, each step atomic, in an order that never
+    leaves a cluster taking new sessions but refusing their sticky requests."""
+    state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    for cluster, admission in changes:
+        no_new, out = _FLAGS[admission]
+        steps = [(f"{cluster}.no-new", no_new), (f"{cluster}.out", out)]
+        # Narrowing: .no-new first; widening: .out goes first.
+        for name, present in steps if no_new else reversed(steps):
+            path = state_dir / name
+            if present:
+                path.touch(mode=0o644)
+            else:
+                path.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True, slots=True)
+class NginxState:
+    """What the running workers answer on /changeover/state."""
+
+    rendered: dict[str, Admission]  # per member, from the loaded config
+    flags: dict[str, Admission]  # per cluster, from the flag files
+
+    def admissions(self, cluster_of: Mapping[str, str]) -> dict[str, Admission]:
+        return {
+            name: narrower(admission, self.flags.get(cluster_of[name], Admission.LIVE))
+            for name, admission in self.rendered.items()
+        }
 
 
 class NginxBalancer(ConfiguredBalancer):
@@ -30,12 +133,17 @@ class NginxBalancer(ConfiguredBalancer):
 
     _session: aiohttp.ClientSession | None = None
     _health_session: aiohttp.ClientSession | None = None
+    _loaded: NginxState | None = None  # as last read
 
     @property
     def control_url(self) -> str:
         if self.instance.admin_url:
             return self.instance.admin_url.rstrip("/")
         return self.topology.balancer.admin_listen.url()
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(runtime_paths("nginx", self.options)["state_dir"])
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -63,16 +171,24 @@ class NginxBalancer(ConfiguredBalancer):
                 await session.close()
         self._session = self._health_session = None
 
-    async def _state(self) -> dict[str, Admission]:
+    async def _state(self) -> NginxState:
         url = f"{self.control_url}/changeover/state"
         try:
             async with self._client().get(url) as resp:
                 if resp.status != 200:
                     raise BalancerError(f"{self.name}: GET {url}: HTTP {resp.status}")
                 data = json.loads(await resp.text())
-            return {name: Admission(adm) for name, adm in data["admissions"].items()}
-        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
+            state = NginxState(
+                rendered={name: Admission(adm) for name, adm in data["admissions"].items()},
+                flags={
+                    cluster: flag_admission(cluster, seen["new"], seen["sticky"])
+                    for cluster, seen in data["clusters"].items()
+                },
+            )
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
             raise BalancerError(f"{self.name}: cannot read nginx state at {url}: {exc!r}") from None
+        self._loaded = state
+        return state
 
     async def _healthy(self, member: str) -> bool:
         """nginx's own view: can it reach the member's health URL right now?"""
@@ -84,7 +200,8 @@ class NginxBalancer(ConfiguredBalancer):
         except (aiohttp.ClientError, TimeoutError):
             return False
 
-    def _view(self, admissions: Mapping[str, Admission], health: Mapping[str, bool]) -> PoolView:
+    def _view(self, state: NginxState, health: Mapping[str, bool]) -> PoolView:
+        admissions = state.admissions(self._cluster_of)
         return PoolView(
             tuple(
                 MemberState(
@@ -101,28 +218,86 @@ class NginxBalancer(ConfiguredBalancer):
 
     async def read(self) -> PoolView:
         names = [m.name for _, m in self.topology.members()]
-        admissions, *health = await asyncio.gather(
+        state, *health = await asyncio.gather(
             self._state(), *(self._healthy(name) for name in names)
         )
-        return self._view(admissions, dict(zip(names, health, strict=True)))  # type: ignore[arg-type]
+        return self._view(state, dict(zip(names, health, strict=True)))  # type: ignore[arg-type]
 
     async def _read_admissions(self) -> PoolView:
         return self._view(await self._state(), {})
 
+    def _file_admissions(self, target: Mapping[str, Admission]) -> Mapping[str, Admission]:
+        # What the flags can express keeps the loaded rendering: no reload.
+        loaded = self._loaded
+        if loaded is None or cluster_flags(target, loaded.rendered, self._cluster_of) is None:
+            return target
+        return loaded.rendered
+
     async def _enact(self, current: PoolView, target: Mapping[str, Admission]) -> None:
-        if current.admissions() != dict(target):
-            await self._reload_to(target)
+        state = await self._state()
+        flags = cluster_flags(target, state.rendered, self._cluster_of)
+        if flags is not None:
+            await self._set_flags(state.flags, flags)
+            return
+        # Only reloads reach `target`. After each step nginx serves exactly the old
+        # admissions or exactly the new ones: the old ones rendered and the flags
+        # lifted; `target` rendered (one reload changes every member at once); its
+        # cluster-wide part moved back into the flags, so later flips need no reload.
+        lifted = dict.fromkeys(state.flags, Admission.LIVE)
+        await self._rendered_with(state.admissions(self._cluster_of))
+        await self._set_flags(state.flags, lifted)
+        await self._rendered_with(target)
+        rendered, flags = canonical(target, self._cluster_of)
+        await self._set_flags(lifted, flags)
+        await self._rendered_with(rendered)
 
-    async def _reload(self) -> None:
-        await self._reload_to(await self._state())
+    async def _rendered_with(self, admissions: Mapping[str, Admission]) -> None:
+        if self._loaded is None or self._loaded.rendered != dict(admissions):
+            await self.config.install(self.render(admissions))
+            await self._reload(admissions)
 
-    async def _reload_to(self, target: Mapping[str, Admission]) -> None:
+    async def _set_flags(
+        self, before: Mapping[str, Admission], after: Mapping[str, Admission]
+    ) -> None:
+        changes = ordered_changes(before, after)
+        if not changes:
+            return
+        try:
+            await asyncio.to_thread(write_flags, self.state_dir, changes)
+        except OSError as exc:
+            raise BalancerError(
+                f"{self.name}: cannot write nginx's admission files in {self.state_dir}: {exc}"
+            ) from None
+        try:
+            await self._until(lambda state: state.flags == dict(after), "read the new files")
+        except BalancerError as exc:
+            # Files nginx cannot see must not take effect later, when it can.
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(write_flags, self.state_dir, ordered_changes(after, before))
+            raise BalancerError(
+                f"{exc}\nnginx does not see the admission files in {self.state_dir}: its worker "
+                f"processes must be able to search every directory of that path.\n"
+                f"nginx error log says: {await self._log_tail()}"
+            ) from None
+
+    async def _reload(self, admissions: Mapping[str, Admission]) -> None:
         await self.config.reload()
         try:
-            await converge(self._read_admissions, target, timeout=self.timeout, what=self.name)
+            await self._until(
+                lambda state: state.rendered == dict(admissions), "load the new config"
+            )
         except BalancerError as exc:
             # The master logs why it kept the old configuration.
             raise BalancerError(f"{exc}\nnginx error log says: {await self._log_tail()}") from None
+
+    async def _until(self, done: Callable[[NginxState], bool], what: str) -> None:
+        """Read the state on fresh connections (current workers) until `done`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        while not done(await self._state()):
+            if loop.time() > deadline:
+                raise BalancerError(f"{self.name}: nginx did not {what} within {self.timeout:g}s")
+            await asyncio.sleep(0.05)
 
     async def _log_tail(self, lines: int = 5) -> str:
         path = Path(runtime_paths("nginx", self.options)["error_log"])

@@ -261,7 +261,7 @@ class ConfiguredBalancer(ABC):
         async with self._lock:
             current = await self.read()
             target = self._target(current, desired)
-            previous = await self.config.install(self.render(target))
+            previous = await self.config.install(self.render(self._file_admissions(target)))
             try:
                 await self._enact(current, target)
                 return await converge(self.read, target, timeout=self.timeout, what=self.name)
@@ -289,15 +289,21 @@ class ConfiguredBalancer(ABC):
             admissions = current.admissions()
             previous = await self.config.install(self.render(admissions))
             try:
-                await self._reload()
+                await self._reload(admissions)
                 return await converge(self.read, admissions, timeout=self.timeout, what=self.name)
             except Exception:
                 await self.config.restore(previous)
                 raise
 
-    async def _reload(self) -> None:
-        """Reload the product and return once the new configuration serves."""
+    async def _reload(self, admissions: Mapping[str, Admission]) -> None:
+        """Reload the product and return once the new configuration, rendered with
+        `admissions`, serves."""
         await self.config.reload()
+
+    def _file_admissions(self, target: Mapping[str, Admission]) -> Mapping[str, Admission]:
+        """The admissions to render into the file for `target`: all of them, unless
+        the driver keeps some outside the file (nginx's cluster flags)."""
+        return target
 
     def cluster_of(self, member: str) -> str:
         return self._cluster_of[member]

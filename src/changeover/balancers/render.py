@@ -10,6 +10,7 @@ with the product's own checker before installing it.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -45,6 +46,8 @@ _SYSTEM_PATHS: dict[Product, dict[str, str]] = {
         "pid_file": "/run/nginx.pid",
         "error_log": "/var/log/nginx/error.log",
         "temp_dir": "/var/lib/nginx",
+        # Cluster admission flag files, read by the workers on every request.
+        "state_dir": "/var/lib/changeover/nginx",
     },
 }
 
@@ -56,10 +59,15 @@ _PRIVATE_NAMES: dict[str, str] = {
     "runtime_dir": ".",
     "error_log": "error.log",
     "temp_dir": "tmp",
+    "state_dir": "state",
 }
 
 
 _NGINX_MAP_WORDS = frozenset({"default", "hostnames", "include", "volatile"})
+# nginx renders one new-session upstream per combination of clusters (2^k - 1).
+NGINX_MAX_CLUSTERS = 6
+# A path nginx reads as one plain word: no quoting, no "$" variables.
+_NGINX_PATH = re.compile(r"/[A-Za-z0-9._/+-]*")
 
 
 class RenderError(ValueError):
@@ -95,6 +103,8 @@ def runtime_paths(product: Product, options: RenderOptions) -> dict[str, str]:
             paths["stats_socket"] = instance.stats_socket
         if instance.state_file:
             paths["state_file"] = instance.state_file
+    if product == "nginx" and instance is not None and instance.state_dir:
+        paths["state_dir"] = instance.state_dir
     return paths
 
 
@@ -117,6 +127,23 @@ class ClusterContext:
     qa_host: str | None
     qa_port: int | None
     members: tuple[MemberContext, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PoolContext:
+    """nginx: the new-session upstream of one combination of clusters."""
+
+    mask: str  # one digit per cluster, in file order: 1 = its members are in
+    members: tuple[MemberContext, ...]
+
+
+def _new_pools(clusters: tuple[ClusterContext, ...]) -> tuple[PoolContext, ...]:
+    pools = []
+    for bits in itertools.product("01", repeat=len(clusters)):
+        if "1" in bits:
+            chosen = (c for c, bit in zip(clusters, bits, strict=True) if bit == "1")
+            pools.append(PoolContext("".join(bits), tuple(m for c in chosen for m in c.members)))
+    return tuple(pools)
 
 
 def _address(host: str, port: int) -> str:
@@ -203,6 +230,8 @@ def _context(
         "live": tuple(m for m in members if m.admission == Admission.LIVE.value),
         "paths": paths,
         "run_dir": str(options.run_dir.resolve()) if options.run_dir else None,
+        "state_dir": paths.get("state_dir"),
+        "new_pools": _new_pools(clusters) if product == "nginx" else (),
         "fingerprint": admissions_fingerprint(admissions),
         "admissions_json": json.dumps(
             {m.name: m.admission for m in members}, separators=(",", ":")
@@ -219,6 +248,18 @@ def _check(topology: Topology, product: Product, options: RenderOptions) -> None
             f"nginx reads the sticky cookie as $cookie_{lb.sticky_cookie}, which only "
             "works for names of letters, digits and underscores"
         )
+    if product == "nginx" and len(topology.clusters) > NGINX_MAX_CLUSTERS:
+        raise RenderError(
+            f"nginx renders one upstream per combination of clusters taking new sessions; "
+            f"at most {NGINX_MAX_CLUSTERS} clusters (got {len(topology.clusters)})"
+        )
+    if product == "nginx":
+        state_dir = runtime_paths(product, options)["state_dir"]
+        if not _NGINX_PATH.fullmatch(state_dir):
+            raise RenderError(
+                f"nginx state_dir must be an absolute path of letters, digits and "
+                f"'._/+-' (nginx reads it unquoted, '$' as a variable); got {state_dir!r}"
+            )
     if product == "haproxy" and lb.tls_cert and lb.tls_key:
         cert, key = topology.resolve_path(lb.tls_cert), topology.resolve_path(lb.tls_key)
         if key not in (cert, Path(f"{cert}.key")):
