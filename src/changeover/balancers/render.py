@@ -9,6 +9,7 @@ with the product's own checker before installing it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -269,7 +270,10 @@ def _check(topology: Topology, product: Product, options: RenderOptions) -> None
             )
 
 
+@functools.cache
 def _environment(template_dir: Path | None) -> jinja2.Environment:
+    # One per template directory: compiling a template costs tens of ms, and a
+    # flip renders. Jinja2 still reloads a template whose file changed.
     dirs = [str(template_dir)] if template_dir else []
     dirs.append(str(TEMPLATE_DIR))
     env = jinja2.Environment(
