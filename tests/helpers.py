@@ -15,11 +15,20 @@ import pytest
 REQUIRE_REAL = os.environ.get("CHANGEOVER_REQUIRE_REAL") == "1"
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """An ephemeral port that was free a moment ago on `host`."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """An ephemeral port that was free a moment ago on `host`, never one this
+    process handed out before: the kernel may offer a just-closed port again, and
+    one site's members would then share it."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def require_binary(name: str, *candidates: str) -> Path:
