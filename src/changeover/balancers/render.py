@@ -228,7 +228,6 @@ def _context(
         },
         "clusters": clusters,
         "members": members,
-        "live": tuple(m for m in members if m.admission == Admission.LIVE.value),
         "paths": paths,
         "run_dir": str(options.run_dir.resolve()) if options.run_dir else None,
         "state_dir": paths.get("state_dir"),
@@ -249,12 +248,12 @@ def _check(topology: Topology, product: Product, options: RenderOptions) -> None
             f"nginx reads the sticky cookie as $cookie_{lb.sticky_cookie}, which only "
             "works for names of letters, digits and underscores"
         )
-    if product == "nginx" and len(topology.clusters) > NGINX_MAX_CLUSTERS:
-        raise RenderError(
-            f"nginx renders one upstream per combination of clusters taking new sessions; "
-            f"at most {NGINX_MAX_CLUSTERS} clusters (got {len(topology.clusters)})"
-        )
     if product == "nginx":
+        if len(topology.clusters) > NGINX_MAX_CLUSTERS:
+            raise RenderError(
+                f"nginx renders one upstream per combination of clusters taking new sessions; "
+                f"at most {NGINX_MAX_CLUSTERS} clusters (got {len(topology.clusters)})"
+            )
         state_dir = runtime_paths(product, options)["state_dir"]
         if not _NGINX_PATH.fullmatch(state_dir):
             raise RenderError(
