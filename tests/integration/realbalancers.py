@@ -114,8 +114,11 @@ def searchable_dir(prefix: str) -> Path:
     return path
 
 
-def instance_for(product: str, run_dir: Path, name: str = "lb1") -> dict[str, Any]:
-    """A BalancerInstance (as TOML) whose every file lives in `run_dir`."""
+def instance_for(
+    product: str, run_dir: Path, name: str = "lb1", *, state_dir: Path | None = None
+) -> dict[str, Any]:
+    """A BalancerInstance (as TOML) whose every file lives in `run_dir`, but for
+    nginx's flag files (`state_dir`, else a new `searchable_dir`)."""
     config = run_dir / f"{product}.conf"
     data: dict[str, Any] = {"name": name, "config_path": str(config)}
     if product == "haproxy":
@@ -128,7 +131,7 @@ def instance_for(product: str, run_dir: Path, name: str = "lb1") -> dict[str, An
         }
     elif product == "nginx":
         data |= {
-            "state_dir": str(searchable_dir("changeover-nginx-state-")),
+            "state_dir": str(state_dir or searchable_dir("changeover-nginx-state-")),
             "check_command": ["nginx", "-t", "-q", "-p", str(run_dir), "-c", "{config}"],
             "reload_command": ["nginx", "-s", "reload", "-p", str(run_dir), "-c", "{config}"],
         }

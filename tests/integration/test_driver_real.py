@@ -265,7 +265,7 @@ async def test_nginx_admission_files_it_cannot_see_are_an_error_and_undone(
     topology = parse_site(data, tmp_path)
     hidden = tmp_path / "hidden"
     hidden.mkdir(mode=0o000)  # nginx's workers cannot search it
-    settings = instance_for(nginx, tmp_path / "lb1") | {"state_dir": str(hidden / "state")}
+    settings = instance_for(nginx, tmp_path / "lb1", state_dir=hidden / "state")
     instance = BalancerInstance.model_validate(settings)
     try:
         async with (
