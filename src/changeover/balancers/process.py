@@ -295,10 +295,10 @@ class ConfiguredBalancer(ABC):
                 await self.config.restore(previous)
                 raise
 
+    @abstractmethod
     async def _reload(self, admissions: Mapping[str, Admission]) -> None:
         """Reload the product and return once the new configuration, rendered with
-        `admissions`, serves."""
-        await self.config.reload()
+        `admissions`, serves (each product proves it its own way)."""
 
     def _file_admissions(self, target: Mapping[str, Admission]) -> Mapping[str, Admission]:
         """The admissions to render into the file for `target`: all of them, unless
