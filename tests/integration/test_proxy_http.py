@@ -78,6 +78,8 @@ async def test_forwarded_headers_added_and_hop_by_hop_removed(tmp_path: Path) ->
             "Proxy-Authorization": "Basic c2VjcmV0",
             "TE": "trailers",
             "X-End-To-End": "kept",
+            "Forwarded": "for=203.0.113.9",
+            "X-Real-IP": "203.0.113.9",
         }
         async with client.get(site.public + "/headers", headers=headers) as r:
             seen = {k.lower(): v for k, v in (await r.json())["headers"].items()}
@@ -87,7 +89,14 @@ async def test_forwarded_headers_added_and_hop_by_hop_removed(tmp_path: Path) ->
         assert seen["x-forwarded-host"] == "shop.example.com"
         assert seen["host"] == "shop.example.com"
         assert seen["x-end-to-end"] == "kept"
-        for hop in ("x-private", "keep-alive", "proxy-authorization", "te"):
+        for hop in (
+            "x-private",
+            "keep-alive",
+            "proxy-authorization",
+            "te",
+            "forwarded",
+            "x-real-ip",
+        ):
             assert hop not in seen, hop
 
 
@@ -179,6 +188,40 @@ async def test_pipelined_requests_are_answered_in_order(tmp_path: Path) -> None:
         (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 garbage\r\n\r\n", 400),
         (b"GET / HTTP/1.1\r\nHost: x\r\nBad Header Name: 1\r\n\r\n", 400),
         (b"GET / HTTP/9.9\r\nHost: x\r\n\r\n", 400),
+        # A framing header listed in Connection would be removed while its body
+        # is relayed: the member would read the body as a second request.
+        (
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nConnection: Content-Length\r\n"
+            b"Content-Length: 27\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n",
+            400,
+        ),
+        (
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, transfer-encoding\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            400,
+        ),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Host\r\n\r\n", 400),
+        # Upgrade is not tunnelled: llhttp would skip the body, then parse it.
+        (
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Content-Length: 27\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n",
+            400,
+        ),
+        (
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 27\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n",
+            400,
+        ),
+        (
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            400,
+        ),
+        (
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\t\r\n\r\n0\r\n\r\n",
+            400,
+        ),
+        (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 405),
     ],
     ids=[
         "cl-then-te",
@@ -194,6 +237,14 @@ async def test_pipelined_requests_are_answered_in_order(tmp_path: Path) -> None:
         "binary-garbage",
         "bad-header-name",
         "bad-version",
+        "connection-lists-cl",
+        "connection-lists-te",
+        "connection-lists-host",
+        "upgrade-with-cl-body",
+        "cl-body-then-upgrade",
+        "upgrade-with-chunked-body",
+        "te-chunked-tab",
+        "connect",
     ],
 )
 async def test_bad_requests_are_refused_without_harming_others(

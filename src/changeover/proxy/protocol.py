@@ -77,7 +77,13 @@ _REQUEST_KINDS = {
     b"proxy-authorization": _DROP,
     b"x-forwarded-proto": _DROP,
     b"x-forwarded-host": _DROP,
+    b"forwarded": _DROP,  # a client must not choose what the member takes as its address
+    b"x-real-ip": _DROP,
 }
+# Headers that decide how a request is framed or routed: a Connection header
+# that lists one would have it removed while its framing still applies (a
+# hidden second request), so such a request is refused.
+_UNLISTABLE = frozenset({b"content-length", b"transfer-encoding", b"host"})
 
 
 def _names(names: list[bytes]) -> bytes:
@@ -120,7 +126,7 @@ def error_response(status: int) -> bytes:
     )
 
 
-_ERRORS = {s: error_response(s) for s in (400, 408, 431, 502, 503, 504)}
+_ERRORS = {s: error_response(s) for s in (400, 405, 408, 431, 502, 503, 504)}
 
 
 class Refused(Exception):
@@ -151,6 +157,12 @@ def _without(block: bytes, names: set[bytes]) -> bytes:
     return b"\r\n".join(
         line for line in block.split(b"\r\n") if line.partition(b":")[0].lower() not in names
     )
+
+
+def _no_length_body(low: bytes) -> bool:
+    """Whether the (single) Content-Length in a lower-case head is 0."""
+    at = low.find(b"\r\ncontent-length:") + 17
+    return low[at : low.find(b"\r", at)].strip(b" \t") == b"0"
 
 
 _CRLF = (13, 10)
@@ -618,7 +630,7 @@ class Client(asyncio.Protocol):
         """A head with hop-by-hop or framing headers, X-Forwarded-For, or an odd request line."""
         host = cookies = xff = None
         listed: set[bytes] | None = None
-        chunked = length = False
+        chunked = length = upgrade = False
         removed: list[tuple[int, int]] | None = None
         for match in _REQUEST_SCAN.finditer(low):
             kind = _REQUEST_KINDS[match[1]]
@@ -638,19 +650,31 @@ class Client(asyncio.Protocol):
                 if length or chunked:
                     raise Refused(400)
                 length = True
+                if upgrade and match[2].rstrip(b" \t") != b"0":
+                    raise Refused(400)
                 continue
             if kind == _CODING:
                 # Only "chunked" is relayed (llhttp reports other codings late too).
-                if length or chunked or match[2].strip() != b"chunked":
+                # Exactly "chunked": llhttp would refuse "chunked<TAB>" only after
+                # this callback, once the request could already be upstream.
+                if length or chunked or upgrade or match[2] != b"chunked":
                     raise Refused(400)
                 chunked = True
             elif kind == _CONNECTION:
                 tokens = _connection_tokens(match[2])
+                if tokens & _UNLISTABLE:
+                    raise Refused(400)
                 if tokens:
                     listed = tokens if listed is None else listed | tokens
             elif kind == _XFF:
                 value = match[2].rstrip(b" \t")
                 xff = value if xff is None else xff + b", " + value
+            elif match[1] == b"upgrade":
+                # Not tunnelled: the request goes upstream without Upgrade, and
+                # llhttp would skip a body it then takes for the next request.
+                if chunked or (length and not _no_length_body(low)):
+                    raise Refused(400)
+                upgrade = True
             # This line does not go upstream (hop-by-hop, or ours to set).
             if removed is None:
                 removed = []
@@ -700,6 +724,8 @@ class Client(asyncio.Protocol):
             if route is not None:
                 sticky = w.routes.get(route, NO_MEMBER)
         method = None if buf.startswith(b"GET ", start) else self.parser.get_method()
+        if method == b"CONNECT":  # a tunnel to anywhere: not for a reverse proxy
+            raise Refused(405)
         keep_alive = self.parser.should_keep_alive()
         return Head(upstream, scope, sticky, method, keep_alive, chunked, http10)
 
