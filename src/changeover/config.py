@@ -6,6 +6,7 @@ the key and what was expected, so the CLI can print one line and exit.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -95,9 +97,39 @@ class Listen(_Model):
         return f"{scheme}://{host}:{port or self.port}"
 
 
+_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
+
+
+def check_host(value: str) -> str:
+    """`value` if it is an IP address or a host name a resolver can look up.
+
+    A name must encode to IDNA (`a..b` does not: an empty label) into labels of
+    letters, digits, '-' and '_'; an all-numeric last label must be an IPv4
+    address (`10.0.1.256` is a typo, not a name).
+    """
+    expected = f"expected a host name or an IP address, got {value!r}"
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    try:
+        ascii_name = value.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        raise ValueError(expected) from None
+    labels = ascii_name.removesuffix(".").split(".")
+    if (
+        len(ascii_name) > 253
+        or not all(_LABEL.match(label) for label in labels)
+        or labels[-1].isdigit()
+    ):
+        raise ValueError(expected)
+    return value
+
+
 class Member(_Model):
     name: Name
-    host: str = "127.0.0.1"
+    host: Annotated[str, AfterValidator(check_host)] = "127.0.0.1"
     port: Port
     route: Name | None = None  # sticky-session route; defaults to the member name
 
@@ -352,6 +384,12 @@ class Topology(_Model):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _own_addresses(self) -> Topology:
+        for problem in _address_problems(self):
+            raise problem
+        return self
+
     # --- lookups -----------------------------------------------------------
 
     def cluster(self, name: str) -> Cluster:
@@ -367,12 +405,6 @@ class Topology(_Model):
         for c in self.clusters:
             for m in c.members:
                 yield c, m
-
-    def cluster_of(self, member: str) -> str:
-        for c, m in self.members():
-            if m.name == member:
-                return c.name
-        raise KeyError(member)
 
     def state_dir(self) -> Path:
         base = self.source.parent if self.source else Path.cwd()
@@ -405,6 +437,126 @@ def _separation_problems(clusters: list[Cluster]) -> Iterator[str]:
                 owners[kind][key] = c.name
 
 
+class KeyedError(ValueError):
+    """A problem found by a validator above the key it is about: the message
+    names `key` (e.g. clusters[1].qa_port) instead of the validator's table."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+# --- addresses: the balancer's own endpoints ------------------------------------------
+
+_ANY4 = "0.0.0.0"  # every IPv4 address of the port
+_ANY = "::"  # every address of the port (IPv6 sockets take IPv4 too: dual-stack)
+_LOOPBACK4 = ipaddress.ip_address("127.0.0.1")
+_LOOPBACK6 = ipaddress.ip_address("::1")
+
+
+def _addresses(host: str) -> frozenset[object]:
+    """What a host spelling stands for: a wildcard, IP addresses, or the name itself.
+
+    `localhost` is 127.0.0.1 and ::1; an IPv4-mapped IPv6 address is its IPv4
+    address; an empty host is the IPv4 wildcard, as for bind(). Other names are
+    not resolved: the file may be checked on another machine.
+    """
+    text = host.strip().strip("[]").lower().removesuffix(".")
+    if text in ("", "localhost"):
+        return frozenset({_ANY4} if text == "" else {_LOOPBACK4, _LOOPBACK6})
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return frozenset({text})
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_unspecified:
+        return frozenset({_ANY4 if ip.version == 4 else _ANY})
+    return frozenset({ip})
+
+
+def _listeners_overlap(a: str, b: str) -> bool:
+    """Whether two listeners on one port and these hosts take the same connections."""
+    one, two = _addresses(a), _addresses(b)
+    if _ANY in one or _ANY in two:
+        return True
+    if _ANY4 in one or _ANY4 in two:  # every IPv4 address, and names (they are local)
+        other = two if _ANY4 in one else one
+        return any(not isinstance(x, ipaddress.IPv6Address) for x in other)
+    return bool(one & two)
+
+
+def _reaches(member_host: str, listener_host: str) -> bool:
+    """Whether connecting to member_host reaches a listener on listener_host (same port).
+
+    A wildcard listener is reached through loopback (and a wildcard target, which
+    connects to loopback); another address or a name may well be another machine.
+    """
+    member, listener = _addresses(member_host), _addresses(listener_host)
+    member = frozenset(_LOOPBACK4 if x == _ANY4 else _LOOPBACK6 if x == _ANY else x for x in member)
+    local4 = {x for x in member if isinstance(x, ipaddress.IPv4Address) and x.is_loopback}
+    local6 = {x for x in member if isinstance(x, ipaddress.IPv6Address) and x.is_loopback}
+    if _ANY in listener:
+        return bool(local4 or local6)
+    if _ANY4 in listener:
+        return bool(local4)
+    return bool(member & listener)
+
+
+def _endpoints(topo: Topology) -> list[tuple[str, Listen]]:
+    """(key, address) of every listener the balancer opens: the public one, one
+    per qa_port (on the public host, like the builtin proxy and the rendered
+    configs) and the control channel (HAProxy's is its stats socket instead)."""
+    balancer = topo.balancer
+    found = [("balancer.listen", balancer.listen)]
+    for i, c in enumerate(topo.clusters):
+        if c.qa_port is not None:
+            found.append(
+                (f"clusters[{i}].qa_port", Listen(host=balancer.listen.host, port=c.qa_port))
+            )
+    if balancer.driver != "haproxy":
+        found.append(("balancer.admin_listen", balancer.admin_listen))
+    return found
+
+
+def _spelled(a: Listen, b: Listen) -> str:
+    """Why two spellings are one endpoint ("; ..."), or nothing if spelled alike."""
+    if str(a) == str(b):
+        return ""
+    wild = [x.host or "0.0.0.0" for x in (b, a) if _addresses(x.host) & {_ANY, _ANY4}]
+    if wild:
+        return f"; {wild[0]} listens on every address of the port"
+    return f"; {a.host} and {b.host} are the same host"
+
+
+def _address_problems(topo: Topology) -> Iterator[KeyedError]:
+    """Every listener on an endpoint of its own, and no member on one of them."""
+    endpoints = _endpoints(topo)
+    for n, (key, listen) in enumerate(endpoints):
+        for other_key, other in endpoints[:n]:
+            if listen.port == other.port and _listeners_overlap(listen.host, other.host):
+                taken = f"is taken by {other_key} ({other}{_spelled(listen, other)})"
+                if key.endswith(".qa_port"):
+                    yield KeyedError(
+                        key,
+                        f"port {listen.port} {taken}: expected a port of its own "
+                        f"(a qa_port listens on balancer.listen's host, {listen.host})",
+                    )
+                else:
+                    yield KeyedError(key, f"{listen} {taken}: expected an address of its own")
+    for i, c in enumerate(topo.clusters):
+        for j, m in enumerate(c.members):
+            address = Listen(host=m.host, port=m.port)
+            for key, listen in endpoints:
+                if m.port == listen.port and _reaches(m.host, listen.host):
+                    yield KeyedError(
+                        f"clusters[{i}].members[{j}]",
+                        f"member {m.name!r} at {address} is the balancer's own {key} "
+                        f"({listen}{_spelled(address, listen)}): expected the address of an "
+                        "application server (requests would loop back into the balancer)",
+                    )
+
+
 class ConfigError(Exception):
     """A topology that cannot be used; the message is one line for the user."""
 
@@ -431,8 +583,16 @@ def _describe(err: Any) -> str:
     return msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
 
 
+def _where(err: Any) -> str:
+    where = _loc(tuple(err["loc"]))
+    keyed = err.get("ctx", {}).get("error")
+    if isinstance(keyed, KeyedError):
+        return keyed.key if where == "(top level)" else f"{where}.{keyed.key}"
+    return where
+
+
 def format_validation(path: Path | str, exc: ValidationError) -> str:
-    problems = [f"{path}: {_loc(tuple(e['loc']))}: {_describe(e)}" for e in exc.errors()]
+    problems = [f"{path}: {_where(e)}: {_describe(e)}" for e in exc.errors()]
     return problems[0] if len(problems) == 1 else "\n".join(problems)
 
 

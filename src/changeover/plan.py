@@ -290,7 +290,15 @@ def admit_refusal(topo: Topology, view: PoolView, clusters: Mapping[str, Admissi
     members that the balancer sees healthy: the last healthy cluster is never
     taken out of the live pool.
     """
-    after = view.admissions() | member_admissions(topo, clusters)
+    return admissions_refusal(topo, view, member_admissions(topo, clusters))
+
+
+def admissions_refusal(
+    topo: Topology, view: PoolView, members: Mapping[str, Admission]
+) -> str | None:
+    """`admit_refusal` for per-member admissions (the embedded balancer's admin
+    API checks each change it is asked for with it)."""
+    after = view.admissions() | dict(members)
     healthy_live = [
         m.name for m in view.members if after.get(m.name) is Admission.LIVE and m.healthy
     ]

@@ -169,13 +169,15 @@ class Site:
             body = await r.json()
         return {m["name"]: m for m in body["members"]}
 
-    async def admit(self, session: aiohttp.ClientSession, **admissions: str) -> dict[str, Any]:
-        async with session.post(
-            f"{self.admin}/v1/admissions", json={"admissions": admissions}, headers=auth()
-        ) as r:
-            body: dict[str, Any] = await r.json()
-            assert r.status == 200, body
-            return body
+    async def admit(
+        self, session: aiohttp.ClientSession, *, force: bool = False, **admissions: str
+    ) -> dict[str, Any]:
+        """Change admissions; `force` past the interlock (e.g. to take everything out)."""
+        body: dict[str, Any] = {"admissions": admissions} | ({"force": True} if force else {})
+        async with session.post(f"{self.admin}/v1/admissions", json=body, headers=auth()) as r:
+            answer: dict[str, Any] = await r.json()
+            assert r.status == 200, answer
+            return answer
 
 
 def auth(token: str = TOKEN) -> dict[str, str]:

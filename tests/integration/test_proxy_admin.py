@@ -1,12 +1,24 @@
-"""The balancer's admin API: token, pool document, atomic admission changes."""
+"""The balancer's admin API: token, pool document, atomic admission changes, bodies
+that are not JSON and the interlock."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
+from changeover.config import Topology, parse
+from changeover.model import Admission
+from changeover.plan import admissions_refusal
+from changeover.proxy.admin import build_app
+from changeover.proxy.state import PoolState, SharedState
 from tests.helpers import free_port
 from tests.integration.proxy_fixtures import (
     TOKEN,
@@ -68,9 +80,11 @@ async def test_pool_document_and_atomic_admissions(tmp_path: Path) -> None:
             assert r.status == 400
         assert [m["admission"] for m in (await site.pool(client)).values()] == ["live", "live"]
 
-        body = await site.admit(client, a1="draining", b1="out")
+        body = await site.admit(client, a1="draining", b1="out", force=True)  # none left live
         assert [m["admission"] for m in body["members"]] == ["draining", "out"]
-        assert "admissions changed: a1: live -> draining, b1: live -> out" in site.log_text()
+        assert "admissions changed (forced): a1: live -> draining, b1: live -> out" in (
+            site.log_text()
+        )
 
 
 async def test_admissions_survive_a_restart_through_the_state_file(tmp_path: Path) -> None:
@@ -102,3 +116,169 @@ async def test_refuses_to_start_without_an_admin_token(tmp_path: Path) -> None:
         else:
             await stop_process(process)
             raise AssertionError(f"started without a token: {log.read_text()}")
+
+
+# --- the admin app in process (aiohttp's TestClient): bodies and the interlock ---------
+
+
+def admin_topology(min_healthy: int = 1) -> Topology:
+    return parse(
+        {
+            "clusters": [
+                {
+                    "name": "a",
+                    "members": [{"name": "a1", "port": 9001}, {"name": "a2", "port": 9002}],
+                },
+                {"name": "b", "members": [{"name": "b1", "port": 9011}]},
+            ],
+            "policy": {"min_healthy": min_healthy},
+        },
+        "site.toml",
+    )
+
+
+@contextlib.asynccontextmanager
+async def admin_client(pool: PoolState) -> AsyncIterator[TestClient[web.Request, web.Application]]:
+    async with TestClient(TestServer(build_app(pool, TOKEN))) as client:
+        yield client
+
+
+def new_pool(min_healthy: int = 1) -> PoolState:
+    return PoolState(admin_topology(min_healthy), SharedState(3, 1), None)
+
+
+def admissions_of(pool: PoolState) -> list[str]:
+    return [m["admission"] for m in pool.view()["members"]]
+
+
+def tracebacks(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "expected"),
+    [
+        (b"[" * 100_000, "application/json", "nested too deep"),
+        (b'{"admissions": {"a1": ' + b"[" * 100_000 + b"}}", "application/json",
+         "nested too deep"),
+        (b'{"admissions": {"a1": "out"}}', "application/json; charset=nonsense",
+         "unknown charset 'nonsense'"),
+        (b'{"admissions": {"a1": "out"}}', "application/json; charset=rot13",  # not text
+         "unknown charset 'rot13'"),
+        (b'{"admissions": {"a1": "\xff"}}', "application/json", "not utf-8 text"),
+        (b"not json", "application/json", "the body is not JSON"),
+        (b'{"admissions": {"a1": ' + b"[" * 200 + b"]" * 200 + b"}}", "application/json",
+         "bad admission [[[[[[[...]]]]]]] for 'a1'"),  # parsed, then quoted briefly
+        (b'{"admissions": {"a1": "out"}, "force": "yes"}', "application/json",
+         '"force" must be true or false'),
+        (b'{"admissions": {}}', "application/json", '"force": true'),
+    ],
+)  # fmt: skip
+async def test_a_body_that_is_no_admission_change_is_a_400_not_a_500(
+    body: bytes, content_type: str, expected: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = new_pool()
+    caplog.set_level(logging.DEBUG)
+    async with admin_client(pool) as client:
+        headers = auth() | {"Content-Type": content_type}
+        async with client.post("/v1/admissions", data=body, headers=headers) as r:
+            assert r.status == 400, await r.text()
+            assert r.content_type == "application/json"
+            error = (await r.json())["error"]
+        assert expected in error, error
+        assert len(error) < 300
+        async with client.get("/v1/healthz") as r:  # and the API still serves
+            assert r.status == 200
+    assert admissions_of(pool) == ["live", "live", "live"]
+    assert tracebacks(caplog) == []
+
+
+async def test_the_body_is_read_in_its_charset(caplog: pytest.LogCaptureFixture) -> None:
+    pool = new_pool()
+    async with admin_client(pool) as client:
+        body = json.dumps({"admissions": {"a1": "draining"}}).encode("utf-16")
+        headers = auth() | {"Content-Type": "application/json; charset=utf-16"}
+        async with client.post("/v1/admissions", data=body, headers=headers) as r:
+            assert r.status == 200, await r.text()
+    assert admissions_of(pool) == ["draining", "live", "live"]
+
+
+async def test_a_body_too_big_is_a_413_with_a_json_error(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with admin_client(new_pool()) as client:
+        body = b'{"admissions": {"a1": "' + b"x" * (2 * 1024**2) + b'"}}'
+        async with client.post("/v1/admissions", data=body, headers=auth()) as r:
+            assert r.status == 413
+            assert "larger than" in (await r.json())["error"]
+    assert tracebacks(caplog) == []
+
+
+async def test_a_change_that_leaves_no_healthy_live_member_needs_force(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pool = new_pool()
+    pool.set_healthy(2, False)  # b1 is down: a is the whole healthy live pool
+    caplog.set_level(logging.INFO, logger="changeover.proxy")
+    async with admin_client(pool) as client:
+        for change in ({"a1": "out", "a2": "draining"}, {"a1": "out", "a2": "out", "b1": "out"}):
+            async with client.post(
+                "/v1/admissions", json={"admissions": change}, headers=auth()
+            ) as r:
+                assert r.status == 409
+                error = (await r.json())["error"]
+            # The engine's own interlock, word for word, and how to override it.
+            assert error.startswith(admissions_refusal(pool.topology, pool.pool_view(), {
+                name: Admission(value) for name, value in change.items()
+            }) or "not refused by the engine")  # fmt: skip
+            assert "would have 0 healthy member(s); policy.min_healthy is 1" in error
+            assert '"force": true' in error
+            assert admissions_of(pool) == ["live", "live", "live"]  # nothing changed
+        # Taking one healthy member out is fine: a2 stays.
+        async with client.post(
+            "/v1/admissions", json={"admissions": {"a1": "out"}}, headers=auth()
+        ) as r:
+            assert r.status == 200
+        async with client.post(
+            "/v1/admissions", json={"admissions": {"a2": "out"}, "force": True}, headers=auth()
+        ) as r:
+            assert r.status == 200, await r.text()
+            assert [m["admission"] for m in (await r.json())["members"]] == ["out", "out", "live"]
+    assert "admissions changed (forced): a2: live -> out" in caplog.text
+
+
+async def test_the_interlock_keeps_policy_min_healthy_like_the_engine() -> None:
+    pool = new_pool(min_healthy=2)
+    async with admin_client(pool) as client:
+        async with client.post(
+            "/v1/admissions", json={"admissions": {"a1": "draining"}}, headers=auth()
+        ) as r:
+            assert r.status == 200  # a2 and b1 stay: 2 healthy live members
+        async with client.post(
+            "/v1/admissions", json={"admissions": {"b1": "out"}}, headers=auth()
+        ) as r:
+            assert r.status == 409
+            error = (await r.json())["error"]
+            assert "live pool (a) would have 1 healthy member(s); policy.min_healthy is 2" in error
+        # Bringing a1 back while taking b1 out keeps two: allowed.
+        async with client.post(
+            "/v1/admissions", json={"admissions": {"a1": "live", "b1": "out"}}, headers=auth()
+        ) as r:
+            assert r.status == 200
+    assert admissions_of(pool) == ["live", "live", "out"]
+
+
+async def test_the_interlock_judges_members_on_checks_not_the_start_up_guess() -> None:
+    """At start-up every member is routed to but none is reported healthy until a
+    check has seen it: the interlock counts what the API reports."""
+    pool = new_pool()
+    pool.expect_checks()  # a checker runs, and has seen only a1 so far
+    pool.checked(0)
+    async with admin_client(pool) as client:
+        async with client.post(
+            "/v1/admissions", json={"admissions": {"a1": "out"}}, headers=auth()
+        ) as r:
+            assert r.status == 409, await r.text()
+        async with client.post(
+            "/v1/admissions", json={"admissions": {"a2": "out", "b1": "out"}}, headers=auth()
+        ) as r:
+            assert r.status == 200

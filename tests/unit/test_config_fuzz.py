@@ -101,6 +101,7 @@ BAD: dict[str, list[Any]] = {
     "status": ["ok", 1.5],
     "ratio": [-0.1, 1.5, "lots"],
     "hostport": ["nohost", ":80", "host:", "host:99999", "h:-1", 5],
+    "host": ["a..b", "", "a b", "10.0.0.1:8080", "-app", "10.0.1.256", 5],
     "driver": ["nginxx", "", 1],
     "strategy": ["canary", 0],
     "str": [],  # any string is a valid str: only containers are refused
@@ -113,7 +114,7 @@ LEAVES: list[tuple[KeyPath, str]] = [
     (("clusters", 0, "qa_host"), "str"),
     (("clusters", 1, "members", 0, "name"), "name"),
     (("clusters", 1, "members", 0, "port"), "port"),
-    (("clusters", 1, "members", 1, "host"), "str"),
+    (("clusters", 1, "members", 1, "host"), "host"),
     (("clusters", 0, "members", 0, "route"), "name"),
     (("balancer", "driver"), "driver"),
     (("balancer", "listen"), "hostport"),

@@ -96,11 +96,10 @@ async def test_a_hostile_member_name_would_still_be_one_literal_argument(name: s
     assert result.output == repr([name, f"--route={name}", name])
 
 
-@pytest.mark.parametrize("host", ["app-1; touch /tmp/pwned", "$(id).example.com", "h\nx", "a b"])
-async def test_a_free_form_host_from_the_config_is_one_literal_argument(
-    host: str, tmp_path: Path
-) -> None:
-    """`host` is not restricted by the config: it must reach commands as data."""
+HOSTILE_HOSTS = ["app-1; touch /tmp/pwned", "$(id).example.com", "h\nx", "a b"]
+
+
+def _hostile_host_config(tmp_path: Path, host: str) -> Path:
     config = tmp_path / "changeover.toml"
     config.write_text(
         "[[clusters]]\n"
@@ -112,13 +111,25 @@ async def test_a_free_form_host_from_the_config_is_one_literal_argument(
         "[release]\n"
         f"deploy = {json.dumps(f'{sys.executable} -c {{script}} {{host}} {{version}}')}\n"
     )
-    topo = load(config)
-    cluster, member = next(topo.members())
-    assert member.host == host
+    return config
+
+
+@pytest.mark.parametrize("host", HOSTILE_HOSTS)
+def test_a_host_that_is_no_host_name_is_refused_by_the_config(host: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(_hostile_host_config(tmp_path, host))
+    assert "clusters[0].members[0].host: expected a host name or an IP address" in str(info.value)
+
+
+@pytest.mark.parametrize("host", HOSTILE_HOSTS)
+async def test_a_hostile_host_would_still_be_one_literal_argument(host: str) -> None:
+    """Defence in depth: even a host that bypassed validation reaches commands as data."""
+    cluster = Cluster.model_construct(name="a", members=[])
+    member = Member.model_construct(name="a1", host=host, port=9001, route=None)
     script = "import sys; sys.stdout.write(repr(sys.argv[1:]))"
-    assert topo.release.deploy is not None
     argv = render_argv(
-        topo.release.deploy, {"script": script} | member_values(cluster, member, "2.0 && reboot")
+        f"{sys.executable} -c {{script}} {{host}} {{version}}",
+        {"script": script} | member_values(cluster, member, "2.0 && reboot"),
     )
     result = await LocalExecutor().run(cluster, member, argv, timeout=10)
     assert result.ok, result.output

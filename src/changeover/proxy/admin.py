@@ -2,19 +2,26 @@
 
 GET /v1/pool, POST /v1/admissions (bearer token) and GET /v1/healthz (open).
 aiohttp is fine here: this is not the request hot path.
+
+A body that cannot be read as JSON (not JSON, not text in its charset, an
+unknown charset, nested deeper than the parser goes, too big) is a 400 (413)
+with a JSON error, never a 500. A change that would leave the live pool with
+fewer than `policy.min_healthy` healthy members is refused with 409, exactly as
+the engine's interlock refuses it, unless the body says `"force": true`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
-from changeover.proxy.state import AdmissionError, PoolState
+from changeover.proxy.state import AdmissionError, InterlockError, PoolState
 
 log = logging.getLogger("changeover.proxy")
 
@@ -29,6 +36,32 @@ def _digest(value: str) -> bytes:
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
+
+
+ADMISSIONS_SHAPE = (
+    'expected {"admissions": {"<member>": "live|draining|out", ...}} and optionally "force": true'
+)
+
+
+async def _json_body(request: web.Request) -> tuple[Any, web.Response | None]:
+    """(the decoded body, None), or (None, the error response to send instead)."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return None, _error(413, f"the body is larger than {request.client_max_size} bytes")
+    charset = request.charset or "utf-8"
+    try:
+        text = raw.decode(charset)
+    except LookupError:  # an unknown charset, or a codec that is not a text encoding
+        return None, _error(400, f"unknown charset {charset[:40]!r}: send UTF-8 JSON")
+    except UnicodeError:
+        return None, _error(400, f"the body is not {charset[:40]} text")
+    try:
+        return json.loads(text), None
+    except RecursionError:
+        return None, _error(400, "the body is JSON nested too deep")
+    except ValueError:
+        return None, _error(400, "the body is not JSON")
 
 
 def build_app(pool: PoolState, token: str) -> web.Application:
@@ -59,21 +92,27 @@ def build_app(pool: PoolState, token: str) -> web.Application:
         return web.json_response(pool.view())
 
     async def post_admissions(request: web.Request) -> web.Response:
-        try:
-            body: Any = await request.json()
-        except ValueError:
-            return _error(400, "the body is not JSON")
+        body, problem = await _json_body(request)
+        if problem is not None:
+            return problem
         changes = body.get("admissions") if isinstance(body, dict) else None
         if not isinstance(changes, dict) or not changes:
-            return _error(400, 'expected {"admissions": {"<member>": "live|draining|out", ...}}')
+            return _error(400, ADMISSIONS_SHAPE)
+        force = body.get("force", False)
+        if not isinstance(force, bool):
+            return _error(400, '"force" must be true or false')
+        # Judge the change on real verdicts, not on the start-up guess.
+        await pool.first_verdicts(first_verdicts)
         try:
-            done = pool.set_admissions(changes)
+            done = pool.set_admissions(changes, force=force)
         except AdmissionError as exc:
             return _error(400, str(exc))
+        except InterlockError as exc:
+            return _error(409, f'{exc}; refused (send "force": true to apply it anyway)')
         except OSError as exc:
             return _error(500, f"cannot save the balancer state: {exc}")
         if done:
-            log.info("admissions changed: %s", ", ".join(done))
+            log.info("admissions changed%s: %s", " (forced)" if force else "", ", ".join(done))
         return web.json_response(pool.view())
 
     app = web.Application(middlewares=[require_token])

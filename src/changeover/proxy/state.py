@@ -25,13 +25,15 @@ import json
 import logging
 import mmap
 import os
+import reprlib
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from changeover.config import Topology
-from changeover.model import Admission
+from changeover.model import Admission, MemberState, PoolView
+from changeover.plan import admissions_refusal
 from changeover.proxy.routing import ADMISSIONS, CODES, LIVE
 
 log = logging.getLogger("changeover.proxy")
@@ -106,6 +108,15 @@ class AdmissionError(ValueError):
     """An admin request named an unknown member or an unknown admission."""
 
 
+class InterlockError(Exception):
+    """A change the engine's interlock refuses: it would leave the live pool with
+    fewer than `policy.min_healthy` healthy members (see `plan.admit_refusal`)."""
+
+
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 60  # a request may send anything: quote a little of it
+
+
 class PoolState:
     """The master's view: admissions (persisted) and health (from the checker)."""
 
@@ -130,18 +141,31 @@ class PoolState:
                     log.warning("state file %s names unknown member %r: ignored", state_file, name)
         shared.publish(self.admission, self.healthy)
 
-    def set_admissions(self, changes: Mapping[str, Any]) -> list[str]:
-        """Apply every change or none; return 'member: old -> new' for each real change."""
+    def set_admissions(self, changes: Mapping[str, Any], force: bool = False) -> list[str]:
+        """Apply every change or none; return 'member: old -> new' for each real change.
+
+        Unless `force`, a change the engine's interlock would refuse (fewer than
+        `policy.min_healthy` healthy LIVE members left, as the admin API reports
+        health) raises InterlockError and changes nothing.
+        """
         parsed: dict[int, int] = {}
         for name, value in changes.items():
             if name not in self.index:
-                raise AdmissionError(f"unknown member {name!r}")
+                raise AdmissionError(f"unknown member {_short.repr(name)}")
             try:
+                if not isinstance(value, str):
+                    raise TypeError(value)
                 parsed[self.index[name]] = CODES[Admission(value)]
             except (ValueError, TypeError):
                 raise AdmissionError(
-                    f"bad admission {value!r} for {name!r}: expected live, draining or out"
+                    f"bad admission {_short.repr(value)} for {name!r}: "
+                    "expected live, draining or out"
                 ) from None
+        if not force:
+            desired = {self.names[i]: ADMISSIONS[code] for i, code in parsed.items()}
+            refusal = admissions_refusal(self.topology, self.pool_view(), desired)
+            if refusal is not None:
+                raise InterlockError(refusal)
         done = [
             f"{self.names[i]}: {ADMISSIONS[self.admission[i]]} -> {ADMISSIONS[code]}"
             for i, code in parsed.items()
@@ -182,6 +206,24 @@ class PoolState:
     def set_healthy(self, member: int, healthy: bool) -> None:
         self.healthy[member] = healthy
         self.shared.publish(self.admission, self.healthy)
+
+    def pool_view(self) -> PoolView:
+        """The pool as the admin API reports it, for the interlock: a member is
+        healthy once a check has seen it so (see expect_checks)."""
+        active, requests, _ = self.shared.totals()
+        return PoolView(
+            tuple(
+                MemberState(
+                    name=member.name,
+                    cluster=cluster.name,
+                    admission=ADMISSIONS[self.admission[i]],
+                    healthy=self.healthy[i] and i not in self.unchecked,
+                    active=active[i],
+                    requests=requests[i],
+                )
+                for i, (cluster, member) in enumerate(self.topology.members())
+            )
+        )
 
     def view(self) -> dict[str, list[dict[str, Any]]]:
         """The admin API's pool document, members in topology order."""
