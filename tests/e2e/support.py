@@ -193,6 +193,15 @@ def step_states(site: DemoSite, release_id: int) -> dict[str, str]:
         j.close()
 
 
+def failed_steps(site: DemoSite, release_id: int) -> list[tuple[str, str | None]]:
+    """(step id, detail) of each failed step of a release: why it failed."""
+    j = journal(site)
+    try:
+        return [(s.step_id, s.detail) for s in j.steps(release_id) if s.state == J.STEP_FAILED]
+    finally:
+        j.close()
+
+
 def show(site: DemoSite, release_id: int) -> dict[str, Any]:
     """`changeover show N --json`, in process (same code path, no interpreter start-up)."""
     from changeover.cli import release_json

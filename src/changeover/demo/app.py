@@ -38,7 +38,6 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psycopg
 import uvloop
 from aiohttp import web
 
@@ -145,17 +144,32 @@ def _sqlite_users(path: str) -> list[tuple[object, ...]]:
         return conn.execute(USERS_QUERY).fetchall()
 
 
+class _DatabaseError(Exception):
+    """The database refused the query (either engine's error, as text)."""
+
+
+async def _postgres_users(url: str) -> list[tuple[object, ...]]:
+    # Imported here: only a PostgreSQL site pays for psycopg, a quarter of the
+    # app's boot, and a fleet's members boot at once.
+    import psycopg
+
+    try:
+        async with await psycopg.AsyncConnection.connect(url, connect_timeout=5) as conn:
+            return await (await conn.execute(USERS_QUERY)).fetchall()
+    except psycopg.Error as exc:
+        raise _DatabaseError(str(exc)) from exc
+
+
 async def users(request: web.Request) -> web.Response:
     """The users table, read on every request (one connection each: no pool to go stale)."""
     state = request.app[STATE]
     assert state.db is not None
     try:
         if state.db.startswith(("postgresql://", "postgres://")):
-            async with await psycopg.AsyncConnection.connect(state.db, connect_timeout=5) as conn:
-                rows = await (await conn.execute(USERS_QUERY)).fetchall()
+            rows = await _postgres_users(state.db)
         else:
             rows = await asyncio.to_thread(_sqlite_users, state.db)
-    except (psycopg.Error, sqlite3.Error) as exc:
+    except (_DatabaseError, sqlite3.Error) as exc:
         return web.json_response({"version": state.version, "error": str(exc)}, status=500)
     return web.json_response(
         {
