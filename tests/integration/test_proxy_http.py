@@ -222,6 +222,15 @@ async def test_pipelined_requests_are_answered_in_order(tmp_path: Path) -> None:
             400,
         ),
         (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 405),
+        # RFC 9112 3.2: Host is required in 1.1, and must be a host[:port].
+        (b"GET / HTTP/1.1\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nX-Forwarded-For: 10.0.0.1\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: evil.example/path\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: user@shop.example.com\r\n\r\n", 400),
+        # llhttp takes any digit.digit version; only 1.0 and 1.1 are spoken here.
+        (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+        (b"GET / HTTP/0.9\r\nHost: x\r\n\r\n", 505),
     ],
     ids=[
         "cl-then-te",
@@ -245,6 +254,13 @@ async def test_pipelined_requests_are_answered_in_order(tmp_path: Path) -> None:
         "upgrade-with-chunked-body",
         "te-chunked-tab",
         "connect",
+        "http11-without-host",
+        "http11-without-host-unusual-head",
+        "host-with-space",
+        "host-with-path",
+        "host-with-userinfo",
+        "http2-request-line",
+        "http09-request-line",
     ],
 )
 async def test_bad_requests_are_refused_without_harming_others(
@@ -259,6 +275,37 @@ async def test_bad_requests_are_refused_without_harming_others(
         assert sum(m.served for m in started) == 1  # nothing bad reached a member
         async with client.get(site.public + "/plain") as r:  # the neighbour is unharmed
             assert r.status == 200
+
+
+async def test_a_well_formed_host_with_a_port_or_an_ip_literal_is_relayed(tmp_path: Path) -> None:
+    async with site_of(tmp_path) as (site, _):
+        for host in (b"shop.example.com:8443", b"[::1]:80", b"127.0.0.1"):
+            answer = await exchange(
+                site.public,
+                b"GET /headers HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % host,
+            )
+            assert answer.startswith(b"HTTP/1.1 200 "), (host, answer[:200])
+            assert b'"Host": "%s"' % host in answer, (host, answer)
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        b"GET /plain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /plain HTTP/1.0\r\n\r\n",
+    ],
+    ids=["connection-close", "http10"],
+)
+async def test_bytes_after_a_last_request_in_the_same_read_are_not_read(
+    tmp_path: Path, first: bytes
+) -> None:
+    """The last request is answered and the connection closed; what follows it
+    in the same packet is neither relayed nor allowed to cut that answer."""
+    async with site_of(tmp_path) as (site, started):
+        answer = await exchange(site.public, first + b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200 OK"), answer[:200]
+        assert answer.count(b"HTTP/1.1 ") == 1, answer
+        assert sum(m.served for m in started) == 1
 
 
 async def test_stale_pooled_connection_is_retried_not_502(tmp_path: Path) -> None:

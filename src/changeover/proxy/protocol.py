@@ -35,6 +35,18 @@ import httptools
 from httptools import HttpParserError, HttpParserUpgrade
 
 from changeover.config import Topology
+from changeover.proxy.heads import (
+    CHUNKED,
+    REQUEST_SCAN,
+    Peer,
+    Refused,
+    check_method,
+    checked_host,
+    connection_tokens,
+    cut,
+    names_pattern,
+    rewrite,
+)
 from changeover.proxy.routing import (
     NO_MEMBER,
     PUBLIC,
@@ -57,48 +69,14 @@ _UPLOAD, _BUFFERED, _QUEUED = 1, 2, 4
 
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
-# Request headers the balancer reads or removes; every other line goes upstream
-# as received. A match is anchored at the CRLF before the name and ends at the
-# colon, so `te` never matches `tex` or `x-te`; the value runs to the line end.
-_HOST, _COOKIE, _LENGTH, _CODING, _CONNECTION, _XFF, _DROP = range(7)
-_REQUEST_KINDS = {
-    b"host": _HOST,
-    b"cookie": _COOKIE,
-    b"content-length": _LENGTH,
-    b"transfer-encoding": _CODING,  # re-added: chunked request bodies are re-framed
-    b"connection": _CONNECTION,
-    b"x-forwarded-for": _XFF,  # re-added with the client's address appended
-    # Hop-by-hop, or ours to set: a client must not choose them.
-    b"keep-alive": _DROP,
-    b"proxy-connection": _DROP,
-    b"te": _DROP,
-    b"trailer": _DROP,
-    b"upgrade": _DROP,
-    b"proxy-authorization": _DROP,
-    b"x-forwarded-proto": _DROP,
-    b"x-forwarded-host": _DROP,
-    b"forwarded": _DROP,  # a client must not choose what the member takes as its address
-    b"x-real-ip": _DROP,
-}
-# Headers that decide how a request is framed or routed: a Connection header
-# that lists one would have it removed while its framing still applies (a
-# hidden second request), so such a request is refused.
-_UNLISTABLE = frozenset({b"content-length", b"transfer-encoding", b"host"})
-
-
-def _names(names: list[bytes]) -> bytes:
-    return b"|".join(re.escape(n) for n in names)
-
-
-# Matched in a lower-case copy of the head: IGNORECASE makes the scan twice as slow.
-_REQUEST_SCAN = re.compile(rb"\r\n(%s):[ \t]*([^\r]*)" % _names(list(_REQUEST_KINDS)))
-
 # Response headers that decide the framing, the route cookie, or are hop-by-hop.
 _HOP_BY_HOP = [b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"]
 _HOP_BY_HOP += [b"proxy-authorization"]
-_RESPONSE_SCAN = re.compile(  # in a lower-case copy, like _REQUEST_SCAN
+_RESPONSE_SCAN = re.compile(  # in a lower-case copy, like heads.REQUEST_SCAN
     rb"\r\n(%s):[ \t]*([^\r]*)"
-    % _names([b"content-length", b"transfer-encoding", b"set-cookie", b"connection", *_HOP_BY_HOP])
+    % names_pattern(
+        [b"content-length", b"transfer-encoding", b"set-cookie", b"connection", *_HOP_BY_HOP]
+    )
 )
 _CODING_LINE = re.compile(rb"\r\ntransfer-encoding:[^\r]*")
 
@@ -107,7 +85,6 @@ _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) f
 # How the upstream response body ends: no body, Content-Length, chunked, connection close.
 _NO_BODY, _LENGTH_FRAMED, _CHUNK_FRAMED, _CLOSE_FRAMED = range(4)
 
-_CHUNKED = b"Transfer-Encoding: chunked\r\n"
 _CLOSE = b"Connection: close\r\n"
 _KEEP_ALIVE = b"Connection: keep-alive\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
@@ -126,43 +103,11 @@ def error_response(status: int) -> bytes:
     )
 
 
-_ERRORS = {s: error_response(s) for s in (400, 405, 408, 431, 502, 503, 504)}
-
-
-class Refused(Exception):
-    """Raised from a parser callback to answer the request with `status` and close."""
-
-    def __init__(self, status: int) -> None:
-        super().__init__(status)
-        self.status = status
+_ERRORS = {s: error_response(s) for s in (400, 405, 408, 431, 502, 503, 504, 505)}
 
 
 class UnaskedBytes(Exception):
     """Raised from a response parser callback: the upstream sent more than one response."""
-
-
-_PLAIN_CONNECTION = frozenset({b"close", b"keep-alive", b"upgrade"})
-
-
-def _connection_tokens(value: bytes) -> set[bytes]:
-    """Header names a Connection header lists beyond the usual options."""
-    value = value.strip().lower()
-    if value in _PLAIN_CONNECTION:  # nearly always: skip the split
-        return set()
-    return {t.strip() for t in value.split(b",")} - _PLAIN_CONNECTION - {b""}
-
-
-def _without(block: bytes, names: set[bytes]) -> bytes:
-    """Header lines ("\\r\\nName: value" each) minus those a Connection header listed."""
-    return b"\r\n".join(
-        line for line in block.split(b"\r\n") if line.partition(b":")[0].lower() not in names
-    )
-
-
-def _no_length_body(low: bytes) -> bool:
-    """Whether the (single) Content-Length in a lower-case head is 0."""
-    at = low.find(b"\r\ncontent-length:") + 17
-    return low[at : low.find(b"\r", at)].strip(b" \t") == b"0"
 
 
 _CRLF = (13, 10)
@@ -173,19 +118,6 @@ def _skip_empty_lines(buf: bytes, start: int) -> int:
     while buf[start] in _CRLF:
         start += 1
     return start
-
-
-def _cut(block: bytes, removed: list[tuple[int, int]] | None, listed: set[bytes] | None) -> bytes:
-    """Header lines ("\\r\\nName: value" each) minus the `removed` spans and `listed` names."""
-    if removed:
-        kept = []
-        at = 0
-        for a, b in removed:
-            kept.append(block[at:a])
-            at = b
-        kept.append(block[at:])
-        block = b"".join(kept)
-    return _without(block, listed) if listed else block
 
 
 class Worker:
@@ -418,15 +350,15 @@ class Client(asyncio.Protocol):
         "data",
         "deadline",
         "eof",
-        "fallback_host",
         "forwarded",
         "forwarded_host",
         "head_parts",
         "head_size",
-        "ip",
         "last",
+        "listen_host",
         "parser",
         "paused",
+        "peer",
         "pos",
         "proto",
         "queue",
@@ -443,10 +375,10 @@ class Client(asyncio.Protocol):
         self.w = worker
         self.scope = scope
         self.proto = b"https" if https else b"http"
-        self.fallback_host = b"Host: %s\r\n" % listen_host  # for HTTP/1.0 requests without one
+        self.listen_host = listen_host
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
-        self.ip = b""
+        self.peer = Peer(b"", self.proto, b"")
         self.xf = b""
         # The X-Forwarded-* lines and the blank line that end a request head,
         # kept for the last Host seen (a connection nearly always sends one).
@@ -471,8 +403,10 @@ class Client(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         peer = transport.get_extra_info("peername")
-        self.ip = str(peer[0]).encode() if peer else b"unknown"
-        self.xf = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n" % (self.ip, self.proto)
+        ip = str(peer[0]).encode() if peer else b"unknown"
+        # A 1.0 request without Host gets the listener's.
+        self.peer = Peer(ip, self.proto, b"Host: %s\r\n" % self.listen_host)
+        self.xf = self.peer.forwarded
         self.w.clients.add(self)
         self.deadline = self.w.now + self.w.header_timeout
 
@@ -500,6 +434,10 @@ class Client(asyncio.Protocol):
                 self.data_received(rest)
             return
         except HttpParserError as exc:
+            if self.eof:
+                # Bytes after a "Connection: close" (or HTTP/1.0) request: llhttp
+                # refuses them, but that request is answered, and nothing after it.
+                return
             reason = exc.__context__
             self._refuse(reason.status if isinstance(reason, Refused) else 400)
             return
@@ -599,7 +537,7 @@ class Client(asyncio.Protocol):
 
         # Nearly every request: Host, perhaps one Cookie, a plain request line.
         host = cookies = None
-        for name, value in _REQUEST_SCAN.findall(low):
+        for name, value in REQUEST_SCAN.findall(low):
             if name == b"host" and host is None:
                 host = value.rstrip(b" \t")  # as a lower-case copy: host names ignore case
             elif name == b"cookie" and cookies is None:
@@ -613,95 +551,23 @@ class Client(asyncio.Protocol):
                 buf.endswith(b" HTTP/1.1", start, line_end)
                 and buf.count(b" ", start, line_end) == 2
             ):
-                if host is not None and host != self.forwarded_host:
-                    self.forwarded_host = host
+                if host is None or host != self.forwarded_host:
+                    self.forwarded_host = checked_host(host, True)
                     self.forwarded = b"X-Forwarded-Host: %s\r\n%s\r\n" % (host, self.xf)
-                forwarded = (
-                    self.forwarded if host is not None else self.fallback_host + self.xf + b"\r\n"
-                )
-                head = self._head(buf[start : end - 2] + forwarded, buf, start, host, cookies)
+                head = self._head(buf[start : end - 2] + self.forwarded, buf, start, host, cookies)
                 head.raw = buf[start:end]
                 self.last = head
                 self._request(head)
                 return
-        self._unusual_head(buf, start, end, line_end, low)
+        self._unusual_head(buf, start, end)
 
-    def _unusual_head(self, buf: bytes, start: int, end: int, line_end: int, low: bytes) -> None:
+    def _unusual_head(self, buf: bytes, start: int, end: int) -> None:
         """A head with hop-by-hop or framing headers, X-Forwarded-For, or an odd request line."""
-        host = cookies = xff = None
-        listed: set[bytes] | None = None
-        chunked = length = upgrade = False
-        removed: list[tuple[int, int]] | None = None
-        for match in _REQUEST_SCAN.finditer(low):
-            kind = _REQUEST_KINDS[match[1]]
-            if kind == _HOST:
-                if host is not None:
-                    raise Refused(400)
-                host = match[2].rstrip(b" \t")
-                continue
-            if kind == _COOKIE:
-                a, b = match.span(2)
-                value = buf[line_end + a : line_end + b]
-                cookies = value if cookies is None else cookies + b"; " + value
-                continue
-            if kind == _LENGTH:
-                # llhttp refuses these too, but only after this callback, when
-                # the request could already be upstream.
-                if length or chunked:
-                    raise Refused(400)
-                length = True
-                if upgrade and match[2].rstrip(b" \t") != b"0":
-                    raise Refused(400)
-                continue
-            if kind == _CODING:
-                # Only "chunked" is relayed (llhttp reports other codings late too).
-                # Exactly "chunked": llhttp would refuse "chunked<TAB>" only after
-                # this callback, once the request could already be upstream.
-                if length or chunked or upgrade or match[2] != b"chunked":
-                    raise Refused(400)
-                chunked = True
-            elif kind == _CONNECTION:
-                tokens = _connection_tokens(match[2])
-                if tokens & _UNLISTABLE:
-                    raise Refused(400)
-                if tokens:
-                    listed = tokens if listed is None else listed | tokens
-            elif kind == _XFF:
-                value = match[2].rstrip(b" \t")
-                xff = value if xff is None else xff + b", " + value
-            elif match[1] == b"upgrade":
-                # Not tunnelled: the request goes upstream without Upgrade, and
-                # llhttp would skip a body it then takes for the next request.
-                if chunked or (length and not _no_length_body(low)):
-                    raise Refused(400)
-                upgrade = True
-            # This line does not go upstream (hop-by-hop, or ours to set).
-            if removed is None:
-                removed = []
-            removed.append(match.span())
-
-        if buf.endswith(b" HTTP/1.1", start, line_end) and buf.count(b" ", start, line_end) == 2:
-            line = buf[start:line_end]
-            http10 = False
-        else:  # "METHOD target HTTP/1.x" with single spaces, and always HTTP/1.1 upstream
-            http10 = self.parser.get_http_version() == "1.0"
-            method, target = buf[start:line_end].split()[:2]
-            line = b"%s %s HTTP/1.1" % (method, target)
-        parts = [line, _cut(buf[line_end : end - 4], removed, listed), b"\r\n"]
-        if host is not None:
-            parts += (b"X-Forwarded-Host: ", host, b"\r\n")
-        else:
-            parts.append(self.fallback_host)
-        if xff is None:
-            parts.append(self.xf)
-        else:
-            parts += (b"X-Forwarded-For: ", xff, b", ", self.ip, b"\r\n")
-            parts += (b"X-Forwarded-Proto: ", self.proto, b"\r\n")
-        if chunked:
-            parts.append(_CHUNKED)
+        head = rewrite(buf[start:end], self.peer)
+        if head.chunked:
             self.pos = -1  # llhttp does not say where a chunked body ends
-        parts.append(b"\r\n")
-        self._request(self._head(b"".join(parts), buf, start, host, cookies, chunked, http10))
+        upstream, host, cookies = head.upstream, head.host, head.cookies
+        self._request(self._head(upstream, buf, start, host, cookies, head.chunked, head.http10))
 
     def _head(
         self,
@@ -724,8 +590,7 @@ class Client(asyncio.Protocol):
             if route is not None:
                 sticky = w.routes.get(route, NO_MEMBER)
         method = None if buf.startswith(b"GET ", start) else self.parser.get_method()
-        if method == b"CONNECT":  # a tunnel to anywhere: not for a reverse proxy
-            raise Refused(405)
+        check_method(method)
         keep_alive = self.parser.should_keep_alive()
         return Head(upstream, scope, sticky, method, keep_alive, chunked, http10)
 
@@ -990,6 +855,7 @@ class Upstream(asyncio.Protocol):
         "member",
         "out",
         "parser",
+        "peer",
         "raw_from",
         "read_paused",
         "rechunk",
@@ -1281,7 +1147,7 @@ class Upstream(asyncio.Protocol):
                 connections += 1
                 value = match[2].strip()
                 keep_alive_line = connections == 1 and value == b"keep-alive"
-                tokens = _connection_tokens(value)
+                tokens = connection_tokens(value)
                 if tokens:
                     listed = tokens if listed is None else listed | tokens
             if removed is None:
@@ -1334,7 +1200,7 @@ class Upstream(asyncio.Protocol):
         elif http10 and not said:
             parts.append(_KEEP_ALIVE)
         if self.rechunk:
-            parts.append(_CHUNKED)
+            parts.append(CHUNKED)
         if req.cookie is not None and not sticky_seen:
             parts.append(req.cookie)
 
@@ -1379,7 +1245,7 @@ class Upstream(asyncio.Protocol):
         line = (
             buf[start:line_end] if http11 else b"HTTP/1.1" + buf[buf.find(b" ", start) : line_end]
         )
-        return line + _cut(buf[line_end : end - 4], removed, listed) + b"\r\n"
+        return line + cut(buf[line_end : end - 4], removed, listed) + b"\r\n"
 
     def on_message_complete(self) -> None:
         if self.head_sent:  # an interim response ends here too: the final one follows
