@@ -45,6 +45,7 @@ class FakeMember:
     streamed: int = 0  # download bytes written so far (backpressure shows as a stall)
     peers: set[tuple[str, int]] = field(default_factory=set)  # distinct client connections
     headers: list[dict[str, str]] = field(default_factory=list)
+    uploads: list[int] = field(default_factory=list)  # sizes of the bodies read to their end
     runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
@@ -96,6 +97,7 @@ class FakeMember:
         total = 0
         async for chunk in request.content.iter_chunked(CHUNK):
             total += len(chunk)
+        self.uploads.append(total)
         return web.json_response({"member": self.name, "received": total})
 
     async def download(self, request: web.Request) -> web.StreamResponse:

@@ -205,7 +205,9 @@ async def test_a_client_that_half_closes_mid_body_is_let_go(tmp_path: Path) -> N
         answer, took = await asyncio.to_thread(half_close)
         assert took < 5, took
         assert not answer.startswith(b"HTTP/1.1 200"), answer[:200]
-        assert sum(m.served for m in started) == 0
+        # The head may have gone upstream (requests are relayed as they arrive),
+        # but no member was handed a whole body.
+        assert [m.uploads for m in started] == [[], []]
 
 
 async def test_wrong_admin_tokens_cost_one_constant_time_comparison(
