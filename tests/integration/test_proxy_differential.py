@@ -167,7 +167,7 @@ async def recording_members() -> AsyncIterator[tuple[Recorder, list[FakeMember]]
             await server.wait_closed()
 
 
-EXAMPLES = 300
+EXAMPLES = 500
 inputs = st.tuples(
     st.one_of(mutated(), st.sampled_from(SMUGGLING)),
     st.lists(st.integers(1, 64), max_size=4),  # split points: the input arrives in pieces

@@ -114,6 +114,8 @@ REFUSED = {
     "http11-without-host": (b"GET / HTTP/1.1\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n", 400),
     "host-with-a-space": (b"GET / HTTP/1.1\r\nHost: a b\r\nTE: x\r\n\r\n", 400),
     "host-with-userinfo": (b"GET / HTTP/1.1\r\nHost: u@x\r\nTE: x\r\n\r\n", 400),
+    "two-spaces-in-the-request-line": (b"GET  / HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    "a-space-before-the-version": (b"GET /a  HTTP/1.0\r\n\r\n", 400),
     "http2-request-line": (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
     "http09-request-line": (b"GET / HTTP/0.9\r\nHost: x\r\n\r\n", 505),
 }

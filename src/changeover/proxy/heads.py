@@ -12,6 +12,7 @@ so the member never reads a request the balancer did not see.
   in Connection (that would remove them while their framing still applies), at
   most one framing, exactly `chunked` as a coding: otherwise 400.
 - An Upgrade request is relayed without Upgrade, so it may not carry a body.
+- A request line is exactly three words with one space between each.
 - HTTP/1.1 needs one Host, a host[:port]; versions other than 1.0 and 1.1 are 505.
 - Hop-by-hop lines, those Connection lists, and the forwarding headers a client
   must not choose (X-Forwarded-Proto/Host, Forwarded, X-Real-IP) are removed;
@@ -206,12 +207,15 @@ def rewrite(head: bytes, peer: Peer) -> Rewritten:
         removed.append(match.span())
 
     request_line = head[:line_end]
-    method, target, *_, version = request_line.split()
+    words = request_line.split(b" ")
+    if len(words) != 3:  # llhttp takes "GET  / HTTP/1.1"; RFC 9112 3 says one SP each
+        raise Refused(400)
+    method, target, version = words
     if version not in (b"HTTP/1.0", b"HTTP/1.1"):  # llhttp takes any digit.digit
         raise Refused(505)
     http10 = version == b"HTTP/1.0"
     host = checked_host(host, not http10)
-    if http10 or request_line.count(b" ") != 2:  # always HTTP/1.1 upstream, single spaces
+    if http10:  # always HTTP/1.1 upstream
         request_line = b"%s %s HTTP/1.1" % (method, target)
     parts = [request_line, cut(head[line_end:-4], removed, listed), b"\r\n"]
     if host is not None:

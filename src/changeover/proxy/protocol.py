@@ -7,7 +7,9 @@ colon), so once it has accepted a head, that head ends at its first blank line
 and every header is one `Name: value` line. That lets the balancer work on the
 raw head bytes: one regular-expression scan per head picks out the few headers
 that matter (Host, Cookie, framing, hop-by-hop), and the rest is relayed as
-received, without a Python call per header. Response bodies are relayed as the
+received, without a Python call per header. A plain head (HTTP/1.1, Host and
+perhaps a Cookie) is handled inline; every other one is decided by
+`heads.rewrite`, pure and tested byte for byte. Response bodies are relayed as the
 bytes arrived (chunked framing included); llhttp says where each message ends.
 Upstream connections are kept alive in a LIFO pool per member. Nothing here
 logs per request.
