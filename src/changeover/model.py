@@ -5,7 +5,7 @@ Nothing here does I/O; planning and interlocks are pure functions over these typ
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -61,10 +61,6 @@ def cluster_admission(view: PoolView, cluster: str) -> Admission | None:
     """The cluster's admission when all its members agree, else None (mixed)."""
     seen = {m.admission for m in view.in_cluster(cluster)}
     return seen.pop() if len(seen) == 1 else None
-
-
-def admissions_for(members: Iterable[str], admission: Admission) -> dict[str, Admission]:
-    return dict.fromkeys(members, admission)
 
 
 def differs(view: PoolView, desired: Mapping[str, Admission]) -> dict[str, Admission]:

@@ -29,6 +29,7 @@ N = 18
 RATE = 300.0
 STICKY_USERS = 60
 PARALLEL = 6
+NICENESS = 10
 A_HOSTS, B_HOSTS = cluster_hosts(1, N), cluster_hosts(2, N)
 COMMANDS = ("stop", "deploy", "start")
 
@@ -37,7 +38,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.real, pytest.mark.asyncio(loop_scope
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def sshd() -> AsyncIterator[SshdServer]:
-    async with running_sshd(A_HOSTS + B_HOSTS) as server:
+    # The 36 hosts stand for other machines: what they run (release commands,
+    # the apps) yields the CPU to the balancer and the probe, which stand for
+    # the balancer host and its users.
+    async with running_sshd(A_HOSTS + B_HOSTS, niceness=NICENESS) as server:
         yield server
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import os
 import re
 import shutil
 import signal
@@ -225,12 +226,15 @@ async def running_sshd(
     extra_config: Mapping[str, str] | None = None,
     client_key: Path | None = None,
     directory: Path | None = None,
+    niceness: int = 0,
 ) -> AsyncIterator[SshdServer]:
     """Start sshd listening on `hosts` (loopback addresses), yield it, kill it.
 
     `extra_config` adds or overrides sshd_config options (e.g. AllowTcpForwarding).
     `client_key` authorizes that private key instead of a new one (several servers,
     one client). `directory` keeps the files there instead of a removed temp dir.
+    `niceness` lowers the priority of sshd and all it runs (hosts that stand for
+    other machines must not take this one's CPU from the balancer and the probe).
     Skips the test without an sshd binary, fails instead with CHANGEOVER_REQUIRE_REAL=1.
     """
     sshd = require_binary("sshd", "/usr/sbin/sshd")
@@ -259,6 +263,7 @@ async def running_sshd(
                         await asyncio.create_subprocess_exec(
                             str(sshd), "-D", "-e", "-f", str(config),
                             stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+                            preexec_fn=(lambda: os.nice(niceness)) if niceness else None,
                         )
                     )  # fmt: skip
             if await _wait_listening(procs, log_file, hosts, port):

@@ -12,7 +12,6 @@ a change it ignored, so only the read-back proves it.
 
 from __future__ import annotations
 
-import asyncio
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import aiohttp
 from changeover.balancers.base import BalancerError
 from changeover.balancers.process import ConfiguredBalancer, ordered_changes
 from changeover.model import Admission, MemberState, PoolView
+from changeover.polling import poll_until
 
 NS = {"h": "http://httpd.apache.org"}
 LIVE_BALANCER = "live"
@@ -190,13 +190,10 @@ class ApacheBalancer(ConfiguredBalancer):
         # happened when the parent's config generation moves on.
         before = await self._generation()
         await self.config.reload()
-        deadline = asyncio.get_running_loop().time() + self.timeout
-        while True:
-            try:
-                if await self._generation() > before:
-                    return
-            except BalancerError:
-                pass  # children are being replaced
-            if asyncio.get_running_loop().time() > deadline:
-                raise BalancerError(f"{self.name}: Apache did not restart within {self.timeout:g}s")
-            await asyncio.sleep(0.05)
+
+        async def restarted() -> bool:
+            return await self._generation() > before
+
+        # While the children are replaced, server-status may not answer.
+        if not await poll_until(restarted, self.timeout, not_yet=(BalancerError,)):
+            raise BalancerError(f"{self.name}: Apache did not restart within {self.timeout:g}s")

@@ -21,6 +21,7 @@ from changeover.balancers.process import ConfiguredBalancer, ordered_changes
 from changeover.balancers.render import runtime_paths
 from changeover.config import parse_hostport
 from changeover.model import Admission, MemberState, PoolView
+from changeover.polling import poll_until
 
 LIVE_BACKEND = "live"
 
@@ -175,13 +176,10 @@ class HAProxyBalancer(ConfiguredBalancer):
         await asyncio.to_thread(self.state_file.write_text, saved)
         old_pid = await self._worker_pid()
         await self.config.reload()
-        deadline = asyncio.get_running_loop().time() + self.timeout
-        while True:
-            try:
-                if await self._worker_pid() != old_pid:
-                    return
-            except BalancerError:
-                pass  # the socket is briefly absent while the new worker binds it
-            if asyncio.get_running_loop().time() > deadline:
-                raise BalancerError(f"{self.name}: no new HAProxy worker within {self.timeout:g}s")
-            await asyncio.sleep(0.05)
+
+        async def replaced() -> bool:
+            return await self._worker_pid() != old_pid
+
+        # The socket is briefly absent while the new worker binds it.
+        if not await poll_until(replaced, self.timeout, not_yet=(BalancerError,)):
+            raise BalancerError(f"{self.name}: no new HAProxy worker within {self.timeout:g}s")

@@ -32,6 +32,7 @@ from changeover.balancers.base import BalancerError
 from changeover.balancers.process import ConfiguredBalancer, ordered_changes
 from changeover.balancers.render import runtime_paths
 from changeover.model import Admission, MemberState, PoolView
+from changeover.polling import poll_until
 
 _WIDTH = {Admission.OUT: 0, Admission.DRAINING: 1, Admission.LIVE: 2}
 # The flag files of each cluster admission: (.no-new present, .out present).
@@ -223,9 +224,6 @@ class NginxBalancer(ConfiguredBalancer):
         )
         return self._view(state, dict(zip(names, health, strict=True)))  # type: ignore[arg-type]
 
-    async def _read_admissions(self) -> PoolView:
-        return self._view(await self._state(), {})
-
     def _file_admissions(self, target: Mapping[str, Admission]) -> Mapping[str, Admission]:
         # What the flags can express keeps the loaded rendering: no reload.
         loaded = self._loaded
@@ -292,12 +290,12 @@ class NginxBalancer(ConfiguredBalancer):
 
     async def _until(self, done: Callable[[NginxState], bool], what: str) -> None:
         """Read the state on fresh connections (current workers) until `done`."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout
-        while not done(await self._state()):
-            if loop.time() > deadline:
-                raise BalancerError(f"{self.name}: nginx did not {what} within {self.timeout:g}s")
-            await asyncio.sleep(0.05)
+
+        async def reached() -> bool:
+            return done(await self._state())
+
+        if not await poll_until(reached, self.timeout):
+            raise BalancerError(f"{self.name}: nginx did not {what} within {self.timeout:g}s")
 
     async def _log_tail(self, lines: int = 5) -> str:
         path = Path(runtime_paths("nginx", self.options)["error_log"])

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from changeover.balancers.base import BalancerError
 from changeover.balancers.render import Product, RenderError, RenderOptions, render
 from changeover.config import BalancerInstance, Topology
 from changeover.model import Admission, PoolView, differs
+from changeover.polling import poll_until
 
 # Order in which changes are enacted when the balancer cannot change several
 # members atomically: admit first, then drain, then take out, so the live pool
@@ -164,22 +164,21 @@ async def converge(
     what: str,
 ) -> PoolView:
     """Read until every member in `desired` shows its admission; else BalancerError."""
-    deadline = time.monotonic() + timeout
-    while True:
+    view = PoolView(())
+
+    async def shown() -> bool:
+        nonlocal view
         view = await read()
-        missing = differs(view, desired)
-        if not missing:
-            return view
-        if time.monotonic() >= deadline:
-            shown = view.admissions()
-            detail = ", ".join(
-                f"{name} is {shown.get(name, 'absent')} (wanted {adm})"
-                for name, adm in sorted(missing.items())
-            )
-            raise BalancerError(
-                f"{what}: the change did not take effect within {timeout:g}s: {detail}"
-            )
-        await asyncio.sleep(0.05)
+        return not differs(view, desired)
+
+    if await poll_until(shown, timeout):
+        return view
+    current = view.admissions()
+    detail = ", ".join(
+        f"{name} is {current.get(name, 'absent')} (wanted {adm})"
+        for name, adm in sorted(differs(view, desired).items())
+    )
+    raise BalancerError(f"{what}: the change did not take effect within {timeout:g}s: {detail}")
 
 
 def ordered_changes(
@@ -304,6 +303,3 @@ class ConfiguredBalancer(ABC):
         """The admissions to render into the file for `target`: all of them, unless
         the driver keeps some outside the file (nginx's cluster flags)."""
         return target
-
-    def cluster_of(self, member: str) -> str:
-        return self._cluster_of[member]

@@ -28,6 +28,7 @@ import aiohttp
 from rich.console import Console
 
 from changeover.config import SshSettings, Topology, load
+from changeover.polling import poll_until
 from changeover.probe import ProbeReport
 from changeover.runtime import make_balancer, run_engine
 
@@ -210,18 +211,14 @@ async def _appctl(topo: Topology, action: str, version: str | None = None) -> No
 
 
 async def _wait_http(url: str, timeout: float, headers: dict[str, str] | None = None) -> None:
-    deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession(headers=headers) as http:
-        while True:
-            try:
-                async with http.get(url) as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{url} did not answer within {timeout:g}s")
-            await asyncio.sleep(0.05)
+
+        async def answered() -> bool:
+            async with http.get(url) as resp:
+                return resp.status == 200
+
+        if not await poll_until(answered, timeout, not_yet=(aiohttp.ClientError,)):
+            raise RuntimeError(f"{url} did not answer within {timeout:g}s")
 
 
 @contextlib.asynccontextmanager

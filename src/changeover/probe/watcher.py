@@ -10,6 +10,7 @@ from types import TracebackType
 from typing import Protocol
 
 from changeover.model import PoolView
+from changeover.polling import poll_until
 from changeover.probe.accounting import Timeline
 
 
@@ -75,12 +76,14 @@ class AdmissionWatcher:
 
     async def wait_for_read_after(self, t: float, timeout: float) -> bool:
         """Wait (at most `timeout` s) until a successful read started at or after `t`."""
-        deadline = time.monotonic() + timeout
-        while (last := self.timeline.last_read) is None or last < t:
-            if self._task is None or time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(self.interval / 4)
-        return True
+
+        async def read_after() -> bool:
+            last = self.timeline.last_read
+            return (last is not None and last >= t) or self._task is None
+
+        done = await poll_until(read_after, timeout, interval=self.interval / 4)
+        last = self.timeline.last_read
+        return done and last is not None and last >= t
 
     async def _poll(self) -> None:
         while True:  # until stop() cancels it
