@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import h11
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.integration.proxy_fixtures import FakeMember, Site, balancer_site
-from tests.integration.test_proxy_fuzz import host_port, mutated, send
+from tests.integration.test_proxy_fuzz import host_port, mutated, over_the_network, send
 
 # Shapes that once smuggled a request past the balancer (see test_proxy_http).
 SMUGGLING = [
@@ -179,12 +179,7 @@ def check(site: Site, recorder: Recorder, examples: int) -> int:
     address = host_port(site.public)
     relayed = 0
 
-    @settings(
-        max_examples=examples,
-        deadline=None,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
+    @over_the_network(examples)
     @given(inputs)
     def one(case: tuple[bytes, list[int]]) -> None:
         nonlocal relayed

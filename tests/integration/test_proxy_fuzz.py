@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -77,6 +78,16 @@ inputs = st.tuples(
 )
 
 
+def over_the_network(examples: int) -> Any:
+    """Hypothesis settings for examples that each talk to a real balancer."""
+    return settings(
+        max_examples=examples,
+        deadline=None,  # a round trip under load is slow, not wrong
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+
 def host_port(url: str) -> tuple[str, int]:
     parts = urlsplit(url)
     assert parts.hostname is not None and parts.port is not None
@@ -130,12 +141,7 @@ def fuzz(site: Site, workers: list[int], examples: int) -> None:
     address = host_port(site.public)
     neighbour = http.client.HTTPConnection(*address, timeout=10)  # one keep-alive connection
 
-    @settings(
-        max_examples=examples,
-        deadline=None,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
+    @over_the_network(examples)
     @given(inputs)
     def one(case: tuple[bytes, list[int]]) -> None:
         data, splits = case
