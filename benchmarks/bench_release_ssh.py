@@ -46,7 +46,8 @@ from benchmarks import machine
 from changeover import journal as J
 from changeover.config import load
 from changeover.demo.scenario import DemoOptions, DemoSite
-from changeover.runtime import open_journal, run_engine
+from changeover.releases import Begin
+from changeover.runtime import open_journal, with_releases
 
 COMMANDS = ("stop", "deploy", "start")
 _LISTENING = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) \S+ listening on ", re.M)
@@ -177,8 +178,8 @@ async def timed_release(site: DemoSite, version: str, profile: cProfile.Profile 
     if profile:
         profile.enable()
     try:
-        release_id, state = await run_engine(
-            site.topo, lambda engine: engine.begin(version), Console(quiet=True)
+        release_id, state = await with_releases(
+            site.topo, lambda r: r.release(Begin(version)), Console(quiet=True)
         )
     finally:
         if profile:

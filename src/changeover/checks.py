@@ -7,20 +7,13 @@ import asyncio
 import os
 import ssl
 from collections import Counter
-from dataclasses import dataclass
 
 import aiohttp
 
 from changeover.config import Checks, Cluster, Member, Topology
 from changeover.executors.base import render_argv
 from changeover.executors.local import run_local
-
-
-@dataclass(frozen=True, slots=True)
-class CheckResult:
-    target: str
-    ok: bool
-    detail: str
+from changeover.model import CheckResult
 
 
 def _balancer_url(topo: Topology, port: int) -> str:

@@ -14,26 +14,26 @@ import json
 import os
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from changeover import __version__
 from changeover import journal as J
 from changeover.balancers.base import BalancerError
 from changeover.config import DEFAULT_CONFIG, ConfigError, Topology, load
-from changeover.database import MigrationError, Review, migration_pins
-from changeover.database import review as review_migrations
-from changeover.engine import Engine, approval_request
-from changeover.journal import Journal, JournalError, LockHeld
-from changeover.migrations import RULES, format_findings
+from changeover.journal import JournalError, LockHeld
+from changeover.migrations import format_findings
 from changeover.migrations.cli import app as migrations_app
 from changeover.plan import PlanRefused, describe, make_plan
-from changeover.runtime import make_balancer, make_executor, open_journal, run_engine
+from changeover.ports import MigrationError, Review
+from changeover.releases import BadRequest, Begin, GateRefused, Outcome, Releases, operator
+from changeover.runtime import make_balancer, make_executor, review, with_releases
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_STOPPED = 0, 1, 2, 3, 4
 
@@ -85,7 +85,10 @@ def _root(
 
 
 def fail(code: int, message: str) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    # The message carries user text (versions, paths, rule names): data, not markup.
+    err.print(
+        f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True
+    )
     raise typer.Exit(code)
 
 
@@ -100,8 +103,13 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine, mapping the expected failures to exit codes."""
     try:
         return asyncio.run(coro)
-    except (ConfigError, JournalError) as exc:
+    except (ConfigError, JournalError, BadRequest) as exc:
         fail(EXIT_BAD_INPUT, str(exc))
+    except GateRefused as exc:
+        err.print(
+            format_findings(exc.findings, "text"), markup=False, highlight=False, soft_wrap=True
+        )
+        fail(EXIT_REFUSED, str(exc))
     except LockHeld as exc:
         fail(EXIT_REFUSED, f"another release holds the lock: {exc}")
     except PlanRefused as exc:
@@ -110,11 +118,11 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         fail(EXIT_FAILED, str(exc))
 
 
-def _journal(topo: Topology) -> Journal:
-    try:
-        return open_journal(topo)
-    except JournalError as exc:
-        fail(EXIT_BAD_INPUT, str(exc))
+def _service(
+    topo: Topology, call: Callable[[Releases], Awaitable[T]], console: Console | None = None
+) -> T:
+    """Call the release service with the site's ports, mapping failures to exit codes."""
+    return _run(with_releases(topo, call, console or out))
 
 
 # --- topology --------------------------------------------------------------------
@@ -270,47 +278,9 @@ ReasonOpt = Annotated[
 ]
 
 
-def _gate(topo: Topology, version: str, allow: list[str], reason: str | None) -> Review | None:
-    """Check the migrations this release would apply; refuse (exit 3, the findings
-    printed) unless every finding's rule is allowed."""
-    unknown = sorted(set(allow) - RULES.keys())
-    if unknown:
-        fail(EXIT_BAD_INPUT, f"unknown rule(s) for --allow: {', '.join(unknown)}")
-    if allow and not (reason or "").strip():
-        fail(EXIT_BAD_INPUT, '--allow needs --reason "why this is safe here" (for the journal)')
-    if topo.database is None:
-        if allow:
-            fail(EXIT_BAD_INPUT, r"--allow accepts migration findings, but there is no \[database]")
-        return None
-    found = _run(review_migrations(topo, version))
-    blocking = found.blocking(allow)
-    if blocking:
-        err.print(format_findings(blocking, "text"), markup=False, highlight=False, soft_wrap=True)
-        fail(
-            EXIT_REFUSED,
-            f"refused: {len(blocking)} migration finding(s) would break the release still "
-            'serving or lock a table; fix them, or accept a rule with --allow RULE --reason "..."',
-        )
-    return found
-
-
-def _pins(topo: Topology) -> dict[str, str] | None:
-    try:
-        return migration_pins(topo)
-    except (ConfigError, OSError) as exc:
-        fail(EXIT_BAD_INPUT, f"database.migrations_dir: {exc}")
-
-
-def _allowance(found: Review | None, allow: list[str], reason: str | None) -> str | None:
-    """The journal's record of what --allow accepted, and why."""
-    if found is None or not allow:
-        return None
-    # Past the gate, every finding is of an allowed rule.
-    accepted = "; ".join(f"{f.rule} at {f.path}:{f.line}" for f in found.findings)
-    return (
-        f"migration check: --allow {', '.join(allow)} --reason {reason!r}; "
-        f"accepted {accepted or 'no finding (nothing matched)'}"
-    )
+def _reviewed(topo: Topology, begin: Begin) -> Review | None:
+    """The migration gate of `plan` (exit 3 with the findings printed when refused)."""
+    return _run(review(topo, begin))
 
 
 @app.command()
@@ -326,7 +296,8 @@ def plan(
 ) -> None:
     """Print the ordered steps of a release and check its migrations; touches nothing."""
     topo = _load(config)
-    found = _gate(topo, version, allow or [], reason)
+    begin = Begin(version, tuple(allow or ()), reason)
+    found = _reviewed(topo, begin)
 
     async def go() -> list[Any]:
         view = None
@@ -354,7 +325,7 @@ def plan(
     if found is not None:
         pending = "; ".join(f"{p}: {', '.join(n) or 'none'}" for p, n in found.pending.items())
         out.print(f"pending migrations: {pending}", highlight=False, markup=False, soft_wrap=True)
-        note = _allowance(found, allow or [], reason)
+        note = Releases.allowance(found, begin)
         if note:
             out.print(note, highlight=False, markup=False, soft_wrap=True)
 
@@ -367,11 +338,10 @@ _STATE_EXIT = {
 }
 
 
-def _finish(topo: Topology, release_id: int, state: str, json_out: bool) -> None:
+def _finish(topo: Topology, done: Outcome, json_out: bool) -> None:
     if json_out:
-        journal = _journal(topo)
-        print(json.dumps(release_json(journal, release_id), indent=2))
-    raise typer.Exit(_STATE_EXIT.get(state, EXIT_STOPPED))
+        print(json.dumps(_service(topo, lambda r: r.describe(done.release_id)), indent=2))
+    raise typer.Exit(_STATE_EXIT.get(done.state, EXIT_STOPPED))
 
 
 @app.command()
@@ -384,22 +354,9 @@ def release(
 ) -> None:
     """Release VERSION to every cluster, one cluster at a time, with zero downtime."""
     topo = _load(config)
-    console = err if json_out else out
-    note = _allowance(_gate(topo, version, allow or [], reason), allow or [], reason)
-    pins = _pins(topo)
-
-    async def begin(engine: Engine) -> int:
-        release_id = await engine.begin(version)
-        if pins is not None:  # files edited before a resume are checked again
-            message = json.dumps({"files": pins, "allow": sorted(allow or [])}, sort_keys=True)
-            await asyncio.to_thread(engine.journal.add_event, release_id, J.MIGRATION_PINS, message)
-        if note:
-            await asyncio.to_thread(engine.journal.add_event, release_id, "allow", note)
-            console.print(note, highlight=False, markup=False, soft_wrap=True)
-        return release_id
-
-    release_id, state = _run(run_engine(topo, begin, console))
-    _finish(topo, release_id, state, json_out)
+    begin = Begin(version, tuple(allow or ()), reason)
+    done = _service(topo, lambda r: r.release(begin), err if json_out else out)
+    _finish(topo, done, json_out)
 
 
 @app.command()
@@ -408,55 +365,30 @@ def rollback(config: ConfigOpt = Path(DEFAULT_CONFIG), json_out: JsonOpt = False
     release kept on it (within policy.keep_previous), else a release of it. After a
     release that failed or was aborted: back to the version that one replaced."""
     topo = _load(config)
-    console = err if json_out else out
-    release_id, state = _run(run_engine(topo, lambda e: e.begin_rollback(), console))
-    _finish(topo, release_id, state, json_out)
+    done = _service(topo, lambda r: r.rollback(), err if json_out else out)
+    _finish(topo, done, json_out)
 
 
 @app.command()
 def resume(config: ConfigOpt = Path(DEFAULT_CONFIG), json_out: JsonOpt = False) -> None:
     """Continue the unfinished release after a crash, Ctrl-C or a fixed failure."""
     topo = _load(config)
-    console = err if json_out else out
-    release_id, state = _run(run_engine(topo, lambda e: e.take_over(), console))
-    _finish(topo, release_id, state, json_out)
+    done = _service(topo, lambda r: r.resume(), err if json_out else out)
+    _finish(topo, done, json_out)
 
 
 @app.command()
 def abort(config: ConfigOpt = Path(DEFAULT_CONFIG)) -> None:
     """Stop the release in progress at its next safe point (from another shell)."""
     topo = _load(config)
-    journal = _journal(topo)
-    row = journal.unfinished(topo.site.name)
-    if row is None:
-        fail(EXIT_BAD_INPUT, "no release in progress")
-    holder = journal.lock_holder(topo.site.name)
-    if holder is None or holder.is_stale():
-        # Nobody is running it: mark it aborted now; the pool stays as it is.
-        journal.set_state(row.id, J.ABORTED, "aborted while not running")
-        if holder is not None:
-            journal.force_unlock(topo.site.name)
-        out.print(
-            f"release #{row.id} aborted; the pool was left as it is (see `changeover status`)"
-        )
-        return
-    journal.request(row.id, "abort")
-    out.print(f"asked release #{row.id} ({holder.describe()}) to stop at its next safe point")
+    out.print(_service(topo, lambda r: r.abort(operator())), highlight=False, markup=False)
 
 
 @app.command()
 def approve(config: ConfigOpt = Path(DEFAULT_CONFIG)) -> None:
     """Approve the cluster that a release with approval = "manual" waits for."""
     topo = _load(config)
-    journal = _journal(topo)
-    row = journal.unfinished(topo.site.name)
-    if row is None or row.state != J.AWAITING_APPROVAL:
-        fail(EXIT_BAD_INPUT, "no release is awaiting approval")
-    running = [s for s in journal.steps(row.id) if s.state == J.STEP_RUNNING]
-    if not running:
-        fail(EXIT_BAD_INPUT, "no step is awaiting approval")
-    journal.request(row.id, approval_request(running[0].step_id))
-    out.print(f"approved {running[0].step_id} of release #{row.id}")
+    out.print(_service(topo, lambda r: r.approve(operator())), highlight=False, markup=False)
 
 
 @app.command()
@@ -469,74 +401,31 @@ def unlock(
     if not force:
         fail(EXIT_BAD_INPUT, "unlock needs --force: it breaks the lock of a release in progress")
     topo = _load(config)
-    journal = _journal(topo)
-    holder = journal.lock_holder(topo.site.name)
+    holder = _service(topo, lambda r: r.lock_holder())
     if holder is None:
         out.print("the site is not locked")
         return
     if not yes and not typer.confirm(f"break the lock held by {holder.describe()}?"):
         raise typer.Exit(EXIT_REFUSED)
-    journal.force_unlock(topo.site.name)
-    out.print(f"lock of {holder.describe()} broken")
+    _service(topo, lambda r: r.unlock())
+    out.print(f"lock of {holder.describe()} broken", highlight=False, markup=False)
 
 
 # --- looking ------------------------------------------------------------------------
-
-
-def release_json(journal: Journal, release_id: int) -> dict[str, Any]:
-    row = journal.release(release_id)
-    steps = {s.idx: s for s in journal.steps(release_id)}
-    return {
-        "id": row.id,
-        "site": row.site,
-        "version": row.version,
-        "previous_version": row.previous_version,
-        "strategy": row.strategy,
-        "kind": row.kind,
-        "state": row.state,
-        "error": row.error,
-        "started": row.started,
-        "finished": row.finished,
-        "user": row.user,
-        "host": row.host,
-        "steps": [
-            {
-                "id": s["id"],
-                "description": s["description"],
-                "state": steps[i].state,
-                "started": steps[i].started,
-                "finished": steps[i].finished,
-                "detail": steps[i].detail,
-            }
-            for i, s in enumerate(row.plan)
-        ],
-    }
 
 
 @app.command()
 def status(config: ConfigOpt = Path(DEFAULT_CONFIG), json_out: JsonOpt = False) -> None:
     """Show the pool as the balancer sees it and any release in progress."""
     topo = _load(config)
-    journal = _journal(topo)
-
-    async def read() -> Any:
-        balancer = make_balancer(topo)
-        try:
-            return await balancer.read()
-        except BalancerError as exc:
-            return exc
-        finally:
-            await balancer.close()
-
-    view = asyncio.run(read())
-    pending = journal.unfinished(topo.site.name)
-    holder = journal.lock_holder(topo.site.name)
+    now = _service(topo, lambda r: r.status())
+    view = now.view
     if json_out:
         print(
             json.dumps(
                 {
                     "pool": None
-                    if isinstance(view, Exception)
+                    if view is None
                     else [
                         {
                             "name": m.name,
@@ -547,44 +436,45 @@ def status(config: ConfigOpt = Path(DEFAULT_CONFIG), json_out: JsonOpt = False) 
                         }
                         for m in view.members
                     ],
-                    "balancer_error": str(view) if isinstance(view, Exception) else None,
-                    "release": release_json(journal, pending.id) if pending else None,
-                    "lock": holder.describe() if holder else None,
+                    "balancer_error": now.balancer_error,
+                    "release": now.release,
+                    "lock": now.lock.describe() if now.lock else None,
                 },
                 indent=2,
             )
         )
         return
-    if isinstance(view, Exception):
-        err.print(f"[red]balancer unreachable:[/] {view}", highlight=False)
+    if view is None:
+        err.print(f"[red]balancer unreachable:[/] {escape(now.balancer_error or '')}")
     else:
-        table = Table(title=f"pool of {topo.site.name}")
+        table = Table(title=f"pool of {escape(topo.site.name)}")
         for col in ("cluster", "member", "admission", "health", "in flight"):
             table.add_column(col)
         colour = {"live": "green", "draining": "yellow", "out": "red"}
         for m in view.members:
             table.add_row(
-                m.cluster,
-                m.name,
+                escape(m.cluster),
+                escape(m.name),
                 f"[{colour[m.admission.value]}]{m.admission.value}[/]",
                 "up" if m.healthy else "[red]down[/]",
                 str(m.active),
             )
         out.print(table)
+    pending = now.release
     if pending:
-        done = sum(1 for s in journal.steps(pending.id) if s.state == J.STEP_DONE)
+        done = sum(1 for s in pending["steps"] if s["state"] == J.STEP_DONE)
         out.print(
-            f"release #{pending.id} {pending.version!r}: [bold]{pending.state}[/], "
-            f"{done}/{len(pending.plan)} steps done"
-            + (f"; {pending.error}" if pending.error else ""),
+            f"release #{pending['id']} {escape(repr(pending['version']))}: "
+            f"[bold]{pending['state']}[/], {done}/{len(pending['steps'])} steps done"
+            + (f"; {escape(pending['error'])}" if pending["error"] else ""),
             highlight=False,
         )
     else:
         out.print("no release in progress")
-    if holder:
-        stale = " (stale: its process is gone)" if holder.is_stale() else ""
-        out.print(f"lock: {holder.describe()}{stale}", highlight=False)
-    if isinstance(view, Exception):
+    if now.lock:
+        stale = " (stale: its process is gone)" if now.lock.is_stale() else ""
+        out.print(f"lock: {now.lock.describe()}{stale}", highlight=False, markup=False)
+    if view is None:
         raise typer.Exit(EXIT_FAILED)
 
 
@@ -596,26 +486,29 @@ def history(
 ) -> None:
     """List past releases, newest first."""
     topo = _load(config)
-    journal = _journal(topo)
-    rows = journal.releases(topo.site.name, limit)
+
+    async def read(r: Releases) -> list[dict[str, Any]]:
+        return [await r.describe(row.id) for row in await r.history(limit)]
+
+    rows = _service(topo, read)
     if json_out:
-        print(json.dumps([release_json(journal, r.id) for r in rows], indent=2))
+        print(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"releases of {topo.site.name}")
+    table = Table(title=f"releases of {escape(topo.site.name)}")
     for col in ("#", "version", "previous", "kind", "state", "started", "took", "by"):
         table.add_column(col)
     for r in rows:
-        took = f"{r.finished - r.started:.1f}s" if r.finished else "-"
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started))
+        took = f"{r['finished'] - r['started']:.1f}s" if r["finished"] else "-"
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["started"]))
         table.add_row(
-            str(r.id),
-            r.version,
-            r.previous_version or "-",
-            r.kind,
-            r.state,
+            str(r["id"]),
+            escape(r["version"]),
+            escape(r["previous_version"] or "-"),
+            r["kind"],
+            r["state"],
             started,
             took,
-            f"{r.user}@{r.host}",
+            escape(f"{r['user']}@{r['host']}"),
         )
     out.print(table)
 
@@ -628,25 +521,22 @@ def show(
 ) -> None:
     """Show every step of one release with times, outputs and who ran it."""
     topo = _load(config)
-    journal = _journal(topo)
     try:
-        data = release_json(journal, release_id)
+        data = _service(topo, lambda r: r.describe(release_id, detail=True))
     except KeyError:
         fail(EXIT_BAD_INPUT, f"no release #{release_id}")
-    outputs = journal.outputs(release_id)
     if json_out:
-        # The rows are slotted dataclasses: they have no __dict__.
-        data["outputs"] = [dataclasses.asdict(o) for o in outputs]
-        data["events"] = [dataclasses.asdict(e) for e in journal.events(release_id)]
         print(json.dumps(data, indent=2, default=str))
         return
+    outputs = data["outputs"]
     out.print(
-        f"[bold]release #{data['id']}[/] {data['version']!r} ({data['kind']}, {data['strategy']}) "
-        f"by {data['user']}@{data['host']}: {data['state']}",
+        f"[bold]release #{data['id']}[/] {escape(repr(data['version']))} "
+        f"({data['kind']}, {data['strategy']}) "
+        f"by {escape(data['user'])}@{escape(data['host'])}: {data['state']}",
         highlight=False,
     )
     if data["error"]:
-        out.print(f"[red]{data['error']}[/]", highlight=False)
+        out.print(f"[red]{escape(data['error'])}[/]", highlight=False)
     for i, s in enumerate(data["steps"]):
         took = f"{s['finished'] - s['started']:.1f}s" if s["finished"] and s["started"] else ""
         out.print(
@@ -655,12 +545,12 @@ def show(
             highlight=False,
             markup=False,
         )
-        for o in (o for o in outputs if o.idx == i):
+        for o in (o for o in outputs if o["idx"] == i):
             status_text = (
-                "timeout/unreachable" if o.exit_status is None else f"exit {o.exit_status}"
+                "timeout/unreachable" if o["exit_status"] is None else f"exit {o['exit_status']}"
             )
-            out.print(f"       {o.member}: {status_text} in {o.seconds:.2f}s", markup=False)
-            for line in o.output.strip().splitlines()[-5:]:
+            out.print(f"       {o['member']}: {status_text} in {o['seconds']:.2f}s", markup=False)
+            for line in o["output"].strip().splitlines()[-5:]:
                 out.print(f"         | {line}", markup=False, highlight=False)
 
 

@@ -32,7 +32,8 @@ from changeover.checks import Checker, public_entry
 from changeover.config import ConfigError, Database, Topology
 from changeover.executors.base import render_argv
 from changeover.executors.local import run_local
-from changeover.migrations import Finding, Phase, analyse, check_paths, phase_of
+from changeover.migrations import Phase, analyse, check_paths, phase_of
+from changeover.ports import MigrationError, Review
 
 if TYPE_CHECKING:
     import psycopg
@@ -41,10 +42,6 @@ T = TypeVar("T")
 
 TABLE = "changeover_migrations"
 _OUTPUT_TAIL = 5  # lines of a failed command's output in the error
-
-
-class MigrationError(Exception):
-    """Migrations could not be read or applied, or the old release broke; one line."""
 
 
 def _database(topo: Topology) -> Database:
@@ -517,16 +514,34 @@ async def verify_live(
     return f"{len(members)} member(s) healthy, {len(smoke)} smoke check(s) passed on the live pool"
 
 
+class SiteDatabase:
+    """The engine's `Migrator` port for the topology's `[database]`."""
+
+    def __init__(self, topo: Topology, checker: Checker) -> None:
+        self.topo = topo
+        self.checker = checker
+
+    async def migrate(
+        self,
+        phase: Phase,
+        version: str,
+        note: Callable[[str], Awaitable[None]],
+        pins: Mapping[str, str] | None,
+        allowed: Sequence[str],
+    ) -> str:
+        return await run_migrations(self.topo, phase, version, note, pins, allowed)
+
+    async def verify_live(self, version: str, old_version: str | None) -> str:
+        return await verify_live(self.topo, self.checker, version, old_version)
+
+    async def review(self, version: str) -> Review:
+        return await review(self.topo, version)
+
+    def pins(self) -> dict[str, str] | None:
+        return migration_pins(self.topo)
+
+
 # --- the review (the gate of plan and release) ----------------------------------------------
-
-
-@dataclass(frozen=True)
-class Review:
-    pending: dict[Phase, list[str]]  # names of what the release would apply, per phase
-    findings: list[Finding]  # in the pending migrations only
-
-    def blocking(self, allowed: Sequence[str]) -> list[Finding]:
-        return [f for f in self.findings if f.rule not in allowed]
 
 
 async def review(topo: Topology, version: str) -> Review:

@@ -10,33 +10,56 @@ point: between balancer changes, never half-way through one.
 from __future__ import annotations
 
 import asyncio
-import getpass
 import json
 import os
 import signal
-import socket
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar, assert_never
 
 from changeover import journal as J
-from changeover.balancers.base import Balancer, BalancerError
-from changeover.checks import Checker, CheckResult
+from changeover.balancers.base import BalancerError
 from changeover.config import Cluster, Member, Topology
-from changeover.database import MigrationError, run_migrations, verify_live
-from changeover.executors.base import CommandResult, Executor, member_values, render_argv
+from changeover.executors.base import CommandResult, member_values, render_argv
 from changeover.migrations import Phase
-from changeover.model import Admission, PoolView, cluster_admission
-from changeover.plan import (
-    PlanRefused,
-    Step,
-    StepKind,
-    admit_refusal,
+from changeover.model import (
+    AbortAsked,
+    Admission,
+    Approval,
+    CheckResult,
+    PoolView,
+    cluster_admission,
+    decode_ask,
+)
+from changeover.plan import PlanRefused, admit_refusal, make_plan, member_admissions
+from changeover.policy import (
+    Drain,
+    DrainWatch,
     bake_problem,
-    flip_back_plan,
-    make_plan,
-    member_admissions,
+    drain_progress,
+    fan_out_outcome,
+    flip_back,
+    may_start,
+    rollback_plan,
+    swap_refusal,
+)
+from changeover.ports import MigrationError, Ports
+from changeover.steps import (
+    Admit,
+    Approve,
+    Bake,
+    CheckVersion,
+    Migrate,
+    Preflight,
+    RunCommand,
+    Smoke,
+    Step,
+    StoredPlanError,
+    Upload,
+    VerifyLive,
+    WaitDrained,
+    WaitHealthy,
+    step_from_dict,
 )
 
 P = ParamSpec("P")
@@ -75,20 +98,22 @@ class Stopped(Exception):
 
 
 class Engine:
+    """Runs releases of one topology through the edges in `ports`."""
+
     def __init__(
         self,
         topo: Topology,
-        balancer: Balancer,
-        executor: Executor,
-        journal: J.Journal,
+        ports: Ports,
         on_event: Callable[[Event], None] | None = None,
         poll: float = 0.1,
     ) -> None:
         self.topo = topo
-        self.balancer = balancer
-        self.executor = executor
-        self.journal = journal
-        self.checker = Checker(topo)
+        self.balancer = ports.balancer
+        self.executor = ports.executor
+        self.checks = ports.checks
+        self.migrator = ports.migrator
+        self.journal = ports.journal
+        self.clock = ports.clock
         self.on_event = on_event or (lambda e: None)
         self.poll = poll
         self.site = topo.site.name
@@ -111,7 +136,7 @@ class Engine:
         total: int | None = None,
         journal: bool = True,
     ) -> None:
-        self.on_event(Event(time.time(), kind, message, step, index, total))
+        self.on_event(Event(self.clock.time(), kind, message, step, index, total))
         if journal and self._release_id:
             await self._j(self.journal.add_event, self._release_id, kind, message)
 
@@ -123,15 +148,12 @@ class Engine:
         if self._interrupt.is_set():
             raise Stopped(J.INTERRUPTED, "interrupted (Ctrl-C); `changeover resume` continues")
         row = await self._j(self.journal.release, self._release_id)
-        if row.request == "abort":
+        if isinstance(decode_ask(row.request), AbortAsked):
             raise Stopped(J.ABORTED, "aborted on request (`changeover abort`)")
 
     async def _wait(self, seconds: float) -> None:
         """Sleep that wakes early for Ctrl-C."""
-        try:
-            await asyncio.wait_for(self._interrupt.wait(), seconds)
-        except TimeoutError:
-            return
+        await self.clock.sleep(seconds, self._interrupt)
 
     # --- starting and resuming ----------------------------------------------------
 
@@ -142,35 +164,17 @@ class Engine:
         )
 
     async def begin_rollback(self) -> int:
-        """Back to the version before the last finished release: an instant flip
-        to the clusters a bluegreen release kept on it, within `keep_previous`;
-        otherwise a release of that version through the same safe steps. When the
-        newest release did not finish (failed, interrupted or aborted), it is the
-        one undone: back to what it replaced, not to what the last finished one
-        replaced."""
-
-        def plan(view: PoolView, last: J.ReleaseRow | None) -> tuple[str, list[Step]]:
-            if pending is not None:
-                if pending.previous_version is None:
-                    raise PlanRefused(f"release #{pending.id} recorded no previous version")
-                return pending.previous_version, make_plan(
-                    self.topo, pending.previous_version, view, migrate=False
-                )
-            if last is None or last.previous_version is None:
-                raise PlanRefused("nothing to roll back to: no finished release with a predecessor")
-            kept = kept_clusters(self.topo, last, view, time.time())
-            if kept is not None:
-                current, previous = kept
-                return last.previous_version, flip_back_plan(self.topo, current, previous)
-            # The old release runs on the expanded schema: nothing to migrate back.
-            return last.previous_version, make_plan(
-                self.topo, last.previous_version, view, migrate=False
-            )
-
+        """Plan and journal a rollback (see `policy.rollback_plan`); a newest
+        release that did not finish is superseded by it."""
         pending = await self._j(self.journal.newest, self.site)
         if pending is not None and pending.state not in (J.FAILED, J.INTERRUPTED, J.ABORTED):
             pending = None  # done, or still running (then _create refuses)
-        return await self._create(plan, kind="rollback", supersede=pending)
+        now = self.clock.time()
+        return await self._create(
+            lambda view, last: rollback_plan(self.topo, pending, last, view, now),
+            kind="rollback",
+            supersede=pending,
+        )
 
     async def _create(
         self,
@@ -192,7 +196,7 @@ class Engine:
             if supersede is not None:
                 serving: str | None = supersede.version
             else:
-                serving = last.version if last else await self.checker.served_version()
+                serving = last.version if last else await self.checks.served_version()
             release_id = await self._j(
                 self.journal.create_release,
                 self.site,
@@ -237,12 +241,17 @@ class Engine:
         self._release_id = release_id
         row = await self._j(self.journal.release, release_id)
         self._version = row.version
-        self._steps = steps = [Step.from_dict(s) for s in row.plan]
-        done = {
-            s.idx for s in await self._j(self.journal.steps, release_id) if s.state == J.STEP_DONE
-        }
         state = J.DONE
         try:
+            try:
+                self._steps = steps = [step_from_dict(s) for s in row.plan]
+            except StoredPlanError as exc:
+                raise PlanRefused(
+                    f"release #{release_id}: its stored plan cannot be read here ({exc}); "
+                    "finish it with the version that began it, or `changeover abort` it"
+                ) from None
+            journaled = await self._j(self.journal.steps, release_id)
+            done = {s.idx for s in journaled if s.state == J.STEP_DONE}
             await self._emit(
                 "state",
                 f"release #{release_id}: {row.version} on {self.site}"
@@ -270,7 +279,7 @@ class Engine:
             await self._j(self.journal.set_state, release_id, state, str(exc))
             await self._emit("state", f"release #{release_id} failed: {exc}")
         finally:
-            await self.checker.close()
+            await self.checks.close()
             await self._j(self.journal.release_lock, self.site)
         return state
 
@@ -278,7 +287,7 @@ class Engine:
         failpoint(step.id, "before")
         await self._j(self.journal.step_started, self._release_id, idx)
         await self._emit("step-start", step.description, step, idx, total, journal=False)
-        started = time.monotonic()
+        started = self.clock.monotonic()
         failpoint(step.id, "during")
         try:
             detail = await self._dispatch(idx, step)
@@ -296,7 +305,7 @@ class Engine:
             raise
         await self._j(self.journal.step_finished, self._release_id, idx, True, detail)
         failpoint(step.id, "after")
-        took = time.monotonic() - started
+        took = self.clock.monotonic() - started
         await self._emit(
             "step-done",
             f"{step.description} ({took:.1f}s){': ' + detail if detail else ''}",
@@ -306,52 +315,50 @@ class Engine:
         )
 
     async def _dispatch(self, idx: int, step: Step) -> str:
-        match step.kind:
-            case StepKind.PREFLIGHT:
+        """One handler per step kind."""
+        match step:
+            case Preflight():
                 return await self._preflight()
-            case StepKind.ADMIT:
+            case Admit():
                 return await self._admit(step)
-            case StepKind.WAIT_DRAINED:
-                return await self._wait_drained(self._cluster(step))
-            case StepKind.RUN:
-                return await self._run_command(idx, self._cluster(step), step.command or "")
-            case StepKind.UPLOAD:
-                return await self._upload(idx, self._cluster(step))
-            case StepKind.WAIT_HEALTHY:
-                return await self._wait_healthy(self._cluster(step))
-            case StepKind.VERIFY_VERSION:
-                return await self._verify_version(self._cluster(step))
-            case StepKind.SMOKE:
-                return await self._smoke(self._cluster(step))
-            case StepKind.APPROVE:
+            case WaitDrained():
+                return await self._wait_drained(step)
+            case RunCommand():
+                return await self._run_command(idx, step)
+            case Upload():
+                return await self._upload(idx, step)
+            case WaitHealthy():
+                return await self._wait_healthy(step)
+            case CheckVersion():
+                return await self._verify_version(step)
+            case Smoke():
+                return await self._smoke(step)
+            case Approve():
                 return await self._approve(step)
-            case StepKind.BAKE:
-                return await self._bake(step, self._cluster(step))
-            case StepKind.MIGRATE:
-                phase: Phase = "contract" if step.phase == "contract" else "expand"
-                events = await self._j(self.journal.events, self._release_id)
-                pins = [json.loads(e.message) for e in events if e.kind == J.MIGRATION_PINS]
-                checked = pins[-1] if pins else {"files": None, "allow": []}
-                return await run_migrations(
-                    self.topo,
-                    phase,
-                    self._version,
-                    lambda note: self._emit("info", note),
-                    checked["files"],
-                    checked["allow"],
-                )
-            case StepKind.VERIFY_LIVE:
-                row = await self._j(self.journal.release, self._release_id)
-                return await verify_live(
-                    self.topo, self.checker, self._version, row.previous_version
-                )
-        raise StepFailed(f"unknown step kind {step.kind}")
+            case Bake():
+                return await self._bake(step)
+            case Migrate():
+                return await self._migrate(step)
+            case VerifyLive():
+                return await self._verify_live()
+            case _:
+                assert_never(step)
 
-    def _cluster(self, step: Step) -> Cluster:
-        assert step.cluster is not None
-        return self.topo.cluster(step.cluster)
+    async def _until(
+        self, ready: Callable[[], Awaitable[bool]], timeout: float, interval: float
+    ) -> bool:
+        """Await `ready()` every `interval` until true (True) or `timeout` passed
+        (False), stopping at Ctrl-C or an abort in between."""
+        deadline = self.clock.monotonic() + timeout
+        while True:
+            if await ready():
+                return True
+            if self.clock.monotonic() > deadline:
+                return False
+            await self._check_stop()
+            await self._wait(interval)
 
-    # --- steps ---------------------------------------------------------------------
+    # --- balancer steps ------------------------------------------------------------
 
     async def _preflight(self) -> str:
         view = await self._read()
@@ -367,20 +374,28 @@ class Engine:
         )
         return summary
 
-    async def _admit(self, step: Step) -> str:
+    async def _admit(self, step: Admit) -> str:
         if step.promote:
-            await self._require_checks_passed(step.promote)
+            steps = await self._j(self.journal.steps, self._release_id)
+            refusal = swap_refusal(self._steps, {s.step_id: s.state for s in steps}, step.promote)
+            if refusal:
+                raise StepFailed(refusal)
             await self._wait_balancer_healthy(step.promote)
-        desired = member_admissions(self.topo, step.admissions)
+        view = await self._change(step.admissions, "take the change")
+        return _admissions_summary(self.topo, view)
+
+    async def _change(self, admissions: dict[str, Admission], verb: str) -> PoolView:
+        """Apply cluster admissions in one balancer change, each attempt checked
+        against the interlock on a fresh read first."""
+        desired = member_admissions(self.topo, admissions)
 
         async def change() -> PoolView:
-            refusal = admit_refusal(self.topo, await self.balancer.read(), step.admissions)
+            refusal = admit_refusal(self.topo, await self.balancer.read(), admissions)
             if refusal:
                 raise PlanRefused(refusal)
             return await self.balancer.apply(desired)
 
-        view = await self._retrying(change, "change", "take the change")
-        return _admissions_summary(self.topo, view)
+        return await self._retrying(change, "change", verb)
 
     async def _retrying(self, call: Callable[[], Awaitable[T]], what: str, verb: str) -> T:
         """A balancer call, retried with backoff (0.5 s, 1 s, 2 s) while the balancer
@@ -402,53 +417,40 @@ class Engine:
     async def _read(self) -> PoolView:
         return await self._retrying(self.balancer.read, "read", "answer a read")
 
-    async def _require_checks_passed(self, cluster: str) -> None:
-        """Never swap to a cluster that failed (or skipped) any check of this release."""
-        done = {s.step_id: s.state for s in await self._j(self.journal.steps, self._release_id)}
-        needed = [s.id for s in self._steps if s.cluster == cluster and s.kind in _GATE_KINDS]
-        missing = [s for s in needed if done.get(s) != J.STEP_DONE]
-        if not needed or missing:
-            raise StepFailed(
-                f"refusing to put {cluster} live: check(s) not passed: {missing or 'none planned'}"
-            )
-
     async def _wait_balancer_healthy(self, cluster: str) -> None:
-        deadline = time.monotonic() + self.topo.policy.health_timeout
-        while True:
-            view = await self._read()
-            sick = [m.name for m in view.in_cluster(cluster) if not m.healthy]
-            if not sick:
-                return
-            if time.monotonic() > deadline:
-                raise StepFailed(f"the balancer still sees {sick} unhealthy")
-            await self._check_stop()
-            await self._wait(self.poll)
+        sick: list[str] = []
 
-    async def _wait_drained(self, cluster: Cluster) -> str:
+        async def healthy() -> bool:
+            nonlocal sick
+            sick = [m.name for m in (await self._read()).in_cluster(cluster) if not m.healthy]
+            return not sick
+
+        if not await self._until(healthy, self.topo.policy.health_timeout, self.poll):
+            raise StepFailed(f"the balancer still sees {sick} unhealthy")
+
+    async def _wait_drained(self, step: WaitDrained) -> str:
         policy = self.topo.policy
-        started = time.monotonic()
-        quiet_since = started
-        last_total = -1
-        view: PoolView | None = None
+        now = self.clock.monotonic()
+        watch = DrainWatch(now, now)
         while True:
-            view = await self._read()
-            active = view.active_in(cluster.name)
-            total = sum(m.requests for m in view.in_cluster(cluster.name))
-            now = time.monotonic()
-            if active or total != last_total:
-                quiet_since = now
-            last_total = total
-            if now - quiet_since >= policy.drain_idle:
+            members = (await self._read()).in_cluster(step.cluster)
+            watch, verdict = drain_progress(
+                watch, members, self.clock.monotonic(), policy.drain_idle, policy.drain_timeout
+            )
+            if verdict is Drain.QUIET:
                 return f"quiet for {policy.drain_idle:g}s"
-            if now - started >= policy.drain_timeout:
-                msg = (
-                    f"drain timeout ({policy.drain_timeout:g}s): {active} request(s) in flight and "
-                    "sticky sessions still active; they move to the live pool once it is out"
+            if verdict is Drain.TIMED_OUT:
+                active = sum(m.active for m in members)
+                await self._emit(
+                    "info",
+                    f"drain timeout ({policy.drain_timeout:g}s): {active} request(s) in flight "
+                    "and sticky sessions still active; they move to the live pool once it is out",
                 )
-                await self._emit("info", msg)
                 return "drain timeout reached"
             await self._check_stop()
             await self._wait(min(self.poll * 2, 0.25))
+
+    # --- commands on members ---------------------------------------------------------
 
     async def _for_members(
         self, idx: int, cluster: Cluster, work: Callable[[Member], Awaitable[CommandResult]]
@@ -462,7 +464,7 @@ class Engine:
 
         async def one(member: Member) -> None:
             async with limit:
-                if len(failed) > cfg.max_failed:
+                if not may_start(len(failed), cfg.max_failed):
                     skipped.append(member.name)
                     return
                 result = await work(member)
@@ -484,29 +486,16 @@ class Engine:
             # Ctrl-C reached a command being spawned (before it left our process
             # group): not a failure of the step, which runs again on resume.
             raise Stopped(J.INTERRUPTED, "interrupted (Ctrl-C); `changeover resume` continues")
-        if failed:
-            first = failed[0]
-            status = (
-                "timed out or unreachable"
-                if first.exit_status is None
-                else f"exit {first.exit_status}"
-            )
-            tail = first.output.strip().splitlines()[-5:]
-            summary = (
-                f"{len(failed)} member(s) failed, first {first.member} ({status}): "
-                + " | ".join(tail)
-            )
-            if skipped:
-                summary += (
-                    f"; not started on {len(skipped)} member(s): {', '.join(sorted(skipped))}"
-                )
-            if len(failed) > cfg.max_failed:
-                raise StepFailed(summary)
-            await self._emit("warn", summary + f" (within max_failed={cfg.max_failed})")
-        return f"{len(cluster.members) - len(failed)}/{len(cluster.members)} ok"
+        outcome = fan_out_outcome(len(cluster.members), failed, skipped, cfg.max_failed)
+        if outcome.over_budget:
+            raise StepFailed(outcome.summary)
+        if outcome.summary:
+            await self._emit("warn", outcome.summary + f" (within max_failed={cfg.max_failed})")
+        return outcome.detail
 
-    async def _run_command(self, idx: int, cluster: Cluster, command: str) -> str:
-        template = getattr(self.topo.release, command)
+    async def _run_command(self, idx: int, step: RunCommand) -> str:
+        cluster = self.topo.cluster(step.cluster)
+        template = getattr(self.topo.release, step.command)
         timeout = self.topo.executor.timeout
 
         async def work(member: Member) -> CommandResult:
@@ -515,7 +504,8 @@ class Engine:
 
         return await self._for_members(idx, cluster, work)
 
-    async def _upload(self, idx: int, cluster: Cluster) -> str:
+    async def _upload(self, idx: int, step: Upload) -> str:
+        cluster = self.topo.cluster(step.cluster)
         timeout = self.topo.executor.timeout
 
         async def work(member: Member) -> CommandResult:
@@ -533,74 +523,80 @@ class Engine:
 
         return await self._for_members(idx, cluster, work)
 
-    async def _wait_healthy(self, cluster: Cluster) -> str:
-        deadline = time.monotonic() + self.topo.policy.health_timeout
-        started = time.monotonic()
-        while True:
-            results = await asyncio.gather(*(self.checker.health(m) for m in cluster.members))
-            sick = [r for r in results if not r.ok]
-            if not sick:
-                return f"{len(results)} member(s) healthy after {time.monotonic() - started:.1f}s"
-            if time.monotonic() > deadline:
-                raise StepFailed(
-                    f"not healthy after {self.topo.policy.health_timeout:g}s: {_brief(sick)}"
-                )
-            await self._check_stop()
-            await self._wait(max(self.poll, 0.1))
+    # --- checks ----------------------------------------------------------------------
 
-    async def _verify_version(self, cluster: Cluster) -> str:
-        results = await asyncio.gather(
-            *(self.checker.version(m, self._version) for m in cluster.members)
-        )
+    async def _wait_healthy(self, step: WaitHealthy) -> str:
+        cluster = self.topo.cluster(step.cluster)
+        started = self.clock.monotonic()
+        sick: list[CheckResult] = []
+
+        async def healthy() -> bool:
+            nonlocal sick
+            results = await asyncio.gather(*(self.checks.health(m) for m in cluster.members))
+            sick = [r for r in results if not r.ok]
+            return not sick
+
+        timeout = self.topo.policy.health_timeout
+        if not await self._until(healthy, timeout, max(self.poll, 0.1)):
+            raise StepFailed(f"not healthy after {timeout:g}s: {_brief(sick)}")
+        took = self.clock.monotonic() - started
+        return f"{len(cluster.members)} member(s) healthy after {took:.1f}s"
+
+    async def _verify_version(self, step: CheckVersion) -> str:
+        members = self.topo.cluster(step.cluster).members
+        results = await asyncio.gather(*(self.checks.version(m, self._version) for m in members))
         wrong = [r for r in results if not r.ok]
         if wrong:
             raise StepFailed(f"wrong version: {_brief(wrong)}")
         return f"{len(results)} member(s) on {self._version}"
 
-    async def _smoke(self, cluster: Cluster) -> str:
+    async def _smoke(self, step: Smoke) -> str:
+        cluster = self.topo.cluster(step.cluster)
         # The QA entry point goes through the balancer: it must see the cluster up.
         await self._wait_balancer_healthy(cluster.name)
-        results = await self.checker.smoke(cluster, self._version)
+        results = await self.checks.smoke(cluster, self._version)
         bad = [r for r in results if not r.ok]
         if bad:
             raise StepFailed(f"smoke check failed: {_brief(bad)}")
         return f"{len(results)} check(s) passed" if results else "no smoke checks configured"
 
-    async def _bake(self, step: Step, cluster: Cluster) -> str:
+    async def _bake(self, step: Bake) -> str:
+        cluster = self.topo.cluster(step.cluster)
         policy = self.topo.policy
         first = await self._read()
         base_requests = sum(m.requests for m in first.in_cluster(cluster.name))
         base_errors = sum(m.errors for m in first.in_cluster(cluster.name))
-        deadline = time.monotonic() + policy.bake
+        deadline = self.clock.monotonic() + policy.bake
         problem: str | None = None
-        while problem is None and time.monotonic() < deadline:
+        view = first
+        while problem is None and self.clock.monotonic() < deadline:
             await self._check_stop()
             await self._wait(min(1.0, policy.bake / 5))
             view = await self._read()
             problem = bake_problem(
                 view, cluster.name, base_requests, base_errors, policy.max_error_ratio
             )
-            smoke = await self.checker.live_smoke(self._version) if problem is None else None
+            smoke = await self.checks.live_smoke(self._version) if problem is None else None
             if smoke is not None and not smoke.ok:
                 problem = f"smoke command against the live pool: {smoke.detail}"
         if problem is None:
             served = sum(m.requests for m in view.in_cluster(cluster.name)) - base_requests
             return f"{cluster.name} served {served} request(s) cleanly for {policy.bake:g}s"
         await self._emit("warn", f"bake of {cluster.name} failed: {problem}")
-        if not (policy.auto_rollback and step.admissions):
+        back = flip_back(policy.auto_rollback, step)
+        if back is None:
             raise StepFailed(problem)
         # Flip back while the previous clusters still run the old release.
-        refusal = admit_refusal(self.topo, await self._read(), step.admissions)
-        if refusal:
-            raise StepFailed(f"{problem}; automatic rollback refused: {refusal}")
-        desired = member_admissions(self.topo, step.admissions)
-        await self._retrying(lambda: self.balancer.apply(desired), "change", "take the flip back")
-        back = ", ".join(c for c, a in step.admissions.items() if a is Admission.LIVE)
+        try:
+            await self._change(dict(back), "take the flip back")
+        except PlanRefused as refusal:
+            raise StepFailed(f"{problem}; automatic rollback refused: {refusal}") from refusal
+        live = ", ".join(c for c, a in back.items() if a is Admission.LIVE)
         raise RolledBack(
-            f"{problem}; flipped back: {back} live on the previous release, {cluster.name} out"
+            f"{problem}; flipped back: {live} live on the previous release, {cluster.name} out"
         )
 
-    async def _approve(self, step: Step) -> str:
+    async def _approve(self, step: Approve) -> str:
         await self._j(self.journal.set_state, self._release_id, J.AWAITING_APPROVAL)
         await self._emit(
             "info",
@@ -610,36 +606,33 @@ class Engine:
         try:
             while True:
                 row = await self._j(self.journal.release, self._release_id)
-                if row.request and row.request.startswith(f"approve:{step.id}:"):
-                    who = row.request.split(":", 2)[2]
+                ask = decode_ask(row.request)
+                if isinstance(ask, Approval) and ask.step_id == step.id:
                     await self._j(self.journal.request, self._release_id, None)
-                    return f"approved by {who}"
+                    return f"approved by {ask.who}"
                 await self._check_stop()
                 await self._wait(0.2)
         finally:
             await self._j(self.journal.set_state, self._release_id, J.RUNNING)
 
+    # --- the database ------------------------------------------------------------------
 
-_GATE_KINDS = (StepKind.WAIT_HEALTHY, StepKind.VERIFY_VERSION, StepKind.SMOKE, StepKind.APPROVE)
+    async def _migrate(self, step: Migrate) -> str:
+        phase: Phase = step.phase
+        events = await self._j(self.journal.events, self._release_id)
+        pins = [json.loads(e.message) for e in events if e.kind == J.MIGRATION_PINS]
+        checked = pins[-1] if pins else {"files": None, "allow": []}
+        return await self.migrator.migrate(
+            phase,
+            self._version,
+            lambda note: self._emit("info", note),
+            checked["files"],
+            checked["allow"],
+        )
 
-
-def kept_clusters(
-    topo: Topology, last: J.ReleaseRow, view: PoolView, now: float
-) -> tuple[str, list[str]] | None:
-    """(current, kept) when the last release was bluegreen, its bake window is
-    still open and the clusters it swapped out are still draining (running the
-    old release); None when only a re-release can roll back."""
-    if last.strategy != "bluegreen" or last.finished is None:
-        return None
-    if now > last.finished + topo.policy.keep_previous:
-        return None
-    swaps = [Step.from_dict(s) for s in last.plan if s["id"].startswith("swap-")]
-    if not swaps or swaps[-1].promote is None:
-        return None
-    kept = [c for c, adm in swaps[-1].admissions.items() if adm is Admission.DRAINING]
-    if not kept or any(cluster_admission(view, c) is not Admission.DRAINING for c in kept):
-        return None
-    return swaps[-1].promote, kept
+    async def _verify_live(self) -> str:
+        row = await self._j(self.journal.release, self._release_id)
+        return await self.migrator.verify_live(self._version, row.previous_version)
 
 
 def failpoint(step_id: str, where: str) -> None:
@@ -654,10 +647,6 @@ def failpoint(step_id: str, where: str) -> None:
         asyncio.get_running_loop().call_later(delay, os.kill, os.getpid(), signal.SIGKILL)
     else:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def approval_request(step_id: str) -> str:
-    return f"approve:{step_id}:{getpass.getuser()}@{socket.gethostname()}"
 
 
 def _brief(results: list[CheckResult]) -> str:

@@ -5,6 +5,7 @@ Nothing here does I/O; planning and interlocks are pure functions over these typ
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -57,6 +58,15 @@ class PoolView:
         return sum(m.active for m in self.in_cluster(cluster))
 
 
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """One health, version or smoke check: what was checked, and what it saw."""
+
+    target: str
+    ok: bool
+    detail: str
+
+
 def cluster_admission(view: PoolView, cluster: str) -> Admission | None:
     """The cluster's admission when all its members agree, else None (mixed)."""
     seen = {m.admission for m in view.in_cluster(cluster)}
@@ -67,3 +77,52 @@ def differs(view: PoolView, desired: Mapping[str, Admission]) -> dict[str, Admis
     """The subset of `desired` that the view does not show yet."""
     current = view.admissions()
     return {name: adm for name, adm in desired.items() if current.get(name) != adm}
+
+
+# --- what another shell asks of a running release (the journal's `request`) --------
+
+
+@dataclass(frozen=True, slots=True)
+class Approval:
+    """A person approved the cluster that the step `step_id` waits for."""
+
+    step_id: str
+    who: str
+
+
+@dataclass(frozen=True, slots=True)
+class AbortAsked:
+    """Stop the release at its next safe point."""
+
+    who: str
+
+
+Ask = Approval | AbortAsked
+
+
+def encode_ask(ask: Ask) -> str:
+    if isinstance(ask, Approval):
+        return json.dumps({"kind": "approve", "step": ask.step_id, "who": ask.who})
+    return json.dumps({"kind": "abort", "who": ask.who})
+
+
+def decode_ask(text: str | None) -> Ask | None:
+    """The request stored by `encode_ask`, or by releases before it
+    (`approve:<step>:<who>`, `abort`); None for none or one not understood."""
+    if not text:
+        return None
+    if text == "abort":
+        return AbortAsked("")
+    if text.startswith("approve:"):
+        _, step, who = [*text.split(":", 2), ""][:3]
+        return Approval(step, who)
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    match data:
+        case {"kind": "approve", "step": str(step), "who": str(who)}:
+            return Approval(step, who)
+        case {"kind": "abort", "who": str(who)}:
+            return AbortAsked(who)
+    return None

@@ -1,20 +1,26 @@
-"""Assembling the edges (balancer driver, executor, journal) from a topology."""
+"""Assembling the engine's ports (balancer driver, executor, checks, database,
+journal, clock) from a topology: the one place that names concrete ones."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from rich.console import Console
 
 from changeover.balancers.base import Balancer
+from changeover.checks import Checker
 from changeover.config import Topology
-from changeover.engine import Engine
+from changeover.database import SiteDatabase
 from changeover.executors.base import Executor
 from changeover.journal import Journal, journal_path
+from changeover.ports import JournalStore, Ports, Review, SystemClock
+from changeover.releases import Begin, Releases, review_gate
 from changeover.ui import Timeline
+
+T = TypeVar("T")
 
 
 def make_balancer(topo: Topology) -> Balancer:
@@ -46,28 +52,64 @@ def open_journal(topo: Topology) -> Journal:
     return Journal(journal_path(topo.state_dir(), topo.site.name))
 
 
-async def run_engine(
-    topo: Topology,
-    go: Callable[[Engine], Coroutine[Any, Any, int]],
-    console: Console,
-) -> tuple[int, str]:
-    """Build the edges, run `go` (which returns a release id to run), clean up.
+def make_ports(topo: Topology, journal: JournalStore, checker: Checker | None = None) -> Ports:
+    checker = checker or Checker(topo)
+    return Ports(
+        balancer=make_balancer(topo),
+        executor=make_executor(topo),
+        checks=checker,
+        migrator=SiteDatabase(topo, checker),
+        journal=journal,
+        clock=SystemClock(),
+    )
 
-    SIGINT and SIGTERM ask the engine to stop at the next safe point.
-    """
-    balancer = make_balancer(topo)
-    executor = make_executor(topo)
-    journal = await asyncio.to_thread(open_journal, topo)
-    engine = Engine(topo, balancer, executor, journal, on_event=Timeline(console))
+
+async def close_ports(ports: Ports) -> None:
+    await ports.balancer.close()
+    await ports.executor.close()
+    await ports.checks.close()
+
+
+async def review(topo: Topology, begin: Begin) -> Review | None:
+    """The migration gate alone (`changeover plan`): no journal, no balancer."""
+    checker = Checker(topo)
+    try:
+        return await review_gate(topo, SiteDatabase(topo, checker), begin)
+    finally:
+        await checker.close()
+
+
+async def with_releases(
+    topo: Topology, call: Callable[[Releases], Awaitable[T]], console: Console
+) -> T:
+    """`call` the service (which opens the journal and builds the other ports
+    when it needs them), clean up. SIGINT and SIGTERM ask a running release to stop
+    at its next safe point."""
+    checker = Checker(topo)  # no connection until a check runs
+    journals: list[Journal] = []
+    built: list[Ports] = []
+
+    def journal() -> Journal:
+        journals.append(open_journal(topo))
+        return journals[-1]
+
+    def connect(journal: JournalStore) -> Ports:
+        built.append(make_ports(topo, journal, checker))
+        return built[-1]
+
+    releases = Releases(
+        topo, journal, SiteDatabase(topo, checker), connect, on_event=Timeline(console)
+    )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, engine.interrupt)
+        loop.add_signal_handler(sig, releases.interrupt)
     try:
-        release_id = await go(engine)
-        return release_id, await engine.run(release_id)
+        return await call(releases)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        await balancer.close()
-        await executor.close()
-        journal.close()
+        for ports in built:
+            await close_ports(ports)
+        await checker.close()
+        for opened in journals:
+            opened.close()

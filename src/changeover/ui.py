@@ -7,7 +7,7 @@ import time
 from rich.console import Console
 
 from changeover.engine import Event
-from changeover.plan import StepKind
+from changeover.steps import StepKind
 
 _LONG_STEPS = {StepKind.WAIT_DRAINED, StepKind.WAIT_HEALTHY, StepKind.APPROVE, StepKind.RUN}
 

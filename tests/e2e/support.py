@@ -5,7 +5,6 @@ journal against."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import signal
 import sys
@@ -204,13 +203,11 @@ def failed_steps(site: DemoSite, release_id: int) -> list[tuple[str, str | None]
 
 def show(site: DemoSite, release_id: int) -> dict[str, Any]:
     """`changeover show N --json`, in process (same code path, no interpreter start-up)."""
-    from changeover.cli import release_json
+    from changeover.releases import describe_release
 
     j = journal(site)
     try:
-        data = release_json(j, release_id)
-        data["events"] = [dataclasses.asdict(e) for e in j.events(release_id)]
-        return data
+        return describe_release(j, release_id, detail=True)
     finally:
         j.close()
 

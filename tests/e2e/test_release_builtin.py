@@ -14,7 +14,8 @@ from rich.console import Console
 from changeover import journal as J
 from changeover.demo.scenario import DemoOptions, DemoSite
 from changeover.model import Admission
-from changeover.runtime import make_balancer, open_journal, run_engine
+from changeover.releases import Begin
+from changeover.runtime import make_balancer, open_journal, with_releases
 from tests.e2e import support as S
 from tests.helpers import wait_until
 
@@ -43,8 +44,8 @@ async def pool_admissions(site: DemoSite) -> set[Admission]:
 
 async def test_full_release_under_probe_has_zero_downtime(site: DemoSite) -> None:
     async with site.probe(RATE, sticky_users=40) as probe:
-        release_id, state = await run_engine(
-            site.topo, lambda e: e.begin("2.0"), Console(quiet=True)
+        release_id, state = await with_releases(
+            site.topo, lambda r: r.release(Begin("2.0")), Console(quiet=True)
         )
         report = await probe.finish()
     assert state == J.DONE

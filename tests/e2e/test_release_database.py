@@ -16,8 +16,8 @@ import pytest
 from changeover import journal as J
 from changeover.demo.scenario import DemoOptions, DemoSite
 from changeover.model import Admission
-from changeover.plan import StepKind
 from changeover.runtime import make_balancer, open_journal
+from changeover.steps import StepKind
 from tests.e2e import support as S
 from tests.postgres import Postgres, running_postgres
 

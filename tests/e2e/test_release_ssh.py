@@ -21,7 +21,8 @@ from changeover import journal as J
 from changeover.config import Topology
 from changeover.demo.scenario import DemoOptions, DemoSite
 from changeover.model import Admission
-from changeover.runtime import run_engine
+from changeover.releases import Begin
+from changeover.runtime import with_releases
 from tests.e2e import support as S
 from tests.integration.sshd import SshdServer, cluster_hosts, running_sshd
 
@@ -68,7 +69,7 @@ async def site(
 
 
 async def release(topo: Topology, version: str) -> tuple[int, str]:
-    return await run_engine(topo, lambda engine: engine.begin(version), Console(quiet=True))
+    return await with_releases(topo, lambda r: r.release(Begin(version)), Console(quiet=True))
 
 
 def outputs(site: DemoSite, release_id: int) -> list[J.OutputRow]:

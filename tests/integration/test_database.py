@@ -15,7 +15,6 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from changeover.config import Topology, parse
 from changeover.database import (
-    MigrationError,
     applied_migrations,
     migration_pins,
     review,
@@ -23,6 +22,7 @@ from changeover.database import (
     sqlite_path,
 )
 from changeover.demo.app import build_app
+from changeover.ports import MigrationError
 from tests.postgres import Postgres, running_postgres
 
 CLUSTERS = [

@@ -14,10 +14,13 @@ import pytest
 
 from changeover import journal as J
 from changeover.balancers.factory import DRIVERS
+from changeover.checks import Checker
 from changeover.config import BalancerInstance, Topology
+from changeover.database import SiteDatabase
 from changeover.engine import Engine, Event
 from changeover.executors.base import member_values, render_argv
 from changeover.model import Admission
+from changeover.ports import Ports, SystemClock
 from changeover.runtime import make_executor, open_journal
 from tests.helpers import wait_until
 from tests.integration.realbalancers import (
@@ -123,9 +126,16 @@ async def test_full_release_under_probe_has_zero_downtime(product: str, tmp_path
                 journal = open_journal(topology)
                 executor = make_executor(topology)
                 try:
-                    engine = Engine(
-                        topology, driver, executor, journal, on_event=lambda e: events.append(e)
+                    checker = Checker(topology)
+                    ports = Ports(
+                        driver,
+                        executor,
+                        checker,
+                        SiteDatabase(topology, checker),
+                        journal,
+                        SystemClock(),
                     )
+                    engine = Engine(topology, ports, on_event=events.append)
                     release_id = await engine.begin("2.0")
                     state = await engine.run(release_id)
                     steps = journal.steps(release_id)

@@ -8,7 +8,8 @@ import pytest
 
 from changeover.config import Topology, parse
 from changeover.model import Admission, MemberState, PoolView
-from changeover.plan import PlanRefused, Step, StepKind, admit_refusal, make_plan
+from changeover.plan import PlanRefused, admit_refusal, make_plan
+from changeover.steps import Admit, Approve, Bake, RunCommand, Step, StepKind, step_from_dict
 
 
 def topo(clusters: int = 2, members: int = 2, **policy: Any) -> Topology:
@@ -43,7 +44,7 @@ def view(
 
 
 def admits(steps: list[Step]) -> list[dict[str, Admission]]:
-    return [s.admissions for s in steps if s.kind is StepKind.ADMIT]
+    return [s.admissions for s in steps if isinstance(s, Admit)]
 
 
 def test_rolling_clusters_follows_the_seed_procedure() -> None:
@@ -62,9 +63,9 @@ def test_rolling_clusters_follows_the_seed_procedure() -> None:
     for needed in ("stop-a", "deploy-a", "start-a", "healthy-a", "version-a", "smoke-a"):
         assert needed in a_steps
     assert kinds[0] is StepKind.PREFLIGHT
-    swap = next(s for s in steps if s.id == "drain-b")
-    assert swap.promote == "a"
-    assert steps[-1].promote == "b"
+    swap, live = (next(s for s in steps if s.id == i) for i in ("drain-b", "live-b"))
+    assert isinstance(swap, Admit) and swap.promote == "a"
+    assert isinstance(live, Admit) and live.promote == "b" and steps[-1] is live
 
 
 def test_three_clusters_swap_pairwise() -> None:
@@ -79,13 +80,13 @@ def test_three_clusters_swap_pairwise() -> None:
 def test_order_and_manual_approval() -> None:
     t = topo(order=["b", "a"], approval="manual")
     steps = make_plan(t, "2")
-    assert steps[1].admissions == {"b": Admission.DRAINING}
-    assert [s.id for s in steps if s.kind is StepKind.APPROVE] == ["approve-b", "approve-a"]
+    assert admits(steps)[0] == {"b": Admission.DRAINING} and steps[1].id == "drain-b"
+    assert [s.id for s in steps if isinstance(s, Approve)] == ["approve-b", "approve-a"]
 
 
 def test_plan_round_trips_through_plain_data() -> None:
     steps = make_plan(topo(), "2")
-    assert [Step.from_dict(s.to_dict()) for s in steps] == steps
+    assert [step_from_dict(s.to_dict()) for s in steps] == steps
 
 
 def test_plan_refuses_when_the_remaining_cluster_is_unhealthy() -> None:
@@ -121,7 +122,7 @@ def test_bluegreen_releases_the_first_cluster_when_all_are_live() -> None:
         {"a": Admission.OUT},
         {"a": Admission.LIVE, "b": Admission.DRAINING},  # b kept draining on the old release
     ]
-    assert not any(s.cluster == "b" and s.kind is StepKind.RUN for s in steps)
+    assert not any(isinstance(s, RunCommand) and s.cluster == "b" for s in steps)
 
 
 def test_bluegreen_releases_the_idle_cluster() -> None:
@@ -139,9 +140,10 @@ def test_bake_follows_each_swap_with_a_flip_back_while_the_old_release_runs() ->
     ids = [s.id for s in steps]
     assert ids.index("bake-a") == ids.index("drain-b") + 1
     assert ids.index("bake-a") < ids.index("drained-b") < ids.index("stop-b")
-    bake_a = steps[ids.index("bake-a")]
+    bake_a, bake_b = steps[ids.index("bake-a")], steps[-1]
+    assert isinstance(bake_a, Bake) and isinstance(bake_b, Bake)
     assert bake_a.admissions == {"b": Admission.LIVE, "a": Admission.OUT}
-    assert steps[-1].id == "bake-b" and steps[-1].admissions == {}  # nothing old left running
+    assert bake_b.id == "bake-b" and bake_b.admissions == {}  # nothing old left running
 
 
 def test_flip_back_checks_the_kept_cluster_then_swaps_in_one_change() -> None:
@@ -157,7 +159,7 @@ def test_flip_back_checks_the_kept_cluster_then_swaps_in_one_change() -> None:
 def test_bake_problem_from_the_balancers_figures() -> None:
     from dataclasses import replace
 
-    from changeover.plan import bake_problem
+    from changeover.policy import bake_problem
 
     t = topo()
     base = view(t)
@@ -177,3 +179,45 @@ def test_a_cluster_left_out_by_a_failed_release_goes_first_without_draining() ->
     steps = make_plan(t, "1", view(t, {"a": Admission.LIVE, "b": Admission.OUT}))
     assert [s.id for s in steps[:3]] == ["preflight", "out-b", "stop-b"]
     assert admits(steps)[1] == {"b": Admission.LIVE, "a": Admission.DRAINING}
+
+
+def test_a_plan_journaled_before_the_steps_were_typed_still_loads() -> None:
+    """The one-shape format: every key on every step, None where unused."""
+    old: list[dict[str, Any]] = [
+        {"id": "preflight", "kind": "preflight", "description": "check", "cluster": None,
+         "admissions": {}, "promote": None, "command": None, "phase": None},
+        {"id": "drain-b", "kind": "admit", "description": "swap", "cluster": None,
+         "admissions": {"a": "live", "b": "draining"}, "promote": "a", "command": None,
+         "phase": None},
+        {"id": "stop-b", "kind": "run", "description": "stop b", "cluster": "b",
+         "admissions": {}, "promote": None, "command": "stop", "phase": None},
+        {"id": "migrate-expand", "kind": "migrate", "description": "expand", "cluster": None,
+         "admissions": {}, "promote": None, "command": None, "phase": "expand"},
+    ]  # fmt: skip
+    steps = [step_from_dict(s) for s in old]
+    assert steps[1] == Admit(
+        "drain-b", "swap", {"a": Admission.LIVE, "b": Admission.DRAINING}, promote="a"
+    )
+    assert steps[2] == RunCommand("stop-b", "stop b", "b", "stop")
+    assert [s.kind for s in steps] == [
+        StepKind.PREFLIGHT,
+        StepKind.ADMIT,
+        StepKind.RUN,
+        StepKind.MIGRATE,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("stored", "why"),
+    [
+        ({"id": "x", "kind": "teleport", "description": "?"}, "unknown kind 'teleport'"),
+        ({"id": "stop-a", "kind": "run", "description": "stop a", "cluster": "a"}, "command"),
+    ],
+)
+def test_a_stored_step_this_version_cannot_read_is_a_clear_error(
+    stored: dict[str, Any], why: str
+) -> None:
+    from changeover.steps import StoredPlanError
+
+    with pytest.raises(StoredPlanError, match=why):
+        step_from_dict(stored)

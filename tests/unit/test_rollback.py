@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from changeover import journal as J
-from changeover.engine import kept_clusters
 from changeover.model import Admission
 from changeover.plan import make_plan
+from changeover.policy import kept_clusters
 from tests.unit.test_plan import topo, view
 
 

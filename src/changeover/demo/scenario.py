@@ -30,7 +30,8 @@ from rich.console import Console
 from changeover.config import SshSettings, Topology, load
 from changeover.polling import poll_until
 from changeover.probe import ProbeReport
-from changeover.runtime import make_balancer, run_engine
+from changeover.releases import Begin
+from changeover.runtime import make_balancer, with_releases
 
 TOKEN_ENV = "CHANGEOVER_ADMIN_TOKEN"
 
@@ -350,8 +351,8 @@ async def run_demo(opts: DemoOptions, console: Console) -> int:
                 highlight=False,
             )
             await asyncio.sleep(1.0)  # let sticky sessions form before the release
-            _, state = await run_engine(
-                site.topo, lambda engine: engine.begin(opts.to_version), console
+            _, state = await with_releases(
+                site.topo, lambda r: r.release(Begin(opts.to_version)), console
             )
             await asyncio.sleep(1.0)  # traffic after the release counts too
             report = await probe.finish()

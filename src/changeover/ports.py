@@ -1,0 +1,171 @@
+"""The edges the engine works through, as small Protocols.
+
+The engine imports no concrete driver, executor, checker, database or clock:
+it receives a `Ports` built by `runtime.py` (or, in the engine's tests, one of
+in-memory fakes). Beside `Balancer` (balancers/base.py) and `Executor`
+(executors/base.py), these are the rest of its world.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from changeover.balancers.base import Balancer
+from changeover.config import Cluster, Member
+from changeover.executors.base import Executor
+from changeover.journal import EventRow, LockInfo, OutputRow, ReleaseRow, StepRow
+from changeover.migrations import Finding, Phase
+from changeover.model import CheckResult
+
+
+class MigrationError(Exception):
+    """Migrations could not be read or applied, or the old release broke; one line."""
+
+
+class Checks(Protocol):
+    """HTTP checks of members, QA entry points and the live pool."""
+
+    async def health(self, member: Member) -> CheckResult: ...
+
+    async def version(self, member: Member, version: str) -> CheckResult: ...
+
+    async def smoke(self, cluster: Cluster, version: str) -> list[CheckResult]:
+        """The smoke checks through the cluster's QA entry point."""
+        ...
+
+    async def live_smoke(self, version: str) -> CheckResult | None:
+        """The smoke command against the live pool, None when none is configured."""
+        ...
+
+    async def served_version(self) -> str | None:
+        """The version the live pool serves now, when it tells."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Review:
+    """What a release would apply, and what the migration check found in it."""
+
+    pending: dict[Phase, list[str]]  # names of what the release would apply, per phase
+    findings: list[Finding]  # in the pending migrations only
+
+    def blocking(self, allowed: Sequence[str]) -> list[Finding]:
+        return [f for f in self.findings if f.rule not in allowed]
+
+
+class Migrator(Protocol):
+    """The site's database migrations; failures raise `MigrationError`."""
+
+    async def review(self, version: str) -> Review:
+        """Check what a release of `version` would apply, before anything is applied."""
+        ...
+
+    def pins(self) -> dict[str, str] | None:
+        """name -> sha256 of the migration files now (None: the site applies
+        them with a command): a resume checks again what changed since."""
+        ...
+
+    async def migrate(
+        self,
+        phase: Phase,
+        version: str,
+        note: Callable[[str], Awaitable[None]],
+        pins: Mapping[str, str] | None,
+        allowed: Sequence[str],
+    ) -> str:
+        """Apply the pending migrations of `phase`; the step's detail."""
+        ...
+
+    async def verify_live(self, version: str, old_version: str | None) -> str:
+        """After expand: the release still serving passes its checks."""
+        ...
+
+
+class Clock(Protocol):
+    def time(self) -> float:
+        """Wall-clock seconds (what the journal records)."""
+        ...
+
+    def monotonic(self) -> float:
+        """Seconds for deadlines and durations."""
+        ...
+
+    async def sleep(self, seconds: float, wake: asyncio.Event) -> None:
+        """Wait `seconds`, returning early once `wake` is set."""
+        ...
+
+
+class SystemClock:
+    def time(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float, wake: asyncio.Event) -> None:
+        try:
+            await asyncio.wait_for(wake.wait(), seconds)
+        except TimeoutError:
+            return
+
+
+class JournalStore(Protocol):
+    """The durable record of releases, steps, outputs and the site lock (journal.py).
+    Its calls block: the engine and the service run them in a thread."""
+
+    def acquire(self, site: str, release_id: int | None) -> LockInfo | None: ...
+    def lock_holder(self, site: str) -> LockInfo | None: ...
+    def set_lock_release(self, site: str, release_id: int) -> None: ...
+    def release_lock(self, site: str) -> None: ...
+    def force_unlock(self, site: str) -> LockInfo | None: ...
+    def create_release(
+        self,
+        site: str,
+        version: str,
+        previous_version: str | None,
+        strategy: str,
+        plan: list[dict[str, Any]],
+        kind: str = "release",
+    ) -> int: ...
+    def set_state(self, release_id: int, state: str, error: str | None = None) -> None: ...
+    def request(self, release_id: int, what: str | None) -> None: ...
+    def step_started(self, release_id: int, idx: int) -> None: ...
+    def step_finished(self, release_id: int, idx: int, ok: bool, detail: str) -> None: ...
+    def step_interrupted(self, release_id: int, idx: int, why: str) -> None: ...
+    def add_output(
+        self,
+        release_id: int,
+        idx: int,
+        member: str,
+        argv: list[str],
+        exit_status: int | None,
+        seconds: float,
+        output: str,
+    ) -> None: ...
+    def add_event(self, release_id: int, kind: str, message: str) -> None: ...
+    def release(self, release_id: int) -> ReleaseRow: ...
+    def unfinished(self, site: str) -> ReleaseRow | None: ...
+    def newest(self, site: str) -> ReleaseRow | None: ...
+    def last_done(self, site: str) -> ReleaseRow | None: ...
+    def releases(self, site: str, limit: int = 20) -> list[ReleaseRow]: ...
+    def steps(self, release_id: int) -> list[StepRow]: ...
+    def outputs(self, release_id: int) -> list[OutputRow]: ...
+    def events(self, release_id: int) -> list[EventRow]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Ports:
+    """Everything outside the engine's own decisions."""
+
+    balancer: Balancer
+    executor: Executor
+    checks: Checks
+    migrator: Migrator
+    journal: JournalStore
+    clock: Clock

@@ -1,0 +1,296 @@
+"""The release workflow as one service: begin (behind the migration gate),
+approve, abort, resume, rollback, unlock, and the journal's record of them.
+
+The CLI parses arguments, calls a method here, prints what it returns and maps
+its exceptions to exit codes; the demo and the tests call the same methods.
+Requests are typed (`Begin`, `Approval`, `AbortAsked`), never strings to parse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import socket
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple, TypeVar
+
+from changeover import journal as J
+from changeover.balancers.base import BalancerError
+from changeover.config import ConfigError, Topology
+from changeover.engine import Engine, Event
+from changeover.journal import LockInfo, ReleaseRow
+from changeover.migrations import RULES, Finding
+from changeover.model import AbortAsked, Approval, PoolView, encode_ask
+from changeover.ports import JournalStore, Migrator, Ports, Review
+
+T = TypeVar("T")
+
+
+class BadRequest(Exception):
+    """The request cannot be carried out as asked (exit 2): nothing changed."""
+
+
+class GateRefused(Exception):
+    """The migration check found what would break the release still serving."""
+
+    def __init__(self, findings: list[Finding]) -> None:
+        super().__init__(
+            f"refused: {len(findings)} migration finding(s) would break the release still "
+            'serving or lock a table; fix them, or accept a rule with --allow RULE --reason "..."'
+        )
+        self.findings = findings
+
+
+@dataclass(frozen=True, slots=True)
+class Begin:
+    """Release `version`, accepting the migration findings of the `allow` rules
+    for the stated `reason`."""
+
+    version: str
+    allow: tuple[str, ...] = ()
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SiteStatus:
+    view: PoolView | None
+    balancer_error: str | None
+    release: dict[str, Any] | None  # the release in progress, as `describe` gives it
+    lock: LockInfo | None
+
+
+class Outcome(NamedTuple):
+    release_id: int
+    state: str
+
+
+def operator() -> str:
+    """Who is asking, as the journal records it."""
+    return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+async def review_gate(topo: Topology, migrator: Migrator, begin: Begin) -> Review | None:
+    """The migrations `begin` would apply, with the findings it accepts; raises
+    GateRefused for a finding of a rule not allowed. Touches nothing."""
+    unknown = sorted(set(begin.allow) - RULES.keys())
+    if unknown:
+        raise BadRequest(f"unknown rule(s) for --allow: {', '.join(unknown)}")
+    if begin.allow and not (begin.reason or "").strip():
+        raise BadRequest('--allow needs --reason "why this is safe here" (for the journal)')
+    if topo.database is None:
+        if begin.allow:
+            raise BadRequest("--allow accepts migration findings, but there is no [database]")
+        return None
+    found = await migrator.review(begin.version)
+    blocking = found.blocking(begin.allow)
+    if blocking:
+        raise GateRefused(blocking)
+    return found
+
+
+class Releases:
+    """The workflow for one site. `connect` builds the engine's ports on first
+    need, so reading the journal, approving, aborting or checking migrations
+    never reaches the balancer."""
+
+    def __init__(
+        self,
+        topo: Topology,
+        open_journal: Callable[[], JournalStore],
+        migrator: Migrator,
+        connect: Callable[[JournalStore], Ports],
+        on_event: Callable[[Event], None] | None = None,
+    ) -> None:
+        self.topo = topo
+        self.migrator = migrator
+        self.site = topo.site.name
+        self.on_event = on_event or (lambda e: None)
+        self._open_journal = open_journal
+        self._journal: JournalStore | None = None
+        self._connect = connect
+        self._engine: Engine | None = None
+        self._interrupted = False
+
+    async def _record(self, use: Callable[[JournalStore], T]) -> T:
+        """`use` the journal in a worker thread, opening it on first need (a
+        request refused before that leaves no journal behind)."""
+
+        def run() -> T:
+            if self._journal is None:
+                self._journal = self._open_journal()
+            return use(self._journal)
+
+        return await asyncio.to_thread(run)
+
+    async def _started(self) -> Engine:
+        if self._engine is None:
+            journal = await self._record(lambda j: j)
+            self._engine = Engine(self.topo, self._connect(journal), on_event=self.on_event)
+            if self._interrupted:
+                self._engine.interrupt()
+        return self._engine
+
+    def interrupt(self) -> None:
+        """Ctrl-C or SIGTERM: the running release stops at its next safe point."""
+        self._interrupted = True
+        if self._engine is not None:
+            self._engine.interrupt()
+
+    # --- the migration gate ------------------------------------------------------
+
+    async def review(self, begin: Begin) -> Review | None:
+        """The migration gate of `begin` (see `review_gate`)."""
+        return await review_gate(self.topo, self.migrator, begin)
+
+    @staticmethod
+    def allowance(found: Review | None, begin: Begin) -> str | None:
+        """The journal's record of what --allow accepted, and why."""
+        if found is None or not begin.allow:
+            return None
+        # Past the gate, every finding is of an allowed rule.
+        accepted = "; ".join(f"{f.rule} at {f.path}:{f.line}" for f in found.findings)
+        return (
+            f"migration check: --allow {', '.join(begin.allow)} --reason {begin.reason!r}; "
+            f"accepted {accepted or 'no finding (nothing matched)'}"
+        )
+
+    # --- running -------------------------------------------------------------------
+
+    async def release(self, begin: Begin) -> Outcome:
+        """Check the migrations, plan, journal and run a release of `begin.version`."""
+        found = await self.review(begin)
+        note = self.allowance(found, begin)
+        try:
+            pins = await asyncio.to_thread(self.migrator.pins) if found is not None else None
+        except (ConfigError, OSError) as exc:
+            raise BadRequest(f"database.migrations_dir: {exc}") from None
+        engine = await self._started()
+        release_id = await engine.begin(begin.version)
+        if pins is not None:  # files edited before a resume are checked again
+            message = json.dumps({"files": pins, "allow": sorted(begin.allow)}, sort_keys=True)
+            await self._record(lambda j: j.add_event(release_id, J.MIGRATION_PINS, message))
+        if note:
+            await self._record(lambda j: j.add_event(release_id, "allow", note))
+            self.on_event(Event(engine.clock.time(), "info", note))
+        return Outcome(release_id, await engine.run(release_id))
+
+    async def rollback(self) -> Outcome:
+        """Back to the previous version (see `policy.rollback_plan`)."""
+        engine = await self._started()
+        release_id = await engine.begin_rollback()
+        return Outcome(release_id, await engine.run(release_id))
+
+    async def resume(self) -> Outcome:
+        """Continue the unfinished release from the step it was in."""
+        engine = await self._started()
+        release_id = await engine.take_over()
+        return Outcome(release_id, await engine.run(release_id))
+
+    # --- asking a running release ----------------------------------------------------
+
+    async def approve(self, who: str) -> str:
+        """Approve the cluster that a release with approval = "manual" waits for."""
+        row = await self._record(lambda j: j.unfinished(self.site))
+        if row is None or row.state != J.AWAITING_APPROVAL:
+            raise BadRequest("no release is awaiting approval")
+        running = [
+            s for s in await self._record(lambda j: j.steps(row.id)) if s.state == J.STEP_RUNNING
+        ]
+        if not running:
+            raise BadRequest("no step is awaiting approval")
+        step_id = running[0].step_id
+        await self._record(lambda j: j.request(row.id, encode_ask(Approval(step_id, who))))
+        return f"approved {step_id} of release #{row.id}"
+
+    async def abort(self, who: str) -> str:
+        """Stop the release in progress at its next safe point; one nobody runs
+        any more is marked aborted at once, the pool left as it is."""
+        row = await self._record(lambda j: j.unfinished(self.site))
+        if row is None:
+            raise BadRequest("no release in progress")
+        holder = await self._record(lambda j: j.lock_holder(self.site))
+        if holder is None or holder.is_stale():
+            await self._record(
+                lambda j: j.set_state(row.id, J.ABORTED, "aborted while not running")
+            )
+            if holder is not None:
+                await self._record(lambda j: j.force_unlock(self.site))
+            return (
+                f"release #{row.id} aborted; the pool was left as it is (see `changeover status`)"
+            )
+        await self._record(lambda j: j.request(row.id, encode_ask(AbortAsked(who))))
+        return f"asked release #{row.id} ({holder.describe()}) to stop at its next safe point"
+
+    async def lock_holder(self) -> LockInfo | None:
+        return await self._record(lambda j: j.lock_holder(self.site))
+
+    async def unlock(self) -> LockInfo | None:
+        """Break the site's lock; the holder it had, if any."""
+        return await self._record(lambda j: j.force_unlock(self.site))
+
+    async def status(self) -> SiteStatus:
+        """The pool as the balancer sees it (or why it could not be read), the
+        release in progress and the lock."""
+        try:
+            view: PoolView | None = await (await self._started()).balancer.read()
+            error = None
+        except BalancerError as exc:
+            view, error = None, str(exc)
+        pending = await self.pending()
+        return SiteStatus(
+            view,
+            error,
+            await self.describe(pending.id) if pending else None,
+            await self.lock_holder(),
+        )
+
+    # --- the record ---------------------------------------------------------------------
+
+    async def pending(self) -> ReleaseRow | None:
+        return await self._record(lambda j: j.unfinished(self.site))
+
+    async def history(self, limit: int) -> list[ReleaseRow]:
+        return await self._record(lambda j: j.releases(self.site, limit))
+
+    async def describe(self, release_id: int, detail: bool = False) -> dict[str, Any]:
+        """One release as plain data: its plan with each step's state and times;
+        with `detail`, the commands' outputs and the events too. KeyError when
+        there is no such release."""
+        return await self._record(lambda j: describe_release(j, release_id, detail))
+
+
+def describe_release(journal: JournalStore, release_id: int, detail: bool) -> dict[str, Any]:
+    row = journal.release(release_id)
+    steps = {s.idx: s for s in journal.steps(release_id)}
+    data: dict[str, Any] = {
+        "id": row.id,
+        "site": row.site,
+        "version": row.version,
+        "previous_version": row.previous_version,
+        "strategy": row.strategy,
+        "kind": row.kind,
+        "state": row.state,
+        "error": row.error,
+        "started": row.started,
+        "finished": row.finished,
+        "user": row.user,
+        "host": row.host,
+        "steps": [
+            {
+                "id": s["id"],
+                "description": s["description"],
+                "state": steps[i].state,
+                "started": steps[i].started,
+                "finished": steps[i].finished,
+                "detail": steps[i].detail,
+            }
+            for i, s in enumerate(row.plan)
+        ],
+    }
+    if detail:
+        # The rows are slotted dataclasses: they have no __dict__.
+        data["outputs"] = [asdict(o) for o in journal.outputs(release_id)]
+        data["events"] = [asdict(e) for e in journal.events(release_id)]
+    return data

@@ -1,0 +1,399 @@
+"""The engine driven step by step against in-memory ports (tests/unit/engine_fakes.py):
+each case asserts the exact balancer changes, commands and journal records.
+No socket, no subprocess, no real sleep: the fake clock jumps."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from changeover import journal as J
+from changeover.config import Cluster, Member
+from changeover.engine import Engine, Event
+from changeover.executors.base import CommandResult
+from changeover.model import AbortAsked, Admission, Approval, encode_ask
+from changeover.plan import PlanRefused
+from changeover.releases import BadRequest, Begin, Releases
+from changeover.steps import StepKind
+from tests.unit.engine_fakes import FakeExecutor, Site
+
+LIVE, DRAINING, OUT = "live", "draining", "out"
+
+ROLLING_CHANGES = [
+    {"a": DRAINING},
+    {"a": OUT},
+    {"a": LIVE, "b": DRAINING},
+    {"b": OUT},
+    {"b": LIVE},
+]
+
+
+def commands(site: Site) -> list[str]:
+    return [" ".join(c[1:3]) for c in site.executor.calls]
+
+
+def step_states(site: Site, release_id: int) -> dict[str, str]:
+    return {s.step_id: s.state for s in site.journal.steps(release_id)}
+
+
+async def release(site: Site, version: str = "2.0", events: list[Event] | None = None) -> str:
+    on_event = events.append if events is not None else None
+    engine = Engine(site.topo, site.ports(), on_event=on_event, poll=0.05)
+    return await engine.run(await engine.begin(version))
+
+
+def approve_when_asked(site: Site, who: str = "qa@desk") -> None:
+    """A person who approves whatever cluster the release waits for."""
+
+    def look() -> None:
+        row = site.journal.unfinished(site.topo.site.name)
+        if row is None or row.state != J.AWAITING_APPROVAL:
+            return
+        waiting = [s for s in site.journal.steps(row.id) if s.state == J.STEP_RUNNING]
+        site.journal.request(row.id, encode_ask(Approval(waiting[0].step_id, who)))
+
+    site.clock.on_sleep.append(look)
+
+
+# --- a release that works -------------------------------------------------------------
+
+
+async def test_a_rolling_release_changes_the_pool_and_runs_commands_in_order(
+    tmp_path: Path,
+) -> None:
+    site = Site.build(tmp_path)
+    state = await release(site)
+
+    assert state == J.DONE
+    assert site.balancer.cluster_changes() == ROLLING_CHANGES
+    per_cluster = ["stop", "stop", "deploy", "deploy", "start", "start"]
+    assert [c[1] for c in site.executor.calls] == per_cluster * 2
+    assert [c[2] for c in site.executor.calls[:6]] == ["a1", "a2"] * 3
+    assert set(site.fleet.version.values()) == {"2.0"}
+    release_id = site.journal.newest("t").id  # type: ignore[union-attr]
+    assert set(step_states(site, release_id).values()) == {J.STEP_DONE}
+    outputs = site.journal.outputs(release_id)
+    assert len(outputs) == 12 and all(o.exit_status == 0 for o in outputs)
+    assert site.journal.release(release_id).previous_version == "1.0"
+    assert site.journal.lock_holder("t") is None
+
+
+async def test_every_step_kind_runs_through_the_service(tmp_path: Path) -> None:
+    site = Site.build(
+        tmp_path,
+        policy={"bake": 4, "approval": "manual", "drain_idle": 1, "health_timeout": 5},
+        database={"url": "sqlite:///db.sqlite", "migrations_dir": "migrations"},
+        release={"upload": [{"src": "app-{version}.tar", "dest": "/srv/app.tar"}]},
+    )
+    (tmp_path / "migrations").mkdir()
+    approve_when_asked(site)
+    outcome = await Releases(site.topo, site.journal_opener, site.migrator, site.connect).release(
+        Begin("2.0")
+    )
+
+    assert outcome.state == J.DONE
+    plan = [s["kind"] for s in site.journal.release(outcome.release_id).plan]
+    assert set(plan) == {k.value for k in StepKind}  # the case covers every kind
+    assert site.migrator.applied == [("expand", "2.0"), ("contract", "2.0")]
+    assert ("upload", "a1", str(tmp_path / "app-2.0.tar"), "/srv/app.tar") in site.executor.calls
+    details = {s.step_id: s.detail for s in site.journal.steps(outcome.release_id)}
+    assert details["approve-a"] == "approved by qa@desk"
+    events = site.journal.events(outcome.release_id)
+    pins = [e.message for e in events if e.kind == J.MIGRATION_PINS]
+    assert pins == ['{"allow": [], "files": {"0001_expand.sql": "' + "0" * 64 + '"}}']
+
+
+# --- each gate stops the release before its cluster goes live --------------------------
+
+
+@pytest.mark.parametrize(
+    ("breakage", "failed_step", "why"),
+    [
+        ("never_healthy", "healthy-a", "not healthy after 5s: a2: connection refused"),
+        ("broken_deploy", "version-a", "wrong version: a2: reports 0.0-broken"),
+        ("smoke", "smoke-a", "smoke check failed: qa-a/: HTTP 500"),
+        ("deploy_exit", "deploy-a", "1 member(s) failed, first a2 (exit 3)"),
+    ],
+)
+async def test_a_failed_gate_leaves_the_cluster_out_and_the_other_live(
+    tmp_path: Path, breakage: str, failed_step: str, why: str
+) -> None:
+    site = Site.build(tmp_path)
+    match breakage:
+        case "never_healthy":
+            site.fleet.never_healthy.add("a2")
+        case "broken_deploy":
+            site.fleet.broken_deploy.add("a2")
+        case "smoke":
+            site.checks.smoke_fails.add("a")
+        case "deploy_exit":
+            site.executor.fail[("deploy", "a2")] = 3
+
+    state = await release(site)
+
+    assert state == J.FAILED
+    release_id = site.journal.newest("t").id  # type: ignore[union-attr]
+    states = step_states(site, release_id)
+    assert states[failed_step] == J.STEP_FAILED
+    assert states["drain-b"] == J.STEP_PENDING  # nothing after the failed gate ran
+    detail = {s.step_id: s.detail for s in site.journal.steps(release_id)}[failed_step]
+    assert why in (detail or "")
+    assert site.balancer.cluster_changes() == ROLLING_CHANGES[:2]  # a out, b live
+    assert {site.balancer.admissions[m] for m in ("b1", "b2")} == {Admission.LIVE}
+
+
+# --- the failure budget ---------------------------------------------------------------------
+
+
+async def test_failures_within_max_failed_are_reported_and_the_release_goes_on(
+    tmp_path: Path,
+) -> None:
+    site = Site.build(tmp_path, executor={"max_failed": 1})
+    site.executor.fail[("stop", "a2")] = 1
+    events: list[Event] = []
+
+    assert await release(site, events=events) == J.DONE
+    warnings = [e.message for e in events if e.kind == "warn"]
+    assert warnings == ["1 member(s) failed, first a2 (exit 1): stop said 1 (within max_failed=1)"]
+    release_id = site.journal.newest("t").id  # type: ignore[union-attr]
+    assert {s.step_id: s.detail for s in site.journal.steps(release_id)}["stop-a"] == "1/2 ok"
+
+
+async def test_one_failure_more_than_max_failed_fails_and_starts_no_further_member(
+    tmp_path: Path,
+) -> None:
+    site = Site.build(tmp_path, executor={"max_failed": 0, "parallel": 1})
+    site.executor.fail[("stop", "a1")] = 1
+
+    assert await release(site) == J.FAILED
+    assert commands(site) == ["stop a1"]  # a2 never started
+    release_id = site.journal.newest("t").id  # type: ignore[union-attr]
+    detail = {s.step_id: s.detail for s in site.journal.steps(release_id)}["stop-a"]
+    assert (
+        detail
+        == "1 member(s) failed, first a1 (exit 1): stop said 1; not started on 1 member(s): a2"
+    )
+    assert [o.member for o in site.journal.outputs(release_id)] == ["a1"]
+
+
+async def test_a_balancer_that_refuses_is_retried_then_takes_the_change(tmp_path: Path) -> None:
+    site = Site.build(tmp_path)
+    site.balancer.refusals = 2
+    events: list[Event] = []
+
+    assert await release(site, events=events) == J.DONE
+    retries = [e.message for e in events if e.kind == "warn"]
+    assert retries == [
+        "balancer change failed (connection refused); retrying in 0.5s",
+        "balancer change failed (connection refused); retrying in 1s",
+    ]
+    assert site.balancer.cluster_changes() == ROLLING_CHANGES
+
+
+# --- the bake ------------------------------------------------------------------------------
+
+
+async def test_a_bake_that_goes_bad_flips_back_while_the_old_release_still_runs(
+    tmp_path: Path,
+) -> None:
+    site = Site.build(tmp_path, policy={"bake": 10, "max_error_ratio": 0.05, "auto_rollback": True})
+    # Once `a` is live on 2.0 it answers 30 % 5xx.
+    site.clock.on_sleep.append(
+        lambda: (
+            site.balancer.serve("a", 10, 3)
+            if site.balancer.admissions["a1"] is Admission.LIVE
+            else None
+        )
+    )
+
+    assert await release(site) == J.ROLLED_BACK
+    assert site.balancer.cluster_changes() == [*ROLLING_CHANGES[:3], {"b": LIVE, "a": OUT}]
+    release_id = site.journal.newest("t").id  # type: ignore[union-attr]
+    row = site.journal.release(release_id)
+    assert row.error is not None and "flipped back: b live on the previous release" in row.error
+    assert [c for c in commands(site) if c.endswith("b1")] == []  # b never touched
+
+
+@pytest.mark.parametrize("auto_rollback", [True, False])
+async def test_a_bad_bake_without_a_flip_back_fails(tmp_path: Path, auto_rollback: bool) -> None:
+    """On the last cluster nothing is left on the old release to flip back to;
+    without auto_rollback the engine never flips on its own."""
+    site = Site.build(tmp_path, policy={"bake": 10, "auto_rollback": auto_rollback})
+    if not auto_rollback:
+        site.clock.on_sleep.append(
+            lambda: (
+                site.balancer.serve("a", 10, 5)
+                if site.balancer.admissions["a1"] is Admission.LIVE
+                else None
+            )
+        )
+    site.clock.on_sleep.append(
+        lambda: (
+            site.balancer.serve("b", 10, 5)
+            if site.balancer.admissions["b1"] is Admission.LIVE
+            and site.fleet.version["b1"] == "2.0"
+            else None
+        )
+    )
+
+    assert await release(site) == J.FAILED
+    changes = ROLLING_CHANGES if auto_rollback else ROLLING_CHANGES[:3]
+    assert site.balancer.cluster_changes() == changes
+
+
+# --- stopping and resuming -------------------------------------------------------------------
+
+
+async def test_an_abort_stops_at_a_safe_point_and_resume_finishes(tmp_path: Path) -> None:
+    site = Site.build(tmp_path)
+    asked = False
+
+    def abort_during_drain() -> None:
+        nonlocal asked
+        if not asked and site.balancer.admissions["a1"] is Admission.DRAINING:
+            row = site.journal.unfinished("t")
+            assert row is not None
+            site.journal.request(row.id, encode_ask(AbortAsked("ops@desk")))
+            asked = True
+
+    site.clock.on_sleep.append(abort_during_drain)
+    assert await release(site) == J.ABORTED
+    release_id = site.journal.newest("t").id  # type: ignore[union-attr]
+    assert step_states(site, release_id)["drained-a"] == J.STEP_PENDING  # runs again
+    assert site.balancer.cluster_changes() == ROLLING_CHANGES[:1]
+    assert site.executor.calls == []
+
+
+async def test_approval_waits_for_its_own_step_and_names_who(tmp_path: Path) -> None:
+    site = Site.build(tmp_path, policy={"approval": "manual"})
+    service = Releases(site.topo, site.journal_opener, site.migrator, site.connect)
+    with pytest.raises(BadRequest, match="no release is awaiting approval"):
+        await service.approve("early@desk")
+    # An approval of another step is not this one's.
+    stale = False
+
+    def approve_wrong_step_first() -> None:
+        nonlocal stale
+        row = site.journal.unfinished("t")
+        if row and row.state == J.AWAITING_APPROVAL and not stale:
+            site.journal.request(row.id, encode_ask(Approval("approve-b", "hasty@desk")))
+            stale = True
+
+    site.clock.on_sleep.append(approve_wrong_step_first)
+    approve_when_asked(site, "qa@desk")
+    done = await service.release(Begin("2.0"))
+    assert done.state == J.DONE
+    details = {s.step_id: s.detail for s in site.journal.steps(done.release_id)}
+    assert details["approve-a"] == "approved by qa@desk"
+
+
+class Crash(BaseException):
+    """The tool dying mid-step (as SIGKILL would), raised where nothing catches it."""
+
+
+def _full_plan_site(tmp_path: Path) -> Site:
+    return Site.build(
+        tmp_path,
+        policy={"bake": 2, "approval": "manual", "drain_idle": 1},
+        database={"url": "sqlite:///db.sqlite", "migrations_dir": "migrations"},
+    )
+
+
+PLAN_LENGTH = 27  # the full plan of _full_plan_site, every step kind in it
+
+
+@pytest.mark.parametrize("crash_at", range(PLAN_LENGTH))
+async def test_a_crash_at_any_step_resumes_from_that_step(tmp_path: Path, crash_at: int) -> None:
+    site = _full_plan_site(tmp_path)
+    approve_when_asked(site)
+    started: list[int] = []
+    crashed = False
+
+    def crash(event: Event) -> None:
+        nonlocal crashed
+        if event.kind == "step-start":
+            started.append(event.index or 0)
+            if event.index == crash_at and not crashed:
+                crashed = True
+                raise Crash
+
+    engine = Engine(site.topo, site.ports(), on_event=crash, poll=0.05)
+    release_id = await engine.begin("2.0")
+    assert len(site.journal.release(release_id).plan) == PLAN_LENGTH
+    with pytest.raises(Crash):
+        await engine.run(release_id)
+    assert step_states(site, release_id)[site.journal.steps(release_id)[crash_at].step_id] == (
+        J.STEP_RUNNING
+    )
+
+    started.clear()
+    resumed = Releases(site.topo, site.journal_opener, site.migrator, site.connect, on_event=crash)
+    outcome = await resumed.resume()
+
+    assert outcome == (release_id, J.DONE)
+    assert started == list(range(crash_at, PLAN_LENGTH))  # no step before it again
+    assert set(site.fleet.version.values()) == {"2.0"}
+    assert {a for a in site.balancer.admissions.values()} == {Admission.LIVE}
+    assert site.migrator.applied.count(("expand", "2.0")) >= 1
+
+
+# --- Ctrl-C ------------------------------------------------------------------------------------
+
+
+class CtrlCDuringStop(FakeExecutor):
+    """`stop` on a1 is killed by the SIGINT that Ctrl-C also sends the engine."""
+
+    engine: Engine | None = None
+    pressed = True
+
+    async def run(
+        self, cluster: Cluster, member: Member, argv: list[str], timeout: float
+    ) -> CommandResult:
+        if argv[1] == "stop" and member.name == "a1":
+            self.calls.append(tuple(argv))
+            if self.pressed:
+                assert self.engine is not None
+                self.engine.interrupt()
+            # the command was still in our process group when the signal came:
+            return CommandResult(member.name, tuple(argv), -signal.SIGINT, "", 0.01)
+        return await super().run(cluster, member, argv, timeout)
+
+
+@pytest.mark.parametrize("pressed", [True, False])
+async def test_a_command_killed_by_ctrl_c_interrupts_and_one_killed_alone_fails(
+    tmp_path: Path, pressed: bool
+) -> None:
+    site = Site.build(tmp_path)
+    site.executor = executor = CtrlCDuringStop(site.fleet)
+    executor.pressed = pressed
+    engine = Engine(site.topo, site.ports(), poll=0.05)
+    executor.engine = engine
+
+    release_id = await engine.begin("2.0")
+    state = await engine.run(release_id)
+
+    steps = step_states(site, release_id)
+    if pressed:
+        assert state == J.INTERRUPTED  # resumable, like any Ctrl-C; not "failed"
+        assert steps["stop-a"] == J.STEP_PENDING  # runs again on resume
+    else:
+        assert state == J.FAILED  # no Ctrl-C was pressed: a killed command is a failure
+        assert steps["stop-a"] == J.STEP_FAILED
+    assert "start a1" not in commands(site)  # nothing ran after the stop
+
+
+async def test_a_stored_plan_it_cannot_read_is_refused_naming_the_release(
+    tmp_path: Path,
+) -> None:
+    site = Site.build(tmp_path)
+    release_id = site.journal.create_release(
+        "t", "2.0", "1.0", "rolling-clusters", [{"id": "x", "kind": "teleport"}]
+    )
+    site.journal.acquire("t", release_id)
+    engine = Engine(site.topo, site.ports(), poll=0.05)
+    with pytest.raises(PlanRefused, match=rf"release #{release_id}: .*unknown kind 'teleport'"):
+        await engine.run(release_id)
+    assert site.balancer.changes == [] and site.executor.calls == []
+    assert site.journal.lock_holder("t") is None  # refused, and the lock let go
