@@ -25,6 +25,7 @@ from rich.table import Table
 from changeover import __version__
 from changeover import journal as J
 from changeover.balancers.base import BalancerError
+from changeover.balancers.factory import make_balancer
 from changeover.config import DEFAULT_CONFIG, ConfigError, Topology, load
 from changeover.database import MigrationError, Review, migration_pins
 from changeover.database import review as review_migrations
@@ -33,7 +34,7 @@ from changeover.journal import Journal, JournalError, LockHeld
 from changeover.migrations import RULES, format_findings
 from changeover.migrations.cli import app as migrations_app
 from changeover.plan import PlanRefused, describe, make_plan
-from changeover.runtime import make_balancer, make_executor, open_journal, run_engine
+from changeover.runtime import make_executor, open_journal, run_engine
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_STOPPED = 0, 1, 2, 3, 4
 

@@ -9,27 +9,12 @@ from typing import Any
 
 from rich.console import Console
 
-from changeover.balancers.base import Balancer
+from changeover.balancers.factory import make_balancer
 from changeover.config import Topology
 from changeover.engine import Engine
 from changeover.executors.base import Executor
 from changeover.journal import Journal, journal_path
 from changeover.ui import Timeline
-
-
-def make_balancer(topo: Topology) -> Balancer:
-    if topo.balancer.driver == "builtin":
-        from changeover.balancers.builtin import builtin_balancers
-
-        instances = builtin_balancers(topo)
-        if len(instances) == 1:
-            return instances[0]
-        from changeover.balancers.group import BalancerGroup
-
-        return BalancerGroup(instances)
-    from changeover.balancers.factory import make_balancer as make_external
-
-    return make_external(topo)
 
 
 def make_executor(topo: Topology) -> Executor:

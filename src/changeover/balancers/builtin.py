@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from changeover.balancers.base import BalancerError
-from changeover.config import Topology
+from changeover.config import BalancerInstance, Topology
 from changeover.model import Admission, MemberState, PoolView, differs
 
 
@@ -94,15 +95,21 @@ class BuiltinBalancer:
             self._session = None
 
 
-def builtin_balancers(topo: Topology) -> list[BuiltinBalancer]:
-    token = topo.balancer.token()
-    if not topo.balancer.instances:
-        return [BuiltinBalancer(admin_url_of(topo), token)]
-    out = []
-    for inst in topo.balancer.instances:
-        if not inst.admin_url:
-            raise BalancerError(
-                f"balancer.instances {inst.name!r}: the builtin driver needs admin_url"
-            )
-        out.append(BuiltinBalancer(inst.admin_url, token, inst.name))
-    return out
+def builtin_driver(
+    topology: Topology,
+    instance: BalancerInstance,
+    *,
+    run_dir: Path | None = None,
+    template_dir: Path | None = None,
+) -> BuiltinBalancer:
+    """The driver table's entry: the embedded balancer keeps its own files, so
+    `run_dir` and `template_dir` do not apply. Without `balancer.instances` the
+    one instance is the topology's own admin listener."""
+    token = topology.balancer.token()
+    if not topology.balancer.instances:
+        return BuiltinBalancer(admin_url_of(topology), token)
+    if not instance.admin_url:
+        raise BalancerError(
+            f"balancer.instances {instance.name!r}: the builtin driver needs admin_url"
+        )
+    return BuiltinBalancer(instance.admin_url, token, instance.name)

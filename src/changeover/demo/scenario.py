@@ -27,10 +27,11 @@ from pathlib import Path
 import aiohttp
 from rich.console import Console
 
+from changeover.balancers.factory import make_balancer
 from changeover.config import SshSettings, Topology, load
 from changeover.polling import poll_until
 from changeover.probe import ProbeReport
-from changeover.runtime import make_balancer, run_engine
+from changeover.runtime import run_engine
 
 TOKEN_ENV = "CHANGEOVER_ADMIN_TOKEN"
 
