@@ -20,19 +20,23 @@ import aiohttp
 
 from changeover.balancers.base import BalancerError
 from changeover.balancers.process import ConfiguredBalancer, ordered_changes
-from changeover.model import Admission, MemberState, PoolView
+from changeover.model import REACH, Admission, MemberState, PoolView
 from changeover.polling import poll_until
 
 NS = {"h": "http://httpd.apache.org"}
 LIVE_BALANCER = "live"
 
-# balancer-manager form fields per admission: w_status_N is drain, w_status_D
-# disabled, w_status_S stopped (cleared so a hand-stopped member comes back too).
-_FORM = {
-    Admission.LIVE: {"w_status_N": "0", "w_status_D": "0", "w_status_S": "0"},
-    Admission.DRAINING: {"w_status_N": "1", "w_status_D": "0", "w_status_S": "0"},
-    Admission.OUT: {"w_status_N": "0", "w_status_D": "1"},
-}
+
+def manager_form(admission: Admission) -> dict[str, str]:
+    """The balancer-manager's status fields for `admission` (the config's +N, +D):
+    w_status_N drain (sticky requests only), w_status_D disabled (none), and
+    w_status_S stopped, cleared when admitting so a hand-stopped member comes back too."""
+    reach = REACH[admission]
+    form = {
+        "w_status_N": str(int(reach.sticky and not reach.new)),
+        "w_status_D": str(int(not reach.sticky)),
+    }
+    return form | ({"w_status_S": "0"} if reach.sticky else {})
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +169,7 @@ class ApacheBalancer(ConfiguredBalancer):
                 "b": LIVE_BALANCER,
                 "w": worker.url,
                 "nonce": state.nonces[LIVE_BALANCER],
-                **_FORM[admission],
+                **manager_form(admission),
             }
             try:
                 async with self._client().post(self.manager_url, data=form) as resp:
