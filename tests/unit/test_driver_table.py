@@ -3,19 +3,24 @@ included, is built by `make_balancer` the same way."""
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from changeover.balancers.base import BalancerError
+from changeover.balancers.apache import ApacheBalancer
+from changeover.balancers.base import COUNTERS, BalancerError, fills_of
 from changeover.balancers.builtin import BuiltinBalancer
 from changeover.balancers.factory import DRIVERS, make_balancer
 from changeover.balancers.group import BalancerGroup
 from changeover.balancers.haproxy import HAProxyBalancer
+from changeover.balancers.nginx import NginxBalancer
+from changeover.balancers.process import ConfiguredBalancer
 from changeover.config import Balancer as BalancerSettings
 from changeover.config import Topology, parse
+from changeover.model import MemberState
 
 
 def topology(tmp_path: Path, **balancer: Any) -> Topology:
@@ -79,3 +84,40 @@ def test_config_driven_instances_get_their_own_run_dir(tmp_path: Path) -> None:
         tmp_path / "run" / "lb1",
         tmp_path / "run" / "lb2",
     ]
+
+
+CLASSES: dict[str, type[BuiltinBalancer] | type[ConfiguredBalancer]] = {
+    "builtin": BuiltinBalancer,
+    "haproxy": HAProxyBalancer,
+    "apache": ApacheBalancer,
+    "nginx": NginxBalancer,
+}
+
+
+def documented_fills() -> dict[str, frozenset[str]]:
+    """docs/drivers.md's "What each driver counts" table: driver -> counters marked yes."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "drivers.md").read_text()
+    section = text.split("## What each driver counts", 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("|")]
+    header, table = rows[0], rows[2:]
+    counters = [cell.split("`")[1] for cell in header[1:]]
+    marked = {row[0].strip(): zip(counters, row[1:], strict=True) for row in table}
+    return {
+        name: frozenset(c for c, cell in cells if cell.strip().startswith("yes"))
+        for name, cells in marked.items()
+    }
+
+
+def test_every_driver_declares_what_it_fills_as_documented() -> None:
+    assert sorted(CLASSES) == sorted(DRIVERS)
+    assert set(COUNTERS) <= {f.name for f in dataclasses.fields(MemberState)}
+    declared = {name: cls.fills for name, cls in CLASSES.items()}
+    assert all(fills <= set(COUNTERS) for fills in declared.values())
+    assert documented_fills() == declared
+
+
+def test_a_group_fills_what_every_instance_fills(tmp_path: Path) -> None:
+    group = BalancerGroup([HAProxyBalancer(topology(tmp_path)), NginxBalancer(topology(tmp_path))])
+    assert fills_of(group) == frozenset()
+    group = BalancerGroup([ApacheBalancer(topology(tmp_path)), HAProxyBalancer(topology(tmp_path))])
+    assert fills_of(group) == {"active", "requests"}

@@ -92,6 +92,7 @@ def parse_manager_xml(text: str) -> ManagerState:
 
 class ApacheBalancer(ConfiguredBalancer):
     product = "apache"
+    fills = frozenset({"active", "requests"})  # balancer-manager: busy, elected
     default_config = "/etc/apache2/apache2.conf"
     default_check = ("apache2", "-t", "-f", "{config}")
     default_reload = ("apache2", "-k", "graceful", "-f", "{config}")

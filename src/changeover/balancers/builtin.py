@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 
-from changeover.balancers.base import BalancerError
+from changeover.balancers.base import BalancerError, Counter
 from changeover.config import BalancerInstance, Topology
 from changeover.model import Admission, MemberState, PoolView, differs
 
@@ -29,7 +29,6 @@ def pool_from_json(data: Any) -> PoolView:
                     healthy=bool(m.get("healthy", False)),
                     active=int(m.get("active", 0)),
                     requests=int(m.get("requests", 0)),
-                    errors=int(m.get("errors", 0)),
                 )
                 for m in data["members"]
             )
@@ -40,6 +39,8 @@ def pool_from_json(data: Any) -> PoolView:
 
 class BuiltinBalancer:
     """One embedded balancer instance; admission changes are atomic on its side."""
+
+    fills: ClassVar[frozenset[Counter]] = frozenset({"active", "requests"})
 
     def __init__(
         self, url: str, token: str | None, name: str = "builtin", timeout: float = 5.0

@@ -29,10 +29,11 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import aiohttp
 
-from changeover.balancers.base import BalancerError
+from changeover.balancers.base import BalancerError, Counter
 from changeover.balancers.process import ConfiguredBalancer, ordered_changes
 from changeover.balancers.render import runtime_paths
 from changeover.model import REACH, Admission, MemberState, PoolView, admission_reaching
@@ -188,6 +189,7 @@ def _needed(sequence: list[Step], loaded: Mapping[str, Admission]) -> list[Step]
 
 class NginxBalancer(ConfiguredBalancer):
     product = "nginx"
+    fills: ClassVar[frozenset[Counter]] = frozenset()  # open-source nginx counts nothing
     default_config = "/etc/nginx/nginx.conf"
     default_check = ("nginx", "-t", "-q", "-c", "{config}")
     default_reload = ("nginx", "-s", "reload", "-c", "{config}")
@@ -270,8 +272,6 @@ class NginxBalancer(ConfiguredBalancer):
                     cluster=c.name,
                     admission=admissions.get(m.name, Admission.OUT),
                     healthy=health.get(m.name, True),
-                    # Open-source nginx counts nothing per upstream server.
-                    active=0,
                 )
                 for c, m in self.topology.members()
             )

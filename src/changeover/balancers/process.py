@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from changeover.balancers.base import BalancerError
+from changeover.balancers.base import BalancerError, Counter
 from changeover.balancers.render import Product, RenderError, RenderOptions, render
 from changeover.config import BalancerInstance, Topology
 from changeover.model import REACH, Admission, PoolView, differs
@@ -191,6 +191,7 @@ class ConfiguredBalancer(ABC):
     runtime channel. `apply` = render -> check -> install -> enact -> read back."""
 
     product: ClassVar[Product]
+    fills: ClassVar[frozenset[Counter]]  # the MemberState counters `read` fills
     default_config: ClassVar[str]
     default_check: ClassVar[tuple[str, ...]]
     default_reload: ClassVar[tuple[str, ...]]
