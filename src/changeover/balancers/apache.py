@@ -12,6 +12,7 @@ a change it ignored, so only the read-back proves it.
 
 from __future__ import annotations
 
+import functools
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import aiohttp
 
 from changeover.balancers.base import BalancerError
 from changeover.balancers.process import ConfiguredBalancer, ordered_changes
+from changeover.balancers.sessions import LazySession
 from changeover.model import REACH, Admission, MemberState, PoolView
 from changeover.polling import poll_until
 
@@ -97,27 +99,24 @@ class ApacheBalancer(ConfiguredBalancer):
     default_check = ("apache2", "-t", "-f", "{config}")
     default_reload = ("apache2", "-k", "graceful", "-f", "{config}")
 
-    _session: aiohttp.ClientSession | None = None
-
     @property
     def manager_url(self) -> str:
         if self.instance.manager_url:
             return self.instance.manager_url
         return self.topology.balancer.admin_listen.url() + "/balancer-manager"
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
+    @functools.cached_property
+    def _client(self) -> LazySession:
+        return LazySession(
+            lambda: aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
                 # The manager only honours requests that come "from itself".
                 headers={"Referer": self.manager_url},
             )
-        return self._session
+        )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._client.close()
 
     async def _get(self, url: str) -> str:
         try:

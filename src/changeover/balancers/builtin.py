@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import aiohttp
 
 from changeover.balancers.base import BalancerError, Counter
+from changeover.balancers.sessions import LazySession
 from changeover.config import BalancerInstance, Topology
 from changeover.model import Admission, MemberState, PoolView, differs
 
@@ -52,14 +53,12 @@ class BuiltinBalancer:
             )
         self.name = name
         self.url = url.rstrip("/")
-        self._headers = {"Authorization": f"Bearer {token}"}
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
-        return self._session
+        headers = {"Authorization": f"Bearer {token}"}
+        self._client = LazySession(
+            lambda: aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=timeout), headers=headers
+            )
+        )
 
     async def _call(self, method: str, path: str, body: object = None) -> PoolView:
         try:
@@ -91,9 +90,7 @@ class BuiltinBalancer:
         return view
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._client.close()
 
 
 def builtin_driver(

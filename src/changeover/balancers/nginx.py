@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ import aiohttp
 from changeover.balancers.base import BalancerError, Counter
 from changeover.balancers.process import ConfiguredBalancer, ordered_changes
 from changeover.balancers.render import runtime_paths
+from changeover.balancers.sessions import LazySession
 from changeover.model import REACH, Admission, MemberState, PoolView, admission_reaching
 from changeover.polling import poll_until
 
@@ -194,8 +196,6 @@ class NginxBalancer(ConfiguredBalancer):
     default_check = ("nginx", "-t", "-q", "-c", "{config}")
     default_reload = ("nginx", "-s", "reload", "-c", "{config}")
 
-    _session: aiohttp.ClientSession | None = None
-    _health_session: aiohttp.ClientSession | None = None
     _loaded: NginxState | None = None  # as last read
 
     @property
@@ -208,31 +208,29 @@ class NginxBalancer(ConfiguredBalancer):
     def state_dir(self) -> Path:
         return Path(runtime_paths("nginx", self.options)["state_dir"])
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
+    @functools.cached_property
+    def _client(self) -> LazySession:
+        return LazySession(
+            lambda: aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
                 # A kept-alive connection could still reach an old worker after a reload.
                 connector=aiohttp.TCPConnector(force_close=True),
             )
-        return self._session
+        )
 
-    def _health_client(self) -> aiohttp.ClientSession:
+    @functools.cached_property
+    def _health_client(self) -> LazySession:
         # Health reads may reuse connections: any worker, old or new, proxies them to
         # the same member (nginx opens a fresh upstream connection for each). A
         # connection per read cost the probe's watcher (70 reads/s) as much CPU as a
         # tenth of its traffic.
-        if self._health_session is None:
-            self._health_session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.timeout)
-            )
-        return self._health_session
+        return LazySession(
+            lambda: aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+        )
 
     async def close(self) -> None:
-        for session in (self._session, self._health_session):
-            if session is not None:
-                await session.close()
-        self._session = self._health_session = None
+        await self._client.close()
+        await self._health_client.close()
 
     async def _state(self) -> NginxState:
         url = f"{self.control_url}/changeover/state"
