@@ -147,8 +147,8 @@ async def run_real(product: str, count: int, rate: float) -> FlipResult:
 
 
 async def run_builtin(count: int, rate: float) -> FlipResult:
+    from changeover.balancers.factory import make_balancer
     from changeover.demo.scenario import DemoOptions, DemoSite
-    from changeover.runtime import make_balancer
 
     with tempfile.TemporaryDirectory(prefix="bench-flip-builtin-") as tmp:
         site = DemoSite(Path(tmp), DemoOptions(members_per_cluster=3, startup_delay=0.2))

@@ -38,11 +38,11 @@ from pathlib import Path
 import psutil
 
 from benchmarks import DOCS, machine, write_section
+from changeover.balancers.factory import make_balancer
 from changeover.demo.scenario import DemoOptions, DemoSite
 from changeover.model import Admission
 from changeover.plan import member_admissions
 from changeover.probe import ProbeReport
-from changeover.runtime import make_balancer
 
 SECTION = "## Load with flips"
 WARMUP = 5.0  # clients connect and the probe settles before the measured window

@@ -26,6 +26,7 @@ from rich.table import Table
 from changeover import __version__
 from changeover import journal as J
 from changeover.balancers.base import BalancerError
+from changeover.balancers.factory import make_balancer
 from changeover.config import DEFAULT_CONFIG, ConfigError, Topology, load
 from changeover.journal import JournalError, LockHeld
 from changeover.migrations import format_findings
@@ -33,7 +34,7 @@ from changeover.migrations.cli import app as migrations_app
 from changeover.plan import PlanRefused, describe, make_plan
 from changeover.ports import MigrationError, Review
 from changeover.releases import BadRequest, Begin, GateRefused, Outcome, Releases, operator
-from changeover.runtime import make_balancer, make_executor, review, with_releases
+from changeover.runtime import make_executor, review, with_releases
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_STOPPED = 0, 1, 2, 3, 4
 

@@ -24,6 +24,35 @@ class Admission(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class Reach:
+    """What an admission lets through from the live pool. The one encoding of
+    admissions: every driver and template derives its own vocabulary (weights,
+    status flags, flag files, the order of changes) from it."""
+
+    new: bool  # new sessions may be sent to the member
+    sticky: bool  # requests whose sticky route names the member reach it
+
+    @property
+    def width(self) -> int:
+        """OUT 0 < DRAINING 1 < LIVE 2: how much of the traffic gets through."""
+        return int(self.new) + int(self.sticky)
+
+
+REACH: Mapping[Admission, Reach] = {
+    Admission.LIVE: Reach(new=True, sticky=True),
+    Admission.DRAINING: Reach(new=False, sticky=True),
+    Admission.OUT: Reach(new=False, sticky=False),
+}
+
+
+def admission_reaching(new: bool, sticky: bool) -> Admission | None:
+    """The admission with this reach; None for new sessions whose later sticky
+    requests would be refused, which no admission means."""
+    wanted = Reach(new=new, sticky=sticky)
+    return next((admission for admission, reach in REACH.items() if reach == wanted), None)
+
+
+@dataclass(frozen=True, slots=True)
 class MemberState:
     """One member as a balancer sees it."""
 

@@ -10,7 +10,7 @@ from typing import TypeVar
 
 from rich.console import Console
 
-from changeover.balancers.base import Balancer
+from changeover.balancers.factory import make_balancer
 from changeover.checks import Checker
 from changeover.config import Topology
 from changeover.database import SiteDatabase
@@ -21,21 +21,6 @@ from changeover.releases import Begin, Releases, review_gate
 from changeover.ui import Timeline
 
 T = TypeVar("T")
-
-
-def make_balancer(topo: Topology) -> Balancer:
-    if topo.balancer.driver == "builtin":
-        from changeover.balancers.builtin import builtin_balancers
-
-        instances = builtin_balancers(topo)
-        if len(instances) == 1:
-            return instances[0]
-        from changeover.balancers.group import BalancerGroup
-
-        return BalancerGroup(instances)
-    from changeover.balancers.factory import make_balancer as make_external
-
-    return make_external(topo)
 
 
 def make_executor(topo: Topology) -> Executor:

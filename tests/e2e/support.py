@@ -15,12 +15,13 @@ from typing import Any
 import aiohttp
 
 from changeover import journal as J
+from changeover.balancers.factory import make_balancer
 from changeover.demo.appctl import Member as AppMember
 from changeover.demo.appctl import running_version
 from changeover.demo.scenario import DemoSite
 from changeover.journal import Journal
 from changeover.model import Admission, PoolView, cluster_admission
-from changeover.runtime import make_balancer, open_journal
+from changeover.runtime import open_journal
 from tests.helpers import wait_until
 
 CLI_TIMEOUT = 180.0  # one whole release on a loaded 2-core box

@@ -12,10 +12,11 @@ import pytest
 from rich.console import Console
 
 from changeover import journal as J
+from changeover.balancers.factory import make_balancer
 from changeover.demo.scenario import DemoOptions, DemoSite
 from changeover.model import Admission
 from changeover.releases import Begin
-from changeover.runtime import make_balancer, open_journal, with_releases
+from changeover.runtime import open_journal, with_releases
 from tests.e2e import support as S
 from tests.helpers import wait_until
 

@@ -14,9 +14,10 @@ import psycopg
 import pytest
 
 from changeover import journal as J
+from changeover.balancers.factory import make_balancer
 from changeover.demo.scenario import DemoOptions, DemoSite
 from changeover.model import Admission
-from changeover.runtime import make_balancer, open_journal
+from changeover.runtime import open_journal
 from changeover.steps import StepKind
 from tests.e2e import support as S
 from tests.postgres import Postgres, running_postgres

@@ -61,6 +61,19 @@ def need(product: str) -> Path:
     return require_binary(BINARY[product], SBIN[product])
 
 
+def configured_driver(
+    product: str,
+    topology: Topology,
+    instance: BalancerInstance,
+    run_dir: Path,
+    template_dir: Path | None = None,
+) -> ConfiguredBalancer:
+    """The driver table's entry for a config-driven `product`, typed as such."""
+    driver = DRIVERS[product](topology, instance, run_dir=run_dir, template_dir=template_dir)
+    assert isinstance(driver, ConfiguredBalancer), driver
+    return driver
+
+
 def broken_templates(product: str, where: Path) -> Path:
     """A template directory whose `product` template has one value broken."""
     from changeover.balancers.render import TEMPLATE_DIR
@@ -184,7 +197,7 @@ async def start_balancer(
 ) -> RealBalancer:
     await asyncio.to_thread((run_dir / "tmp").mkdir, parents=True, exist_ok=True)
     instance = instance or BalancerInstance.model_validate(instance_for(product, run_dir))
-    driver = DRIVERS[product](topology, instance, run_dir=run_dir, template_dir=template_dir)
+    driver = configured_driver(product, topology, instance, run_dir, template_dir)
     await driver.config.install(driver.render(admissions or {}))
     log = run_dir / "process.log"
     with log.open("ab") as sink:

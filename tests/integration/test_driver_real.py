@@ -23,6 +23,7 @@ from tests.integration.realbalancers import (
     Members,
     RealBalancer,
     broken_templates,
+    configured_driver,
     instance_for,
     need,
     parse_site,
@@ -123,13 +124,12 @@ async def test_rejected_config_leaves_the_running_balancer_untouched(
     before_text = real.config_text()
     before = await real.driver.read()
     # A second driver for the same running instance, with one template value broken.
-    from changeover.balancers.factory import DRIVERS
-
-    broken = DRIVERS[product](
+    broken = configured_driver(
+        product,
         real.topology,
         real.driver.instance,
-        run_dir=real.run_dir,
-        template_dir=broken_templates(product, tmp_path / "broken"),
+        real.run_dir,
+        broken_templates(product, tmp_path / "broken"),
     )
     try:
         with pytest.raises(BalancerError, match=f"{product} rejected the new config") as info:

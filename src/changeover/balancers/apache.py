@@ -12,6 +12,7 @@ a change it ignored, so only the read-back proves it.
 
 from __future__ import annotations
 
+import functools
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,19 +21,24 @@ import aiohttp
 
 from changeover.balancers.base import BalancerError
 from changeover.balancers.process import ConfiguredBalancer, ordered_changes
-from changeover.model import Admission, MemberState, PoolView
+from changeover.balancers.sessions import LazySession
+from changeover.model import REACH, Admission, MemberState, PoolView
 from changeover.polling import poll_until
 
 NS = {"h": "http://httpd.apache.org"}
 LIVE_BALANCER = "live"
 
-# balancer-manager form fields per admission: w_status_N is drain, w_status_D
-# disabled, w_status_S stopped (cleared so a hand-stopped member comes back too).
-_FORM = {
-    Admission.LIVE: {"w_status_N": "0", "w_status_D": "0", "w_status_S": "0"},
-    Admission.DRAINING: {"w_status_N": "1", "w_status_D": "0", "w_status_S": "0"},
-    Admission.OUT: {"w_status_N": "0", "w_status_D": "1"},
-}
+
+def manager_form(admission: Admission) -> dict[str, str]:
+    """The balancer-manager's status fields for `admission` (the config's +N, +D):
+    w_status_N drain (sticky requests only), w_status_D disabled (none), and
+    w_status_S stopped, cleared when admitting so a hand-stopped member comes back too."""
+    reach = REACH[admission]
+    form = {
+        "w_status_N": str(int(reach.sticky and not reach.new)),
+        "w_status_D": str(int(not reach.sticky)),
+    }
+    return form | ({"w_status_S": "0"} if reach.sticky else {})
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,11 +94,10 @@ def parse_manager_xml(text: str) -> ManagerState:
 
 class ApacheBalancer(ConfiguredBalancer):
     product = "apache"
+    fills = frozenset({"active", "requests"})  # balancer-manager: busy, elected
     default_config = "/etc/apache2/apache2.conf"
     default_check = ("apache2", "-t", "-f", "{config}")
     default_reload = ("apache2", "-k", "graceful", "-f", "{config}")
-
-    _session: aiohttp.ClientSession | None = None
 
     @property
     def manager_url(self) -> str:
@@ -100,19 +105,18 @@ class ApacheBalancer(ConfiguredBalancer):
             return self.instance.manager_url
         return self.topology.balancer.admin_listen.url() + "/balancer-manager"
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
+    @functools.cached_property
+    def _client(self) -> LazySession:
+        return LazySession(
+            lambda: aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
                 # The manager only honours requests that come "from itself".
                 headers={"Referer": self.manager_url},
             )
-        return self._session
+        )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._client.close()
 
     async def _get(self, url: str) -> str:
         try:
@@ -165,7 +169,7 @@ class ApacheBalancer(ConfiguredBalancer):
                 "b": LIVE_BALANCER,
                 "w": worker.url,
                 "nonce": state.nonces[LIVE_BALANCER],
-                **_FORM[admission],
+                **manager_form(admission),
             }
             try:
                 async with self._client().post(self.manager_url, data=form) as resp:

@@ -8,9 +8,14 @@ drops connections.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Literal, Protocol
 
 from changeover.model import Admission, PoolView
+
+# The MemberState counters a balancer may or may not count. Each driver says
+# which it fills (`fills`); the others read 0, which means "not counted".
+Counter = Literal["active", "requests", "errors"]
+COUNTERS: tuple[Counter, ...] = ("active", "requests", "errors")
 
 
 class BalancerError(Exception):
@@ -32,3 +37,8 @@ class Balancer(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+def fills_of(balancer: object) -> frozenset[Counter]:
+    """The counters `balancer` declares it fills; one that declares none claims none."""
+    return frozenset(getattr(balancer, "fills", ()))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import aiohttp
 
-from changeover.balancers.base import BalancerError
-from changeover.config import Topology
+from changeover.balancers.base import BalancerError, Counter
+from changeover.balancers.sessions import LazySession
+from changeover.config import BalancerInstance, Topology
 from changeover.model import Admission, MemberState, PoolView, differs
 
 
@@ -28,7 +30,6 @@ def pool_from_json(data: Any) -> PoolView:
                     healthy=bool(m.get("healthy", False)),
                     active=int(m.get("active", 0)),
                     requests=int(m.get("requests", 0)),
-                    errors=int(m.get("errors", 0)),
                 )
                 for m in data["members"]
             )
@@ -40,6 +41,8 @@ def pool_from_json(data: Any) -> PoolView:
 class BuiltinBalancer:
     """One embedded balancer instance; admission changes are atomic on its side."""
 
+    fills: ClassVar[frozenset[Counter]] = frozenset({"active", "requests"})
+
     def __init__(
         self, url: str, token: str | None, name: str = "builtin", timeout: float = 5.0
     ) -> None:
@@ -50,14 +53,12 @@ class BuiltinBalancer:
             )
         self.name = name
         self.url = url.rstrip("/")
-        self._headers = {"Authorization": f"Bearer {token}"}
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
-        return self._session
+        headers = {"Authorization": f"Bearer {token}"}
+        self._client = LazySession(
+            lambda: aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=timeout), headers=headers
+            )
+        )
 
     async def _call(self, method: str, path: str, body: object = None) -> PoolView:
         try:
@@ -89,20 +90,24 @@ class BuiltinBalancer:
         return view
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._client.close()
 
 
-def builtin_balancers(topo: Topology) -> list[BuiltinBalancer]:
-    token = topo.balancer.token()
-    if not topo.balancer.instances:
-        return [BuiltinBalancer(admin_url_of(topo), token)]
-    out = []
-    for inst in topo.balancer.instances:
-        if not inst.admin_url:
-            raise BalancerError(
-                f"balancer.instances {inst.name!r}: the builtin driver needs admin_url"
-            )
-        out.append(BuiltinBalancer(inst.admin_url, token, inst.name))
-    return out
+def builtin_driver(
+    topology: Topology,
+    instance: BalancerInstance,
+    *,
+    run_dir: Path | None = None,
+    template_dir: Path | None = None,
+) -> BuiltinBalancer:
+    """The driver table's entry: the embedded balancer keeps its own files, so
+    `run_dir` and `template_dir` do not apply. Without `balancer.instances` the
+    one instance is the topology's own admin listener."""
+    token = topology.balancer.token()
+    if not topology.balancer.instances:
+        return BuiltinBalancer(admin_url_of(topology), token)
+    if not instance.admin_url:
+        raise BalancerError(
+            f"balancer.instances {instance.name!r}: the builtin driver needs admin_url"
+        )
+    return BuiltinBalancer(instance.admin_url, token, instance.name)

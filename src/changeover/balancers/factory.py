@@ -1,18 +1,34 @@
-"""The driver (or group of drivers) a topology names, for HAProxy, Apache httpd and nginx."""
+"""The one driver table, and the driver (or group of drivers) a topology names."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 from changeover.balancers.apache import ApacheBalancer
 from changeover.balancers.base import Balancer, BalancerError
+from changeover.balancers.builtin import builtin_driver
 from changeover.balancers.group import BalancerGroup
 from changeover.balancers.haproxy import HAProxyBalancer
 from changeover.balancers.nginx import NginxBalancer
-from changeover.balancers.process import ConfiguredBalancer
 from changeover.config import BalancerInstance, Topology
 
-DRIVERS: dict[str, type[ConfiguredBalancer]] = {
+
+class Driver(Protocol):
+    """How a driver is built for one balancer instance of a topology."""
+
+    def __call__(
+        self,
+        topology: Topology,
+        instance: BalancerInstance,
+        *,
+        run_dir: Path | None = None,
+        template_dir: Path | None = None,
+    ) -> Balancer: ...
+
+
+DRIVERS: dict[str, Driver] = {
+    "builtin": builtin_driver,
     "haproxy": HAProxyBalancer,
     "apache": ApacheBalancer,
     "nginx": NginxBalancer,
@@ -27,14 +43,14 @@ def make_balancer(
     directory `run_dir/<instance name>` for its runtime files instead of the
     distribution's locations (see docs/drivers.md)."""
     driver = topology.balancer.driver
-    cls = DRIVERS.get(driver)
-    if cls is None:
+    build = DRIVERS.get(driver)
+    if build is None:
         raise BalancerError(f"no {driver!r} driver here; expected one of {', '.join(DRIVERS)}")
     instances = topology.balancer.instances or [BalancerInstance()]
     if template_dir is None and topology.balancer.template_dir:
         template_dir = topology.resolve_path(topology.balancer.template_dir)
-    drivers: list[Balancer] = [
-        cls(
+    drivers = [
+        build(
             topology,
             instance,
             run_dir=_run_dir(topology, instance, run_dir),

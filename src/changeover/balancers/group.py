@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 
-from changeover.balancers.base import Balancer, BalancerError
+from changeover.balancers.base import Balancer, BalancerError, fills_of
 from changeover.model import Admission, MemberState, PoolView, differs
 
 
@@ -22,6 +22,8 @@ class BalancerGroup:
             raise ValueError("a balancer group needs at least one instance")
         self.instances = list(instances)
         self.name = name or "+".join(b.name for b in self.instances)
+        # A sum is only a count where every instance counts.
+        self.fills = frozenset.intersection(*(fills_of(b) for b in self.instances))
 
     async def _read_all(self) -> list[PoolView]:
         results = await asyncio.gather(*(b.read() for b in self.instances), return_exceptions=True)
@@ -59,6 +61,7 @@ class BalancerGroup:
                     healthy=all(v.member(m.name).healthy for v in views),
                     active=sum(v.member(m.name).active for v in views),
                     requests=sum(v.member(m.name).requests for v in views),
+                    errors=sum(v.member(m.name).errors for v in views),
                 )
                 for m in first.members
             )

@@ -86,6 +86,7 @@ def healthy_status(row: Mapping[str, str]) -> bool:
 
 class HAProxyBalancer(ConfiguredBalancer):
     product = "haproxy"
+    fills = frozenset({"active", "requests"})  # show stat: scur, stot
     default_config = "/etc/haproxy/haproxy.cfg"
     default_check = ("haproxy", "-c", "-f", "{config}")
     # Debian's unit runs HAProxy in master-worker mode: reload = seamless USR2.

@@ -15,36 +15,39 @@ rendered for it in the config. What the flags cannot say (members of one
 cluster with different admissions) is rendered: a new file, `nginx -t`, a
 reload. The control listener answers /changeover/state with both parts as the
 running workers see them, so a change that did not take effect is detected.
+
+Which renderings and flag changes a change takes, in which order, is decided by
+`steps`, a pure function returning `Render` and `SetFlags`; the driver only
+carries them out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import aiohttp
 
-from changeover.balancers.base import BalancerError
+from changeover.balancers.base import BalancerError, Counter
 from changeover.balancers.process import ConfiguredBalancer, ordered_changes
 from changeover.balancers.render import runtime_paths
-from changeover.model import Admission, MemberState, PoolView
+from changeover.balancers.sessions import LazySession
+from changeover.model import REACH, Admission, MemberState, PoolView, admission_reaching
 from changeover.polling import poll_until
 
-_WIDTH = {Admission.OUT: 0, Admission.DRAINING: 1, Admission.LIVE: 2}
-# The flag files of each cluster admission: (.no-new present, .out present).
-_FLAGS = {
-    Admission.LIVE: (False, False),
-    Admission.DRAINING: (True, False),
-    Admission.OUT: (True, True),
-}
+
+def _width(admission: Admission) -> int:
+    return REACH[admission].width
 
 
 def narrower(a: Admission, b: Admission) -> Admission:
-    return min(a, b, key=_WIDTH.__getitem__)
+    return min(a, b, key=_width)
 
 
 def cluster_flags(
@@ -61,7 +64,7 @@ def cluster_flags(
     flags = {}
     for cluster, names in members.items():
         # If any admission works, the widest one wanted does.
-        flag = max((target[n] for n in names), key=_WIDTH.__getitem__)
+        flag = max((target[n] for n in names), key=_width)
         if any(narrower(flag, rendered[n]) is not target[n] for n in names):
             return None
         flags[cluster] = flag
@@ -87,9 +90,9 @@ def canonical(
 
 def flag_admission(cluster: str, new: int, sticky: int) -> Admission:
     """A cluster's admission from what nginx read: new sessions, sticky sessions."""
-    for admission, (no_new, out) in _FLAGS.items():
-        if (not new, not sticky) == (no_new, out):
-            return admission
+    admission = admission_reaching(new=bool(new), sticky=bool(sticky))
+    if admission is not None:
+        return admission
     raise BalancerError(
         f"cluster {cluster} has '{cluster}.out' without '{cluster}.no-new' (sticky users "
         f"moved away, new ones still sent there): remove the first or add the second"
@@ -101,7 +104,9 @@ def write_flags(state_dir: Path, changes: list[tuple[str, Admission]]) -> None:
     leaves a cluster taking new sessions but refusing their sticky requests."""
     state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     for cluster, admission in changes:
-        no_new, out = _FLAGS[admission]
+        # `.no-new` is there when the cluster takes no new sessions, `.out` when
+        # it takes no sticky requests either.
+        no_new, out = not REACH[admission].new, not REACH[admission].sticky
         steps = [(f"{cluster}.no-new", no_new), (f"{cluster}.out", out)]
         # Narrowing: .no-new first; widening: .out goes first.
         for name, present in steps if no_new else reversed(steps):
@@ -126,14 +131,71 @@ class NginxState:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Render:
+    """Render the config with these member admissions (checked by `nginx -t`),
+    install it, reload, and wait until the workers serve it."""
+
+    admissions: Mapping[str, Admission]
+
+
+@dataclass(frozen=True, slots=True)
+class SetFlags:
+    """Change the clusters' flag files from `before` to `after`, and wait until
+    the workers see them."""
+
+    before: Mapping[str, Admission]
+    after: Mapping[str, Admission]
+
+
+Step = Render | SetFlags
+
+
+def steps(
+    current: NginxState, target: Mapping[str, Admission], cluster_of: Mapping[str, str]
+) -> list[Step]:
+    """What takes nginx from `current` to serving `target`, in order; after each
+    step it serves exactly the old admissions or exactly the new ones."""
+    flags = cluster_flags(target, current.rendered, cluster_of)
+    if flags is not None:  # the files alone: no reload
+        return _needed([SetFlags(current.flags, flags)], current.rendered)
+    # The old admissions rendered and the flags lifted; `target` rendered (one
+    # reload changes every member at once); its cluster-wide part moved back
+    # into the flags, so later flips need no reload.
+    lifted = dict.fromkeys(current.flags, Admission.LIVE)
+    rendered, final = canonical(target, cluster_of)
+    sequence: list[Step] = [
+        Render(current.admissions(cluster_of)),
+        SetFlags(current.flags, lifted),
+        Render(dict(target)),
+        SetFlags(lifted, final),
+        Render(rendered),
+    ]
+    return _needed(sequence, current.rendered)
+
+
+def _needed(sequence: list[Step], loaded: Mapping[str, Admission]) -> list[Step]:
+    """`sequence` without the steps that change nothing: a rendering nginx has
+    loaded already, flags that are already set."""
+    needed: list[Step] = []
+    for step in sequence:
+        if isinstance(step, Render):
+            if dict(step.admissions) == dict(loaded):
+                continue
+            loaded = step.admissions
+        elif not ordered_changes(step.before, step.after):
+            continue
+        needed.append(step)
+    return needed
+
+
 class NginxBalancer(ConfiguredBalancer):
     product = "nginx"
+    fills: ClassVar[frozenset[Counter]] = frozenset()  # open-source nginx counts nothing
     default_config = "/etc/nginx/nginx.conf"
     default_check = ("nginx", "-t", "-q", "-c", "{config}")
     default_reload = ("nginx", "-s", "reload", "-c", "{config}")
 
-    _session: aiohttp.ClientSession | None = None
-    _health_session: aiohttp.ClientSession | None = None
     _loaded: NginxState | None = None  # as last read
 
     @property
@@ -146,31 +208,29 @@ class NginxBalancer(ConfiguredBalancer):
     def state_dir(self) -> Path:
         return Path(runtime_paths("nginx", self.options)["state_dir"])
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
+    @functools.cached_property
+    def _client(self) -> LazySession:
+        return LazySession(
+            lambda: aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
                 # A kept-alive connection could still reach an old worker after a reload.
                 connector=aiohttp.TCPConnector(force_close=True),
             )
-        return self._session
+        )
 
-    def _health_client(self) -> aiohttp.ClientSession:
+    @functools.cached_property
+    def _health_client(self) -> LazySession:
         # Health reads may reuse connections: any worker, old or new, proxies them to
         # the same member (nginx opens a fresh upstream connection for each). A
         # connection per read cost the probe's watcher (70 reads/s) as much CPU as a
         # tenth of its traffic.
-        if self._health_session is None:
-            self._health_session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.timeout)
-            )
-        return self._health_session
+        return LazySession(
+            lambda: aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+        )
 
     async def close(self) -> None:
-        for session in (self._session, self._health_session):
-            if session is not None:
-                await session.close()
-        self._session = self._health_session = None
+        await self._client.close()
+        await self._health_client.close()
 
     async def _state(self) -> NginxState:
         url = f"{self.control_url}/changeover/state"
@@ -210,8 +270,6 @@ class NginxBalancer(ConfiguredBalancer):
                     cluster=c.name,
                     admission=admissions.get(m.name, Admission.OUT),
                     healthy=health.get(m.name, True),
-                    # Open-source nginx counts nothing per upstream server.
-                    active=0,
                 )
                 for c, m in self.topology.members()
             )
@@ -232,36 +290,19 @@ class NginxBalancer(ConfiguredBalancer):
         return loaded.rendered
 
     async def _enact(self, current: PoolView, target: Mapping[str, Admission]) -> None:
-        state = await self._state()
-        flags = cluster_flags(target, state.rendered, self._cluster_of)
-        if flags is not None:
-            await self._set_flags(state.flags, flags)
-            return
-        # Only reloads reach `target`. After each step nginx serves exactly the old
-        # admissions or exactly the new ones: the old ones rendered and the flags
-        # lifted; `target` rendered (one reload changes every member at once); its
-        # cluster-wide part moved back into the flags, so later flips need no reload.
-        lifted = dict.fromkeys(state.flags, Admission.LIVE)
-        await self._rendered_with(state.admissions(self._cluster_of))
-        await self._set_flags(state.flags, lifted)
-        await self._rendered_with(target)
-        rendered, flags = canonical(target, self._cluster_of)
-        await self._set_flags(lifted, flags)
-        await self._rendered_with(rendered)
-
-    async def _rendered_with(self, admissions: Mapping[str, Admission]) -> None:
-        if self._loaded is None or self._loaded.rendered != dict(admissions):
-            await self.config.install(self.render(admissions))
-            await self._reload(admissions)
+        # The interpreter of `steps`: the I/O of each step, and the wait for it.
+        for step in steps(await self._state(), target, self._cluster_of):
+            if isinstance(step, Render):
+                await self.config.install(self.render(step.admissions))
+                await self._reload(step.admissions)
+            else:
+                await self._set_flags(step.before, step.after)
 
     async def _set_flags(
         self, before: Mapping[str, Admission], after: Mapping[str, Admission]
     ) -> None:
-        changes = ordered_changes(before, after)
-        if not changes:
-            return
         try:
-            await asyncio.to_thread(write_flags, self.state_dir, changes)
+            await asyncio.to_thread(write_flags, self.state_dir, ordered_changes(before, after))
         except OSError as exc:
             raise BalancerError(
                 f"{self.name}: cannot write nginx's admission files in {self.state_dir}: {exc}"

@@ -22,16 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from changeover.balancers.base import BalancerError
+from changeover.balancers.base import BalancerError, Counter
 from changeover.balancers.render import Product, RenderError, RenderOptions, render
 from changeover.config import BalancerInstance, Topology
-from changeover.model import Admission, PoolView, differs
+from changeover.model import REACH, Admission, PoolView, differs
 from changeover.polling import poll_until
-
-# Order in which changes are enacted when the balancer cannot change several
-# members atomically: admit first, then drain, then take out, so the live pool
-# never shrinks below what both the old and the new admissions allow.
-_ORDER = {Admission.LIVE: 0, Admission.DRAINING: 1, Admission.OUT: 2}
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,9 +179,11 @@ async def converge(
 def ordered_changes(
     current: Mapping[str, Admission], target: Mapping[str, Admission]
 ) -> list[tuple[str, Admission]]:
-    """The members whose admission changes, admissions first, removals last."""
+    """The members whose admission changes, widest admission first: where the
+    balancer cannot change several at once, admitting first, draining next and
+    taking out last keeps the live pool no smaller than both states allow."""
     changes = [(name, adm) for name, adm in target.items() if current.get(name) != adm]
-    return sorted(changes, key=lambda change: _ORDER[change[1]])
+    return sorted(changes, key=lambda change: -REACH[change[1]].width)
 
 
 class ConfiguredBalancer(ABC):
@@ -194,6 +191,7 @@ class ConfiguredBalancer(ABC):
     runtime channel. `apply` = render -> check -> install -> enact -> read back."""
 
     product: ClassVar[Product]
+    fills: ClassVar[frozenset[Counter]]  # the MemberState counters `read` fills
     default_config: ClassVar[str]
     default_check: ClassVar[tuple[str, ...]]
     default_reload: ClassVar[tuple[str, ...]]

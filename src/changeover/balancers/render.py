@@ -23,7 +23,7 @@ from typing import Any, Literal
 import jinja2
 
 from changeover.config import BalancerInstance, Cluster, Listen, Member, Topology
-from changeover.model import Admission
+from changeover.model import REACH, Admission
 
 Product = Literal["haproxy", "apache", "nginx"]
 PRODUCTS: tuple[Product, ...] = ("haproxy", "apache", "nginx")
@@ -117,6 +117,9 @@ class MemberContext:
     port: int
     route: str
     admission: str
+    # The admission's reach (model.REACH): what the templates render it with.
+    new: bool  # takes new sessions
+    sticky: bool  # takes the requests of its sticky sessions
     address: str  # host:port with IPv6 brackets
     # The route as a regular expression literal: routes may contain dots.
     route_regex: str
@@ -159,6 +162,8 @@ def _member(cluster: Cluster, member: Member, admission: Admission) -> MemberCon
         port=member.port,
         route=member.route_id,
         admission=admission.value,
+        new=REACH[admission].new,
+        sticky=REACH[admission].sticky,
         address=_address(member.host, member.port),
         route_regex=re.sub(r"\.", "[.]", member.route_id),
     )

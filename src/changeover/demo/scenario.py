@@ -27,11 +27,12 @@ from pathlib import Path
 import aiohttp
 from rich.console import Console
 
+from changeover.balancers.factory import make_balancer
 from changeover.config import SshSettings, Topology, load
 from changeover.polling import poll_until
 from changeover.probe import ProbeReport
 from changeover.releases import Begin
-from changeover.runtime import make_balancer, with_releases
+from changeover.runtime import with_releases
 
 TOKEN_ENV = "CHANGEOVER_ADMIN_TOKEN"
 

@@ -134,7 +134,7 @@ def watching_config(path: Path) -> Balancer:
 
     Only `read()` is ever called on it: the probe watches, it never applies.
     """
-    from changeover.runtime import make_balancer
+    from changeover.balancers.factory import make_balancer
 
     return make_balancer(load(path))
 
