@@ -9,7 +9,8 @@ raw head bytes: one regular-expression scan per head picks out the few headers
 that matter (Host, Cookie, framing, hop-by-hop), and the rest is relayed as
 received, without a Python call per header. A plain head (HTTP/1.1, Host and
 perhaps a Cookie) is handled inline; every other one is decided by
-`heads.rewrite`, pure and tested byte for byte. Response bodies are relayed as the
+`heads.rewrite`, pure and tested byte for byte; so is every response head
+but the plain one (`responses.answer`). Response bodies are relayed as the
 bytes arrived (chunked framing included); llhttp says where each message ends.
 Upstream connections are kept alive in a LIFO pool per member. Nothing here
 logs per request.
@@ -26,28 +27,33 @@ where it already is, between two messages. Routing still happens per request.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import re
 from collections import deque
 from functools import partial
-from http import HTTPStatus
 from typing import Any, cast
 
 import httptools
 from httptools import HttpParserError, HttpParserUpgrade
 
 from changeover.config import Topology
+from changeover.proxy import responses
 from changeover.proxy.heads import (
-    CHUNKED,
     REQUEST_SCAN,
     Peer,
     Refused,
     check_method,
     checked_host,
-    connection_tokens,
-    cut,
-    names_pattern,
     rewrite,
+)
+from changeover.proxy.responses import (
+    CHUNK_FRAMED,
+    CLOSE_FRAMED,
+    ERRORS,
+    LAST_CHUNK,
+    LENGTH_FRAMED,
+    NO_BODY,
+    Asked,
+    Dechunk,
+    plain_length,
 )
 from changeover.proxy.routing import (
     NO_MEMBER,
@@ -70,42 +76,6 @@ IDLE_PER_MEMBER = 256  # idle keep-alive upstream connections kept per member
 _UPLOAD, _BUFFERED, _QUEUED = 1, 2, 4
 
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
-
-# Response headers that decide the framing, the route cookie, or are hop-by-hop.
-_HOP_BY_HOP = [b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"]
-_HOP_BY_HOP += [b"proxy-authorization"]
-_RESPONSE_SCAN = re.compile(  # in a lower-case copy, like heads.REQUEST_SCAN
-    rb"\r\n(%s):[ \t]*([^\r]*)"
-    % names_pattern(
-        [b"content-length", b"transfer-encoding", b"set-cookie", b"connection", *_HOP_BY_HOP]
-    )
-)
-_CODING_LINE = re.compile(rb"\r\ntransfer-encoding:[^\r]*")
-
-_STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
-
-# How the upstream response body ends: no body, Content-Length, chunked, connection close.
-_NO_BODY, _LENGTH_FRAMED, _CHUNK_FRAMED, _CLOSE_FRAMED = range(4)
-
-_CLOSE = b"Connection: close\r\n"
-_KEEP_ALIVE = b"Connection: keep-alive\r\n"
-_LAST_CHUNK = b"0\r\n\r\n"
-
-
-def status_line(status: int) -> bytes:
-    return _STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status
-
-
-def error_response(status: int) -> bytes:
-    body = b"%d %s\n" % (status, HTTPStatus(status).phrase.encode())
-    return b"%sContent-Type: text/plain\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (
-        status_line(status),
-        len(body),
-        body,
-    )
-
-
-_ERRORS = {s: error_response(s) for s in (400, 405, 408, 431, 502, 503, 504, 505)}
 
 
 class UnaskedBytes(Exception):
@@ -203,6 +173,7 @@ class Worker:
         upstream.req = None
         upstream.reused = True
         upstream.dechunk = None
+        upstream.tail = b""
         transport = upstream.transport
         if transport is None:
             return
@@ -628,7 +599,7 @@ class Client(asyncio.Protocol):
         if req is None:
             return
         if req.chunked:
-            self._send(req, _LAST_CHUNK)
+            self._send(req, LAST_CHUNK)
         req.done = True
         if not req.keep_alive:
             self.eof = True
@@ -751,7 +722,7 @@ class Client(asyncio.Protocol):
         if req is None or req.upstream is not upstream or self.transport is None:
             return
         req.upstream = None
-        if upstream.framing == _CLOSE_FRAMED and upstream.head_sent:
+        if upstream.framing == CLOSE_FRAMED and upstream.head_sent:
             upstream.finish_close_framed()
             self.response_done(upstream, reusable=False)
         elif not upstream.got and upstream.reused and req.sent is not None:
@@ -772,7 +743,7 @@ class Client(asyncio.Protocol):
         self.eof = True
         self.req = None
         if self.transport is not None:
-            self.transport.write(_ERRORS[status])
+            self.transport.write(ERRORS[status])
             self.transport.close()
 
     def _refuse(self, status: int) -> None:
@@ -863,6 +834,7 @@ class Upstream(asyncio.Protocol):
         "rechunk",
         "req",
         "reused",
+        "tail",
         "transport",
         "w",
     )
@@ -882,9 +854,10 @@ class Upstream(asyncio.Protocol):
         self.cursor = 0  # where the body bytes of this read start in `data`
         self.raw_from = 0  # where the bytes relayed as received start (<= cursor)
         self.head_parts: list[bytes] | None = None  # a head that began in earlier reads
-        self.framing = _LENGTH_FRAMED
+        self.framing = LENGTH_FRAMED
         self.left = 0  # Content-Length body bytes still to come
         self.rechunk = False  # a close-framed body goes to an HTTP/1.1 client chunked
+        self.tail = b""  # the last bytes of a chunked body relayed so far
         self.dechunk: Dechunk | None = None  # a chunked body goes to an HTTP/1.0 client plain
         self.keep = False
         self.got = False
@@ -967,7 +940,7 @@ class Upstream(asyncio.Protocol):
         cursor = self.cursor
         framing = self.framing
         cut = False  # the bytes in `data` cannot be relayed exactly: cut the client off
-        if framing in (_LENGTH_FRAMED, _NO_BODY):
+        if framing in (LENGTH_FRAMED, NO_BODY):
             size = len(data) - cursor
             if size > self.left:  # bytes after the response, even if only empty lines
                 size = self.left
@@ -981,12 +954,14 @@ class Upstream(asyncio.Protocol):
         elif self.dechunk is not None:
             out.append(data[self.raw_from : cursor])
             out += self.dechunk.feed(data[cursor:] if cursor else data)
-        elif framing == _CHUNK_FRAMED:
+        elif framing == CHUNK_FRAMED:
             # The last chunk ends the body with a blank line; more after it,
             # or a parse error, means bytes that must not reach the client.
-            cut = failed or (self.done and not data.endswith(b"\r\n\r\n"))
+            # That blank line may have begun in the read before.
+            cut = failed or (self.done and not (self.tail + data).endswith(b"\r\n\r\n"))
             if not cut:
                 out.append(data[self.raw_from :] if self.raw_from else data)
+                self.tail = data[-3:]
         elif self.rechunk:  # close-framed: everything until the upstream closes is body
             out.append(data[self.raw_from : cursor])
             if cursor < len(data):
@@ -1064,35 +1039,26 @@ class Upstream(asyncio.Protocol):
             start = _skip_empty_lines(buf, 0)
             end = buf.find(b"\r\n\r\n", start) + 4
             self.mark = self.cursor = end - len(earlier)
-        line_end = buf.find(b"\r\n", start)
         status: int = self.parser.get_status_code()
-        # Names are matched in a lower-case copy (same offsets as `buf`).
-        block = buf[line_end : end - 2].lower()
-
-        # Nearly every response to a keep-alive HTTP/1.1 client: HTTP/1.1,
-        # Content-Length, perhaps "Connection: keep-alive", nothing to remove.
+        # Nearly every response to a keep-alive HTTP/1.1 client: see plain_length.
         if (
             req.plain
             and buf is self.data
             and status >= 200
             and buf.startswith(b"HTTP/1.1 ", start)
             and not self.w.stopping
+            and status != 204
+            and status != 304
         ):
-            length = -1
-            for name, value in _RESPONSE_SCAN.findall(block):
-                if name == b"content-length":
-                    length = int(value)  # llhttp has checked it: digits, one value
-                elif name != b"connection" or value != b"keep-alive":
-                    break
-            else:
-                plain = length >= 0 and status != 204 and status != 304
-                if plain and self.parser.should_keep_alive():
-                    self.last = buf[start:end]
-                    self.last_length = length
-                    self.last_size = end - start + length
-                    self._plain_head(req, buf, start, end, length)
-                    return
-        self._unusual_head(req, buf, start, end, line_end, status, block)
+            line_end = buf.find(b"\r\n", start)
+            length = plain_length(buf[line_end : end - 2].lower())
+            if length >= 0 and self.parser.should_keep_alive():
+                self.last = buf[start:end]
+                self.last_length = length
+                self.last_size = end - start + length
+                self._plain_head(req, buf, start, end, length)
+                return
+        self._unusual_head(req, buf[start:end], start if buf is self.data else -1, status)
 
     def _head_sent(self) -> None:
         """The final response head is on its way: the response timeout is met."""
@@ -1102,7 +1068,7 @@ class Upstream(asyncio.Protocol):
 
     def _plain_head(self, req: Request, buf: bytes, start: int, end: int, length: int) -> None:
         """A keep-alive HTTP/1.1 response with a Content-Length and nothing to remove."""
-        self.framing = _LENGTH_FRAMED
+        self.framing = LENGTH_FRAMED
         self.left = length
         self.keep = True
         self._head_sent()
@@ -1112,142 +1078,35 @@ class Upstream(asyncio.Protocol):
             self.out += (buf[start : end - 2], req.cookie)
             self.raw_from = end - 2
 
-    def _unusual_head(
-        self,
-        req: Request,
-        buf: bytes,
-        start: int,
-        end: int,
-        line_end: int,
-        status: int,
-        block: bytes,
-    ) -> None:
-        """Any other response head: interim, hop-by-hop or Set-Cookie lines, other framing."""
-        http11 = buf.startswith(b"HTTP/1.1 ", start)
-        length = -1
-        coding: bytes | None = None
-        listed: set[bytes] | None = None
-        removed: list[tuple[int, int]] | None = None
-        sticky_seen = False
-        connections = 0  # Connection lines
-        keep_alive_line = False  # the only one says "keep-alive"
-        for match in _RESPONSE_SCAN.finditer(block):
-            name = match[1]
-            if name == b"content-length":
-                length = int(match[2])  # llhttp has checked it: digits, one value
-                continue
-            if name == b"set-cookie":
-                # Cookie names are case-sensitive: look at the original line.
-                a = line_end + match.start(2)
-                sticky_seen = sticky_seen or buf.startswith(self.w.sticky, a)
-                continue
-            if name == b"transfer-encoding":
-                value = match[2].rstrip(b" \t")
-                coding = value if coding is None else coding + b", " + value
-                continue
-            if name == b"connection":
-                connections += 1
-                value = match[2].strip()
-                keep_alive_line = connections == 1 and value == b"keep-alive"
-                tokens = connection_tokens(value)
-                if tokens:
-                    listed = tokens if listed is None else listed | tokens
-            if removed is None:
-                removed = []
-            removed.append(match.span())
-
-        if status < 200:  # interim (100 Continue, 103): relay, the final one follows
-            head = self._rewritten(buf, start, line_end, end, http11, removed, listed)
-            self.out.append(head + b"\r\n")
-            self.raw_from = end
-            return
-
-        if req.head_only or status in (204, 304):
-            framing = _LENGTH_FRAMED
-            self.left = 0
-        elif coding is not None:
-            framing = _CHUNK_FRAMED if coding.endswith(b"chunked") else _CLOSE_FRAMED
-        elif length >= 0:
-            framing = _LENGTH_FRAMED
-            self.left = length
+    def _unusual_head(self, req: Request, head: bytes, start: int, status: int) -> None:
+        """Any other response head (status line to blank line): `responses.answer`
+        decides. `start`: where it starts in this read, -1 if in an earlier one."""
+        w = self.w
+        asked = Asked(req.head_only, req.http10, req.keep_alive, w.stopping, req.cookie, w.sticky)
+        answer = responses.answer(head, status, asked)
+        if start < 0:  # the head began in earlier reads: all of it goes here
+            self.out.append(answer.written(head))
+            self.raw_from = self.cursor
         else:
-            framing = _CLOSE_FRAMED
-        self.framing = framing
-        http10 = req.http10
-        # HTTP/1.0 clients cannot read chunks: they get the raw body and a close.
-        self.rechunk = framing == _CLOSE_FRAMED and coding is None and not http10
-        dechunk = framing == _CHUNK_FRAMED and http10
-        close = (
-            not req.keep_alive
-            or self.w.stopping
-            or dechunk
-            or (framing == _CLOSE_FRAMED and not self.rechunk)
-        )
-        if close:
+            if answer.prefix:
+                self.out.append(answer.prefix)
+            self.raw_from = start + answer.relay_from
+        if answer.interim:
+            return
+        self.framing = answer.framing
+        self.left = answer.left
+        self.rechunk = answer.rechunk
+        if answer.close:
             req.keep_alive = False
         self.keep = self.parser.should_keep_alive()
-
-        # Our Connection header: an upstream's lone "Connection: keep-alive"
-        # already says what we would say to a keep-alive client, so it stays.
-        said = keep_alive_line and not close and connections == 1 and len(removed or ()) == 1
-        if said:
-            removed = None
-        if dechunk:  # the body goes plain: its Transfer-Encoding line goes too
-            removed = sorted([*(removed or []), *(m.span() for m in _CODING_LINE.finditer(block))])
-        parts: list[bytes] = []
-        if removed is not None or listed is not None or not http11:
-            parts.append(self._rewritten(buf, start, line_end, end, http11, removed, listed))
-        if close:
-            parts.append(_CLOSE)
-        elif http10 and not said:
-            parts.append(_KEEP_ALIVE)
-        if self.rechunk:
-            parts.append(CHUNKED)
-        if req.cookie is not None and not sticky_seen:
-            parts.append(req.cookie)
-
-        out = self.out
-        if buf is not self.data:  # the head began in earlier reads: all of it goes here
-            if len(parts) == 0 or parts[0][:5] != b"HTTP/":
-                parts.insert(0, buf[start : end - 2])
-            parts.append(b"\r\n")
-            out.append(b"".join(parts))
-            self.raw_from = self.cursor
-        elif parts and parts[0][:5] == b"HTTP/":  # rewritten
-            parts.append(b"\r\n")
-            out.append(b"".join(parts))
-            self.raw_from = end
-        elif parts:  # inserted before the blank line, which goes with the body bytes
-            out.append(buf[start : end - 2])
-            out += parts
-            self.raw_from = end - 2
-        else:  # relayed as received, from the status line on
-            self.raw_from = start
         self._head_sent()
-        if dechunk:
+        if answer.dechunk:
             self.dechunk = Dechunk()
         if req.head_only:
             # llhttp cannot be told that a HEAD response has no body: finish
             # here and give the next response a fresh parser.
             self.done = True
             self.parser = httptools.HttpResponseParser(self)
-
-    @staticmethod
-    def _rewritten(
-        buf: bytes,
-        start: int,
-        line_end: int,
-        end: int,
-        http11: bool,
-        removed: list[tuple[int, int]] | None,
-        listed: set[bytes] | None,
-    ) -> bytes:
-        """The head minus the `removed` spans and `listed` names, up to its blank line."""
-        # "HTTP/1.0 200 OK" becomes "HTTP/1.1 200 OK": we speak HTTP/1.1 to the client.
-        line = (
-            buf[start:line_end] if http11 else b"HTTP/1.1" + buf[buf.find(b" ", start) : line_end]
-        )
-        return line + cut(buf[line_end : end - 4], removed, listed) + b"\r\n"
 
     def on_message_complete(self) -> None:
         if self.head_sent:  # an interim response ends here too: the final one follows
@@ -1257,33 +1116,8 @@ class Upstream(asyncio.Protocol):
         """The upstream closed: that is the end of a body framed by the close."""
         client = self.client
         if self.rechunk and client is not None and client.transport is not None:
-            client.transport.write(_LAST_CHUNK)
+            client.transport.write(LAST_CHUNK)
         self.done = True
-
-
-class Dechunk:
-    """Decodes a chunked body for an HTTP/1.0 client; llhttp does the framing."""
-
-    __slots__ = ("done", "out", "parser")
-
-    def __init__(self) -> None:
-        self.out: list[bytes] = []
-        self.done = False
-        self.parser = httptools.HttpResponseParser(self)
-        self.parser.feed_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-
-    def on_body(self, body: bytes) -> None:
-        if not self.done:
-            self.out.append(body)
-
-    def on_message_complete(self) -> None:
-        self.done = True
-
-    def feed(self, data: bytes) -> list[bytes]:
-        with contextlib.suppress(HttpParserError):  # the upstream's own parser reports it
-            self.parser.feed_data(data)
-        out, self.out = self.out, []
-        return out
 
 
 def client_factory(worker: Worker, scope: int, https: bool, listen_host: str) -> Any:
