@@ -176,3 +176,67 @@ async def test_no_member_is_a_503(pb: Playbook) -> None:
     await pb.settle()
     assert client.take() == ERRORS[503]
     assert client.closed
+
+
+HANDSHAKE = (
+    b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+SWITCHED = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+)
+
+
+async def test_a_websocket_handshake_becomes_a_tunnel(pb: Playbook) -> None:
+    client = pb.client()
+    client.feed(HANDSHAKE + b"\x81\x85early")  # frame bytes before the 101 wait for it
+    member = await pb.upstream()
+    assert member.take() == (
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        + UP[:-2]
+        + b"Connection: Upgrade\r\n\r\n"
+    )
+    member.feed(SWITCHED + b"\x81\x02hi")
+    assert client.take() == SWITCHED + b"\x81\x02hi"
+    assert member.take() == b"\x81\x85early"
+    client.feed(b"GET / HTTP/1.1\r\n\r\n")  # no longer HTTP: relayed as it is
+    assert member.take() == b"GET / HTTP/1.1\r\n\r\n"
+    assert pb.shared.tunnels(0)[0] == 1 and pb.shared.counters(0)[0][0] == 0
+    member.hang_up()
+    await pb.settle()
+    assert client.closed and pb.shared.tunnels(0)[0] == 0
+
+
+async def test_a_handshake_answered_otherwise_closes(pb: Playbook) -> None:
+    client = pb.client()
+    client.feed(HANDSHAKE)
+    member = await pb.upstream()
+    member.take()
+    member.feed(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+    await pb.settle()
+    assert client.take() == (
+        b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n" + COOKIE + b"\r\n"
+    )
+    assert client.closed and pb.shared.tunnels(0)[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("request_head", "response"),
+    [
+        (GET, SWITCHED),  # a 101 nobody asked for
+        (HANDSHAKE, SWITCHED.replace(b"websocket", b"h2c")),  # to another protocol
+    ],
+)
+async def test_an_unasked_switch_is_a_502(
+    pb: Playbook, request_head: bytes, response: bytes
+) -> None:
+    client = pb.client()
+    client.feed(request_head)
+    member = await pb.upstream()
+    member.take()
+    member.feed(response)
+    await pb.settle()
+    assert client.take() == ERRORS[502]
+    assert pb.shared.tunnels(0)[0] == 0

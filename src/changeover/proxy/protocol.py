@@ -54,9 +54,11 @@ from changeover.proxy.responses import (
     Asked,
     Dechunk,
     plain_length,
+    switches,
 )
 from changeover.proxy.routing import (
     NO_MEMBER,
+    OUT,
     PUBLIC,
     Table,
     eligible,
@@ -65,6 +67,7 @@ from changeover.proxy.routing import (
     sticky_route,
 )
 from changeover.proxy.state import SharedState
+from changeover.proxy.tunnel import Tunnel, close_offsets
 
 HEADER_LIMIT = 32 * 1024  # request line + headers; more is answered 431
 BUFFER_LIMIT = 256 * 1024  # request bytes held while no upstream is attached
@@ -72,8 +75,9 @@ REPLAY_LIMIT = 64 * 1024  # request bytes kept to replay on a stale keep-alive c
 IDLE_PER_MEMBER = 256  # idle keep-alive upstream connections kept per member
 
 # Why client reading is paused (bits): upstream is full, request bytes are
-# buffered while connecting, or pipelined requests wait for their turn.
-_UPLOAD, _BUFFERED, _QUEUED = 1, 2, 4
+# buffered while connecting, pipelined requests wait for their turn, or a
+# WebSocket handshake waits for the member's 101.
+_UPLOAD, _BUFFERED, _QUEUED, _UPGRADING = 1, 2, 4, 8
 
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
@@ -121,6 +125,9 @@ class Worker:
         self.clients: set[Client] = set()
         self.stopping = False
         self.drained = asyncio.Event()  # set when a client closes while stopping
+        self.tunnels: set[Tunnel] = set()
+        self.open_tunnels = shared.tunnels(index)  # per member, for the admin API
+        self.close_spread = balancer.close_spread
         self.turn = index  # workers start their round-robin at different members
         # Deadlines are checked once a second, so a clock updated as often is
         # precise enough and spares a loop.time() call per request.
@@ -137,6 +144,32 @@ class Worker:
         # The common choice (a new session on the public listener, round-robin)
         # is made inline in route() from this tuple.
         self.live = () if self.least_conn else self.candidates.live
+        if self.tunnels:
+            self._plan_closes()
+
+    def _plan_closes(self) -> None:
+        """Tunnels on a member now OUT close spread over `close_spread`, never at once."""
+        doomed = [t for t in self.tunnels if self.admission[t.member] == OUT and not t.scheduled]
+        for offset, tunnel in zip(
+            close_offsets(len(doomed), self.close_spread), doomed, strict=True
+        ):
+            tunnel.scheduled = True
+            self.loop.call_later(offset, self._go_away, tunnel)
+
+    def _go_away(self, tunnel: Tunnel) -> None:
+        if self._generation[0] != self.generation:
+            self._reload()
+        tunnel.scheduled = False
+        if self.admission[tunnel.member] == OUT:  # not if it came back meanwhile
+            tunnel.go_away()
+
+    def tunnel_opened(self, tunnel: Tunnel) -> None:
+        self.tunnels.add(tunnel)
+        self.open_tunnels[tunnel.member] += 1
+
+    def tunnel_ended(self, tunnel: Tunnel) -> None:
+        self.tunnels.discard(tunnel)
+        self.open_tunnels[tunnel.member] -= 1
 
     def route(self, scope: int, sticky: int, tried: tuple[int, ...] | list[int]) -> int:
         if self._generation[0] != self.generation:
@@ -197,6 +230,8 @@ class Worker:
     def _sweep(self) -> None:
         """Close clients past their deadline (slow heads, stalled bodies, idle keep-alive)."""
         self.now = now = self.loop.time()
+        if self._generation[0] != self.generation:  # a worker without requests notices too
+            self._reload()
         for client in [c for c in self.clients if 0 < c.deadline < now]:
             client.expire()
         self._sweeper = self.loop.call_later(1.0, self._sweep)
@@ -204,6 +239,8 @@ class Worker:
     def stop(self) -> None:
         """Stop taking new requests: idle clients close now, busy ones after their response."""
         self.stopping = True
+        for tunnel in list(self.tunnels):
+            tunnel.go_away()
         for client in list(self.clients):
             client.stop()
 
@@ -246,6 +283,7 @@ class Head:
         "replayable",
         "scope",
         "sticky",
+        "tunnel",
         "upstream",
     )
 
@@ -270,6 +308,7 @@ class Head:
         self.keep_alive = keep_alive
         self.chunked = chunked
         self.http10 = http10
+        self.tunnel = False  # a WebSocket handshake (see heads.rewrite)
 
 
 class Request:
@@ -291,6 +330,7 @@ class Request:
         "sent_size",
         "sticky",
         "tried",
+        "tunnel",
         "upstream",
     )
 
@@ -300,6 +340,7 @@ class Request:
         self.chunked = head.chunked
         self.head_only = head.head_only
         self.http10 = head.http10
+        self.tunnel = head.tunnel
         self.keep_alive = keep_alive
         # A keep-alive HTTP/1.1 request for a body: its response head may go as received.
         self.plain = keep_alive and not head.http10 and not head.head_only
@@ -339,6 +380,8 @@ class Client(asyncio.Protocol):
         "req",
         "scope",
         "transport",
+        "tunnel",
+        "upgrade_rest",
         "w",
         "write_paused",
         "xf",
@@ -370,6 +413,8 @@ class Client(asyncio.Protocol):
         self.head_parts: list[bytes] | None = None  # a head that began in earlier reads
         self.head_size = 0
         self.last: Head | None = None  # the last plain head, to reuse when it repeats
+        self.tunnel: Tunnel | None = None  # after a 101: the bytes flow both ways as they come
+        self.upgrade_rest = b""  # what the client sent after its handshake, before the 101
 
     # --- transport callbacks -------------------------------------------------
 
@@ -385,6 +430,8 @@ class Client(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.eof:  # after a "Connection: close" request, nothing more is read
+            if self.tunnel is not None:
+                self.tunnel.from_client(data)
             return
         req = self.req
         last = self.last
@@ -400,9 +447,13 @@ class Client(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
+            rest = data[exc.args[0] :]
+            if self.eof:  # a WebSocket handshake: what follows waits for the 101
+                self.upgrade_rest = rest
+                self._pause(_UPGRADING)
+                return
             # The request went upstream without its Upgrade header; llhttp
             # stopped after it, so what follows is the next request.
-            rest = data[exc.args[0] :]
             if rest and self.transport is not None:
                 self.data_received(rest)
             return
@@ -449,6 +500,8 @@ class Client(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self.w.clients.discard(self)
+        if self.tunnel is not None:
+            self.tunnel.lost(self)
         if self.w.stopping:
             self.w.drained.set()
         self.queue = None
@@ -463,15 +516,18 @@ class Client(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        upstream = self.active.upstream if self.active is not None else None
+        upstream = self.active.upstream if self.active is not None else self._tunnelled()
         if upstream is not None:
             upstream.pause()
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        upstream = self.active.upstream if self.active is not None else None
+        upstream = self.active.upstream if self.active is not None else self._tunnelled()
         if upstream is not None:
             upstream.resume()
+
+    def _tunnelled(self) -> Upstream | None:
+        return None if self.tunnel is None else cast(Upstream, self.tunnel.upstream)
 
     # --- request parser callbacks ----------------------------------------------
 
@@ -540,7 +596,13 @@ class Client(asyncio.Protocol):
         if head.chunked:
             self.pos = -1  # llhttp does not say where a chunked body ends
         upstream, host, cookies = head.upstream, head.host, head.cookies
-        self._request(self._head(upstream, buf, start, host, cookies, head.chunked, head.http10))
+        decided = self._head(upstream, buf, start, host, cookies, head.chunked, head.http10)
+        if head.tunnel:
+            decided.tunnel = True
+            # Nothing after a handshake is HTTP: the connection is a tunnel
+            # after a 101, and closes after any other answer.
+            decided.keep_alive = False
+        self._request(decided)
 
     def _head(
         self,
@@ -716,6 +778,28 @@ class Client(asyncio.Protocol):
         else:
             self.deadline = self.w.now + self.w.idle_timeout
 
+    def tunnel_open(self, upstream: Upstream, rest: bytes) -> None:
+        """The member answered 101 (already written to the client): the request
+        is served and the two connections are one tunnel until either closes."""
+        req = self.active
+        assert req is not None
+        self.active = None
+        req.upstream = None
+        w = self.w
+        self._settle(req, served=True)
+        tunnel = Tunnel(self, upstream, req.member, w.tunnel_ended)
+        self.tunnel = upstream.tunnel = tunnel
+        w.tunnel_opened(tunnel)
+        self.deadline = 0.0  # a tunnel may be quiet for as long as its ends like
+        early, self.upgrade_rest = self.upgrade_rest, b""
+        if early:
+            tunnel.from_client(early)
+        if rest:
+            tunnel.from_member(rest)
+        if w.stopping or w.admission[req.member] == OUT:
+            tunnel.go_away()
+        self._resume(_UPGRADING)
+
     def upstream_lost(self, upstream: Upstream) -> None:
         """The upstream connection closed before its response was complete."""
         req = self.active
@@ -795,6 +879,7 @@ class Client(asyncio.Protocol):
             and self.active is None
             and self.req is None
             and not self.head_size
+            and self.tunnel is None  # the worker closes tunnels with 1001
         ):
             self.transport.close()
 
@@ -834,8 +919,10 @@ class Upstream(asyncio.Protocol):
         "rechunk",
         "req",
         "reused",
+        "switching",
         "tail",
         "transport",
+        "tunnel",
         "w",
     )
 
@@ -858,6 +945,8 @@ class Upstream(asyncio.Protocol):
         self.left = 0  # Content-Length body bytes still to come
         self.rechunk = False  # a close-framed body goes to an HTTP/1.1 client chunked
         self.tail = b""  # the last bytes of a chunked body relayed so far
+        self.tunnel: Tunnel | None = None
+        self.switching = False  # a 101 to a WebSocket handshake is on its way
         self.dechunk: Dechunk | None = None  # a chunked body goes to an HTTP/1.0 client plain
         self.keep = False
         self.got = False
@@ -893,6 +982,9 @@ class Upstream(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         client = self.client
         if client is None or client.transport is None or self.done:
+            if self.tunnel is not None:
+                self.tunnel.from_member(data)
+                return
             # Bytes nobody asked for: this connection can no longer be trusted.
             self._discard()
             return
@@ -922,7 +1014,13 @@ class Upstream(asyncio.Protocol):
         failed = False
         try:
             self.parser.feed_data(data)
-        except (HttpParserError, HttpParserUpgrade):
+        except HttpParserUpgrade as exc:
+            if not self.switching:
+                raise UnaskedBytes from None  # an upgrade nobody asked for
+            self._flush(client, self.out)
+            client.tunnel_open(self, data[exc.args[0] :])
+            return
+        except HttpParserError:
             failed = True  # llhttp stopped somewhere in `data`: it does not say where
         out = self.out
         if not self.head_sent:
@@ -1002,6 +1100,9 @@ class Upstream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        if self.tunnel is not None:
+            self.tunnel.lost(self)
+            return
         client = self.client
         if client is not None:
             client.upstream_lost(self)
@@ -1040,6 +1141,15 @@ class Upstream(asyncio.Protocol):
             end = buf.find(b"\r\n\r\n", start) + 4
             self.mark = self.cursor = end - len(earlier)
         status: int = self.parser.get_status_code()
+        if status == 101:
+            # Only a WebSocket handshake may switch protocols, to WebSocket only.
+            if not (req.tunnel and switches(buf[start:end])):
+                raise UnaskedBytes
+            self.out.append(buf[start:end])  # relayed as received
+            self.raw_from = self.cursor
+            self.switching = True
+            self._head_sent()
+            return
         # Nearly every response to a keep-alive HTTP/1.1 client: see plain_length.
         if (
             req.plain

@@ -16,7 +16,8 @@ ends; what goes back to the client instead of it is decided here (RFC 9112):
 - The route cookie goes in before the blank line unless the app set the
   sticky cookie itself.
 - An interim (1xx) head is relayed minus its hop-by-hop lines; the final one
-  follows.
+  follows. A 101 is relayed as received, only to a WebSocket handshake and
+  only if it switches to WebSocket (`switches`).
 
 A head is written as `prefix` followed by the head's own bytes from
 `relay_from` on: nothing is copied when nothing changes, and an insertion
@@ -33,7 +34,7 @@ from http import HTTPStatus
 import httptools
 from httptools import HttpParserError
 
-from changeover.proxy.heads import CHUNKED, connection_tokens, cut, names_pattern
+from changeover.proxy.heads import CHUNKED, connection_tokens, cut, lists_upgrade, names_pattern
 
 # Response headers that decide the framing, the route cookie, or are hop-by-hop.
 _HOP_BY_HOP = [b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"]
@@ -221,6 +222,20 @@ def answer(head: bytes, status: int, asked: Asked) -> Answer:
         prefix = b""
         relay_from = 0
     return Answer(prefix, relay_from, False, framing, left, close, rechunk, dechunk)
+
+
+_UPGRADE_WEBSOCKET = re.compile(rb"\r\nupgrade:[ \t]*websocket[ \t]*\r\n")
+_CONNECTION_VALUE = re.compile(rb"\r\nconnection:([^\r]*)")
+
+
+def switches(head: bytes) -> bool:
+    """Whether a 101 head switches to WebSocket (RFC 6455 4.2.2): `Upgrade:
+    websocket` and a Connection header listing `upgrade`. Such a head is
+    relayed as received: its Upgrade and Connection lines are the handshake."""
+    low = head.lower()
+    return bool(_UPGRADE_WEBSOCKET.search(low)) and any(
+        lists_upgrade(value) for value in _CONNECTION_VALUE.findall(low)
+    )
 
 
 class Dechunk:
