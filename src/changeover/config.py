@@ -207,6 +207,9 @@ class Balancer(_Model):
     tls_key: str | None = None
     health: HealthCheck = HealthCheck()
     timeouts: ProxyTimeouts = ProxyTimeouts()  # builtin only
+    # builtin: WebSockets still open on a member set OUT are closed (code 1001)
+    # spread evenly over this long, never all at once
+    close_spread: Duration = Field(default=30.0, gt=0)
     template_dir: str | None = None  # a site's own copies of the Jinja2 templates
     instances: list[BalancerInstance] = Field(default_factory=list)
 

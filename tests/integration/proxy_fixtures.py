@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,14 +123,21 @@ class FakeMember:
 
 
 @contextlib.asynccontextmanager
-async def members(layout: dict[str, list[str]]) -> AsyncIterator[list[FakeMember]]:
-    """Start one app per member: {"a": ["a1", "a2"], "b": [...]} (route = member name)."""
+async def members(
+    layout: dict[str, list[str]],
+    extra_routes: Callable[[FakeMember, web.Application], None] | None = None,
+) -> AsyncIterator[list[FakeMember]]:
+    """Start one app per member: {"a": ["a1", "a2"], "b": [...]} (route = member name);
+    `extra_routes` adds a test's own handlers to each member's app."""
     started: list[FakeMember] = []
     try:
         for cluster, names in layout.items():
             for name in names:
                 member = FakeMember(name=name, cluster=cluster, route=name)
-                member.runner = web.AppRunner(member.app(), access_log=None)
+                app = member.app()
+                if extra_routes is not None:
+                    extra_routes(member, app)
+                member.runner = web.AppRunner(app, access_log=None)
                 await member.runner.setup()
                 site = web.TCPSite(member.runner, "127.0.0.1", 0)
                 await site.start()

@@ -54,10 +54,29 @@ RELAYED = {
         + XF
         + b"\r\n",
     ),
-    "upgrade-without-a-body-goes-up-plain": (
-        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+    "other-upgrades-go-up-plain": (
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
         b"Content-Length: 0\r\n\r\n",
         b"GET /ws HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nX-Forwarded-Host: x\r\n"
+        + XF
+        + b"\r\n",
+    ),
+    "websocket-handshake-goes-up-to-be-a-tunnel": (
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Upgrade\r\n"
+        b"Upgrade: WebSocket\r\nSec-WebSocket-Key: k\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: WebSocket\r\nSec-WebSocket-Key: k\r\n"
+        b"Sec-WebSocket-Version: 13\r\nX-Forwarded-Host: x\r\n"
+        + XF
+        + b"Connection: Upgrade\r\n\r\n",
+    ),
+    "websocket-without-connection-upgrade-goes-up-plain": (
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n",
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nX-Forwarded-Host: x\r\n" + XF + b"\r\n",
+    ),
+    "websocket-over-post-goes-up-plain": (
+        b"POST /ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n"
+        b"Content-Length: 0\r\n\r\n",
+        b"POST /ws HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nX-Forwarded-Host: x\r\n"
         + XF
         + b"\r\n",
     ),
@@ -173,3 +192,8 @@ def test_connect_is_405_and_other_methods_pass() -> None:
     assert refused.value.status == 405
     for method in (None, b"POST", b"OPTIONS", b"PROPFIND"):
         check_method(method)
+
+
+def test_only_a_websocket_handshake_becomes_a_tunnel() -> None:
+    tunnels = {name for name, (head, _) in RELAYED.items() if rewrite(head, PEER).tunnel}
+    assert tunnels == {"websocket-handshake-goes-up-to-be-a-tunnel"}

@@ -106,6 +106,9 @@ def test_state_file_absent_means_all_live_and_bad_one_is_an_error(tmp_path: Path
 def test_pool_view_has_the_admin_contract_fields() -> None:
     pool = PoolState(topology(), SharedState(3, 2), None)
     pool.shared.counters(1)[0][2] += 1
+    pool.shared.tunnels(0)[2] += 2
+    pool.shared.tunnels(1)[2] += 1
+    assert pool.shared.counters(0)[2][2] == 0  # tunnels have their own counters
     member = pool.view()["members"][2]
     assert member == {
         "name": "b1",
@@ -117,6 +120,7 @@ def test_pool_view_has_the_admin_contract_fields() -> None:
         "healthy": True,
         "active": 1,
         "requests": 0,
+        "tunnels": 3,
     }
 
 

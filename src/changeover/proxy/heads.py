@@ -11,7 +11,10 @@ so the member never reads a request the balancer did not see.
 - Framing headers (Content-Length, Transfer-Encoding) and Host cannot be listed
   in Connection (that would remove them while their framing still applies), at
   most one framing, exactly `chunked` as a coding: otherwise 400.
-- An Upgrade request is relayed without Upgrade, so it may not carry a body.
+- An Upgrade request may not carry a body. A WebSocket handshake (HTTP/1.1
+  GET, `Upgrade: websocket`, `Connection` listing `upgrade`) goes upstream
+  with its Upgrade line and `Connection: Upgrade`, to become a tunnel if the
+  member answers 101; any other Upgrade request is relayed without Upgrade.
 - A request line is exactly three words with one space between each.
 - HTTP/1.1 needs one Host, a host[:port]; versions other than 1.0 and 1.1 are 505.
 - Hop-by-hop lines, those Connection lists, and the forwarding headers a client
@@ -89,6 +92,11 @@ def checked_host(host: bytes | None, http11: bool) -> bytes | None:
 _PLAIN_CONNECTION = frozenset({b"close", b"keep-alive", b"upgrade"})
 
 
+def lists_upgrade(value: bytes) -> bool:
+    """Whether a Connection header's value lists the `upgrade` option."""
+    return b"upgrade" in {t.strip() for t in value.lower().split(b",")}
+
+
 def connection_tokens(value: bytes) -> set[bytes]:
     """Header names a Connection header lists beyond the usual options."""
     value = value.strip().lower()
@@ -149,6 +157,7 @@ class Rewritten:
     cookies: bytes | None  # every Cookie line's value, joined with "; "
     chunked: bool  # the body is re-framed as chunks (llhttp hands over its data)
     http10: bool
+    tunnel: bool  # a WebSocket handshake: a 101 makes the connection a tunnel
 
 
 def rewrite(head: bytes, peer: Peer) -> Rewritten:
@@ -158,7 +167,8 @@ def rewrite(head: bytes, peer: Peer) -> Rewritten:
     low = head[line_end:-2].lower()  # names are matched in a lower-case copy, same offsets
     host = cookies = xff = None
     listed: set[bytes] | None = None
-    chunked = length = upgrade = False
+    chunked = length = upgrade = connection_upgrade = False
+    websocket: tuple[int, int] | None = None  # the span of an "Upgrade: websocket" line
     removed: list[tuple[int, int]] | None = None
     for match in REQUEST_SCAN.finditer(low):
         kind = _REQUEST_KINDS[match[1]]
@@ -187,6 +197,7 @@ def rewrite(head: bytes, peer: Peer) -> Rewritten:
                 raise Refused(400)
             chunked = True
         elif kind == _CONNECTION:
+            connection_upgrade = connection_upgrade or lists_upgrade(match[2])
             tokens = connection_tokens(match[2])
             if tokens & _UNLISTABLE:
                 raise Refused(400)
@@ -200,6 +211,10 @@ def rewrite(head: bytes, peer: Peer) -> Rewritten:
             # llhttp would skip a body it then takes for the next request.
             if chunked or (length and not _no_length_body(low)):
                 raise Refused(400)
+            if upgrade:  # two Upgrade lines: never a tunnel
+                websocket = None
+            elif match[2].rstrip(b" \t") == b"websocket":
+                websocket = match.span()
             upgrade = True
         # This line does not go upstream (hop-by-hop, or ours to set).
         if removed is None:
@@ -217,6 +232,11 @@ def rewrite(head: bytes, peer: Peer) -> Rewritten:
     host = checked_host(host, not http10)
     if http10:  # always HTTP/1.1 upstream
         request_line = b"%s %s HTTP/1.1" % (method, target)
+    # RFC 6455 4.1: a WebSocket handshake is an HTTP/1.1 GET without a body.
+    tunnel = websocket is not None and connection_upgrade and method == b"GET" and not http10
+    if tunnel:
+        assert removed is not None and websocket is not None
+        removed.remove(websocket)  # the Upgrade line goes up as received
     parts = [request_line, cut(head[line_end:-4], removed, listed), b"\r\n"]
     if host is not None:
         parts += (b"X-Forwarded-Host: ", host, b"\r\n")
@@ -229,5 +249,7 @@ def rewrite(head: bytes, peer: Peer) -> Rewritten:
         parts += (b"X-Forwarded-Proto: ", peer.proto, b"\r\n")
     if chunked:
         parts.append(CHUNKED)
+    if tunnel:
+        parts.append(b"Connection: Upgrade\r\n")
     parts.append(b"\r\n")
-    return Rewritten(b"".join(parts), host, cookies, chunked, http10)
+    return Rewritten(b"".join(parts), host, cookies, chunked, http10, tunnel)

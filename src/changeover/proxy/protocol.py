@@ -9,7 +9,8 @@ raw head bytes: one regular-expression scan per head picks out the few headers
 that matter (Host, Cookie, framing, hop-by-hop), and the rest is relayed as
 received, without a Python call per header. A plain head (HTTP/1.1, Host and
 perhaps a Cookie) is handled inline; every other one is decided by
-`heads.rewrite`, pure and tested byte for byte. Response bodies are relayed as the
+`heads.rewrite`, pure and tested byte for byte; so is every response head
+but the plain one (`responses.answer`). Response bodies are relayed as the
 bytes arrived (chunked framing included); llhttp says where each message ends.
 Upstream connections are kept alive in a LIFO pool per member. Nothing here
 logs per request.
@@ -26,31 +27,38 @@ where it already is, between two messages. Routing still happens per request.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import re
 from collections import deque
 from functools import partial
-from http import HTTPStatus
 from typing import Any, cast
 
 import httptools
 from httptools import HttpParserError, HttpParserUpgrade
 
 from changeover.config import Topology
+from changeover.proxy import responses
 from changeover.proxy.heads import (
-    CHUNKED,
     REQUEST_SCAN,
     Peer,
     Refused,
     check_method,
     checked_host,
-    connection_tokens,
-    cut,
-    names_pattern,
     rewrite,
+)
+from changeover.proxy.responses import (
+    CHUNK_FRAMED,
+    CLOSE_FRAMED,
+    ERRORS,
+    LAST_CHUNK,
+    LENGTH_FRAMED,
+    NO_BODY,
+    Asked,
+    Dechunk,
+    plain_length,
+    switches,
 )
 from changeover.proxy.routing import (
     NO_MEMBER,
+    OUT,
     PUBLIC,
     Table,
     eligible,
@@ -59,6 +67,7 @@ from changeover.proxy.routing import (
     sticky_route,
 )
 from changeover.proxy.state import SharedState
+from changeover.proxy.tunnel import Tunnel, close_offsets
 
 HEADER_LIMIT = 32 * 1024  # request line + headers; more is answered 431
 BUFFER_LIMIT = 256 * 1024  # request bytes held while no upstream is attached
@@ -66,46 +75,11 @@ REPLAY_LIMIT = 64 * 1024  # request bytes kept to replay on a stale keep-alive c
 IDLE_PER_MEMBER = 256  # idle keep-alive upstream connections kept per member
 
 # Why client reading is paused (bits): upstream is full, request bytes are
-# buffered while connecting, or pipelined requests wait for their turn.
-_UPLOAD, _BUFFERED, _QUEUED = 1, 2, 4
+# buffered while connecting, pipelined requests wait for their turn, or a
+# WebSocket handshake waits for the member's 101.
+_UPLOAD, _BUFFERED, _QUEUED, _UPGRADING = 1, 2, 4, 8
 
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
-
-# Response headers that decide the framing, the route cookie, or are hop-by-hop.
-_HOP_BY_HOP = [b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"]
-_HOP_BY_HOP += [b"proxy-authorization"]
-_RESPONSE_SCAN = re.compile(  # in a lower-case copy, like heads.REQUEST_SCAN
-    rb"\r\n(%s):[ \t]*([^\r]*)"
-    % names_pattern(
-        [b"content-length", b"transfer-encoding", b"set-cookie", b"connection", *_HOP_BY_HOP]
-    )
-)
-_CODING_LINE = re.compile(rb"\r\ntransfer-encoding:[^\r]*")
-
-_STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
-
-# How the upstream response body ends: no body, Content-Length, chunked, connection close.
-_NO_BODY, _LENGTH_FRAMED, _CHUNK_FRAMED, _CLOSE_FRAMED = range(4)
-
-_CLOSE = b"Connection: close\r\n"
-_KEEP_ALIVE = b"Connection: keep-alive\r\n"
-_LAST_CHUNK = b"0\r\n\r\n"
-
-
-def status_line(status: int) -> bytes:
-    return _STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status
-
-
-def error_response(status: int) -> bytes:
-    body = b"%d %s\n" % (status, HTTPStatus(status).phrase.encode())
-    return b"%sContent-Type: text/plain\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (
-        status_line(status),
-        len(body),
-        body,
-    )
-
-
-_ERRORS = {s: error_response(s) for s in (400, 405, 408, 431, 502, 503, 504, 505)}
 
 
 class UnaskedBytes(Exception):
@@ -151,6 +125,9 @@ class Worker:
         self.clients: set[Client] = set()
         self.stopping = False
         self.drained = asyncio.Event()  # set when a client closes while stopping
+        self.tunnels: set[Tunnel] = set()
+        self.open_tunnels = shared.tunnels(index)  # per member, for the admin API
+        self.close_spread = balancer.close_spread
         self.turn = index  # workers start their round-robin at different members
         # Deadlines are checked once a second, so a clock updated as often is
         # precise enough and spares a loop.time() call per request.
@@ -167,6 +144,32 @@ class Worker:
         # The common choice (a new session on the public listener, round-robin)
         # is made inline in route() from this tuple.
         self.live = () if self.least_conn else self.candidates.live
+        if self.tunnels:
+            self._plan_closes()
+
+    def _plan_closes(self) -> None:
+        """Tunnels on a member now OUT close spread over `close_spread`, never at once."""
+        doomed = [t for t in self.tunnels if self.admission[t.member] == OUT and not t.scheduled]
+        for offset, tunnel in zip(
+            close_offsets(len(doomed), self.close_spread), doomed, strict=True
+        ):
+            tunnel.scheduled = True
+            self.loop.call_later(offset, self._go_away, tunnel)
+
+    def _go_away(self, tunnel: Tunnel) -> None:
+        if self._generation[0] != self.generation:
+            self._reload()
+        tunnel.scheduled = False
+        if self.admission[tunnel.member] == OUT:  # not if it came back meanwhile
+            tunnel.go_away()
+
+    def tunnel_opened(self, tunnel: Tunnel) -> None:
+        self.tunnels.add(tunnel)
+        self.open_tunnels[tunnel.member] += 1
+
+    def tunnel_ended(self, tunnel: Tunnel) -> None:
+        self.tunnels.discard(tunnel)
+        self.open_tunnels[tunnel.member] -= 1
 
     def route(self, scope: int, sticky: int, tried: tuple[int, ...] | list[int]) -> int:
         if self._generation[0] != self.generation:
@@ -203,6 +206,7 @@ class Worker:
         upstream.req = None
         upstream.reused = True
         upstream.dechunk = None
+        upstream.tail = b""
         transport = upstream.transport
         if transport is None:
             return
@@ -226,6 +230,8 @@ class Worker:
     def _sweep(self) -> None:
         """Close clients past their deadline (slow heads, stalled bodies, idle keep-alive)."""
         self.now = now = self.loop.time()
+        if self._generation[0] != self.generation:  # a worker without requests notices too
+            self._reload()
         for client in [c for c in self.clients if 0 < c.deadline < now]:
             client.expire()
         self._sweeper = self.loop.call_later(1.0, self._sweep)
@@ -233,6 +239,8 @@ class Worker:
     def stop(self) -> None:
         """Stop taking new requests: idle clients close now, busy ones after their response."""
         self.stopping = True
+        for tunnel in list(self.tunnels):
+            tunnel.go_away()
         for client in list(self.clients):
             client.stop()
 
@@ -275,6 +283,7 @@ class Head:
         "replayable",
         "scope",
         "sticky",
+        "tunnel",
         "upstream",
     )
 
@@ -299,6 +308,7 @@ class Head:
         self.keep_alive = keep_alive
         self.chunked = chunked
         self.http10 = http10
+        self.tunnel = False  # a WebSocket handshake (see heads.rewrite)
 
 
 class Request:
@@ -320,6 +330,7 @@ class Request:
         "sent_size",
         "sticky",
         "tried",
+        "tunnel",
         "upstream",
     )
 
@@ -329,6 +340,7 @@ class Request:
         self.chunked = head.chunked
         self.head_only = head.head_only
         self.http10 = head.http10
+        self.tunnel = head.tunnel
         self.keep_alive = keep_alive
         # A keep-alive HTTP/1.1 request for a body: its response head may go as received.
         self.plain = keep_alive and not head.http10 and not head.head_only
@@ -368,6 +380,8 @@ class Client(asyncio.Protocol):
         "req",
         "scope",
         "transport",
+        "tunnel",
+        "upgrade_rest",
         "w",
         "write_paused",
         "xf",
@@ -399,6 +413,8 @@ class Client(asyncio.Protocol):
         self.head_parts: list[bytes] | None = None  # a head that began in earlier reads
         self.head_size = 0
         self.last: Head | None = None  # the last plain head, to reuse when it repeats
+        self.tunnel: Tunnel | None = None  # after a 101: the bytes flow both ways as they come
+        self.upgrade_rest = b""  # what the client sent after its handshake, before the 101
 
     # --- transport callbacks -------------------------------------------------
 
@@ -414,6 +430,8 @@ class Client(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.eof:  # after a "Connection: close" request, nothing more is read
+            if self.tunnel is not None:
+                self.tunnel.from_client(data)
             return
         req = self.req
         last = self.last
@@ -429,9 +447,13 @@ class Client(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
+            rest = data[exc.args[0] :]
+            if self.eof:  # a WebSocket handshake: what follows waits for the 101
+                self.upgrade_rest = rest
+                self._pause(_UPGRADING)
+                return
             # The request went upstream without its Upgrade header; llhttp
             # stopped after it, so what follows is the next request.
-            rest = data[exc.args[0] :]
             if rest and self.transport is not None:
                 self.data_received(rest)
             return
@@ -478,6 +500,8 @@ class Client(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self.w.clients.discard(self)
+        if self.tunnel is not None:
+            self.tunnel.lost(self)
         if self.w.stopping:
             self.w.drained.set()
         self.queue = None
@@ -492,15 +516,18 @@ class Client(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        upstream = self.active.upstream if self.active is not None else None
+        upstream = self.active.upstream if self.active is not None else self._tunnelled()
         if upstream is not None:
             upstream.pause()
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        upstream = self.active.upstream if self.active is not None else None
+        upstream = self.active.upstream if self.active is not None else self._tunnelled()
         if upstream is not None:
             upstream.resume()
+
+    def _tunnelled(self) -> Upstream | None:
+        return None if self.tunnel is None else cast(Upstream, self.tunnel.upstream)
 
     # --- request parser callbacks ----------------------------------------------
 
@@ -569,7 +596,13 @@ class Client(asyncio.Protocol):
         if head.chunked:
             self.pos = -1  # llhttp does not say where a chunked body ends
         upstream, host, cookies = head.upstream, head.host, head.cookies
-        self._request(self._head(upstream, buf, start, host, cookies, head.chunked, head.http10))
+        decided = self._head(upstream, buf, start, host, cookies, head.chunked, head.http10)
+        if head.tunnel:
+            decided.tunnel = True
+            # Nothing after a handshake is HTTP: the connection is a tunnel
+            # after a 101, and closes after any other answer.
+            decided.keep_alive = False
+        self._request(decided)
 
     def _head(
         self,
@@ -628,7 +661,7 @@ class Client(asyncio.Protocol):
         if req is None:
             return
         if req.chunked:
-            self._send(req, _LAST_CHUNK)
+            self._send(req, LAST_CHUNK)
         req.done = True
         if not req.keep_alive:
             self.eof = True
@@ -745,13 +778,35 @@ class Client(asyncio.Protocol):
         else:
             self.deadline = self.w.now + self.w.idle_timeout
 
+    def tunnel_open(self, upstream: Upstream, rest: bytes) -> None:
+        """The member answered 101 (already written to the client): the request
+        is served and the two connections are one tunnel until either closes."""
+        req = self.active
+        assert req is not None
+        self.active = None
+        req.upstream = None
+        w = self.w
+        self._settle(req, served=True)
+        tunnel = Tunnel(self, upstream, req.member, w.tunnel_ended)
+        self.tunnel = upstream.tunnel = tunnel
+        w.tunnel_opened(tunnel)
+        self.deadline = 0.0  # a tunnel may be quiet for as long as its ends like
+        early, self.upgrade_rest = self.upgrade_rest, b""
+        if early:
+            tunnel.from_client(early)
+        if rest:
+            tunnel.from_member(rest)
+        if w.stopping or w.admission[req.member] == OUT:
+            tunnel.go_away()
+        self._resume(_UPGRADING)
+
     def upstream_lost(self, upstream: Upstream) -> None:
         """The upstream connection closed before its response was complete."""
         req = self.active
         if req is None or req.upstream is not upstream or self.transport is None:
             return
         req.upstream = None
-        if upstream.framing == _CLOSE_FRAMED and upstream.head_sent:
+        if upstream.framing == CLOSE_FRAMED and upstream.head_sent:
             upstream.finish_close_framed()
             self.response_done(upstream, reusable=False)
         elif not upstream.got and upstream.reused and req.sent is not None:
@@ -772,7 +827,7 @@ class Client(asyncio.Protocol):
         self.eof = True
         self.req = None
         if self.transport is not None:
-            self.transport.write(_ERRORS[status])
+            self.transport.write(ERRORS[status])
             self.transport.close()
 
     def _refuse(self, status: int) -> None:
@@ -824,6 +879,7 @@ class Client(asyncio.Protocol):
             and self.active is None
             and self.req is None
             and not self.head_size
+            and self.tunnel is None  # the worker closes tunnels with 1001
         ):
             self.transport.close()
 
@@ -863,7 +919,10 @@ class Upstream(asyncio.Protocol):
         "rechunk",
         "req",
         "reused",
+        "switching",
+        "tail",
         "transport",
+        "tunnel",
         "w",
     )
 
@@ -882,9 +941,12 @@ class Upstream(asyncio.Protocol):
         self.cursor = 0  # where the body bytes of this read start in `data`
         self.raw_from = 0  # where the bytes relayed as received start (<= cursor)
         self.head_parts: list[bytes] | None = None  # a head that began in earlier reads
-        self.framing = _LENGTH_FRAMED
+        self.framing = LENGTH_FRAMED
         self.left = 0  # Content-Length body bytes still to come
         self.rechunk = False  # a close-framed body goes to an HTTP/1.1 client chunked
+        self.tail = b""  # the last bytes of a chunked body relayed so far
+        self.tunnel: Tunnel | None = None
+        self.switching = False  # a 101 to a WebSocket handshake is on its way
         self.dechunk: Dechunk | None = None  # a chunked body goes to an HTTP/1.0 client plain
         self.keep = False
         self.got = False
@@ -920,6 +982,9 @@ class Upstream(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         client = self.client
         if client is None or client.transport is None or self.done:
+            if self.tunnel is not None:
+                self.tunnel.from_member(data)
+                return
             # Bytes nobody asked for: this connection can no longer be trusted.
             self._discard()
             return
@@ -949,7 +1014,13 @@ class Upstream(asyncio.Protocol):
         failed = False
         try:
             self.parser.feed_data(data)
-        except (HttpParserError, HttpParserUpgrade):
+        except HttpParserUpgrade as exc:
+            if not self.switching:
+                raise UnaskedBytes from None  # an upgrade nobody asked for
+            self._flush(client, self.out)
+            client.tunnel_open(self, data[exc.args[0] :])
+            return
+        except HttpParserError:
             failed = True  # llhttp stopped somewhere in `data`: it does not say where
         out = self.out
         if not self.head_sent:
@@ -967,7 +1038,7 @@ class Upstream(asyncio.Protocol):
         cursor = self.cursor
         framing = self.framing
         cut = False  # the bytes in `data` cannot be relayed exactly: cut the client off
-        if framing in (_LENGTH_FRAMED, _NO_BODY):
+        if framing in (LENGTH_FRAMED, NO_BODY):
             size = len(data) - cursor
             if size > self.left:  # bytes after the response, even if only empty lines
                 size = self.left
@@ -981,12 +1052,14 @@ class Upstream(asyncio.Protocol):
         elif self.dechunk is not None:
             out.append(data[self.raw_from : cursor])
             out += self.dechunk.feed(data[cursor:] if cursor else data)
-        elif framing == _CHUNK_FRAMED:
+        elif framing == CHUNK_FRAMED:
             # The last chunk ends the body with a blank line; more after it,
             # or a parse error, means bytes that must not reach the client.
-            cut = failed or (self.done and not data.endswith(b"\r\n\r\n"))
+            # That blank line may have begun in the read before.
+            cut = failed or (self.done and not (self.tail + data).endswith(b"\r\n\r\n"))
             if not cut:
                 out.append(data[self.raw_from :] if self.raw_from else data)
+                self.tail = data[-3:]
         elif self.rechunk:  # close-framed: everything until the upstream closes is body
             out.append(data[self.raw_from : cursor])
             if cursor < len(data):
@@ -1027,6 +1100,9 @@ class Upstream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        if self.tunnel is not None:
+            self.tunnel.lost(self)
+            return
         client = self.client
         if client is not None:
             client.upstream_lost(self)
@@ -1064,35 +1140,35 @@ class Upstream(asyncio.Protocol):
             start = _skip_empty_lines(buf, 0)
             end = buf.find(b"\r\n\r\n", start) + 4
             self.mark = self.cursor = end - len(earlier)
-        line_end = buf.find(b"\r\n", start)
         status: int = self.parser.get_status_code()
-        # Names are matched in a lower-case copy (same offsets as `buf`).
-        block = buf[line_end : end - 2].lower()
-
-        # Nearly every response to a keep-alive HTTP/1.1 client: HTTP/1.1,
-        # Content-Length, perhaps "Connection: keep-alive", nothing to remove.
+        if status == 101:
+            # Only a WebSocket handshake may switch protocols, to WebSocket only.
+            if not (req.tunnel and switches(buf[start:end])):
+                raise UnaskedBytes
+            self.out.append(buf[start:end])  # relayed as received
+            self.raw_from = self.cursor
+            self.switching = True
+            self._head_sent()
+            return
+        # Nearly every response to a keep-alive HTTP/1.1 client: see plain_length.
         if (
             req.plain
             and buf is self.data
             and status >= 200
             and buf.startswith(b"HTTP/1.1 ", start)
             and not self.w.stopping
+            and status != 204
+            and status != 304
         ):
-            length = -1
-            for name, value in _RESPONSE_SCAN.findall(block):
-                if name == b"content-length":
-                    length = int(value)  # llhttp has checked it: digits, one value
-                elif name != b"connection" or value != b"keep-alive":
-                    break
-            else:
-                plain = length >= 0 and status != 204 and status != 304
-                if plain and self.parser.should_keep_alive():
-                    self.last = buf[start:end]
-                    self.last_length = length
-                    self.last_size = end - start + length
-                    self._plain_head(req, buf, start, end, length)
-                    return
-        self._unusual_head(req, buf, start, end, line_end, status, block)
+            line_end = buf.find(b"\r\n", start)
+            length = plain_length(buf[line_end : end - 2].lower())
+            if length >= 0 and self.parser.should_keep_alive():
+                self.last = buf[start:end]
+                self.last_length = length
+                self.last_size = end - start + length
+                self._plain_head(req, buf, start, end, length)
+                return
+        self._unusual_head(req, buf[start:end], start if buf is self.data else -1, status)
 
     def _head_sent(self) -> None:
         """The final response head is on its way: the response timeout is met."""
@@ -1102,7 +1178,7 @@ class Upstream(asyncio.Protocol):
 
     def _plain_head(self, req: Request, buf: bytes, start: int, end: int, length: int) -> None:
         """A keep-alive HTTP/1.1 response with a Content-Length and nothing to remove."""
-        self.framing = _LENGTH_FRAMED
+        self.framing = LENGTH_FRAMED
         self.left = length
         self.keep = True
         self._head_sent()
@@ -1112,142 +1188,35 @@ class Upstream(asyncio.Protocol):
             self.out += (buf[start : end - 2], req.cookie)
             self.raw_from = end - 2
 
-    def _unusual_head(
-        self,
-        req: Request,
-        buf: bytes,
-        start: int,
-        end: int,
-        line_end: int,
-        status: int,
-        block: bytes,
-    ) -> None:
-        """Any other response head: interim, hop-by-hop or Set-Cookie lines, other framing."""
-        http11 = buf.startswith(b"HTTP/1.1 ", start)
-        length = -1
-        coding: bytes | None = None
-        listed: set[bytes] | None = None
-        removed: list[tuple[int, int]] | None = None
-        sticky_seen = False
-        connections = 0  # Connection lines
-        keep_alive_line = False  # the only one says "keep-alive"
-        for match in _RESPONSE_SCAN.finditer(block):
-            name = match[1]
-            if name == b"content-length":
-                length = int(match[2])  # llhttp has checked it: digits, one value
-                continue
-            if name == b"set-cookie":
-                # Cookie names are case-sensitive: look at the original line.
-                a = line_end + match.start(2)
-                sticky_seen = sticky_seen or buf.startswith(self.w.sticky, a)
-                continue
-            if name == b"transfer-encoding":
-                value = match[2].rstrip(b" \t")
-                coding = value if coding is None else coding + b", " + value
-                continue
-            if name == b"connection":
-                connections += 1
-                value = match[2].strip()
-                keep_alive_line = connections == 1 and value == b"keep-alive"
-                tokens = connection_tokens(value)
-                if tokens:
-                    listed = tokens if listed is None else listed | tokens
-            if removed is None:
-                removed = []
-            removed.append(match.span())
-
-        if status < 200:  # interim (100 Continue, 103): relay, the final one follows
-            head = self._rewritten(buf, start, line_end, end, http11, removed, listed)
-            self.out.append(head + b"\r\n")
-            self.raw_from = end
-            return
-
-        if req.head_only or status in (204, 304):
-            framing = _LENGTH_FRAMED
-            self.left = 0
-        elif coding is not None:
-            framing = _CHUNK_FRAMED if coding.endswith(b"chunked") else _CLOSE_FRAMED
-        elif length >= 0:
-            framing = _LENGTH_FRAMED
-            self.left = length
+    def _unusual_head(self, req: Request, head: bytes, start: int, status: int) -> None:
+        """Any other response head (status line to blank line): `responses.answer`
+        decides. `start`: where it starts in this read, -1 if in an earlier one."""
+        w = self.w
+        asked = Asked(req.head_only, req.http10, req.keep_alive, w.stopping, req.cookie, w.sticky)
+        answer = responses.answer(head, status, asked)
+        if start < 0:  # the head began in earlier reads: all of it goes here
+            self.out.append(answer.written(head))
+            self.raw_from = self.cursor
         else:
-            framing = _CLOSE_FRAMED
-        self.framing = framing
-        http10 = req.http10
-        # HTTP/1.0 clients cannot read chunks: they get the raw body and a close.
-        self.rechunk = framing == _CLOSE_FRAMED and coding is None and not http10
-        dechunk = framing == _CHUNK_FRAMED and http10
-        close = (
-            not req.keep_alive
-            or self.w.stopping
-            or dechunk
-            or (framing == _CLOSE_FRAMED and not self.rechunk)
-        )
-        if close:
+            if answer.prefix:
+                self.out.append(answer.prefix)
+            self.raw_from = start + answer.relay_from
+        if answer.interim:
+            return
+        self.framing = answer.framing
+        self.left = answer.left
+        self.rechunk = answer.rechunk
+        if answer.close:
             req.keep_alive = False
         self.keep = self.parser.should_keep_alive()
-
-        # Our Connection header: an upstream's lone "Connection: keep-alive"
-        # already says what we would say to a keep-alive client, so it stays.
-        said = keep_alive_line and not close and connections == 1 and len(removed or ()) == 1
-        if said:
-            removed = None
-        if dechunk:  # the body goes plain: its Transfer-Encoding line goes too
-            removed = sorted([*(removed or []), *(m.span() for m in _CODING_LINE.finditer(block))])
-        parts: list[bytes] = []
-        if removed is not None or listed is not None or not http11:
-            parts.append(self._rewritten(buf, start, line_end, end, http11, removed, listed))
-        if close:
-            parts.append(_CLOSE)
-        elif http10 and not said:
-            parts.append(_KEEP_ALIVE)
-        if self.rechunk:
-            parts.append(CHUNKED)
-        if req.cookie is not None and not sticky_seen:
-            parts.append(req.cookie)
-
-        out = self.out
-        if buf is not self.data:  # the head began in earlier reads: all of it goes here
-            if len(parts) == 0 or parts[0][:5] != b"HTTP/":
-                parts.insert(0, buf[start : end - 2])
-            parts.append(b"\r\n")
-            out.append(b"".join(parts))
-            self.raw_from = self.cursor
-        elif parts and parts[0][:5] == b"HTTP/":  # rewritten
-            parts.append(b"\r\n")
-            out.append(b"".join(parts))
-            self.raw_from = end
-        elif parts:  # inserted before the blank line, which goes with the body bytes
-            out.append(buf[start : end - 2])
-            out += parts
-            self.raw_from = end - 2
-        else:  # relayed as received, from the status line on
-            self.raw_from = start
         self._head_sent()
-        if dechunk:
+        if answer.dechunk:
             self.dechunk = Dechunk()
         if req.head_only:
             # llhttp cannot be told that a HEAD response has no body: finish
             # here and give the next response a fresh parser.
             self.done = True
             self.parser = httptools.HttpResponseParser(self)
-
-    @staticmethod
-    def _rewritten(
-        buf: bytes,
-        start: int,
-        line_end: int,
-        end: int,
-        http11: bool,
-        removed: list[tuple[int, int]] | None,
-        listed: set[bytes] | None,
-    ) -> bytes:
-        """The head minus the `removed` spans and `listed` names, up to its blank line."""
-        # "HTTP/1.0 200 OK" becomes "HTTP/1.1 200 OK": we speak HTTP/1.1 to the client.
-        line = (
-            buf[start:line_end] if http11 else b"HTTP/1.1" + buf[buf.find(b" ", start) : line_end]
-        )
-        return line + cut(buf[line_end : end - 4], removed, listed) + b"\r\n"
 
     def on_message_complete(self) -> None:
         if self.head_sent:  # an interim response ends here too: the final one follows
@@ -1257,33 +1226,8 @@ class Upstream(asyncio.Protocol):
         """The upstream closed: that is the end of a body framed by the close."""
         client = self.client
         if self.rechunk and client is not None and client.transport is not None:
-            client.transport.write(_LAST_CHUNK)
+            client.transport.write(LAST_CHUNK)
         self.done = True
-
-
-class Dechunk:
-    """Decodes a chunked body for an HTTP/1.0 client; llhttp does the framing."""
-
-    __slots__ = ("done", "out", "parser")
-
-    def __init__(self) -> None:
-        self.out: list[bytes] = []
-        self.done = False
-        self.parser = httptools.HttpResponseParser(self)
-        self.parser.feed_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-
-    def on_body(self, body: bytes) -> None:
-        if not self.done:
-            self.out.append(body)
-
-    def on_message_complete(self) -> None:
-        self.done = True
-
-    def feed(self, data: bytes) -> list[bytes]:
-        with contextlib.suppress(HttpParserError):  # the upstream's own parser reports it
-            self.parser.feed_data(data)
-        out, self.out = self.out, []
-        return out
 
 
 def client_factory(worker: Worker, scope: int, https: bool, listen_host: str) -> Any:

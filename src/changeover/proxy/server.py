@@ -277,10 +277,10 @@ async def _master(
         loop.remove_reader(process.sentinel)
         process.join()
         index = alive.pop(process)
-        # Its requests in flight died with it: drain waits must not count them.
-        in_flight = pool.shared.counters(index)[0]
-        for member in range(len(in_flight)):
-            in_flight[member] = 0
+        # Its requests in flight and tunnels died with it: drain waits must not count them.
+        for died in (pool.shared.counters(index)[0], pool.shared.tunnels(index)):
+            for member in range(len(died)):
+                died[member] = 0
         if not stop.is_set():
             log.error("balancer worker %s exited with code %s", process.pid, process.exitcode)
             quick = loop.time() - started[index] < CRASH_WINDOW

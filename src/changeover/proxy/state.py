@@ -5,7 +5,8 @@
     [generation: int64]
     [slot 0: admission byte x N | healthy byte x N]   (padded to 8 bytes)
     [slot 1: same]
-    [per worker: in-flight int64 x N | requests int64 x N | connect failures int64 x N]
+    [per worker: in-flight int64 x N | requests int64 x N | connect failures int64 x N
+                 | open tunnels int64 x N]
 
 Only the master writes the slots: it fills the slot the next generation
 selects, then bumps the generation, so a worker that copies a slot sees one
@@ -39,6 +40,7 @@ from changeover.proxy.routing import ADMISSIONS, CODES, LIVE
 log = logging.getLogger("changeover.proxy")
 
 _WORD = 8
+_COUNTERS = 4  # int64 arrays per worker: in-flight, requests, connect failures, tunnels
 
 
 def _padded(n: int) -> int:
@@ -51,7 +53,7 @@ class SharedState:
         self.workers = workers
         self._slot_size = _padded(2 * members)
         self._counters_at = _WORD + 2 * self._slot_size
-        size = self._counters_at + workers * 3 * members * _WORD
+        size = self._counters_at + workers * _COUNTERS * members * _WORD
         self._map = mmap.mmap(-1, size)  # anonymous and MAP_SHARED: inherited by fork
         self._view = memoryview(self._map)
         self._generation = self._view[:_WORD].cast("q")
@@ -85,10 +87,23 @@ class SharedState:
 
     def counters(self, worker: int) -> tuple[memoryview, memoryview, memoryview]:
         """One worker's (in-flight, requests, connect failures) arrays, int64 per member."""
+        whole = self._worker_view(worker)
         n = self.members
-        start = self._counters_at + worker * 3 * n * _WORD
-        whole = self._view[start : start + 3 * n * _WORD].cast("q")
-        return whole[:n], whole[n : 2 * n], whole[2 * n :]
+        return whole[:n], whole[n : 2 * n], whole[2 * n : 3 * n]
+
+    def tunnels(self, worker: int) -> memoryview:
+        """One worker's open tunnels (WebSockets) per member, int64 each."""
+        return self._worker_view(worker)[3 * self.members :]
+
+    def _worker_view(self, worker: int) -> memoryview:
+        size = _COUNTERS * self.members * _WORD
+        start = self._counters_at + worker * size
+        return self._view[start : start + size].cast("q")
+
+    def tunnel_totals(self) -> list[int]:
+        """Open tunnels per member, summed over workers."""
+        views = [self.tunnels(w) for w in range(self.workers)]
+        return [sum(int(v[m]) for v in views) for m in range(self.members)]
 
     def failures(self, member: int) -> int:
         """Connect failures to one member, summed over workers."""
@@ -226,8 +241,11 @@ class PoolState:
         )
 
     def view(self) -> dict[str, list[dict[str, Any]]]:
-        """The admin API's pool document, members in topology order."""
+        """The admin API's pool document, members in topology order. `active`
+        counts requests in flight; a WebSocket is one request until its 101,
+        then one of `tunnels` until it closes."""
         active, requests, _ = self.shared.totals()
+        tunnels = self.shared.tunnel_totals()
         members = []
         for i, (cluster, member) in enumerate(self.topology.members()):
             members.append(
@@ -241,6 +259,7 @@ class PoolState:
                     "healthy": self.healthy[i] and i not in self.unchecked,
                     "active": active[i],
                     "requests": requests[i],
+                    "tunnels": tunnels[i],
                 }
             )
         return {"members": members}
