@@ -238,6 +238,37 @@ def plan_ids(plan_json: str) -> list[str]:
     return [s["id"] for s in json.loads(plan_json)["steps"]]
 
 
+async def restored(site: DemoSite) -> str:
+    """The site clean for the next test of a module-scoped site, whatever the
+    last one left (a test that failed half-way must not fail the ones after it):
+    no unfinished release or lock, every member running one version and live.
+    Returns that version. A clean site is left untouched."""
+    faults_cleared(site)
+    j = journal(site)
+    try:
+        row = j.unfinished(site.topo.site.name)
+        if row is not None:
+            j.set_state(row.id, J.ABORTED, "reset by the test harness")
+        j.force_unlock(site.topo.site.name)
+    finally:
+        j.close()
+    versions = set((await versions_by_member(site)).values())
+    if len(versions) != 1 or None in versions:
+        known = sorted(v for v in versions if v is not None)
+        await site.restart_members(known[-1] if known else site.opts.from_version)
+        versions = set((await versions_by_member(site)).values())
+    if not await all_live(site):
+        balancer = make_balancer(site.topo)
+        try:
+            await balancer.apply({m.name: Admission.LIVE for _, m in site.topo.members()})
+        finally:
+            await balancer.close()
+        await wait_until(lambda: all_live(site), timeout=30, what="every member live")
+    (version,) = versions
+    assert version is not None
+    return version
+
+
 def faults_cleared(site: DemoSite) -> None:
     for _, member in site.topo.members():
         d = app_member(site, member.name).dir

@@ -186,7 +186,7 @@ async def test_killed_at_every_boundary_and_inside_every_long_step(site: DemoSit
 
 @pytest.mark.parametrize(("step_id", "where"), CASES, ids=[f"{s}:{w}" for s, w in CASES])
 async def test_sigkill_then_resume(site: DemoSite, step_id: str, where: str) -> None:
-    assert await S.all_live(site), "the previous case left the site unclean"
+    await S.restored(site)
     version = f"v{next(_versions):03d}"
     kill_at = [s.id for s in PLAN].index(step_id)
     async with site.probe(RATE, sticky_users=USERS) as probe:
@@ -228,7 +228,7 @@ def commands_running(pid: int, count: int) -> bool:
 async def test_ctrl_c_stops_at_a_safe_point_then_resume(site: DemoSite, during: str) -> None:
     """SIGINT to the release's process group, as Ctrl-C in a terminal sends it:
     a wait stops at once; a command in flight is not cut but finishes first."""
-    assert await S.all_live(site), "the previous case left the site unclean"
+    await S.restored(site)
     version = f"v{next(_versions):03d}"
     ids = [s.id for s in PLAN]
     async with site.probe(RATE, sticky_users=USERS) as probe:

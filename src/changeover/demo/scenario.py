@@ -310,6 +310,14 @@ class DemoSite:
             with contextlib.suppress(Exception):
                 await _appctl(self.topo, "stop")
 
+    async def restart_members(self, version: str) -> None:
+        """Stop, deploy `version` on and start every member, until the balancer
+        sees them all healthy (a test putting the site back after a failure)."""
+        await _appctl(self.topo, "stop")
+        await _appctl(self.topo, "deploy", version)
+        await _appctl(self.topo, "start")
+        await _all_healthy(self.topo, self.root / "apps", 30)
+
     @contextlib.asynccontextmanager
     async def probe(self, rate: float, sticky_users: int) -> AsyncIterator[ProbeHandle]:
         """The probe in its own process (its schedule must not share our event loop)."""
