@@ -440,6 +440,7 @@ def status(config: ConfigOpt = Path(DEFAULT_CONFIG), json_out: JsonOpt = False) 
                     "balancer_error": now.balancer_error,
                     "release": now.release,
                     "lock": now.lock.describe() if now.lock else None,
+                    "kept_out": now.kept_out,
                 },
                 indent=2,
             )
@@ -472,6 +473,13 @@ def status(config: ConfigOpt = Path(DEFAULT_CONFIG), json_out: JsonOpt = False) 
         )
     else:
         out.print("no release in progress")
+    if now.kept_out:
+        out.print(
+            f"kept out of the live pool by release #{now.kept_by} after failing a step: "
+            f"{', '.join(now.kept_out)} (the next release brings them back)",
+            highlight=False,
+            markup=False,
+        )
     if now.lock:
         stale = " (stale: its process is gone)" if now.lock.is_stale() else ""
         out.print(f"lock: {now.lock.describe()}{stale}", highlight=False, markup=False)

@@ -7,6 +7,7 @@ the key and what was expected, so the CLI can print one line and exit.
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import os
 import re
@@ -564,6 +565,9 @@ class ConfigError(Exception):
     """A topology that cannot be used; the message is one line for the user."""
 
 
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
+
+
 def _loc(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
@@ -572,7 +576,9 @@ def _loc(loc: tuple[int | str, ...]) -> str:
         elif re.match(r"(function-[a-z]+|tagged-union)\[", part):  # pydantic's, not a key
             continue
         else:
-            out += f".{part}" if out else part
+            # A key TOML would have to quote is shown quoted: `":"`, not `:`.
+            key = part if _BARE_KEY.match(part) else json.dumps(part, ensure_ascii=False)
+            out += f".{key}" if out else key
     return out or "(top level)"
 
 

@@ -13,7 +13,7 @@ import asyncio
 import json
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import ParamSpec, TypeVar, assert_never
 
@@ -27,16 +27,18 @@ from changeover.model import (
     Admission,
     Approval,
     CheckResult,
+    MemberState,
     PoolView,
     cluster_admission,
     decode_ask,
 )
-from changeover.plan import PlanRefused, admit_refusal, make_plan, member_admissions
+from changeover.plan import PlanRefused, admissions_refusal, make_plan, member_admissions
 from changeover.policy import (
     Drain,
     DrainWatch,
     bake_problem,
     drain_progress,
+    excusable,
     fan_out_outcome,
     flip_back,
     may_start,
@@ -121,6 +123,7 @@ class Engine:
         self._release_id = 0
         self._version = ""
         self._steps: list[Step] = []
+        self._kept_out: set[str] = set()  # failed a step of this release within max_failed
 
     # --- plumbing ----------------------------------------------------------------
 
@@ -252,6 +255,8 @@ class Engine:
                 ) from None
             journaled = await self._j(self.journal.steps, release_id)
             done = {s.idx for s in journaled if s.state == J.STEP_DONE}
+            events = await self._j(self.journal.events, release_id)
+            self._kept_out = {e.message for e in events if e.kind == J.KEPT_OUT}
             await self._emit(
                 "state",
                 f"release #{release_id}: {row.version} on {self.site}"
@@ -387,10 +392,10 @@ class Engine:
     async def _change(self, admissions: dict[str, Admission], verb: str) -> PoolView:
         """Apply cluster admissions in one balancer change, each attempt checked
         against the interlock on a fresh read first."""
-        desired = member_admissions(self.topo, admissions)
+        desired = member_admissions(self.topo, admissions, self._kept_out)
 
         async def change() -> PoolView:
-            refusal = admit_refusal(self.topo, await self.balancer.read(), admissions)
+            refusal = admissions_refusal(self.topo, await self.balancer.read(), desired)
             if refusal:
                 raise PlanRefused(refusal)
             return await self.balancer.apply(desired)
@@ -417,12 +422,17 @@ class Engine:
     async def _read(self) -> PoolView:
         return await self._retrying(self.balancer.read, "read", "answer a read")
 
+    async def _read_serving(self) -> PoolView:
+        """The pool without the members kept out of this release."""
+        return PoolView(tuple(self._serving((await self._read()).members)))
+
     async def _wait_balancer_healthy(self, cluster: str) -> None:
         sick: list[str] = []
 
         async def healthy() -> bool:
             nonlocal sick
-            sick = [m.name for m in (await self._read()).in_cluster(cluster) if not m.healthy]
+            members = self._serving((await self._read()).in_cluster(cluster))
+            sick = [m.name for m in members if not m.healthy]
             return not sick
 
         if not await self._until(healthy, self.topo.policy.health_timeout, self.poll):
@@ -433,7 +443,7 @@ class Engine:
         now = self.clock.monotonic()
         watch = DrainWatch(now, now)
         while True:
-            members = (await self._read()).in_cluster(step.cluster)
+            members = self._serving((await self._read()).in_cluster(step.cluster))
             watch, verdict = drain_progress(
                 watch, members, self.clock.monotonic(), policy.drain_idle, policy.drain_timeout
             )
@@ -452,19 +462,46 @@ class Engine:
 
     # --- commands on members ---------------------------------------------------------
 
+    def _members(self, cluster: Cluster) -> list[Member]:
+        """The cluster's members this release still works on (not kept out)."""
+        return [m for m in cluster.members if m.name not in self._kept_out]
+
+    def _serving(self, members: Sequence[MemberState]) -> list[MemberState]:
+        return [m for m in members if m.name not in self._kept_out]
+
+    def _excusable(self, cluster: Cluster, failing: int) -> bool:
+        kept = len(cluster.members) - len(self._members(cluster))
+        return excusable(failing, kept, len(cluster.members), self.topo.executor.max_failed)
+
+    async def _keep_out(self, names: Sequence[str], why: str) -> None:
+        """Members that failed a step within the budget: out of the live pool and
+        of the rest of this release (journaled, so a resume keeps them out)."""
+        for name in names:
+            self._kept_out.add(name)
+            await self._j(self.journal.add_event, self._release_id, J.KEPT_OUT, name)
+        await self._emit(
+            "warn",
+            f"kept {', '.join(names)} out of the live pool for the rest of this release: {why} "
+            f"(within max_failed={self.topo.executor.max_failed}); a later release brings "
+            f"{'them' if len(names) > 1 else 'it'} back",
+        )
+
     async def _for_members(
         self, idx: int, cluster: Cluster, work: Callable[[Member], Awaitable[CommandResult]]
     ) -> str:
-        """Run `work` on every member, `executor.parallel` at a time; once more
-        than `max_failed` members failed, no further member starts."""
+        """Run `work` on every member not kept out, `executor.parallel` at a time;
+        once the failures exceed what `max_failed` leaves, no further member
+        starts. Failures within the budget keep their members out."""
         cfg = self.topo.executor
-        limit = asyncio.Semaphore(cfg.parallel or len(cluster.members))
+        members = self._members(cluster)
+        kept = len(cluster.members) - len(members)
+        limit = asyncio.Semaphore(cfg.parallel or len(members))
         failed: list[CommandResult] = []
         skipped: list[str] = []
 
         async def one(member: Member) -> None:
             async with limit:
-                if not may_start(len(failed), cfg.max_failed):
+                if not may_start(len(failed) + kept, cfg.max_failed):
                     skipped.append(member.name)
                     return
                 result = await work(member)
@@ -481,16 +518,16 @@ class Engine:
                 if not result.ok:
                     failed.append(result)
 
-        await asyncio.gather(*(one(m) for m in cluster.members))
+        await asyncio.gather(*(one(m) for m in members))
         if self._interrupt.is_set() and any(r.exit_status == -signal.SIGINT for r in failed):
             # Ctrl-C reached a command being spawned (before it left our process
             # group): not a failure of the step, which runs again on resume.
             raise Stopped(J.INTERRUPTED, "interrupted (Ctrl-C); `changeover resume` continues")
-        outcome = fan_out_outcome(len(cluster.members), failed, skipped, cfg.max_failed)
+        outcome = fan_out_outcome(len(members), failed, skipped, cfg.max_failed, kept)
         if outcome.over_budget:
             raise StepFailed(outcome.summary)
         if outcome.summary:
-            await self._emit("warn", outcome.summary + f" (within max_failed={cfg.max_failed})")
+            await self._keep_out([r.member for r in failed], outcome.summary)
         return outcome.detail
 
     async def _run_command(self, idx: int, step: RunCommand) -> str:
@@ -527,28 +564,38 @@ class Engine:
 
     async def _wait_healthy(self, step: WaitHealthy) -> str:
         cluster = self.topo.cluster(step.cluster)
+        members = self._members(cluster)
         started = self.clock.monotonic()
         sick: list[CheckResult] = []
 
         async def healthy() -> bool:
             nonlocal sick
-            results = await asyncio.gather(*(self.checks.health(m) for m in cluster.members))
+            results = await asyncio.gather(*(self.checks.health(m) for m in members))
             sick = [r for r in results if not r.ok]
             return not sick
 
         timeout = self.topo.policy.health_timeout
         if not await self._until(healthy, timeout, max(self.poll, 0.1)):
-            raise StepFailed(f"not healthy after {timeout:g}s: {_brief(sick)}")
+            problem = f"not healthy after {timeout:g}s: {_brief(sick)}"
+            await self._excuse_or_fail(cluster, sick, problem)
         took = self.clock.monotonic() - started
-        return f"{len(cluster.members)} member(s) healthy after {took:.1f}s"
+        return f"{len(members) - len(sick)} member(s) healthy after {took:.1f}s"
+
+    async def _excuse_or_fail(
+        self, cluster: Cluster, failing: list[CheckResult], problem: str
+    ) -> None:
+        if not self._excusable(cluster, len(failing)):
+            raise StepFailed(problem)
+        await self._keep_out([r.target for r in failing], problem)
 
     async def _verify_version(self, step: CheckVersion) -> str:
-        members = self.topo.cluster(step.cluster).members
+        cluster = self.topo.cluster(step.cluster)
+        members = self._members(cluster)
         results = await asyncio.gather(*(self.checks.version(m, self._version) for m in members))
         wrong = [r for r in results if not r.ok]
         if wrong:
-            raise StepFailed(f"wrong version: {_brief(wrong)}")
-        return f"{len(results)} member(s) on {self._version}"
+            await self._excuse_or_fail(cluster, wrong, f"wrong version: {_brief(wrong)}")
+        return f"{len(results) - len(wrong)} member(s) on {self._version}"
 
     async def _smoke(self, step: Smoke) -> str:
         cluster = self.topo.cluster(step.cluster)
@@ -563,7 +610,7 @@ class Engine:
     async def _bake(self, step: Bake) -> str:
         cluster = self.topo.cluster(step.cluster)
         policy = self.topo.policy
-        first = await self._read()
+        first = await self._read_serving()
         base_requests = sum(m.requests for m in first.in_cluster(cluster.name))
         base_errors = sum(m.errors for m in first.in_cluster(cluster.name))
         deadline = self.clock.monotonic() + policy.bake
@@ -572,7 +619,7 @@ class Engine:
         while problem is None and self.clock.monotonic() < deadline:
             await self._check_stop()
             await self._wait(min(1.0, policy.bake / 5))
-            view = await self._read()
+            view = await self._read_serving()
             problem = bake_problem(
                 view, cluster.name, base_requests, base_errors, policy.max_error_ratio
             )

@@ -94,6 +94,9 @@ RESUMABLE = (RUNNING, AWAITING_APPROVAL, INTERRUPTED, FAILED)
 # Event kind: JSON {"files": {name: sha256}, "allow": [rule]}: the migration files
 # the release's check read, and the rules it was allowed to break.
 MIGRATION_PINS = "migration-pins"
+# Event kind: a member's name. It failed a step within `executor.max_failed` and
+# stays out of the live pool for the rest of that release.
+KEPT_OUT = "kept-out"
 
 STEP_PENDING = "pending"
 STEP_RUNNING = "running"

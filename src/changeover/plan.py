@@ -7,7 +7,7 @@ resumed release follows the plan it started with, not a new one.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from changeover.config import Topology
 from changeover.model import Admission, PoolView, cluster_admission
@@ -216,9 +216,16 @@ def flip_back_plan(topo: Topology, current: str, previous: list[str]) -> list[St
 # --- interlocks ---------------------------------------------------------------
 
 
-def member_admissions(topo: Topology, clusters: Mapping[str, Admission]) -> dict[str, Admission]:
-    """Per-member admissions for cluster-level ones."""
-    return {m.name: clusters[c.name] for c, m in topo.members() if c.name in clusters}
+def member_admissions(
+    topo: Topology, clusters: Mapping[str, Admission], kept_out: Collection[str] = ()
+) -> dict[str, Admission]:
+    """Per-member admissions for cluster-level ones; members `kept_out` (they
+    failed a step of this release within its failure budget) stay OUT."""
+    return {
+        m.name: Admission.OUT if m.name in kept_out else clusters[c.name]
+        for c, m in topo.members()
+        if c.name in clusters
+    }
 
 
 def admit_refusal(topo: Topology, view: PoolView, clusters: Mapping[str, Admission]) -> str | None:

@@ -62,6 +62,15 @@ def may_start(failures: int, max_failed: int) -> bool:
     return failures <= max_failed
 
 
+def excusable(failing: int, kept_out: int, members: int, max_failed: int) -> bool:
+    """Whether `failing` members of a cluster, beside the `kept_out` ones that
+    failed earlier steps of this release, may stay out of the live pool for the
+    rest of it instead of failing the release: within the cluster's failure
+    budget, and never the whole cluster."""
+    total = failing + kept_out
+    return total <= max_failed and total < members
+
+
 @dataclass(frozen=True, slots=True)
 class FanOut:
     over_budget: bool  # the step fails
@@ -70,10 +79,15 @@ class FanOut:
 
 
 def fan_out_outcome(
-    members: int, failed: Sequence[CommandResult], skipped: Sequence[str], max_failed: int
+    members: int,
+    failed: Sequence[CommandResult],
+    skipped: Sequence[str],
+    max_failed: int,
+    kept_out: int = 0,
 ) -> FanOut:
-    """The verdict on a command run on `members` members: more than `max_failed`
-    failures fail the step; fewer are reported and the release goes on."""
+    """The verdict on a command run on the `members` members not `kept_out`:
+    more failures than the budget left fail the step; fewer are reported, the
+    failed members are kept out, and the release goes on."""
     detail = f"{members - len(failed)}/{members} ok"
     if not failed:
         return FanOut(False, None, detail)
@@ -87,7 +101,8 @@ def fan_out_outcome(
     )
     if skipped:
         summary += f"; not started on {len(skipped)} member(s): {', '.join(sorted(skipped))}"
-    return FanOut(len(failed) > max_failed, summary, detail)
+    over = not excusable(len(failed), kept_out, members + kept_out, max_failed)
+    return FanOut(over, summary, detail)
 
 
 # --- the swap gate ---------------------------------------------------------------------

@@ -59,6 +59,8 @@ class SiteStatus:
     balancer_error: str | None
     release: dict[str, Any] | None  # the release in progress, as `describe` gives it
     lock: LockInfo | None
+    kept_out: list[str]  # members the newest release kept out after they failed a step
+    kept_by: int | None  # that release
 
 
 class Outcome(NamedTuple):
@@ -239,11 +241,18 @@ class Releases:
         except BalancerError as exc:
             view, error = None, str(exc)
         pending = await self.pending()
+        newest = await self._record(lambda j: j.newest(self.site))
+        kept: list[str] = []
+        if newest is not None:
+            events = await self._record(lambda j: j.events(newest.id))
+            kept = [e.message for e in events if e.kind == J.KEPT_OUT]
         return SiteStatus(
             view,
             error,
             await self.describe(pending.id) if pending else None,
             await self.lock_holder(),
+            kept,
+            newest.id if newest and kept else None,
         )
 
     # --- the record ---------------------------------------------------------------------

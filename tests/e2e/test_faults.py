@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -129,6 +130,34 @@ async def test_member_fails_to_start(site: DemoSite, clean: str) -> None:
     report = await under_probe(site, scenario)
     assert_clean(report)
     assert set(report.versions_seen) == {old}  # nobody was ever served the failed release
+
+
+async def test_a_member_failing_within_max_failed_is_left_out_and_brought_back(
+    site: DemoSite, clean: str
+) -> None:
+    old, version, later = clean, new_version(), new_version()
+    budget = variant(site, "budget", {"[executor]\n": "[executor]\nmax_failed = 1\n"})
+    (S.app_member(site, "a1").dir / "fail-start").touch()
+
+    async def scenario() -> None:
+        run = await S.cli(site, "release", version, config=budget)
+        assert run.code == 0, run.output
+        assert "kept a1 out of the live pool for the rest of this release" in run.output
+        view = await S.pool(site)
+        assert {m.name: m.admission for m in view.members} == {
+            "a1": OUT, "a2": LIVE, "b1": LIVE, "b2": LIVE,
+        }  # fmt: skip
+        status = await S.cli(site, "status", "--json", config=budget)
+        assert json.loads(status.output)["kept_out"] == ["a1"], status.output
+        S.faults_cleared(site)  # the operator repairs the host; the next release has it back
+        run = await S.cli(site, "release", later, config=budget)
+        assert run.code == 0, run.output
+
+    report = await under_probe(site, scenario)
+    assert_clean(report)
+    assert set(report.versions_seen) == {old, version, later}
+    assert set((await S.versions_by_member(site)).values()) == {later}
+    assert await S.all_live(site)
 
 
 async def test_member_fails_health(site: DemoSite, clean: str) -> None:

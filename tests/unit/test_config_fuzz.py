@@ -165,10 +165,17 @@ TABLES: list[KeyPath] = [
 
 
 def loc(path: KeyPath) -> str:
-    """A path as the error message writes it: clusters[0].members[1].port."""
+    """A path as the error message writes it: clusters[0].members[1].port, with
+    a key that TOML must quote in quotes (`"a b"`)."""
     out = ""
     for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+        if isinstance(part, int):
+            out += f"[{part}]"
+            continue
+        key = (
+            part if re.fullmatch(r"[A-Za-z0-9_-]+", part) else json.dumps(part, ensure_ascii=False)
+        )
+        out += f".{key}" if out else key
     return out
 
 

@@ -19,7 +19,7 @@ from changeover.releases import BadRequest, Begin, Releases
 from changeover.steps import StepKind
 from tests.unit.engine_fakes import FakeExecutor, Site
 
-LIVE, DRAINING, OUT = "live", "draining", "out"
+LIVE, DRAINING, OUT = Admission.LIVE, Admission.DRAINING, Admission.OUT
 
 ROLLING_CHANGES = [
     {"a": DRAINING},
@@ -147,7 +147,7 @@ async def test_a_failed_gate_leaves_the_cluster_out_and_the_other_live(
 # --- the failure budget ---------------------------------------------------------------------
 
 
-async def test_failures_within_max_failed_are_reported_and_the_release_goes_on(
+async def test_a_member_failing_within_max_failed_is_kept_out_and_the_release_goes_on(
     tmp_path: Path,
 ) -> None:
     site = Site.build(tmp_path, executor={"max_failed": 1})
@@ -156,9 +156,81 @@ async def test_failures_within_max_failed_are_reported_and_the_release_goes_on(
 
     assert await release(site, events=events) == J.DONE
     warnings = [e.message for e in events if e.kind == "warn"]
-    assert warnings == ["1 member(s) failed, first a2 (exit 1): stop said 1 (within max_failed=1)"]
+    assert warnings == [
+        "kept a2 out of the live pool for the rest of this release: 1 member(s) failed, "
+        "first a2 (exit 1): stop said 1 (within max_failed=1); a later release brings it back"
+    ]
     release_id = site.journal.newest("t").id  # type: ignore[union-attr]
-    assert {s.step_id: s.detail for s in site.journal.steps(release_id)}["stop-a"] == "1/2 ok"
+    details = {s.step_id: s.detail for s in site.journal.steps(release_id)}
+    assert (details["stop-a"], details["healthy-a"]) == ("1/2 ok", "1 member(s) healthy after 0.0s")
+    assert [c for c in site.executor.calls if c[2] == "a2"] == [("ctl", "stop", "a2", "2.0")]
+    # The swap puts a live without a2; the last change leaves it out.
+    swap = site.balancer.changes[2]
+    assert swap == {"a1": LIVE, "a2": OUT, "b1": DRAINING, "b2": DRAINING}
+    assert site.balancer.admissions == {"a1": LIVE, "a2": OUT, "b1": LIVE, "b2": LIVE}
+    kept = [e.message for e in site.journal.events(release_id) if e.kind == J.KEPT_OUT]
+    assert kept == ["a2"]
+
+    # A later release, the host repaired, brings it back.
+    site.executor.fail.clear()
+    assert await release(site, "3.0") == J.DONE
+    assert set(site.balancer.admissions.values()) == {Admission.LIVE}
+    assert set(site.fleet.version.values()) == {"3.0"}
+
+
+@pytest.mark.parametrize(
+    ("breakage", "max_failed", "state", "kept"),
+    [
+        ("a2 never healthy", 1, J.DONE, ["a2"]),
+        ("a2 wrong version", 1, J.DONE, ["a2"]),
+        ("a2 fails stop, a1 never healthy", 1, J.FAILED, ["a2"]),  # the budget is spent
+        ("both fail start", 2, J.FAILED, []),  # never the whole cluster
+        ("a2 fails stop, a1 never healthy", 2, J.FAILED, ["a2"]),  # nor by instalments
+    ],
+)
+async def test_the_budget_is_carried_through_the_gates(
+    tmp_path: Path, breakage: str, max_failed: int, state: str, kept: list[str]
+) -> None:
+    site = Site.build(tmp_path, executor={"max_failed": max_failed})
+    match breakage:
+        case "a2 never healthy":
+            site.fleet.never_healthy.add("a2")
+        case "a2 wrong version":
+            site.fleet.broken_deploy.add("a2")
+        case "a2 fails stop, a1 never healthy":
+            site.executor.fail[("stop", "a2")] = 1
+            site.fleet.never_healthy.add("a1")
+        case "both fail start":
+            site.executor.fail[("start", "a1")] = site.executor.fail[("start", "a2")] = 1
+
+    assert await release(site) == state
+    release_id = site.journal.newest("t").id  # type: ignore[union-attr]
+    assert [e.message for e in site.journal.events(release_id) if e.kind == J.KEPT_OUT] == kept
+    if state == J.DONE:
+        assert site.balancer.admissions["a2"] is Admission.OUT
+        assert {site.balancer.admissions[m] for m in ("a1", "b1", "b2")} == {Admission.LIVE}
+    else:  # b still serves, a never went live
+        assert {site.balancer.admissions[m] for m in ("b1", "b2")} == {Admission.LIVE}
+        assert {site.balancer.admissions[m] for m in ("a1", "a2")} == {Admission.OUT}
+
+
+async def test_a_member_kept_out_stays_out_across_a_resume(tmp_path: Path) -> None:
+    site = Site.build(tmp_path, executor={"max_failed": 1})
+    site.executor.fail[("stop", "a2")] = 1
+
+    def crash(event: Event) -> None:
+        if event.kind == "step-start" and event.step and event.step.id == "deploy-a":
+            site.executor.fail.clear()  # even were a2 to work now, it is out of this release
+            raise Crash
+
+    engine = Engine(site.topo, site.ports(), on_event=crash, poll=0.05)
+    release_id = await engine.begin("2.0")
+    with pytest.raises(Crash):
+        await engine.run(release_id)
+    resumed = Releases(site.topo, site.journal_opener, site.migrator, site.connect)
+    assert await resumed.resume() == (release_id, J.DONE)
+    assert ("ctl", "deploy", "a2", "2.0") not in site.executor.calls
+    assert site.balancer.admissions["a2"] is Admission.OUT
 
 
 async def test_one_failure_more_than_max_failed_fails_and_starts_no_further_member(

@@ -15,6 +15,7 @@ from changeover.policy import (
     Drain,
     DrainWatch,
     drain_progress,
+    excusable,
     fan_out_outcome,
     flip_back,
     may_start,
@@ -257,3 +258,20 @@ def test_a_bluegreen_rollback_within_the_window_is_a_flip(tmp_path: Path) -> Non
     for view, now in ((pool(DRAIN, LIVE), 1601.0), (pool(OUT, LIVE), 1100.0)):
         _, steps = rollback_plan(topo, None, last, view, now)
         assert "run" in [s.kind for s in steps]
+
+
+@pytest.mark.parametrize(
+    ("failing", "kept_out", "members", "max_failed", "excused"),
+    [
+        (0, 0, 2, 0, True),
+        (1, 0, 2, 0, False),
+        (1, 0, 18, 1, True),
+        (1, 1, 18, 1, False),  # the budget is the release's, not the step's
+        (2, 0, 2, 2, False),  # never the whole cluster
+        (1, 1, 3, 2, True),
+    ],
+)
+def test_excusable(
+    failing: int, kept_out: int, members: int, max_failed: int, excused: bool
+) -> None:
+    assert excusable(failing, kept_out, members, max_failed) is excused
