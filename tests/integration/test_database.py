@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import shlex
 import sqlite3
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from changeover.database import (
     sqlite_path,
 )
 from changeover.demo.app import build_app
+from tests.helpers import wait_until
 from tests.postgres import Postgres, running_postgres
 
 CLUSTERS = [
@@ -344,3 +347,100 @@ async def test_the_sample_app_serves_users_until_a_column_it_reads_is_dropped(
         resp = await client.get("/db")
         assert resp.status == 500
         assert "email" in (await resp.json())["error"]
+
+
+# --- transactions: what the old release waits for while a file is applied ----------
+
+ROWS = 10
+SLOW_TABLE = (
+    "CREATE TABLE items (id integer PRIMARY KEY, v text);\n"
+    f"INSERT INTO items SELECT i, 'v' || i FROM generate_series(1, {ROWS}) i;\n"
+    # 0.1 s per row, so a scan or a backfill of the table takes about 1 s.
+    "CREATE FUNCTION slow_ok(v text) RETURNS boolean LANGUAGE sql\n"
+    "    AS $$ SELECT true FROM pg_sleep(0.1) $$;\n"
+    "CREATE FUNCTION slow_copy(v text) RETURNS text LANGUAGE sql\n"
+    "    AS $$ SELECT v FROM pg_sleep(0.1) $$;\n"
+)
+LOCK_TIMEOUT = "SET lock_timeout = '5s';\n"
+# (the statement that locks, the slow statements after it, what the slow one runs)
+TRANSACTION_CASES = {
+    "not-valid-then-validate": (
+        "ALTER TABLE items ADD CONSTRAINT ok CHECK (slow_ok(v)) NOT VALID;\n",
+        "ALTER TABLE items VALIDATE CONSTRAINT ok;\n",
+        "VALIDATE",
+    ),
+    "set-not-null-sequence": (
+        "ALTER TABLE items ADD CONSTRAINT nn CHECK (v IS NOT NULL AND slow_ok(v)) NOT VALID;\n",
+        "ALTER TABLE items VALIDATE CONSTRAINT nn;\n"
+        "ALTER TABLE items ALTER COLUMN v SET NOT NULL;\n"
+        "ALTER TABLE items DROP CONSTRAINT nn;\n",
+        "VALIDATE",
+    ),
+    "add-column-then-backfill": (
+        "ALTER TABLE items ADD COLUMN w text;\n",
+        "UPDATE items SET w = slow_copy(v);\n",
+        "UPDATE",
+    ),
+}
+
+
+async def _slow_statement_running(url: str, marker: str) -> bool:
+    rows = await asyncio.to_thread(
+        query,
+        url,
+        "SELECT 1 FROM pg_stat_activity WHERE application_name = 'changeover' "
+        f"AND state = 'active' AND query LIKE '%{marker}%' AND pid <> pg_backend_pid()",
+    )
+    return bool(rows)
+
+
+def _old_release_read(url: str) -> float:
+    """Seconds the old release's read of the table takes (its connection already open)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SET statement_timeout = '20s'")
+        started = time.monotonic()
+        conn.execute("SELECT count(*) FROM items").fetchall()
+        return time.monotonic() - started
+
+
+async def _read_wait_during_apply(url: str, topo: Topology, marker: str) -> float:
+    applying = asyncio.create_task(run_migrations(topo, "expand", "2.0", Notes()))
+    await wait_until(
+        lambda: _slow_statement_running(url, marker),
+        timeout=30,
+        interval=0.01,
+        what=f"the applier to run {marker}",
+    )
+    waited = await asyncio.to_thread(_old_release_read, url)
+    await applying
+    return waited
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("case", sorted(TRANSACTION_CASES))
+async def test_a_lock_taken_early_in_a_file_blocks_the_old_release_until_the_file_ends(
+    tmp_path: Path, postgres: Postgres, case: str
+) -> None:
+    """The check's transaction-holds-lock, measured: the same statements in one file
+    block the old release's read for the slow statement, split into two they do not."""
+    locks, slow, marker = TRANSACTION_CASES[case]
+    waits = {}
+    for layout, files in {
+        "one file": {"0002_expand_change.sql": LOCK_TIMEOUT + locks + slow},
+        "split": {
+            "0002_expand_lock.sql": LOCK_TIMEOUT + locks,
+            "0003_expand_slow.sql": LOCK_TIMEOUT + slow,
+        },
+    }.items():
+        root = tmp_path / layout.replace(" ", "-")
+        root.mkdir()
+        with postgres.database() as url:
+            table = topology(root, url, {"0001_expand_items.sql": SLOW_TABLE})
+            await run_migrations(table, "expand", "1.0", Notes())
+            topo = topology(root, url, files)  # now pending: the release's migrations
+            found = [f.rule for f in (await review(topo, "2.0")).findings]
+            assert found == (["transaction-holds-lock"] if layout == "one file" else [])
+            waits[layout] = await _read_wait_during_apply(url, topo, marker)
+    print(f"{case}: old release's read waited {waits}")
+    assert waits["one file"] >= 0.4, waits  # the slow statement takes about 1 s
+    assert waits["split"] < 0.2, waits

@@ -23,6 +23,8 @@ from changeover.migrations import (
 DATA = Path(__file__).parent.parent / "data" / "migrations"
 EXAMPLES = sorted(DATA.glob("*/*.sql"))
 LOCK = "SET lock_timeout = '2s';\n"
+# First words of the statements the bad examples are flagged at.
+STATEMENT_WORDS = {"ALTER", "DROP", "CREATE", "DO", "RENAME", "VACUUM", "UPDATE"}
 
 
 def rules(findings: list[Finding]) -> list[str]:
@@ -52,7 +54,7 @@ def test_example(path: Path) -> None:
         assert finding.severity == RULES[finding.rule].severity
         # The finding points at the statement's first line, past comments and SET.
         first_word = path.read_text().splitlines()[finding.line - 1].split()[0].rstrip(";")
-        assert first_word.upper() in {"ALTER", "DROP", "CREATE", "DO", "RENAME", "VACUUM"}
+        assert first_word.upper() in STATEMENT_WORDS
     else:
         assert findings == []
 
@@ -183,6 +185,94 @@ def test_new_tables_are_per_file(tmp_path: Path) -> None:
     assert rules(check_paths([tmp_path], dialect="postgres")) == ["ban-drop-column"]
 
 
+# --- transactions: a file applied in one transaction holds its locks to the end ---------
+
+NOT_VALID_THEN_VALIDATE = (
+    "ALTER TABLE orders ADD CONSTRAINT positive CHECK (total >= 0) NOT VALID;\n"
+    "ALTER TABLE orders VALIDATE CONSTRAINT positive;"
+)
+SET_NOT_NULL_SEQUENCE = (
+    "ALTER TABLE users ADD CONSTRAINT nn CHECK (email IS NOT NULL) NOT VALID;\n"
+    "ALTER TABLE users VALIDATE CONSTRAINT nn;\n"
+    "ALTER TABLE users ALTER COLUMN email SET NOT NULL;"
+)
+ADD_THEN_BACKFILL = "ALTER TABLE users ADD COLUMN nick text;\nUPDATE users SET nick = name;"
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        NOT_VALID_THEN_VALIDATE,
+        SET_NOT_NULL_SEQUENCE,
+        ADD_THEN_BACKFILL,
+        "ALTER TABLE t ADD COLUMN c int;\nDELETE FROM u WHERE old;",
+        "ALTER TABLE t ADD COLUMN c int;\nINSERT INTO u SELECT * FROM v;",
+        # A foreign key locks both tables against writes while the backfill runs.
+        "ALTER TABLE o ADD CONSTRAINT fk FOREIGN KEY (u) REFERENCES users (id) NOT VALID;\n"
+        "UPDATE o SET n = 1;",
+        "CREATE INDEX i ON t (a);\nUPDATE u SET n = 1;",  # plus its own finding
+        # COMMIT AND CHAIN opens the next transaction at once, so this is still one.
+        "BEGIN;\nSELECT 1;\nCOMMIT AND CHAIN;\nALTER TABLE t ADD c int;\nUPDATE t SET c = 1;\n"
+        "COMMIT;",
+    ],
+)
+def test_a_slow_statement_under_a_lock_held_since_an_earlier_statement(sql: str) -> None:
+    findings = pg(LOCK + sql)
+    held = [f for f in findings if f.rule == "transaction-holds-lock"]
+    assert len(held) == 1
+    slow = (LOCK + sql).splitlines()[held[0].line - 1]
+    assert slow.split()[0] in {"UPDATE", "DELETE", "INSERT"} or "VALIDATE" in slow
+    assert "lock on" in held[0].message and "taken at line" in held[0].message
+    assert "split the file" in held[0].safe_alternative
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        # Split by the file's own transaction statements: each part commits on its own.
+        "BEGIN;\n" + NOT_VALID_THEN_VALIDATE.replace(";\n", ";\nCOMMIT;\n", 1),
+        "BEGIN;\n" + ADD_THEN_BACKFILL.replace(";\n", ";\nCOMMIT;\n", 1),
+        # CONCURRENTLY makes changeover's applier run the file statement by statement.
+        "CREATE INDEX CONCURRENTLY i ON t (a);\n" + ADD_THEN_BACKFILL,
+        # The lock is on a table this file created: nobody else reads it.
+        "CREATE TABLE n (a int);\nALTER TABLE n ADD COLUMN b int;\nUPDATE n SET b = a;",
+        # VALIDATE alone takes SHARE UPDATE EXCLUSIVE: it blocks neither reads nor writes.
+        "ALTER TABLE orders VALIDATE CONSTRAINT positive;\nUPDATE orders SET n = 1;",
+        "ALTER TABLE t ADD COLUMN c int;\nINSERT INTO u VALUES (1);",  # no backfill
+        "UPDATE users SET nick = name;\nALTER TABLE users ADD COLUMN nick2 text;",
+    ],
+)
+def test_no_held_lock_when_the_slow_statement_runs_in_a_transaction_of_its_own(sql: str) -> None:
+    assert "transaction-holds-lock" not in rules(pg(LOCK + sql))
+
+
+@pytest.mark.parametrize("sql", [NOT_VALID_THEN_VALIDATE, SET_NOT_NULL_SEQUENCE, ADD_THEN_BACKFILL])
+def test_per_statement_runners_do_not_hold_locks_across_statements(sql: str) -> None:
+    findings = analyse(LOCK + sql, dialect="postgres", phase="expand", transactions="per-statement")
+    assert findings == []
+
+
+@pytest.mark.parametrize(
+    ("check", "flagged"), [("c IS NOT NULL AND c <> ''", False), ("c <> ''", True)]
+)
+def test_set_not_null_after_a_validated_check_that_proves_not_null(
+    tmp_path: Path, check: str, flagged: bool
+) -> None:
+    (tmp_path / "0001.sql").write_text(
+        f"{LOCK}ALTER TABLE t ADD CONSTRAINT k CHECK ({check}) NOT VALID;"
+    )
+    (tmp_path / "0002.sql").write_text(
+        f"{LOCK}ALTER TABLE t VALIDATE CONSTRAINT k;\nALTER TABLE t ALTER COLUMN c SET NOT NULL;"
+    )
+    findings = check_paths([tmp_path], dialect="postgres")
+    assert rules(findings) == (["adding-not-nullable-field"] if flagged else [])
+
+
+def test_commit_and_chain_keeps_concurrently_inside_a_transaction() -> None:
+    sql = "BEGIN;\nCOMMIT AND CHAIN;\nCREATE INDEX CONCURRENTLY i ON t (a);\nCOMMIT;"
+    assert rules(pg(sql)) == ["ban-concurrent-index-creation-in-transaction"]
+
+
 # --- lock_timeout ------------------------------------------------------------------
 
 
@@ -198,7 +288,8 @@ def test_new_tables_are_per_file(tmp_path: Path) -> None:
         ("SET lock_timeout = '2s'; RESET lock_timeout;", True),
         ("SET lock_timeout = '2s'; SET lock_timeout TO DEFAULT;", True),
         ("SET statement_timeout = '2s';", True),
-        ("SET LOCAL lock_timeout = '2s';", True),  # no effect outside a transaction
+        # changeover applies a plain file in one transaction: SET LOCAL lasts to its end.
+        ("SET LOCAL lock_timeout = '2s';", False),
         ("BEGIN; SET LOCAL lock_timeout = '2s'; COMMIT;", True),  # ended with it
         ("BEGIN; SET LOCAL lock_timeout = '2s';", False),
     ],
@@ -206,6 +297,12 @@ def test_new_tables_are_per_file(tmp_path: Path) -> None:
 def test_lock_timeout(prelude: str, flagged: bool) -> None:
     findings = pg(prelude + "\nALTER TABLE users ADD COLUMN bio text;")
     assert rules(findings) == (["require-lock-timeout"] if flagged else [])
+
+
+def test_set_local_does_not_count_when_each_statement_commits_on_its_own() -> None:
+    sql = "SET LOCAL lock_timeout = '2s';\nALTER TABLE users ADD COLUMN bio text;"
+    findings = analyse(sql, dialect="postgres", phase="expand", transactions="per-statement")
+    assert rules(findings) == ["require-lock-timeout"]
 
 
 def test_lock_timeout_is_reported_once_per_file() -> None:

@@ -6,7 +6,15 @@ release working and no migration may hold a long lock.  See docs/migrations.md.
 
 from changeover.migrations.analysis import analyse, check_paths, migration_files, phase_of
 from changeover.migrations.report import format_findings
-from changeover.migrations.rules import RULES, Dialect, Finding, Phase, Rule, Severity
+from changeover.migrations.rules import (
+    RULES,
+    Dialect,
+    Finding,
+    Phase,
+    Rule,
+    Severity,
+    Transactions,
+)
 
 __all__ = [
     "RULES",
@@ -15,6 +23,7 @@ __all__ = [
     "Phase",
     "Rule",
     "Severity",
+    "Transactions",
     "analyse",
     "check_paths",
     "format_findings",

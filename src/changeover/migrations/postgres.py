@@ -12,6 +12,7 @@ from typing import Any
 from pglast import ast, parse_sql
 from pglast.enums import (
     AlterTableType,
+    BoolExprType,
     ConstrType,
     NullTestType,
     ObjectType,
@@ -52,9 +53,6 @@ _SERIAL_TYPES = frozenset({"serial", "bigserial", "smallserial", "serial2", "ser
 _HARMLESS = frozenset(
     {
         "SelectStmt",
-        "InsertStmt",
-        "UpdateStmt",
-        "DeleteStmt",
         "CreateSchemaStmt",
         "CreateExtensionStmt",
         "CommentStmt",
@@ -119,6 +117,26 @@ _CONSTRAINT_RULES = {
     ConstrType.CONSTR_EXCLUSION: "disallowed-unique-constraint",
     ConstrType.CONSTR_PRIMARY: "adding-serial-primary-key-field",
 }
+# Lock modes that block the old release: ACCESS EXCLUSIVE its reads, the others its writes.
+ACCESS_EXCLUSIVE = "ACCESS EXCLUSIVE"
+SHARE_ROW_EXCLUSIVE = "SHARE ROW EXCLUSIVE"
+SHARE = "SHARE"
+# ALTER TABLE subcommands that take less than ACCESS EXCLUSIVE (None: a lock that
+# blocks neither reads nor writes, SHARE UPDATE EXCLUSIVE).
+_ALTER_LOCKS: dict[Any, str | None] = {
+    AlterTableType.AT_ValidateConstraint: None,
+    AlterTableType.AT_SetStatistics: None,
+    AlterTableType.AT_AttachPartition: None,
+    AlterTableType.AT_EnableTrig: SHARE_ROW_EXCLUSIVE,
+    AlterTableType.AT_EnableAlwaysTrig: SHARE_ROW_EXCLUSIVE,
+    AlterTableType.AT_EnableReplicaTrig: SHARE_ROW_EXCLUSIVE,
+    AlterTableType.AT_DisableTrig: SHARE_ROW_EXCLUSIVE,
+    AlterTableType.AT_EnableTrigAll: SHARE_ROW_EXCLUSIVE,
+    AlterTableType.AT_DisableTrigAll: SHARE_ROW_EXCLUSIVE,
+    AlterTableType.AT_EnableTrigUser: SHARE_ROW_EXCLUSIVE,
+    AlterTableType.AT_DisableTrigUser: SHARE_ROW_EXCLUSIVE,
+}
+_LOCK_STRENGTH = {None: 0, SHARE: 1, SHARE_ROW_EXCLUSIVE: 2, ACCESS_EXCLUSIVE: 3}
 _TRANSACTION_START = frozenset(
     {TransactionStmtKind.TRANS_STMT_BEGIN, TransactionStmtKind.TRANS_STMT_START}
 )
@@ -188,8 +206,47 @@ def _parsed_one_by_one(sql: str, whole_file_error: ParseError) -> Iterator[tuple
             yield begin + (raw.stmt_location or 0), text, raw.stmt
 
 
+def _refuses_transaction(node: Any) -> bool:
+    """PostgreSQL refuses to run it inside a transaction block."""
+    if isinstance(node, (ast.IndexStmt, ast.DropStmt)):
+        return bool(node.concurrent)
+    if isinstance(node, ast.ReindexStmt):
+        return any(_name(p.defname) == "concurrently" for p in node.params or ())
+    if isinstance(node, ast.VacuumStmt):
+        return bool(node.is_vacuumcmd)
+    if isinstance(node, ast.AlterTableStmt):
+        return any(
+            cmd.subtype == AlterTableType.AT_DetachPartition and cmd.def_.concurrent
+            for cmd in node.cmds or ()
+        )
+    return isinstance(
+        node,
+        (
+            ast.CreatedbStmt,
+            ast.DropdbStmt,
+            ast.AlterSystemStmt,
+            ast.CreateTableSpaceStmt,
+            ast.DropTableSpaceStmt,
+        ),
+    )
+
+
+def _applier_wraps(nodes: list[Any]) -> bool:
+    """Whether changeover's applier runs the file in one transaction (database.py):
+    yes, unless it has a transaction statement of its own or a statement that
+    refuses a transaction block (the applier then runs it as written)."""
+    return not any(
+        isinstance(node, ast.TransactionStmt) or _refuses_transaction(node)
+        for node in nodes
+        if not isinstance(node, ParseError)
+    )
+
+
 def statements(sql: str, state: FileState) -> Iterator[Statement]:
-    for offset, text, node in _parsed(sql):
+    parsed = list(_parsed(sql))
+    if state.transactions == "per-file":
+        state.in_transaction = _applier_wraps([node for _, _, node in parsed])
+    for offset, text, node in parsed:
         if isinstance(node, ParseError):
             hits = [Hit(NEEDS_REVIEW, f"PostgreSQL's parser rejects it ({node.args[0]})")]
         else:
@@ -256,8 +313,8 @@ def _constraint_hit(table: str, con: Any) -> Hit | None:
 Classifier = Callable[[Any, FileState], list[Hit]]
 
 
-def _lock(table: str | None) -> Hit:
-    return Hit(LOCK_TIMEOUT, f"locks {table or 'an existing object'}", table)
+def _lock(table: str | None, mode: str | None = ACCESS_EXCLUSIVE) -> Hit:
+    return Hit(LOCK_TIMEOUT, f"locks {table or 'an existing object'}", table, mode)
 
 
 def _row_filler(ctype: ColType, kinds: set[Any], stored: bool) -> str | None:
@@ -292,17 +349,26 @@ def _add_column(table: str, col: Any, state: FileState) -> list[Hit]:
     return hits
 
 
-def _remember_not_null_check(table: str, con: Any, state: FileState) -> None:
-    """Note CHECK (col IS NOT NULL), so that a later SET NOT NULL is known to be cheap."""
-    expr = con.raw_expr
-    if not (
-        con.contype == ConstrType.CONSTR_CHECK
-        and isinstance(expr, ast.NullTest)
+def _not_null_column(expr: Any) -> str | None:
+    """The column of `col IS NOT NULL`, alone or ANDed with more (PostgreSQL proves
+    NOT NULL from either)."""
+    if isinstance(expr, ast.BoolExpr) and expr.boolop == BoolExprType.AND_EXPR:
+        return next(filter(None, map(_not_null_column, expr.args or ())), None)
+    if (
+        isinstance(expr, ast.NullTest)
         and expr.nulltesttype == NullTestType.IS_NOT_NULL
         and isinstance(expr.arg, ast.ColumnRef)
     ):
+        return _name(expr.arg.fields)
+    return None
+
+
+def _remember_not_null_check(table: str, con: Any, state: FileState) -> None:
+    """Note CHECK (col IS NOT NULL), so that a later SET NOT NULL is known to be cheap."""
+    name = _not_null_column(con.raw_expr) if con.contype == ConstrType.CONSTR_CHECK else None
+    if name is None:
         return
-    column = (table, _name(expr.arg.fields))
+    column = (table, name)
     if con.skip_validation and con.conname:
         state.schema.unvalidated_not_null_checks[str(con.conname)] = column
     elif not con.skip_validation:
@@ -331,19 +397,41 @@ def _alter_table_cmd(table: str, cmd: Any, state: FileState) -> list[Hit]:
         checked = state.schema.unvalidated_not_null_checks.pop(str(cmd.name), None)
         if checked:
             state.schema.validated_not_null.add(checked)
-        return []
+        return state.held_lock(f"VALIDATE CONSTRAINT {cmd.name} scans {table}")
     if subtype in _ALTER_HARMLESS:
         return []
     what = AlterTableType(subtype).name.removeprefix("AT_")
     return [Hit(NEEDS_REVIEW, f"ALTER TABLE {table} {what} is not classified")]
 
 
+def _cmd_lock(cmd: Any) -> str | None:
+    if cmd.subtype == AlterTableType.AT_AddConstraint and (
+        cmd.def_.contype == ConstrType.CONSTR_FOREIGN
+    ):
+        return SHARE_ROW_EXCLUSIVE
+    return _ALTER_LOCKS.get(cmd.subtype, ACCESS_EXCLUSIVE)
+
+
+def _foreign_tables(cmds: Any) -> list[str]:
+    """Tables an added foreign key references: locked SHARE ROW EXCLUSIVE too."""
+    return [
+        _name(node.pktable)
+        for cmd in cmds
+        for node in _walk(cmd.def_)
+        if isinstance(node, ast.Constraint) and node.contype == ConstrType.CONSTR_FOREIGN
+    ]
+
+
 def _alter_table(node: Any, state: FileState) -> list[Hit]:
     table = _name(node.relation)
-    hits = [_lock(table)]
-    if node.objtype in (ObjectType.OBJECT_TABLE, ObjectType.OBJECT_FOREIGN_TABLE):
-        for cmd in node.cmds or ():
-            hits.extend(_alter_table_cmd(table, cmd, state))
+    cmds = list(node.cmds or ())
+    if node.objtype not in (ObjectType.OBJECT_TABLE, ObjectType.OBJECT_FOREIGN_TABLE):
+        return [_lock(table)]
+    mode = max((_cmd_lock(cmd) for cmd in cmds), key=_LOCK_STRENGTH.__getitem__, default=None)
+    hits = [_lock(table, mode)]
+    hits.extend(_lock(other, SHARE_ROW_EXCLUSIVE) for other in _foreign_tables(cmds))
+    for cmd in cmds:
+        hits.extend(_alter_table_cmd(table, cmd, state))
     return hits
 
 
@@ -361,7 +449,7 @@ def _create_index(node: Any, state: FileState) -> list[Hit]:
         return _concurrently(state, "creates an index")
     name = f" {node.idxname}" if node.idxname else ""
     rule = "require-concurrent-index-creation"
-    return [Hit(rule, f"creates index{name} on {table}", table), _lock(table)]
+    return [Hit(rule, f"creates index{name} on {table}", table), _lock(table, SHARE)]
 
 
 def _drop(node: Any, state: FileState) -> list[Hit]:
@@ -410,7 +498,9 @@ def _alter_enum(node: Any, state: FileState) -> list[Hit]:
         detail = f"renames value {node.oldVal!r} of {name} to {node.newVal!r}"
         return [Hit("renaming-enum-value", detail, name), _lock(name)]
     hits = [_lock(name)]
-    if state.in_transaction:
+    # Only the file's own BEGIN: PostgreSQL 12+ accepts ADD VALUE in the applier's
+    # transaction; before 12 it is refused there too, and the file fails whole.
+    if state.explicit_transaction:
         detail = f"adds value {node.newVal!r} to {name}"
         hits.append(Hit("adding-enum-value-in-transaction", detail, name))
     return hits
@@ -438,9 +528,11 @@ def _set(node: Any, state: FileState) -> list[Hit]:
 
 def _transaction(node: Any, state: FileState) -> list[Hit]:
     if node.kind in _TRANSACTION_START:
-        state.in_transaction = True
+        state.in_transaction = state.explicit_transaction = True
     elif node.kind in _TRANSACTION_END:
         state.end_transaction()
+        # COMMIT AND CHAIN / ROLLBACK AND CHAIN open the next transaction at once.
+        state.in_transaction = state.explicit_transaction = bool(node.chain)
     return []
 
 
@@ -469,7 +561,18 @@ def _create_table(node: Any, state: FileState) -> list[Hit]:
 
 def _create_trigger(node: Any, state: FileState) -> list[Hit]:
     state.created.add(str(node.trigname))
-    return [_lock(_name(node.relation))]
+    return [_lock(_name(node.relation), SHARE_ROW_EXCLUSIVE)]
+
+
+def _data_change(node: Any, state: FileState) -> list[Hit]:
+    """UPDATE, DELETE and INSERT ... SELECT: a backfill that may run long.  Data
+    changes are the author's business, unless a held lock makes them block."""
+    if isinstance(node, ast.InsertStmt):
+        select = node.selectStmt
+        if not (isinstance(select, ast.SelectStmt) and select.fromClause):
+            return []
+    verb = type(node).__name__.removesuffix("Stmt").upper()
+    return state.held_lock(f"{verb} of {_name(node.relation)} touches every matching row")
 
 
 def _do(node: Any, state: FileState) -> list[Hit]:
@@ -488,6 +591,9 @@ _CLASSIFIERS: dict[type[Any], Classifier] = {
     ast.CreateStmt: _create_table,
     ast.CreateTrigStmt: _create_trigger,
     ast.DoStmt: _do,
+    ast.UpdateStmt: _data_change,
+    ast.DeleteStmt: _data_change,
+    ast.InsertStmt: _data_change,
     ast.CreateTableAsStmt: _created(lambda n: n.into.rel),
     ast.ViewStmt: _created(lambda n: n.view),
     ast.CreateSeqStmt: _created(lambda n: n.sequence),

@@ -17,6 +17,9 @@ from typing import Literal
 Dialect = Literal["postgres", "mysql", "sqlite"]
 Phase = Literal["expand", "contract"]
 Severity = Literal["error", "warning"]
+# How the files are applied: "per-file" as changeover's applier does (one
+# transaction per file, see docs/migrations.md), "per-statement" autocommit.
+Transactions = Literal["per-file", "per-statement"]
 
 EXPAND_ONLY: frozenset[Phase] = frozenset({"expand"})
 BOTH_PHASES: frozenset[Phase] = frozenset({"expand", "contract"})
@@ -134,9 +137,9 @@ _RULES = (
         "makes an existing column NOT NULL",
         "the whole table is scanned under an ACCESS EXCLUSIVE lock; during expand the old "
         "release may still insert NULL and fail",
-        "ADD CONSTRAINT c CHECK (col IS NOT NULL) NOT VALID; then VALIDATE CONSTRAINT c; then "
-        "SET NOT NULL (PostgreSQL 12+ uses the validated check and skips the scan) and drop "
-        "the check",
+        "ADD CONSTRAINT c CHECK (col IS NOT NULL) NOT VALID and commit (end of the file); "
+        "then VALIDATE CONSTRAINT c; then SET NOT NULL (PostgreSQL 12+ uses the validated "
+        "check and skips the scan) and drop the check",
         BOTH_PHASES,
     ),
     Rule(
@@ -214,6 +217,19 @@ _RULES = (
         "start the file with SET lock_timeout = '2s' (or SET LOCAL inside the transaction) and "
         "retry the migration when it times out",
         BOTH_PHASES,
+    ),
+    Rule(
+        "transaction-holds-lock",
+        "runs a slow statement (VALIDATE CONSTRAINT, a backfill UPDATE/DELETE/INSERT ... "
+        "SELECT) while the transaction still holds a blocking lock taken earlier",
+        "the ACCESS EXCLUSIVE lock of an earlier ALTER TABLE blocks the old release's reads "
+        "(a SHARE or SHARE ROW EXCLUSIVE lock its writes) for as long as the slow statement "
+        "runs, which undoes NOT VALID and the separate backfill",
+        "split the file: the statement that takes the lock in one file, the slow statement "
+        "in the next (each file commits on its own), or give the file its own BEGIN ... "
+        "COMMIT around the short part",
+        BOTH_PHASES,
+        applies_to_new_objects=True,
     ),
     Rule(
         "adding-enum-value-in-transaction",
