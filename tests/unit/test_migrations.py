@@ -174,6 +174,44 @@ def test_operations_on_tables_created_in_the_same_file_are_safe() -> None:
     assert pg(sql) == []
 
 
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        # The object may already exist (and be used by the old release): not new.
+        ("CREATE TABLE IF NOT EXISTS users (id int);\nDROP TABLE users;", ["ban-drop-table"]),
+        ("CREATE OR REPLACE VIEW v AS SELECT 1;\nDROP VIEW v;", ["ban-drop-object"]),
+        (
+            "CREATE OR REPLACE FUNCTION f() RETURNS int LANGUAGE sql AS $$ SELECT 1 $$;\n"
+            "DROP FUNCTION f();",
+            ["ban-drop-object"],
+        ),
+        (
+            "CREATE INDEX IF NOT EXISTS i ON t (a);\nDROP INDEX i;",
+            ["require-concurrent-index-deletion"],
+        ),
+        # Another schema's table of the same name is another table.
+        ("CREATE TABLE scratch.users (id int);\nDROP TABLE public.users;", ["ban-drop-table"]),
+        ("CREATE TABLE scratch.users (id int);\nDROP TABLE users;", ["ban-drop-table"]),
+        (
+            "CREATE TABLE users (id int);\nSET search_path = other;\nDROP TABLE users;",
+            ["ban-drop-table"],
+        ),
+        ("CREATE TABLE scratch.users (id int);\nDROP TABLE scratch.users;", []),
+        ("CREATE TABLE users (id int);\nDROP TABLE users;", []),
+        ("CREATE INDEX i ON s.t (a);\nDROP INDEX s.i;", None),
+        ("CREATE TRIGGER tr AFTER INSERT ON t EXECUTE FUNCTION f();\nDROP TRIGGER tr ON t;", None),
+    ],
+)
+def test_created_in_this_file_means_created_here_under_that_name(
+    sql: str, expected: list[str] | None
+) -> None:
+    found = [r for r in rules(pg(LOCK + sql)) if r != "require-concurrent-index-creation"]
+    if expected is None:  # only the index build / trigger itself, nothing about the drop
+        assert not [r for r in found if "drop" in r or "deletion" in r], found
+    else:
+        assert found == expected
+
+
 def test_concurrently_in_a_transaction_fails_even_on_a_new_table() -> None:
     sql = "CREATE TABLE t (a int);\nBEGIN;\nCREATE INDEX CONCURRENTLY t_a ON t (a);\nCOMMIT;"
     assert rules(pg(sql)) == ["ban-concurrent-index-creation-in-transaction"]

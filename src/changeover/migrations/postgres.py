@@ -272,6 +272,25 @@ def _name(node: Any) -> str:
     return "?"
 
 
+def _qualified(node: Any) -> str:
+    """An object's name as written, schema included (`scratch.users`), so that an
+    object created in the file is not confused with another schema's."""
+    if isinstance(node, ast.RangeVar):
+        return f"{node.schemaname}.{node.relname}" if node.schemaname else str(node.relname)
+    if isinstance(node, (tuple, list)):
+        return ".".join(_qualified(part) for part in node) or "?"
+    if isinstance(node, ast.TypeName):
+        return _qualified(node.names)
+    if isinstance(node, ast.ObjectWithArgs):
+        return _qualified(node.objname)
+    return _name(node)
+
+
+def _creates(node: Any) -> bool:
+    """False for IF NOT EXISTS and OR REPLACE: the object may exist, and be in use."""
+    return not (getattr(node, "if_not_exists", False) or getattr(node, "replace", False))
+
+
 def _col_type(type_name: Any) -> ColType:
     params = tuple(
         str(mod.val.ival if isinstance(mod.val, ast.Integer) else _name(mod.val))
@@ -415,7 +434,7 @@ def _cmd_lock(cmd: Any) -> str | None:
 def _foreign_tables(cmds: Any) -> list[str]:
     """Tables an added foreign key references: locked SHARE ROW EXCLUSIVE too."""
     return [
-        _name(node.pktable)
+        _qualified(node.pktable)
         for cmd in cmds
         for node in _walk(cmd.def_)
         if isinstance(node, ast.Constraint) and node.contype == ConstrType.CONSTR_FOREIGN
@@ -423,7 +442,7 @@ def _foreign_tables(cmds: Any) -> list[str]:
 
 
 def _alter_table(node: Any, state: FileState) -> list[Hit]:
-    table = _name(node.relation)
+    table = _qualified(node.relation)
     cmds = list(node.cmds or ())
     if node.objtype not in (ObjectType.OBJECT_TABLE, ObjectType.OBJECT_FOREIGN_TABLE):
         return [_lock(table)]
@@ -442,9 +461,10 @@ def _concurrently(state: FileState, what: str) -> list[Hit]:
 
 
 def _create_index(node: Any, state: FileState) -> list[Hit]:
-    table = _name(node.relation)
-    if node.idxname:
-        state.created.add(str(node.idxname))
+    table = _qualified(node.relation)
+    if node.idxname and _creates(node):
+        schema = node.relation.schemaname  # an index lives in its table's schema
+        state.created.add(f"{schema}.{node.idxname}" if schema else str(node.idxname))
     if node.concurrent:
         return _concurrently(state, "creates an index")
     name = f" {node.idxname}" if node.idxname else ""
@@ -458,7 +478,7 @@ def _drop(node: Any, state: FileState) -> list[Hit]:
         return _concurrently(state, "drops an index")
     hits: list[Hit] = []
     for obj in node.objects or ():
-        name = _name(obj)
+        name = _qualified(obj)
         if kind == ObjectType.OBJECT_INDEX:
             hits.append(Hit("require-concurrent-index-deletion", f"drops index {name}", name))
         elif kind == ObjectType.OBJECT_TABLE:
@@ -472,7 +492,7 @@ def _drop(node: Any, state: FileState) -> list[Hit]:
 
 def _rename(node: Any, state: FileState) -> list[Hit]:
     kind, new = node.renameType, node.newname
-    table = _name(node.relation) if node.relation else None
+    table = _qualified(node.relation) if node.relation else None
     if kind == ObjectType.OBJECT_COLUMN:
         hit = Hit("renaming-column", f"renames {table}.{node.subname} to {new}", table)
     elif kind == ObjectType.OBJECT_TABLE:
@@ -480,20 +500,20 @@ def _rename(node: Any, state: FileState) -> list[Hit]:
     elif kind in _RENAME_HARMLESS:
         return [_lock(table)]
     else:
-        old = table or (str(node.subname) if node.subname else _name(node.object))
+        old = table or (str(node.subname) if node.subname else _qualified(node.object))
         what = ObjectType(kind).name.removeprefix("OBJECT_").lower()
         hit = Hit("renaming-object", f"renames {what} {old} to {new}", old)
     return [hit, _lock(hit.obj)]
 
 
 def _set_schema(node: Any, state: FileState) -> list[Hit]:
-    name = _name(node.relation) if node.relation else _name(node.object)
+    name = _qualified(node.relation) if node.relation else _qualified(node.object)
     hit = Hit("renaming-object", f"moves {name} to schema {node.newschema}", name)
     return [hit, _lock(name)]
 
 
 def _alter_enum(node: Any, state: FileState) -> list[Hit]:
-    name = _name(node.typeName)
+    name = _qualified(node.typeName)
     if node.oldVal is not None:
         detail = f"renames value {node.oldVal!r} of {name} to {node.newVal!r}"
         return [Hit("renaming-enum-value", detail, name), _lock(name)]
@@ -514,6 +534,9 @@ def _disables_timeout(arg: Any) -> bool:
 
 
 def _set(node: Any, state: FileState) -> list[Hit]:
+    if node.name == "search_path":
+        # Unqualified names may now mean another schema's objects.
+        state.created = {name for name in state.created if "." in name}
     if node.name != "lock_timeout":
         return []
     args = [a for a in node.args or () if isinstance(a, ast.A_Const)]
@@ -540,14 +563,17 @@ def _created(name_of: Callable[[Any], Any]) -> Classifier:
     """A classifier for CREATE statements: remember the new object, nothing to report."""
 
     def classify(node: Any, state: FileState) -> list[Hit]:
-        state.created.add(_name(name_of(node)))
+        if _creates(node):
+            state.created.add(_qualified(name_of(node)))
         return []
 
     return classify
 
 
 def _create_table(node: Any, state: FileState) -> list[Hit]:
-    table = _name(node.relation)
+    table = _qualified(node.relation)
+    if not _creates(node):
+        return []  # the existing table, with columns of its own
     state.created.add(table)
     for element in node.tableElts or ():
         if isinstance(element, ast.ColumnDef):
@@ -560,8 +586,10 @@ def _create_table(node: Any, state: FileState) -> list[Hit]:
 
 
 def _create_trigger(node: Any, state: FileState) -> list[Hit]:
-    state.created.add(str(node.trigname))
-    return [_lock(_name(node.relation), SHARE_ROW_EXCLUSIVE)]
+    table = _qualified(node.relation)
+    if _creates(node):
+        state.created.add(f"{table}.{node.trigname}")  # as DROP TRIGGER tr ON t names it
+    return [_lock(table, SHARE_ROW_EXCLUSIVE)]
 
 
 def _data_change(node: Any, state: FileState) -> list[Hit]:
@@ -572,7 +600,7 @@ def _data_change(node: Any, state: FileState) -> list[Hit]:
         if not (isinstance(select, ast.SelectStmt) and select.fromClause):
             return []
     verb = type(node).__name__.removesuffix("Stmt").upper()
-    return state.held_lock(f"{verb} of {_name(node.relation)} touches every matching row")
+    return state.held_lock(f"{verb} of {_qualified(node.relation)} touches every matching row")
 
 
 def _do(node: Any, state: FileState) -> list[Hit]:
