@@ -24,7 +24,9 @@ DATA = Path(__file__).parent.parent / "data" / "migrations"
 EXAMPLES = sorted(DATA.glob("*/*.sql"))
 LOCK = "SET lock_timeout = '2s';\n"
 # First words of the statements the bad examples are flagged at.
-STATEMENT_WORDS = {"ALTER", "DROP", "CREATE", "DO", "RENAME", "VACUUM", "UPDATE"}
+STATEMENT_WORDS = {
+    *("ALTER", "DROP", "CREATE", "DO", "RENAME", "VACUUM", "UPDATE", "TRUNCATE", "REINDEX"),
+}
 
 
 def rules(findings: list[Finding]) -> list[str]:
@@ -94,6 +96,11 @@ def test_compatibility_rules_are_expand_only_and_locking_rules_apply_to_both() -
         "renaming-object",
         "renaming-enum-value",
         "adding-required-field",
+        "ban-drop-not-null",
+        "dropping-required-field-default",
+        "adding-json-field",
+        "adding-enum-value-out-of-order",
+        "adding-unique-index",
     }
     assert all(
         r.phases == {"expand", "contract"} for r in RULES.values() if r.id not in expand_only
@@ -328,6 +335,10 @@ def test_commit_and_chain_keeps_concurrently_inside_a_transaction() -> None:
         ("SET statement_timeout = '2s';", True),
         # changeover applies a plain file in one transaction: SET LOCAL lasts to its end.
         ("SET LOCAL lock_timeout = '2s';", False),
+        ("SET lock_timeout = '2s'; RESET ALL;", True),
+        ("SELECT set_config('lock_timeout', '2s', false);", False),
+        ("SELECT set_config('lock_timeout', '0', false);", True),
+        ("BEGIN; SELECT set_config('lock_timeout', '2s', true); COMMIT;", True),
         ("BEGIN; SET LOCAL lock_timeout = '2s'; COMMIT;", True),  # ended with it
         ("BEGIN; SET LOCAL lock_timeout = '2s';", False),
     ],
@@ -432,7 +443,7 @@ def test_mysql_change_is_a_rename_and_a_redefinition() -> None:
         ("ALTER TABLE t ADD COLUMN c int REFERENCES u (id)", ["adding-foreign-key-constraint"]),
         ("ALTER TABLE t ADD COLUMN c int UNIQUE", ["disallowed-unique-constraint"]),
         ("ALTER TABLE t ADD COLUMN c int NOT NULL DEFAULT 0", []),
-        ("ALTER TABLE t ALTER COLUMN c DROP NOT NULL", []),
+        ("ALTER TABLE t ALTER COLUMN c DROP NOT NULL", ["ban-drop-not-null"]),
         ("ALTER TABLE t ALTER COLUMN c SET DEFAULT 1", []),
         ("ALTER TABLE t ADD CONSTRAINT c NOT NULL c", ["adding-not-nullable-field"]),
         ("ALTER TABLE t SET SCHEMA archive", ["renaming-object"]),
@@ -441,13 +452,32 @@ def test_mysql_change_is_a_rename_and_a_redefinition() -> None:
         ("DROP TYPE order_status", ["ban-drop-object"]),
         ("DROP INDEX a, b", ["require-concurrent-index-deletion"] * 2),
         ("ALTER TABLE t SET TABLESPACE slow", ["needs-review"]),  # rewrites: not classified
-        ("VACUUM FULL t", ["needs-review"]),
+        ("VACUUM FULL t", ["prefer-repack"]),
+        ("VACUUM t", []),
+        ("CLUSTER t USING i", ["prefer-repack"]),
+        ("ALTER TABLE t ALTER COLUMN c DROP DEFAULT", ["dropping-required-field-default"]),
+        ("TRUNCATE t", []),  # brief ACCESS EXCLUSIVE, under the lock_timeout
+        ("REINDEX TABLE CONCURRENTLY t", []),
+        ("ALTER TABLE t ADD COLUMN c int DEFAULT my_fn()", ["adding-field-with-default"]),
+        ("ALTER TABLE t ADD COLUMN c text DEFAULT lower('A')", []),
+        (
+            "ALTER TABLE t ADD COLUMN c text DEFAULT myschema.lower('A')",
+            ["adding-field-with-default"],
+        ),
+        ("ALTER TABLE t ADD COLUMN c timestamptz DEFAULT CURRENT_TIMESTAMP", []),
+        ("ALTER TABLE t ADD COLUMN c text DEFAULT 'x'::text", []),
         ("CREATE FUNCTION f() RETURNS int LANGUAGE sql AS $$ SELECT 1 $$", []),
         ("COMMENT ON TABLE t IS 'x'", []),
     ],
 )
 def test_postgres_statement(statement: str, expected: list[str]) -> None:
     assert rules(pg(LOCK + statement + ";")) == expected
+
+
+def test_calling_a_function_created_in_the_same_file_needs_review() -> None:
+    body = "CREATE FUNCTION f() RETURNS void LANGUAGE sql AS $$ ALTER TABLE t DROP c $$;\n"
+    assert rules(pg(LOCK + body + "SELECT f();")) == ["needs-review"]
+    assert rules(pg(LOCK + body + "SELECT g();")) == []  # not created here: a query
 
 
 def test_dropping_a_function_created_in_the_same_file_is_fine() -> None:

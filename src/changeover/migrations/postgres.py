@@ -14,9 +14,11 @@ from pglast.enums import (
     AlterTableType,
     BoolExprType,
     ConstrType,
+    DropBehavior,
     NullTestType,
     ObjectType,
     TransactionStmtKind,
+    VariableSetKind,
 )
 from pglast.parser import ParseError, scan
 
@@ -31,19 +33,37 @@ from changeover.migrations.analysis import (
 )
 from changeover.migrations.coltypes import ColType
 
-# Functions whose value differs per row, so a DEFAULT using them rewrites the table.
-VOLATILE_FUNCTIONS = frozenset(
+# Built-in functions known not to be volatile (immutable or stable), so a DEFAULT
+# using only them is computed once and stored in the catalog (no rewrite since
+# PostgreSQL 11).  Any other function, a user's included, may be volatile: an
+# allow-list, as squawk's adding-field-with-default has.
+NON_VOLATILE_FUNCTIONS = frozenset(
     {
-        "random",
-        "clock_timestamp",
-        "timeofday",
-        "gen_random_uuid",
-        "uuid_generate_v1",
-        "uuid_generate_v1mc",
-        "uuid_generate_v4",
-        "uuidv4",
-        "uuidv7",
-        "nextval",
+        "now",
+        "statement_timestamp",
+        "transaction_timestamp",
+        "current_setting",
+        "lower",
+        "upper",
+        "btrim",
+        "concat",
+        "length",
+        "abs",
+        "make_date",
+        "make_interval",
+        "make_timestamp",
+        "make_timestamptz",
+        "to_timestamp",
+        "to_date",
+        "date_trunc",
+        "jsonb_build_object",
+        "jsonb_build_array",
+        "json_build_object",
+        "json_build_array",
+        "array_fill",
+        "int4range",
+        "int8range",
+        "tstzrange",
     }
 )
 _SERIAL_TYPES = frozenset({"serial", "bigserial", "smallserial", "serial2", "serial4", "serial8"})
@@ -52,7 +72,6 @@ _SERIAL_TYPES = frozenset({"serial", "bigserial", "smallserial", "serial2", "ser
 # old release sees.  Data changes (INSERT/UPDATE/DELETE) are the author's business.
 _HARMLESS = frozenset(
     {
-        "SelectStmt",
         "CreateSchemaStmt",
         "CreateExtensionStmt",
         "CommentStmt",
@@ -80,8 +99,6 @@ _RENAME_HARMLESS = frozenset(
 # ALTER TABLE subcommands that only change catalog entries under a brief lock.
 _ALTER_HARMLESS = frozenset(
     {
-        AlterTableType.AT_ColumnDefault,  # SET/DROP DEFAULT affects new rows only
-        AlterTableType.AT_DropNotNull,
         AlterTableType.AT_DropConstraint,
         AlterTableType.AT_SetStatistics,
         AlterTableType.AT_SetOptions,
@@ -211,7 +228,7 @@ def _refuses_transaction(node: Any) -> bool:
     if isinstance(node, (ast.IndexStmt, ast.DropStmt)):
         return bool(node.concurrent)
     if isinstance(node, ast.ReindexStmt):
-        return any(_name(p.defname) == "concurrently" for p in node.params or ())
+        return any(p.defname == "concurrently" for p in node.params or ())
     if isinstance(node, ast.VacuumStmt):
         return bool(node.is_vacuumcmd)
     if isinstance(node, ast.AlterTableStmt):
@@ -312,9 +329,13 @@ def _walk(node: Any) -> Iterator[Any]:
 
 
 def _volatile_call(expr: Any) -> str | None:
+    """A function in the expression that is not a known non-volatile built-in."""
     for node in _walk(expr):
-        if isinstance(node, ast.FuncCall) and _name(node.funcname).lower() in VOLATILE_FUNCTIONS:
-            return _name(node.funcname)
+        if isinstance(node, ast.FuncCall):
+            parts = tuple(node.funcname or ())
+            schema = _qualified(parts[:-1]) if len(parts) > 1 else "pg_catalog"
+            if schema != "pg_catalog" or _name(parts).lower() not in NON_VOLATILE_FUNCTIONS:
+                return _qualified(parts)
     return None
 
 
@@ -359,8 +380,14 @@ def _add_column(table: str, col: Any, state: FileState) -> list[Hit]:
         hits.append(Hit("adding-required-field", f"adds NOT NULL column {where}", table))
     volatile = _volatile_call(default)
     if volatile or filler:
-        what = f"default {volatile}()" if volatile else f"{filler} column"
+        what = (
+            f"default {volatile}() (not a known non-volatile built-in)"
+            if volatile
+            else (f"{filler} column")
+        )
         hits.append(Hit("adding-field-with-default", f"adds {where} with a {what}", table))
+    if ctype.name == "json":
+        hits.append(Hit("adding-json-field", f"adds json column {where}", table))
     # An inline NOT NULL was judged above; the other inline constraints lock like table ones.
     inline = (c for c in cons if c.contype != ConstrType.CONSTR_NOTNULL)
     hits.extend(h for c in inline if (h := _constraint_hit(table, c)))
@@ -380,6 +407,17 @@ def _not_null_column(expr: Any) -> str | None:
     ):
         return _name(expr.arg.fields)
     return None
+
+
+def _drop_default(table: str, cmd: Any, state: FileState) -> list[Hit]:
+    """DROP DEFAULT affects new rows only, but the old release's INSERTs that omit a
+    NOT NULL column relied on it.  Passes only for a column known to be nullable."""
+    info = state.schema.columns.get((table, str(cmd.name)))
+    if info is not None and not info.not_null:
+        return []
+    known = "NOT NULL" if info else "nullability not declared in the checked files"
+    detail = f"drops the default of {table}.{cmd.name} ({known})"
+    return [Hit("dropping-required-field-default", detail, table)]
 
 
 def _remember_not_null_check(table: str, con: Any, state: FileState) -> None:
@@ -417,6 +455,16 @@ def _alter_table_cmd(table: str, cmd: Any, state: FileState) -> list[Hit]:
         if checked:
             state.schema.validated_not_null.add(checked)
         return state.held_lock(f"VALIDATE CONSTRAINT {cmd.name} scans {table}")
+    if subtype == AlterTableType.AT_DropNotNull:
+        state.schema.columns.pop((table, str(cmd.name)), None)
+        return [Hit("ban-drop-not-null", f"drops NOT NULL of {table}.{cmd.name}", table)]
+    if subtype == AlterTableType.AT_ColumnDefault:
+        return _drop_default(table, cmd, state) if cmd.def_ is None else []
+    if subtype == AlterTableType.AT_DetachPartition:
+        if cmd.def_.concurrent:
+            return _concurrently(state, "detaches a partition")
+        detail = f"detaches partition {_qualified(cmd.def_.name)} from {table}"
+        return [Hit("require-concurrent-partition-detach", detail, table)]
     if subtype in _ALTER_HARMLESS:
         return []
     what = AlterTableType(subtype).name.removeprefix("AT_")
@@ -465,11 +513,14 @@ def _create_index(node: Any, state: FileState) -> list[Hit]:
     if node.idxname and _creates(node):
         schema = node.relation.schemaname  # an index lives in its table's schema
         state.created.add(f"{schema}.{node.idxname}" if schema else str(node.idxname))
-    if node.concurrent:
-        return _concurrently(state, "creates an index")
     name = f" {node.idxname}" if node.idxname else ""
+    # Also CONCURRENTLY: from now on the old release's duplicate writes fail.
+    unique = [Hit("adding-unique-index", f"creates unique index{name} on {table}", table)]
+    hits = unique if node.unique else []
+    if node.concurrent:
+        return hits + _concurrently(state, "creates an index")
     rule = "require-concurrent-index-creation"
-    return [Hit(rule, f"creates index{name} on {table}", table), _lock(table, SHARE)]
+    return [*hits, Hit(rule, f"creates index{name} on {table}", table), _lock(table, SHARE)]
 
 
 def _drop(node: Any, state: FileState) -> list[Hit]:
@@ -518,6 +569,10 @@ def _alter_enum(node: Any, state: FileState) -> list[Hit]:
         detail = f"renames value {node.oldVal!r} of {name} to {node.newVal!r}"
         return [Hit("renaming-enum-value", detail, name), _lock(name)]
     hits = [_lock(name)]
+    if node.newValNeighbor is not None:
+        where = "after" if node.newValIsAfter else "before"
+        detail = f"adds value {node.newVal!r} to {name} {where} {node.newValNeighbor!r}"
+        hits.append(Hit("adding-enum-value-out-of-order", detail, name))
     # Only the file's own BEGIN: PostgreSQL 12+ accepts ADD VALUE in the applier's
     # transaction; before 12 it is refused there too, and the file fails whole.
     if state.explicit_transaction:
@@ -533,7 +588,17 @@ def _disables_timeout(arg: Any) -> bool:
     return not digits or float(digits) == 0
 
 
+def _set_lock_timeout(state: FileState, enabled: bool, local: bool) -> None:
+    if local:
+        # SET LOCAL outside a transaction block has no effect (PostgreSQL warns).
+        state.local_lock_timeout = enabled and state.in_transaction
+    else:
+        state.session_lock_timeout = enabled
+
+
 def _set(node: Any, state: FileState) -> list[Hit]:
+    if node.kind == VariableSetKind.VAR_RESET_ALL:
+        state.session_lock_timeout = state.local_lock_timeout = False
     if node.name == "search_path":
         # Unqualified names may now mean another schema's objects.
         state.created = {name for name in state.created if "." in name}
@@ -541,12 +606,31 @@ def _set(node: Any, state: FileState) -> list[Hit]:
         return []
     args = [a for a in node.args or () if isinstance(a, ast.A_Const)]
     enabled = bool(args) and not _disables_timeout(args[0])  # RESET / DEFAULT: off
-    if node.is_local:
-        # SET LOCAL outside a transaction block has no effect (PostgreSQL warns).
-        state.local_lock_timeout = enabled and state.in_transaction
-    else:
-        state.session_lock_timeout = enabled
+    _set_lock_timeout(state, enabled, bool(node.is_local))
     return []
+
+
+def _select(node: Any, state: FileState) -> list[Hit]:
+    """SELECT is harmless, except set_config('lock_timeout', ...), which sets it,
+    and a call of a function created in this file, which may hide any DDL."""
+    hits: list[Hit] = []
+    for call in _walk(node):
+        if not isinstance(call, ast.FuncCall):
+            continue
+        name = _qualified(call.funcname)
+        args = list(call.args or ())
+        if name in ("set_config", "pg_catalog.set_config") and len(args) == 3:
+            setting, value, local = args
+            if isinstance(setting, ast.A_Const) and _name(setting.val) == "lock_timeout":
+                enabled = isinstance(value, ast.A_Const) and not _disables_timeout(value)
+                is_local = isinstance(local, ast.A_Const) and bool(
+                    getattr(local.val, "boolval", False)
+                )
+                _set_lock_timeout(state, enabled, is_local)
+        elif name in state.created:
+            detail = f"calls {name}(), created in this file: its body may run any DDL"
+            hits.append(Hit(NEEDS_REVIEW, detail))
+    return hits
 
 
 def _transaction(node: Any, state: FileState) -> list[Hit]:
@@ -603,6 +687,47 @@ def _data_change(node: Any, state: FileState) -> list[Hit]:
     return state.held_lock(f"{verb} of {_qualified(node.relation)} touches every matching row")
 
 
+def _reindex(node: Any, state: FileState) -> list[Hit]:
+    name = _qualified(node.relation) if node.relation else str(node.name)
+    if _refuses_transaction(node):
+        return _concurrently(state, "reindexes")
+    return [Hit("require-concurrent-reindex", f"reindexes {name}", name), _lock(name)]
+
+
+def _rewrites_in_place(node: Any, state: FileState) -> list[Hit]:
+    """VACUUM FULL and CLUSTER rewrite the table under ACCESS EXCLUSIVE; a plain VACUUM
+    or ANALYZE does not."""
+    if isinstance(node, ast.VacuumStmt):
+        if not any(o.defname == "full" for o in node.options or ()):
+            return []
+        names = [_qualified(r.relation) for r in node.rels or ()] or ["every table"]
+        return [h for n in names for h in (Hit("prefer-repack", f"VACUUM FULL {n}", n), _lock(n))]
+    name = _qualified(node.relation) if node.relation else "every clustered table"
+    return [Hit("prefer-repack", f"CLUSTER {name}", name), _lock(name)]
+
+
+def _truncate(node: Any, state: FileState) -> list[Hit]:
+    names = [_qualified(r) for r in node.relations or ()]
+    hits = [_lock(n) for n in names]
+    if node.behavior == DropBehavior.DROP_CASCADE:
+        detail = f"truncates {', '.join(names)} and every table referencing them"
+        hits.append(Hit("ban-truncate-cascade", detail))
+    return hits
+
+
+def _alter_domain(node: Any, state: FileState) -> list[Hit]:
+    name = _qualified(node.typeName)
+    con = node.def_
+    if node.subtype == "C" and isinstance(con, ast.Constraint) and not con.skip_validation:
+        detail = f"adds a constraint to domain {name}, checked on every column using it"
+        return [Hit("ban-alter-domain-with-add-constraint", detail, name), _lock(name)]
+    return [_lock(name)]
+
+
+def _drop_database(node: Any, state: FileState) -> list[Hit]:
+    return [Hit("ban-drop-database", f"drops database {node.dbname}")]
+
+
 def _do(node: Any, state: FileState) -> list[Hit]:
     return [Hit(NEEDS_REVIEW, "a DO block runs procedural code the analyser cannot see into")]
 
@@ -619,6 +744,13 @@ _CLASSIFIERS: dict[type[Any], Classifier] = {
     ast.CreateStmt: _create_table,
     ast.CreateTrigStmt: _create_trigger,
     ast.DoStmt: _do,
+    ast.SelectStmt: _select,
+    ast.ReindexStmt: _reindex,
+    ast.VacuumStmt: _rewrites_in_place,
+    ast.ClusterStmt: _rewrites_in_place,
+    ast.TruncateStmt: _truncate,
+    ast.AlterDomainStmt: _alter_domain,
+    ast.DropdbStmt: _drop_database,
     ast.UpdateStmt: _data_change,
     ast.DeleteStmt: _data_change,
     ast.InsertStmt: _data_change,

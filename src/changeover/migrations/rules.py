@@ -119,6 +119,49 @@ _RULES = (
         "contract migration",
         EXPAND_ONLY,
     ),
+    Rule(
+        "ban-drop-not-null",
+        "drops NOT NULL from a column",
+        "the new release may now write NULL, which the old release does not expect when "
+        "it reads the column",
+        "keep the column NOT NULL while the old release runs; drop the constraint in a "
+        "contract migration",
+        EXPAND_ONLY,
+    ),
+    Rule(
+        "dropping-required-field-default",
+        "drops the default of a NOT NULL column (or one whose nullability is unknown)",
+        "the old release's INSERTs that omit the column relied on the default and now fail "
+        "with a not-null violation",
+        "keep the default while the old release runs; drop it in a contract migration",
+        EXPAND_ONLY,
+    ),
+    Rule(
+        "adding-json-field",
+        "adds a json (not jsonb) column to an existing table",
+        "json has no equality operator, so the old release's SELECT DISTINCT, UNION or "
+        "GROUP BY over the table's rows fail with 'could not identify an equality operator'",
+        "use jsonb",
+        EXPAND_ONLY,
+    ),
+    Rule(
+        "adding-enum-value-out-of-order",
+        "adds an enum value BEFORE or AFTER an existing one",
+        "the old release's comparisons and ORDER BY on the enum now place an unknown label "
+        "between the ones it knows",
+        "append the value (ADD VALUE without BEFORE/AFTER)",
+        EXPAND_ONLY,
+    ),
+    Rule(
+        "adding-unique-index",
+        "creates a UNIQUE index on an existing table, CONCURRENTLY or not",
+        "from then on the old release's writes of duplicate values fail; a concurrent build "
+        "that meets a duplicate fails and leaves an INVALID index behind",
+        "make sure the old release never writes duplicates (or create the index in a "
+        "contract migration), then allow it with a reason",
+        EXPAND_ONLY,
+        severity="warning",
+    ),
     # --- locking: hurts whichever release serves (both phases) ----------------
     Rule(
         "changing-column-type",
@@ -228,6 +271,52 @@ _RULES = (
         "split the file: the statement that takes the lock in one file, the slow statement "
         "in the next (each file commits on its own), or give the file its own BEGIN ... "
         "COMMIT around the short part",
+        BOTH_PHASES,
+        applies_to_new_objects=True,
+    ),
+    Rule(
+        "require-concurrent-reindex",
+        "reindexes without CONCURRENTLY",
+        "REINDEX blocks writes to the table, and reads that use the index, until it is done",
+        "REINDEX ... CONCURRENTLY, outside a transaction block",
+        BOTH_PHASES,
+    ),
+    Rule(
+        "require-concurrent-partition-detach",
+        "detaches a partition without CONCURRENTLY",
+        "DETACH PARTITION takes an ACCESS EXCLUSIVE lock on the parent table",
+        "ALTER TABLE ... DETACH PARTITION ... CONCURRENTLY, outside a transaction block",
+        BOTH_PHASES,
+    ),
+    Rule(
+        "prefer-repack",
+        "rewrites a table with VACUUM FULL or CLUSTER",
+        "the whole table is rewritten under an ACCESS EXCLUSIVE lock, blocking reads and "
+        "writes for the duration",
+        "pg_repack (outside the migration), which rewrites the table without the long lock; "
+        "or a plain VACUUM",
+        BOTH_PHASES,
+    ),
+    Rule(
+        "ban-truncate-cascade",
+        "truncates with CASCADE",
+        "CASCADE also empties every table with a foreign key to it, and the ones referencing "
+        "those, whatever the author had in mind",
+        "truncate the tables you mean by name",
+        BOTH_PHASES,
+    ),
+    Rule(
+        "ban-alter-domain-with-add-constraint",
+        "adds a constraint to a domain",
+        "every column of every table using the domain is checked, under locks that block writes",
+        "ADD CONSTRAINT ... NOT VALID on the domain, then VALIDATE CONSTRAINT in a later file",
+        BOTH_PHASES,
+    ),
+    Rule(
+        "ban-drop-database",
+        "drops a database",
+        "every release that uses it stops working; a migration never needs to",
+        "drop databases by hand, outside migrations",
         BOTH_PHASES,
         applies_to_new_objects=True,
     ),
