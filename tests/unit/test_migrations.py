@@ -61,9 +61,13 @@ def test_example(path: Path) -> None:
         assert findings == []
 
 
+MYSQL_ONLY = {"mysql-algorithm-copy", "mysql-lock-exclusive"}
+
+
 @pytest.mark.parametrize("rule", sorted(RULES))
-def test_every_rule_has_a_failing_and_a_safe_postgres_example(rule: str) -> None:
-    names = {p.name for p in EXAMPLES if p.parent.name == "postgres"}
+def test_every_rule_has_a_failing_and_a_safe_example_in_its_dialect(rule: str) -> None:
+    dialect = "mysql" if rule in MYSQL_ONLY else "postgres"
+    names = {p.name for p in EXAMPLES if p.parent.name == dialect}
     assert f"{rule}.bad.sql" in names
     assert f"{rule}.good.sql" in names or f"{rule}.good-contract.sql" in names
 
@@ -505,7 +509,27 @@ def test_dropping_a_function_created_in_the_same_file_is_fine() -> None:
     [
         ("mysql", "ALTER TABLE t DROP INDEX i, ADD INDEX j (a)", []),
         ("mysql", "ALTER TABLE t ALTER COLUMN a SET DEFAULT 1", []),
-        ("mysql", "ALTER TABLE t ADD COLUMN a INT NOT NULL AUTO_INCREMENT", []),
+        (
+            "mysql",
+            "ALTER TABLE t ADD COLUMN a INT NOT NULL AUTO_INCREMENT",
+            ["adding-field-with-default"],
+        ),
+        ("mysql", "ALTER TABLE t ADD COLUMN a INT, ALGORITHM=COPY", ["mysql-algorithm-copy"]),
+        ("mysql", "ALTER TABLE t ALGORITHM=COPY", ["mysql-algorithm-copy"]),
+        ("mysql", "ALTER TABLE t ADD COLUMN a INT, ALGORITHM=INPLACE, LOCK=NONE", []),
+        ("mysql", "ALTER TABLE t ADD COLUMN a INT, LOCK=EXCLUSIVE", ["mysql-lock-exclusive"]),
+        ("mysql", "ALTER TABLE t ADD COLUMN a INT, LOCK=SHARED", ["mysql-lock-exclusive"]),
+        (
+            "mysql",
+            "ALTER TABLE t ADD FOREIGN KEY (a) REFERENCES u (id)",
+            ["adding-foreign-key-constraint"],
+        ),
+        (
+            "mysql",
+            "ALTER TABLE t ADD CONSTRAINT fk FOREIGN KEY (a) REFERENCES u (id)",
+            ["adding-foreign-key-constraint"],
+        ),
+        ("mysql", "ALTER TABLE t ADD UNIQUE KEY k (a)", []),
         ("mysql", "FLUSH TABLES", ["needs-review"]),
         ("mysql", "RENAME TABLE `users` TO accounts", ["renaming-table"]),
         ("sqlite", "CREATE TRIGGER tr AFTER INSERT ON t BEGIN SELECT 1; END", ["needs-review"] * 2),

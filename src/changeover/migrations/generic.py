@@ -141,9 +141,10 @@ def _add_column(table: str, col: exp.ColumnDef, state: FileState) -> list[Hit]:
     if not_null and default is None and not auto:
         hits.append(Hit("adding-required-field", f"adds NOT NULL column {where}", table))
     volatile = _volatile_call(default)
-    if volatile:
-        detail = f"adds {where} with a default {volatile}()"
-        hits.append(Hit("adding-field-with-default", detail, table))
+    if volatile or auto:
+        # MySQL numbers the existing rows of an AUTO_INCREMENT column by copying the table.
+        what = f"a default {volatile}()" if volatile else "AUTO_INCREMENT"
+        hits.append(Hit("adding-field-with-default", f"adds {where} with {what}", table))
     state.schema.columns[(table, col.name)] = ColumnInfo(_col_type(col.args.get("kind")), not_null)
     return hits
 
@@ -205,7 +206,10 @@ def _alter_action(table: str, action: exp.Expr, dialect: Dialect, state: FileSta
         if kind in _DROP_HARMLESS_IN_ALTER:
             return []
     if isinstance(action, exp.AddConstraint):
-        # MySQL builds indexes and unique keys online; see docs/migrations.md for the gaps.
+        # InnoDB adds a foreign key in place only with foreign_key_checks=0; otherwise
+        # it copies the table.  Indexes and unique keys are built online.
+        if dialect == "mysql" and next(action.find_all(exp.ForeignKey), None) is not None:
+            return [Hit("adding-foreign-key-constraint", f"adds a foreign key to {table}", table)]
         return []
     what = type(action).__name__
     return [Hit(NEEDS_REVIEW, f"ALTER TABLE {table} action {what} is not classified")]
@@ -214,14 +218,28 @@ def _alter_action(table: str, action: exp.Expr, dialect: Dialect, state: FileSta
 # --- statements ---------------------------------------------------------------
 
 
+def _alter_options(table: str, node: exp.Alter) -> list[Hit]:
+    """ALGORITHM=COPY copies the table, blocking writes; LOCK=SHARED/EXCLUSIVE asks for
+    a lock that blocks writes (and reads) for the whole ALTER."""
+    hits = []
+    for option in node.args.get("options") or []:
+        value = option.name.upper()
+        if isinstance(option, exp.AlgorithmProperty) and value == "COPY":
+            hits.append(Hit("mysql-algorithm-copy", f"ALTER TABLE {table} ALGORITHM=COPY", table))
+        elif isinstance(option, exp.LockProperty) and value in ("SHARED", "EXCLUSIVE"):
+            hits.append(Hit("mysql-lock-exclusive", f"ALTER TABLE {table} LOCK={value}", table))
+    return hits
+
+
 def _alter(node: exp.Alter, dialect: Dialect, state: FileState) -> list[Hit]:
     table = node.this.name
     actions = node.args.get("actions") or []
     if str(node.args.get("kind") or "").upper() != "TABLE":
         return []
-    if not actions:  # e.g. ENGINE=InnoDB or FORCE: options sqlglot keeps elsewhere
+    hits = _alter_options(table, node)
+    if not actions and not hits:  # e.g. ENGINE=InnoDB or FORCE: options sqlglot keeps elsewhere
         return [Hit(NEEDS_REVIEW, f"ALTER TABLE {table} has no action the analyser understands")]
-    return [hit for action in actions for hit in _alter_action(table, action, dialect, state)]
+    return hits + [h for action in actions for h in _alter_action(table, action, dialect, state)]
 
 
 def _create(node: exp.Create, dialect: Dialect, state: FileState) -> list[Hit]:

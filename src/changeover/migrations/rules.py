@@ -321,6 +321,21 @@ _RULES = (
         applies_to_new_objects=True,
     ),
     Rule(
+        "mysql-algorithm-copy",
+        "asks MySQL for ALGORITHM=COPY",
+        "the table is copied row by row while writes to it wait",
+        "leave ALGORITHM out (or ask for INPLACE/INSTANT, which MySQL refuses rather than "
+        "copying when it cannot), or use an online schema change tool (gh-ost, pt-osc)",
+        BOTH_PHASES,
+    ),
+    Rule(
+        "mysql-lock-exclusive",
+        "asks MySQL for LOCK=SHARED or LOCK=EXCLUSIVE",
+        "the ALTER holds a lock that blocks writes (EXCLUSIVE: reads too) until it is done",
+        "leave LOCK out, or LOCK=NONE (MySQL refuses rather than locking when it cannot)",
+        BOTH_PHASES,
+    ),
+    Rule(
         "adding-enum-value-in-transaction",
         "adds an enum value inside a transaction block",
         "PostgreSQL before 12 refuses ALTER TYPE ... ADD VALUE inside BEGIN ... COMMIT, and "
