@@ -32,7 +32,14 @@ from changeover.checks import Checker, public_entry
 from changeover.config import ConfigError, Database, Topology
 from changeover.executors.base import render_argv
 from changeover.executors.local import run_local
-from changeover.migrations import Finding, Phase, analyse, check_paths, phase_of
+from changeover.migrations import (
+    Finding,
+    Phase,
+    analyse,
+    blocking_findings,
+    check_paths,
+    phase_of,
+)
 
 if TYPE_CHECKING:
     import psycopg
@@ -526,7 +533,7 @@ class Review:
     findings: list[Finding]  # in the pending migrations only
 
     def blocking(self, allowed: Sequence[str]) -> list[Finding]:
-        return [f for f in self.findings if f.rule not in allowed]
+        return blocking_findings(self.findings, allowed)
 
 
 async def review(topo: Topology, version: str) -> Review:

@@ -15,6 +15,7 @@ from changeover.migrations import (
     Finding,
     Phase,
     analyse,
+    blocking_findings,
     check_paths,
     format_findings,
     phase_of,
@@ -142,19 +143,32 @@ def test_a_syntax_error_does_not_hide_the_other_statements() -> None:
     sql = LOCK + "ALTER TABLE users DROP COLUMN a;\nALTER TABLE WHAT;\n\nDROP TABLE b;\n"
     assert [(f.rule, f.line) for f in pg(sql)] == [
         ("ban-drop-column", 2),
-        ("needs-review", 3),
+        ("unparseable-statement", 3),
         ("ban-drop-table", 5),
     ]
 
 
 def test_semicolons_in_strings_do_not_split_after_a_syntax_error() -> None:
     sql = LOCK + "SELECT $$;;$$, ';';\nBOGUS;\nDROP TABLE b;"
-    assert [(f.rule, f.line) for f in pg(sql)] == [("needs-review", 3), ("ban-drop-table", 4)]
+    expected = [("unparseable-statement", 3), ("ban-drop-table", 4)]
+    assert [(f.rule, f.line) for f in pg(sql)] == expected
 
 
 @pytest.mark.parametrize("sql", ["SELECT 'unterminated", "DROP TABLE a;\0DROP TABLE b;"])
-def test_unsplittable_files_are_one_needs_review(sql: str) -> None:
-    assert rules(pg(sql)) == ["needs-review"]
+def test_unsplittable_files_are_one_unparseable_statement(sql: str) -> None:
+    assert rules(pg(sql)) == ["unparseable-statement"]
+
+
+@pytest.mark.parametrize("dialect", ["postgres", "mysql", "sqlite"])
+def test_no_blanket_allow_accepts_an_unparseable_statement(dialect: Dialect) -> None:
+    sql = "ALTER TABLE users ADD COLUMN nickname text\nDROP TABLE users;\n\\i other.sql"
+    findings = analyse(sql, dialect=dialect, phase="expand")
+    assert "unparseable-statement" in rules(findings)
+    everything = list(RULES)
+    assert rules(blocking_findings(findings, everything)) == ["unparseable-statement"] * len(
+        [f for f in findings if f.rule == "unparseable-statement"]
+    )
+    assert blocking_findings(findings, []) == findings
 
 
 def test_mysql_and_sqlite_lines() -> None:

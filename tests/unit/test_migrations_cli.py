@@ -53,6 +53,13 @@ def test_transactions_per_file_by_default_or_per_statement() -> None:
     assert check(held, "--transactions", "per-file")[0] == 1
 
 
+def test_allow_refuses_the_unparseable_statement_rule() -> None:
+    unparseable = DATA / "postgres" / "unparseable-statement.bad.sql"
+    code, _, err = check(unparseable, "--allow", "unparseable-statement")
+    assert code == 2 and "cannot accept unparseable-statement" in err
+    assert check(unparseable, "--allow", "needs-review")[0] == 1
+
+
 def test_directory_and_dialect() -> None:
     code, out, _ = check(DATA / "sqlite", "--dialect", "sqlite", "--format", "json")
     assert code == 1

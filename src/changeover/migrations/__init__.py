@@ -4,7 +4,13 @@ Both clusters share one database, so an expand migration must keep the old
 release working and no migration may hold a long lock.  See docs/migrations.md.
 """
 
-from changeover.migrations.analysis import analyse, check_paths, migration_files, phase_of
+from changeover.migrations.analysis import (
+    analyse,
+    blocking_findings,
+    check_paths,
+    migration_files,
+    phase_of,
+)
 from changeover.migrations.report import format_findings
 from changeover.migrations.rules import (
     RULES,
@@ -25,6 +31,7 @@ __all__ = [
     "Severity",
     "Transactions",
     "analyse",
+    "blocking_findings",
     "check_paths",
     "format_findings",
     "migration_files",

@@ -18,6 +18,7 @@ from changeover.migrations.coltypes import ColType, is_safe_widening
 from changeover.migrations.rules import RULES, Dialect, Finding, Phase, Transactions
 
 NEEDS_REVIEW = "needs-review"
+UNPARSEABLE = "unparseable-statement"
 LOCK_TIMEOUT = "require-lock-timeout"
 HELD_LOCK = "transaction-holds-lock"
 _EXCERPT_CHARS = 80
@@ -230,6 +231,12 @@ def analyse(
 
 
 _WORDS = re.compile(r"[a-z0-9]+")  # splits a file name, never SQL
+
+
+def blocking_findings(findings: Iterable[Finding], allowed: Iterable[str]) -> list[Finding]:
+    """The findings `--allow` does not accept; a rule that is not allowable always blocks."""
+    accepted = {rule for rule in allowed if RULES[rule].allowable} if allowed else set()
+    return [f for f in findings if f.rule not in accepted]
 
 
 def phase_of(path: Path) -> Phase:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from changeover.migrations.analysis import check_paths
+from changeover.migrations.analysis import blocking_findings, check_paths
 from changeover.migrations.report import Format, format_findings
 from changeover.migrations.rules import RULES, Dialect, Phase, Transactions
 
@@ -53,12 +53,16 @@ def check(
     if unknown:
         typer.echo(f"error: unknown rule(s) for --allow: {', '.join(unknown)}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT)
+    refused = sorted(r for r in allowed if not RULES[r].allowable)
+    if refused:
+        typer.echo(f"error: --allow cannot accept {', '.join(refused)}: fix the SQL", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT)
     try:
         findings = check_paths(paths, dialect=dialect, phase=phase, transactions=transactions)
     except (OSError, UnicodeDecodeError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
-    blocking = [f for f in findings if f.rule not in allowed]
+    blocking = blocking_findings(findings, allowed)
     typer.echo(format_findings(blocking, fmt))
     if len(blocking) < len(findings):
         typer.echo(f"{len(findings) - len(blocking)} finding(s) allowed by --allow", err=True)

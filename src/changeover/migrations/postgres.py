@@ -25,6 +25,7 @@ from pglast.parser import ParseError, scan
 from changeover.migrations.analysis import (
     LOCK_TIMEOUT,
     NEEDS_REVIEW,
+    UNPARSEABLE,
     ColumnInfo,
     FileState,
     Hit,
@@ -265,7 +266,7 @@ def statements(sql: str, state: FileState) -> Iterator[Statement]:
         state.in_transaction = _applier_wraps([node for _, _, node in parsed])
     for offset, text, node in parsed:
         if isinstance(node, ParseError):
-            hits = [Hit(NEEDS_REVIEW, f"PostgreSQL's parser rejects it ({node.args[0]})")]
+            hits = [Hit(UNPARSEABLE, f"PostgreSQL's parser rejects it ({node.args[0]})")]
         else:
             hits = _classify(node, state)
         yield Statement(offset, text, hits)

@@ -49,6 +49,9 @@ class Rule:
     # Most rules do not matter for objects created earlier in the same file
     # (no old release reads them, nobody else holds locks on them); these do.
     applies_to_new_objects: bool = False
+    # False: --allow cannot accept it, because what it hides (a DROP after a
+    # missing semicolon, say) is unknown.
+    allowable: bool = True
 
 
 _RULES = (
@@ -346,8 +349,18 @@ _RULES = (
         applies_to_new_objects=True,
     ),
     Rule(
+        "unparseable-statement",
+        "cannot be parsed",
+        "the parser rejects the text (a missing semicolon, a psql meta-command such as \\i), "
+        "so anything may hide in it, a DROP included; and changeover cannot apply it either",
+        "fix the SQL so that it parses; this rule cannot be allowed",
+        BOTH_PHASES,
+        applies_to_new_objects=True,
+        allowable=False,
+    ),
+    Rule(
         "needs-review",
-        "cannot be parsed or classified",
+        "parses but cannot be classified",
         "the analyser cannot tell whether it breaks the old release or locks a table, so a "
         "person must",
         "read the statement; if it is safe, allow it with --allow needs-review --reason '...'",
