@@ -6,6 +6,7 @@ or reported as needs-review: nothing passes just because it was not foreseen.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,7 +21,7 @@ from pglast.enums import (
     TransactionStmtKind,
     VariableSetKind,
 )
-from pglast.parser import ParseError, scan
+from pglast.parser import ParseError, parse_sql_json, scan, split
 
 from changeover.migrations.analysis import (
     LOCK_TIMEOUT,
@@ -170,20 +171,30 @@ _TRANSACTION_END = frozenset(
 # --- splitting and parsing ---------------------------------------------------
 
 
-def _parsed(sql: str) -> Iterator[tuple[int, str, Any]]:
-    """(offset, text, node) per statement; node is a ParseError when it does not parse."""
+def _parsed(
+    sql: str, wanted: Callable[[str], object] | None = None, *, broken: bool = True
+) -> Iterator[tuple[int, str, Any]]:
+    """(offset, text, node) per statement; node is a ParseError when it does not parse.
+
+    The file is split by the parser (cheap: no Python AST), then each statement
+    is parsed on its own, so only one statement's AST is alive at a time.  With
+    `wanted`, only the statements whose text it accepts are parsed and yielded.
+    A file PostgreSQL cannot parse is parsed statement by statement (each one,
+    whatever `wanted` says), or with `broken=False` yields nothing.
+    """
     if "\0" in sql:  # libpg_query reads C strings: it would silently stop at the NUL
         yield 0, sql, ParseError("the file contains a NUL character")
         return
     try:
-        raws = parse_sql(sql)
+        pieces = split(sql, with_parser=True, only_slices=True)
     except ParseError as whole_file_error:
-        yield from _parsed_one_by_one(sql, whole_file_error)
+        if broken:
+            yield from _parsed_one_by_one(sql, whole_file_error)
         return
-    for raw in raws:
-        start = raw.stmt_location or 0
-        end = start + raw.stmt_len if raw.stmt_len else len(sql)
-        yield start, sql[start:end], raw.stmt
+    for piece in pieces:
+        text = sql[piece]
+        if wanted is None or wanted(text):
+            yield piece.start, text, parse_sql(text)[0].stmt
 
 
 def _parsed_one_by_one(sql: str, whole_file_error: ParseError) -> Iterator[tuple[int, str, Any]]:
@@ -249,22 +260,51 @@ def _refuses_transaction(node: Any) -> bool:
     )
 
 
-def _applier_wraps(nodes: list[Any]) -> bool:
+# A word every transaction statement, and every statement that refuses a
+# transaction block, contains; only statements with one are parsed to find out.
+_MAY_UNWRAP = re.compile(
+    r"\b(?:begin|start|commit|end|rollback|abort|savepoint|release|prepare|vacuum"
+    r"|concurrently|database|system|tablespace)\b",
+    re.IGNORECASE,
+)
+
+
+def _applier_wraps(sql: str) -> bool:
     """Whether changeover's applier runs the file in one transaction (database.py):
     yes, unless it has a transaction statement of its own or a statement that
     refuses a transaction block (the applier then runs it as written)."""
     return not any(
         isinstance(node, ast.TransactionStmt) or _refuses_transaction(node)
-        for node in nodes
+        # The applier refuses a file PostgreSQL cannot parse: nothing to decide.
+        for _, _, node in _parsed(sql, _MAY_UNWRAP.search, broken=False)
         if not isinstance(node, ParseError)
     )
 
 
+_DATA_CHANGES = frozenset({"InsertStmt", "UpdateStmt", "DeleteStmt"})
+
+
+def _needs_classifying(text: str, state: FileState) -> bool:
+    """False when the statement's classifier would find nothing and change nothing,
+    as its type (from the parser's JSON, cheap) shows; such statements are not
+    turned into a Python AST, the slow part of a big file of data statements."""
+    tree = parse_sql_json(text)
+    start = tree.index('"stmt":{"') + len('"stmt":{"')
+    kind = tree[start : tree.index('"', start)]
+    if kind in _HARMLESS:
+        return False
+    if kind in _DATA_CHANGES:
+        return bool(state.held)  # a backfill only matters under a held lock
+    if kind == "SelectStmt":
+        return '"FuncCall"' in tree  # set_config(), or a function created in the file
+    return True
+
+
 def statements(sql: str, state: FileState) -> Iterator[Statement]:
-    parsed = list(_parsed(sql))
     if state.transactions == "per-file":
-        state.in_transaction = _applier_wraps([node for _, _, node in parsed])
-    for offset, text, node in parsed:
+        state.in_transaction = _applier_wraps(sql)
+    # Lazy: each statement is judged after the previous one updated `state`.
+    for offset, text, node in _parsed(sql, lambda text: _needs_classifying(text, state)):
         if isinstance(node, ParseError):
             hits = [Hit(UNPARSEABLE, f"PostgreSQL's parser rejects it ({node.args[0]})")]
         else:
