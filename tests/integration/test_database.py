@@ -143,7 +143,8 @@ async def test_files_new_or_edited_since_the_check_are_checked_again(
     assert "0002_expand_add_email.sql:1 ban-drop-column" in str(refused.value)
     assert await applied_migrations(topo) == []  # not even the unchanged 0001
     # The release allowed those rules: the edit passes (and so does the new file).
-    allowed = ["ban-drop-column", "require-lock-timeout"]  # the second: PostgreSQL's
+    # The timeouts: PostgreSQL's.
+    allowed = ["ban-drop-column", "require-lock-timeout", "require-statement-timeout"]
     notes = Notes()
     detail = await run_migrations(topo, "expand", "2.0", notes, pins, allowed)
     assert detail == (
@@ -274,7 +275,7 @@ async def test_review_on_postgres_reads_what_was_applied_and_keeps_contract_to_l
 ) -> None:
     files = {
         "0001_expand_users.sql": BASE["0001_expand_users.sql"],
-        "0002_contract_drop_name.sql": "SET lock_timeout = '2s';\n"
+        "0002_contract_drop_name.sql": "SET lock_timeout = '2s'; SET statement_timeout = '5s';\n"
         "ALTER TABLE users DROP COLUMN name;\n",
     }
     with postgres.database() as url:
@@ -282,7 +283,8 @@ async def test_review_on_postgres_reads_what_was_applied_and_keeps_contract_to_l
         assert (await review(topo, "2.0")).findings == []  # dropping is what contract is for
         await run_migrations(topo, "expand", "2.0", Notes())
         (tmp_path / "migrations" / "0003_contract_index.sql").write_text(
-            "SET lock_timeout = '2s';\nCREATE INDEX users_id ON users (id);\n"
+            "SET lock_timeout = '2s'; SET statement_timeout = '5s';\n"
+            "CREATE INDEX users_id ON users (id);\n"
         )
         found = await review(topo, "2.0")
         assert found.pending == {
@@ -361,7 +363,7 @@ SLOW_TABLE = (
     "CREATE FUNCTION slow_copy(v text) RETURNS text LANGUAGE sql\n"
     "    AS $$ SELECT v FROM pg_sleep(0.1) $$;\n"
 )
-LOCK_TIMEOUT = "SET lock_timeout = '5s';\n"
+LOCK_TIMEOUT = "SET lock_timeout = '5s'; SET statement_timeout = '30s';\n"
 # (the statement that locks, the slow statements after it, what the slow one runs)
 TRANSACTION_CASES = {
     "not-valid-then-validate": (

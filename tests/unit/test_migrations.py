@@ -23,7 +23,7 @@ from changeover.migrations import (
 
 DATA = Path(__file__).parent.parent / "data" / "migrations"
 EXAMPLES = sorted(DATA.glob("*/*.sql"))
-LOCK = "SET lock_timeout = '2s';\n"
+LOCK = "SET lock_timeout = '2s'; SET statement_timeout = '5s';\n"
 # First words of the statements the bad examples are flagged at.
 STATEMENT_WORDS = {
     *("ALTER", "DROP", "CREATE", "DO", "RENAME", "VACUUM", "UPDATE", "TRUNCATE", "REINDEX"),
@@ -116,7 +116,7 @@ def test_compatibility_rules_are_expand_only_and_locking_rules_apply_to_both() -
 
 MULTI = """\
 -- héllo: a comment with non-ASCII text, so byte and character offsets differ
-SET lock_timeout = '2s';
+SET lock_timeout = '2s'; SET statement_timeout = '5s';
 
 /* a block
    comment */
@@ -363,18 +363,39 @@ def test_commit_and_chain_keeps_concurrently_inside_a_transaction() -> None:
 )
 def test_lock_timeout(prelude: str, flagged: bool) -> None:
     findings = pg(prelude + "\nALTER TABLE users ADD COLUMN bio text;")
-    assert rules(findings) == (["require-lock-timeout"] if flagged else [])
+    lock = [r for r in rules(findings) if r == "require-lock-timeout"]
+    assert lock == (["require-lock-timeout"] if flagged else [])
+
+
+@pytest.mark.parametrize(
+    ("prelude", "flagged"),
+    [
+        ("SET lock_timeout = '2s';", True),
+        ("SET statement_timeout = '5s';", False),
+        ("SET statement_timeout = 0;", True),
+        ("SET statement_timeout = '5s'; RESET ALL;", True),
+        ("SELECT set_config('statement_timeout', '5s', false);", False),
+        ("BEGIN; SET LOCAL statement_timeout = '5s'; COMMIT;", True),
+    ],
+)
+def test_statement_timeout(prelude: str, flagged: bool) -> None:
+    findings = pg(prelude + "\nALTER TABLE users ADD COLUMN bio text;")
+    timed = [r for r in rules(findings) if r == "require-statement-timeout"]
+    assert timed == (["require-statement-timeout"] if flagged else [])
 
 
 def test_set_local_does_not_count_when_each_statement_commits_on_its_own() -> None:
     sql = "SET LOCAL lock_timeout = '2s';\nALTER TABLE users ADD COLUMN bio text;"
     findings = analyse(sql, dialect="postgres", phase="expand", transactions="per-statement")
-    assert rules(findings) == ["require-lock-timeout"]
+    assert "require-lock-timeout" in rules(findings)
 
 
 def test_lock_timeout_is_reported_once_per_file() -> None:
     sql = "ALTER TABLE a ADD COLUMN x int;\nALTER TABLE b ADD COLUMN y int;"
-    assert [(f.rule, f.line) for f in pg(sql)] == [("require-lock-timeout", 1)]
+    assert [(f.rule, f.line) for f in pg(sql)] == [
+        ("require-lock-timeout", 1),
+        ("require-statement-timeout", 1),
+    ]
 
 
 def test_new_objects_and_concurrent_indexes_need_no_lock_timeout() -> None:

@@ -4,7 +4,7 @@ Each dialect module turns SQL into a stream of `Statement`s, each with the
 `Hit`s its classifier found.  This module decides which hits become findings:
 hits on objects created earlier in the same file are dropped (no old release
 reads them, nobody else holds locks on them), hits outside the phase are
-dropped, and the lock_timeout rule fires at most once per file.
+dropped, and the timeout rules fire at most once per file.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ from changeover.migrations.rules import RULES, Dialect, Finding, Phase, Transact
 NEEDS_REVIEW = "needs-review"
 UNPARSEABLE = "unparseable-statement"
 LOCK_TIMEOUT = "require-lock-timeout"
+STATEMENT_TIMEOUT = "require-statement-timeout"
+# The setting each timeout rule wants in force before DDL that locks an existing object.
+TIMEOUT_SETTINGS = {LOCK_TIMEOUT: "lock_timeout", STATEMENT_TIMEOUT: "statement_timeout"}
 HELD_LOCK = "transaction-holds-lock"
 _EXCERPT_CHARS = 80
 
@@ -74,17 +77,16 @@ class FileState:
     # Blocking locks on existing objects taken earlier in the open transaction:
     # object -> (lock mode, line of the statement that took it).
     held: dict[str, tuple[str, int]] = field(default_factory=dict)
-    session_lock_timeout: bool = False
-    local_lock_timeout: bool = False  # SET LOCAL: only until the transaction ends
-    lock_timeout_reported: bool = False
+    session_timeouts: set[str] = field(default_factory=set)  # settings set non-zero
+    local_timeouts: set[str] = field(default_factory=set)  # SET LOCAL: until the end
+    timeouts_reported: set[str] = field(default_factory=set)  # rules, once per file
 
-    @property
-    def lock_timeout(self) -> bool:
-        return self.session_lock_timeout or self.local_lock_timeout
+    def timeout(self, setting: str) -> bool:
+        return setting in self.session_timeouts or setting in self.local_timeouts
 
     def end_transaction(self) -> None:
         self.in_transaction = self.explicit_transaction = False
-        self.local_lock_timeout = False
+        self.local_timeouts.clear()
         self.held.clear()
 
     def held_lock(self, what: str) -> list[Hit]:
@@ -151,10 +153,10 @@ def _keep(hit: Hit, state: FileState, phase: Phase) -> bool:
         return False
     if hit.obj is not None and hit.obj in state.created and not rule.applies_to_new_objects:
         return False
-    if hit.rule == LOCK_TIMEOUT:
-        if state.lock_timeout or state.lock_timeout_reported:
+    if hit.rule in TIMEOUT_SETTINGS:
+        if state.timeout(TIMEOUT_SETTINGS[hit.rule]) or hit.rule in state.timeouts_reported:
             return False
-        state.lock_timeout_reported = True
+        state.timeouts_reported.add(hit.rule)
     return True
 
 
@@ -190,11 +192,18 @@ def _analyse(
     findings: list[Finding] = []
     lines = _Lines(sql)
     # The stream is consumed statement by statement, so `_keep` sees the state
-    # (transaction, lock_timeout, created objects) as of each statement.
+    # (transaction, timeouts, created objects) as of each statement.
     for statement in _statements(sql, dialect, state):
         line = lines.of(statement.offset)
         _hold(statement.hits, state, line)
-        for hit in statement.hits:
+        # Whatever locks an existing object wants both timeouts (squawk's
+        # require-timeout-settings): the lock wait and the statement bounded.
+        timed = [
+            Hit(STATEMENT_TIMEOUT, h.detail, h.obj)
+            for h in statement.hits
+            if h.rule == LOCK_TIMEOUT
+        ]
+        for hit in statement.hits + timed:
             if not _keep(hit, state, phase):
                 continue
             rule = RULES[hit.rule]

@@ -622,6 +622,9 @@ def _alter_enum(node: Any, state: FileState) -> list[Hit]:
     return hits
 
 
+_TIMEOUTS = frozenset({"lock_timeout", "statement_timeout"})
+
+
 def _disables_timeout(arg: Any) -> bool:
     """SET lock_timeout = 0 (in any unit) switches the timeout off."""
     value = arg.val.ival if isinstance(arg.val, ast.Integer) else _name(arg.val)
@@ -629,30 +632,33 @@ def _disables_timeout(arg: Any) -> bool:
     return not digits or float(digits) == 0
 
 
-def _set_lock_timeout(state: FileState, enabled: bool, local: bool) -> None:
-    if local:
-        # SET LOCAL outside a transaction block has no effect (PostgreSQL warns).
-        state.local_lock_timeout = enabled and state.in_transaction
+def _set_timeout(state: FileState, setting: str, enabled: bool, local: bool) -> None:
+    # SET LOCAL outside a transaction block has no effect (PostgreSQL warns).
+    timeouts = state.local_timeouts if local else state.session_timeouts
+    if enabled and (state.in_transaction or not local):
+        timeouts.add(setting)
     else:
-        state.session_lock_timeout = enabled
+        timeouts.discard(setting)
 
 
 def _set(node: Any, state: FileState) -> list[Hit]:
     if node.kind == VariableSetKind.VAR_RESET_ALL:
-        state.session_lock_timeout = state.local_lock_timeout = False
+        state.session_timeouts.clear()
+        state.local_timeouts.clear()
     if node.name == "search_path":
         # Unqualified names may now mean another schema's objects.
         state.created = {name for name in state.created if "." in name}
-    if node.name != "lock_timeout":
+    if node.name not in _TIMEOUTS:
         return []
     args = [a for a in node.args or () if isinstance(a, ast.A_Const)]
     enabled = bool(args) and not _disables_timeout(args[0])  # RESET / DEFAULT: off
-    _set_lock_timeout(state, enabled, bool(node.is_local))
+    _set_timeout(state, str(node.name), enabled, bool(node.is_local))
     return []
 
 
 def _select(node: Any, state: FileState) -> list[Hit]:
-    """SELECT is harmless, except set_config('lock_timeout', ...), which sets it,
+    """SELECT is harmless, except set_config('lock_timeout', ...), which sets it (and
+    statement_timeout),
     and a call of a function created in this file, which may hide any DDL."""
     hits: list[Hit] = []
     for call in _walk(node):
@@ -662,12 +668,12 @@ def _select(node: Any, state: FileState) -> list[Hit]:
         args = list(call.args or ())
         if name in ("set_config", "pg_catalog.set_config") and len(args) == 3:
             setting, value, local = args
-            if isinstance(setting, ast.A_Const) and _name(setting.val) == "lock_timeout":
+            if isinstance(setting, ast.A_Const) and _name(setting.val) in _TIMEOUTS:
                 enabled = isinstance(value, ast.A_Const) and not _disables_timeout(value)
                 is_local = isinstance(local, ast.A_Const) and bool(
                     getattr(local.val, "boolval", False)
                 )
-                _set_lock_timeout(state, enabled, is_local)
+                _set_timeout(state, _name(setting.val), enabled, is_local)
         elif name in state.created:
             detail = f"calls {name}(), created in this file: its body may run any DDL"
             hits.append(Hit(NEEDS_REVIEW, detail))

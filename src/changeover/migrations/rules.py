@@ -339,6 +339,15 @@ _RULES = (
         BOTH_PHASES,
     ),
     Rule(
+        "require-statement-timeout",
+        "runs DDL on an existing object without a statement_timeout",
+        "a statement that runs long (a scan, a rewrite, a backfill) keeps its locks, and the "
+        "queue behind them, for as long as it runs; nothing stops it",
+        "start the file with SET statement_timeout = '5s' (as long as the file's slowest "
+        "statement may take) next to the lock_timeout",
+        BOTH_PHASES,
+    ),
+    Rule(
         "adding-enum-value-in-transaction",
         "adds an enum value inside a transaction block",
         "PostgreSQL before 12 refuses ALTER TYPE ... ADD VALUE inside BEGIN ... COMMIT, and "

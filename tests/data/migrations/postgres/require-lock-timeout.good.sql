@@ -1,3 +1,4 @@
+SET statement_timeout = '5s';
 BEGIN;
 SET LOCAL lock_timeout = '2s';
 ALTER TABLE users ADD COLUMN bio text;
