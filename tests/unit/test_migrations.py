@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -648,6 +649,21 @@ def test_formats() -> None:
         region = result["locations"][0]["physicalLocation"]["region"]
         assert region["startLine"] >= 1
     assert json.loads(format_findings([], "sarif"))["runs"][0]["results"] == []
+
+
+@pytest.mark.parametrize(
+    ("path", "uri"),
+    [
+        ("migrations/0001 add #1.sql", "migrations/0001%20add%20%231.sql"),
+        ("/srv/app/mig 100%.sql", "file:///srv/app/mig%20100%25.sql"),
+        ("0002_expand.sql", "0002_expand.sql"),
+    ],
+)
+def test_sarif_paths_are_uris(path: str, uri: str) -> None:
+    finding = pg("DROP TABLE t;")[0]
+    sarif = json.loads(format_findings([dataclasses.replace(finding, path=path)], "sarif"))
+    location = sarif["runs"][0]["results"][0]["locations"][0]["physicalLocation"]
+    assert location["artifactLocation"]["uri"] == uri
 
 
 # --- robustness -----------------------------------------------------------------------
