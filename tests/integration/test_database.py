@@ -446,3 +446,28 @@ async def test_a_lock_taken_early_in_a_file_blocks_the_old_release_until_the_fil
     print(f"{case}: old release's read waited {waits}")
     assert waits["one file"] >= 0.4, waits  # the slow statement takes about 1 s
     assert waits["split"] < 0.2, waits
+
+
+@pytest.mark.real
+async def test_a_failed_concurrent_index_build_is_reported_with_its_invalid_index(
+    tmp_path: Path, postgres: Postgres
+) -> None:
+    files = {
+        "0001_expand_users.sql": BASE["0001_expand_users.sql"]
+        + "INSERT INTO users (id, name) VALUES (2, 'ada');\n",  # a duplicate name
+        "0002_expand_unique.sql": LOCK_TIMEOUT
+        + "CREATE UNIQUE INDEX CONCURRENTLY users_name_key ON users (name);\n",
+    }
+    with postgres.database() as url:
+        topo = topology(tmp_path, url, files)
+        for attempt in ("first", "resume"):  # the retry fails with "already exists"
+            with pytest.raises(MigrationError) as failed:
+                await run_migrations(topo, "expand", "2.0", Notes())
+            assert str(failed.value).startswith("0002_expand_unique.sql:2: "), attempt
+            assert "it left INVALID index users_name_key behind" in str(failed.value), attempt
+            assert "DROP INDEX CONCURRENTLY users_name_key" in str(failed.value)
+        assert "already exists" in str(failed.value)
+        with psycopg.connect(url, autocommit=True) as conn:  # the operator's repair
+            conn.execute("DELETE FROM users WHERE id = 2")
+            conn.execute("DROP INDEX CONCURRENTLY users_name_key")
+        assert "0002_expand_unique.sql" in await run_migrations(topo, "expand", "2.0", Notes())
