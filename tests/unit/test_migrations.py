@@ -89,6 +89,8 @@ def test_contract_phase_keeps_only_locking_rules(path: Path) -> None:
 def test_the_docs_describe_every_rule() -> None:
     docs = (Path(__file__).parents[2] / "docs" / "migrations.md").read_text()
     assert [rule for rule in RULES if f"| `{rule}`" not in docs] == []
+    anchors = docs[docs.index("### Where each rule comes from") :].split("\n### ")[0]
+    assert [rule for rule in RULES if f"`{rule}`" not in anchors] == []
 
 
 def test_compatibility_rules_are_expand_only_and_locking_rules_apply_to_both() -> None:
