@@ -359,6 +359,11 @@ def _apply(conn: _Connection, migration: Migration, version: str) -> None:
     if conn.in_transaction():
         conn.rollback_if_open()
         raise MigrationError(f"{migration.name}: leaves a transaction open (BEGIN without COMMIT)")
+    # CREATE INDEX CONCURRENTLY IF NOT EXISTS succeeds on a resume while the
+    # INVALID index of the failed attempt is still there: not applied, then.
+    invalid = _left_invalid(conn, sql)
+    if invalid:
+        raise MigrationError(f"{migration.name}: ran, but{invalid.removeprefix(';')}")
     conn.record(migration, version)
 
 

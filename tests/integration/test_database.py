@@ -471,3 +471,26 @@ async def test_a_failed_concurrent_index_build_is_reported_with_its_invalid_inde
             conn.execute("DELETE FROM users WHERE id = 2")
             conn.execute("DROP INDEX CONCURRENTLY users_name_key")
         assert "0002_expand_unique.sql" in await run_migrations(topo, "expand", "2.0", Notes())
+
+
+@pytest.mark.real
+async def test_if_not_exists_does_not_hide_the_invalid_index_of_a_failed_build(
+    tmp_path: Path, postgres: Postgres
+) -> None:
+    files = {
+        "0001_expand_users.sql": BASE["0001_expand_users.sql"]
+        + "INSERT INTO users (id, name) VALUES (2, 'ada');\n",
+        "0002_expand_unique.sql": LOCK_TIMEOUT
+        + "CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS users_name_key ON users (name);\n",
+    }
+    with postgres.database() as url:
+        topo = topology(tmp_path, url, files)
+        with pytest.raises(MigrationError, match="it left INVALID index users_name_key"):
+            await run_migrations(topo, "expand", "2.0", Notes())
+        # The resume's IF NOT EXISTS skips the build: the file ran, the index is still INVALID.
+        with pytest.raises(MigrationError) as resumed:
+            await run_migrations(topo, "expand", "2.0", Notes())
+        assert str(resumed.value).startswith(
+            "0002_expand_unique.sql: ran, but it left INVALID index users_name_key behind"
+        )
+        assert [name for name, _, _ in await applied_migrations(topo)] == ["0001_expand_users.sql"]
