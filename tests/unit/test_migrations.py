@@ -35,6 +35,11 @@ def rules(findings: list[Finding]) -> list[str]:
     return [f.rule for f in findings]
 
 
+def rerunnable(findings: list[Finding]) -> list[str]:
+    """The rules, but for non-idempotent-ddl (files with CONCURRENTLY run as written)."""
+    return [f.rule for f in findings if f.rule != "non-idempotent-ddl"]
+
+
 def pg(sql: str, phase: Phase = "expand") -> list[Finding]:
     return analyse(sql, dialect="postgres", phase=phase)
 
@@ -242,7 +247,7 @@ def test_created_in_this_file_means_created_here_under_that_name(
 
 def test_concurrently_in_a_transaction_fails_even_on_a_new_table() -> None:
     sql = "CREATE TABLE t (a int);\nBEGIN;\nCREATE INDEX CONCURRENTLY t_a ON t (a);\nCOMMIT;"
-    assert rules(pg(sql)) == ["ban-concurrent-index-creation-in-transaction"]
+    assert rerunnable(pg(sql)) == ["ban-concurrent-index-creation-in-transaction"]
 
 
 def test_new_tables_are_per_file(tmp_path: Path) -> None:
@@ -336,7 +341,30 @@ def test_set_not_null_after_a_validated_check_that_proves_not_null(
 
 def test_commit_and_chain_keeps_concurrently_inside_a_transaction() -> None:
     sql = "BEGIN;\nCOMMIT AND CHAIN;\nCREATE INDEX CONCURRENTLY i ON t (a);\nCOMMIT;"
-    assert rules(pg(sql)) == ["ban-concurrent-index-creation-in-transaction"]
+    assert rerunnable(pg(sql)) == ["ban-concurrent-index-creation-in-transaction"]
+
+
+@pytest.mark.parametrize(
+    ("sql", "flagged"),
+    [
+        ("CREATE INDEX CONCURRENTLY i ON t (a);", True),
+        ("CREATE INDEX CONCURRENTLY IF NOT EXISTS i ON t (a);", False),
+        ("DROP INDEX CONCURRENTLY i;", True),
+        ("DROP INDEX CONCURRENTLY IF EXISTS i;", False),
+        ("BEGIN;\nALTER TABLE t ADD COLUMN c int;\nCOMMIT;", True),
+        ("BEGIN;\nALTER TABLE t ADD COLUMN IF NOT EXISTS c int;\nCOMMIT;", False),
+        ("BEGIN;\nALTER TABLE t DROP COLUMN c;\nCOMMIT;", True),
+        ("BEGIN;\nCREATE TABLE n (a int);\nCOMMIT;", True),
+        ("BEGIN;\nCREATE OR REPLACE VIEW v AS SELECT 1;\nCOMMIT;", False),
+        ("ALTER TYPE e ADD VALUE 'x';\nVACUUM t;", True),
+        # Applied in one transaction: never half applied, so safe to run again.
+        ("ALTER TABLE t ADD COLUMN c int;", False),
+        ("CREATE TABLE n (a int);\nDROP TABLE n;", False),
+    ],
+)
+def test_files_run_as_written_must_be_safe_to_run_again(sql: str, flagged: bool) -> None:
+    found = rules(pg(LOCK + sql))
+    assert ("non-idempotent-ddl" in found) == flagged, found
 
 
 # --- lock_timeout ------------------------------------------------------------------
@@ -405,7 +433,7 @@ def test_new_objects_and_concurrent_indexes_need_no_lock_timeout() -> None:
     # CONCURRENTLY takes a lock that does not conflict with reads and writes.
     sql = "CREATE TABLE t (a int);\nALTER TABLE t ADD COLUMN b int;\n"
     sql += "CREATE INDEX CONCURRENTLY i ON u (a);"
-    assert pg(sql) == []
+    assert rerunnable(pg(sql)) == []
 
 
 # --- type changes: known-safe widenings need the old type ---------------------------

@@ -300,15 +300,51 @@ def _needs_classifying(text: str, state: FileState) -> bool:
     return True
 
 
+def _not_rerunnable(node: Any) -> str | None:
+    """Why the statement fails when run a second time, for the statements that have a
+    form that would not (IF [NOT] EXISTS, OR REPLACE)."""
+    if isinstance(
+        node,
+        (
+            ast.CreateStmt,
+            ast.IndexStmt,
+            ast.CreateSeqStmt,
+            ast.CreateSchemaStmt,
+            ast.CreateExtensionStmt,
+            ast.CreateTableAsStmt,
+        ),
+    ):
+        return None if node.if_not_exists else "CREATE without IF NOT EXISTS"
+    if isinstance(node, (ast.ViewStmt, ast.CreateFunctionStmt)):
+        return None if node.replace else "CREATE without OR REPLACE"
+    if isinstance(node, ast.DropStmt):
+        return None if node.missing_ok else "DROP without IF EXISTS"
+    if isinstance(node, ast.AlterEnumStmt) and node.oldVal is None:
+        return None if node.skipIfNewValExists else "ADD VALUE without IF NOT EXISTS"
+    if isinstance(node, ast.AlterTableStmt):
+        for cmd in node.cmds or ():
+            if cmd.subtype == AlterTableType.AT_AddColumn and not cmd.missing_ok:
+                return "ADD COLUMN without IF NOT EXISTS"
+            if cmd.subtype == AlterTableType.AT_DropColumn and not cmd.missing_ok:
+                return "DROP COLUMN without IF EXISTS"
+    return None
+
+
 def statements(sql: str, state: FileState) -> Iterator[Statement]:
+    # changeover's applier runs a file it cannot wrap as written, and on resume
+    # runs it again from the top: each statement must then be safe to repeat.
+    as_written = False
     if state.transactions == "per-file":
         state.in_transaction = _applier_wraps(sql)
+        as_written = not state.in_transaction
     # Lazy: each statement is judged after the previous one updated `state`.
     for offset, text, node in _parsed(sql, lambda text: _needs_classifying(text, state)):
         if isinstance(node, ParseError):
             hits = [Hit(UNPARSEABLE, f"PostgreSQL's parser rejects it ({node.args[0]})")]
         else:
             hits = _classify(node, state)
+            if as_written and (why := _not_rerunnable(node)):
+                hits.append(Hit("non-idempotent-ddl", f"{why}, in a file run as written"))
         yield Statement(offset, text, hits)
 
 

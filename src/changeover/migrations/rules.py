@@ -348,6 +348,20 @@ _RULES = (
         BOTH_PHASES,
     ),
     Rule(
+        "non-idempotent-ddl",
+        "creates, adds or drops without IF [NOT] EXISTS (or OR REPLACE) in a file changeover "
+        "runs as written (it has its own BEGIN/COMMIT, or CONCURRENTLY)",
+        "such a file is not applied atomically: when a later statement fails, `resume` runs "
+        "the file again from the top, and this statement then fails with 'already exists' "
+        "(or 'does not exist')",
+        "add IF NOT EXISTS / IF EXISTS / OR REPLACE (after a failed concurrent build, drop "
+        "the INVALID index first: changeover's error names it), or move the statement to a "
+        "file of its own that changeover applies in one transaction",
+        BOTH_PHASES,
+        severity="warning",
+        applies_to_new_objects=True,
+    ),
+    Rule(
         "adding-enum-value-in-transaction",
         "adds an enum value inside a transaction block",
         "PostgreSQL before 12 refuses ALTER TYPE ... ADD VALUE inside BEGIN ... COMMIT, and "

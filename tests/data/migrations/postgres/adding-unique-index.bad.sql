@@ -1,1 +1,1 @@
-CREATE UNIQUE INDEX CONCURRENTLY users_email_key ON users (email);
+CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS users_email_key ON users (email);
