@@ -273,6 +273,8 @@ def _applier_wraps(sql: str) -> bool:
     """Whether changeover's applier runs the file in one transaction (database.py):
     yes, unless it has a transaction statement of its own or a statement that
     refuses a transaction block (the applier then runs it as written)."""
+    if not _MAY_UNWRAP.search(sql):  # one search of the file decides most files
+        return True
     return not any(
         isinstance(node, ast.TransactionStmt) or _refuses_transaction(node)
         # The applier refuses a file PostgreSQL cannot parse: nothing to decide.
@@ -282,12 +284,15 @@ def _applier_wraps(sql: str) -> bool:
 
 
 _DATA_CHANGES = frozenset({"InsertStmt", "UpdateStmt", "DeleteStmt"})
+_DDL = re.compile(r"(?:alter|create|drop)\b", re.IGNORECASE)  # always classified
 
 
 def _needs_classifying(text: str, state: FileState) -> bool:
     """False when the statement's classifier would find nothing and change nothing,
     as its type (from the parser's JSON, cheap) shows; such statements are not
     turned into a Python AST, the slow part of a big file of data statements."""
+    if _DDL.match(text):  # a statement starts at its first token (the parser's split)
+        return True
     tree = parse_sql_json(text)
     start = tree.index('"stmt":{"') + len('"stmt":{"')
     kind = tree[start : tree.index('"', start)]
