@@ -170,6 +170,10 @@ class _Connection(ABC):
     @abstractmethod
     def split(self, sql: str, name: str) -> list[_Sql]: ...
 
+    def invalid_indexes(self) -> list[str]:
+        """Indexes a failed concurrent build left behind (INVALID); none by default."""
+        return []
+
     @abstractmethod
     def close(self) -> None: ...
 
@@ -265,6 +269,13 @@ class _Postgres(_Connection):
     def split(self, sql: str, name: str) -> list[_Sql]:
         return _split_postgres(sql, name)
 
+    def invalid_indexes(self) -> list[str]:
+        rows = self.conn.execute(
+            "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+            "WHERE NOT i.indisvalid ORDER BY c.relname"
+        )
+        return [str(name) for (name,) in rows]
+
     def close(self) -> None:
         self.conn.close()
 
@@ -314,7 +325,7 @@ def _apply(conn: _Connection, migration: Migration, version: str) -> None:
                 conn.execute(statement.text)
             except Exception as exc:
                 where = f"{migration.name}:{_line(sql, statement.offset)}"
-                raise _StatementFailed(f"{where}: {_one_line(exc)}", exc) from exc
+                raise _StatementFailed(f"{where}: {_one_line(exc)}", exc, statement.text) from exc
 
     if not any(s.controls_transaction for s in statements):
         try:
@@ -334,17 +345,41 @@ def _apply(conn: _Connection, migration: Migration, version: str) -> None:
         run_all()
     except _StatementFailed as failed:
         conn.rollback_if_open()
-        raise MigrationError(str(failed)) from failed.cause
+        raise MigrationError(str(failed) + _left_invalid(conn, failed.statement)) from failed.cause
     if conn.in_transaction():
         conn.rollback_if_open()
         raise MigrationError(f"{migration.name}: leaves a transaction open (BEGIN without COMMIT)")
+    # CREATE INDEX CONCURRENTLY IF NOT EXISTS succeeds on a resume while the
+    # INVALID index of the failed attempt is still there: not applied, then.
+    invalid = _left_invalid(conn, sql)
+    if invalid:
+        raise MigrationError(f"{migration.name}: ran, but{invalid.removeprefix(';')}")
     conn.record(migration, version)
 
 
 class _StatementFailed(Exception):
-    def __init__(self, message: str, cause: Exception) -> None:
+    def __init__(self, message: str, cause: Exception, statement: str) -> None:
         super().__init__(message)
         self.cause = cause
+        self.statement = statement
+
+
+def _left_invalid(conn: _Connection, statement: str) -> str:
+    """A failed CREATE INDEX CONCURRENTLY leaves its index behind, INVALID, and the
+    retry on resume then fails with "already exists": say so, and what to do."""
+    words = set(re.findall(r"\w+", statement.lower()))
+    try:
+        invalid = conn.invalid_indexes()
+    except Exception:  # e.g. the connection broke: the statement's own error matters more
+        return ""
+    left = [name for name in invalid if name.lower() in words]
+    if not left:
+        return ""
+    names = ", ".join(left)
+    return (
+        f"; it left INVALID index {names} behind (a failed concurrent build): "
+        f"DROP INDEX CONCURRENTLY {names}, fix the cause, then resume"
+    )
 
 
 async def _in_thread(fn: Callable[[], T]) -> T:

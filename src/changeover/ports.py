@@ -18,7 +18,7 @@ from changeover.balancers.base import Balancer
 from changeover.config import Cluster, Member
 from changeover.executors.base import Executor
 from changeover.journal import EventRow, LockInfo, OutputRow, ReleaseRow, StepRow
-from changeover.migrations import Finding, Phase
+from changeover.migrations import Finding, Phase, blocking_findings
 from changeover.model import CheckResult
 
 
@@ -56,7 +56,7 @@ class Review:
     findings: list[Finding]  # in the pending migrations only
 
     def blocking(self, allowed: Sequence[str]) -> list[Finding]:
-        return [f for f in self.findings if f.rule not in allowed]
+        return blocking_findings(self.findings, allowed)
 
 
 class Migrator(Protocol):

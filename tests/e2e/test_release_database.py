@@ -58,7 +58,9 @@ async def site(tmp_path: Path, postgres: Postgres) -> AsyncIterator[DemoSite]:
 
 def migration(site: DemoSite, name: str, statement: str) -> None:
     assert site.opts.migrations_dir is not None
-    (site.opts.migrations_dir / name).write_text(f"SET lock_timeout = '2s';\n{statement}\n")
+    (site.opts.migrations_dir / name).write_text(
+        f"SET lock_timeout = '2s'; SET statement_timeout = '5s';\n{statement}\n"
+    )
 
 
 def columns(site: DemoSite) -> list[str]:

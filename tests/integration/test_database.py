@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import shlex
 import sqlite3
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from changeover.database import (
 )
 from changeover.demo.app import build_app
 from changeover.ports import MigrationError
+from tests.helpers import wait_until
 from tests.postgres import Postgres, running_postgres
 
 CLUSTERS = [
@@ -140,7 +143,8 @@ async def test_files_new_or_edited_since_the_check_are_checked_again(
     assert "0002_expand_add_email.sql:1 ban-drop-column" in str(refused.value)
     assert await applied_migrations(topo) == []  # not even the unchanged 0001
     # The release allowed those rules: the edit passes (and so does the new file).
-    allowed = ["ban-drop-column", "require-lock-timeout"]  # the second: PostgreSQL's
+    # The timeouts: PostgreSQL's.
+    allowed = ["ban-drop-column", "require-lock-timeout", "require-statement-timeout"]
     notes = Notes()
     detail = await run_migrations(topo, "expand", "2.0", notes, pins, allowed)
     assert detail == (
@@ -271,7 +275,7 @@ async def test_review_on_postgres_reads_what_was_applied_and_keeps_contract_to_l
 ) -> None:
     files = {
         "0001_expand_users.sql": BASE["0001_expand_users.sql"],
-        "0002_contract_drop_name.sql": "SET lock_timeout = '2s';\n"
+        "0002_contract_drop_name.sql": "SET lock_timeout = '2s'; SET statement_timeout = '5s';\n"
         "ALTER TABLE users DROP COLUMN name;\n",
     }
     with postgres.database() as url:
@@ -279,7 +283,8 @@ async def test_review_on_postgres_reads_what_was_applied_and_keeps_contract_to_l
         assert (await review(topo, "2.0")).findings == []  # dropping is what contract is for
         await run_migrations(topo, "expand", "2.0", Notes())
         (tmp_path / "migrations" / "0003_contract_index.sql").write_text(
-            "SET lock_timeout = '2s';\nCREATE INDEX users_id ON users (id);\n"
+            "SET lock_timeout = '2s'; SET statement_timeout = '5s';\n"
+            "CREATE INDEX users_id ON users (id);\n"
         )
         found = await review(topo, "2.0")
         assert found.pending == {
@@ -344,3 +349,148 @@ async def test_the_sample_app_serves_users_until_a_column_it_reads_is_dropped(
         resp = await client.get("/db")
         assert resp.status == 500
         assert "email" in (await resp.json())["error"]
+
+
+# --- transactions: what the old release waits for while a file is applied ----------
+
+ROWS = 10
+SLOW_TABLE = (
+    "CREATE TABLE items (id integer PRIMARY KEY, v text);\n"
+    f"INSERT INTO items SELECT i, 'v' || i FROM generate_series(1, {ROWS}) i;\n"
+    # 0.1 s per row, so a scan or a backfill of the table takes about 1 s.
+    "CREATE FUNCTION slow_ok(v text) RETURNS boolean LANGUAGE sql\n"
+    "    AS $$ SELECT true FROM pg_sleep(0.1) $$;\n"
+    "CREATE FUNCTION slow_copy(v text) RETURNS text LANGUAGE sql\n"
+    "    AS $$ SELECT v FROM pg_sleep(0.1) $$;\n"
+)
+LOCK_TIMEOUT = "SET lock_timeout = '5s'; SET statement_timeout = '30s';\n"
+# (the statement that locks, the slow statements after it, what the slow one runs)
+TRANSACTION_CASES = {
+    "not-valid-then-validate": (
+        "ALTER TABLE items ADD CONSTRAINT ok CHECK (slow_ok(v)) NOT VALID;\n",
+        "ALTER TABLE items VALIDATE CONSTRAINT ok;\n",
+        "VALIDATE",
+    ),
+    "set-not-null-sequence": (
+        "ALTER TABLE items ADD CONSTRAINT nn CHECK (v IS NOT NULL AND slow_ok(v)) NOT VALID;\n",
+        "ALTER TABLE items VALIDATE CONSTRAINT nn;\n"
+        "ALTER TABLE items ALTER COLUMN v SET NOT NULL;\n"
+        "ALTER TABLE items DROP CONSTRAINT nn;\n",
+        "VALIDATE",
+    ),
+    "add-column-then-backfill": (
+        "ALTER TABLE items ADD COLUMN w text;\n",
+        "UPDATE items SET w = slow_copy(v);\n",
+        "UPDATE",
+    ),
+}
+
+
+async def _slow_statement_running(url: str, marker: str) -> bool:
+    rows = await asyncio.to_thread(
+        query,
+        url,
+        "SELECT 1 FROM pg_stat_activity WHERE application_name = 'changeover' "
+        f"AND state = 'active' AND query LIKE '%{marker}%' AND pid <> pg_backend_pid()",
+    )
+    return bool(rows)
+
+
+def _old_release_read(url: str) -> float:
+    """Seconds the old release's read of the table takes (its connection already open)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SET statement_timeout = '20s'")
+        started = time.monotonic()
+        conn.execute("SELECT count(*) FROM items").fetchall()
+        return time.monotonic() - started
+
+
+async def _read_wait_during_apply(url: str, topo: Topology, marker: str) -> float:
+    applying = asyncio.create_task(run_migrations(topo, "expand", "2.0", Notes()))
+    await wait_until(
+        lambda: _slow_statement_running(url, marker),
+        timeout=30,
+        interval=0.01,
+        what=f"the applier to run {marker}",
+    )
+    waited = await asyncio.to_thread(_old_release_read, url)
+    await applying
+    return waited
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("case", sorted(TRANSACTION_CASES))
+async def test_a_lock_taken_early_in_a_file_blocks_the_old_release_until_the_file_ends(
+    tmp_path: Path, postgres: Postgres, case: str
+) -> None:
+    """The check's transaction-holds-lock, measured: the same statements in one file
+    block the old release's read for the slow statement, split into two they do not."""
+    locks, slow, marker = TRANSACTION_CASES[case]
+    waits = {}
+    for layout, files in {
+        "one file": {"0002_expand_change.sql": LOCK_TIMEOUT + locks + slow},
+        "split": {
+            "0002_expand_lock.sql": LOCK_TIMEOUT + locks,
+            "0003_expand_slow.sql": LOCK_TIMEOUT + slow,
+        },
+    }.items():
+        root = tmp_path / layout.replace(" ", "-")
+        root.mkdir()
+        with postgres.database() as url:
+            table = topology(root, url, {"0001_expand_items.sql": SLOW_TABLE})
+            await run_migrations(table, "expand", "1.0", Notes())
+            topo = topology(root, url, files)  # now pending: the release's migrations
+            found = [f.rule for f in (await review(topo, "2.0")).findings]
+            assert found == (["transaction-holds-lock"] if layout == "one file" else [])
+            waits[layout] = await _read_wait_during_apply(url, topo, marker)
+    print(f"{case}: old release's read waited {waits}")
+    assert waits["one file"] >= 0.4, waits  # the slow statement takes about 1 s
+    assert waits["split"] < 0.2, waits
+
+
+@pytest.mark.real
+async def test_a_failed_concurrent_index_build_is_reported_with_its_invalid_index(
+    tmp_path: Path, postgres: Postgres
+) -> None:
+    files = {
+        "0001_expand_users.sql": BASE["0001_expand_users.sql"]
+        + "INSERT INTO users (id, name) VALUES (2, 'ada');\n",  # a duplicate name
+        "0002_expand_unique.sql": LOCK_TIMEOUT
+        + "CREATE UNIQUE INDEX CONCURRENTLY users_name_key ON users (name);\n",
+    }
+    with postgres.database() as url:
+        topo = topology(tmp_path, url, files)
+        for attempt in ("first", "resume"):  # the retry fails with "already exists"
+            with pytest.raises(MigrationError) as failed:
+                await run_migrations(topo, "expand", "2.0", Notes())
+            assert str(failed.value).startswith("0002_expand_unique.sql:2: "), attempt
+            assert "it left INVALID index users_name_key behind" in str(failed.value), attempt
+            assert "DROP INDEX CONCURRENTLY users_name_key" in str(failed.value)
+        assert "already exists" in str(failed.value)
+        with psycopg.connect(url, autocommit=True) as conn:  # the operator's repair
+            conn.execute("DELETE FROM users WHERE id = 2")
+            conn.execute("DROP INDEX CONCURRENTLY users_name_key")
+        assert "0002_expand_unique.sql" in await run_migrations(topo, "expand", "2.0", Notes())
+
+
+@pytest.mark.real
+async def test_if_not_exists_does_not_hide_the_invalid_index_of_a_failed_build(
+    tmp_path: Path, postgres: Postgres
+) -> None:
+    files = {
+        "0001_expand_users.sql": BASE["0001_expand_users.sql"]
+        + "INSERT INTO users (id, name) VALUES (2, 'ada');\n",
+        "0002_expand_unique.sql": LOCK_TIMEOUT
+        + "CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS users_name_key ON users (name);\n",
+    }
+    with postgres.database() as url:
+        topo = topology(tmp_path, url, files)
+        with pytest.raises(MigrationError, match="it left INVALID index users_name_key"):
+            await run_migrations(topo, "expand", "2.0", Notes())
+        # The resume's IF NOT EXISTS skips the build: the file ran, the index is still INVALID.
+        with pytest.raises(MigrationError) as resumed:
+            await run_migrations(topo, "expand", "2.0", Notes())
+        assert str(resumed.value).startswith(
+            "0002_expand_unique.sql: ran, but it left INVALID index users_name_key behind"
+        )
+        assert [name for name, _, _ in await applied_migrations(topo)] == ["0001_expand_users.sql"]

@@ -105,6 +105,16 @@ def test_allowed_with_a_reason_the_plan_goes_ahead_and_says_so(site: Path) -> No
     assert [f["rule"] for f in migrations["allowed_findings"]] == ["ban-drop-column"]
 
 
+def test_no_allow_accepts_an_unparseable_statement(site: Path) -> None:
+    # SQLite: a missing semicolon hides the DROP in a statement nothing can parse.
+    add(site, "0002_expand_oops.sql", "ALTER TABLE users ADD COLUMN nick text\nDROP TABLE users;\n")
+    for rule in ("needs-review", "unparseable-statement"):
+        args = ("plan", "2.0", "--offline", "--allow", rule, "--reason", "looks fine")
+        code, _, err = cli(site, *args)
+        assert code == EXIT_REFUSED, err
+        assert "[unparseable-statement]" in err
+
+
 def test_applied_migrations_are_not_checked_again(site: Path) -> None:
     add(site, "0002_expand_drop_email.sql", DROP)
     with sqlite3.connect(site.parent / "app.db") as conn:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from changeover.migrations import (
     Finding,
     Phase,
     analyse,
+    blocking_findings,
     check_paths,
     format_findings,
     phase_of,
@@ -22,11 +24,20 @@ from changeover.migrations import (
 
 DATA = Path(__file__).parent.parent / "data" / "migrations"
 EXAMPLES = sorted(DATA.glob("*/*.sql"))
-LOCK = "SET lock_timeout = '2s';\n"
+LOCK = "SET lock_timeout = '2s'; SET statement_timeout = '5s';\n"
+# First words of the statements the bad examples are flagged at.
+STATEMENT_WORDS = {
+    *("ALTER", "DROP", "CREATE", "DO", "RENAME", "VACUUM", "UPDATE", "TRUNCATE", "REINDEX"),
+}
 
 
 def rules(findings: list[Finding]) -> list[str]:
     return [f.rule for f in findings]
+
+
+def rerunnable(findings: list[Finding]) -> list[str]:
+    """The rules, but for non-idempotent-ddl (files with CONCURRENTLY run as written)."""
+    return [f.rule for f in findings if f.rule != "non-idempotent-ddl"]
 
 
 def pg(sql: str, phase: Phase = "expand") -> list[Finding]:
@@ -52,14 +63,18 @@ def test_example(path: Path) -> None:
         assert finding.severity == RULES[finding.rule].severity
         # The finding points at the statement's first line, past comments and SET.
         first_word = path.read_text().splitlines()[finding.line - 1].split()[0].rstrip(";")
-        assert first_word.upper() in {"ALTER", "DROP", "CREATE", "DO", "RENAME", "VACUUM"}
+        assert first_word.upper() in STATEMENT_WORDS
     else:
         assert findings == []
 
 
+MYSQL_ONLY = {"mysql-algorithm-copy", "mysql-lock-exclusive"}
+
+
 @pytest.mark.parametrize("rule", sorted(RULES))
-def test_every_rule_has_a_failing_and_a_safe_postgres_example(rule: str) -> None:
-    names = {p.name for p in EXAMPLES if p.parent.name == "postgres"}
+def test_every_rule_has_a_failing_and_a_safe_example_in_its_dialect(rule: str) -> None:
+    dialect = "mysql" if rule in MYSQL_ONLY else "postgres"
+    names = {p.name for p in EXAMPLES if p.parent.name == dialect}
     assert f"{rule}.bad.sql" in names
     assert f"{rule}.good.sql" in names or f"{rule}.good-contract.sql" in names
 
@@ -79,6 +94,8 @@ def test_contract_phase_keeps_only_locking_rules(path: Path) -> None:
 def test_the_docs_describe_every_rule() -> None:
     docs = (Path(__file__).parents[2] / "docs" / "migrations.md").read_text()
     assert [rule for rule in RULES if f"| `{rule}`" not in docs] == []
+    anchors = docs[docs.index("### Where each rule comes from") :].split("\n### ")[0]
+    assert [rule for rule in RULES if f"`{rule}`" not in anchors] == []
 
 
 def test_compatibility_rules_are_expand_only_and_locking_rules_apply_to_both() -> None:
@@ -92,6 +109,11 @@ def test_compatibility_rules_are_expand_only_and_locking_rules_apply_to_both() -
         "renaming-object",
         "renaming-enum-value",
         "adding-required-field",
+        "ban-drop-not-null",
+        "dropping-required-field-default",
+        "adding-json-field",
+        "adding-enum-value-out-of-order",
+        "adding-unique-index",
     }
     assert all(
         r.phases == {"expand", "contract"} for r in RULES.values() if r.id not in expand_only
@@ -102,7 +124,7 @@ def test_compatibility_rules_are_expand_only_and_locking_rules_apply_to_both() -
 
 MULTI = """\
 -- héllo: a comment with non-ASCII text, so byte and character offsets differ
-SET lock_timeout = '2s';
+SET lock_timeout = '2s'; SET statement_timeout = '5s';
 
 /* a block
    comment */
@@ -129,19 +151,32 @@ def test_a_syntax_error_does_not_hide_the_other_statements() -> None:
     sql = LOCK + "ALTER TABLE users DROP COLUMN a;\nALTER TABLE WHAT;\n\nDROP TABLE b;\n"
     assert [(f.rule, f.line) for f in pg(sql)] == [
         ("ban-drop-column", 2),
-        ("needs-review", 3),
+        ("unparseable-statement", 3),
         ("ban-drop-table", 5),
     ]
 
 
 def test_semicolons_in_strings_do_not_split_after_a_syntax_error() -> None:
     sql = LOCK + "SELECT $$;;$$, ';';\nBOGUS;\nDROP TABLE b;"
-    assert [(f.rule, f.line) for f in pg(sql)] == [("needs-review", 3), ("ban-drop-table", 4)]
+    expected = [("unparseable-statement", 3), ("ban-drop-table", 4)]
+    assert [(f.rule, f.line) for f in pg(sql)] == expected
 
 
 @pytest.mark.parametrize("sql", ["SELECT 'unterminated", "DROP TABLE a;\0DROP TABLE b;"])
-def test_unsplittable_files_are_one_needs_review(sql: str) -> None:
-    assert rules(pg(sql)) == ["needs-review"]
+def test_unsplittable_files_are_one_unparseable_statement(sql: str) -> None:
+    assert rules(pg(sql)) == ["unparseable-statement"]
+
+
+@pytest.mark.parametrize("dialect", ["postgres", "mysql", "sqlite"])
+def test_no_blanket_allow_accepts_an_unparseable_statement(dialect: Dialect) -> None:
+    sql = "ALTER TABLE users ADD COLUMN nickname text\nDROP TABLE users;\n\\i other.sql"
+    findings = analyse(sql, dialect=dialect, phase="expand")
+    assert "unparseable-statement" in rules(findings)
+    everything = list(RULES)
+    assert rules(blocking_findings(findings, everything)) == ["unparseable-statement"] * len(
+        [f for f in findings if f.rule == "unparseable-statement"]
+    )
+    assert blocking_findings(findings, []) == findings
 
 
 def test_mysql_and_sqlite_lines() -> None:
@@ -172,15 +207,164 @@ def test_operations_on_tables_created_in_the_same_file_are_safe() -> None:
     assert pg(sql) == []
 
 
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        # The object may already exist (and be used by the old release): not new.
+        ("CREATE TABLE IF NOT EXISTS users (id int);\nDROP TABLE users;", ["ban-drop-table"]),
+        ("CREATE OR REPLACE VIEW v AS SELECT 1;\nDROP VIEW v;", ["ban-drop-object"]),
+        (
+            "CREATE OR REPLACE FUNCTION f() RETURNS int LANGUAGE sql AS $$ SELECT 1 $$;\n"
+            "DROP FUNCTION f();",
+            ["ban-drop-object"],
+        ),
+        (
+            "CREATE INDEX IF NOT EXISTS i ON t (a);\nDROP INDEX i;",
+            ["require-concurrent-index-deletion"],
+        ),
+        # Another schema's table of the same name is another table.
+        ("CREATE TABLE scratch.users (id int);\nDROP TABLE public.users;", ["ban-drop-table"]),
+        ("CREATE TABLE scratch.users (id int);\nDROP TABLE users;", ["ban-drop-table"]),
+        (
+            "CREATE TABLE users (id int);\nSET search_path = other;\nDROP TABLE users;",
+            ["ban-drop-table"],
+        ),
+        ("CREATE TABLE scratch.users (id int);\nDROP TABLE scratch.users;", []),
+        ("CREATE TABLE users (id int);\nDROP TABLE users;", []),
+        ("CREATE INDEX i ON s.t (a);\nDROP INDEX s.i;", None),
+        ("CREATE TRIGGER tr AFTER INSERT ON t EXECUTE FUNCTION f();\nDROP TRIGGER tr ON t;", None),
+    ],
+)
+def test_created_in_this_file_means_created_here_under_that_name(
+    sql: str, expected: list[str] | None
+) -> None:
+    found = [r for r in rules(pg(LOCK + sql)) if r != "require-concurrent-index-creation"]
+    if expected is None:  # only the index build / trigger itself, nothing about the drop
+        assert not [r for r in found if "drop" in r or "deletion" in r], found
+    else:
+        assert found == expected
+
+
 def test_concurrently_in_a_transaction_fails_even_on_a_new_table() -> None:
     sql = "CREATE TABLE t (a int);\nBEGIN;\nCREATE INDEX CONCURRENTLY t_a ON t (a);\nCOMMIT;"
-    assert rules(pg(sql)) == ["ban-concurrent-index-creation-in-transaction"]
+    assert rerunnable(pg(sql)) == ["ban-concurrent-index-creation-in-transaction"]
 
 
 def test_new_tables_are_per_file(tmp_path: Path) -> None:
     (tmp_path / "0001_expand.sql").write_text("CREATE TABLE t (a int);")
     (tmp_path / "0002_expand.sql").write_text(LOCK + "ALTER TABLE t DROP COLUMN a;")
     assert rules(check_paths([tmp_path], dialect="postgres")) == ["ban-drop-column"]
+
+
+# --- transactions: a file applied in one transaction holds its locks to the end ---------
+
+NOT_VALID_THEN_VALIDATE = (
+    "ALTER TABLE orders ADD CONSTRAINT positive CHECK (total >= 0) NOT VALID;\n"
+    "ALTER TABLE orders VALIDATE CONSTRAINT positive;"
+)
+SET_NOT_NULL_SEQUENCE = (
+    "ALTER TABLE users ADD CONSTRAINT nn CHECK (email IS NOT NULL) NOT VALID;\n"
+    "ALTER TABLE users VALIDATE CONSTRAINT nn;\n"
+    "ALTER TABLE users ALTER COLUMN email SET NOT NULL;"
+)
+ADD_THEN_BACKFILL = "ALTER TABLE users ADD COLUMN nick text;\nUPDATE users SET nick = name;"
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        NOT_VALID_THEN_VALIDATE,
+        SET_NOT_NULL_SEQUENCE,
+        ADD_THEN_BACKFILL,
+        "ALTER TABLE t ADD COLUMN c int;\nDELETE FROM u WHERE old;",
+        "ALTER TABLE t ADD COLUMN c int;\nINSERT INTO u SELECT * FROM v;",
+        # A foreign key locks both tables against writes while the backfill runs.
+        "ALTER TABLE o ADD CONSTRAINT fk FOREIGN KEY (u) REFERENCES users (id) NOT VALID;\n"
+        "UPDATE o SET n = 1;",
+        "CREATE INDEX i ON t (a);\nUPDATE u SET n = 1;",  # plus its own finding
+        # COMMIT AND CHAIN opens the next transaction at once, so this is still one.
+        "BEGIN;\nSELECT 1;\nCOMMIT AND CHAIN;\nALTER TABLE t ADD c int;\nUPDATE t SET c = 1;\n"
+        "COMMIT;",
+    ],
+)
+def test_a_slow_statement_under_a_lock_held_since_an_earlier_statement(sql: str) -> None:
+    findings = pg(LOCK + sql)
+    held = [f for f in findings if f.rule == "transaction-holds-lock"]
+    assert len(held) == 1
+    slow = (LOCK + sql).splitlines()[held[0].line - 1]
+    assert slow.split()[0] in {"UPDATE", "DELETE", "INSERT"} or "VALIDATE" in slow
+    assert "lock on" in held[0].message and "taken at line" in held[0].message
+    assert "split the file" in held[0].safe_alternative
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        # Split by the file's own transaction statements: each part commits on its own.
+        "BEGIN;\n" + NOT_VALID_THEN_VALIDATE.replace(";\n", ";\nCOMMIT;\n", 1),
+        "BEGIN;\n" + ADD_THEN_BACKFILL.replace(";\n", ";\nCOMMIT;\n", 1),
+        # CONCURRENTLY makes changeover's applier run the file statement by statement.
+        "CREATE INDEX CONCURRENTLY i ON t (a);\n" + ADD_THEN_BACKFILL,
+        # The lock is on a table this file created: nobody else reads it.
+        "CREATE TABLE n (a int);\nALTER TABLE n ADD COLUMN b int;\nUPDATE n SET b = a;",
+        # VALIDATE alone takes SHARE UPDATE EXCLUSIVE: it blocks neither reads nor writes.
+        "ALTER TABLE orders VALIDATE CONSTRAINT positive;\nUPDATE orders SET n = 1;",
+        "ALTER TABLE t ADD COLUMN c int;\nINSERT INTO u VALUES (1);",  # no backfill
+        "UPDATE users SET nick = name;\nALTER TABLE users ADD COLUMN nick2 text;",
+    ],
+)
+def test_no_held_lock_when_the_slow_statement_runs_in_a_transaction_of_its_own(sql: str) -> None:
+    assert "transaction-holds-lock" not in rules(pg(LOCK + sql))
+
+
+@pytest.mark.parametrize("sql", [NOT_VALID_THEN_VALIDATE, SET_NOT_NULL_SEQUENCE, ADD_THEN_BACKFILL])
+def test_per_statement_runners_do_not_hold_locks_across_statements(sql: str) -> None:
+    findings = analyse(LOCK + sql, dialect="postgres", phase="expand", transactions="per-statement")
+    assert findings == []
+
+
+@pytest.mark.parametrize(
+    ("check", "flagged"), [("c IS NOT NULL AND c <> ''", False), ("c <> ''", True)]
+)
+def test_set_not_null_after_a_validated_check_that_proves_not_null(
+    tmp_path: Path, check: str, flagged: bool
+) -> None:
+    (tmp_path / "0001.sql").write_text(
+        f"{LOCK}ALTER TABLE t ADD CONSTRAINT k CHECK ({check}) NOT VALID;"
+    )
+    (tmp_path / "0002.sql").write_text(
+        f"{LOCK}ALTER TABLE t VALIDATE CONSTRAINT k;\nALTER TABLE t ALTER COLUMN c SET NOT NULL;"
+    )
+    findings = check_paths([tmp_path], dialect="postgres")
+    assert rules(findings) == (["adding-not-nullable-field"] if flagged else [])
+
+
+def test_commit_and_chain_keeps_concurrently_inside_a_transaction() -> None:
+    sql = "BEGIN;\nCOMMIT AND CHAIN;\nCREATE INDEX CONCURRENTLY i ON t (a);\nCOMMIT;"
+    assert rerunnable(pg(sql)) == ["ban-concurrent-index-creation-in-transaction"]
+
+
+@pytest.mark.parametrize(
+    ("sql", "flagged"),
+    [
+        ("CREATE INDEX CONCURRENTLY i ON t (a);", True),
+        ("CREATE INDEX CONCURRENTLY IF NOT EXISTS i ON t (a);", False),
+        ("DROP INDEX CONCURRENTLY i;", True),
+        ("DROP INDEX CONCURRENTLY IF EXISTS i;", False),
+        ("BEGIN;\nALTER TABLE t ADD COLUMN c int;\nCOMMIT;", True),
+        ("BEGIN;\nALTER TABLE t ADD COLUMN IF NOT EXISTS c int;\nCOMMIT;", False),
+        ("BEGIN;\nALTER TABLE t DROP COLUMN c;\nCOMMIT;", True),
+        ("BEGIN;\nCREATE TABLE n (a int);\nCOMMIT;", True),
+        ("BEGIN;\nCREATE OR REPLACE VIEW v AS SELECT 1;\nCOMMIT;", False),
+        ("ALTER TYPE e ADD VALUE 'x';\nVACUUM t;", True),
+        # Applied in one transaction: never half applied, so safe to run again.
+        ("ALTER TABLE t ADD COLUMN c int;", False),
+        ("CREATE TABLE n (a int);\nDROP TABLE n;", False),
+    ],
+)
+def test_files_run_as_written_must_be_safe_to_run_again(sql: str, flagged: bool) -> None:
+    found = rules(pg(LOCK + sql))
+    assert ("non-idempotent-ddl" in found) == flagged, found
 
 
 # --- lock_timeout ------------------------------------------------------------------
@@ -198,26 +382,58 @@ def test_new_tables_are_per_file(tmp_path: Path) -> None:
         ("SET lock_timeout = '2s'; RESET lock_timeout;", True),
         ("SET lock_timeout = '2s'; SET lock_timeout TO DEFAULT;", True),
         ("SET statement_timeout = '2s';", True),
-        ("SET LOCAL lock_timeout = '2s';", True),  # no effect outside a transaction
+        # changeover applies a plain file in one transaction: SET LOCAL lasts to its end.
+        ("SET LOCAL lock_timeout = '2s';", False),
+        ("SET lock_timeout = '2s'; RESET ALL;", True),
+        ("SELECT set_config('lock_timeout', '2s', false);", False),
+        ("SELECT set_config('lock_timeout', '0', false);", True),
+        ("BEGIN; SELECT set_config('lock_timeout', '2s', true); COMMIT;", True),
         ("BEGIN; SET LOCAL lock_timeout = '2s'; COMMIT;", True),  # ended with it
         ("BEGIN; SET LOCAL lock_timeout = '2s';", False),
     ],
 )
 def test_lock_timeout(prelude: str, flagged: bool) -> None:
     findings = pg(prelude + "\nALTER TABLE users ADD COLUMN bio text;")
-    assert rules(findings) == (["require-lock-timeout"] if flagged else [])
+    lock = [r for r in rules(findings) if r == "require-lock-timeout"]
+    assert lock == (["require-lock-timeout"] if flagged else [])
+
+
+@pytest.mark.parametrize(
+    ("prelude", "flagged"),
+    [
+        ("SET lock_timeout = '2s';", True),
+        ("SET statement_timeout = '5s';", False),
+        ("SET statement_timeout = 0;", True),
+        ("SET statement_timeout = '5s'; RESET ALL;", True),
+        ("SELECT set_config('statement_timeout', '5s', false);", False),
+        ("BEGIN; SET LOCAL statement_timeout = '5s'; COMMIT;", True),
+    ],
+)
+def test_statement_timeout(prelude: str, flagged: bool) -> None:
+    findings = pg(prelude + "\nALTER TABLE users ADD COLUMN bio text;")
+    timed = [r for r in rules(findings) if r == "require-statement-timeout"]
+    assert timed == (["require-statement-timeout"] if flagged else [])
+
+
+def test_set_local_does_not_count_when_each_statement_commits_on_its_own() -> None:
+    sql = "SET LOCAL lock_timeout = '2s';\nALTER TABLE users ADD COLUMN bio text;"
+    findings = analyse(sql, dialect="postgres", phase="expand", transactions="per-statement")
+    assert "require-lock-timeout" in rules(findings)
 
 
 def test_lock_timeout_is_reported_once_per_file() -> None:
     sql = "ALTER TABLE a ADD COLUMN x int;\nALTER TABLE b ADD COLUMN y int;"
-    assert [(f.rule, f.line) for f in pg(sql)] == [("require-lock-timeout", 1)]
+    assert [(f.rule, f.line) for f in pg(sql)] == [
+        ("require-lock-timeout", 1),
+        ("require-statement-timeout", 1),
+    ]
 
 
 def test_new_objects_and_concurrent_indexes_need_no_lock_timeout() -> None:
     # CONCURRENTLY takes a lock that does not conflict with reads and writes.
     sql = "CREATE TABLE t (a int);\nALTER TABLE t ADD COLUMN b int;\n"
     sql += "CREATE INDEX CONCURRENTLY i ON u (a);"
-    assert pg(sql) == []
+    assert rerunnable(pg(sql)) == []
 
 
 # --- type changes: known-safe widenings need the old type ---------------------------
@@ -237,6 +453,18 @@ def test_new_objects_and_concurrent_indexes_need_no_lock_timeout() -> None:
         ("postgres", "numeric(10,2)", "numeric", True),
         ("postgres", "integer", "bigint", False),
         ("postgres", "cidr", "inet", True),
+        ("postgres", "timestamp(3)", "timestamp(6)", True),
+        ("postgres", "timestamp(3)", "timestamp", True),
+        ("postgres", "timestamp", "timestamp(3)", False),
+        ("postgres", "timestamptz(0)", "timestamptz(3)", True),
+        ("postgres", "timestamp(3)", "timestamptz(3)", False),
+        ("postgres", "time(1)", "time(4)", True),
+        ("postgres", "timetz(4)", "timetz(1)", False),
+        ("postgres", "interval(2)", "interval(5)", True),
+        ("postgres", "interval day to second(2)", "interval", True),
+        ("postgres", "interval(5)", "interval(2)", False),
+        ("postgres", "citext", "text", True),
+        ("postgres", "text", "citext", False),
         ("postgres", "text[]", "text", False),
         ("mysql", "varchar(20)", "varchar(50)", True),
         ("mysql", "varchar(50)", "varchar(100)", False),  # may cross the 255-byte boundary
@@ -297,7 +525,7 @@ def test_mysql_change_is_a_rename_and_a_redefinition() -> None:
         ("ALTER TABLE t ADD COLUMN c int REFERENCES u (id)", ["adding-foreign-key-constraint"]),
         ("ALTER TABLE t ADD COLUMN c int UNIQUE", ["disallowed-unique-constraint"]),
         ("ALTER TABLE t ADD COLUMN c int NOT NULL DEFAULT 0", []),
-        ("ALTER TABLE t ALTER COLUMN c DROP NOT NULL", []),
+        ("ALTER TABLE t ALTER COLUMN c DROP NOT NULL", ["ban-drop-not-null"]),
         ("ALTER TABLE t ALTER COLUMN c SET DEFAULT 1", []),
         ("ALTER TABLE t ADD CONSTRAINT c NOT NULL c", ["adding-not-nullable-field"]),
         ("ALTER TABLE t SET SCHEMA archive", ["renaming-object"]),
@@ -306,13 +534,32 @@ def test_mysql_change_is_a_rename_and_a_redefinition() -> None:
         ("DROP TYPE order_status", ["ban-drop-object"]),
         ("DROP INDEX a, b", ["require-concurrent-index-deletion"] * 2),
         ("ALTER TABLE t SET TABLESPACE slow", ["needs-review"]),  # rewrites: not classified
-        ("VACUUM FULL t", ["needs-review"]),
+        ("VACUUM FULL t", ["prefer-repack"]),
+        ("VACUUM t", []),
+        ("CLUSTER t USING i", ["prefer-repack"]),
+        ("ALTER TABLE t ALTER COLUMN c DROP DEFAULT", ["dropping-required-field-default"]),
+        ("TRUNCATE t", []),  # brief ACCESS EXCLUSIVE, under the lock_timeout
+        ("REINDEX TABLE CONCURRENTLY t", []),
+        ("ALTER TABLE t ADD COLUMN c int DEFAULT my_fn()", ["adding-field-with-default"]),
+        ("ALTER TABLE t ADD COLUMN c text DEFAULT lower('A')", []),
+        (
+            "ALTER TABLE t ADD COLUMN c text DEFAULT myschema.lower('A')",
+            ["adding-field-with-default"],
+        ),
+        ("ALTER TABLE t ADD COLUMN c timestamptz DEFAULT CURRENT_TIMESTAMP", []),
+        ("ALTER TABLE t ADD COLUMN c text DEFAULT 'x'::text", []),
         ("CREATE FUNCTION f() RETURNS int LANGUAGE sql AS $$ SELECT 1 $$", []),
         ("COMMENT ON TABLE t IS 'x'", []),
     ],
 )
 def test_postgres_statement(statement: str, expected: list[str]) -> None:
     assert rules(pg(LOCK + statement + ";")) == expected
+
+
+def test_calling_a_function_created_in_the_same_file_needs_review() -> None:
+    body = "CREATE FUNCTION f() RETURNS void LANGUAGE sql AS $$ ALTER TABLE t DROP c $$;\n"
+    assert rules(pg(LOCK + body + "SELECT f();")) == ["needs-review"]
+    assert rules(pg(LOCK + body + "SELECT g();")) == []  # not created here: a query
 
 
 def test_dropping_a_function_created_in_the_same_file_is_fine() -> None:
@@ -328,7 +575,27 @@ def test_dropping_a_function_created_in_the_same_file_is_fine() -> None:
     [
         ("mysql", "ALTER TABLE t DROP INDEX i, ADD INDEX j (a)", []),
         ("mysql", "ALTER TABLE t ALTER COLUMN a SET DEFAULT 1", []),
-        ("mysql", "ALTER TABLE t ADD COLUMN a INT NOT NULL AUTO_INCREMENT", []),
+        (
+            "mysql",
+            "ALTER TABLE t ADD COLUMN a INT NOT NULL AUTO_INCREMENT",
+            ["adding-field-with-default"],
+        ),
+        ("mysql", "ALTER TABLE t ADD COLUMN a INT, ALGORITHM=COPY", ["mysql-algorithm-copy"]),
+        ("mysql", "ALTER TABLE t ALGORITHM=COPY", ["mysql-algorithm-copy"]),
+        ("mysql", "ALTER TABLE t ADD COLUMN a INT, ALGORITHM=INPLACE, LOCK=NONE", []),
+        ("mysql", "ALTER TABLE t ADD COLUMN a INT, LOCK=EXCLUSIVE", ["mysql-lock-exclusive"]),
+        ("mysql", "ALTER TABLE t ADD COLUMN a INT, LOCK=SHARED", ["mysql-lock-exclusive"]),
+        (
+            "mysql",
+            "ALTER TABLE t ADD FOREIGN KEY (a) REFERENCES u (id)",
+            ["adding-foreign-key-constraint"],
+        ),
+        (
+            "mysql",
+            "ALTER TABLE t ADD CONSTRAINT fk FOREIGN KEY (a) REFERENCES u (id)",
+            ["adding-foreign-key-constraint"],
+        ),
+        ("mysql", "ALTER TABLE t ADD UNIQUE KEY k (a)", []),
         ("mysql", "FLUSH TABLES", ["needs-review"]),
         ("mysql", "RENAME TABLE `users` TO accounts", ["renaming-table"]),
         ("sqlite", "CREATE TRIGGER tr AFTER INSERT ON t BEGIN SELECT 1; END", ["needs-review"] * 2),
@@ -412,6 +679,21 @@ def test_formats() -> None:
         region = result["locations"][0]["physicalLocation"]["region"]
         assert region["startLine"] >= 1
     assert json.loads(format_findings([], "sarif"))["runs"][0]["results"] == []
+
+
+@pytest.mark.parametrize(
+    ("path", "uri"),
+    [
+        ("migrations/0001 add #1.sql", "migrations/0001%20add%20%231.sql"),
+        ("/srv/app/mig 100%.sql", "file:///srv/app/mig%20100%25.sql"),
+        ("0002_expand.sql", "0002_expand.sql"),
+    ],
+)
+def test_sarif_paths_are_uris(path: str, uri: str) -> None:
+    finding = pg("DROP TABLE t;")[0]
+    sarif = json.loads(format_findings([dataclasses.replace(finding, path=path)], "sarif"))
+    location = sarif["runs"][0]["results"][0]["locations"][0]["physicalLocation"]
+    assert location["artifactLocation"]["uri"] == uri
 
 
 # --- robustness -----------------------------------------------------------------------

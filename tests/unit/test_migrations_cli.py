@@ -45,6 +45,21 @@ def test_phase_defaults_to_the_file_name(tmp_path: Path) -> None:
     assert check(contract, "--phase", "expand")[0] == 1
 
 
+def test_transactions_per_file_by_default_or_per_statement() -> None:
+    held = DATA / "postgres" / "transaction-holds-lock.bad.sql"
+    code, out, _ = check(held)
+    assert code == 1 and "[transaction-holds-lock]" in out
+    assert check(held, "--transactions", "per-statement")[0] == 0
+    assert check(held, "--transactions", "per-file")[0] == 1
+
+
+def test_allow_refuses_the_unparseable_statement_rule() -> None:
+    unparseable = DATA / "postgres" / "unparseable-statement.bad.sql"
+    code, _, err = check(unparseable, "--allow", "unparseable-statement")
+    assert code == 2 and "cannot accept unparseable-statement" in err
+    assert check(unparseable, "--allow", "needs-review")[0] == 1
+
+
 def test_directory_and_dialect() -> None:
     code, out, _ = check(DATA / "sqlite", "--dialect", "sqlite", "--format", "json")
     assert code == 1

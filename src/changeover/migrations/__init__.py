@@ -4,9 +4,23 @@ Both clusters share one database, so an expand migration must keep the old
 release working and no migration may hold a long lock.  See docs/migrations.md.
 """
 
-from changeover.migrations.analysis import analyse, check_paths, migration_files, phase_of
+from changeover.migrations.analysis import (
+    analyse,
+    blocking_findings,
+    check_paths,
+    migration_files,
+    phase_of,
+)
 from changeover.migrations.report import format_findings
-from changeover.migrations.rules import RULES, Dialect, Finding, Phase, Rule, Severity
+from changeover.migrations.rules import (
+    RULES,
+    Dialect,
+    Finding,
+    Phase,
+    Rule,
+    Severity,
+    Transactions,
+)
 
 __all__ = [
     "RULES",
@@ -15,7 +29,9 @@ __all__ = [
     "Phase",
     "Rule",
     "Severity",
+    "Transactions",
     "analyse",
+    "blocking_findings",
     "check_paths",
     "format_findings",
     "migration_files",

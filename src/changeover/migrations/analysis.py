@@ -4,7 +4,7 @@ Each dialect module turns SQL into a stream of `Statement`s, each with the
 `Hit`s its classifier found.  This module decides which hits become findings:
 hits on objects created earlier in the same file are dropped (no old release
 reads them, nobody else holds locks on them), hits outside the phase are
-dropped, and the lock_timeout rule fires at most once per file.
+dropped, and the timeout rules fire at most once per file.
 """
 
 from __future__ import annotations
@@ -15,10 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from changeover.migrations.coltypes import ColType, is_safe_widening
-from changeover.migrations.rules import RULES, Dialect, Finding, Phase
+from changeover.migrations.rules import RULES, Dialect, Finding, Phase, Transactions
 
 NEEDS_REVIEW = "needs-review"
+UNPARSEABLE = "unparseable-statement"
 LOCK_TIMEOUT = "require-lock-timeout"
+STATEMENT_TIMEOUT = "require-statement-timeout"
+# The setting each timeout rule wants in force before DDL that locks an existing object.
+TIMEOUT_SETTINGS = {LOCK_TIMEOUT: "lock_timeout", STATEMENT_TIMEOUT: "statement_timeout"}
+HELD_LOCK = "transaction-holds-lock"
 _EXCERPT_CHARS = 80
 
 
@@ -29,6 +34,9 @@ class Hit:
     rule: str
     detail: str  # what this statement does, e.g. "drops column users.email"
     obj: str | None = None  # the table/index/type concerned; None when unknown
+    # The lock this statement takes on `obj` when that lock blocks the old
+    # release's reads or writes; a transaction keeps it until it ends.
+    lock: str | None = None
 
 
 @dataclass(frozen=True)
@@ -60,19 +68,38 @@ class FileState:
     """What earlier statements of the same file established."""
 
     schema: Schema
+    # "per-file": the file is applied as changeover's applier does (one
+    # transaction unless the file controls its own or refuses one).
+    transactions: Transactions = "per-file"
     created: set[str] = field(default_factory=set)  # objects created in this file
     in_transaction: bool = False
-    session_lock_timeout: bool = False
-    local_lock_timeout: bool = False  # SET LOCAL: only until the transaction ends
-    lock_timeout_reported: bool = False
+    explicit_transaction: bool = False  # opened by the file's own BEGIN
+    # Blocking locks on existing objects taken earlier in the open transaction:
+    # object -> (lock mode, line of the statement that took it).
+    held: dict[str, tuple[str, int]] = field(default_factory=dict)
+    session_timeouts: set[str] = field(default_factory=set)  # settings set non-zero
+    local_timeouts: set[str] = field(default_factory=set)  # SET LOCAL: until the end
+    timeouts_reported: set[str] = field(default_factory=set)  # rules, once per file
 
-    @property
-    def lock_timeout(self) -> bool:
-        return self.session_lock_timeout or self.local_lock_timeout
+    def timeout(self, setting: str) -> bool:
+        return setting in self.session_timeouts or setting in self.local_timeouts
 
     def end_transaction(self) -> None:
-        self.in_transaction = False
-        self.local_lock_timeout = False
+        self.in_transaction = self.explicit_transaction = False
+        self.local_timeouts.clear()
+        self.held.clear()
+
+    def held_lock(self, what: str) -> list[Hit]:
+        """A transaction-holds-lock hit when `what` (a slow statement) runs while the
+        transaction still holds a lock that blocks the old release."""
+        if not self.held:
+            return []
+        obj, (mode, line) = next(iter(self.held.items()))
+        detail = (
+            f"{what} while this file's transaction still holds the {mode} lock on {obj} "
+            f"taken at line {line}, until the transaction ends"
+        )
+        return [Hit(HELD_LOCK, detail)]
 
 
 def retype(
@@ -98,8 +125,21 @@ def retype(
     return Hit("changing-column-type", f"changes {table}.{column} {was}to {new}", table)
 
 
-def _line(sql: str, offset: int) -> int:
-    return sql.count("\n", 0, offset) + 1
+class _Lines:
+    """Line numbers of increasing offsets, counted on from the last one: linear in
+    the file, however many findings it has (an earlier offset counts from the start)."""
+
+    def __init__(self, sql: str) -> None:
+        self.sql = sql
+        self.offset = 0
+        self.line = 1
+
+    def of(self, offset: int) -> int:
+        if offset < self.offset:
+            self.offset, self.line = 0, 1
+        self.line += self.sql.count("\n", self.offset, offset)
+        self.offset = offset
+        return self.line
 
 
 def _excerpt(text: str) -> str:
@@ -113,10 +153,10 @@ def _keep(hit: Hit, state: FileState, phase: Phase) -> bool:
         return False
     if hit.obj is not None and hit.obj in state.created and not rule.applies_to_new_objects:
         return False
-    if hit.rule == LOCK_TIMEOUT:
-        if state.lock_timeout or state.lock_timeout_reported:
+    if hit.rule in TIMEOUT_SETTINGS:
+        if state.timeout(TIMEOUT_SETTINGS[hit.rule]) or hit.rule in state.timeouts_reported:
             return False
-        state.lock_timeout_reported = True
+        state.timeouts_reported.add(hit.rule)
     return True
 
 
@@ -131,13 +171,39 @@ def _statements(sql: str, dialect: Dialect, state: FileState) -> Iterator[Statem
     return generic.statements(sql, dialect, state)
 
 
-def _analyse(sql: str, dialect: Dialect, phase: Phase, path: str, schema: Schema) -> list[Finding]:
-    state = FileState(schema)
+def _hold(hits: list[Hit], state: FileState, line: int) -> None:
+    """Remember the blocking locks a statement took inside a transaction."""
+    if not state.in_transaction:
+        return
+    for hit in hits:
+        if hit.lock and hit.obj is not None and hit.obj not in state.created:
+            state.held.setdefault(hit.obj, (hit.lock, line))
+
+
+def _analyse(
+    sql: str,
+    dialect: Dialect,
+    phase: Phase,
+    path: str,
+    schema: Schema,
+    transactions: Transactions,
+) -> list[Finding]:
+    state = FileState(schema, transactions)
     findings: list[Finding] = []
+    lines = _Lines(sql)
     # The stream is consumed statement by statement, so `_keep` sees the state
-    # (transaction, lock_timeout, created objects) as of each statement.
+    # (transaction, timeouts, created objects) as of each statement.
     for statement in _statements(sql, dialect, state):
-        for hit in statement.hits:
+        line = lines.of(statement.offset)
+        _hold(statement.hits, state, line)
+        # Whatever locks an existing object wants both timeouts (squawk's
+        # require-timeout-settings): the lock wait and the statement bounded.
+        timed = [
+            Hit(STATEMENT_TIMEOUT, h.detail, h.obj)
+            for h in statement.hits
+            if h.rule == LOCK_TIMEOUT
+        ]
+        for hit in statement.hits + timed:
             if not _keep(hit, state, phase):
                 continue
             rule = RULES[hit.rule]
@@ -145,7 +211,7 @@ def _analyse(sql: str, dialect: Dialect, phase: Phase, path: str, schema: Schema
                 Finding(
                     rule=rule.id,
                     path=path,
-                    line=_line(sql, statement.offset),
+                    line=line,
                     statement=_excerpt(statement.text),
                     message=f"{hit.detail}: {rule.why}",
                     safe_alternative=rule.safe_alternative,
@@ -155,12 +221,31 @@ def _analyse(sql: str, dialect: Dialect, phase: Phase, path: str, schema: Schema
     return findings
 
 
-def analyse(sql: str, *, dialect: Dialect, phase: Phase, path: str = "<sql>") -> list[Finding]:
-    """Findings for one migration's SQL, in statement order."""
-    return _analyse(sql, dialect, phase, path, Schema())
+def analyse(
+    sql: str,
+    *,
+    dialect: Dialect,
+    phase: Phase,
+    path: str = "<sql>",
+    transactions: Transactions = "per-file",
+) -> list[Finding]:
+    """Findings for one migration's SQL, in statement order.
+
+    `transactions="per-file"` models changeover's applier (PostgreSQL: the file
+    runs in one transaction unless it has its own transaction statements or a
+    statement that refuses a transaction block); "per-statement" models a
+    runner that sends each statement on its own (autocommit).
+    """
+    return _analyse(sql, dialect, phase, path, Schema(), transactions)
 
 
 _WORDS = re.compile(r"[a-z0-9]+")  # splits a file name, never SQL
+
+
+def blocking_findings(findings: Iterable[Finding], allowed: Iterable[str]) -> list[Finding]:
+    """The findings `--allow` does not accept; a rule that is not allowable always blocks."""
+    accepted = {rule for rule in allowed if RULES[rule].allowable} if allowed else set()
+    return [f for f in findings if f.rule not in accepted]
 
 
 def phase_of(path: Path) -> Phase:
@@ -189,7 +274,11 @@ def migration_files(paths: Iterable[Path]) -> list[Path]:
 
 
 def check_paths(
-    paths: Sequence[Path], *, dialect: Dialect, phase: Phase | None = None
+    paths: Sequence[Path],
+    *,
+    dialect: Dialect,
+    phase: Phase | None = None,
+    transactions: Transactions = "per-file",
 ) -> list[Finding]:
     """Findings for migration files and directories, in file order.
 
@@ -202,5 +291,6 @@ def check_paths(
     findings: list[Finding] = []
     for file in migration_files(paths):
         sql = file.read_text(encoding="utf-8")
-        findings.extend(_analyse(sql, dialect, phase or phase_of(file), str(file), schema))
+        file_phase = phase or phase_of(file)
+        findings.extend(_analyse(sql, dialect, file_phase, str(file), schema, transactions))
     return findings

@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from changeover.migrations.analysis import check_paths
+from changeover.migrations.analysis import blocking_findings, check_paths
 from changeover.migrations.report import Format, format_findings
-from changeover.migrations.rules import RULES, Dialect, Phase
+from changeover.migrations.rules import RULES, Dialect, Phase, Transactions
 
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -34,6 +34,14 @@ def check(
             "it names 'contract')"
         ),
     ] = None,
+    transactions: Annotated[
+        Transactions,
+        typer.Option(
+            help="how the files are applied: per-file as changeover applies them (PostgreSQL: "
+            "one transaction per file without its own BEGIN/COMMIT or CONCURRENTLY), or "
+            "per-statement (autocommit)"
+        ),
+    ] = "per-file",
     fmt: Annotated[Format, typer.Option("--format", help="output format")] = "text",
     allow: Annotated[
         list[str] | None, typer.Option(metavar="RULE", help="rule id to accept (repeatable)")
@@ -45,12 +53,16 @@ def check(
     if unknown:
         typer.echo(f"error: unknown rule(s) for --allow: {', '.join(unknown)}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT)
+    refused = sorted(r for r in allowed if not RULES[r].allowable)
+    if refused:
+        typer.echo(f"error: --allow cannot accept {', '.join(refused)}: fix the SQL", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT)
     try:
-        findings = check_paths(paths, dialect=dialect, phase=phase)
+        findings = check_paths(paths, dialect=dialect, phase=phase, transactions=transactions)
     except (OSError, UnicodeDecodeError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
-    blocking = [f for f in findings if f.rule not in allowed]
+    blocking = blocking_findings(findings, allowed)
     typer.echo(format_findings(blocking, fmt))
     if len(blocking) < len(findings):
         typer.echo(f"{len(findings) - len(blocking)} finding(s) allowed by --allow", err=True)

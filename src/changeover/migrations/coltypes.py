@@ -21,7 +21,9 @@ class ColType(NamedTuple):
 
 
 # PostgreSQL stores these without rewriting when the limit grows or is removed.
-_PG_LENGTH_LIMITED = frozenset({"varchar", "varbit"})
+# Fractional-second precision, like a length limit, may grow or go without a rewrite
+# (strong_migrations lists these as safe).
+_PG_LENGTH_LIMITED = frozenset({"varchar", "varbit", "timestamp", "timestamptz", "time", "timetz"})
 # MySQL keeps a VARCHAR change in place only while the number of length bytes
 # stays the same: 1 byte up to 255 bytes.  The character set is unknown here,
 # so only lengths that are <= 255 bytes in every charset (<= 63 chars at 4
@@ -67,6 +69,12 @@ def is_safe_widening(old: ColType, new: ColType, dialect: Dialect) -> bool:
             return not new.params
         if old.name == new.name == "numeric":
             return _numeric_grows(old.params, new.params)
+        if old.name == new.name == "interval":  # params: (fields, precision)
+            if not new.params:
+                return True
+            return old.params[:1] == new.params[:1] and _grows(old.params[1:], new.params[1:])
+        if old.name == "citext" and new.name == "text":  # binary-coercible
+            return True
         return old.name == "cidr" and new.name == "inet"
     if dialect == "mysql":
         if old.name == new.name == "varchar" and old.params and new.params:

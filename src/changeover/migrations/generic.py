@@ -9,6 +9,7 @@ ALTER TABLE action not handled here, is needs-review.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ from sqlglot.tokenizer_core import Token, TokenType
 
 from changeover.migrations.analysis import (
     NEEDS_REVIEW,
+    UNPARSEABLE,
     ColumnInfo,
     FileState,
     Hit,
@@ -81,7 +83,7 @@ def statements(sql: str, dialect: Dialect, state: FileState) -> Iterator[Stateme
     try:
         tokens = sg.tokenize(sql)
     except Exception as error:  # sqlglot raises more than TokenError on odd input
-        yield Statement(0, sql, [Hit(NEEDS_REVIEW, f"sqlglot cannot tokenize the file ({error})")])
+        yield Statement(0, sql, [Hit(UNPARSEABLE, f"sqlglot cannot tokenize the file ({error})")])
         return
     for chunk in _chunks(tokens):
         start = chunk[0].start
@@ -91,7 +93,7 @@ def statements(sql: str, dialect: Dialect, state: FileState) -> Iterator[Stateme
                 parsed = sg.parser(error_level=ErrorLevel.IMMEDIATE).parse(chunk, sql)
         except Exception as error:  # ParseError, or a parser bug on odd input
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            yield Statement(start, text, [Hit(NEEDS_REVIEW, f"sqlglot cannot parse it ({reason})")])
+            yield Statement(start, text, [Hit(UNPARSEABLE, f"sqlglot cannot parse it ({reason})")])
             continue
         for node in parsed:
             if node is not None:
@@ -141,9 +143,10 @@ def _add_column(table: str, col: exp.ColumnDef, state: FileState) -> list[Hit]:
     if not_null and default is None and not auto:
         hits.append(Hit("adding-required-field", f"adds NOT NULL column {where}", table))
     volatile = _volatile_call(default)
-    if volatile:
-        detail = f"adds {where} with a default {volatile}()"
-        hits.append(Hit("adding-field-with-default", detail, table))
+    if volatile or auto:
+        # MySQL numbers the existing rows of an AUTO_INCREMENT column by copying the table.
+        what = f"a default {volatile}()" if volatile else "AUTO_INCREMENT"
+        hits.append(Hit("adding-field-with-default", f"adds {where} with {what}", table))
     state.schema.columns[(table, col.name)] = ColumnInfo(_col_type(col.args.get("kind")), not_null)
     return hits
 
@@ -205,7 +208,10 @@ def _alter_action(table: str, action: exp.Expr, dialect: Dialect, state: FileSta
         if kind in _DROP_HARMLESS_IN_ALTER:
             return []
     if isinstance(action, exp.AddConstraint):
-        # MySQL builds indexes and unique keys online; see docs/migrations.md for the gaps.
+        # InnoDB adds a foreign key in place only with foreign_key_checks=0; otherwise
+        # it copies the table.  Indexes and unique keys are built online.
+        if dialect == "mysql" and next(action.find_all(exp.ForeignKey), None) is not None:
+            return [Hit("adding-foreign-key-constraint", f"adds a foreign key to {table}", table)]
         return []
     what = type(action).__name__
     return [Hit(NEEDS_REVIEW, f"ALTER TABLE {table} action {what} is not classified")]
@@ -214,14 +220,28 @@ def _alter_action(table: str, action: exp.Expr, dialect: Dialect, state: FileSta
 # --- statements ---------------------------------------------------------------
 
 
+def _alter_options(table: str, node: exp.Alter) -> list[Hit]:
+    """ALGORITHM=COPY copies the table, blocking writes; LOCK=SHARED/EXCLUSIVE asks for
+    a lock that blocks writes (and reads) for the whole ALTER."""
+    hits = []
+    for option in node.args.get("options") or []:
+        value = option.name.upper()
+        if isinstance(option, exp.AlgorithmProperty) and value == "COPY":
+            hits.append(Hit("mysql-algorithm-copy", f"ALTER TABLE {table} ALGORITHM=COPY", table))
+        elif isinstance(option, exp.LockProperty) and value in ("SHARED", "EXCLUSIVE"):
+            hits.append(Hit("mysql-lock-exclusive", f"ALTER TABLE {table} LOCK={value}", table))
+    return hits
+
+
 def _alter(node: exp.Alter, dialect: Dialect, state: FileState) -> list[Hit]:
     table = node.this.name
     actions = node.args.get("actions") or []
     if str(node.args.get("kind") or "").upper() != "TABLE":
         return []
-    if not actions:  # e.g. ENGINE=InnoDB or FORCE: options sqlglot keeps elsewhere
+    hits = _alter_options(table, node)
+    if not actions and not hits:  # e.g. ENGINE=InnoDB or FORCE: options sqlglot keeps elsewhere
         return [Hit(NEEDS_REVIEW, f"ALTER TABLE {table} has no action the analyser understands")]
-    return [hit for action in actions for hit in _alter_action(table, action, dialect, state)]
+    return hits + [h for action in actions for h in _alter_action(table, action, dialect, state)]
 
 
 def _create(node: exp.Create, dialect: Dialect, state: FileState) -> list[Hit]:
@@ -247,18 +267,40 @@ def _drop(node: exp.Drop, dialect: Dialect, state: FileState) -> list[Hit]:
     return [Hit(rule, f"drops {kind.lower()} {n}", n) for n in names]
 
 
+# A statement that may hide after a missing semicolon inside an opaque Command:
+# one of these verbs followed by one of these object kinds (DROP TABLE ...).
+_HIDDEN_VERBS = frozenset({TokenType.ALTER, TokenType.DROP, TokenType.RENAME, TokenType.TRUNCATE})
+_HIDDEN_OBJECTS = frozenset(
+    {TokenType.TABLE, TokenType.VIEW, TokenType.INDEX, TokenType.DATABASE, TokenType.SCHEMA}
+)
+
+
+def _hides_a_statement(words: list[Token]) -> bool:
+    pairs = itertools.pairwise(words)
+    return any(a.token_type in _HIDDEN_VERBS and b.token_type in _HIDDEN_OBJECTS for a, b in pairs)
+
+
 def _command(node: exp.Command, dialect: Dialect, state: FileState) -> list[Hit]:
     keyword = str(node.this).upper()
-    # MySQL's RENAME TABLE a TO b is an opaque Command to sqlglot, which keeps the
-    # rest as one string; tokenizing that string again says which table it renames.
-    if dialect == "mysql" and keyword == "RENAME" and isinstance(node.expression, exp.Literal):
-        try:
-            words = SqlglotDialect.get_or_raise(dialect).tokenize(node.expression.name)
-        except Exception:  # the same leniency as for any other tokenizer failure
-            words = []
-        if len(words) > 1 and words[0].token_type == TokenType.TABLE:
-            old = words[1].text
-            return [Hit("renaming-table", f"renames table {old}", old)]
+    # sqlglot keeps the rest of an opaque Command as one string; tokenizing it
+    # again says which table MySQL's RENAME TABLE a TO b renames, and whether a
+    # DROP hides in it.
+    expression = node.expression  # a Literal or a plain string, depending on the statement
+    rest = expression.name if isinstance(expression, exp.Literal) else str(expression or "")
+    try:
+        words = SqlglotDialect.get_or_raise(dialect).tokenize(rest)
+    except Exception:  # the same leniency as for any other tokenizer failure
+        words = []
+    if (
+        dialect == "mysql"
+        and keyword == "RENAME"
+        and words[:1]
+        and words[0].token_type == TokenType.TABLE
+    ):
+        old = words[1].text if len(words) > 1 else "?"
+        return [Hit("renaming-table", f"renames table {old}", old)]
+    if _hides_a_statement(words):
+        return [Hit(UNPARSEABLE, f"sqlglot cannot parse this {keyword} statement")]
     return [Hit(NEEDS_REVIEW, f"sqlglot cannot parse {keyword} statements")]
 
 

@@ -6,22 +6,27 @@ or reported as needs-review: nothing passes just because it was not foreseen.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from pglast import ast, parse_sql
 from pglast.enums import (
     AlterTableType,
+    BoolExprType,
     ConstrType,
+    DropBehavior,
     NullTestType,
     ObjectType,
     TransactionStmtKind,
+    VariableSetKind,
 )
-from pglast.parser import ParseError, scan
+from pglast.parser import ParseError, parse_sql_json, scan, split
 
 from changeover.migrations.analysis import (
     LOCK_TIMEOUT,
     NEEDS_REVIEW,
+    UNPARSEABLE,
     ColumnInfo,
     FileState,
     Hit,
@@ -30,19 +35,37 @@ from changeover.migrations.analysis import (
 )
 from changeover.migrations.coltypes import ColType
 
-# Functions whose value differs per row, so a DEFAULT using them rewrites the table.
-VOLATILE_FUNCTIONS = frozenset(
+# Built-in functions known not to be volatile (immutable or stable), so a DEFAULT
+# using only them is computed once and stored in the catalog (no rewrite since
+# PostgreSQL 11).  Any other function, a user's included, may be volatile: an
+# allow-list, as squawk's adding-field-with-default has.
+NON_VOLATILE_FUNCTIONS = frozenset(
     {
-        "random",
-        "clock_timestamp",
-        "timeofday",
-        "gen_random_uuid",
-        "uuid_generate_v1",
-        "uuid_generate_v1mc",
-        "uuid_generate_v4",
-        "uuidv4",
-        "uuidv7",
-        "nextval",
+        "now",
+        "statement_timestamp",
+        "transaction_timestamp",
+        "current_setting",
+        "lower",
+        "upper",
+        "btrim",
+        "concat",
+        "length",
+        "abs",
+        "make_date",
+        "make_interval",
+        "make_timestamp",
+        "make_timestamptz",
+        "to_timestamp",
+        "to_date",
+        "date_trunc",
+        "jsonb_build_object",
+        "jsonb_build_array",
+        "json_build_object",
+        "json_build_array",
+        "array_fill",
+        "int4range",
+        "int8range",
+        "tstzrange",
     }
 )
 _SERIAL_TYPES = frozenset({"serial", "bigserial", "smallserial", "serial2", "serial4", "serial8"})
@@ -51,10 +74,6 @@ _SERIAL_TYPES = frozenset({"serial", "bigserial", "smallserial", "serial2", "ser
 # old release sees.  Data changes (INSERT/UPDATE/DELETE) are the author's business.
 _HARMLESS = frozenset(
     {
-        "SelectStmt",
-        "InsertStmt",
-        "UpdateStmt",
-        "DeleteStmt",
         "CreateSchemaStmt",
         "CreateExtensionStmt",
         "CommentStmt",
@@ -82,8 +101,6 @@ _RENAME_HARMLESS = frozenset(
 # ALTER TABLE subcommands that only change catalog entries under a brief lock.
 _ALTER_HARMLESS = frozenset(
     {
-        AlterTableType.AT_ColumnDefault,  # SET/DROP DEFAULT affects new rows only
-        AlterTableType.AT_DropNotNull,
         AlterTableType.AT_DropConstraint,
         AlterTableType.AT_SetStatistics,
         AlterTableType.AT_SetOptions,
@@ -119,6 +136,26 @@ _CONSTRAINT_RULES = {
     ConstrType.CONSTR_EXCLUSION: "disallowed-unique-constraint",
     ConstrType.CONSTR_PRIMARY: "adding-serial-primary-key-field",
 }
+# Lock modes that block the old release: ACCESS EXCLUSIVE its reads, the others its writes.
+ACCESS_EXCLUSIVE = "ACCESS EXCLUSIVE"
+SHARE_ROW_EXCLUSIVE = "SHARE ROW EXCLUSIVE"
+SHARE = "SHARE"
+# ALTER TABLE subcommands that take less than ACCESS EXCLUSIVE (None: a lock that
+# blocks neither reads nor writes, SHARE UPDATE EXCLUSIVE).
+_ALTER_LOCKS: dict[Any, str | None] = {
+    AlterTableType.AT_ValidateConstraint: None,
+    AlterTableType.AT_SetStatistics: None,
+    AlterTableType.AT_AttachPartition: None,
+    AlterTableType.AT_EnableTrig: SHARE_ROW_EXCLUSIVE,
+    AlterTableType.AT_EnableAlwaysTrig: SHARE_ROW_EXCLUSIVE,
+    AlterTableType.AT_EnableReplicaTrig: SHARE_ROW_EXCLUSIVE,
+    AlterTableType.AT_DisableTrig: SHARE_ROW_EXCLUSIVE,
+    AlterTableType.AT_EnableTrigAll: SHARE_ROW_EXCLUSIVE,
+    AlterTableType.AT_DisableTrigAll: SHARE_ROW_EXCLUSIVE,
+    AlterTableType.AT_EnableTrigUser: SHARE_ROW_EXCLUSIVE,
+    AlterTableType.AT_DisableTrigUser: SHARE_ROW_EXCLUSIVE,
+}
+_LOCK_STRENGTH = {None: 0, SHARE: 1, SHARE_ROW_EXCLUSIVE: 2, ACCESS_EXCLUSIVE: 3}
 _TRANSACTION_START = frozenset(
     {TransactionStmtKind.TRANS_STMT_BEGIN, TransactionStmtKind.TRANS_STMT_START}
 )
@@ -134,20 +171,30 @@ _TRANSACTION_END = frozenset(
 # --- splitting and parsing ---------------------------------------------------
 
 
-def _parsed(sql: str) -> Iterator[tuple[int, str, Any]]:
-    """(offset, text, node) per statement; node is a ParseError when it does not parse."""
+def _parsed(
+    sql: str, wanted: Callable[[str], object] | None = None, *, broken: bool = True
+) -> Iterator[tuple[int, str, Any]]:
+    """(offset, text, node) per statement; node is a ParseError when it does not parse.
+
+    The file is split by the parser (cheap: no Python AST), then each statement
+    is parsed on its own, so only one statement's AST is alive at a time.  With
+    `wanted`, only the statements whose text it accepts are parsed and yielded.
+    A file PostgreSQL cannot parse is parsed statement by statement (each one,
+    whatever `wanted` says), or with `broken=False` yields nothing.
+    """
     if "\0" in sql:  # libpg_query reads C strings: it would silently stop at the NUL
         yield 0, sql, ParseError("the file contains a NUL character")
         return
     try:
-        raws = parse_sql(sql)
+        pieces = split(sql, with_parser=True, only_slices=True)
     except ParseError as whole_file_error:
-        yield from _parsed_one_by_one(sql, whole_file_error)
+        if broken:
+            yield from _parsed_one_by_one(sql, whole_file_error)
         return
-    for raw in raws:
-        start = raw.stmt_location or 0
-        end = start + raw.stmt_len if raw.stmt_len else len(sql)
-        yield start, sql[start:end], raw.stmt
+    for piece in pieces:
+        text = sql[piece]
+        if wanted is None or wanted(text):
+            yield piece.start, text, parse_sql(text)[0].stmt
 
 
 def _parsed_one_by_one(sql: str, whole_file_error: ParseError) -> Iterator[tuple[int, str, Any]]:
@@ -188,12 +235,121 @@ def _parsed_one_by_one(sql: str, whole_file_error: ParseError) -> Iterator[tuple
             yield begin + (raw.stmt_location or 0), text, raw.stmt
 
 
+def _refuses_transaction(node: Any) -> bool:
+    """PostgreSQL refuses to run it inside a transaction block."""
+    if isinstance(node, (ast.IndexStmt, ast.DropStmt)):
+        return bool(node.concurrent)
+    if isinstance(node, ast.ReindexStmt):
+        return any(p.defname == "concurrently" for p in node.params or ())
+    if isinstance(node, ast.VacuumStmt):
+        return bool(node.is_vacuumcmd)
+    if isinstance(node, ast.AlterTableStmt):
+        return any(
+            cmd.subtype == AlterTableType.AT_DetachPartition and cmd.def_.concurrent
+            for cmd in node.cmds or ()
+        )
+    return isinstance(
+        node,
+        (
+            ast.CreatedbStmt,
+            ast.DropdbStmt,
+            ast.AlterSystemStmt,
+            ast.CreateTableSpaceStmt,
+            ast.DropTableSpaceStmt,
+        ),
+    )
+
+
+# A word every transaction statement, and every statement that refuses a
+# transaction block, contains; only statements with one are parsed to find out.
+_MAY_UNWRAP = re.compile(
+    r"\b(?:begin|start|commit|end|rollback|abort|savepoint|release|prepare|vacuum"
+    r"|concurrently|database|system|tablespace)\b",
+    re.IGNORECASE,
+)
+
+
+def _applier_wraps(sql: str) -> bool:
+    """Whether changeover's applier runs the file in one transaction (database.py):
+    yes, unless it has a transaction statement of its own or a statement that
+    refuses a transaction block (the applier then runs it as written)."""
+    if not _MAY_UNWRAP.search(sql):  # one search of the file decides most files
+        return True
+    return not any(
+        isinstance(node, ast.TransactionStmt) or _refuses_transaction(node)
+        # The applier refuses a file PostgreSQL cannot parse: nothing to decide.
+        for _, _, node in _parsed(sql, _MAY_UNWRAP.search, broken=False)
+        if not isinstance(node, ParseError)
+    )
+
+
+_DATA_CHANGES = frozenset({"InsertStmt", "UpdateStmt", "DeleteStmt"})
+_DDL = re.compile(r"(?:alter|create|drop)\b", re.IGNORECASE)  # always classified
+
+
+def _needs_classifying(text: str, state: FileState) -> bool:
+    """False when the statement's classifier would find nothing and change nothing,
+    as its type (from the parser's JSON, cheap) shows; such statements are not
+    turned into a Python AST, the slow part of a big file of data statements."""
+    if _DDL.match(text):  # a statement starts at its first token (the parser's split)
+        return True
+    tree = parse_sql_json(text)
+    start = tree.index('"stmt":{"') + len('"stmt":{"')
+    kind = tree[start : tree.index('"', start)]
+    if kind in _HARMLESS:
+        return False
+    if kind in _DATA_CHANGES:
+        return bool(state.held)  # a backfill only matters under a held lock
+    if kind == "SelectStmt":
+        return '"FuncCall"' in tree  # set_config(), or a function created in the file
+    return True
+
+
+def _not_rerunnable(node: Any) -> str | None:
+    """Why the statement fails when run a second time, for the statements that have a
+    form that would not (IF [NOT] EXISTS, OR REPLACE)."""
+    if isinstance(
+        node,
+        (
+            ast.CreateStmt,
+            ast.IndexStmt,
+            ast.CreateSeqStmt,
+            ast.CreateSchemaStmt,
+            ast.CreateExtensionStmt,
+            ast.CreateTableAsStmt,
+        ),
+    ):
+        return None if node.if_not_exists else "CREATE without IF NOT EXISTS"
+    if isinstance(node, (ast.ViewStmt, ast.CreateFunctionStmt)):
+        return None if node.replace else "CREATE without OR REPLACE"
+    if isinstance(node, ast.DropStmt):
+        return None if node.missing_ok else "DROP without IF EXISTS"
+    if isinstance(node, ast.AlterEnumStmt) and node.oldVal is None:
+        return None if node.skipIfNewValExists else "ADD VALUE without IF NOT EXISTS"
+    if isinstance(node, ast.AlterTableStmt):
+        for cmd in node.cmds or ():
+            if cmd.subtype == AlterTableType.AT_AddColumn and not cmd.missing_ok:
+                return "ADD COLUMN without IF NOT EXISTS"
+            if cmd.subtype == AlterTableType.AT_DropColumn and not cmd.missing_ok:
+                return "DROP COLUMN without IF EXISTS"
+    return None
+
+
 def statements(sql: str, state: FileState) -> Iterator[Statement]:
-    for offset, text, node in _parsed(sql):
+    # changeover's applier runs a file it cannot wrap as written, and on resume
+    # runs it again from the top: each statement must then be safe to repeat.
+    as_written = False
+    if state.transactions == "per-file":
+        state.in_transaction = _applier_wraps(sql)
+        as_written = not state.in_transaction
+    # Lazy: each statement is judged after the previous one updated `state`.
+    for offset, text, node in _parsed(sql, lambda text: _needs_classifying(text, state)):
         if isinstance(node, ParseError):
-            hits = [Hit(NEEDS_REVIEW, f"PostgreSQL's parser rejects it ({node.args[0]})")]
+            hits = [Hit(UNPARSEABLE, f"PostgreSQL's parser rejects it ({node.args[0]})")]
         else:
             hits = _classify(node, state)
+            if as_written and (why := _not_rerunnable(node)):
+                hits.append(Hit("non-idempotent-ddl", f"{why}, in a file run as written"))
         yield Statement(offset, text, hits)
 
 
@@ -213,6 +369,25 @@ def _name(node: Any) -> str:
     if isinstance(node, ast.RangeVar):
         return str(node.relname)
     return "?"
+
+
+def _qualified(node: Any) -> str:
+    """An object's name as written, schema included (`scratch.users`), so that an
+    object created in the file is not confused with another schema's."""
+    if isinstance(node, ast.RangeVar):
+        return f"{node.schemaname}.{node.relname}" if node.schemaname else str(node.relname)
+    if isinstance(node, (tuple, list)):
+        return ".".join(_qualified(part) for part in node) or "?"
+    if isinstance(node, ast.TypeName):
+        return _qualified(node.names)
+    if isinstance(node, ast.ObjectWithArgs):
+        return _qualified(node.objname)
+    return _name(node)
+
+
+def _creates(node: Any) -> bool:
+    """False for IF NOT EXISTS and OR REPLACE: the object may exist, and be in use."""
+    return not (getattr(node, "if_not_exists", False) or getattr(node, "replace", False))
 
 
 def _col_type(type_name: Any) -> ColType:
@@ -236,9 +411,13 @@ def _walk(node: Any) -> Iterator[Any]:
 
 
 def _volatile_call(expr: Any) -> str | None:
+    """A function in the expression that is not a known non-volatile built-in."""
     for node in _walk(expr):
-        if isinstance(node, ast.FuncCall) and _name(node.funcname).lower() in VOLATILE_FUNCTIONS:
-            return _name(node.funcname)
+        if isinstance(node, ast.FuncCall):
+            parts = tuple(node.funcname or ())
+            schema = _qualified(parts[:-1]) if len(parts) > 1 else "pg_catalog"
+            if schema != "pg_catalog" or _name(parts).lower() not in NON_VOLATILE_FUNCTIONS:
+                return _qualified(parts)
     return None
 
 
@@ -256,8 +435,8 @@ def _constraint_hit(table: str, con: Any) -> Hit | None:
 Classifier = Callable[[Any, FileState], list[Hit]]
 
 
-def _lock(table: str | None) -> Hit:
-    return Hit(LOCK_TIMEOUT, f"locks {table or 'an existing object'}", table)
+def _lock(table: str | None, mode: str | None = ACCESS_EXCLUSIVE) -> Hit:
+    return Hit(LOCK_TIMEOUT, f"locks {table or 'an existing object'}", table, mode)
 
 
 def _row_filler(ctype: ColType, kinds: set[Any], stored: bool) -> str | None:
@@ -283,8 +462,14 @@ def _add_column(table: str, col: Any, state: FileState) -> list[Hit]:
         hits.append(Hit("adding-required-field", f"adds NOT NULL column {where}", table))
     volatile = _volatile_call(default)
     if volatile or filler:
-        what = f"default {volatile}()" if volatile else f"{filler} column"
+        what = (
+            f"default {volatile}() (not a known non-volatile built-in)"
+            if volatile
+            else (f"{filler} column")
+        )
         hits.append(Hit("adding-field-with-default", f"adds {where} with a {what}", table))
+    if ctype.name == "json":
+        hits.append(Hit("adding-json-field", f"adds json column {where}", table))
     # An inline NOT NULL was judged above; the other inline constraints lock like table ones.
     inline = (c for c in cons if c.contype != ConstrType.CONSTR_NOTNULL)
     hits.extend(h for c in inline if (h := _constraint_hit(table, c)))
@@ -292,17 +477,37 @@ def _add_column(table: str, col: Any, state: FileState) -> list[Hit]:
     return hits
 
 
-def _remember_not_null_check(table: str, con: Any, state: FileState) -> None:
-    """Note CHECK (col IS NOT NULL), so that a later SET NOT NULL is known to be cheap."""
-    expr = con.raw_expr
-    if not (
-        con.contype == ConstrType.CONSTR_CHECK
-        and isinstance(expr, ast.NullTest)
+def _not_null_column(expr: Any) -> str | None:
+    """The column of `col IS NOT NULL`, alone or ANDed with more (PostgreSQL proves
+    NOT NULL from either)."""
+    if isinstance(expr, ast.BoolExpr) and expr.boolop == BoolExprType.AND_EXPR:
+        return next(filter(None, map(_not_null_column, expr.args or ())), None)
+    if (
+        isinstance(expr, ast.NullTest)
         and expr.nulltesttype == NullTestType.IS_NOT_NULL
         and isinstance(expr.arg, ast.ColumnRef)
     ):
+        return _name(expr.arg.fields)
+    return None
+
+
+def _drop_default(table: str, cmd: Any, state: FileState) -> list[Hit]:
+    """DROP DEFAULT affects new rows only, but the old release's INSERTs that omit a
+    NOT NULL column relied on it.  Passes only for a column known to be nullable."""
+    info = state.schema.columns.get((table, str(cmd.name)))
+    if info is not None and not info.not_null:
+        return []
+    known = "NOT NULL" if info else "nullability not declared in the checked files"
+    detail = f"drops the default of {table}.{cmd.name} ({known})"
+    return [Hit("dropping-required-field-default", detail, table)]
+
+
+def _remember_not_null_check(table: str, con: Any, state: FileState) -> None:
+    """Note CHECK (col IS NOT NULL), so that a later SET NOT NULL is known to be cheap."""
+    name = _not_null_column(con.raw_expr) if con.contype == ConstrType.CONSTR_CHECK else None
+    if name is None:
         return
-    column = (table, _name(expr.arg.fields))
+    column = (table, name)
     if con.skip_validation and con.conname:
         state.schema.unvalidated_not_null_checks[str(con.conname)] = column
     elif not con.skip_validation:
@@ -331,19 +536,51 @@ def _alter_table_cmd(table: str, cmd: Any, state: FileState) -> list[Hit]:
         checked = state.schema.unvalidated_not_null_checks.pop(str(cmd.name), None)
         if checked:
             state.schema.validated_not_null.add(checked)
-        return []
+        return state.held_lock(f"VALIDATE CONSTRAINT {cmd.name} scans {table}")
+    if subtype == AlterTableType.AT_DropNotNull:
+        state.schema.columns.pop((table, str(cmd.name)), None)
+        return [Hit("ban-drop-not-null", f"drops NOT NULL of {table}.{cmd.name}", table)]
+    if subtype == AlterTableType.AT_ColumnDefault:
+        return _drop_default(table, cmd, state) if cmd.def_ is None else []
+    if subtype == AlterTableType.AT_DetachPartition:
+        if cmd.def_.concurrent:
+            return _concurrently(state, "detaches a partition")
+        detail = f"detaches partition {_qualified(cmd.def_.name)} from {table}"
+        return [Hit("require-concurrent-partition-detach", detail, table)]
     if subtype in _ALTER_HARMLESS:
         return []
     what = AlterTableType(subtype).name.removeprefix("AT_")
     return [Hit(NEEDS_REVIEW, f"ALTER TABLE {table} {what} is not classified")]
 
 
+def _cmd_lock(cmd: Any) -> str | None:
+    if cmd.subtype == AlterTableType.AT_AddConstraint and (
+        cmd.def_.contype == ConstrType.CONSTR_FOREIGN
+    ):
+        return SHARE_ROW_EXCLUSIVE
+    return _ALTER_LOCKS.get(cmd.subtype, ACCESS_EXCLUSIVE)
+
+
+def _foreign_tables(cmds: Any) -> list[str]:
+    """Tables an added foreign key references: locked SHARE ROW EXCLUSIVE too."""
+    return [
+        _qualified(node.pktable)
+        for cmd in cmds
+        for node in _walk(cmd.def_)
+        if isinstance(node, ast.Constraint) and node.contype == ConstrType.CONSTR_FOREIGN
+    ]
+
+
 def _alter_table(node: Any, state: FileState) -> list[Hit]:
-    table = _name(node.relation)
-    hits = [_lock(table)]
-    if node.objtype in (ObjectType.OBJECT_TABLE, ObjectType.OBJECT_FOREIGN_TABLE):
-        for cmd in node.cmds or ():
-            hits.extend(_alter_table_cmd(table, cmd, state))
+    table = _qualified(node.relation)
+    cmds = list(node.cmds or ())
+    if node.objtype not in (ObjectType.OBJECT_TABLE, ObjectType.OBJECT_FOREIGN_TABLE):
+        return [_lock(table)]
+    mode = max((_cmd_lock(cmd) for cmd in cmds), key=_LOCK_STRENGTH.__getitem__, default=None)
+    hits = [_lock(table, mode)]
+    hits.extend(_lock(other, SHARE_ROW_EXCLUSIVE) for other in _foreign_tables(cmds))
+    for cmd in cmds:
+        hits.extend(_alter_table_cmd(table, cmd, state))
     return hits
 
 
@@ -354,14 +591,18 @@ def _concurrently(state: FileState, what: str) -> list[Hit]:
 
 
 def _create_index(node: Any, state: FileState) -> list[Hit]:
-    table = _name(node.relation)
-    if node.idxname:
-        state.created.add(str(node.idxname))
-    if node.concurrent:
-        return _concurrently(state, "creates an index")
+    table = _qualified(node.relation)
+    if node.idxname and _creates(node):
+        schema = node.relation.schemaname  # an index lives in its table's schema
+        state.created.add(f"{schema}.{node.idxname}" if schema else str(node.idxname))
     name = f" {node.idxname}" if node.idxname else ""
+    # Also CONCURRENTLY: from now on the old release's duplicate writes fail.
+    unique = [Hit("adding-unique-index", f"creates unique index{name} on {table}", table)]
+    hits = unique if node.unique else []
+    if node.concurrent:
+        return hits + _concurrently(state, "creates an index")
     rule = "require-concurrent-index-creation"
-    return [Hit(rule, f"creates index{name} on {table}", table), _lock(table)]
+    return [*hits, Hit(rule, f"creates index{name} on {table}", table), _lock(table, SHARE)]
 
 
 def _drop(node: Any, state: FileState) -> list[Hit]:
@@ -370,7 +611,7 @@ def _drop(node: Any, state: FileState) -> list[Hit]:
         return _concurrently(state, "drops an index")
     hits: list[Hit] = []
     for obj in node.objects or ():
-        name = _name(obj)
+        name = _qualified(obj)
         if kind == ObjectType.OBJECT_INDEX:
             hits.append(Hit("require-concurrent-index-deletion", f"drops index {name}", name))
         elif kind == ObjectType.OBJECT_TABLE:
@@ -384,7 +625,7 @@ def _drop(node: Any, state: FileState) -> list[Hit]:
 
 def _rename(node: Any, state: FileState) -> list[Hit]:
     kind, new = node.renameType, node.newname
-    table = _name(node.relation) if node.relation else None
+    table = _qualified(node.relation) if node.relation else None
     if kind == ObjectType.OBJECT_COLUMN:
         hit = Hit("renaming-column", f"renames {table}.{node.subname} to {new}", table)
     elif kind == ObjectType.OBJECT_TABLE:
@@ -392,28 +633,37 @@ def _rename(node: Any, state: FileState) -> list[Hit]:
     elif kind in _RENAME_HARMLESS:
         return [_lock(table)]
     else:
-        old = table or (str(node.subname) if node.subname else _name(node.object))
+        old = table or (str(node.subname) if node.subname else _qualified(node.object))
         what = ObjectType(kind).name.removeprefix("OBJECT_").lower()
         hit = Hit("renaming-object", f"renames {what} {old} to {new}", old)
     return [hit, _lock(hit.obj)]
 
 
 def _set_schema(node: Any, state: FileState) -> list[Hit]:
-    name = _name(node.relation) if node.relation else _name(node.object)
+    name = _qualified(node.relation) if node.relation else _qualified(node.object)
     hit = Hit("renaming-object", f"moves {name} to schema {node.newschema}", name)
     return [hit, _lock(name)]
 
 
 def _alter_enum(node: Any, state: FileState) -> list[Hit]:
-    name = _name(node.typeName)
+    name = _qualified(node.typeName)
     if node.oldVal is not None:
         detail = f"renames value {node.oldVal!r} of {name} to {node.newVal!r}"
         return [Hit("renaming-enum-value", detail, name), _lock(name)]
     hits = [_lock(name)]
-    if state.in_transaction:
+    if node.newValNeighbor is not None:
+        where = "after" if node.newValIsAfter else "before"
+        detail = f"adds value {node.newVal!r} to {name} {where} {node.newValNeighbor!r}"
+        hits.append(Hit("adding-enum-value-out-of-order", detail, name))
+    # Only the file's own BEGIN: PostgreSQL 12+ accepts ADD VALUE in the applier's
+    # transaction; before 12 it is refused there too, and the file fails whole.
+    if state.explicit_transaction:
         detail = f"adds value {node.newVal!r} to {name}"
         hits.append(Hit("adding-enum-value-in-transaction", detail, name))
     return hits
+
+
+_TIMEOUTS = frozenset({"lock_timeout", "statement_timeout"})
 
 
 def _disables_timeout(arg: Any) -> bool:
@@ -423,24 +673,61 @@ def _disables_timeout(arg: Any) -> bool:
     return not digits or float(digits) == 0
 
 
+def _set_timeout(state: FileState, setting: str, enabled: bool, local: bool) -> None:
+    # SET LOCAL outside a transaction block has no effect (PostgreSQL warns).
+    timeouts = state.local_timeouts if local else state.session_timeouts
+    if enabled and (state.in_transaction or not local):
+        timeouts.add(setting)
+    else:
+        timeouts.discard(setting)
+
+
 def _set(node: Any, state: FileState) -> list[Hit]:
-    if node.name != "lock_timeout":
+    if node.kind == VariableSetKind.VAR_RESET_ALL:
+        state.session_timeouts.clear()
+        state.local_timeouts.clear()
+    if node.name == "search_path":
+        # Unqualified names may now mean another schema's objects.
+        state.created = {name for name in state.created if "." in name}
+    if node.name not in _TIMEOUTS:
         return []
     args = [a for a in node.args or () if isinstance(a, ast.A_Const)]
     enabled = bool(args) and not _disables_timeout(args[0])  # RESET / DEFAULT: off
-    if node.is_local:
-        # SET LOCAL outside a transaction block has no effect (PostgreSQL warns).
-        state.local_lock_timeout = enabled and state.in_transaction
-    else:
-        state.session_lock_timeout = enabled
+    _set_timeout(state, str(node.name), enabled, bool(node.is_local))
     return []
+
+
+def _select(node: Any, state: FileState) -> list[Hit]:
+    """SELECT is harmless, except set_config('lock_timeout', ...), which sets it (and
+    statement_timeout),
+    and a call of a function created in this file, which may hide any DDL."""
+    hits: list[Hit] = []
+    for call in _walk(node):
+        if not isinstance(call, ast.FuncCall):
+            continue
+        name = _qualified(call.funcname)
+        args = list(call.args or ())
+        if name in ("set_config", "pg_catalog.set_config") and len(args) == 3:
+            setting, value, local = args
+            if isinstance(setting, ast.A_Const) and _name(setting.val) in _TIMEOUTS:
+                enabled = isinstance(value, ast.A_Const) and not _disables_timeout(value)
+                is_local = isinstance(local, ast.A_Const) and bool(
+                    getattr(local.val, "boolval", False)
+                )
+                _set_timeout(state, _name(setting.val), enabled, is_local)
+        elif name in state.created:
+            detail = f"calls {name}(), created in this file: its body may run any DDL"
+            hits.append(Hit(NEEDS_REVIEW, detail))
+    return hits
 
 
 def _transaction(node: Any, state: FileState) -> list[Hit]:
     if node.kind in _TRANSACTION_START:
-        state.in_transaction = True
+        state.in_transaction = state.explicit_transaction = True
     elif node.kind in _TRANSACTION_END:
         state.end_transaction()
+        # COMMIT AND CHAIN / ROLLBACK AND CHAIN open the next transaction at once.
+        state.in_transaction = state.explicit_transaction = bool(node.chain)
     return []
 
 
@@ -448,14 +735,17 @@ def _created(name_of: Callable[[Any], Any]) -> Classifier:
     """A classifier for CREATE statements: remember the new object, nothing to report."""
 
     def classify(node: Any, state: FileState) -> list[Hit]:
-        state.created.add(_name(name_of(node)))
+        if _creates(node):
+            state.created.add(_qualified(name_of(node)))
         return []
 
     return classify
 
 
 def _create_table(node: Any, state: FileState) -> list[Hit]:
-    table = _name(node.relation)
+    table = _qualified(node.relation)
+    if not _creates(node):
+        return []  # the existing table, with columns of its own
     state.created.add(table)
     for element in node.tableElts or ():
         if isinstance(element, ast.ColumnDef):
@@ -468,8 +758,62 @@ def _create_table(node: Any, state: FileState) -> list[Hit]:
 
 
 def _create_trigger(node: Any, state: FileState) -> list[Hit]:
-    state.created.add(str(node.trigname))
-    return [_lock(_name(node.relation))]
+    table = _qualified(node.relation)
+    if _creates(node):
+        state.created.add(f"{table}.{node.trigname}")  # as DROP TRIGGER tr ON t names it
+    return [_lock(table, SHARE_ROW_EXCLUSIVE)]
+
+
+def _data_change(node: Any, state: FileState) -> list[Hit]:
+    """UPDATE, DELETE and INSERT ... SELECT: a backfill that may run long.  Data
+    changes are the author's business, unless a held lock makes them block."""
+    if isinstance(node, ast.InsertStmt):
+        select = node.selectStmt
+        if not (isinstance(select, ast.SelectStmt) and select.fromClause):
+            return []
+    verb = type(node).__name__.removesuffix("Stmt").upper()
+    return state.held_lock(f"{verb} of {_qualified(node.relation)} touches every matching row")
+
+
+def _reindex(node: Any, state: FileState) -> list[Hit]:
+    name = _qualified(node.relation) if node.relation else str(node.name)
+    if _refuses_transaction(node):
+        return _concurrently(state, "reindexes")
+    return [Hit("require-concurrent-reindex", f"reindexes {name}", name), _lock(name)]
+
+
+def _rewrites_in_place(node: Any, state: FileState) -> list[Hit]:
+    """VACUUM FULL and CLUSTER rewrite the table under ACCESS EXCLUSIVE; a plain VACUUM
+    or ANALYZE does not."""
+    if isinstance(node, ast.VacuumStmt):
+        if not any(o.defname == "full" for o in node.options or ()):
+            return []
+        names = [_qualified(r.relation) for r in node.rels or ()] or ["every table"]
+        return [h for n in names for h in (Hit("prefer-repack", f"VACUUM FULL {n}", n), _lock(n))]
+    name = _qualified(node.relation) if node.relation else "every clustered table"
+    return [Hit("prefer-repack", f"CLUSTER {name}", name), _lock(name)]
+
+
+def _truncate(node: Any, state: FileState) -> list[Hit]:
+    names = [_qualified(r) for r in node.relations or ()]
+    hits = [_lock(n) for n in names]
+    if node.behavior == DropBehavior.DROP_CASCADE:
+        detail = f"truncates {', '.join(names)} and every table referencing them"
+        hits.append(Hit("ban-truncate-cascade", detail))
+    return hits
+
+
+def _alter_domain(node: Any, state: FileState) -> list[Hit]:
+    name = _qualified(node.typeName)
+    con = node.def_
+    if node.subtype == "C" and isinstance(con, ast.Constraint) and not con.skip_validation:
+        detail = f"adds a constraint to domain {name}, checked on every column using it"
+        return [Hit("ban-alter-domain-with-add-constraint", detail, name), _lock(name)]
+    return [_lock(name)]
+
+
+def _drop_database(node: Any, state: FileState) -> list[Hit]:
+    return [Hit("ban-drop-database", f"drops database {node.dbname}")]
 
 
 def _do(node: Any, state: FileState) -> list[Hit]:
@@ -488,6 +832,16 @@ _CLASSIFIERS: dict[type[Any], Classifier] = {
     ast.CreateStmt: _create_table,
     ast.CreateTrigStmt: _create_trigger,
     ast.DoStmt: _do,
+    ast.SelectStmt: _select,
+    ast.ReindexStmt: _reindex,
+    ast.VacuumStmt: _rewrites_in_place,
+    ast.ClusterStmt: _rewrites_in_place,
+    ast.TruncateStmt: _truncate,
+    ast.AlterDomainStmt: _alter_domain,
+    ast.DropdbStmt: _drop_database,
+    ast.UpdateStmt: _data_change,
+    ast.DeleteStmt: _data_change,
+    ast.InsertStmt: _data_change,
     ast.CreateTableAsStmt: _created(lambda n: n.into.rel),
     ast.ViewStmt: _created(lambda n: n.view),
     ast.CreateSeqStmt: _created(lambda n: n.sequence),

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import PurePath
 from typing import Any, Literal
+from urllib.parse import quote
 
 from changeover.migrations.rules import RULES, Finding
 
@@ -26,6 +28,13 @@ def _text(findings: Sequence[Finding]) -> str:
     ]
     blocks.append(f"{len(findings)} finding(s)")
     return "\n".join(blocks)
+
+
+def _uri(path: str) -> str:
+    """A SARIF artifact URI: an absolute path as a file: URI, a relative one
+    percent-encoded (spaces, '#', '%' and the like would break the reference)."""
+    pure = PurePath(path)
+    return pure.as_uri() if pure.is_absolute() else quote(pure.as_posix())
 
 
 def _sarif(findings: Sequence[Finding]) -> dict[str, Any]:
@@ -50,7 +59,7 @@ def _sarif(findings: Sequence[Finding]) -> dict[str, Any]:
             "locations": [
                 {
                     "physicalLocation": {
-                        "artifactLocation": {"uri": f.path},
+                        "artifactLocation": {"uri": _uri(f.path)},
                         "region": {"startLine": f.line, "snippet": {"text": f.statement}},
                     }
                 }

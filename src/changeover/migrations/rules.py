@@ -17,6 +17,9 @@ from typing import Literal
 Dialect = Literal["postgres", "mysql", "sqlite"]
 Phase = Literal["expand", "contract"]
 Severity = Literal["error", "warning"]
+# How the files are applied: "per-file" as changeover's applier does (one
+# transaction per file, see docs/migrations.md), "per-statement" autocommit.
+Transactions = Literal["per-file", "per-statement"]
 
 EXPAND_ONLY: frozenset[Phase] = frozenset({"expand"})
 BOTH_PHASES: frozenset[Phase] = frozenset({"expand", "contract"})
@@ -46,6 +49,9 @@ class Rule:
     # Most rules do not matter for objects created earlier in the same file
     # (no old release reads them, nobody else holds locks on them); these do.
     applies_to_new_objects: bool = False
+    # False: --allow cannot accept it, because what it hides (a DROP after a
+    # missing semicolon, say) is unknown.
+    allowable: bool = True
 
 
 _RULES = (
@@ -116,6 +122,49 @@ _RULES = (
         "contract migration",
         EXPAND_ONLY,
     ),
+    Rule(
+        "ban-drop-not-null",
+        "drops NOT NULL from a column",
+        "the new release may now write NULL, which the old release does not expect when "
+        "it reads the column",
+        "keep the column NOT NULL while the old release runs; drop the constraint in a "
+        "contract migration",
+        EXPAND_ONLY,
+    ),
+    Rule(
+        "dropping-required-field-default",
+        "drops the default of a NOT NULL column (or one whose nullability is unknown)",
+        "the old release's INSERTs that omit the column relied on the default and now fail "
+        "with a not-null violation",
+        "keep the default while the old release runs; drop it in a contract migration",
+        EXPAND_ONLY,
+    ),
+    Rule(
+        "adding-json-field",
+        "adds a json (not jsonb) column to an existing table",
+        "json has no equality operator, so the old release's SELECT DISTINCT, UNION or "
+        "GROUP BY over the table's rows fail with 'could not identify an equality operator'",
+        "use jsonb",
+        EXPAND_ONLY,
+    ),
+    Rule(
+        "adding-enum-value-out-of-order",
+        "adds an enum value BEFORE or AFTER an existing one",
+        "the old release's comparisons and ORDER BY on the enum now place an unknown label "
+        "between the ones it knows",
+        "append the value (ADD VALUE without BEFORE/AFTER)",
+        EXPAND_ONLY,
+    ),
+    Rule(
+        "adding-unique-index",
+        "creates a UNIQUE index on an existing table, CONCURRENTLY or not",
+        "from then on the old release's writes of duplicate values fail; a concurrent build "
+        "that meets a duplicate fails and leaves an INVALID index behind",
+        "make sure the old release never writes duplicates (or create the index in a "
+        "contract migration), then allow it with a reason",
+        EXPAND_ONLY,
+        severity="warning",
+    ),
     # --- locking: hurts whichever release serves (both phases) ----------------
     Rule(
         "changing-column-type",
@@ -134,9 +183,9 @@ _RULES = (
         "makes an existing column NOT NULL",
         "the whole table is scanned under an ACCESS EXCLUSIVE lock; during expand the old "
         "release may still insert NULL and fail",
-        "ADD CONSTRAINT c CHECK (col IS NOT NULL) NOT VALID; then VALIDATE CONSTRAINT c; then "
-        "SET NOT NULL (PostgreSQL 12+ uses the validated check and skips the scan) and drop "
-        "the check",
+        "ADD CONSTRAINT c CHECK (col IS NOT NULL) NOT VALID and commit (end of the file); "
+        "then VALIDATE CONSTRAINT c; then SET NOT NULL (PostgreSQL 12+ uses the validated "
+        "check and skips the scan) and drop the check",
         BOTH_PHASES,
     ),
     Rule(
@@ -216,6 +265,103 @@ _RULES = (
         BOTH_PHASES,
     ),
     Rule(
+        "transaction-holds-lock",
+        "runs a slow statement (VALIDATE CONSTRAINT, a backfill UPDATE/DELETE/INSERT ... "
+        "SELECT) while the transaction still holds a blocking lock taken earlier",
+        "the ACCESS EXCLUSIVE lock of an earlier ALTER TABLE blocks the old release's reads "
+        "(a SHARE or SHARE ROW EXCLUSIVE lock its writes) for as long as the slow statement "
+        "runs, which undoes NOT VALID and the separate backfill",
+        "split the file: the statement that takes the lock in one file, the slow statement "
+        "in the next (each file commits on its own), or give the file its own BEGIN ... "
+        "COMMIT around the short part",
+        BOTH_PHASES,
+        applies_to_new_objects=True,
+    ),
+    Rule(
+        "require-concurrent-reindex",
+        "reindexes without CONCURRENTLY",
+        "REINDEX blocks writes to the table, and reads that use the index, until it is done",
+        "REINDEX ... CONCURRENTLY, outside a transaction block",
+        BOTH_PHASES,
+    ),
+    Rule(
+        "require-concurrent-partition-detach",
+        "detaches a partition without CONCURRENTLY",
+        "DETACH PARTITION takes an ACCESS EXCLUSIVE lock on the parent table",
+        "ALTER TABLE ... DETACH PARTITION ... CONCURRENTLY, outside a transaction block",
+        BOTH_PHASES,
+    ),
+    Rule(
+        "prefer-repack",
+        "rewrites a table with VACUUM FULL or CLUSTER",
+        "the whole table is rewritten under an ACCESS EXCLUSIVE lock, blocking reads and "
+        "writes for the duration",
+        "pg_repack (outside the migration), which rewrites the table without the long lock; "
+        "or a plain VACUUM",
+        BOTH_PHASES,
+    ),
+    Rule(
+        "ban-truncate-cascade",
+        "truncates with CASCADE",
+        "CASCADE also empties every table with a foreign key to it, and the ones referencing "
+        "those, whatever the author had in mind",
+        "truncate the tables you mean by name",
+        BOTH_PHASES,
+    ),
+    Rule(
+        "ban-alter-domain-with-add-constraint",
+        "adds a constraint to a domain",
+        "every column of every table using the domain is checked, under locks that block writes",
+        "ADD CONSTRAINT ... NOT VALID on the domain, then VALIDATE CONSTRAINT in a later file",
+        BOTH_PHASES,
+    ),
+    Rule(
+        "ban-drop-database",
+        "drops a database",
+        "every release that uses it stops working; a migration never needs to",
+        "drop databases by hand, outside migrations",
+        BOTH_PHASES,
+        applies_to_new_objects=True,
+    ),
+    Rule(
+        "mysql-algorithm-copy",
+        "asks MySQL for ALGORITHM=COPY",
+        "the table is copied row by row while writes to it wait",
+        "leave ALGORITHM out (or ask for INPLACE/INSTANT, which MySQL refuses rather than "
+        "copying when it cannot), or use an online schema change tool (gh-ost, pt-osc)",
+        BOTH_PHASES,
+    ),
+    Rule(
+        "mysql-lock-exclusive",
+        "asks MySQL for LOCK=SHARED or LOCK=EXCLUSIVE",
+        "the ALTER holds a lock that blocks writes (EXCLUSIVE: reads too) until it is done",
+        "leave LOCK out, or LOCK=NONE (MySQL refuses rather than locking when it cannot)",
+        BOTH_PHASES,
+    ),
+    Rule(
+        "require-statement-timeout",
+        "runs DDL on an existing object without a statement_timeout",
+        "a statement that runs long (a scan, a rewrite, a backfill) keeps its locks, and the "
+        "queue behind them, for as long as it runs; nothing stops it",
+        "start the file with SET statement_timeout = '5s' (as long as the file's slowest "
+        "statement may take) next to the lock_timeout",
+        BOTH_PHASES,
+    ),
+    Rule(
+        "non-idempotent-ddl",
+        "creates, adds or drops without IF [NOT] EXISTS (or OR REPLACE) in a file changeover "
+        "runs as written (it has its own BEGIN/COMMIT, or CONCURRENTLY)",
+        "such a file is not applied atomically: when a later statement fails, `resume` runs "
+        "the file again from the top, and this statement then fails with 'already exists' "
+        "(or 'does not exist')",
+        "add IF NOT EXISTS / IF EXISTS / OR REPLACE (after a failed concurrent build, drop "
+        "the INVALID index first: changeover's error names it), or move the statement to a "
+        "file of its own that changeover applies in one transaction",
+        BOTH_PHASES,
+        severity="warning",
+        applies_to_new_objects=True,
+    ),
+    Rule(
         "adding-enum-value-in-transaction",
         "adds an enum value inside a transaction block",
         "PostgreSQL before 12 refuses ALTER TYPE ... ADD VALUE inside BEGIN ... COMMIT, and "
@@ -226,8 +372,18 @@ _RULES = (
         applies_to_new_objects=True,
     ),
     Rule(
+        "unparseable-statement",
+        "cannot be parsed",
+        "the parser rejects the text (a missing semicolon, a psql meta-command such as \\i), "
+        "so anything may hide in it, a DROP included; and changeover cannot apply it either",
+        "fix the SQL so that it parses; this rule cannot be allowed",
+        BOTH_PHASES,
+        applies_to_new_objects=True,
+        allowable=False,
+    ),
+    Rule(
         "needs-review",
-        "cannot be parsed or classified",
+        "parses but cannot be classified",
         "the analyser cannot tell whether it breaks the old release or locks a table, so a "
         "person must",
         "read the statement; if it is safe, allow it with --allow needs-review --reason '...'",

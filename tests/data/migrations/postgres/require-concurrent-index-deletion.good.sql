@@ -1,1 +1,1 @@
-DROP INDEX CONCURRENTLY orders_user_id_idx;
+DROP INDEX CONCURRENTLY IF EXISTS orders_user_id_idx;

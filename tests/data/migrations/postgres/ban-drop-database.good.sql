@@ -1,0 +1,2 @@
+-- Nothing: databases are dropped by hand, outside migrations.
+SELECT 1;

@@ -1,3 +1,0 @@
-CREATE UNIQUE INDEX CONCURRENTLY users_email_key ON users (email);
-SET lock_timeout = '2s';
-ALTER TABLE users ADD CONSTRAINT users_email_key UNIQUE USING INDEX users_email_key;
