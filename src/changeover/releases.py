@@ -21,7 +21,7 @@ from changeover.balancers.base import BalancerError
 from changeover.config import ConfigError, Topology
 from changeover.engine import Engine, Event
 from changeover.journal import LockInfo, ReleaseRow
-from changeover.migrations import RULES, Finding
+from changeover.migrations import Finding, allow_refusal
 from changeover.model import AbortAsked, Approval, PoolView, encode_ask
 from changeover.ports import JournalStore, Migrator, Ports, Review
 
@@ -76,9 +76,9 @@ def operator() -> str:
 async def review_gate(topo: Topology, migrator: Migrator, begin: Begin) -> Review | None:
     """The migrations `begin` would apply, with the findings it accepts; raises
     GateRefused for a finding of a rule not allowed. Touches nothing."""
-    unknown = sorted(set(begin.allow) - RULES.keys())
-    if unknown:
-        raise BadRequest(f"unknown rule(s) for --allow: {', '.join(unknown)}")
+    refusal = allow_refusal(begin.allow)
+    if refusal:
+        raise BadRequest(refusal)
     if begin.allow and not (begin.reason or "").strip():
         raise BadRequest('--allow needs --reason "why this is safe here" (for the journal)')
     if topo.database is None:

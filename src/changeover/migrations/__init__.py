@@ -5,6 +5,7 @@ release working and no migration may hold a long lock.  See docs/migrations.md.
 """
 
 from changeover.migrations.analysis import (
+    allow_refusal,
     analyse,
     blocking_findings,
     check_paths,
@@ -30,6 +31,7 @@ __all__ = [
     "Rule",
     "Severity",
     "Transactions",
+    "allow_refusal",
     "analyse",
     "blocking_findings",
     "check_paths",

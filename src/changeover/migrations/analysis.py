@@ -242,6 +242,18 @@ def analyse(
 _WORDS = re.compile(r"[a-z0-9]+")  # splits a file name, never SQL
 
 
+def allow_refusal(allowed: Iterable[str]) -> str | None:
+    """Why `--allow` cannot take these rules (unknown, or not allowable), or None."""
+    rules = set(allowed)
+    unknown = sorted(rules - RULES.keys())
+    if unknown:
+        return f"unknown rule(s) for --allow: {', '.join(unknown)}"
+    refused = sorted(r for r in rules if not RULES[r].allowable)
+    if refused:
+        return f"--allow cannot accept {', '.join(refused)}: fix the SQL"
+    return None
+
+
 def blocking_findings(findings: Iterable[Finding], allowed: Iterable[str]) -> list[Finding]:
     """The findings `--allow` does not accept; a rule that is not allowable always blocks."""
     accepted = {rule for rule in allowed if RULES[rule].allowable} if allowed else set()

@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from changeover.migrations.analysis import blocking_findings, check_paths
+from changeover.migrations.analysis import allow_refusal, blocking_findings, check_paths
 from changeover.migrations.report import Format, format_findings
-from changeover.migrations.rules import RULES, Dialect, Phase, Transactions
+from changeover.migrations.rules import Dialect, Phase, Transactions
 
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -49,13 +49,9 @@ def check(
 ) -> None:
     """Exit 1 when a statement breaks the old release or locks a table, 0 when clean."""
     allowed = set(allow or ())
-    unknown = sorted(allowed - RULES.keys())
-    if unknown:
-        typer.echo(f"error: unknown rule(s) for --allow: {', '.join(unknown)}", err=True)
-        raise typer.Exit(EXIT_BAD_INPUT)
-    refused = sorted(r for r in allowed if not RULES[r].allowable)
-    if refused:
-        typer.echo(f"error: --allow cannot accept {', '.join(refused)}: fix the SQL", err=True)
+    refusal = allow_refusal(allowed)
+    if refusal:
+        typer.echo(f"error: {refusal}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT)
     try:
         findings = check_paths(paths, dialect=dialect, phase=phase, transactions=transactions)
