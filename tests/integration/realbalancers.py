@@ -38,7 +38,7 @@ from changeover.balancers.factory import DRIVERS
 from changeover.balancers.process import ConfiguredBalancer
 from changeover.config import BalancerInstance, Topology, parse
 from changeover.model import Admission
-from tests.helpers import free_port, require_binary
+from tests.helpers import free_port, require_binary, toml_value
 
 HOST = "127.0.0.1"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -326,20 +326,6 @@ def parse_site(data: dict[str, Any], root: Path) -> Topology:
 # --- the probe, in its own process, watching a real balancer -----------------
 
 
-def _toml_value(value: Any) -> str:
-    """One TOML value on one line (inline tables and arrays); JSON strings are TOML strings."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float | str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        items = (f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items() if v is not None)
-        return "{ " + ", ".join(items) + " }"
-    raise TypeError(f"no TOML for {value!r}")
-
-
 def toml_document(data: Mapping[str, Any]) -> str:
     """`data` (tables of plain values, as site_data gives) as a TOML document."""
     lines = []
@@ -347,10 +333,10 @@ def toml_document(data: Mapping[str, Any]) -> str:
         if isinstance(value, dict):
             lines.append(f"[{json.dumps(key)}]")
             lines += [
-                f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items() if v is not None
+                f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items() if v is not None
             ]
         else:
-            lines.insert(0, f"{json.dumps(key)} = {_toml_value(value)}")
+            lines.insert(0, f"{json.dumps(key)} = {toml_value(value)}")
     return "\n".join(lines) + "\n"
 
 
