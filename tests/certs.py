@@ -58,3 +58,12 @@ def server_context(pair: Pair) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(pair.cert, pair.key)
     return context
+
+
+def tls11_client(ca: trustme.CA) -> ssl.SSLContext:
+    """A client that can speak TLS 1.1 at most (this OpenSSL still can, at level 0)."""
+    context = client_context(ca)
+    context.maximum_version = ssl.TLSVersion.TLSv1_1
+    context.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    return context

@@ -13,9 +13,10 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from cryptography import x509
 
@@ -25,6 +26,7 @@ log = logging.getLogger("changeover.proxy")
 
 EXPIRY_WARNING = dt.timedelta(days=21)
 ALPN = ["http/1.1"]  # the balancer speaks HTTP/1.1 only: never let a client pick h2
+T = TypeVar("T")
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
@@ -60,8 +62,8 @@ def server_context(balancer: Balancer, files: CertFiles) -> ssl.SSLContext:
     return context
 
 
-def choose(names: dict[str, ssl.SSLContext], server_name: str | None) -> ssl.SSLContext | None:
-    """The context for a requested name: exact, else `*.` one label up; None: the default."""
+def choose(names: Mapping[str, T], server_name: str | None) -> T | None:
+    """What a requested name gets: exact, else `*.` one label up; None: the default."""
     if not server_name:
         return None
     name = server_name.lower().removesuffix(".")

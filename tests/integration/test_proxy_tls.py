@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 import trustme
 
-from tests.certs import Pair, ca_file, client_context, issue, server_context
+from tests.certs import Pair, ca_file, client_context, issue, server_context, tls11_client
 from tests.helpers import free_port, wait_until
 from tests.integration.proxy_fixtures import (
     ConnectionCount,
@@ -157,6 +157,7 @@ def legacy_client(
     return context
 
 
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated")
 async def test_tls12_minimum_and_modern_ciphers_by_default(tmp_path: Path) -> None:
     ca = trustme.CA()
     # RSA certificates: a suite without ECDHE could be agreed on with them.
@@ -166,6 +167,8 @@ async def test_tls12_minimum_and_modern_ciphers_by_default(tmp_path: Path) -> No
             url, legacy_client(ca, version=ssl.TLSVersion.TLSv1_2), "shop.test"
         )
         assert version == "TLSv1.2"
+        with pytest.raises(REFUSED):
+            await handshake(url, tls11_client(ca), "shop.test")
         # RSA key exchange, no forward secrecy: a TLS 1.2 suite the default list leaves out.
         old_suite = legacy_client(ca, version=ssl.TLSVersion.TLSv1_2, ciphers="AES128-GCM-SHA256")
         with pytest.raises(REFUSED):
