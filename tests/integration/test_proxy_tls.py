@@ -136,14 +136,16 @@ async def test_requests_over_tls_route_by_host_and_say_https(tmp_path: Path) -> 
                 pass
 
 
-async def test_the_route_cookie_is_not_secure_without_tls(tmp_path: Path) -> None:
+async def test_without_tls_no_secure_cookie_and_no_reload(tmp_path: Path) -> None:
     async with (
         members(LAYOUT) as started,
         balancer_site(tmp_path, started) as site,
         aiohttp.ClientSession() as client,
-        client.get(site.public + "/plain") as r,
     ):
-        assert "Secure" not in r.headers["Set-Cookie"]
+        async with client.get(site.public + "/plain") as r:
+            assert "Secure" not in r.headers["Set-Cookie"]
+        status, body = await reload_via_admin(client, site)
+        assert status == 409, body
 
 
 def legacy_client(

@@ -155,3 +155,11 @@ def test_a_reload_is_all_or_nothing(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"shop\.pem"):
         certificates.reload()
     assert certificates.names["shop.test"] is before
+
+
+def test_members_are_reached_over_https_with_member_tls() -> None:
+    plain = parse(site(), "site.toml")
+    member = plain.clusters[0].members[0]
+    assert plain.member_url(member) == "http://127.0.0.1:9001"
+    tls = parse(site(member_tls=True), "site.toml")
+    assert tls.member_url(member) == "https://127.0.0.1:9001"  # the checks' and the balancer's
