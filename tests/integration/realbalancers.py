@@ -171,8 +171,9 @@ class RealBalancer:
 
     @property
     def url(self) -> str:
-        listen = self.topology.balancer.listen
-        return f"http://{listen.host}:{listen.port}"
+        balancer = self.topology.balancer
+        scheme = "https" if balancer.tls_cert else "http"
+        return f"{scheme}://{balancer.listen.host}:{balancer.listen.port}"
 
     def qa_url(self, cluster: str) -> str:
         c = self.topology.cluster(cluster)
@@ -351,15 +352,16 @@ def write_probe_site(path: Path, real: RealBalancer, data: dict[str, Any]) -> Pa
 
 @contextlib.asynccontextmanager
 async def probe_process(
-    site: Path, url: str, *, rate: float, sticky_users: int, log: Path
+    site: Path, url: str, *, rate: float, sticky_users: int, log: Path, ca: Path | None = None
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     """`python -m changeover.probe` against `url` until the context ends (SIGINT),
-    watching the balancer that the changeover.toml `site` names; stdout is its report."""
+    watching the balancer that the changeover.toml `site` names (trusting the CA
+    file `ca` for HTTPS); stdout is its report."""
     with log.open("ab") as sink:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "changeover.probe", url,
             "--rate", f"{rate:g}", "--duration", "3600", "--sticky-users", str(sticky_users),
-            "--json", "--watch-config", str(site),
+            "--json", "--watch-config", str(site), *(["--ca-file", str(ca)] if ca else []),
             cwd=str(PROJECT_ROOT),
             env=os.environ | {"PYTHONUNBUFFERED": "1"},
             stdout=asyncio.subprocess.PIPE, stderr=sink,
