@@ -78,14 +78,14 @@ class Checker:
             return f"{type(exc).__name__}: {exc}".rstrip(": ")
 
     async def health(self, member: Member) -> CheckResult:
-        got = await self._get(member.base_url + self.cfg.health_path)
+        got = await self._get(self.topo.member_url(member) + self.cfg.health_path)
         if isinstance(got, str):
             return CheckResult(member.name, False, got)
         ok = got[0] == self.cfg.health_status
         return CheckResult(member.name, ok, f"HTTP {got[0]}")
 
     async def version(self, member: Member, version: str) -> CheckResult:
-        got = await self._get(member.base_url + self.cfg.version_path)
+        got = await self._get(self.topo.member_url(member) + self.cfg.version_path)
         if isinstance(got, str):
             return CheckResult(member.name, False, got)
         want = self.cfg.version_contains.replace("{version}", version)
@@ -99,7 +99,10 @@ class Checker:
         """The version most members report now (a short one-line answer of the
         version endpoint), for a site whose first release has no journal yet."""
         answers = await asyncio.gather(
-            *(self._get(m.base_url + self.cfg.version_path) for _, m in self.topo.members())
+            *(
+                self._get(self.topo.member_url(m) + self.cfg.version_path)
+                for _, m in self.topo.members()
+            )
         )
         bodies = [a[1].strip() for a in answers if not isinstance(a, str) and a[0] == 200]
         votes = Counter(b for b in bodies if b and len(b) <= 100 and "\n" not in b)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import json
 import os
 import sys
@@ -177,6 +178,10 @@ def check(
         f"order {' -> '.join(topo.cluster_order())}, approval {pol.approval}, "
         f"min_healthy {pol.min_healthy}"
     )
+    from changeover.tls import expiry_warnings
+
+    for warning in expiry_warnings(topo, datetime.datetime.now(datetime.UTC)):
+        out.print(f"warning: {warning}", markup=False, highlight=False)
     if reach:
         _check_reach(topo)
 

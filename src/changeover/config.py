@@ -193,6 +193,41 @@ class BalancerInstance(_Model):
     run_dir: str | None = None
 
 
+# TLS 1.2 suites with forward secrecy and AEAD only (Mozilla's "intermediate"
+# list, OpenSSL names); TLS 1.3 suites are all modern and OpenSSL's defaults.
+MODERN_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    ]
+)
+
+
+def check_tls_name(value: str) -> str:
+    """A host name a certificate is chosen for (SNI): a name, or `*.` and a name."""
+    expected = f"expected a host name or *.name (SNI carries names only), got {value!r}"
+    try:
+        check_host(value.removeprefix("*."))
+    except ValueError:
+        raise ValueError(expected) from None
+    if _addresses(value) != frozenset({value.lower()}):  # an IP address, or localhost
+        raise ValueError(expected)
+    return value.lower()
+
+
+class TlsHost(_Model):
+    """A certificate for some host names: a client asking for one of them (SNI)
+    gets this certificate instead of `tls_cert`."""
+
+    names: list[Annotated[str, AfterValidator(check_tls_name)]] = Field(min_length=1)
+    cert: str
+    key: str
+
+
 class Balancer(_Model):
     driver: Literal["builtin", "haproxy", "apache", "nginx"] = "builtin"
     listen: Listen = Listen(host="127.0.0.1", port=8080)
@@ -204,8 +239,16 @@ class Balancer(_Model):
     algorithm: Literal["round-robin", "least-conn"] = "round-robin"
     workers: int = Field(default=1, ge=1, le=64)
     state_file: str | None = None
-    tls_cert: str | None = None
+    tls_cert: str | None = None  # the default certificate (no SNI, or a name not below)
     tls_key: str | None = None
+    tls_hosts: list[TlsHost] = Field(default_factory=list)  # certificates per host name (SNI)
+    tls_min_version: Literal["1.2", "1.3"] = "1.2"
+    tls_ciphers: str = MODERN_CIPHERS  # TLS 1.2 suites, OpenSSL names
+    # A plain HTTP listener whose every request is redirected to the HTTPS one.
+    redirect_listen: Listen | None = None
+    member_tls: bool = False  # TLS to the members, their certificates verified
+    member_ca: str | None = None  # CA file the members' certificates chain to (default: system's)
+    member_tls_name: str | None = None  # the name on every member's certificate (default: its host)
     health: HealthCheck = HealthCheck()
     timeouts: ProxyTimeouts = ProxyTimeouts()  # builtin only
     # builtin: WebSockets still open on a member set OUT are closed (code 1001)
@@ -218,6 +261,18 @@ class Balancer(_Model):
     def _tls_pair(self) -> Balancer:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: give both or neither")
+        if self.tls_cert is None and (self.tls_hosts or self.redirect_listen):
+            raise ValueError(
+                "tls_hosts and redirect_listen need TLS on the listeners: set tls_cert and tls_key"
+            )
+        if not self.member_tls and (self.member_ca or self.member_tls_name):
+            raise ValueError("member_ca and member_tls_name need member_tls = true")
+        seen: set[str] = set()
+        for host in self.tls_hosts:
+            for name in host.names:
+                if name in seen:
+                    raise ValueError(f"tls_hosts: {name!r} has two certificates")
+                seen.add(name)
         return self
 
     def token(self) -> str | None:
@@ -414,6 +469,11 @@ class Topology(_Model):
         base = self.source.parent if self.source else Path.cwd()
         return (base / self.site.state_dir).resolve()
 
+    def member_url(self, member: Member) -> str:
+        """Where the balancer and the checks reach a member: https with member_tls."""
+        scheme = "https" if self.balancer.member_tls else "http"
+        return member.base_url.replace("http", scheme, 1)
+
     def resolve_path(self, value: str) -> Path:
         """A path from the file, relative to the file's folder."""
         base = self.source.parent if self.source else Path.cwd()
@@ -520,6 +580,8 @@ def _endpoints(topo: Topology) -> list[tuple[str, Listen]]:
             )
     if balancer.driver != "haproxy":
         found.append(("balancer.admin_listen", balancer.admin_listen))
+    if balancer.redirect_listen is not None:
+        found.append(("balancer.redirect_listen", balancer.redirect_listen))
     return found
 
 

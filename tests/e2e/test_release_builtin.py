@@ -8,7 +8,9 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
+import trustme
 from rich.console import Console
 
 from changeover import journal as J
@@ -17,6 +19,7 @@ from changeover.demo.scenario import DemoOptions, DemoSite
 from changeover.model import Admission
 from changeover.releases import Begin
 from changeover.runtime import open_journal, with_releases
+from tests.certs import ca_file, client_context, issue
 from tests.e2e import support as S
 from tests.helpers import wait_until
 
@@ -98,3 +101,39 @@ async def test_sigkill_mid_step_then_resume_keeps_the_site_up(site: DemoSite, ki
     assert report.version_flaps == 0
     assert await versions_served(site) == {"2.0"}
     assert await pool_admissions(site) == {Admission.LIVE}
+
+
+async def test_https_release_with_a_certificate_reload_mid_release(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    first = issue(ca, tmp_path / "certs", "site", "127.0.0.1")
+    tls = (first.cert, first.key, ca_file(ca, tmp_path))
+    demo = DemoSite(tmp_path, DemoOptions(members_per_cluster=3, startup_delay=0.3, tls=tls))
+    async with demo.running() as site, site.probe(RATE, sticky_users=40) as probe:
+        assert site.public_url.startswith("https://")
+        release = asyncio.create_task(
+            with_releases(site.topo, lambda r: r.release(Begin("2.0")), Console(quiet=True))
+        )
+        await S.step_running(site, "start-a")
+        renewed = issue(ca, tmp_path / "renewed", "site", "127.0.0.1")
+        first.cert.write_bytes(renewed.cert.read_bytes())
+        first.key.write_bytes(renewed.key.read_bytes())
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"{site.admin_url}/v1/tls/reload", headers={"Authorization": f"Bearer {site.token}"}
+            ) as r,
+        ):
+            assert r.status == 200, await r.text()
+        _, state = await release
+        report = await probe.finish()
+        listen = site.topo.balancer.listen
+        context = client_context(ca)
+        _, writer = await asyncio.open_connection(listen.host, listen.port, ssl=context)
+        served = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        writer.close()
+    assert state == J.DONE
+    assert served == renewed.der  # the reload took, mid-release
+    assert report.failed == 0, (report.failure_examples, report.failure_log)
+    assert report.session_breaks == 0
+    assert report.version_flaps == 0
+    assert set(report.versions_seen) == {"1.0", "2.0"}

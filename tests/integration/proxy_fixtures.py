@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import uuid
@@ -26,7 +26,7 @@ import aiohttp
 import psutil
 from aiohttp import web
 
-from tests.helpers import free_port, wait_until
+from tests.helpers import free_port, toml_value, wait_until
 
 TOKEN = "test-admin-token"
 CHUNK = 256 * 1024
@@ -126,9 +126,11 @@ class FakeMember:
 async def members(
     layout: dict[str, list[str]],
     extra_routes: Callable[[FakeMember, web.Application], None] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[list[FakeMember]]:
     """Start one app per member: {"a": ["a1", "a2"], "b": [...]} (route = member name);
-    `extra_routes` adds a test's own handlers to each member's app."""
+    `extra_routes` adds a test's own handlers to each member's app; with
+    `ssl_context` the members speak HTTPS only."""
     started: list[FakeMember] = []
     try:
         for cluster, names in layout.items():
@@ -139,7 +141,7 @@ async def members(
                     extra_routes(member, app)
                 member.runner = web.AppRunner(app, access_log=None)
                 await member.runner.setup()
-                site = web.TCPSite(member.runner, "127.0.0.1", 0)
+                site = web.TCPSite(member.runner, "127.0.0.1", 0, ssl_context=ssl_context)
                 await site.start()
                 member.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
                 started.append(member)
@@ -209,7 +211,7 @@ def topology_toml(
         **(balancer or {}),
     }
     lines = ["[site]", 'name = "proxy-test"', "", "[balancer]"]
-    lines += [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
+    lines += [f"{key} = {toml_value(value)}" for key, value in settings.items()]
     lines += [
         "",
         "[balancer.health]",

@@ -38,7 +38,7 @@ from changeover.balancers.factory import DRIVERS
 from changeover.balancers.process import ConfiguredBalancer
 from changeover.config import BalancerInstance, Topology, parse
 from changeover.model import Admission
-from tests.helpers import free_port, require_binary
+from tests.helpers import free_port, require_binary, toml_value
 
 HOST = "127.0.0.1"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -171,8 +171,9 @@ class RealBalancer:
 
     @property
     def url(self) -> str:
-        listen = self.topology.balancer.listen
-        return f"http://{listen.host}:{listen.port}"
+        balancer = self.topology.balancer
+        scheme = "https" if balancer.tls_cert else "http"
+        return f"{scheme}://{balancer.listen.host}:{balancer.listen.port}"
 
     def qa_url(self, cluster: str) -> str:
         c = self.topology.cluster(cluster)
@@ -326,20 +327,6 @@ def parse_site(data: dict[str, Any], root: Path) -> Topology:
 # --- the probe, in its own process, watching a real balancer -----------------
 
 
-def _toml_value(value: Any) -> str:
-    """One TOML value on one line (inline tables and arrays); JSON strings are TOML strings."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float | str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        items = (f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items() if v is not None)
-        return "{ " + ", ".join(items) + " }"
-    raise TypeError(f"no TOML for {value!r}")
-
-
 def toml_document(data: Mapping[str, Any]) -> str:
     """`data` (tables of plain values, as site_data gives) as a TOML document."""
     lines = []
@@ -347,10 +334,10 @@ def toml_document(data: Mapping[str, Any]) -> str:
         if isinstance(value, dict):
             lines.append(f"[{json.dumps(key)}]")
             lines += [
-                f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items() if v is not None
+                f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items() if v is not None
             ]
         else:
-            lines.insert(0, f"{json.dumps(key)} = {_toml_value(value)}")
+            lines.insert(0, f"{json.dumps(key)} = {toml_value(value)}")
     return "\n".join(lines) + "\n"
 
 
@@ -365,15 +352,16 @@ def write_probe_site(path: Path, real: RealBalancer, data: dict[str, Any]) -> Pa
 
 @contextlib.asynccontextmanager
 async def probe_process(
-    site: Path, url: str, *, rate: float, sticky_users: int, log: Path
+    site: Path, url: str, *, rate: float, sticky_users: int, log: Path, ca: Path | None = None
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     """`python -m changeover.probe` against `url` until the context ends (SIGINT),
-    watching the balancer that the changeover.toml `site` names; stdout is its report."""
+    watching the balancer that the changeover.toml `site` names (trusting the CA
+    file `ca` for HTTPS); stdout is its report."""
     with log.open("ab") as sink:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "changeover.probe", url,
             "--rate", f"{rate:g}", "--duration", "3600", "--sticky-users", str(sticky_users),
-            "--json", "--watch-config", str(site),
+            "--json", "--watch-config", str(site), *(["--ca-file", str(ca)] if ca else []),
             cwd=str(PROJECT_ROOT),
             env=os.environ | {"PYTHONUNBUFFERED": "1"},
             stdout=asyncio.subprocess.PIPE, stderr=sink,

@@ -11,9 +11,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 
 from changeover import journal as J
 from changeover.balancers.factory import DRIVERS
+from changeover.balancers.process import ConfiguredBalancer
 from changeover.checks import Checker
 from changeover.config import BalancerInstance, Topology
 from changeover.database import SiteDatabase
@@ -22,8 +24,10 @@ from changeover.executors.base import member_values, render_argv
 from changeover.model import Admission
 from changeover.ports import Ports, SystemClock
 from changeover.runtime import make_executor, open_journal
+from tests.certs import Pair, ca_file, client_context, issue
 from tests.helpers import wait_until
 from tests.integration.realbalancers import (
+    HOST,
     NICE,
     PRODUCTS,
     finish_probe,
@@ -105,10 +109,47 @@ async def versions_served(topology: Topology) -> set[str]:
         return seen
 
 
-@pytest.mark.parametrize("product", PRODUCTS)
-async def test_full_release_under_probe_has_zero_downtime(product: str, tmp_path: Path) -> None:
+async def renew_mid_release(
+    driver: ConfiguredBalancer, events: list[Event], ca: trustme.CA, pair: Pair
+) -> Pair:
+    """Once cluster a is being started: a new certificate in place, and the balancer
+    reloaded through its driver (which keeps the admissions of the moment)."""
+
+    def starting_a() -> bool:
+        return any(e.kind == "step-start" and e.step and e.step.id == "start-a" for e in events)
+
+    await wait_until(starting_a, timeout=60, what="step start-a")
+    renewed = issue(ca, pair.cert.parent / "renewed", "site", HOST)
+    pair.cert.write_bytes(renewed.cert.read_bytes())
+    pair.key.write_bytes(renewed.key.read_bytes())
+    await driver.reload()
+    return renewed
+
+
+async def served_certificate(topology: Topology, ca: trustme.CA) -> bytes:
+    listen = topology.balancer.listen
+    _, writer = await asyncio.open_connection(listen.host, listen.port, ssl=client_context(ca))
+    try:
+        der: bytes = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        return der
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    ("product", "https"), [*((p, False) for p in PRODUCTS), ("haproxy", True)],
+    ids=[*PRODUCTS, "haproxy-https"],
+)  # fmt: skip
+async def test_full_release_under_probe_has_zero_downtime(
+    product: str, https: bool, tmp_path: Path
+) -> None:
+    """Over HTTPS, the certificate is renewed and the balancer reloaded mid-release."""
     need(product)
     data = release_site(product, tmp_path)
+    ca = trustme.CA()
+    pair = issue(ca, tmp_path / "certs", "site", HOST)
+    if https:
+        data["balancer"] |= {"tls_cert": str(pair.cert), "tls_key": str(pair.key)}
     topology = parse_site(data, tmp_path)
     instance = BalancerInstance.model_validate(data["balancer"]["instances"][0])
     events: list[Event] = []
@@ -118,9 +159,11 @@ async def test_full_release_under_probe_has_zero_downtime(product: str, tmp_path
     try:
         async with running_balancer(product, topology, tmp_path / "lb1", instance=instance) as real:
             site_file = write_probe_site(tmp_path / "probe-site.toml", real, data)
+            trusted = ca_file(ca, tmp_path) if https else None
             async with probe_process(
-                site_file, real.url, rate=RATE, sticky_users=40, log=tmp_path / "probe.log"
-            ) as probe:
+                site_file, real.url, rate=RATE, sticky_users=40, log=tmp_path / "probe.log",
+                ca=trusted,
+            ) as probe:  # fmt: skip
                 await asyncio.sleep(1.0)  # sticky sessions form before the release
                 driver = DRIVERS[product](topology, instance, run_dir=tmp_path / "lb1")
                 journal = open_journal(topology)
@@ -137,7 +180,11 @@ async def test_full_release_under_probe_has_zero_downtime(product: str, tmp_path
                     )
                     engine = Engine(topology, ports, on_event=events.append)
                     release_id = await engine.begin("2.0")
-                    state = await engine.run(release_id)
+                    running = asyncio.create_task(engine.run(release_id))
+                    if https:
+                        assert isinstance(driver, ConfiguredBalancer)
+                        renewed = await renew_mid_release(driver, events, ca, pair)
+                    state = await running
                     steps = journal.steps(release_id)
                 finally:
                     await driver.close()
@@ -147,6 +194,8 @@ async def test_full_release_under_probe_has_zero_downtime(product: str, tmp_path
                 report = await finish_probe(probe)
             final = await real.driver.read()
             served = await versions_served(topology)
+            if https:
+                assert await served_certificate(topology, ca) == renewed.der
     finally:
         await run_on_members(topology, "stop")
     assert state == J.DONE, "\n".join(f"{e.kind}: {e.message}" for e in events)

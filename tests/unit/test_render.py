@@ -3,16 +3,17 @@ that each product's own checker accepts the result (TLS included)."""
 
 from __future__ import annotations
 
-import datetime
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from changeover.balancers.render import RenderError, RenderOptions, render
 from changeover.config import BalancerInstance, Topology, parse
 from changeover.model import Admission
+from tests.certs import ca_file, issue
 from tests.integration.realbalancers import PRODUCTS, need
 
 LIVE, DRAINING, OUT = Admission.LIVE, Admission.DRAINING, Admission.OUT
@@ -44,35 +45,59 @@ def topology(balancer: dict[str, Any] | None = None, route: str | None = None) -
     )
 
 
-def self_signed(where: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+def tls_settings(where: Path, full: bool) -> dict[str, Any]:
+    """TLS on the listeners from a throwaway CA; `full`: every TLS setting there is."""
+    ca = trustme.CA()
+    default = issue(ca, where, "site", "site.example.com")
+    settings: dict[str, Any] = {"tls_cert": str(default.cert), "tls_key": str(default.key)}
+    if full:
+        shop = issue(ca, where, "shop", "shop.example.com", "*.shop.example.com")
+        qa = issue(ca, where, "qa", "prod-a.example.com")
+        settings |= {
+            "tls_hosts": [
+                {"names": ["shop.example.com", "*.shop.example.com"],
+                 "cert": str(shop.cert), "key": str(shop.key)},
+                {"names": ["prod-a.example.com"], "cert": str(qa.cert), "key": str(qa.key)},
+            ],
+            "tls_min_version": "1.3",
+            "redirect_listen": "127.0.0.1:8880",
+            "member_tls": True,
+            "member_ca": str(ca_file(ca, where)),
+            "member_tls_name": "members.example.com",
+        }  # fmt: skip
+    return settings
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = where / "site.pem", where / "site.pem.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
+
+def test_every_product_carries_the_tls_settings(tmp_path: Path) -> None:
+    topo = topology(tls_settings(tmp_path, full=True))
+    shop, qa = str(tmp_path / "shop.pem"), str(tmp_path / "qa.pem")
+    haproxy = render(topo, "haproxy")
+    bind = lines_with(haproxy, "bind 127.0.0.1:8800")[0]
+    assert f"crt {tmp_path / 'site.pem'} crt {shop} crt {qa}" in bind
+    assert "ssl-min-ver TLSv1.3" in bind and "alpn http/1.1" in bind
+    assert "ciphers ECDHE-ECDSA-AES128-GCM-SHA256:" in bind
+    assert "code 308" in lines_with(haproxy, "http-request redirect location")[0]
+    assert "verifyhost members.example.com" in lines_with(haproxy, "server a1 127")[0]
+    nginx = render(topo, "nginx")
+    assert "ssl_protocols TLSv1.3;" in nginx
+    assert "server_name shop.example.com *.shop.example.com;" in nginx
+    assert nginx.count(f"ssl_certificate {qa};") == 1  # the QA host's server only
+    assert "return 308 https://$host:8800$request_uri;" in nginx
+    assert "proxy_ssl_name members.example.com;" in nginx
+    assert "proxy_pass https://$changeover_pool;" in nginx
+    apache = render(topo, "apache")
+    assert "SSLProtocol -all +TLSv1.3" in apache and "Protocols http/1.1" in apache
+    assert "ServerAlias *.shop.example.com" in apache
+    assert f'SSLCertificateFile "{qa}"' in apache
+    assert "[R=308,L]" in apache
+    assert 'BalancerMember "https://127.0.0.1:9101"' in apache
+
+
+def test_tls12_is_the_default_minimum_everywhere(tmp_path: Path) -> None:
+    topo = topology(tls_settings(tmp_path, full=False))
+    assert "ssl-min-ver TLSv1.2" in render(topo, "haproxy")
+    assert "ssl_protocols TLSv1.2 TLSv1.3;" in render(topo, "nginx")
+    assert "SSLProtocol -all +TLSv1.2 +TLSv1.3" in render(topo, "apache")
 
 
 def lines_with(text: str, word: str) -> list[str]:
@@ -176,14 +201,13 @@ CHECK = {
 
 
 @pytest.mark.real
-@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+@pytest.mark.parametrize("tls", ["plain", "tls", "every-tls-setting"])
 @pytest.mark.parametrize("product", PRODUCTS)
-def test_the_product_accepts_what_is_rendered(product: str, tls: bool, tmp_path: Path) -> None:
+def test_the_product_accepts_what_is_rendered(product: str, tls: str, tmp_path: Path) -> None:
     need(product)
     balancer: dict[str, Any] = {"algorithm": "least-conn"}
-    if tls:
-        cert, key = self_signed(tmp_path)
-        balancer |= {"tls_cert": str(cert), "tls_key": str(key)}
+    if tls != "plain":
+        balancer |= tls_settings(tmp_path, full=tls == "every-tls-setting")
     run_dir = tmp_path / "run"
     (run_dir / "tmp").mkdir(parents=True)
     text = render(topology(balancer), product, MIXED, options=RenderOptions(run_dir=run_dir))

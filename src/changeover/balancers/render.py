@@ -24,6 +24,7 @@ import jinja2
 
 from changeover.config import BalancerInstance, Cluster, Listen, Member, Topology
 from changeover.model import REACH, Admission
+from changeover.tls import cert_files, choose, member_ca
 
 Product = Literal["haproxy", "apache", "nginx"]
 PRODUCTS: tuple[Product, ...] = ("haproxy", "apache", "nginx")
@@ -205,12 +206,11 @@ def _context(
         for c in topology.clusters
     )
     members = tuple(m for c in clusters for m in c.members)
-    tls = None
-    if lb.tls_cert and lb.tls_key:
-        tls = {
-            "cert": str(topology.resolve_path(lb.tls_cert)),
-            "key": str(topology.resolve_path(lb.tls_key)),
-        }
+    tls = _tls_context(topology)
+    member_tls = None
+    if lb.member_tls:
+        ca = member_ca(topology)
+        member_tls = {"ca": str(ca) if ca else None, "name": lb.member_tls_name}
     paths = runtime_paths(product, options)
     health = lb.health
     return {
@@ -219,6 +219,8 @@ def _context(
         "listen": lb.listen,
         "admin": lb.admin_listen,
         "tls": tls,
+        "redirect": lb.redirect_listen,
+        "member_tls": member_tls,
         "sticky_cookie": lb.sticky_cookie,
         "algorithm": lb.algorithm,
         "health": {
@@ -245,6 +247,34 @@ def _context(
     }
 
 
+_PROTOCOLS = {"1.2": ("TLSv1.2", "TLSv1.3"), "1.3": ("TLSv1.3",)}
+
+
+def _tls_context(topology: Topology) -> dict[str, Any] | None:
+    """The listeners' TLS settings; `public_hosts` are the certificates for names
+    that are no QA host (they get a copy of the public listener's routing where a
+    product picks the certificate by server block), `qa` each QA host's pair."""
+    files = cert_files(topology)
+    if not files:
+        return None
+    lb = topology.balancer
+    pair = [{"cert": str(f.cert), "key": str(f.key), "names": list(f.names)} for f in files]
+    by_name = {name: p for p in pair[1:] for name in p["names"]}
+    qa_hosts = {c.qa_host.lower() for c in topology.clusters if c.qa_host}
+    public = [p | {"names": [n for n in p["names"] if n not in qa_hosts]} for p in pair[1:]]
+    return {
+        **pair[0],
+        "hosts": pair[1:],
+        "public_hosts": [p for p in public if p["names"]],
+        "qa": {
+            c.name: choose(by_name, c.qa_host) or pair[0] for c in topology.clusters if c.qa_host
+        },
+        "protocols": _PROTOCOLS[lb.tls_min_version],
+        "min_version": "TLSv" + lb.tls_min_version,
+        "ciphers": lb.tls_ciphers,
+    }
+
+
 def _check(topology: Topology, product: Product, options: RenderOptions) -> None:
     """Refuse what a product cannot express, with the reason, before rendering."""
     lb = topology.balancer
@@ -265,13 +295,19 @@ def _check(topology: Topology, product: Product, options: RenderOptions) -> None
                 f"nginx state_dir must be an absolute path of letters, digits and "
                 f"'._/+-' (nginx reads it unquoted, '$' as a variable); got {state_dir!r}"
             )
-    if product == "haproxy" and lb.tls_cert and lb.tls_key:
-        cert, key = topology.resolve_path(lb.tls_cert), topology.resolve_path(lb.tls_key)
-        if key not in (cert, Path(f"{cert}.key")):
+    for files in cert_files(topology) if product == "haproxy" else []:
+        if files.key not in (files.cert, Path(f"{files.cert}.key")):
             raise RenderError(
                 "HAProxy 2.6 loads the key from the certificate file or from "
-                f"'<certificate>.key': put the key in {cert} or {cert}.key (got {key})"
+                f"'<certificate>.key': put the key in {files.cert} or {files.cert}.key "
+                f"(got {files.key})"
             )
+    hosts = {m.host for _, m in topology.members()}
+    if product == "nginx" and lb.member_tls and not lb.member_tls_name and len(hosts) > 1:
+        raise RenderError(
+            "nginx verifies every member's certificate under one name: set "
+            "balancer.member_tls_name to the name all the members' certificates carry"
+        )
 
 
 @functools.cache

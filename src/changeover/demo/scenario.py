@@ -65,6 +65,8 @@ class DemoOptions:
     # with its migrations: the app serves GET /db from it, a smoke check reads it.
     database_url: str | None = None
     migrations_dir: Path | None = None
+    # HTTPS on the balancer's listeners: (certificate, key, the CA the probe trusts).
+    tls: tuple[Path, Path, Path] | None = None
 
 
 def _free_ports(hosts: Sequence[str]) -> list[int]:
@@ -133,6 +135,14 @@ def write_topology(root: Path, opts: DemoOptions) -> Path:
         f'admin_listen = "127.0.0.1:{admin}"',
         f'admin_token_env = "{TOKEN_ENV}"',
         f"workers = {opts.workers}",
+        *(
+            [
+                f"tls_cert = {_toml_str(str(opts.tls[0]))}",
+                f"tls_key = {_toml_str(str(opts.tls[1]))}",
+            ]
+            if opts.tls
+            else []
+        ),
         f"state_file = {_toml_str(str(root / 'state' / 'admissions.json'))}",
         "",
         "[balancer.health]",
@@ -290,7 +300,7 @@ class DemoSite:
         self.config = write_topology(root, opts)
         self.topo = load(self.config)
         listen, admin = self.topo.balancer.listen, self.topo.balancer.admin_listen
-        self.public_url = f"http://{listen.host}:{listen.port}"
+        self.public_url = f"{'https' if opts.tls else 'http'}://{listen.host}:{listen.port}"
         self.admin_url = f"http://{admin.host}:{admin.port}"
 
     @contextlib.asynccontextmanager
@@ -325,6 +335,7 @@ class DemoSite:
             sys.executable, "-m", "changeover.probe", self.public_url,
             "--rate", f"{rate:g}", "--duration", "600", "--sticky-users", str(sticky_users),
             "--json", "--watch-admin", self.admin_url, "--token-env", TOKEN_ENV,
+            *(["--ca-file", str(self.opts.tls[2])] if self.opts.tls else []),
         ]  # fmt: skip
         async with _process(cmd, self.env, self.root / "probe.log") as proc:
             yield ProbeHandle(proc)

@@ -2,7 +2,7 @@
 `python -m changeover.probe`.
 
     python -m changeover.probe URL [--rate R] [--duration S] [--sticky-users U] [--json]
-        [--host-header H] [--timeout T] [--insecure]
+        [--host-header H] [--timeout T] [--insecure | --ca-file PEM]
         [--watch-admin URL [--token-env NAME] | --watch-config FILE]
 
 --watch-admin reads the embedded balancer's admin API; --watch-config reads
@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import signal
+import ssl
 import sys
 from pathlib import Path
 
@@ -52,6 +53,7 @@ def main_cli(
     admin_token: str | None = None,
     console: Console | None = None,
     watch_config: Path | None = None,
+    ca_file: Path | None = None,
 ) -> int:
     """Run the probe in a fresh (uvloop) event loop, print the report, return the exit code.
 
@@ -80,7 +82,9 @@ def main_cli(
                 sticky_users=sticky_users,
                 host_header=host_header,
                 timeout=timeout,
-                verify_tls=not insecure,
+                verify_tls=(
+                    ssl.create_default_context(cafile=ca_file) if ca_file else not insecure
+                ),
                 reader=reader,
             )
         )
@@ -100,7 +104,7 @@ async def _run(
     sticky_users: int,
     host_header: str | None,
     timeout: float,
-    verify_tls: bool,
+    verify_tls: bool | ssl.SSLContext,
     reader: Balancer | None,
 ) -> ProbeReport:
     loop = asyncio.get_running_loop()
@@ -171,7 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sticky-users", type=_users, default=100)
     parser.add_argument("--timeout", type=_positive, default=2.0, help="per request, seconds")
     parser.add_argument("--host-header", help="Host header to send (e.g. a QA host name)")
-    parser.add_argument("--insecure", action="store_true", help="do not verify TLS certificates")
+    trust = parser.add_mutually_exclusive_group()
+    trust.add_argument("--insecure", action="store_true", help="do not verify TLS certificates")
+    trust.add_argument(
+        "--ca-file", metavar="PEM", type=Path, help="verify TLS certificates against this CA"
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     watch = parser.add_mutually_exclusive_group()
     watch.add_argument("--watch-admin", metavar="URL", help="embedded balancer's admin API")
@@ -203,4 +211,5 @@ def main(argv: list[str] | None = None) -> int:
         watch_admin=args.watch_admin,
         admin_token=token,
         watch_config=args.watch_config,
+        ca_file=args.ca_file,
     )

@@ -8,6 +8,7 @@ who keeps the cookies the balancer and the app set, like a browser.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections import Counter
 
@@ -34,10 +35,11 @@ async def run_probe(
     watcher: AdmissionWatcher | None = None,
     member_header: str = "X-Changeover-Member",
     version_header: str = "X-Changeover-Version",
-    verify_tls: bool = True,
+    verify_tls: bool | ssl.SSLContext = True,
 ) -> ProbeReport:
     """Send GET `url` at `rate` requests/s until `duration` elapses or `stop` is set.
 
+    `verify_tls`: an SSL context verifies with it (e.g. a site's own CA), False not at all.
     With a running `watcher`, a user moved off a member that the balancer had
     taken out is not a broken session; without one every move is a break.
     """

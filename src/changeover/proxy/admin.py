@@ -1,6 +1,7 @@
 """The admin API on `balancer.admin_listen`, served by the master process.
 
-GET /v1/pool, POST /v1/admissions (bearer token) and GET /v1/healthz (open).
+GET /v1/pool, POST /v1/admissions, POST /v1/tls/reload (bearer token) and
+GET /v1/healthz (open).
 aiohttp is fine here: this is not the request hot path.
 
 A body that cannot be read as JSON (not JSON, not text in its charset, an
@@ -64,7 +65,10 @@ async def _json_body(request: web.Request) -> tuple[Any, web.Response | None]:
         return None, _error(400, "the body is not JSON")
 
 
-def build_app(pool: PoolState, token: str) -> web.Application:
+def build_app(
+    pool: PoolState, token: str, reload_tls: Callable[[], list[str]] | None = None
+) -> web.Application:
+    """`reload_tls` loads the certificates again (ValueError: not loaded, the old kept)."""
     expected = _digest(f"Bearer {token}")
 
     @web.middleware
@@ -115,8 +119,18 @@ def build_app(pool: PoolState, token: str) -> web.Application:
             log.info("admissions changed%s: %s", " (forced)" if force else "", ", ".join(done))
         return web.json_response(pool.view())
 
+    async def post_tls_reload(_: web.Request) -> web.Response:
+        if reload_tls is None:
+            return _error(409, "this balancer has no TLS listener (balancer.tls_cert)")
+        try:
+            files = reload_tls()
+        except ValueError as exc:
+            return _error(400, f"{exc}; the old certificates still serve")
+        return web.json_response({"reloaded": files})
+
     app = web.Application(middlewares=[require_token])
     app.router.add_get("/v1/healthz", healthz)
     app.router.add_get("/v1/pool", get_pool)
     app.router.add_post("/v1/admissions", post_admissions)
+    app.router.add_post("/v1/tls/reload", post_tls_reload)
     return app

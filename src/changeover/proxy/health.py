@@ -19,6 +19,7 @@ import aiohttp
 
 from changeover.config import HealthCheck, Member, Topology
 from changeover.proxy.state import PoolState
+from changeover.tls import member_ca, member_context
 
 log = logging.getLogger("changeover.proxy")
 
@@ -40,6 +41,12 @@ class HealthChecker:
         self.check: HealthCheck = topology.balancer.health
         self.pool = pool
         self.members: list[Member] = [m for _, m in topology.members()]
+        self.urls = [topology.member_url(m) + self.check.path for m in self.members]
+        balancer = topology.balancer
+        # Checked over TLS like the requests: a member whose certificate does not
+        # verify is down.
+        self.tls = member_context(balancer, member_ca(topology))
+        self.names = [balancer.member_tls_name or m.host for m in self.members]
         self.streaks = [0] * len(self.members)
         self.failures_seen = [0] * len(self.members)
         pool.expect_checks()
@@ -48,24 +55,27 @@ class HealthChecker:
         timeout = aiohttp.ClientTimeout(total=self.check.timeout)
         # A fresh connection per probe, as HAProxy does: a pooled one could hide a
         # member that no longer accepts connections.
-        connector = aiohttp.TCPConnector(force_close=True)
+        connector = aiohttp.TCPConnector(force_close=True, ssl=self.tls or True)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
             await asyncio.gather(*(self._watch(session, i) for i in range(len(self.members))))
 
     async def _watch(self, session: aiohttp.ClientSession, index: int) -> None:
-        url = self.members[index].base_url + self.check.path
+        url = self.urls[index]
+        name = self.names[index] if self.tls is not None else None
         while True:
             failures = self.pool.shared.failures(index)
             if failures > self.failures_seen[index]:
                 self.failures_seen[index] = failures
                 self._observe(index, False, "connect failures seen by the workers")
-            ok, why = await self._probe(session, url)
+            ok, why = await self._probe(session, url, name)
             self._observe(index, ok, why)
             await asyncio.sleep(self.check.interval)
 
-    async def _probe(self, session: aiohttp.ClientSession, url: str) -> tuple[bool, str]:
+    async def _probe(
+        self, session: aiohttp.ClientSession, url: str, name: str | None
+    ) -> tuple[bool, str]:
         try:
-            async with session.get(url, allow_redirects=False) as response:
+            async with session.get(url, allow_redirects=False, server_hostname=name) as response:
                 await response.read()
                 return response.status < 400, f"status {response.status}"
         except TimeoutError:

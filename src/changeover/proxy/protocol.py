@@ -68,6 +68,7 @@ from changeover.proxy.routing import (
 )
 from changeover.proxy.state import SharedState
 from changeover.proxy.tunnel import Tunnel, close_offsets
+from changeover.tls import member_ca, member_context
 
 HEADER_LIMIT = 32 * 1024  # request line + headers; more is answered 431
 BUFFER_LIMIT = 256 * 1024  # request bytes held while no upstream is attached
@@ -117,10 +118,15 @@ class Worker:
         self.inserted = balancer.route_cookie.encode() + b"="
         members = [m for _, m in topology.members()]
         self.addresses = [(m.host, m.port) for m in members]
+        # Over TLS the route cookie must never be sent in clear text.
+        secure = b"; Secure" if balancer.tls_cert else b""
         self.set_cookie = [
-            b"Set-Cookie: %s%s; Path=/; HttpOnly\r\n" % (self.inserted, m.route_id.encode())
+            b"Set-Cookie: %s%s; Path=/; HttpOnly%s\r\n"
+            % (self.inserted, m.route_id.encode(), secure)
             for m in members
         ]
+        self.member_tls = member_context(balancer, member_ca(topology))
+        self.member_names = [balancer.member_tls_name or m.host for m in members]
         self.idle: list[list[Upstream]] = [[] for _ in members]
         self.clients: set[Client] = set()
         self.stopping = False
@@ -221,8 +227,12 @@ class Worker:
 
     async def connect(self, member: int) -> Upstream:
         host, port = self.addresses[member]
+        tls = self.member_tls
+        name = self.member_names[member] if tls is not None else None
         _, upstream = await asyncio.wait_for(
-            self.loop.create_connection(partial(Upstream, self, member), host, port),
+            self.loop.create_connection(
+                partial(Upstream, self, member), host, port, ssl=tls, server_hostname=name
+            ),
             self.connect_timeout,
         )
         return upstream

@@ -7,24 +7,28 @@ that dies is forked again (its requests in flight are lost, the other
 workers' listeners stay up meanwhile); one that keeps dying within seconds of
 its start is given up after a few tries. SIGTERM or SIGINT: workers stop
 accepting, finish the requests in flight (bounded) and exit; the master
-returns 0.
+returns 0. SIGHUP to the master (or `POST /v1/tls/reload`) reloads the
+certificates: the master loads them first, and only when every pair loads do
+the workers' next handshakes get them (see `changeover.tls`); open
+connections keep theirs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import multiprocessing
 import os
 import signal
 import socket
-import ssl
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
+from multiprocessing.sharedctypes import Synchronized
 
 import uvloop
 from aiohttp import web
@@ -33,8 +37,10 @@ from changeover.config import Listen, Topology
 from changeover.proxy.admin import build_app
 from changeover.proxy.health import HealthChecker
 from changeover.proxy.protocol import Worker, client_factory
+from changeover.proxy.redirect import redirect_factory
 from changeover.proxy.routing import PUBLIC
 from changeover.proxy.state import PoolState, SharedState
+from changeover.tls import Certificates, expiry_warnings
 
 log = logging.getLogger("changeover.proxy")
 
@@ -90,15 +96,47 @@ def _address_problem(addresses: list[Listen]) -> str | None:
     return None
 
 
-def tls_context(topology: Topology) -> ssl.SSLContext | None:
-    balancer = topology.balancer
-    if balancer.tls_cert is None or balancer.tls_key is None:
+class Reloads:
+    """How many certificate reloads the master has made, in memory every worker
+    shares: a worker whose count is behind loads the certificates again."""
+
+    def __init__(self) -> None:
+        self.count: Synchronized[int] = multiprocessing.get_context("fork").Value("Q", 0)
+        self.seen = 0
+
+    def made(self) -> None:
+        with self.count.get_lock():
+            self.count.value += 1
+        self.seen = self.count.value
+
+    def behind(self) -> bool:
+        now = self.count.value
+        if now == self.seen:
+            return False
+        self.seen = now
+        return True
+
+
+@dataclass
+class Tls:
+    """The certificates of this process and the master's reload count."""
+
+    certificates: Certificates
+    reloads: Reloads
+
+    def reload(self) -> list[str]:
+        """Master: load every pair again (ValueError, the old ones kept, if one fails)."""
+        files = self.certificates.reload()
+        self.reloads.made()
+        log.info("certificates reloaded: %s", ", ".join(files))
+        return files
+
+
+def load_tls(topology: Topology) -> Tls | None:
+    if topology.balancer.tls_cert is None:
         return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(
-        topology.resolve_path(balancer.tls_cert), topology.resolve_path(balancer.tls_key)
-    )
-    return context
+    reloads = Reloads()
+    return Tls(Certificates(topology, reloads.behind), reloads)
 
 
 def run(topology: Topology, workers: int | None = None) -> int:
@@ -117,14 +155,15 @@ def run(topology: Topology, workers: int | None = None) -> int:
     count = workers or balancer.workers
     serving = listeners(topology)
     try:
-        tls = tls_context(topology)
+        tls = load_tls(topology)
         state_file = topology.resolve_path(balancer.state_file) if balancer.state_file else None
         shared = SharedState(sum(len(c.members) for c in topology.clusters), count)
         pool = PoolState(topology, shared, state_file)
-    except (OSError, ssl.SSLError, ValueError) as exc:
+    except (OSError, ValueError) as exc:
         print(f"changeover balancer: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    problem = _address_problem([*(s.listen for s in serving), balancer.admin_listen])
+    redirect = [balancer.redirect_listen] if balancer.redirect_listen else []
+    problem = _address_problem([*(s.listen for s in serving), balancer.admin_listen, *redirect])
     if problem:
         print(f"changeover balancer: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -147,7 +186,7 @@ def run(topology: Topology, workers: int | None = None) -> int:
         print(f"changeover balancer: {processes}", file=sys.stderr)
         return EXIT_BAD_INPUT
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(_master(topology, pool, token, serving, processes, fork))
+        return runner.run(_master(topology, pool, token, serving, processes, fork, tls))
 
 
 Fork = Callable[[int], tuple[BaseProcess, Connection]]
@@ -190,7 +229,7 @@ def _worker_main(
     topology: Topology,
     shared: SharedState,
     serving: list[Listener],
-    tls: ssl.SSLContext | None,
+    tls: Tls | None,
     ready: Connection,
 ) -> None:
     # A worker restarted by the master is forked from its running event loop: a
@@ -198,6 +237,7 @@ def _worker_main(
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the master's: it reloads, then tells us
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         code = runner.run(_serve(index, topology, shared, serving, tls, ready))
     sys.exit(code)
@@ -208,21 +248,36 @@ async def _serve(
     topology: Topology,
     shared: SharedState,
     serving: list[Listener],
-    tls: ssl.SSLContext | None,
+    tls: Tls | None,
     ready: Connection,
 ) -> int:
     loop = asyncio.get_running_loop()
     worker = Worker(topology, shared, index)
     servers: list[asyncio.Server] = []
-    for listener in serving:
+    context = tls.certificates.listener if tls is not None else None
+    balancer = topology.balancer
+    public = balancer.listen
+    factories = [
+        (
+            s.listen,
+            client_factory(worker, s.scope, context is not None, str(s.listen)),
+            context,
+        )
+        for s in serving
+    ]
+    if balancer.redirect_listen is not None:
+        factory = redirect_factory(public.port, public.host, balancer.timeouts.header)
+        factories.append((balancer.redirect_listen, factory, None))
+    for listen, factory, ssl_context in factories:
         try:
-            sock = bind(listener.listen, reuse_port=True)
+            sock = bind(listen, reuse_port=True)
             sock.listen(BACKLOG)
         except OSError as exc:
-            ready.send(f"cannot listen on {listener.listen}: {exc.strerror or exc}")
+            ready.send(f"cannot listen on {listen}: {exc.strerror or exc}")
             return EXIT_BAD_INPUT
-        factory = client_factory(worker, listener.scope, tls is not None, str(listener.listen))
-        servers.append(await loop.create_server(factory, sock=sock, ssl=tls, backlog=BACKLOG))
+        servers.append(
+            await loop.create_server(factory, sock=sock, ssl=ssl_context, backlog=BACKLOG)
+        )
     ready.send(None)
     ready.close()
 
@@ -260,12 +315,22 @@ async def _master(
     serving: list[Listener],
     processes: list[BaseProcess],
     fork: Fork,
+    tls: Tls | None,
 ) -> int:
     loop = asyncio.get_running_loop()
     balancer = topology.balancer
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if tls is not None:
+
+        def hangup() -> None:
+            try:
+                tls.reload()
+            except ValueError as exc:
+                log.error("certificates not reloaded, the old ones still serve: %s", exc)
+
+        loop.add_signal_handler(signal.SIGHUP, hangup)
     alive: dict[BaseProcess, int] = {p: i for i, p in enumerate(processes)}  # -> worker index
     started = dict.fromkeys(range(len(processes)), loop.time())
     crashes = dict.fromkeys(range(len(processes)), 0)  # quick deaths in a row, per index
@@ -322,7 +387,10 @@ async def _master(
     for process in processes:
         loop.add_reader(process.sentinel, exited, process)
 
-    runner = web.AppRunner(build_app(pool, token), access_log=None, handle_signals=False)
+    reload_tls = tls.reload if tls is not None else None
+    runner = web.AppRunner(
+        build_app(pool, token, reload_tls), access_log=None, handle_signals=False
+    )
     await runner.setup()
     try:
         await web.TCPSite(runner, balancer.admin_listen.host, balancer.admin_listen.port).start()
@@ -331,10 +399,16 @@ async def _master(
         code = EXIT_BAD_INPUT
         stop.set()
     health = asyncio.create_task(HealthChecker(topology, pool).run())
+    redirect_to = [balancer.redirect_listen] if balancer.redirect_listen else []
+    for warning in expiry_warnings(topology, dt.datetime.now(dt.UTC)):
+        log.warning("%s", warning)
     if not stop.is_set():
         log.info(
             "balancer started: %s, admin %s, %d worker%s, %s, %d members",
-            ", ".join(f"{s.label} {s.listen}" for s in serving),
+            ", ".join(
+                [f"{s.label} {s.listen}{' (TLS)' if tls else ''}" for s in serving]
+                + [f"redirect {r} to https" for r in redirect_to]
+            ),
             balancer.admin_listen,
             len(processes),
             "" if len(processes) == 1 else "s",
