@@ -605,6 +605,10 @@ def probe(
         Path | None,
         typer.Option(help="changeover.toml: watch its balancer through its driver (any driver)."),
     ] = None,
+    ca_file: Annotated[
+        Path | None,
+        typer.Option(help="Trust the CA certificates in this PEM file (a private CA's HTTPS)."),
+    ] = None,
 ) -> None:
     """Send traffic at a fixed rate with sticky users; report failures, latency,
     broken sessions and version flaps (exit 1 on any)."""
@@ -626,6 +630,7 @@ def probe(
             os.environ.get(token_env),
             out,
             watch_config=watch_config,
+            ca_file=ca_file,
         )
     )
 

@@ -9,12 +9,15 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import trustme
 from aiohttp import web
 
 from changeover.demo.app import STATE, AppState, build_app
 from changeover.model import Admission, MemberState, PoolView
 from changeover.probe import AdmissionWatcher, ProbeReport, run_probe
+from tests.certs import ca_file, issue, server_context
 from tests.helpers import free_port, wait_until
 from tests.integration.test_sample_app import running_app
 
@@ -165,3 +168,32 @@ async def test_probe_process_stops_on_sigterm_and_prints_its_json_report() -> No
     assert report.watched and report.admission_reads >= 3
     assert report.admission_read_failures == 0
     assert set(reads) == {f"Bearer {token}"}
+
+
+async def test_the_probe_command_trusts_a_private_ca_only_when_told(tmp_path: Path) -> None:
+    """`changeover probe --ca-file`: HTTPS behind a private CA verifies; without
+    the file every request fails certificate verification (exit 1)."""
+    ca = trustme.CA()
+    pair = issue(ca, tmp_path, "app", "127.0.0.1")
+    app = build_app("a1", "a1", "v1")
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, HOST, port, ssl_context=server_context(pair)).start()
+    url = f"https://{HOST}:{port}/"
+    base = ("-m", "changeover.cli", "probe", url, "--rate", "50", "--duration", "1", "--json")
+    try:
+        runs = {}
+        for trusted in (True, False):
+            extra = ("--ca-file", str(ca_file(ca, tmp_path))) if trusted else ()
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, *base, *extra, stdout=asyncio.subprocess.PIPE
+            )
+            out, _ = await asyncio.wait_for(proc.communicate(), 60)
+            runs[trusted] = (proc.returncode, ProbeReport.from_dict(json.loads(out)))
+    finally:
+        await runner.cleanup()
+    code, report = runs[True]
+    assert code == 0 and report.ok == report.sent == 50, report.failures
+    code, report = runs[False]
+    assert code == 1 and report.ok == 0 and report.sent == 50, report.failures
