@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -22,6 +23,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+# typer's own click: the usage errors it raises when not in standalone mode.
+from typer._click.exceptions import NoArgsIsHelpError, UsageError
+from yarl import URL
 
 from changeover import __version__
 from changeover import journal as J
@@ -85,11 +90,15 @@ def _root(
     pass
 
 
-def fail(code: int, message: str) -> NoReturn:
+def _print_error(message: str) -> None:
     # The message carries user text (versions, paths, rule names): data, not markup.
     err.print(
         f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True
     )
+
+
+def fail(code: int, message: str) -> NoReturn:
+    _print_error(message)
     raise typer.Exit(code)
 
 
@@ -141,7 +150,10 @@ def init(
 
     if path.exists() and not force:
         fail(EXIT_BAD_INPUT, f"{path} exists (use --force to overwrite)")
-    path.write_text(STARTER)
+    try:
+        path.write_text(STARTER)
+    except OSError as exc:
+        fail(EXIT_BAD_INPUT, f"{path}: cannot write: {exc.strerror}")
     out.print(f"wrote {path}; edit it, then run `changeover check -c {path}`")
 
 
@@ -167,7 +179,11 @@ def check(
             if x
         )
         table.add_row(
-            cluster.name, member.name, f"{member.host}:{member.port}", member.route_id, qa or "-"
+            cluster.name,
+            member.name,
+            f"{member.host}:{member.port}",
+            member.route_id,
+            escape(qa) or "-",
         )
     out.print(table)
     bal, pol = topo.balancer, topo.policy
@@ -306,6 +322,13 @@ def plan(
             balancer = make_balancer(topo)
             try:
                 view = await balancer.read()
+            except BalancerError as exc:
+                # Not a failed release (exit 1): the plan could not be checked against the pool.
+                fail(
+                    EXIT_BAD_INPUT,
+                    f"cannot read the balancer: {exc}; `changeover plan --offline` plans "
+                    "without it (no interlock check)",
+                )
             finally:
                 await balancer.close()
         return make_plan(topo, version, view)
@@ -320,7 +343,9 @@ def plan(
             }
         print(json.dumps(data, indent=2))
         return
-    out.print(f"[bold]plan[/]: release {version!r} to {topo.site.name}", highlight=False)
+    out.print(
+        f"[bold]plan[/]: release {escape(repr(version))} to {topo.site.name}", highlight=False
+    )
     for line in describe(steps):
         out.print(line, highlight=False, markup=False)
     if found is not None:
@@ -483,7 +508,7 @@ def status(config: ConfigOpt = Path(DEFAULT_CONFIG), json_out: JsonOpt = False) 
 def history(
     config: ConfigOpt = Path(DEFAULT_CONFIG),
     json_out: JsonOpt = False,
-    limit: Annotated[int, typer.Option(help="How many releases.")] = 20,
+    limit: Annotated[int, typer.Option(min=1, max=100_000, help="How many releases.")] = 20,
 ) -> None:
     """List past releases, newest first."""
     topo = _load(config)
@@ -516,7 +541,9 @@ def history(
 
 @app.command()
 def show(
-    release_id: Annotated[int, typer.Argument(metavar="RELEASE", help="Release number.")],
+    release_id: Annotated[
+        int, typer.Argument(metavar="RELEASE", min=1, max=2**63 - 1, help="Release number.")
+    ],
     config: ConfigOpt = Path(DEFAULT_CONFIG),
     json_out: JsonOpt = False,
 ) -> None:
@@ -562,7 +589,8 @@ def show(
 def balancer_serve(
     config: ConfigOpt = Path(DEFAULT_CONFIG),
     workers: Annotated[
-        int | None, typer.Option(help="Worker processes (default: balancer.workers).")
+        int | None,
+        typer.Option(min=1, max=64, help="Worker processes (default: balancer.workers)."),
     ] = None,
 ) -> None:
     """Serve the live pool, the QA entry points and the admin API."""
@@ -571,19 +599,58 @@ def balancer_serve(
     raise typer.Exit(serve(_load(config), workers))
 
 
+def _positive(value: float) -> float:
+    if not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"expected a finite number above 0, got {value}")
+    return value
+
+
+def _not_negative(value: float) -> float:
+    if not (math.isfinite(value) and value >= 0):
+        raise typer.BadParameter(f"expected a finite number of 0 or more, got {value}")
+    return value
+
+
+def _http_url(value: str | None) -> str | None:
+    """An absolute http(s) URL with a host (yarl parses it, as aiohttp will)."""
+    if value is None:
+        return None
+    try:
+        url = URL(value)
+        ok = url.scheme in ("http", "https") and bool(url.host) and url.port is not None
+    except ValueError:
+        ok = False
+    if not ok:
+        raise typer.BadParameter(f"expected an http:// or https:// URL with a host, got {value!r}")
+    return value
+
+
 @app.command()
 def probe(
-    url: Annotated[str, typer.Argument(help="Where to send traffic, e.g. the balancer.")],
-    rate: Annotated[float, typer.Option(help="Requests per second, open loop.")] = 200.0,
-    duration: Annotated[float, typer.Option(help="Seconds (Ctrl-C ends early).")] = 10.0,
-    sticky_users: Annotated[int, typer.Option(help="Virtual users keeping cookies.")] = 50,
+    url: Annotated[
+        str, typer.Argument(callback=_http_url, help="Where to send traffic, e.g. the balancer.")
+    ],
+    rate: Annotated[
+        float, typer.Option(callback=_positive, help="Requests per second, open loop.")
+    ] = 200.0,
+    duration: Annotated[
+        float, typer.Option(callback=_not_negative, help="Seconds (Ctrl-C ends early).")
+    ] = 10.0,
+    sticky_users: Annotated[
+        int, typer.Option(min=1, max=1_000_000, help="Virtual users keeping cookies.")
+    ] = 50,
     json_out: JsonOpt = False,
     host_header: Annotated[str | None, typer.Option(help="Host header to send.")] = None,
-    timeout: Annotated[float, typer.Option(help="Per-request timeout, seconds.")] = 2.0,
+    timeout: Annotated[
+        float, typer.Option(callback=_positive, help="Per-request timeout, seconds.")
+    ] = 2.0,
     insecure: Annotated[bool, typer.Option(help="Do not verify TLS certificates.")] = False,
     watch_admin: Annotated[
         str | None,
-        typer.Option(help="Embedded balancer admin URL: moves off an OUT member are no break."),
+        typer.Option(
+            callback=_http_url,
+            help="Embedded balancer admin URL: moves off an OUT member are no break.",
+        ),
     ] = None,
     token_env: Annotated[
         str, typer.Option(help="Environment variable holding the admin token.")
@@ -599,6 +666,9 @@ def probe(
 
     if watch_admin and watch_config:
         raise typer.BadParameter("give --watch-admin or --watch-config, not both")
+    token = os.environ.get(token_env)
+    if watch_admin and not token:
+        fail(EXIT_BAD_INPUT, f"--watch-admin needs the admin token in ${token_env} (--token-env)")
     raise typer.Exit(
         main_cli(
             url,
@@ -610,7 +680,7 @@ def probe(
             timeout,
             insecure,
             watch_admin,
-            os.environ.get(token_env),
+            token,
             out,
             watch_config=watch_config,
         )
@@ -622,9 +692,15 @@ def demo(
     members_per_cluster: Annotated[
         int, typer.Option(min=1, max=200, help="Members in each of the two clusters.")
     ] = 3,
-    rate: Annotated[float, typer.Option(help="Probe requests per second.")] = 200.0,
-    sticky_users: Annotated[int, typer.Option(help="Probe virtual users.")] = 40,
-    workers: Annotated[int, typer.Option(help="Embedded balancer worker processes.")] = 1,
+    rate: Annotated[
+        float, typer.Option(callback=_positive, help="Probe requests per second.")
+    ] = 200.0,
+    sticky_users: Annotated[
+        int, typer.Option(min=1, max=1_000_000, help="Probe virtual users.")
+    ] = 40,
+    workers: Annotated[
+        int, typer.Option(min=1, max=64, help="Embedded balancer worker processes.")
+    ] = 1,
     keep: Annotated[bool, typer.Option(help="Keep the temporary directory.")] = False,
 ) -> None:
     """Release v1 -> v2 across two local clusters behind the embedded balancer,
@@ -643,10 +719,19 @@ def demo(
 
 def main() -> None:
     try:
-        app()
-    except KeyboardInterrupt:
+        code = app(standalone_mode=False)
+    except NoArgsIsHelpError as exc:
+        err.print(exc.format_message(), markup=False, highlight=False)
+        sys.exit(EXIT_BAD_INPUT)
+    except UsageError as exc:  # found before any command ran
+        # One line, not the usage block: what was wrong, and where to look.
+        where = exc.ctx.command_path if exc.ctx is not None else "changeover"
+        _print_error(f"{exc.format_message()} (see `{where} --help`)")
+        sys.exit(EXIT_BAD_INPUT)
+    except typer.Abort:
         err.print("interrupted")
         sys.exit(EXIT_STOPPED)
+    sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 
 if __name__ == "__main__":

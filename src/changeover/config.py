@@ -11,6 +11,7 @@ import math
 import os
 import re
 import shlex
+import stat
 import string
 import tomllib
 from collections.abc import Collection, Iterator
@@ -296,6 +297,15 @@ class Executor(_Model):
     ssh: SshSettings = SshSettings()
 
 
+def _regex(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+    return value
+
+
 class Upload(_Model):
     src: MemberPath
     dest: MemberPath
@@ -309,6 +319,9 @@ class Release(_Model):
     deploy: MemberCommand = None
     start: MemberCommand = None
     upload: list[Upload] = Field(default_factory=list)
+    # A regular expression every released version must match as a whole, beside
+    # the fixed rules (not empty, no leading '-', no control character).
+    version_pattern: Annotated[str | None, AfterValidator(_regex)] = None
 
 
 class Smoke(_Model):
@@ -663,14 +676,23 @@ def parse(data: dict[str, Any], path: Path | str = DEFAULT_CONFIG) -> Topology:
     return topo.model_copy(update={"source": Path(path).resolve()})
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a topology is a few kilobytes; /dev/zero is endless
+
+
 def load(path: Path | str = DEFAULT_CONFIG) -> Topology:
     p = Path(path)
     try:
-        raw = p.read_bytes()
+        # Looked at before it is opened: reading a FIFO or a device would block or never end.
+        if not stat.S_ISREG(p.stat().st_mode):
+            raise ConfigError(f"{p}: not a regular file")
+        with p.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such file (write one with `changeover init`)") from None
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{p}: larger than {MAX_CONFIG_BYTES} bytes: not a topology")
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import getpass
 import json
+import re
 import socket
+import unicodedata
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple, TypeVar
@@ -71,9 +73,37 @@ def operator() -> str:
     return f"{getpass.getuser()}@{socket.gethostname()}"
 
 
+MAX_VERSION_LENGTH = 200
+
+
+def version_problem(version: str, pattern: str | None) -> str | None:
+    """Why `version` cannot be released, or None. A version is data that reaches
+    argv, URLs, the journal and the screen: it must not read as an option or
+    carry control characters, and must match `release.version_pattern` if set."""
+    if not version.strip():
+        return "the version is empty"
+    if version.startswith("-"):
+        return f"the version {version!r} starts with '-' (it would read as an option)"
+    control = next((c for c in version if unicodedata.category(c) in _CONTROL), None)
+    if control is not None:
+        return f"the version {version!r} holds a control character ({control!r})"
+    if len(version) > MAX_VERSION_LENGTH:
+        return f"the version is longer than {MAX_VERSION_LENGTH} characters"
+    if pattern is not None and re.fullmatch(pattern, version) is None:
+        return f"the version {version!r} does not match release.version_pattern {pattern!r}"
+    return None
+
+
+_CONTROL = {"Cc", "Cf", "Zl", "Zp"}  # control and format characters, line separators
+
+
 async def review_gate(topo: Topology, migrator: Migrator, begin: Begin) -> Review | None:
     """The migrations `begin` would apply, with the findings it accepts; raises
-    GateRefused for a finding of a rule not allowed. Touches nothing."""
+    BadRequest for a version that cannot be released and GateRefused for a
+    finding of a rule not allowed. Touches nothing."""
+    problem = version_problem(begin.version, topo.release.version_pattern)
+    if problem:
+        raise BadRequest(problem)
     unknown = sorted(set(begin.allow) - RULES.keys())
     if unknown:
         raise BadRequest(f"unknown rule(s) for --allow: {', '.join(unknown)}")
