@@ -585,6 +585,9 @@ def show(
 # --- the embedded balancer, the probe and the demo ----------------------------------
 
 
+WorkersOpt = Annotated[int, typer.Option(min=1, max=64, help="Embedded balancer worker processes.")]
+
+
 @balancer_app.command("serve")
 def balancer_serve(
     config: ConfigOpt = Path(DEFAULT_CONFIG),
@@ -625,20 +628,24 @@ def _http_url(value: str | None) -> str | None:
     return value
 
 
+RateOpt = Annotated[
+    float, typer.Option(callback=_positive, help="Probe requests per second, open loop.")
+]
+UsersOpt = Annotated[
+    int, typer.Option(min=1, max=1_000_000, help="Probe virtual users keeping cookies.")
+]
+
+
 @app.command()
 def probe(
     url: Annotated[
         str, typer.Argument(callback=_http_url, help="Where to send traffic, e.g. the balancer.")
     ],
-    rate: Annotated[
-        float, typer.Option(callback=_positive, help="Requests per second, open loop.")
-    ] = 200.0,
+    rate: RateOpt = 200.0,
     duration: Annotated[
         float, typer.Option(callback=_not_negative, help="Seconds (Ctrl-C ends early).")
     ] = 10.0,
-    sticky_users: Annotated[
-        int, typer.Option(min=1, max=1_000_000, help="Virtual users keeping cookies.")
-    ] = 50,
+    sticky_users: UsersOpt = 50,
     json_out: JsonOpt = False,
     host_header: Annotated[str | None, typer.Option(help="Host header to send.")] = None,
     timeout: Annotated[
@@ -692,15 +699,9 @@ def demo(
     members_per_cluster: Annotated[
         int, typer.Option(min=1, max=200, help="Members in each of the two clusters.")
     ] = 3,
-    rate: Annotated[
-        float, typer.Option(callback=_positive, help="Probe requests per second.")
-    ] = 200.0,
-    sticky_users: Annotated[
-        int, typer.Option(min=1, max=1_000_000, help="Probe virtual users.")
-    ] = 40,
-    workers: Annotated[
-        int, typer.Option(min=1, max=64, help="Embedded balancer worker processes.")
-    ] = 1,
+    rate: RateOpt = 200.0,
+    sticky_users: UsersOpt = 40,
+    workers: WorkersOpt = 1,
     keep: Annotated[bool, typer.Option(help="Keep the temporary directory.")] = False,
 ) -> None:
     """Release v1 -> v2 across two local clusters behind the embedded balancer,
