@@ -10,6 +10,7 @@ point: between balancer changes, never half-way through one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from changeover import journal as J
 from changeover.balancers.base import BalancerError
 from changeover.config import Cluster, Member, Topology
 from changeover.executors.base import CommandResult, member_values, render_argv
+from changeover.journal import JournalError
 from changeover.migrations import Phase
 from changeover.model import (
     AbortAsked,
@@ -241,6 +243,27 @@ class Engine:
         self._release_id = release_id
         row = await self._j(self.journal.release, release_id)
         self._version = row.version
+        try:
+            state = await self._run_steps(row)
+        except JournalError as exc:
+            # Nothing more can be recorded, so nothing more is done: the steps
+            # already taken kept the live pool healthy, and the journal still shows
+            # the step in progress, which `resume` runs again.
+            state = J.INTERRUPTED
+            await self._emit(
+                "warn",
+                f"stopped: {exc}; the site is serving; fix that, then `changeover resume`",
+                journal=False,
+            )
+        finally:
+            await self.checks.close()
+            with contextlib.suppress(JournalError):  # left behind, the lock is stale: resume
+                await self._j(self.journal.release_lock, self.site)
+        return state
+
+    async def _run_steps(self, row: J.ReleaseRow) -> str:
+        """The release's remaining steps, its final state journaled."""
+        release_id = row.id
         state = J.DONE
         try:
             try:
@@ -278,9 +301,6 @@ class Engine:
             state = J.FAILED
             await self._j(self.journal.set_state, release_id, state, str(exc))
             await self._emit("state", f"release #{release_id} failed: {exc}")
-        finally:
-            await self.checks.close()
-            await self._j(self.journal.release_lock, self.site)
         return state
 
     async def _run_step(self, idx: int, step: Step, total: int) -> None:
@@ -481,7 +501,12 @@ class Engine:
                 if not result.ok:
                     failed.append(result)
 
-        await asyncio.gather(*(one(m) for m in cluster.members))
+        # Every member's command ends before anything is raised (a journal that
+        # cannot be written, say): none is left running behind the stop.
+        errors = await asyncio.gather(*(one(m) for m in cluster.members), return_exceptions=True)
+        for error in errors:
+            if isinstance(error, BaseException):
+                raise error
         if self._interrupt.is_set() and any(r.exit_status == -signal.SIGINT for r in failed):
             # Ctrl-C reached a command being spawned (before it left our process
             # group): not a failure of the step, which runs again on resume.

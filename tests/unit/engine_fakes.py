@@ -271,3 +271,12 @@ class Site:
     def connect(self, journal: JournalStore) -> Ports:
         assert journal is self.journal
         return self.ports()
+
+
+def journal_writes(journal: Journal, failing: str | None) -> None:
+    """From now on every write to the real journal fails as SQLite fails on a
+    read-only state directory ("read-only"), or works again (None): the
+    operator fixed it. The connection is the journal's own, so its error
+    mapping is what the engine meets."""
+    db = journal._db  # the real file's own connection
+    db.execute(f"PRAGMA query_only = {'ON' if failing else 'OFF'}")

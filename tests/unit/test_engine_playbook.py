@@ -17,7 +17,7 @@ from changeover.model import AbortAsked, Admission, Approval, encode_ask
 from changeover.plan import PlanRefused
 from changeover.releases import BadRequest, Begin, Releases
 from changeover.steps import StepKind
-from tests.unit.engine_fakes import FakeExecutor, Site
+from tests.unit.engine_fakes import FakeExecutor, Site, journal_writes
 
 LIVE, DRAINING, OUT = "live", "draining", "out"
 
@@ -397,3 +397,53 @@ async def test_a_stored_plan_it_cannot_read_is_refused_naming_the_release(
         await engine.run(release_id)
     assert site.balancer.changes == [] and site.executor.calls == []
     assert site.journal.lock_holder("t") is None  # refused, and the lock let go
+
+
+# --- a journal that stops taking writes ----------------------------------------------------
+
+
+@pytest.mark.parametrize("when", ["before-the-first-step", "inside-deploy-a", "draining-b"])
+async def test_a_journal_that_cannot_be_written_stops_with_the_site_serving(
+    tmp_path: Path, when: str
+) -> None:
+    site = Site.build(tmp_path)
+    events: list[Event] = []
+    engine = Engine(site.topo, site.ports(), on_event=events.append, poll=0.05)
+    release_id = await engine.begin("2.0")
+    if when == "before-the-first-step":
+        journal_writes(site.journal, "read-only")
+    elif when == "inside-deploy-a":
+        site.executor.during = lambda argv: (
+            journal_writes(site.journal, "read-only") if argv[1:3] == ["deploy", "a2"] else None
+        )
+    else:
+        site.clock.on_sleep.append(
+            lambda: (
+                journal_writes(site.journal, "read-only")
+                if site.balancer.admissions["b1"] is Admission.DRAINING
+                else None
+            )
+        )
+
+    assert await engine.run(release_id) == J.INTERRUPTED
+
+    said = [e.message for e in events if e.kind == "warn"]
+    assert said == [
+        f"stopped: {site.journal.path}: cannot use the journal: the state directory or the "
+        "journal is read-only (attempt to write a readonly database); the site is serving; "
+        "fix that, then `changeover resume`"
+    ]
+    view = await site.balancer.read()
+    serving = [m.name for m in view.members if m.admission is Admission.LIVE and m.healthy]
+    assert len(serving) >= site.topo.policy.min_healthy, view
+    assert site.journal.release(release_id).state == J.RUNNING  # as it was: resumable
+    if when == "inside-deploy-a":
+        assert "start a1" not in commands(site)  # nothing after the step that met it
+
+    site.executor.during = None
+    site.clock.on_sleep.clear()
+    journal_writes(site.journal, None)  # the operator freed the disk
+    resumed = Releases(site.topo, site.journal_opener, site.migrator, site.connect)
+    assert await resumed.resume() == (release_id, J.DONE)
+    assert set(site.fleet.version.values()) == {"2.0"}
+    assert set(site.balancer.admissions.values()) == {Admission.LIVE}
