@@ -405,7 +405,9 @@ def resume(config: ConfigOpt = Path(DEFAULT_CONFIG), json_out: JsonOpt = False) 
 
 @app.command()
 def abort(config: ConfigOpt = Path(DEFAULT_CONFIG)) -> None:
-    """Stop the release in progress at its next safe point (from another shell)."""
+    """Stop the release in progress at its next safe point (from another shell).
+    It stays resumable: `resume` continues it, `rollback` or a new release
+    supersedes it; `status` warns while healthy members are left out."""
     topo = _load(config)
     out.print(_service(topo, lambda r: r.abort(operator())), highlight=False, markup=False)
 
@@ -465,6 +467,7 @@ def status(config: ConfigOpt = Path(DEFAULT_CONFIG), json_out: JsonOpt = False) 
                     "balancer_error": now.balancer_error,
                     "release": now.release,
                     "lock": now.lock.describe() if now.lock else None,
+                    "warning": now.warning,
                 },
                 indent=2,
             )
@@ -500,6 +503,10 @@ def status(config: ConfigOpt = Path(DEFAULT_CONFIG), json_out: JsonOpt = False) 
     if now.lock:
         stale = " (stale: its process is gone)" if now.lock.is_stale() else ""
         out.print(f"lock: {now.lock.describe()}{stale}", highlight=False, markup=False)
+    if now.warning:
+        out.print(
+            f"[bold yellow]warning:[/] {escape(now.warning)}", highlight=False, soft_wrap=True
+        )
     if view is None:
         raise typer.Exit(EXIT_FAILED)
 

@@ -67,6 +67,10 @@ from changeover.steps import (
 P = ParamSpec("P")
 T = TypeVar("T")
 
+ABORTED = (
+    "aborted on request (`changeover abort`): `changeover resume` continues, "
+    "`changeover rollback` goes back, a new `changeover release` replaces it"
+)
 APPLY_ATTEMPTS = 4  # a balancer that refuses or is unreachable is retried with backoff
 APPLY_BACKOFF = 0.5
 
@@ -151,7 +155,7 @@ class Engine:
             raise Stopped(J.INTERRUPTED, "interrupted (Ctrl-C); `changeover resume` continues")
         row = await self._j(self.journal.release, self._release_id)
         if isinstance(decode_ask(row.request), AbortAsked):
-            raise Stopped(J.ABORTED, "aborted on request (`changeover abort`)")
+            raise Stopped(J.ABORTED, ABORTED)
 
     async def _wait(self, seconds: float) -> None:
         """Sleep that wakes early for Ctrl-C."""
@@ -160,9 +164,13 @@ class Engine:
     # --- starting and resuming ----------------------------------------------------
 
     async def begin(self, version: str) -> int:
-        """Take the lock, plan against the live pool, and journal the new release."""
+        """Take the lock, plan against the live pool, and journal the new release;
+        an aborted release is superseded by it (the plan starts from the pool as
+        the abort left it)."""
+        pending = await self._j(self.journal.unfinished, self.site)
+        aborted = pending if pending is not None and pending.state == J.ABORTED else None
         return await self._create(
-            lambda view, _last: (version, make_plan(self.topo, version, view))
+            lambda view, _last: (version, make_plan(self.topo, version, view)), supersede=aborted
         )
 
     async def begin_rollback(self) -> int:
@@ -195,7 +203,7 @@ class Engine:
             view = await self.balancer.read()
             last = await self._j(self.journal.last_done, self.site)
             version, steps = plan(view, last)
-            if supersede is not None:
+            if supersede is not None and kind == "rollback":  # undoes what that one began
                 serving: str | None = supersede.version
             else:
                 serving = last.version if last else await self.checks.served_version()
@@ -209,12 +217,13 @@ class Engine:
                 kind,
             )
             await self._j(self.journal.set_lock_release, self.site, release_id)
-            if supersede is not None and supersede.state != J.ABORTED:  # keeps why it stopped
+            if supersede is not None:  # keeps why it stopped
+                why = f"{supersede.error}; " if supersede.error else ""
                 await self._j(
                     self.journal.set_state,
                     supersede.id,
-                    J.ABORTED,
-                    f"superseded by rollback #{release_id}",
+                    J.SUPERSEDED,
+                    f"{why}superseded by {kind} #{release_id}",
                 )
         except BaseException:
             await self._j(self.journal.release_lock, self.site)

@@ -86,10 +86,11 @@ RUNNING = "running"
 AWAITING_APPROVAL = "awaiting-approval"
 INTERRUPTED = "interrupted"  # stopped at a safe point by Ctrl-C; resumable
 FAILED = "failed"  # a step failed; the site is still served; resumable or roll back
-ABORTED = "aborted"
+ABORTED = "aborted"  # stopped at a safe point by `changeover abort`; resumable
+SUPERSEDED = "superseded"  # a stopped release replaced by a rollback or a new release
 ROLLED_BACK = "rolled-back"  # the bake failed and the engine flipped back on its own
 DONE = "done"
-RESUMABLE = (RUNNING, AWAITING_APPROVAL, INTERRUPTED, FAILED)
+RESUMABLE = (RUNNING, AWAITING_APPROVAL, INTERRUPTED, FAILED, ABORTED)
 
 # Event kind: JSON {"files": {name: sha256}, "allow": [rule]}: the migration files
 # the release's check read, and the rules it was allowed to break.
@@ -355,7 +356,7 @@ class Journal:
         return release_id
 
     def set_state(self, release_id: int, state: str, error: str | None = None) -> None:
-        finished = time.time() if state in (DONE, ABORTED, ROLLED_BACK) else None
+        finished = time.time() if state in (DONE, SUPERSEDED, ROLLED_BACK) else None
         with self._tx() as db:
             db.execute(
                 "UPDATE releases SET state=?, error=?, finished=COALESCE(?, finished) WHERE id=?",
@@ -439,7 +440,7 @@ class Journal:
         return [_release_row(r) for r in rows]
 
     def unfinished(self, site: str) -> ReleaseRow | None:
-        """The newest release that neither finished nor was aborted."""
+        """The newest release that neither finished nor was superseded."""
         marks = ",".join("?" * len(RESUMABLE))
         with self._locked():
             row = self._db.execute(

@@ -24,7 +24,7 @@ from changeover.config import ConfigError, Topology
 from changeover.engine import Engine, Event
 from changeover.journal import LockInfo, ReleaseRow
 from changeover.migrations import RULES, Finding
-from changeover.model import AbortAsked, Approval, PoolView, encode_ask
+from changeover.model import AbortAsked, Admission, Approval, PoolView, encode_ask
 from changeover.ports import JournalStore, Migrator, Ports, Review
 
 T = TypeVar("T")
@@ -61,6 +61,28 @@ class SiteStatus:
     balancer_error: str | None
     release: dict[str, Any] | None  # the release in progress, as `describe` gives it
     lock: LockInfo | None
+    warning: str | None = None  # capacity left out of the live pool (`idle_capacity`)
+
+
+def idle_capacity(view: PoolView, running: bool, pending: int | None) -> str | None:
+    """A warning when members that are healthy are out of the live pool while no
+    release is running (an aborted, failed or crashed one, or a hand-made
+    change): the site serves on less than it could."""
+    if running:
+        return None
+    idle: dict[str, list[str]] = {}
+    for m in view.members:
+        if m.admission is Admission.OUT and m.healthy:
+            idle.setdefault(m.cluster, []).append(m.name)
+    if not idle:
+        return None
+    where = "; ".join(f"{c}: {', '.join(names)}" for c, names in sorted(idle.items()))
+    then = (
+        f"`changeover resume` continues release #{pending}, `changeover rollback` goes back"
+        if pending is not None
+        else "a release (or the balancer's admin) puts them back"
+    )
+    return f"healthy members are out of the live pool and no release is running ({where}): {then}"
 
 
 class Outcome(NamedTuple):
@@ -73,6 +95,10 @@ def operator() -> str:
     return f"{getpass.getuser()}@{socket.gethostname()}"
 
 
+ABORTED_IDLE = (
+    "aborted while not running; the pool was left as it is (see `changeover status`): "
+    "`changeover resume` continues, `changeover rollback` goes back"
+)
 MAX_VERSION_LENGTH = 200
 
 
@@ -236,20 +262,18 @@ class Releases:
 
     async def abort(self, who: str) -> str:
         """Stop the release in progress at its next safe point; one nobody runs
-        any more is marked aborted at once, the pool left as it is."""
+        any more is marked aborted at once, the pool left as it is. Either way it
+        stays resumable (`resume`), and `rollback` or a new release supersedes it."""
         row = await self._record(lambda j: j.unfinished(self.site))
         if row is None:
             raise BadRequest("no release in progress")
         holder = await self._record(lambda j: j.lock_holder(self.site))
         if holder is None or holder.is_stale():
-            await self._record(
-                lambda j: j.set_state(row.id, J.ABORTED, "aborted while not running")
-            )
+            if row.state != J.ABORTED:
+                await self._record(lambda j: j.set_state(row.id, J.ABORTED, ABORTED_IDLE))
             if holder is not None:
                 await self._record(lambda j: j.force_unlock(self.site))
-            return (
-                f"release #{row.id} aborted; the pool was left as it is (see `changeover status`)"
-            )
+            return f"release #{row.id} aborted; {ABORTED_IDLE}"
         await self._record(lambda j: j.request(row.id, encode_ask(AbortAsked(who))))
         return f"asked release #{row.id} ({holder.describe()}) to stop at its next safe point"
 
@@ -269,11 +293,14 @@ class Releases:
         except BalancerError as exc:
             view, error = None, str(exc)
         pending = await self.pending()
+        lock = await self.lock_holder()
+        running = lock is not None and not lock.is_stale()
         return SiteStatus(
             view,
             error,
             await self.describe(pending.id) if pending else None,
-            await self.lock_holder(),
+            lock,
+            idle_capacity(view, running, pending.id if pending else None) if view else None,
         )
 
     # --- the record ---------------------------------------------------------------------

@@ -72,7 +72,9 @@ async def test_release_waits_for_each_approval(site: DemoSite) -> None:
     assert "approved by" in shown
 
 
-async def test_abort_while_awaiting_approval_stops_at_a_safe_point(site: DemoSite) -> None:
+async def test_abort_while_awaiting_approval_stops_at_a_safe_point_and_resumes(
+    site: DemoSite,
+) -> None:
     release = asyncio.create_task(cli(site, "release", "2.0"))
     await awaiting(site, "approve-a")
     code, text = await cli(site, "abort")
@@ -86,6 +88,21 @@ async def test_abort_while_awaiting_approval_stops_at_a_safe_point(site: DemoSit
     assert code == 0
     pool = json.loads(text)["pool"]
     assert {m["admission"] for m in pool if m["cluster"] == "b"} == {"live"}
+    # a is out and healthy, and nothing runs: status says so, and resume finishes.
+    code, text = await cli(site, "status")
+    assert code == 0 and "warning: healthy members are out of the live pool" in text, text
+    assert "`changeover resume` continues release #1" in text, text
+    resumed = asyncio.create_task(cli(site, "resume"))
+    for step in ("approve-a", "approve-b"):
+        await awaiting(site, step)
+        code, text = await cli(site, "approve")
+        assert code == 0, text
+    code, text = await asyncio.wait_for(resumed, 120)
+    assert code == 0, text
+    assert set((await S.versions_by_member(site)).values()) == {"2.0"}
+    code, text = await cli(site, "status", "--json")
+    assert json.loads(text)["warning"] is None
+    assert {m["admission"] for m in json.loads(text)["pool"]} == {"live"}
 
 
 async def test_rollback_after_an_abort_returns_to_the_version_it_replaced(
@@ -115,4 +132,4 @@ async def test_rollback_after_an_abort_returns_to_the_version_it_replaced(
     newest = S.newest(site)
     assert (newest.kind, newest.version, newest.state) == ("rollback", "2.0", J.DONE)
     aborted_row = S.releases(site)[1]
-    assert aborted_row.state == J.ABORTED and "abort" in (aborted_row.error or "")
+    assert aborted_row.state == J.SUPERSEDED and "abort" in (aborted_row.error or "")

@@ -265,6 +265,73 @@ async def test_an_abort_stops_at_a_safe_point_and_resume_finishes(tmp_path: Path
     assert site.balancer.cluster_changes() == ROLLING_CHANGES[:1]
     assert site.executor.calls == []
 
+    service = Releases(site.topo, site.journal_opener, site.migrator, site.connect)
+    assert await service.resume() == (release_id, J.DONE)
+    assert site.balancer.cluster_changes() == ROLLING_CHANGES  # a drained again, then on
+    assert set(site.fleet.version.values()) == {"2.0"}
+
+
+async def aborted_while_awaiting_approval(site: Site) -> int:
+    """A release of 2.0 aborted while a (out, on 2.0, healthy) waits for approval."""
+
+    def abort_when_waiting() -> None:
+        row = site.journal.unfinished("t")
+        if row is not None and row.state == J.AWAITING_APPROVAL and row.request is None:
+            site.journal.request(row.id, encode_ask(AbortAsked("ops@desk")))
+
+    site.clock.on_sleep.append(abort_when_waiting)
+    assert await release(site) == J.ABORTED
+    site.clock.on_sleep.remove(abort_when_waiting)
+    return site.journal.newest("t").id  # type: ignore[union-attr]
+
+
+async def test_after_an_abort_status_warns_of_the_cluster_left_out_and_resume_finishes(
+    tmp_path: Path,
+) -> None:
+    site = Site.build(tmp_path, policy={"approval": "manual"})
+    release_id = await aborted_while_awaiting_approval(site)
+    service = Releases(site.topo, site.journal_opener, site.migrator, site.connect)
+
+    now = await service.status()
+    assert now.release is not None and now.release["state"] == J.ABORTED
+    assert now.warning == (
+        "healthy members are out of the live pool and no release is running (a: a1, a2): "
+        f"`changeover resume` continues release #{release_id}, `changeover rollback` goes back"
+    )
+    approve_when_asked(site)
+    assert await service.resume() == (release_id, J.DONE)
+    assert set(site.balancer.admissions.values()) == {Admission.LIVE}
+    assert set(site.fleet.version.values()) == {"2.0"}
+    assert (await service.status()).warning is None
+
+
+async def test_an_abort_of_a_release_nobody_runs_keeps_it_resumable(tmp_path: Path) -> None:
+    site = Site.build(tmp_path, policy={"approval": "manual"})
+    release_id = await aborted_while_awaiting_approval(site)
+    site.journal.set_state(release_id, J.FAILED, "crashed")  # as a crash would leave it
+    service = Releases(site.topo, site.journal_opener, site.migrator, site.connect)
+
+    said = await service.abort("ops@desk")
+
+    assert said.startswith(f"release #{release_id} aborted; aborted while not running")
+    assert site.journal.unfinished("t").id == release_id  # type: ignore[union-attr]
+    approve_when_asked(site)
+    assert await service.resume() == (release_id, J.DONE)
+
+
+async def test_a_new_release_supersedes_an_aborted_one(tmp_path: Path) -> None:
+    site = Site.build(tmp_path, policy={"approval": "manual"})
+    aborted = await aborted_while_awaiting_approval(site)
+    approve_when_asked(site)
+
+    assert await release(site, "2.1") == J.DONE
+
+    old = site.journal.release(aborted)
+    assert old.state == J.SUPERSEDED
+    assert old.error is not None and old.error.endswith(f"superseded by release #{aborted + 1}")
+    assert site.journal.release(aborted + 1).previous_version == "1.0"  # what served before
+    assert set(site.fleet.version.values()) == {"2.1"}
+
 
 async def test_approval_waits_for_its_own_step_and_names_who(tmp_path: Path) -> None:
     site = Site.build(tmp_path, policy={"approval": "manual"})
