@@ -54,6 +54,17 @@ async def awaiting(site: DemoSite, step_id: str) -> None:
     await wait_until(waiting, timeout=60, what=f"{step_id} awaiting approval")
 
 
+async def approved_run(site: DemoSite, *args: str) -> None:
+    """Run a command that waits for approval of a, then b, approving each; it must succeed."""
+    run = asyncio.create_task(cli(site, *args))
+    for step in ("approve-a", "approve-b"):
+        await awaiting(site, step)
+        code, text = await cli(site, "approve")
+        assert code == 0, text
+    code, text = await asyncio.wait_for(run, 120)
+    assert code == 0, text
+
+
 async def test_release_waits_for_each_approval(site: DemoSite) -> None:
     release = asyncio.create_task(cli(site, "release", "2.0"))
     await awaiting(site, "approve-a")
@@ -92,13 +103,7 @@ async def test_abort_while_awaiting_approval_stops_at_a_safe_point_and_resumes(
     code, text = await cli(site, "status")
     assert code == 0 and "warning: healthy members are out of the live pool" in text, text
     assert "`changeover resume` continues release #1" in text, text
-    resumed = asyncio.create_task(cli(site, "resume"))
-    for step in ("approve-a", "approve-b"):
-        await awaiting(site, step)
-        code, text = await cli(site, "approve")
-        assert code == 0, text
-    code, text = await asyncio.wait_for(resumed, 120)
-    assert code == 0, text
+    await approved_run(site, "resume")
     assert set((await S.versions_by_member(site)).values()) == {"2.0"}
     code, text = await cli(site, "status", "--json")
     assert json.loads(text)["warning"] is None
@@ -110,24 +115,14 @@ async def test_rollback_after_an_abort_returns_to_the_version_it_replaced(
 ) -> None:
     """1.0 -> 2.0 finished; 2.0 -> 3.0 aborted with cluster a already on 3.0; the way
     back is 2.0 everywhere (not 1.0, what the last finished release replaced)."""
-
-    async def approved_run(*args: str) -> None:
-        run = asyncio.create_task(cli(site, *args))
-        for step in ("approve-a", "approve-b"):
-            await awaiting(site, step)
-            code, text = await cli(site, "approve")
-            assert code == 0, text
-        code, text = await asyncio.wait_for(run, 120)
-        assert code == 0, text
-
-    await approved_run("release", "2.0")
+    await approved_run(site, "release", "2.0")
     aborted = asyncio.create_task(cli(site, "release", "3.0"))
     await awaiting(site, "approve-a")
     assert set(S.running_versions(site, "a").values()) == {"3.0"}
     code, text = await cli(site, "abort")
     assert code == 0, text
     assert (await asyncio.wait_for(aborted, 60))[0] == 4
-    await approved_run("rollback")
+    await approved_run(site, "rollback")
     assert set((await S.versions_by_member(site)).values()) == {"2.0"}
     newest = S.newest(site)
     assert (newest.kind, newest.version, newest.state) == ("rollback", "2.0", J.DONE)
