@@ -293,6 +293,14 @@ ReasonOpt = Annotated[
     str | None,
     typer.Option(help="Why the allowed findings are safe here; written to the journal."),
 ]
+FirstOpt = Annotated[
+    bool,
+    typer.Option(
+        "--first",
+        help="First deploy of a site that serves nothing yet: every cluster out of "
+        "service, each deployed and checked, then put live.",
+    ),
+]
 
 
 def _reviewed(topo: Topology, begin: Begin) -> Review | None:
@@ -310,10 +318,11 @@ def plan(
     ] = False,
     allow: AllowOpt = None,
     reason: ReasonOpt = None,
+    first: FirstOpt = False,
 ) -> None:
     """Print the ordered steps of a release and check its migrations; touches nothing."""
     topo = _load(config)
-    begin = Begin(version, tuple(allow or ()), reason)
+    begin = Begin(version, tuple(allow or ()), reason, first)
     found = _reviewed(topo, begin)
 
     async def go() -> list[Any]:
@@ -331,7 +340,7 @@ def plan(
                 )
             finally:
                 await balancer.close()
-        return make_plan(topo, version, view)
+        return make_plan(topo, version, view, first=first)
 
     steps = _run(go())
     if json_out:
@@ -377,10 +386,11 @@ def release(
     json_out: JsonOpt = False,
     allow: AllowOpt = None,
     reason: ReasonOpt = None,
+    first: FirstOpt = False,
 ) -> None:
     """Release VERSION to every cluster, one cluster at a time, with zero downtime."""
     topo = _load(config)
-    begin = Begin(version, tuple(allow or ()), reason)
+    begin = Begin(version, tuple(allow or ()), reason, first)
     done = _service(topo, lambda r: r.release(begin), err if json_out else out)
     _finish(topo, done, json_out)
 

@@ -163,14 +163,16 @@ class Engine:
 
     # --- starting and resuming ----------------------------------------------------
 
-    async def begin(self, version: str) -> int:
-        """Take the lock, plan against the live pool, and journal the new release;
-        an aborted release is superseded by it (the plan starts from the pool as
-        the abort left it)."""
+    async def begin(self, version: str, first: bool = False) -> int:
+        """Take the lock, plan against the live pool, and journal the new release
+        (`first`: the first deploy, see `plan.make_plan`); an aborted release is
+        superseded by it (the plan starts from the pool as the abort left it)."""
         pending = await self._j(self.journal.unfinished, self.site)
         aborted = pending if pending is not None and pending.state == J.ABORTED else None
         return await self._create(
-            lambda view, _last: (version, make_plan(self.topo, version, view)), supersede=aborted
+            lambda view, _last: (version, make_plan(self.topo, version, view, first=first)),
+            kind="first-deploy" if first else "release",
+            supersede=aborted,
         )
 
     async def begin_rollback(self) -> int:

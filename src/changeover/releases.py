@@ -48,11 +48,12 @@ class GateRefused(Exception):
 @dataclass(frozen=True, slots=True)
 class Begin:
     """Release `version`, accepting the migration findings of the `allow` rules
-    for the stated `reason`."""
+    for the stated `reason`; `first` deploys a site that serves nothing yet."""
 
     version: str
     allow: tuple[str, ...] = ()
     reason: str | None = None
+    first: bool = False  # the first deploy of a site that serves nothing yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +224,7 @@ class Releases:
         except (ConfigError, OSError) as exc:
             raise BadRequest(f"database.migrations_dir: {exc}") from None
         engine = await self._started()
-        release_id = await engine.begin(begin.version)
+        release_id = await engine.begin(begin.version, first=begin.first)
         if pins is not None:  # files edited before a resume are checked again
             message = json.dumps({"files": pins, "allow": sorted(begin.allow)}, sort_keys=True)
             await self._record(lambda j: j.add_event(release_id, J.MIGRATION_PINS, message))

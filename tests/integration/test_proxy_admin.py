@@ -268,6 +268,19 @@ async def test_the_interlock_keeps_policy_min_healthy_like_the_engine() -> None:
     assert admissions_of(pool) == ["live", "live", "out"]
 
 
+async def test_where_nothing_serves_yet_every_member_may_be_taken_out() -> None:
+    """A first deploy: no member reported healthy, so taking all out loses nothing."""
+    pool = new_pool()
+    pool.expect_checks()  # a checker runs and has seen none healthy yet
+    async with admin_client(pool) as client:
+        everything_out = dict.fromkeys(("a1", "a2", "b1"), "out")
+        async with client.post(
+            "/v1/admissions", json={"admissions": everything_out}, headers=auth()
+        ) as r:
+            assert r.status == 200, await r.text()
+    assert admissions_of(pool) == ["out", "out", "out"]
+
+
 async def test_the_interlock_judges_members_on_checks_not_the_start_up_guess() -> None:
     """At start-up every member is routed to but none is reported healthy until a
     check has seen it: the interlock counts what the API reports."""

@@ -175,7 +175,7 @@ class FakeChecks:
         self.fleet = fleet
         self.smoke_fails: set[str] = set()  # clusters whose QA smoke check fails
         self.live_smoke_fails = False
-        self.served = "1.0"
+        self.served: str | None = "1.0"  # None: no member answers its version yet
 
     async def health(self, member: Member) -> CheckResult:
         ok = member.name in self.fleet.running and member.name not in self.fleet.never_healthy

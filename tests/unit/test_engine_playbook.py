@@ -514,3 +514,39 @@ async def test_a_journal_that_cannot_be_written_stops_with_the_site_serving(
     assert await resumed.resume() == (release_id, J.DONE)
     assert set(site.fleet.version.values()) == {"2.0"}
     assert set(site.balancer.admissions.values()) == {Admission.LIVE}
+
+
+# --- the first deploy -----------------------------------------------------------------------
+
+
+async def test_a_fresh_site_is_deployed_out_of_service_checked_then_put_live(
+    tmp_path: Path,
+) -> None:
+    site = Site.build(tmp_path, policy={"approval": "manual"})
+    site.fleet.running.clear()  # nothing serves yet: no member answers
+    site.fleet.version = dict.fromkeys(site.fleet.version, "none")
+    site.checks.served = None
+    approve_when_asked(site)
+    service = Releases(site.topo, site.journal_opener, site.migrator, site.connect)
+
+    outcome = await service.release(Begin("1.0", first=True))
+
+    assert outcome.state == J.DONE
+    assert site.balancer.cluster_changes() == [
+        {"a": OUT, "b": OUT},
+        {"a": LIVE},
+        {"b": LIVE},
+    ]
+    starts = [i for i, c in enumerate(commands(site)) if c.startswith("start")]
+    assert len(starts) == 4 and commands(site)[-1] == "start b2"  # b deployed before a went live
+    assert set(site.fleet.version.values()) == {"1.0"}
+    row = site.journal.release(outcome.release_id)
+    assert (row.kind, row.previous_version) == ("first-deploy", None)
+
+
+async def test_a_first_deploy_is_refused_on_a_site_that_serves(tmp_path: Path) -> None:
+    site = Site.build(tmp_path)
+    service = Releases(site.topo, site.journal_opener, site.migrator, site.connect)
+    with pytest.raises(PlanRefused, match="serves already"):
+        await service.release(Begin("2.0", first=True))
+    assert site.balancer.changes == [] and site.executor.calls == []
