@@ -38,7 +38,15 @@ from changeover.migrations import format_findings
 from changeover.migrations.cli import app as migrations_app
 from changeover.plan import PlanRefused, describe, make_plan
 from changeover.ports import MigrationError, Review
-from changeover.releases import BadRequest, Begin, GateRefused, Outcome, Releases, operator
+from changeover.releases import (
+    BadRequest,
+    Begin,
+    GateRefused,
+    Outcome,
+    Releases,
+    SiteStatus,
+    operator,
+)
 from changeover.runtime import make_executor, review, with_releases
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_STOPPED = 0, 1, 2, 3, 4
@@ -471,9 +479,12 @@ def status(config: ConfigOpt = Path(DEFAULT_CONFIG), json_out: JsonOpt = False) 
                             "admission": m.admission.value,
                             "healthy": m.healthy,
                             "active": m.active,
+                            "version": now.versions.get(m.name),
                         }
                         for m in view.members
                     ],
+                    "awaiting_approval": dataclasses.asdict(now.awaiting) if now.awaiting else None,
+                    "kept": dataclasses.asdict(now.kept) if now.kept else None,
                     "balancer_error": now.balancer_error,
                     "release": now.release,
                     "lock": now.lock.describe() if now.lock else None,
@@ -487,7 +498,7 @@ def status(config: ConfigOpt = Path(DEFAULT_CONFIG), json_out: JsonOpt = False) 
         err.print(f"[red]balancer unreachable:[/] {escape(now.balancer_error or '')}")
     else:
         table = Table(title=f"pool of {escape(topo.site.name)}")
-        for col in ("cluster", "member", "admission", "health", "in flight"):
+        for col in ("cluster", "member", "admission", "health", "in flight", "version"):
             table.add_column(col)
         colour = {"live": "green", "draining": "yellow", "out": "red"}
         for m in view.members:
@@ -497,6 +508,7 @@ def status(config: ConfigOpt = Path(DEFAULT_CONFIG), json_out: JsonOpt = False) 
                 f"[{colour[m.admission.value]}]{m.admission.value}[/]",
                 "up" if m.healthy else "[red]down[/]",
                 str(m.active),
+                escape(now.versions.get(m.name) or "-"),
             )
         out.print(table)
     pending = now.release
@@ -510,6 +522,8 @@ def status(config: ConfigOpt = Path(DEFAULT_CONFIG), json_out: JsonOpt = False) 
         )
     else:
         out.print("no release in progress")
+    for line in _status_notes(now):
+        out.print(line, highlight=False, markup=False, soft_wrap=True)
     if now.lock:
         stale = " (stale: its process is gone)" if now.lock.is_stale() else ""
         out.print(f"lock: {now.lock.describe()}{stale}", highlight=False, markup=False)
@@ -519,6 +533,29 @@ def status(config: ConfigOpt = Path(DEFAULT_CONFIG), json_out: JsonOpt = False) 
         )
     if view is None:
         raise typer.Exit(EXIT_FAILED)
+
+
+def _status_notes(now: SiteStatus) -> list[str]:
+    """The approval a release waits for, and what bluegreen kept for a rollback."""
+    notes = []
+    if now.awaiting:
+        wait = now.awaiting
+        where = (
+            f"QA at {wait.qa_url}" + (f" (Host: {wait.qa_host})" if wait.qa_host else "")
+            if wait.qa_url
+            else "no QA entry point"
+        )
+        notes.append(
+            f"awaiting approval of {wait.cluster}: {where}; "
+            "`changeover approve` (or `changeover abort`)"
+        )
+    if now.kept:
+        minutes, seconds = divmod(max(0, int(now.kept.seconds_left)), 60)
+        notes.append(
+            f"kept for an instant rollback: {', '.join(now.kept.clusters)} (draining, on "
+            f"{now.kept.version!r}) for {minutes}m {seconds:02d}s more (policy.keep_previous)"
+        )
+    return notes
 
 
 @app.command()

@@ -41,6 +41,10 @@ class Checks(Protocol):
         """The smoke command against the live pool, None when none is configured."""
         ...
 
+    async def versions(self) -> dict[str, str | None]:
+        """What each member reports as its version now (None: no answer)."""
+        ...
+
     async def served_version(self) -> str | None:
         """The version the live pool serves now, when it tells."""
         ...

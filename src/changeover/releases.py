@@ -14,17 +14,19 @@ import json
 import re
 import socket
 import unicodedata
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
 from changeover import journal as J
 from changeover.balancers.base import BalancerError
+from changeover.checks import qa_entry
 from changeover.config import ConfigError, Topology
 from changeover.engine import Engine, Event
-from changeover.journal import LockInfo, ReleaseRow
+from changeover.journal import LockInfo, ReleaseRow, StepRow
 from changeover.migrations import RULES, Finding
 from changeover.model import AbortAsked, Admission, Approval, PoolView, encode_ask
+from changeover.policy import kept_clusters
 from changeover.ports import JournalStore, Migrator, Ports, Review
 
 T = TypeVar("T")
@@ -63,6 +65,38 @@ class SiteStatus:
     release: dict[str, Any] | None  # the release in progress, as `describe` gives it
     lock: LockInfo | None
     warning: str | None = None  # capacity left out of the live pool (`idle_capacity`)
+    versions: Mapping[str, str | None] = field(default_factory=dict)  # member -> reported
+    awaiting: Awaiting | None = None  # the cluster a release waits to have approved
+    kept: Kept | None = None  # after bluegreen: what `rollback` flips back to instantly
+
+
+@dataclass(frozen=True, slots=True)
+class Awaiting:
+    cluster: str
+    qa_url: str | None  # its QA entry point (None: it has none)
+    qa_host: str | None  # the Host header that reaches it there
+
+
+@dataclass(frozen=True, slots=True)
+class Kept:
+    clusters: list[str]  # draining on `version`, ready for an instant flip back
+    version: str | None
+    seconds_left: float  # of policy.keep_previous
+
+
+def awaiting_approval(topo: Topology, row: ReleaseRow, steps: list[StepRow]) -> Awaiting | None:
+    """The cluster whose approval step `row` is running, with its QA entry point."""
+    if row.state != J.AWAITING_APPROVAL:
+        return None
+    running = [s.idx for s in steps if s.state == J.STEP_RUNNING]
+    cluster = row.plan[running[0]].get("cluster") if running else None
+    if not isinstance(cluster, str):
+        return None
+    try:
+        url, host = qa_entry(topo, topo.cluster(cluster))
+    except (KeyError, ValueError):  # no such cluster any more, or no QA entry point
+        return Awaiting(cluster, None, None)
+    return Awaiting(cluster, url, host)
 
 
 def idle_capacity(view: PoolView, running: bool, pending: int | None) -> str | None:
@@ -293,15 +327,28 @@ class Releases:
             error = None
         except BalancerError as exc:
             view, error = None, str(exc)
+        engine = await self._started()
         pending = await self.pending()
         lock = await self.lock_holder()
         running = lock is not None and not lock.is_stale()
+        steps = await self._record(lambda j: j.steps(pending.id)) if pending else []
+        kept = None
+        last = await self._record(lambda j: j.last_done(self.site))
+        if view is not None and last is not None:
+            now = engine.clock.time()
+            found = kept_clusters(self.topo, last, view, now)
+            if found is not None and last.finished is not None:
+                left = last.finished + self.topo.policy.keep_previous - now
+                kept = Kept(found[1], last.previous_version, left)
         return SiteStatus(
             view,
             error,
             await self.describe(pending.id) if pending else None,
             lock,
             idle_capacity(view, running, pending.id if pending else None) if view else None,
+            await engine.checks.versions(),
+            awaiting_approval(self.topo, pending, steps) if pending else None,
+            kept,
         )
 
     # --- the record ---------------------------------------------------------------------

@@ -70,6 +70,13 @@ async def test_release_waits_for_each_approval(site: DemoSite) -> None:
     await awaiting(site, "approve-a")
     code, text = await cli(site, "status")
     assert code == 0 and "awaiting-approval" in text
+    assert "awaiting approval of a: QA at http://127.0.0.1:" in text, text
+    code, text = await cli(site, "status", "--json")
+    now = json.loads(text)
+    assert {m["name"]: m["version"] for m in now["pool"]} == {
+        "a1": "2.0", "a2": "2.0", "b1": "1.0", "b2": "1.0"
+    }  # fmt: skip
+    assert now["awaiting_approval"]["cluster"] == "a"
     assert not release.done()  # nothing was swapped without a person
     code, text = await cli(site, "approve")
     assert code == 0, text

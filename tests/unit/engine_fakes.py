@@ -29,8 +29,16 @@ def topology(tmp_path: Path, **sections: dict[str, Any]) -> Topology:
     data: dict[str, Any] = {
         "site": {"name": "t", "state_dir": str(tmp_path)},
         "clusters": [
-            {"name": "a", "members": [{"name": "a1", "port": 1}, {"name": "a2", "port": 2}]},
-            {"name": "b", "members": [{"name": "b1", "port": 3}, {"name": "b2", "port": 4}]},
+            {
+                "name": "a",
+                "qa_port": 8081,
+                "members": [{"name": "a1", "port": 1}, {"name": "a2", "port": 2}],
+            },
+            {
+                "name": "b",
+                "qa_host": "qa-b.example",
+                "members": [{"name": "b1", "port": 3}, {"name": "b2", "port": 4}],
+            },
         ],
         "release": {
             "stop": "ctl stop {member} {version}",
@@ -191,6 +199,12 @@ class FakeChecks:
 
     async def live_smoke(self, version: str) -> CheckResult | None:
         return CheckResult("smoke command", not self.live_smoke_fails, "exit 0")
+
+    async def versions(self) -> dict[str, str | None]:
+        return {
+            name: version if name in self.fleet.running else None
+            for name, version in self.fleet.version.items()
+        }
 
     async def served_version(self) -> str | None:
         return self.served

@@ -4,18 +4,20 @@ No socket, no subprocess, no real sleep: the fake clock jumps."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from pathlib import Path
 
 import pytest
 
 from changeover import journal as J
+from changeover.cli import _status_notes
 from changeover.config import Cluster, Member
 from changeover.engine import Engine, Event
 from changeover.executors.base import CommandResult
 from changeover.model import AbortAsked, Admission, Approval, encode_ask
 from changeover.plan import PlanRefused
-from changeover.releases import BadRequest, Begin, Releases
+from changeover.releases import Awaiting, BadRequest, Begin, Releases
 from changeover.steps import StepKind
 from tests.unit.engine_fakes import FakeExecutor, Site, journal_writes
 
@@ -550,3 +552,57 @@ async def test_a_first_deploy_is_refused_on_a_site_that_serves(tmp_path: Path) -
     with pytest.raises(PlanRefused, match="serves already"):
         await service.release(Begin("2.0", first=True))
     assert site.balancer.changes == [] and site.executor.calls == []
+
+
+# --- what status shows ------------------------------------------------------------------------
+
+
+async def test_status_names_the_cluster_awaiting_approval_with_its_qa_url_and_versions(
+    tmp_path: Path,
+) -> None:
+    site = Site.build(tmp_path, policy={"approval": "manual"})
+    service = Releases(site.topo, site.journal_opener, site.migrator, site.connect)
+    waiting = asyncio.Event()
+
+    def look() -> None:
+        row = site.journal.unfinished("t")
+        if row is not None and row.state == J.AWAITING_APPROVAL:
+            waiting.set()
+
+    site.clock.on_sleep.append(look)
+    running = asyncio.create_task(service.release(Begin("2.0")))
+    await asyncio.wait_for(waiting.wait(), 30)
+
+    looking = Releases(site.topo, site.journal_opener, site.migrator, site.connect)
+    now = await looking.status()
+
+    assert now.awaiting == Awaiting("a", "http://127.0.0.1:8081", None)
+    assert dict(now.versions) == {"a1": "2.0", "a2": "2.0", "b1": "1.0", "b2": "1.0"}
+    assert _status_notes(now) == [
+        "awaiting approval of a: QA at http://127.0.0.1:8081; "
+        "`changeover approve` (or `changeover abort`)"
+    ]
+    approve_when_asked(site)
+    assert (await running).state == J.DONE
+    assert (await looking.status()).awaiting is None
+
+
+async def test_status_after_bluegreen_names_the_kept_cluster_and_the_time_left(
+    tmp_path: Path,
+) -> None:
+    site = Site.build(tmp_path, policy={"strategy": "bluegreen", "keep_previous": 600})
+    service = Releases(site.topo, site.journal_opener, site.migrator, site.connect)
+    done = await service.release(Begin("2.0"))
+    assert done.state == J.DONE
+    finished = site.journal.release(done.release_id).finished
+    assert finished is not None
+    site.clock.now += 60  # a minute after (the kept window runs on the journal's times)
+
+    now = await service.status()
+
+    assert now.kept is not None
+    assert (now.kept.clusters, now.kept.version) == (["b"], "1.0")
+    assert now.kept.seconds_left == pytest.approx(finished + 600 - site.clock.time())
+    assert now.versions["b1"] == "1.0" and now.versions["a1"] == "2.0"
+    site.balancer.admissions |= {"b1": Admission.OUT, "b2": Admission.OUT}  # b taken out
+    assert (await service.status()).kept is None  # nothing to flip back to
