@@ -120,6 +120,7 @@ class Engine:
         self.migrator = ports.migrator
         self.journal = ports.journal
         self.clock = ports.clock
+        self.site_lock = ports.site_lock
         self.on_event = on_event or (lambda e: None)
         self.poll = poll
         self.site = topo.site.name
@@ -196,6 +197,7 @@ class Engine:
     ) -> int:
         await self._j(self.journal.acquire, self.site, None)
         try:
+            await self._claim_site()
             pending = await self._j(self.journal.unfinished, self.site)
             if pending is not None and (supersede is None or pending.id != supersede.id):
                 raise PlanRefused(
@@ -219,6 +221,7 @@ class Engine:
                 kind,
             )
             await self._j(self.journal.set_lock_release, self.site, release_id)
+            await self._claim_site()  # renewed, naming the release
             if supersede is not None:  # keeps why it stopped
                 why = f"{supersede.error}; " if supersede.error else ""
                 await self._j(
@@ -228,9 +231,17 @@ class Engine:
                     f"{why}superseded by {kind} #{release_id}",
                 )
         except BaseException:
+            await self.site_lock.release()
             await self._j(self.journal.release_lock, self.site)
             raise
         return release_id
+
+    async def _claim_site(self) -> None:
+        """The balancer's release lock, beside the journal's (see `sitelock.py`)."""
+        holder = await self._j(self.journal.lock_holder, self.site)
+        await self.site_lock.claim(
+            f"{holder.describe() if holder else 'a release'} (site {self.site})"
+        )
 
     async def take_over(self) -> int:
         """Lock the site for the unfinished release (the previous holder is gone)."""
@@ -238,6 +249,11 @@ class Engine:
         if row is None:
             raise PlanRefused("no release to resume")
         stale = await self._j(self.journal.acquire, self.site, row.id)
+        try:
+            await self._claim_site()
+        except BaseException:
+            await self._j(self.journal.release_lock, self.site)
+            raise
         if stale is not None:
             await self._j(
                 self.journal.add_event,
@@ -268,6 +284,7 @@ class Engine:
             )
         finally:
             await self.checks.close()
+            await self.site_lock.release()
             with contextlib.suppress(JournalError):  # left behind, the lock is stale: resume
                 await self._j(self.journal.release_lock, self.site)
         return state

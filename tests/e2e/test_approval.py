@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from changeover import journal as J
+from changeover.config import load
 from changeover.demo.scenario import DemoOptions, DemoSite
+from changeover.journal import Journal
 from changeover.runtime import open_journal
 from tests.e2e import support as S
 from tests.helpers import wait_until
@@ -38,8 +40,8 @@ async def cli(site: DemoSite, *args: str) -> tuple[int, str]:
     return proc.returncode, out.decode()
 
 
-async def awaiting(site: DemoSite, step_id: str) -> None:
-    journal = open_journal(site.topo)
+async def awaiting(site: DemoSite, step_id: str, journal: Journal | None = None) -> None:
+    journal = journal or open_journal(site.topo)
 
     def waiting() -> bool:
         row = journal.unfinished(site.topo.site.name)
@@ -56,13 +58,19 @@ async def awaiting(site: DemoSite, step_id: str) -> None:
 
 async def approved_run(site: DemoSite, *args: str) -> None:
     """Run a command that waits for approval of a, then b, approving each; it must succeed."""
-    run = asyncio.create_task(cli(site, *args))
+    await approved_run_with(site, str(site.config), *args)
+
+
+async def approved_run_with(site: DemoSite, config: str, *args: str) -> None:
+    """`approved_run` from the copy of the config at `config` (its own journal)."""
+    run = asyncio.create_task(S.cli(site, *args, config=config))
+    journal = open_journal(load(config))
     for step in ("approve-a", "approve-b"):
-        await awaiting(site, step)
-        code, text = await cli(site, "approve")
-        assert code == 0, text
-    code, text = await asyncio.wait_for(run, 120)
-    assert code == 0, text
+        await awaiting(site, step, journal)
+        approved = await S.cli(site, "approve", config=config)
+        assert approved.code == 0, approved.output
+    done = await asyncio.wait_for(run, 120)
+    assert done.code == 0, done.output
 
 
 async def test_release_waits_for_each_approval(site: DemoSite) -> None:
@@ -135,3 +143,25 @@ async def test_rollback_after_an_abort_returns_to_the_version_it_replaced(
     assert (newest.kind, newest.version, newest.state) == ("rollback", "2.0", J.DONE)
     aborted_row = S.releases(site)[1]
     assert aborted_row.state == J.SUPERSEDED and "abort" in (aborted_row.error or "")
+
+
+async def test_a_second_copy_of_the_config_cannot_release_the_same_balancer(
+    site: DemoSite,
+) -> None:
+    """Two operators, two copies of one config (two journals): one release at a time."""
+    copy = site.root / "operator-2.toml"
+    copy.write_text(site.config.read_text().replace('state_dir = "state"', 'state_dir = "op2"'))
+    first = asyncio.create_task(cli(site, "release", "2.0"))
+    await awaiting(site, "approve-a")
+
+    second = await S.cli(site, "release", "3.0", config=str(copy))
+
+    assert second.code == 3, second.output
+    assert "the release lock of this balancer is held by release #1" in second.text
+    assert "another copy of the config?" in second.text
+    code, text = await cli(site, "abort")
+    assert code == 0, text
+    assert (await asyncio.wait_for(first, 60))[0] == 4
+    # Let go of at the stop: the other copy may release now (and finishes it).
+    await approved_run_with(site, str(copy), "release", "2.0")
+    assert set((await S.versions_by_member(site)).values()) == {"2.0"}

@@ -18,6 +18,7 @@ from changeover import cli
 from changeover import journal as J
 from changeover.cli import app
 from changeover.config import load
+from changeover.engine import Engine
 from changeover.journal import Journal, journal_path
 from changeover.releases import Begin, Releases
 from changeover.starter import STARTER
@@ -112,8 +113,7 @@ def site_with_release(tmp_path: Path, version: str) -> Path:
 @pytest.mark.parametrize("version", MARKUP_VERSIONS)
 @pytest.mark.parametrize(
     ("command", "code"),
-    [(["plan", "{v}", "--offline"], 0), (["history"], 0), (["show", "1"], 0), (["status"], 1),
-     (["resume"], 1)],
+    [(["plan", "{v}", "--offline"], 0), (["history"], 0), (["show", "1"], 0), (["status"], 1)],
 )  # fmt: skip
 def test_a_version_is_printed_as_itself_by_every_command(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, version: str, command: list[str], code: int
@@ -134,16 +134,27 @@ def test_a_version_is_printed_as_itself_by_every_command(
         assert f"it broke on {version}" in result.output
 
 
-async def test_the_release_timeline_prints_a_version_as_itself(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["release", "resume"])
+@pytest.mark.parametrize("version", MARKUP_VERSIONS)
+async def test_the_release_timeline_prints_a_version_as_itself(
+    tmp_path: Path, how: str, version: str
+) -> None:
+    """What `release` and `resume` print as they run (the balancer here is a fake)."""
     site = Site.build(tmp_path)
     screen = io.StringIO()
     timeline = Timeline(Console(file=screen, width=300))
     service = Releases(site.topo, site.journal_opener, site.migrator, site.connect, timeline)
-
-    done = await service.release(Begin("[/]"))
+    if how == "resume":  # begun, then the tool died before its first step
+        release_id = await Engine(site.topo, site.ports()).begin(version)
+        site.journal.release_lock("t")
+        done = await service.resume()
+        assert done.release_id == release_id
+    else:
+        done = await service.release(Begin(version))
 
     assert done.state == J.DONE
-    assert f"release #{done.release_id} done: t serves [/]" in screen.getvalue()
+    assert f"release #{done.release_id}: {version} on t" in screen.getvalue()
+    assert f"release #{done.release_id} done: t serves {version}" in screen.getvalue()
 
 
 @pytest.mark.parametrize(
