@@ -95,17 +95,19 @@ class Checker:
             member.name, ok, f"reports {body[:80]!r}" + ("" if ok else f", expected {want!r}")
         )
 
-    async def served_version(self) -> str | None:
-        """The version most members report now (a short one-line answer of the
-        version endpoint), for a site whose first release has no journal yet."""
+    async def versions(self) -> dict[str, str | None]:
+        """What each member's version endpoint answers now: a short one-line
+        answer, else None (down, an error, or a page that is no version)."""
+        members = [m for _, m in self.topo.members()]
         answers = await asyncio.gather(
-            *(
-                self._get(self.topo.member_url(m) + self.cfg.version_path)
-                for _, m in self.topo.members()
-            )
+            *(self._get(self.topo.member_url(m) + self.cfg.version_path) for m in members)
         )
-        bodies = [a[1].strip() for a in answers if not isinstance(a, str) and a[0] == 200]
-        votes = Counter(b for b in bodies if b and len(b) <= 100 and "\n" not in b)
+        return {m.name: _short_answer(a) for m, a in zip(members, answers, strict=True)}
+
+    async def served_version(self) -> str | None:
+        """The version most members report now, for a site whose first release
+        has no journal yet."""
+        votes = Counter(v for v in (await self.versions()).values() if v is not None)
         return votes.most_common(1)[0][0] if votes else None
 
     async def smoke(self, cluster: Cluster, version: str) -> list[CheckResult]:
@@ -156,3 +158,10 @@ class Checker:
         return CheckResult(
             "smoke command", done.status == 0, f"exit {done.status}" + (f": {text}" if text else "")
         )
+
+
+def _short_answer(answer: tuple[int, str] | str) -> str | None:
+    if isinstance(answer, str) or answer[0] != 200:
+        return None
+    body = answer[1].strip()
+    return body if body and len(body) <= 100 and "\n" not in body else None

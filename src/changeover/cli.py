@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import datetime
 import json
+import math
 import os
 import sys
 import time
@@ -24,6 +25,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+# typer's own click: the usage errors it raises when not in standalone mode.
+from typer._click.exceptions import NoArgsIsHelpError, UsageError
+from yarl import URL
+
 from changeover import __version__
 from changeover import journal as J
 from changeover.balancers.base import BalancerError
@@ -34,7 +39,15 @@ from changeover.migrations import format_findings
 from changeover.migrations.cli import app as migrations_app
 from changeover.plan import PlanRefused, describe, make_plan
 from changeover.ports import MigrationError, Review
-from changeover.releases import BadRequest, Begin, GateRefused, Outcome, Releases, operator
+from changeover.releases import (
+    BadRequest,
+    Begin,
+    GateRefused,
+    Outcome,
+    Releases,
+    SiteStatus,
+    operator,
+)
 from changeover.runtime import make_executor, review, with_releases
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_STOPPED = 0, 1, 2, 3, 4
@@ -86,11 +99,15 @@ def _root(
     pass
 
 
-def fail(code: int, message: str) -> NoReturn:
+def _print_error(message: str) -> None:
     # The message carries user text (versions, paths, rule names): data, not markup.
     err.print(
         f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True
     )
+
+
+def fail(code: int, message: str) -> NoReturn:
+    _print_error(message)
     raise typer.Exit(code)
 
 
@@ -142,7 +159,10 @@ def init(
 
     if path.exists() and not force:
         fail(EXIT_BAD_INPUT, f"{path} exists (use --force to overwrite)")
-    path.write_text(STARTER)
+    try:
+        path.write_text(STARTER)
+    except OSError as exc:
+        fail(EXIT_BAD_INPUT, f"{path}: cannot write: {exc.strerror}")
     out.print(f"wrote {path}; edit it, then run `changeover check -c {path}`")
 
 
@@ -168,7 +188,11 @@ def check(
             if x
         )
         table.add_row(
-            cluster.name, member.name, f"{member.host}:{member.port}", member.route_id, qa or "-"
+            cluster.name,
+            member.name,
+            f"{member.host}:{member.port}",
+            member.route_id,
+            escape(qa) or "-",
         )
     out.print(table)
     bal, pol = topo.balancer, topo.policy
@@ -282,6 +306,14 @@ ReasonOpt = Annotated[
     str | None,
     typer.Option(help="Why the allowed findings are safe here; written to the journal."),
 ]
+FirstOpt = Annotated[
+    bool,
+    typer.Option(
+        "--first",
+        help="First deploy of a site that serves nothing yet: every cluster out of "
+        "service, each deployed and checked, then put live.",
+    ),
+]
 
 
 def _reviewed(topo: Topology, begin: Begin) -> Review | None:
@@ -299,10 +331,11 @@ def plan(
     ] = False,
     allow: AllowOpt = None,
     reason: ReasonOpt = None,
+    first: FirstOpt = False,
 ) -> None:
     """Print the ordered steps of a release and check its migrations; touches nothing."""
     topo = _load(config)
-    begin = Begin(version, tuple(allow or ()), reason)
+    begin = Begin(version, tuple(allow or ()), reason, first)
     found = _reviewed(topo, begin)
 
     async def go() -> list[Any]:
@@ -311,9 +344,16 @@ def plan(
             balancer = make_balancer(topo)
             try:
                 view = await balancer.read()
+            except BalancerError as exc:
+                # Not a failed release (exit 1): the plan could not be checked against the pool.
+                fail(
+                    EXIT_BAD_INPUT,
+                    f"cannot read the balancer: {exc}; `changeover plan --offline` plans "
+                    "without it (no interlock check)",
+                )
             finally:
                 await balancer.close()
-        return make_plan(topo, version, view)
+        return make_plan(topo, version, view, first=first)
 
     steps = _run(go())
     if json_out:
@@ -325,7 +365,9 @@ def plan(
             }
         print(json.dumps(data, indent=2))
         return
-    out.print(f"[bold]plan[/]: release {version!r} to {topo.site.name}", highlight=False)
+    out.print(
+        f"[bold]plan[/]: release {escape(repr(version))} to {topo.site.name}", highlight=False
+    )
     for line in describe(steps):
         out.print(line, highlight=False, markup=False)
     if found is not None:
@@ -357,10 +399,11 @@ def release(
     json_out: JsonOpt = False,
     allow: AllowOpt = None,
     reason: ReasonOpt = None,
+    first: FirstOpt = False,
 ) -> None:
     """Release VERSION to every cluster, one cluster at a time, with zero downtime."""
     topo = _load(config)
-    begin = Begin(version, tuple(allow or ()), reason)
+    begin = Begin(version, tuple(allow or ()), reason, first)
     done = _service(topo, lambda r: r.release(begin), err if json_out else out)
     _finish(topo, done, json_out)
 
@@ -385,7 +428,9 @@ def resume(config: ConfigOpt = Path(DEFAULT_CONFIG), json_out: JsonOpt = False) 
 
 @app.command()
 def abort(config: ConfigOpt = Path(DEFAULT_CONFIG)) -> None:
-    """Stop the release in progress at its next safe point (from another shell)."""
+    """Stop the release in progress at its next safe point (from another shell).
+    It stays resumable: `resume` continues it, `rollback` or a new release
+    supersedes it; `status` warns while healthy members are left out."""
     topo = _load(config)
     out.print(_service(topo, lambda r: r.abort(operator())), highlight=False, markup=False)
 
@@ -439,13 +484,17 @@ def status(config: ConfigOpt = Path(DEFAULT_CONFIG), json_out: JsonOpt = False) 
                             "admission": m.admission.value,
                             "healthy": m.healthy,
                             "active": m.active,
+                            "version": now.versions.get(m.name),
                         }
                         for m in view.members
                     ],
+                    "awaiting_approval": dataclasses.asdict(now.awaiting) if now.awaiting else None,
+                    "kept": dataclasses.asdict(now.kept) if now.kept else None,
                     "balancer_error": now.balancer_error,
                     "release": now.release,
                     "lock": now.lock.describe() if now.lock else None,
                     "kept_out": now.kept_out,
+                    "warning": now.warning,
                 },
                 indent=2,
             )
@@ -455,7 +504,7 @@ def status(config: ConfigOpt = Path(DEFAULT_CONFIG), json_out: JsonOpt = False) 
         err.print(f"[red]balancer unreachable:[/] {escape(now.balancer_error or '')}")
     else:
         table = Table(title=f"pool of {escape(topo.site.name)}")
-        for col in ("cluster", "member", "admission", "health", "in flight"):
+        for col in ("cluster", "member", "admission", "health", "in flight", "version"):
             table.add_column(col)
         colour = {"live": "green", "draining": "yellow", "out": "red"}
         for m in view.members:
@@ -465,6 +514,7 @@ def status(config: ConfigOpt = Path(DEFAULT_CONFIG), json_out: JsonOpt = False) 
                 f"[{colour[m.admission.value]}]{m.admission.value}[/]",
                 "up" if m.healthy else "[red]down[/]",
                 str(m.active),
+                escape(now.versions.get(m.name) or "-"),
             )
         out.print(table)
     pending = now.release
@@ -485,18 +535,47 @@ def status(config: ConfigOpt = Path(DEFAULT_CONFIG), json_out: JsonOpt = False) 
             highlight=False,
             markup=False,
         )
+    for line in _status_notes(now):
+        out.print(line, highlight=False, markup=False, soft_wrap=True)
     if now.lock:
         stale = " (stale: its process is gone)" if now.lock.is_stale() else ""
         out.print(f"lock: {now.lock.describe()}{stale}", highlight=False, markup=False)
+    if now.warning:
+        out.print(
+            f"[bold yellow]warning:[/] {escape(now.warning)}", highlight=False, soft_wrap=True
+        )
     if view is None:
         raise typer.Exit(EXIT_FAILED)
+
+
+def _status_notes(now: SiteStatus) -> list[str]:
+    """The approval a release waits for, and what bluegreen kept for a rollback."""
+    notes = []
+    if now.awaiting:
+        wait = now.awaiting
+        where = (
+            f"QA at {wait.qa_url}" + (f" (Host: {wait.qa_host})" if wait.qa_host else "")
+            if wait.qa_url
+            else "no QA entry point"
+        )
+        notes.append(
+            f"awaiting approval of {wait.cluster}: {where}; "
+            "`changeover approve` (or `changeover abort`)"
+        )
+    if now.kept:
+        minutes, seconds = divmod(max(0, int(now.kept.seconds_left)), 60)
+        notes.append(
+            f"kept for an instant rollback: {', '.join(now.kept.clusters)} (draining, on "
+            f"{now.kept.version!r}) for {minutes}m {seconds:02d}s more (policy.keep_previous)"
+        )
+    return notes
 
 
 @app.command()
 def history(
     config: ConfigOpt = Path(DEFAULT_CONFIG),
     json_out: JsonOpt = False,
-    limit: Annotated[int, typer.Option(help="How many releases.")] = 20,
+    limit: Annotated[int, typer.Option(min=1, max=100_000, help="How many releases.")] = 20,
 ) -> None:
     """List past releases, newest first."""
     topo = _load(config)
@@ -529,7 +608,9 @@ def history(
 
 @app.command()
 def show(
-    release_id: Annotated[int, typer.Argument(metavar="RELEASE", help="Release number.")],
+    release_id: Annotated[
+        int, typer.Argument(metavar="RELEASE", min=1, max=2**63 - 1, help="Release number.")
+    ],
     config: ConfigOpt = Path(DEFAULT_CONFIG),
     json_out: JsonOpt = False,
 ) -> None:
@@ -571,11 +652,15 @@ def show(
 # --- the embedded balancer, the probe and the demo ----------------------------------
 
 
+WorkersOpt = Annotated[int, typer.Option(min=1, max=64, help="Embedded balancer worker processes.")]
+
+
 @balancer_app.command("serve")
 def balancer_serve(
     config: ConfigOpt = Path(DEFAULT_CONFIG),
     workers: Annotated[
-        int | None, typer.Option(help="Worker processes (default: balancer.workers).")
+        int | None,
+        typer.Option(min=1, max=64, help="Worker processes (default: balancer.workers)."),
     ] = None,
 ) -> None:
     """Serve the live pool, the QA entry points and the admin API."""
@@ -584,19 +669,62 @@ def balancer_serve(
     raise typer.Exit(serve(_load(config), workers))
 
 
+def _positive(value: float) -> float:
+    if not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"expected a finite number above 0, got {value}")
+    return value
+
+
+def _not_negative(value: float) -> float:
+    if not (math.isfinite(value) and value >= 0):
+        raise typer.BadParameter(f"expected a finite number of 0 or more, got {value}")
+    return value
+
+
+def _http_url(value: str | None) -> str | None:
+    """An absolute http(s) URL with a host (yarl parses it, as aiohttp will)."""
+    if value is None:
+        return None
+    try:
+        url = URL(value)
+        ok = url.scheme in ("http", "https") and bool(url.host) and url.port is not None
+    except ValueError:
+        ok = False
+    if not ok:
+        raise typer.BadParameter(f"expected an http:// or https:// URL with a host, got {value!r}")
+    return value
+
+
+RateOpt = Annotated[
+    float, typer.Option(callback=_positive, help="Probe requests per second, open loop.")
+]
+UsersOpt = Annotated[
+    int, typer.Option(min=1, max=1_000_000, help="Probe virtual users keeping cookies.")
+]
+
+
 @app.command()
 def probe(
-    url: Annotated[str, typer.Argument(help="Where to send traffic, e.g. the balancer.")],
-    rate: Annotated[float, typer.Option(help="Requests per second, open loop.")] = 200.0,
-    duration: Annotated[float, typer.Option(help="Seconds (Ctrl-C ends early).")] = 10.0,
-    sticky_users: Annotated[int, typer.Option(help="Virtual users keeping cookies.")] = 50,
+    url: Annotated[
+        str, typer.Argument(callback=_http_url, help="Where to send traffic, e.g. the balancer.")
+    ],
+    rate: RateOpt = 200.0,
+    duration: Annotated[
+        float, typer.Option(callback=_not_negative, help="Seconds (Ctrl-C ends early).")
+    ] = 10.0,
+    sticky_users: UsersOpt = 50,
     json_out: JsonOpt = False,
     host_header: Annotated[str | None, typer.Option(help="Host header to send.")] = None,
-    timeout: Annotated[float, typer.Option(help="Per-request timeout, seconds.")] = 2.0,
+    timeout: Annotated[
+        float, typer.Option(callback=_positive, help="Per-request timeout, seconds.")
+    ] = 2.0,
     insecure: Annotated[bool, typer.Option(help="Do not verify TLS certificates.")] = False,
     watch_admin: Annotated[
         str | None,
-        typer.Option(help="Embedded balancer admin URL: moves off an OUT member are no break."),
+        typer.Option(
+            callback=_http_url,
+            help="Embedded balancer admin URL: moves off an OUT member are no break.",
+        ),
     ] = None,
     token_env: Annotated[
         str, typer.Option(help="Environment variable holding the admin token.")
@@ -616,6 +744,9 @@ def probe(
 
     if watch_admin and watch_config:
         raise typer.BadParameter("give --watch-admin or --watch-config, not both")
+    token = os.environ.get(token_env)
+    if watch_admin and not token:
+        fail(EXIT_BAD_INPUT, f"--watch-admin needs the admin token in ${token_env} (--token-env)")
     raise typer.Exit(
         main_cli(
             url,
@@ -627,7 +758,7 @@ def probe(
             timeout,
             insecure,
             watch_admin,
-            os.environ.get(token_env),
+            token,
             out,
             watch_config=watch_config,
             ca_file=ca_file,
@@ -640,9 +771,9 @@ def demo(
     members_per_cluster: Annotated[
         int, typer.Option(min=1, max=200, help="Members in each of the two clusters.")
     ] = 3,
-    rate: Annotated[float, typer.Option(help="Probe requests per second.")] = 200.0,
-    sticky_users: Annotated[int, typer.Option(help="Probe virtual users.")] = 40,
-    workers: Annotated[int, typer.Option(help="Embedded balancer worker processes.")] = 1,
+    rate: RateOpt = 200.0,
+    sticky_users: UsersOpt = 40,
+    workers: WorkersOpt = 1,
     keep: Annotated[bool, typer.Option(help="Keep the temporary directory.")] = False,
 ) -> None:
     """Release v1 -> v2 across two local clusters behind the embedded balancer,
@@ -661,10 +792,19 @@ def demo(
 
 def main() -> None:
     try:
-        app()
-    except KeyboardInterrupt:
+        code = app(standalone_mode=False)
+    except NoArgsIsHelpError as exc:
+        err.print(exc.format_message(), markup=False, highlight=False)
+        sys.exit(EXIT_BAD_INPUT)
+    except UsageError as exc:  # found before any command ran
+        # One line, not the usage block: what was wrong, and where to look.
+        where = exc.ctx.command_path if exc.ctx is not None else "changeover"
+        _print_error(f"{exc.format_message()} (see `{where} --help`)")
+        sys.exit(EXIT_BAD_INPUT)
+    except typer.Abort:
         err.print("interrupted")
         sys.exit(EXIT_STOPPED)
+    sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 
 if __name__ == "__main__":

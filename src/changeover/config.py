@@ -11,8 +11,11 @@ import json
 import math
 import os
 import re
+import shlex
+import stat
+import string
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -56,6 +59,58 @@ def parse_duration(value: object) -> float:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
+
+
+# --- command templates -----------------------------------------------------------
+
+MEMBER_PLACEHOLDERS = ("version", "member", "host", "port", "cluster", "route")
+VERSION_ONLY = ("version",)
+
+
+class TemplateError(ValueError):
+    """A command template that cannot be rendered."""
+
+
+def check_placeholders(template: str, known: Collection[str]) -> str:
+    """`template` if each of its `{name}` placeholders is one of `known`."""
+    try:
+        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template)]
+    except ValueError as exc:
+        raise TemplateError(f"bad placeholder in {template!r}: {exc}") from None
+    for name, spec, conv in fields:
+        if name is not None and (name not in known or spec or conv):
+            names = ", ".join("{" + p + "}" for p in known)
+            raise TemplateError(f"unknown placeholder {{{name}}} in {template!r}; known: {names}")
+    return template
+
+
+def template_words(template: str, known: Collection[str]) -> list[str]:
+    """The words of a command template split as a POSIX shell would, each with
+    its placeholders checked against `known` (substituted later, inside its word)."""
+    try:
+        words = shlex.split(template, comments=False, posix=True)
+    except ValueError as exc:
+        raise TemplateError(f"cannot split command {template!r}: {exc}") from None
+    if not words:
+        raise TemplateError("empty command")
+    return [check_placeholders(word, known) for word in words]
+
+
+def _command(known: Collection[str]) -> AfterValidator:
+    """A command template key, checked when the file is loaded (so `check` and
+    `plan` refuse it, and a release never meets it half-way)."""
+
+    def check(value: str | None) -> str | None:
+        if value is not None:
+            template_words(value, known)
+        return value
+
+    return AfterValidator(check)
+
+
+MemberCommand = Annotated[str | None, _command(MEMBER_PLACEHOLDERS)]
+VersionCommand = Annotated[str | None, _command(VERSION_ONLY)]
+MemberPath = Annotated[str, AfterValidator(lambda v: check_placeholders(v, MEMBER_PLACEHOLDERS))]
 
 
 class _Model(BaseModel):
@@ -298,19 +353,31 @@ class Executor(_Model):
     ssh: SshSettings = SshSettings()
 
 
+def _regex(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+    return value
+
+
 class Upload(_Model):
-    src: str
-    dest: str
+    src: MemberPath
+    dest: MemberPath
 
 
 class Release(_Model):
     """Commands run on each member; `{version}`, `{member}`, `{host}`, `{port}`,
     `{cluster}` and `{route}` are substituted as single literal arguments."""
 
-    stop: str | None = None
-    deploy: str | None = None
-    start: str | None = None
+    stop: MemberCommand = None
+    deploy: MemberCommand = None
+    start: MemberCommand = None
     upload: list[Upload] = Field(default_factory=list)
+    # A regular expression every released version must match as a whole, beside
+    # the fixed rules (not empty, no leading '-', no control character).
+    version_pattern: Annotated[str | None, AfterValidator(_regex)] = None
 
 
 class Smoke(_Model):
@@ -328,7 +395,7 @@ class Checks(_Model):
     version_path: str = "/version"
     version_contains: str = "{version}"
     smoke: list[Smoke] = Field(default_factory=list)
-    smoke_command: str | None = None  # run locally with CHANGEOVER_QA_URL set
+    smoke_command: VersionCommand = None  # run locally with CHANGEOVER_QA_URL set
     timeout: Duration = 5.0
 
 
@@ -366,8 +433,8 @@ class Database(_Model):
     # Either a directory of ordered .sql files whose names start expand_/contract_ ...
     migrations_dir: str | None = None
     # ... or commands: one that applies, one that prints the SQL it would run.
-    apply_command: str | None = None
-    sql_command: str | None = None
+    apply_command: VersionCommand = None
+    sql_command: VersionCommand = None
     phase: Literal["expand", "contract"] = "expand"  # phase of command-driven migrations
     timeout: Duration = 600.0  # for apply_command and sql_command
 
@@ -677,14 +744,23 @@ def parse(data: dict[str, Any], path: Path | str = DEFAULT_CONFIG) -> Topology:
     return topo.model_copy(update={"source": Path(path).resolve()})
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a topology is a few kilobytes; /dev/zero is endless
+
+
 def load(path: Path | str = DEFAULT_CONFIG) -> Topology:
     p = Path(path)
     try:
-        raw = p.read_bytes()
+        # Looked at before it is opened: reading a FIFO or a device would block or never end.
+        if not stat.S_ISREG(p.stat().st_mode):
+            raise ConfigError(f"{p}: not a regular file")
+        with p.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such file (write one with `changeover init`)") from None
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{p}: larger than {MAX_CONFIG_BYTES} bytes: not a topology")
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:

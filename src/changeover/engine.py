@@ -10,6 +10,7 @@ point: between balancer changes, never half-way through one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from changeover import journal as J
 from changeover.balancers.base import BalancerError
 from changeover.config import Cluster, Member, Topology
 from changeover.executors.base import CommandResult, member_values, render_argv
+from changeover.journal import JournalError
 from changeover.migrations import Phase
 from changeover.model import (
     AbortAsked,
@@ -67,6 +69,10 @@ from changeover.steps import (
 P = ParamSpec("P")
 T = TypeVar("T")
 
+ABORTED = (
+    "aborted on request (`changeover abort`): `changeover resume` continues, "
+    "`changeover rollback` goes back, a new `changeover release` replaces it"
+)
 APPLY_ATTEMPTS = 4  # a balancer that refuses or is unreachable is retried with backoff
 APPLY_BACKOFF = 0.5
 
@@ -116,6 +122,7 @@ class Engine:
         self.migrator = ports.migrator
         self.journal = ports.journal
         self.clock = ports.clock
+        self.site_lock = ports.site_lock
         self.on_event = on_event or (lambda e: None)
         self.poll = poll
         self.site = topo.site.name
@@ -152,7 +159,7 @@ class Engine:
             raise Stopped(J.INTERRUPTED, "interrupted (Ctrl-C); `changeover resume` continues")
         row = await self._j(self.journal.release, self._release_id)
         if isinstance(decode_ask(row.request), AbortAsked):
-            raise Stopped(J.ABORTED, "aborted on request (`changeover abort`)")
+            raise Stopped(J.ABORTED, ABORTED)
 
     async def _wait(self, seconds: float) -> None:
         """Sleep that wakes early for Ctrl-C."""
@@ -160,10 +167,16 @@ class Engine:
 
     # --- starting and resuming ----------------------------------------------------
 
-    async def begin(self, version: str) -> int:
-        """Take the lock, plan against the live pool, and journal the new release."""
+    async def begin(self, version: str, first: bool = False) -> int:
+        """Take the lock, plan against the live pool, and journal the new release
+        (`first`: the first deploy, see `plan.make_plan`); an aborted release is
+        superseded by it (the plan starts from the pool as the abort left it)."""
+        pending = await self._j(self.journal.unfinished, self.site)
+        aborted = pending if pending is not None and pending.state == J.ABORTED else None
         return await self._create(
-            lambda view, _last: (version, make_plan(self.topo, version, view))
+            lambda view, _last: (version, make_plan(self.topo, version, view, first=first)),
+            kind="first-deploy" if first else "release",
+            supersede=aborted,
         )
 
     async def begin_rollback(self) -> int:
@@ -187,6 +200,7 @@ class Engine:
     ) -> int:
         await self._j(self.journal.acquire, self.site, None)
         try:
+            await self._claim_site()
             pending = await self._j(self.journal.unfinished, self.site)
             if pending is not None and (supersede is None or pending.id != supersede.id):
                 raise PlanRefused(
@@ -196,7 +210,7 @@ class Engine:
             view = await self.balancer.read()
             last = await self._j(self.journal.last_done, self.site)
             version, steps = plan(view, last)
-            if supersede is not None:
+            if supersede is not None and kind == "rollback":  # undoes what that one began
                 serving: str | None = supersede.version
             else:
                 serving = last.version if last else await self.checks.served_version()
@@ -210,17 +224,27 @@ class Engine:
                 kind,
             )
             await self._j(self.journal.set_lock_release, self.site, release_id)
-            if supersede is not None and supersede.state != J.ABORTED:  # keeps why it stopped
+            await self._claim_site()  # renewed, naming the release
+            if supersede is not None:  # keeps why it stopped
+                why = f"{supersede.error}; " if supersede.error else ""
                 await self._j(
                     self.journal.set_state,
                     supersede.id,
-                    J.ABORTED,
-                    f"superseded by rollback #{release_id}",
+                    J.SUPERSEDED,
+                    f"{why}superseded by {kind} #{release_id}",
                 )
         except BaseException:
+            await self.site_lock.release()
             await self._j(self.journal.release_lock, self.site)
             raise
         return release_id
+
+    async def _claim_site(self) -> None:
+        """The balancer's release lock, beside the journal's (see `sitelock.py`)."""
+        holder = await self._j(self.journal.lock_holder, self.site)
+        await self.site_lock.claim(
+            f"{holder.describe() if holder else 'a release'} (site {self.site})"
+        )
 
     async def take_over(self) -> int:
         """Lock the site for the unfinished release (the previous holder is gone)."""
@@ -228,6 +252,11 @@ class Engine:
         if row is None:
             raise PlanRefused("no release to resume")
         stale = await self._j(self.journal.acquire, self.site, row.id)
+        try:
+            await self._claim_site()
+        except BaseException:
+            await self._j(self.journal.release_lock, self.site)
+            raise
         if stale is not None:
             await self._j(
                 self.journal.add_event,
@@ -244,6 +273,28 @@ class Engine:
         self._release_id = release_id
         row = await self._j(self.journal.release, release_id)
         self._version = row.version
+        try:
+            state = await self._run_steps(row)
+        except JournalError as exc:
+            # Nothing more can be recorded, so nothing more is done: the steps
+            # already taken kept the live pool healthy, and the journal still shows
+            # the step in progress, which `resume` runs again.
+            state = J.INTERRUPTED
+            await self._emit(
+                "warn",
+                f"stopped: {exc}; the site is serving; fix that, then `changeover resume`",
+                journal=False,
+            )
+        finally:
+            await self.checks.close()
+            await self.site_lock.release()
+            with contextlib.suppress(JournalError):  # left behind, the lock is stale: resume
+                await self._j(self.journal.release_lock, self.site)
+        return state
+
+    async def _run_steps(self, row: J.ReleaseRow) -> str:
+        """The release's remaining steps, its final state journaled."""
+        release_id = row.id
         state = J.DONE
         try:
             try:
@@ -283,9 +334,6 @@ class Engine:
             state = J.FAILED
             await self._j(self.journal.set_state, release_id, state, str(exc))
             await self._emit("state", f"release #{release_id} failed: {exc}")
-        finally:
-            await self.checks.close()
-            await self._j(self.journal.release_lock, self.site)
         return state
 
     async def _run_step(self, idx: int, step: Step, total: int) -> None:
@@ -518,7 +566,12 @@ class Engine:
                 if not result.ok:
                     failed.append(result)
 
-        await asyncio.gather(*(one(m) for m in members))
+        # Every member's command ends before anything is raised (a journal that
+        # cannot be written, say): none is left running behind the stop.
+        errors = await asyncio.gather(*(one(m) for m in members), return_exceptions=True)
+        for error in errors:
+            if isinstance(error, BaseException):
+                raise error
         if self._interrupt.is_set() and any(r.exit_status == -signal.SIGINT for r in failed):
             # Ctrl-C reached a command being spawned (before it left our process
             # group): not a failure of the step, which runs again on resume.

@@ -86,10 +86,11 @@ RUNNING = "running"
 AWAITING_APPROVAL = "awaiting-approval"
 INTERRUPTED = "interrupted"  # stopped at a safe point by Ctrl-C; resumable
 FAILED = "failed"  # a step failed; the site is still served; resumable or roll back
-ABORTED = "aborted"
+ABORTED = "aborted"  # stopped at a safe point by `changeover abort`; resumable
+SUPERSEDED = "superseded"  # a stopped release replaced by a rollback or a new release
 ROLLED_BACK = "rolled-back"  # the bake failed and the engine flipped back on its own
 DONE = "done"
-RESUMABLE = (RUNNING, AWAITING_APPROVAL, INTERRUPTED, FAILED)
+RESUMABLE = (RUNNING, AWAITING_APPROVAL, INTERRUPTED, FAILED, ABORTED)
 
 # Event kind: JSON {"files": {name: sha256}, "allow": [rule]}: the migration files
 # the release's check read, and the rules it was allowed to break.
@@ -210,6 +211,8 @@ class Journal:
             self._db.execute("PRAGMA synchronous = FULL")
             self._db.execute("PRAGMA foreign_keys = ON")
         except sqlite3.DatabaseError as exc:
+            if (exc.sqlite_errorname or "").startswith(_CANNOT_WRITE):
+                raise JournalError(f"{path}: cannot use the journal: {why(exc)}") from None
             raise JournalError(
                 f"{path}: not a usable changeover journal ({exc}); it was left untouched"
             ) from None
@@ -253,20 +256,31 @@ class Journal:
         self._db.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _locked(self) -> Iterator[sqlite3.Connection]:
+        """The connection, to this thread alone; SQLite's errors (a full disk, a
+        read-only state directory) become a JournalError that says which."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+            except sqlite3.Error as exc:
+                raise JournalError(f"{self.path}: cannot use the journal: {why(exc)}") from None
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._locked() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            db.execute("COMMIT")
 
     # --- the site lock ---------------------------------------------------------
 
     def lock_holder(self, site: str) -> LockInfo | None:
-        with self._lock:
+        with self._locked():
             row = self._db.execute("SELECT * FROM locks WHERE site=?", (site,)).fetchone()
         return LockInfo(**dict(row)) if row else None
 
@@ -345,7 +359,7 @@ class Journal:
         return release_id
 
     def set_state(self, release_id: int, state: str, error: str | None = None) -> None:
-        finished = time.time() if state in (DONE, ABORTED, ROLLED_BACK) else None
+        finished = time.time() if state in (DONE, SUPERSEDED, ROLLED_BACK) else None
         with self._tx() as db:
             db.execute(
                 "UPDATE releases SET state=?, error=?, finished=COALESCE(?, finished) WHERE id=?",
@@ -415,23 +429,23 @@ class Journal:
     # --- reading ---------------------------------------------------------------
 
     def release(self, release_id: int) -> ReleaseRow:
-        with self._lock:
+        with self._locked():
             row = self._db.execute("SELECT * FROM releases WHERE id=?", (release_id,)).fetchone()
         if row is None:
             raise KeyError(release_id)
         return _release_row(row)
 
     def releases(self, site: str, limit: int = 20) -> list[ReleaseRow]:
-        with self._lock:
+        with self._locked():
             rows = self._db.execute(
                 "SELECT * FROM releases WHERE site=? ORDER BY id DESC LIMIT ?", (site, limit)
             ).fetchall()
         return [_release_row(r) for r in rows]
 
     def unfinished(self, site: str) -> ReleaseRow | None:
-        """The newest release that neither finished nor was aborted."""
+        """The newest release that neither finished nor was superseded."""
         marks = ",".join("?" * len(RESUMABLE))
-        with self._lock:
+        with self._locked():
             row = self._db.execute(
                 f"SELECT * FROM releases WHERE site=? AND state IN ({marks})"
                 " ORDER BY id DESC LIMIT 1",
@@ -441,14 +455,14 @@ class Journal:
 
     def newest(self, site: str) -> ReleaseRow | None:
         """The newest release of the site, whatever its state."""
-        with self._lock:
+        with self._locked():
             row = self._db.execute(
                 "SELECT * FROM releases WHERE site=? ORDER BY id DESC LIMIT 1", (site,)
             ).fetchone()
         return _release_row(row) if row else None
 
     def last_done(self, site: str) -> ReleaseRow | None:
-        with self._lock:
+        with self._locked():
             row = self._db.execute(
                 "SELECT * FROM releases WHERE site=? AND state=? ORDER BY id DESC LIMIT 1",
                 (site, DONE),
@@ -456,7 +470,7 @@ class Journal:
         return _release_row(row) if row else None
 
     def steps(self, release_id: int) -> list[StepRow]:
-        with self._lock:
+        with self._locked():
             rows = self._db.execute(
                 "SELECT idx, step_id, state, started, finished, detail FROM steps"
                 " WHERE release_id=? ORDER BY idx",
@@ -465,7 +479,7 @@ class Journal:
         return [StepRow(**dict(r)) for r in rows]
 
     def outputs(self, release_id: int) -> list[OutputRow]:
-        with self._lock:
+        with self._locked():
             rows = self._db.execute(
                 "SELECT idx, member, argv, exit_status, seconds, output FROM outputs"
                 " WHERE release_id=? ORDER BY at",
@@ -484,11 +498,31 @@ class Journal:
         ]
 
     def events(self, release_id: int) -> list[EventRow]:
-        with self._lock:
+        with self._locked():
             rows = self._db.execute(
                 "SELECT at, kind, message FROM events WHERE release_id=? ORDER BY id", (release_id,)
             ).fetchall()
         return [EventRow(**dict(r)) for r in rows]
+
+
+# What stops writes to a sound journal, as opposed to a damaged or foreign file.
+_CANNOT_WRITE = ("SQLITE_FULL", "SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_IOERR")
+
+
+def why(exc: sqlite3.Error) -> str:
+    """What an operator can do something about, from SQLite's error."""
+    name = exc.sqlite_errorname or ""
+    if name.startswith("SQLITE_FULL"):
+        return f"the disk is full ({exc})"
+    if name.startswith("SQLITE_READONLY"):
+        return f"the state directory or the journal is read-only ({exc})"
+    if name.startswith("SQLITE_CANTOPEN"):
+        return f"cannot open it: is the state directory writable? ({exc})"
+    if name.startswith("SQLITE_IOERR"):
+        return f"a disk I/O error ({exc})"
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return f"another process keeps it locked ({exc})"
+    return str(exc)
 
 
 def _release_row(row: sqlite3.Row) -> ReleaseRow:

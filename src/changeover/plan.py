@@ -94,14 +94,21 @@ def make_plan(
     view: PoolView | None = None,
     strategy: str | None = None,
     migrate: bool = True,
+    first: bool = False,
 ) -> list[Step]:
     """The steps of a release of `version` with the topology's strategy (or `strategy`);
-    with the `[database]` migrations unless `migrate` is false (a rollback)."""
+    with the `[database]` migrations unless `migrate` is false (a rollback). `first`:
+    the first deploy of a site that serves nothing yet (`_first_deploy`)."""
     if not version.strip():
         raise PlanRefused("the version is empty")
     chosen = strategy or topo.policy.strategy
-    body = _bluegreen(topo, view) if chosen == "bluegreen" else _rolling(topo, view)
+    if first:
+        body = _first_deploy(topo, view)
+    else:
+        body = _bluegreen(topo, view) if chosen == "bluegreen" else _rolling(topo, view)
     expand, contract = _migrations(topo, chosen) if migrate else ([], [])
+    if first:  # no release serves yet whose checks could be verified on the new schema
+        expand = [s for s in expand if not isinstance(s, VerifyLive)]
     steps = [_preflight(), *expand, *body, *contract]
     if view is not None:
         refusal = first_refusal(topo, view, steps)
@@ -172,6 +179,29 @@ def _rolling(topo: Topology, view: PoolView | None) -> list[Step]:
     return [*steps, live, *_bake(topo, last, [])]
 
 
+def _first_deploy(topo: Topology, view: PoolView | None) -> list[Step]:
+    """A site that serves nothing yet: every cluster out of service, each
+    deployed and checked, then put live one by one (each behind its own checks)."""
+    live = view.members if view is not None else ()
+    serving = [m.name for m in live if m.admission is Admission.LIVE and m.healthy]
+    if serving:
+        raise PlanRefused(
+            "a first deploy takes every cluster out of service, but the site serves already "
+            f"({', '.join(serving)} healthy in the live pool): release without --first"
+        )
+    order = topo.cluster_order()
+    out = Admit(
+        "out-all",
+        "take every cluster out of service (first deploy: nothing serves yet)",
+        dict.fromkeys(order, Admission.OUT),
+    )
+    deploys = [step for cluster in order for step in _cluster_steps(topo, cluster)]
+    lives: list[Step] = [
+        Admit(f"live-{c}", f"put {c} live", {c: Admission.LIVE}, promote=c) for c in order
+    ]
+    return [out, *deploys, *lives]
+
+
 def _bluegreen(topo: Topology, view: PoolView | None) -> list[Step]:
     """Release only the idle cluster and swap it live; the clusters that served
     until now stay draining on the old release (`keep_previous`), ready for an
@@ -233,7 +263,8 @@ def admit_refusal(topo: Topology, view: PoolView, clusters: Mapping[str, Admissi
 
     The clusters left LIVE must together keep at least `policy.min_healthy`
     members that the balancer sees healthy: the last healthy cluster is never
-    taken out of the live pool.
+    taken out of the live pool. A change that leaves no fewer healthy live
+    members than there are now passes (nothing is lost where nothing serves).
     """
     return admissions_refusal(topo, view, member_admissions(topo, clusters))
 
@@ -247,8 +278,11 @@ def admissions_refusal(
     healthy_live = [
         m.name for m in view.members if after.get(m.name) is Admission.LIVE and m.healthy
     ]
+    before = [m.name for m in view.members if m.admission is Admission.LIVE and m.healthy]
     need = topo.policy.min_healthy
-    if len(healthy_live) < need:
+    # A change that takes no healthy member out of service loses nothing: a site
+    # that serves nothing yet (a first deploy) may be rearranged.
+    if len(healthy_live) < need and len(healthy_live) < len(before):
         live_clusters = sorted(
             {m.cluster for m in view.members if after.get(m.name) is Admission.LIVE}
         )

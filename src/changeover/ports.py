@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from changeover.balancers.base import Balancer
@@ -41,11 +41,35 @@ class Checks(Protocol):
         """The smoke command against the live pool, None when none is configured."""
         ...
 
+    async def versions(self) -> dict[str, str | None]:
+        """What each member reports as its version now (None: no answer)."""
+        ...
+
     async def served_version(self) -> str | None:
         """The version the live pool serves now, when it tells."""
         ...
 
     async def close(self) -> None: ...
+
+
+class SiteLock(Protocol):
+    """The release lock the balancer itself holds (see `sitelock.py`)."""
+
+    async def claim(self, holder: str) -> None:
+        """Take or renew it; PlanRefused when another copy of the config holds it."""
+        ...
+
+    async def release(self) -> None: ...
+
+
+class NoSiteLock:
+    """A balancer that holds no lock: the journal's lock alone applies."""
+
+    async def claim(self, holder: str) -> None:
+        return None
+
+    async def release(self) -> None:
+        return None
 
 
 @dataclass(frozen=True)
@@ -169,3 +193,4 @@ class Ports:
     migrator: Migrator
     journal: JournalStore
     clock: Clock
+    site_lock: SiteLock = field(default_factory=NoSiteLock)

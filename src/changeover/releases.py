@@ -11,18 +11,22 @@ from __future__ import annotations
 import asyncio
 import getpass
 import json
+import re
 import socket
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+import unicodedata
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
 from changeover import journal as J
 from changeover.balancers.base import BalancerError
+from changeover.checks import qa_entry
 from changeover.config import ConfigError, Topology
 from changeover.engine import Engine, Event
-from changeover.journal import LockInfo, ReleaseRow
+from changeover.journal import LockInfo, ReleaseRow, StepRow
 from changeover.migrations import Finding, allow_refusal
-from changeover.model import AbortAsked, Approval, PoolView, encode_ask
+from changeover.model import AbortAsked, Admission, Approval, PoolView, encode_ask
+from changeover.policy import kept_clusters
 from changeover.ports import JournalStore, Migrator, Ports, Review
 
 T = TypeVar("T")
@@ -46,11 +50,12 @@ class GateRefused(Exception):
 @dataclass(frozen=True, slots=True)
 class Begin:
     """Release `version`, accepting the migration findings of the `allow` rules
-    for the stated `reason`."""
+    for the stated `reason`; `first` deploys a site that serves nothing yet."""
 
     version: str
     allow: tuple[str, ...] = ()
     reason: str | None = None
+    first: bool = False  # the first deploy of a site that serves nothing yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,8 +64,62 @@ class SiteStatus:
     balancer_error: str | None
     release: dict[str, Any] | None  # the release in progress, as `describe` gives it
     lock: LockInfo | None
-    kept_out: list[str]  # members the newest release kept out after they failed a step
-    kept_by: int | None  # that release
+    kept_out: list[str] = field(default_factory=list)  # failed a step of the newest release
+    kept_by: int | None = None  # that release
+    warning: str | None = None  # capacity left out of the live pool (`idle_capacity`)
+    versions: Mapping[str, str | None] = field(default_factory=dict)  # member -> reported
+    awaiting: Awaiting | None = None  # the cluster a release waits to have approved
+    kept: Kept | None = None  # after bluegreen: what `rollback` flips back to instantly
+
+
+@dataclass(frozen=True, slots=True)
+class Awaiting:
+    cluster: str
+    qa_url: str | None  # its QA entry point (None: it has none)
+    qa_host: str | None  # the Host header that reaches it there
+
+
+@dataclass(frozen=True, slots=True)
+class Kept:
+    clusters: list[str]  # draining on `version`, ready for an instant flip back
+    version: str | None
+    seconds_left: float  # of policy.keep_previous
+
+
+def awaiting_approval(topo: Topology, row: ReleaseRow, steps: list[StepRow]) -> Awaiting | None:
+    """The cluster whose approval step `row` is running, with its QA entry point."""
+    if row.state != J.AWAITING_APPROVAL:
+        return None
+    running = [s.idx for s in steps if s.state == J.STEP_RUNNING]
+    cluster = row.plan[running[0]].get("cluster") if running else None
+    if not isinstance(cluster, str):
+        return None
+    try:
+        url, host = qa_entry(topo, topo.cluster(cluster))
+    except (KeyError, ValueError):  # no such cluster any more, or no QA entry point
+        return Awaiting(cluster, None, None)
+    return Awaiting(cluster, url, host)
+
+
+def idle_capacity(view: PoolView, running: bool, pending: int | None) -> str | None:
+    """A warning when members that are healthy are out of the live pool while no
+    release is running (an aborted, failed or crashed one, or a hand-made
+    change): the site serves on less than it could."""
+    if running:
+        return None
+    idle: dict[str, list[str]] = {}
+    for m in view.members:
+        if m.admission is Admission.OUT and m.healthy:
+            idle.setdefault(m.cluster, []).append(m.name)
+    if not idle:
+        return None
+    where = "; ".join(f"{c}: {', '.join(names)}" for c, names in sorted(idle.items()))
+    then = (
+        f"`changeover resume` continues release #{pending}, `changeover rollback` goes back"
+        if pending is not None
+        else "a release (or the balancer's admin) puts them back"
+    )
+    return f"healthy members are out of the live pool and no release is running ({where}): {then}"
 
 
 class Outcome(NamedTuple):
@@ -73,9 +132,41 @@ def operator() -> str:
     return f"{getpass.getuser()}@{socket.gethostname()}"
 
 
+ABORTED_IDLE = (
+    "aborted while not running; the pool was left as it is (see `changeover status`): "
+    "`changeover resume` continues, `changeover rollback` goes back"
+)
+MAX_VERSION_LENGTH = 200
+
+
+def version_problem(version: str, pattern: str | None) -> str | None:
+    """Why `version` cannot be released, or None. A version is data that reaches
+    argv, URLs, the journal and the screen: it must not read as an option or
+    carry control characters, and must match `release.version_pattern` if set."""
+    if not version.strip():
+        return "the version is empty"
+    if version.startswith("-"):
+        return f"the version {version!r} starts with '-' (it would read as an option)"
+    control = next((c for c in version if unicodedata.category(c) in _CONTROL), None)
+    if control is not None:
+        return f"the version {version!r} holds a control character ({control!r})"
+    if len(version) > MAX_VERSION_LENGTH:
+        return f"the version is longer than {MAX_VERSION_LENGTH} characters"
+    if pattern is not None and re.fullmatch(pattern, version) is None:
+        return f"the version {version!r} does not match release.version_pattern {pattern!r}"
+    return None
+
+
+_CONTROL = {"Cc", "Cf", "Zl", "Zp"}  # control and format characters, line separators
+
+
 async def review_gate(topo: Topology, migrator: Migrator, begin: Begin) -> Review | None:
     """The migrations `begin` would apply, with the findings it accepts; raises
-    GateRefused for a finding of a rule not allowed. Touches nothing."""
+    BadRequest for a version that cannot be released and GateRefused for a
+    finding of a rule not allowed. Touches nothing."""
+    problem = version_problem(begin.version, topo.release.version_pattern)
+    if problem:
+        raise BadRequest(problem)
     refusal = allow_refusal(begin.allow)
     if refusal:
         raise BadRequest(refusal)
@@ -169,7 +260,7 @@ class Releases:
         except (ConfigError, OSError) as exc:
             raise BadRequest(f"database.migrations_dir: {exc}") from None
         engine = await self._started()
-        release_id = await engine.begin(begin.version)
+        release_id = await engine.begin(begin.version, first=begin.first)
         if pins is not None:  # files edited before a resume are checked again
             message = json.dumps({"files": pins, "allow": sorted(begin.allow)}, sort_keys=True)
             await self._record(lambda j: j.add_event(release_id, J.MIGRATION_PINS, message))
@@ -208,20 +299,18 @@ class Releases:
 
     async def abort(self, who: str) -> str:
         """Stop the release in progress at its next safe point; one nobody runs
-        any more is marked aborted at once, the pool left as it is."""
+        any more is marked aborted at once, the pool left as it is. Either way it
+        stays resumable (`resume`), and `rollback` or a new release supersedes it."""
         row = await self._record(lambda j: j.unfinished(self.site))
         if row is None:
             raise BadRequest("no release in progress")
         holder = await self._record(lambda j: j.lock_holder(self.site))
         if holder is None or holder.is_stale():
-            await self._record(
-                lambda j: j.set_state(row.id, J.ABORTED, "aborted while not running")
-            )
+            if row.state != J.ABORTED:
+                await self._record(lambda j: j.set_state(row.id, J.ABORTED, ABORTED_IDLE))
             if holder is not None:
                 await self._record(lambda j: j.force_unlock(self.site))
-            return (
-                f"release #{row.id} aborted; the pool was left as it is (see `changeover status`)"
-            )
+            return f"release #{row.id} aborted; {ABORTED_IDLE}"
         await self._record(lambda j: j.request(row.id, encode_ask(AbortAsked(who))))
         return f"asked release #{row.id} ({holder.describe()}) to stop at its next safe point"
 
@@ -240,19 +329,35 @@ class Releases:
             error = None
         except BalancerError as exc:
             view, error = None, str(exc)
+        engine = await self._started()
         pending = await self.pending()
         newest = await self._record(lambda j: j.newest(self.site))
-        kept: list[str] = []
+        kept_out: list[str] = []
         if newest is not None:
             events = await self._record(lambda j: j.events(newest.id))
-            kept = [e.message for e in events if e.kind == J.KEPT_OUT]
+            kept_out = [e.message for e in events if e.kind == J.KEPT_OUT]
+        lock = await self.lock_holder()
+        running = lock is not None and not lock.is_stale()
+        steps = await self._record(lambda j: j.steps(pending.id)) if pending else []
+        kept = None
+        last = await self._record(lambda j: j.last_done(self.site))
+        if view is not None and last is not None:
+            now = engine.clock.time()
+            found = kept_clusters(self.topo, last, view, now)
+            if found is not None and last.finished is not None:
+                left = last.finished + self.topo.policy.keep_previous - now
+                kept = Kept(found[1], last.previous_version, left)
         return SiteStatus(
             view,
             error,
             await self.describe(pending.id) if pending else None,
-            await self.lock_holder(),
-            kept,
-            newest.id if newest and kept else None,
+            lock,
+            kept_out=kept_out,
+            kept_by=newest.id if newest and kept_out else None,
+            warning=idle_capacity(view, running, pending.id if pending else None) if view else None,
+            versions=await engine.checks.versions(),
+            awaiting=awaiting_approval(self.topo, pending, steps) if pending else None,
+            kept=kept,
         )
 
     # --- the record ---------------------------------------------------------------------

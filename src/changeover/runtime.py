@@ -10,14 +10,16 @@ from typing import TypeVar
 
 from rich.console import Console
 
+from changeover.balancers.builtin import admin_url_of
 from changeover.balancers.factory import make_balancer
 from changeover.checks import Checker
 from changeover.config import Topology
 from changeover.database import SiteDatabase
 from changeover.executors.base import Executor
 from changeover.journal import Journal, journal_path
-from changeover.ports import JournalStore, Ports, Review, SystemClock
+from changeover.ports import JournalStore, NoSiteLock, Ports, Review, SiteLock, SystemClock
 from changeover.releases import Begin, Releases, review_gate
+from changeover.sitelock import AdminApiLock, owner_id
 from changeover.ui import Timeline
 
 T = TypeVar("T")
@@ -37,6 +39,19 @@ def open_journal(topo: Topology) -> Journal:
     return Journal(journal_path(topo.state_dir(), topo.site.name))
 
 
+def make_site_lock(topo: Topology) -> SiteLock:
+    """The release lock the balancer holds: the embedded balancer's (the first
+    instance's, when there are several); the other drivers hold none."""
+    bal = topo.balancer
+    token = bal.token()
+    if bal.driver != "builtin" or not token:  # no token: make_balancer says so
+        return NoSiteLock()
+    url = bal.instances[0].admin_url if bal.instances else admin_url_of(topo)
+    if not url:
+        return NoSiteLock()
+    return AdminApiLock(url, token, owner_id(journal_path(topo.state_dir(), topo.site.name)))
+
+
 def make_ports(topo: Topology, journal: JournalStore, checker: Checker | None = None) -> Ports:
     checker = checker or Checker(topo)
     return Ports(
@@ -46,6 +61,7 @@ def make_ports(topo: Topology, journal: JournalStore, checker: Checker | None = 
         migrator=SiteDatabase(topo, checker),
         journal=journal,
         clock=SystemClock(),
+        site_lock=make_site_lock(topo),
     )
 
 

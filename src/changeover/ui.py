@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from rich.console import Console
+from rich.markup import escape
 
 from changeover.engine import Event
 from changeover.steps import StepKind
@@ -20,6 +21,7 @@ class Timeline:
         self.t0 = time.monotonic()
 
     def __call__(self, event: Event) -> None:
+        # A message carries versions, outputs and errors: data, never markup.
         elapsed = time.monotonic() - self.t0
         counter = f"{event.index + 1}/{event.total}" if event.index is not None else ""
         mark, style = {
@@ -33,7 +35,7 @@ class Timeline:
         if event.kind == "step-start" and event.step and event.step.kind not in _LONG_STEPS:
             return  # quick steps: the done line is enough
         self.console.print(
-            f"[dim]{elapsed:6.1f}s[/] [{style}]{mark}[/] {counter:>5} {event.message}",
+            f"[dim]{elapsed:6.1f}s[/] [{style}]{mark}[/] {counter:>5} {escape(event.message)}",
             highlight=False,
             soft_wrap=True,
         )

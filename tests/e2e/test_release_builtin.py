@@ -137,3 +137,28 @@ async def test_https_release_with_a_certificate_reload_mid_release(tmp_path: Pat
     assert report.session_breaks == 0
     assert report.version_flaps == 0
     assert set(report.versions_seen) == {"1.0", "2.0"}
+
+
+async def test_a_fresh_site_is_started_by_a_first_deploy(tmp_path: Path) -> None:
+    """Nothing deployed, nothing serving: `release --first` deploys every cluster
+    out of service, checks it, puts it live; then releases run as usual."""
+    demo = DemoSite(tmp_path, DemoOptions(members_per_cluster=2, startup_delay=0.1))
+    async with demo.running(fresh=True):
+        assert await versions_served(demo) == {None}
+        planned = await S.cli(demo, "plan", "1.0", "--first")
+        assert planned.code == 0, planned.output
+        assert "take every cluster out of service (first deploy" in planned.text
+
+        first = await S.cli(demo, "release", "1.0", "--first")
+
+        assert first.code == 0, first.output
+        assert await versions_served(demo) == {"1.0"}
+        assert await pool_admissions(demo) == {Admission.LIVE}
+        again = await S.cli(demo, "release", "1.1", "--first")  # it serves now: refused
+        assert again.code == 3 and "serves already" in again.text, again.output
+        async with demo.probe(RATE, sticky_users=20) as probe:
+            after = await S.cli(demo, "release", "2.0")
+            report = await probe.finish()
+        assert after.code == 0, after.output
+        assert report.failed == 0, (report.failure_examples, report.failure_log)
+        assert await versions_served(demo) == {"2.0"}

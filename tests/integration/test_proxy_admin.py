@@ -268,6 +268,45 @@ async def test_the_interlock_keeps_policy_min_healthy_like_the_engine() -> None:
     assert admissions_of(pool) == ["live", "live", "out"]
 
 
+async def test_the_release_lock_is_held_by_one_owner_at_a_time() -> None:
+    async with admin_client(new_pool()) as client:
+
+        async def lock(method: str, **body: object) -> tuple[int, dict[str, object]]:
+            async with client.request(method, "/v1/lock", json=body, headers=auth()) as r:
+                return r.status, await r.json()
+
+        first = {"owner": "copy-1", "holder": "release #1 by ops@a", "ttl": 60}
+        status, got = await lock("PUT", **first)
+        assert status == 200 and got["holder"] == "release #1 by ops@a"
+        status, got = await lock("PUT", owner="copy-2", holder="release #1 by ops@b", ttl=60)
+        assert status == 409
+        assert str(got["error"]).startswith(
+            "the release lock of this balancer is held by release #1 by ops@a"
+        )
+        assert (await lock("DELETE", owner="copy-2"))[0] == 409  # not its lock
+        assert (await lock("PUT", **first))[0] == 200  # its owner renews it
+        assert await lock("DELETE", owner="copy-1") == (200, {"holder": None})
+        assert (await lock("PUT", owner="copy-2", holder="b", ttl=60))[0] == 200
+        for bad in ({"holder": "x", "ttl": 60}, {"owner": "o", "holder": "x", "ttl": 0},
+                    {"owner": "o", "holder": "x", "ttl": "1"}):  # fmt: skip
+            assert (await lock("PUT", **bad))[0] == 400
+        async with client.get("/v1/lock") as r:
+            assert r.status == 401  # behind the token like the rest
+
+
+async def test_where_nothing_serves_yet_every_member_may_be_taken_out() -> None:
+    """A first deploy: no member reported healthy, so taking all out loses nothing."""
+    pool = new_pool()
+    pool.expect_checks()  # a checker runs and has seen none healthy yet
+    async with admin_client(pool) as client:
+        everything_out = dict.fromkeys(("a1", "a2", "b1"), "out")
+        async with client.post(
+            "/v1/admissions", json={"admissions": everything_out}, headers=auth()
+        ) as r:
+            assert r.status == 200, await r.text()
+    assert admissions_of(pool) == ["out", "out", "out"]
+
+
 async def test_the_interlock_judges_members_on_checks_not_the_start_up_guess() -> None:
     """At start-up every member is routed to but none is reported healthy until a
     check has seen it: the interlock counts what the API reports."""

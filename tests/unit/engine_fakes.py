@@ -29,8 +29,16 @@ def topology(tmp_path: Path, **sections: dict[str, Any]) -> Topology:
     data: dict[str, Any] = {
         "site": {"name": "t", "state_dir": str(tmp_path)},
         "clusters": [
-            {"name": "a", "members": [{"name": "a1", "port": 1}, {"name": "a2", "port": 2}]},
-            {"name": "b", "members": [{"name": "b1", "port": 3}, {"name": "b2", "port": 4}]},
+            {
+                "name": "a",
+                "qa_port": 8081,
+                "members": [{"name": "a1", "port": 1}, {"name": "a2", "port": 2}],
+            },
+            {
+                "name": "b",
+                "qa_host": "qa-b.example",
+                "members": [{"name": "b1", "port": 3}, {"name": "b2", "port": 4}],
+            },
         ],
         "release": {
             "stop": "ctl stop {member} {version}",
@@ -175,7 +183,7 @@ class FakeChecks:
         self.fleet = fleet
         self.smoke_fails: set[str] = set()  # clusters whose QA smoke check fails
         self.live_smoke_fails = False
-        self.served = "1.0"
+        self.served: str | None = "1.0"  # None: no member answers its version yet
 
     async def health(self, member: Member) -> CheckResult:
         ok = member.name in self.fleet.running and member.name not in self.fleet.never_healthy
@@ -191,6 +199,12 @@ class FakeChecks:
 
     async def live_smoke(self, version: str) -> CheckResult | None:
         return CheckResult("smoke command", not self.live_smoke_fails, "exit 0")
+
+    async def versions(self) -> dict[str, str | None]:
+        return {
+            name: version if name in self.fleet.running else None
+            for name, version in self.fleet.version.items()
+        }
 
     async def served_version(self) -> str | None:
         return self.served
@@ -271,3 +285,12 @@ class Site:
     def connect(self, journal: JournalStore) -> Ports:
         assert journal is self.journal
         return self.ports()
+
+
+def journal_writes(journal: Journal, failing: str | None) -> None:
+    """From now on every write to the real journal fails as SQLite fails on a
+    read-only state directory ("read-only"), or works again (None): the
+    operator fixed it. The connection is the journal's own, so its error
+    mapping is what the engine meets."""
+    db = journal._db  # the real file's own connection
+    db.execute(f"PRAGMA query_only = {'ON' if failing else 'OFF'}")

@@ -19,7 +19,7 @@ from changeover.balancers.haproxy import HAProxyBalancer
 from changeover.balancers.nginx import NginxBalancer
 from changeover.balancers.process import ConfiguredBalancer
 from changeover.config import Balancer as BalancerSettings
-from changeover.config import Topology, parse
+from changeover.config import ConfigError, Topology, parse
 from changeover.model import MemberState
 
 
@@ -69,7 +69,7 @@ def test_builtin_refuses_an_instance_without_admin_url_or_a_missing_token(
             )
         )
     monkeypatch.delenv("CHANGEOVER_ADMIN_TOKEN", raising=False)
-    with pytest.raises(BalancerError, match="needs a token"):
+    with pytest.raises(ConfigError, match="needs a token"):
         make_balancer(topology(tmp_path, admin_token=None))
 
 

@@ -4,20 +4,22 @@ No socket, no subprocess, no real sleep: the fake clock jumps."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from pathlib import Path
 
 import pytest
 
 from changeover import journal as J
+from changeover.cli import _status_notes
 from changeover.config import Cluster, Member
 from changeover.engine import Engine, Event
 from changeover.executors.base import CommandResult
 from changeover.model import AbortAsked, Admission, Approval, encode_ask
 from changeover.plan import PlanRefused
-from changeover.releases import BadRequest, Begin, Releases
+from changeover.releases import Awaiting, BadRequest, Begin, Releases
 from changeover.steps import StepKind
-from tests.unit.engine_fakes import FakeExecutor, Site
+from tests.unit.engine_fakes import FakeExecutor, Site, journal_writes
 
 LIVE, DRAINING, OUT = Admission.LIVE, Admission.DRAINING, Admission.OUT
 
@@ -337,6 +339,73 @@ async def test_an_abort_stops_at_a_safe_point_and_resume_finishes(tmp_path: Path
     assert site.balancer.cluster_changes() == ROLLING_CHANGES[:1]
     assert site.executor.calls == []
 
+    service = Releases(site.topo, site.journal_opener, site.migrator, site.connect)
+    assert await service.resume() == (release_id, J.DONE)
+    assert site.balancer.cluster_changes() == ROLLING_CHANGES  # a drained again, then on
+    assert set(site.fleet.version.values()) == {"2.0"}
+
+
+async def aborted_while_awaiting_approval(site: Site) -> int:
+    """A release of 2.0 aborted while a (out, on 2.0, healthy) waits for approval."""
+
+    def abort_when_waiting() -> None:
+        row = site.journal.unfinished("t")
+        if row is not None and row.state == J.AWAITING_APPROVAL and row.request is None:
+            site.journal.request(row.id, encode_ask(AbortAsked("ops@desk")))
+
+    site.clock.on_sleep.append(abort_when_waiting)
+    assert await release(site) == J.ABORTED
+    site.clock.on_sleep.remove(abort_when_waiting)
+    return site.journal.newest("t").id  # type: ignore[union-attr]
+
+
+async def test_after_an_abort_status_warns_of_the_cluster_left_out_and_resume_finishes(
+    tmp_path: Path,
+) -> None:
+    site = Site.build(tmp_path, policy={"approval": "manual"})
+    release_id = await aborted_while_awaiting_approval(site)
+    service = Releases(site.topo, site.journal_opener, site.migrator, site.connect)
+
+    now = await service.status()
+    assert now.release is not None and now.release["state"] == J.ABORTED
+    assert now.warning == (
+        "healthy members are out of the live pool and no release is running (a: a1, a2): "
+        f"`changeover resume` continues release #{release_id}, `changeover rollback` goes back"
+    )
+    approve_when_asked(site)
+    assert await service.resume() == (release_id, J.DONE)
+    assert set(site.balancer.admissions.values()) == {Admission.LIVE}
+    assert set(site.fleet.version.values()) == {"2.0"}
+    assert (await service.status()).warning is None
+
+
+async def test_an_abort_of_a_release_nobody_runs_keeps_it_resumable(tmp_path: Path) -> None:
+    site = Site.build(tmp_path, policy={"approval": "manual"})
+    release_id = await aborted_while_awaiting_approval(site)
+    site.journal.set_state(release_id, J.FAILED, "crashed")  # as a crash would leave it
+    service = Releases(site.topo, site.journal_opener, site.migrator, site.connect)
+
+    said = await service.abort("ops@desk")
+
+    assert said.startswith(f"release #{release_id} aborted; aborted while not running")
+    assert site.journal.unfinished("t").id == release_id  # type: ignore[union-attr]
+    approve_when_asked(site)
+    assert await service.resume() == (release_id, J.DONE)
+
+
+async def test_a_new_release_supersedes_an_aborted_one(tmp_path: Path) -> None:
+    site = Site.build(tmp_path, policy={"approval": "manual"})
+    aborted = await aborted_while_awaiting_approval(site)
+    approve_when_asked(site)
+
+    assert await release(site, "2.1") == J.DONE
+
+    old = site.journal.release(aborted)
+    assert old.state == J.SUPERSEDED
+    assert old.error is not None and old.error.endswith(f"superseded by release #{aborted + 1}")
+    assert site.journal.release(aborted + 1).previous_version == "1.0"  # what served before
+    assert set(site.fleet.version.values()) == {"2.1"}
+
 
 async def test_approval_waits_for_its_own_step_and_names_who(tmp_path: Path) -> None:
     site = Site.build(tmp_path, policy={"approval": "manual"})
@@ -469,3 +538,143 @@ async def test_a_stored_plan_it_cannot_read_is_refused_naming_the_release(
         await engine.run(release_id)
     assert site.balancer.changes == [] and site.executor.calls == []
     assert site.journal.lock_holder("t") is None  # refused, and the lock let go
+
+
+# --- a journal that stops taking writes ----------------------------------------------------
+
+
+@pytest.mark.parametrize("when", ["before-the-first-step", "inside-deploy-a", "draining-b"])
+async def test_a_journal_that_cannot_be_written_stops_with_the_site_serving(
+    tmp_path: Path, when: str
+) -> None:
+    site = Site.build(tmp_path)
+    events: list[Event] = []
+    engine = Engine(site.topo, site.ports(), on_event=events.append, poll=0.05)
+    release_id = await engine.begin("2.0")
+    if when == "before-the-first-step":
+        journal_writes(site.journal, "read-only")
+    elif when == "inside-deploy-a":
+        site.executor.during = lambda argv: (
+            journal_writes(site.journal, "read-only") if argv[1:3] == ["deploy", "a2"] else None
+        )
+    else:
+        site.clock.on_sleep.append(
+            lambda: (
+                journal_writes(site.journal, "read-only")
+                if site.balancer.admissions["b1"] is Admission.DRAINING
+                else None
+            )
+        )
+
+    assert await engine.run(release_id) == J.INTERRUPTED
+
+    said = [e.message for e in events if e.kind == "warn"]
+    assert said == [
+        f"stopped: {site.journal.path}: cannot use the journal: the state directory or the "
+        "journal is read-only (attempt to write a readonly database); the site is serving; "
+        "fix that, then `changeover resume`"
+    ]
+    view = await site.balancer.read()
+    serving = [m.name for m in view.members if m.admission is Admission.LIVE and m.healthy]
+    assert len(serving) >= site.topo.policy.min_healthy, view
+    assert site.journal.release(release_id).state == J.RUNNING  # as it was: resumable
+    if when == "inside-deploy-a":
+        assert "start a1" not in commands(site)  # nothing after the step that met it
+
+    site.executor.during = None
+    site.clock.on_sleep.clear()
+    journal_writes(site.journal, None)  # the operator freed the disk
+    resumed = Releases(site.topo, site.journal_opener, site.migrator, site.connect)
+    assert await resumed.resume() == (release_id, J.DONE)
+    assert set(site.fleet.version.values()) == {"2.0"}
+    assert set(site.balancer.admissions.values()) == {Admission.LIVE}
+
+
+# --- the first deploy -----------------------------------------------------------------------
+
+
+async def test_a_fresh_site_is_deployed_out_of_service_checked_then_put_live(
+    tmp_path: Path,
+) -> None:
+    site = Site.build(tmp_path, policy={"approval": "manual"})
+    site.fleet.running.clear()  # nothing serves yet: no member answers
+    site.fleet.version = dict.fromkeys(site.fleet.version, "none")
+    site.checks.served = None
+    approve_when_asked(site)
+    service = Releases(site.topo, site.journal_opener, site.migrator, site.connect)
+
+    outcome = await service.release(Begin("1.0", first=True))
+
+    assert outcome.state == J.DONE
+    assert site.balancer.cluster_changes() == [
+        {"a": OUT, "b": OUT},
+        {"a": LIVE},
+        {"b": LIVE},
+    ]
+    starts = [i for i, c in enumerate(commands(site)) if c.startswith("start")]
+    assert len(starts) == 4 and commands(site)[-1] == "start b2"  # b deployed before a went live
+    assert set(site.fleet.version.values()) == {"1.0"}
+    row = site.journal.release(outcome.release_id)
+    assert (row.kind, row.previous_version) == ("first-deploy", None)
+
+
+async def test_a_first_deploy_is_refused_on_a_site_that_serves(tmp_path: Path) -> None:
+    site = Site.build(tmp_path)
+    service = Releases(site.topo, site.journal_opener, site.migrator, site.connect)
+    with pytest.raises(PlanRefused, match="serves already"):
+        await service.release(Begin("2.0", first=True))
+    assert site.balancer.changes == [] and site.executor.calls == []
+
+
+# --- what status shows ------------------------------------------------------------------------
+
+
+async def test_status_names_the_cluster_awaiting_approval_with_its_qa_url_and_versions(
+    tmp_path: Path,
+) -> None:
+    site = Site.build(tmp_path, policy={"approval": "manual"})
+    service = Releases(site.topo, site.journal_opener, site.migrator, site.connect)
+    waiting = asyncio.Event()
+
+    def look() -> None:
+        row = site.journal.unfinished("t")
+        if row is not None and row.state == J.AWAITING_APPROVAL:
+            waiting.set()
+
+    site.clock.on_sleep.append(look)
+    running = asyncio.create_task(service.release(Begin("2.0")))
+    await asyncio.wait_for(waiting.wait(), 30)
+
+    looking = Releases(site.topo, site.journal_opener, site.migrator, site.connect)
+    now = await looking.status()
+
+    assert now.awaiting == Awaiting("a", "http://127.0.0.1:8081", None)
+    assert dict(now.versions) == {"a1": "2.0", "a2": "2.0", "b1": "1.0", "b2": "1.0"}
+    assert _status_notes(now) == [
+        "awaiting approval of a: QA at http://127.0.0.1:8081; "
+        "`changeover approve` (or `changeover abort`)"
+    ]
+    approve_when_asked(site)
+    assert (await running).state == J.DONE
+    assert (await looking.status()).awaiting is None
+
+
+async def test_status_after_bluegreen_names_the_kept_cluster_and_the_time_left(
+    tmp_path: Path,
+) -> None:
+    site = Site.build(tmp_path, policy={"strategy": "bluegreen", "keep_previous": 600})
+    service = Releases(site.topo, site.journal_opener, site.migrator, site.connect)
+    done = await service.release(Begin("2.0"))
+    assert done.state == J.DONE
+    finished = site.journal.release(done.release_id).finished
+    assert finished is not None
+    site.clock.now += 60  # a minute after (the kept window runs on the journal's times)
+
+    now = await service.status()
+
+    assert now.kept is not None
+    assert (now.kept.clusters, now.kept.version) == (["b"], "1.0")
+    assert now.kept.seconds_left == pytest.approx(finished + 600 - site.clock.time())
+    assert now.versions["b1"] == "1.0" and now.versions["a1"] == "2.0"
+    site.balancer.admissions |= {"b1": Admission.OUT, "b2": Admission.OUT}  # b taken out
+    assert (await service.status()).kept is None  # nothing to flip back to

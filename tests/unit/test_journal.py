@@ -97,3 +97,32 @@ def test_interrupted_step_goes_back_to_pending(tmp_path: Path) -> None:
     j.step_started(rid, 1)
     j.step_interrupted(rid, 1, "Ctrl-C")
     assert j.steps(rid)[1].state == J.STEP_PENDING
+
+
+def test_a_read_only_journal_is_a_clear_error_naming_it(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.sqlite")
+    rid = j.create_release("s", "1.0", None, "rolling-clusters", [{"id": "preflight"}])
+    j._db.execute("PRAGMA query_only = ON")  # SQLite refuses writes from here on
+    with pytest.raises(JournalError) as caught:
+        j.step_started(rid, 0)
+    assert str(caught.value).startswith(f"{tmp_path / 'j.sqlite'}: cannot use the journal: ")
+    assert "read-only" in str(caught.value)
+    assert j.steps(rid)[0].state == J.STEP_PENDING  # reads still work; nothing half-written
+
+
+def test_a_full_disk_is_a_clear_error_and_the_journal_stays_usable(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.sqlite")
+    rid = j.create_release("s", "1.0", None, "rolling-clusters", [{"id": "preflight"}])
+    pages = j._db.execute("PRAGMA page_count").fetchone()[0]
+    j._db.execute(f"PRAGMA max_page_count = {pages}")  # the file cannot grow
+    with pytest.raises(JournalError, match="the disk is full"):
+        j.add_event(rid, "info", "x" * 1_000_000)
+    j.add_event(rid, "info", "small")  # rolled back cleanly: the next write works
+    assert [e.message for e in j.events(rid)] == ["small"]
+
+
+def test_a_journal_that_cannot_be_opened_is_not_called_a_broken_one(tmp_path: Path) -> None:
+    (tmp_path / "j.sqlite").mkdir()  # SQLite cannot open it, as in a directory it may not write
+    with pytest.raises(JournalError, match="cannot open it") as caught:
+        Journal(tmp_path / "j.sqlite")
+    assert "not a usable" not in str(caught.value)

@@ -221,3 +221,42 @@ def test_a_stored_step_this_version_cannot_read_is_a_clear_error(
 
     with pytest.raises(StoredPlanError, match=why):
         step_from_dict(stored)
+
+
+@pytest.mark.parametrize(
+    ("sick", "change", "refused"),
+    [
+        (
+            {"a0", "a1", "b0", "b1"},
+            {"a": Admission.OUT, "b": Admission.OUT},
+            False,
+        ),  # nothing serves
+        ({"a0", "a1", "b0"}, {"a": Admission.OUT, "b": Admission.OUT}, True),  # b1 serves
+        ({"b0", "b1"}, {"b": Admission.OUT}, False),  # b serves nothing: a keeps 2
+        ({"a1", "b0", "b1"}, {"a": Admission.DRAINING}, True),  # a0 is the last one serving
+    ],
+)
+def test_a_change_that_takes_nothing_healthy_out_of_service_passes(
+    sick: set[str], change: dict[str, Admission], refused: bool
+) -> None:
+    t = topo()
+    assert (admit_refusal(t, view(t, sick=sick), change) is not None) is refused
+
+
+def test_a_first_deploy_takes_everything_out_deploys_each_then_puts_each_live() -> None:
+    t = topo(approval="manual")
+    steps = make_plan(t, "1.0", view(t, sick={"a0", "a1", "b0", "b1"}), first=True)
+    assert admits(steps) == [
+        {"a": Admission.OUT, "b": Admission.OUT},
+        {"a": Admission.LIVE},
+        {"b": Admission.LIVE},
+    ]
+    ids = [s.id for s in steps]
+    assert ids.index("approve-b") < ids.index("live-a")  # every cluster checked before any live
+    assert [s.promote for s in steps if isinstance(s, Admit)] == [None, "a", "b"]
+
+
+def test_a_first_deploy_is_refused_where_the_site_serves_already() -> None:
+    t = topo()
+    with pytest.raises(PlanRefused, match=r"serves already \(b0 healthy .*without --first"):
+        make_plan(t, "1.0", view(t, sick={"a0", "a1", "b1"}), first=True)

@@ -10,7 +10,7 @@ import aiohttp
 
 from changeover.balancers.base import BalancerError, Counter
 from changeover.balancers.sessions import LazySession
-from changeover.config import BalancerInstance, Topology
+from changeover.config import BalancerInstance, ConfigError, Topology
 from changeover.model import Admission, MemberState, PoolView, differs
 
 
@@ -46,8 +46,8 @@ class BuiltinBalancer:
     def __init__(
         self, url: str, token: str | None, name: str = "builtin", timeout: float = 5.0
     ) -> None:
-        if not token:
-            raise BalancerError(
+        if not token:  # the config lacks it: bad input, not an unreachable balancer
+            raise ConfigError(
                 "the embedded balancer's admin API needs a token: set balancer.admin_token_env "
                 "(default CHANGEOVER_ADMIN_TOKEN) or balancer.admin_token"
             )

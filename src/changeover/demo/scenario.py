@@ -304,17 +304,20 @@ class DemoSite:
         self.admin_url = f"http://{admin.host}:{admin.port}"
 
     @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[DemoSite]:
-        """Every member on `from_version` and healthy behind the balancer."""
+    async def running(self, fresh: bool = False) -> AsyncIterator[DemoSite]:
+        """Every member on `from_version` and healthy behind the balancer; `fresh`:
+        the balancer alone, no member deployed or started (a first deploy's site)."""
         # The engine's builtin driver, in this process, reads the token from here.
         os.environ[TOKEN_ENV] = self.token
         try:
-            await _appctl(self.topo, "deploy", self.opts.from_version)
-            await _appctl(self.topo, "start")
+            if not fresh:
+                await _appctl(self.topo, "deploy", self.opts.from_version)
+                await _appctl(self.topo, "start")
             balancer_cmd = [sys.executable, "-m", "changeover.proxy", "-c", str(self.config)]
             async with _process(balancer_cmd, self.env, self.root / "balancer.log"):
                 await _wait_http(f"{self.admin_url}/v1/healthz", 15)
-                await _all_healthy(self.topo, self.root / "apps", 30)
+                if not fresh:
+                    await _all_healthy(self.topo, self.root / "apps", 30)
                 yield self
         finally:
             with contextlib.suppress(Exception):

@@ -8,44 +8,18 @@ the argv is executed without a shell; over SSH it is joined with `shlex.join`.
 
 from __future__ import annotations
 
-import shlex
-import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from changeover.config import Cluster, Member
-
-PLACEHOLDERS = ("version", "member", "host", "port", "cluster", "route")
-
-
-class TemplateError(ValueError):
-    """A command template that cannot be rendered."""
+from changeover.config import Cluster, Member, template_words
+from changeover.config import TemplateError as TemplateError  # raised by render_argv
 
 
 def render_argv(template: str, values: Mapping[str, str]) -> list[str]:
     """argv for `template` with `{name}` placeholders replaced by literal values."""
-    try:
-        words = shlex.split(template, comments=False, posix=True)
-    except ValueError as exc:
-        raise TemplateError(f"cannot split command {template!r}: {exc}") from None
-    if not words:
-        raise TemplateError("empty command")
-    formatter = string.Formatter()
-    argv = []
-    for word in words:
-        try:
-            for _, field, spec, conv in formatter.parse(word):
-                if field is not None and (field not in values or spec or conv):
-                    known = ", ".join("{" + p + "}" for p in values)
-                    raise TemplateError(
-                        f"unknown placeholder {{{field}}} in {template!r}; known: {known}"
-                    )
-            argv.append(word.format_map(values))
-        except (ValueError, IndexError) as exc:
-            raise TemplateError(f"bad placeholder in {template!r}: {exc}") from None
-    return argv
+    return [word.format_map(values) for word in template_words(template, values.keys())]
 
 
 def member_values(cluster: Cluster, member: Member, version: str) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """The admin API on `balancer.admin_listen`, served by the master process.
 
-GET /v1/pool, POST /v1/admissions, POST /v1/tls/reload (bearer token) and
-GET /v1/healthz (open).
+GET /v1/pool, POST /v1/admissions, POST /v1/tls/reload, the site's release
+lock at /v1/lock (GET, PUT to claim or renew, DELETE to let go; see
+`proxy/lease.py`), all behind the bearer token, and GET /v1/healthz (open).
 aiohttp is fine here: this is not the request hot path.
 
 A body that cannot be read as JSON (not JSON, not text in its charset, an
@@ -17,11 +18,14 @@ import hashlib
 import hmac
 import json
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
+from changeover.proxy import lease
 from changeover.proxy.state import AdmissionError, InterlockError, PoolState
 
 log = logging.getLogger("changeover.proxy")
@@ -42,6 +46,9 @@ def _error(status: int, message: str) -> web.Response:
 ADMISSIONS_SHAPE = (
     'expected {"admissions": {"<member>": "live|draining|out", ...}} and optionally "force": true'
 )
+
+
+LOCK_SHAPE = 'expected {"owner": "<id>", "holder": "<who>", "ttl": <seconds>} (DELETE: "owner")'
 
 
 async def _json_body(request: web.Request) -> tuple[Any, web.Response | None]:
@@ -128,9 +135,51 @@ def build_app(
             return _error(400, f"{exc}; the old certificates still serve")
         return web.json_response({"reloaded": files})
 
+    held: list[lease.Lease | None] = [None]  # the one lease, kept by this process
+
+    def lock_view() -> web.Response:
+        now, current = time.monotonic(), held[0]
+        if current is None or current.expires <= now:
+            return web.json_response({"holder": None})
+        left = current.expires - now
+        return web.json_response({"holder": current.holder, "expires_in": left})
+
+    async def lock_request(request: web.Request) -> tuple[dict[str, Any], web.Response | None]:
+        body, problem = await _json_body(request)
+        if problem is not None:
+            return {}, problem
+        if not isinstance(body, dict) or not isinstance(body.get("owner"), str):
+            return {}, _error(400, LOCK_SHAPE)
+        return body, None
+
+    async def get_lock(_: web.Request) -> web.Response:
+        return lock_view()
+
+    async def put_lock(request: web.Request) -> web.Response:
+        body, problem = await lock_request(request)
+        if problem is not None:
+            return problem
+        holder, ttl = body.get("holder"), body.get("ttl")
+        if not isinstance(holder, str) or not isinstance(ttl, int | float) or isinstance(ttl, bool):
+            return _error(400, LOCK_SHAPE)
+        if not (math.isfinite(ttl) and 0 < ttl <= lease.MAX_TTL):
+            return _error(400, f'"ttl" must be above 0 and at most {lease.MAX_TTL:g} seconds')
+        held[0], refused = lease.claim(held[0], body["owner"], holder[:200], ttl, time.monotonic())
+        return _error(409, refused) if refused else lock_view()
+
+    async def delete_lock(request: web.Request) -> web.Response:
+        body, problem = await lock_request(request)
+        if problem is not None:
+            return problem
+        held[0], refused = lease.release(held[0], body["owner"], time.monotonic())
+        return _error(409, refused) if refused else lock_view()
+
     app = web.Application(middlewares=[require_token])
     app.router.add_get("/v1/healthz", healthz)
     app.router.add_get("/v1/pool", get_pool)
     app.router.add_post("/v1/admissions", post_admissions)
     app.router.add_post("/v1/tls/reload", post_tls_reload)
+    app.router.add_get("/v1/lock", get_lock)
+    app.router.add_put("/v1/lock", put_lock)
+    app.router.add_delete("/v1/lock", delete_lock)
     return app
