@@ -62,6 +62,15 @@ async def approve_from_the_page(page: Page, step: str) -> None:
     await expect(page.locator("#notice")).to_contain_text(f"approved approve-{step}")
 
 
+async def readable_when_narrow(page: Page) -> None:
+    """In a phone-wide window nothing runs off the side and the clusters stack."""
+    await page.set_viewport_size({"width": 360, "height": 800})
+    assert await page.evaluate("document.documentElement.scrollWidth") <= 360
+    first, second = [await c.bounding_box() for c in await page.locator(".cluster").all()]
+    assert first and second and second["y"] >= first["y"] + first["height"]
+    await page.set_viewport_size({"width": 1000, "height": 1200})
+
+
 async def test_approve_a_release_from_the_page(site: DemoSite) -> None:
     release = await S.start_cli(site, "release", "2.0")
     async with desk(site) as url, async_playwright() as pw:
@@ -88,6 +97,7 @@ async def test_approve_a_release_from_the_page(site: DemoSite) -> None:
         members = page.locator("#clusters tbody tr")
         await expect(members).to_have_count(4)
         await page.screenshot(path=str(SCREENSHOT), full_page=True)
+        await readable_when_narrow(page)
 
         await approve_from_the_page(page, "a")
         await approve_from_the_page(page, "b")

@@ -292,3 +292,46 @@ def test_tokens_come_from_the_environment_or_the_file(tmp_path: Path, flag: str)
     tokens = load_tokens(topo, {})
     assert tokens.role_of("from-file") is Role[flag.upper()]
     assert tokens.role_of("from-env") is None
+
+
+async def test_a_token_in_the_url_is_not_a_token(tmp_path: Path) -> None:
+    async with desk(tmp_path) as run:
+        for query in (f"?token={VIEWER}", f"?access_token={VIEWER}"):
+            assert (await run.call("GET", "/api/status" + query, None))[0] == 401
+
+
+async def test_the_page_ships_everything_it_needs_and_shows_text_as_text(
+    tmp_path: Path,
+) -> None:
+    async with desk(tmp_path) as run:
+        for path in ("/", "/desk.js", "/desk.css"):
+            async with run.http.get(run.url + path) as r:
+                assert r.status == 200, path
+                body = await r.text()
+                # Nothing from the internet, and nothing but this server's own files runs.
+                assert "http://" not in body and "https://" not in body, path
+                assert "script-src 'self'" in r.headers["Content-Security-Policy"]
+            if path == "/desk.js":
+                # Every value goes in as textContent: no HTML sink in the script.
+                for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write"):
+                    assert sink not in body
+
+
+def test_the_desk_does_not_start_without_a_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from changeover.cli import app
+    from changeover.desk.auth import OPERATOR_ENV, VIEWER_ENV
+
+    for name in (VIEWER_ENV, OPERATOR_ENV):
+        monkeypatch.delenv(name, raising=False)
+    config = tmp_path / "changeover.toml"
+    config.write_text(
+        '[[clusters]]\nname = "a"\nmembers = [{ name = "a1", port = 9101 }]\n'
+        '[[clusters]]\nname = "b"\nmembers = [{ name = "b1", port = 9102 }]\n'
+    )
+    result = CliRunner().invoke(app, ["desk", "-c", str(config), "--listen", "127.0.0.1:0"])
+    assert result.exit_code == 2, result.output
+    assert "the desk needs a token" in " ".join(result.output.split())
