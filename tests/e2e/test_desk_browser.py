@@ -71,12 +71,14 @@ async def readable_when_narrow(page: Page) -> None:
     await page.set_viewport_size({"width": 1000, "height": 1200})
 
 
-async def test_approve_a_release_from_the_page(site: DemoSite) -> None:
-    release = await S.start_cli(site, "release", "2.0")
-    async with desk(site) as url, async_playwright() as pw:
+@contextlib.asynccontextmanager
+async def logged_in(url: str, confirmed: list[str]) -> AsyncIterator[Page]:
+    """Chromium on the desk's page, logged in as qa-anna with the operator
+    token, accepting every confirmation (recorded in `confirmed`); the page's
+    script must never throw."""
+    async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True)
         page = await browser.new_page(viewport={"width": 1000, "height": 1200})
-        confirmed: list[str] = []
 
         async def confirm(dialog: Dialog) -> None:
             confirmed.append(dialog.message)
@@ -90,24 +92,54 @@ async def test_approve_a_release_from_the_page(site: DemoSite) -> None:
         await page.fill("#token", OPERATOR)
         await page.press("#token", "Enter")
         await expect(page.locator("#whoami")).to_have_text("qa-anna (operator)")
-        await expect(page.locator("#release-title")).to_contain_text(
-            "awaiting-approval", timeout=60_000
-        )
-        await expect(page.locator("#qa-link")).to_have_attribute("href", re.compile("^http://"))
-        members = page.locator("#clusters tbody tr")
-        await expect(members).to_have_count(4)
-        await page.screenshot(path=str(SCREENSHOT), full_page=True)
-        await readable_when_narrow(page)
-
-        await approve_from_the_page(page, "a")
-        await approve_from_the_page(page, "b")
-        assert len(confirmed) == 2 and confirmed[0].startswith("Approve release #1")
-        done = await S.finish(release)
-        assert done.code == 0, done.output
-        await expect(page.locator("#release-title")).to_have_text("none", timeout=30_000)
-        await expect(page.locator("#history tbody tr").first).to_contain_text("done")
-        await expect(page.locator("#approve")).to_be_disabled()
-        assert errors == []  # the page's script never threw
+        yield page
+        assert errors == []
         await browser.close()
+
+
+async def test_approve_a_release_from_the_page(site: DemoSite) -> None:
+    confirmed: list[str] = []
+    async with site.probe(50, sticky_users=10) as probe, desk(site) as url:
+        release = await S.start_cli(site, "release", "2.0")
+        async with logged_in(url, confirmed) as page:
+            await expect(page.locator("#release-title")).to_contain_text(
+                "awaiting-approval", timeout=60_000
+            )
+            qa_link = page.locator("#qa-link")
+            await expect(qa_link).to_have_attribute("href", re.compile("^http://"))
+            await expect(page.locator("#clusters tbody tr")).to_have_count(4)
+            await page.screenshot(path=str(SCREENSHOT), full_page=True)
+            await readable_when_narrow(page)
+
+            await approve_from_the_page(page, "a")
+            await approve_from_the_page(page, "b")
+            assert len(confirmed) == 2 and confirmed[0].startswith("Approve release #1")
+            done = await S.finish(release)
+            assert done.code == 0, done.output
+            await expect(page.locator("#release-title")).to_have_text("none", timeout=30_000)
+            await expect(page.locator("#history tbody tr").first).to_contain_text("done")
+            await expect(page.locator("#approve")).to_be_disabled()
+        report = await probe.finish()
+    assert report.failed == 0, (report.failure_examples, report.failure_log)
+    assert set(report.versions_seen) == {"1.0", "2.0"}
     shown = await S.cli(site, "show", "1")
     assert "approved by qa-anna (desk)" in shown.text
+
+
+async def test_abort_from_the_page_stops_at_a_safe_point(site: DemoSite) -> None:
+    confirmed: list[str] = []
+    async with desk(site) as url:
+        release = await S.start_cli(site, "release", "2.0")
+        async with logged_in(url, confirmed) as page:
+            await expect(page.locator("#approve")).to_be_enabled(timeout=60_000)
+            await page.focus("#abort")
+            await page.keyboard.press("Enter")
+            await expect(page.locator("#notice")).to_contain_text("next safe point")
+            assert confirmed == ["Abort release #1 at its next safe point?"]
+            stopped = await S.finish(release)
+            assert stopped.code == 4, stopped.output
+            await expect(page.locator("#history tbody tr").first).to_contain_text("aborted")
+            await expect(page.locator("#rollback")).to_be_enabled()
+    # Stopped before the swap: the old release still serves the live pool.
+    pool = await S.pool(site)
+    assert {m.admission.value for m in pool.in_cluster("b")} == {"live"}
