@@ -150,8 +150,11 @@ async def test_approve_from_the_desk_releases_the_waiting_cluster(tmp_path: Path
         assert [c["name"] for c in now["clusters"]] == ["a", "b"]
         admissions = {m["name"]: m["admission"] for c in now["clusters"] for m in c["members"]}
         assert admissions == {"a1": "out", "a2": "out", "b1": "live", "b2": "live"}
-        # An action needs a name for the journal.
+        # An action needs a name for the journal, in a JSON object.
         assert (await run.call("POST", "/api/approve", json={}))[0] == 400
+        for bad in (b"{not json", b"[1]"):
+            status, body = await run.call("POST", "/api/approve", data=bad)
+            assert (status, body) == (400, {"error": "the body must be a JSON object"})
 
         status, body = await run.call("POST", "/api/approve", json={"name": "qa-anna"})
         assert status == 200 and body["message"].startswith("approved approve-a of release #1")
@@ -261,11 +264,9 @@ async def test_the_page_logs_in_into_a_cookie_and_actions_need_the_csrf_header(
             csrf = (await r.json())["csrf"]
         cli = asyncio.create_task(run.service().release(Begin("2.0")))
         await awaiting(run)
-        async with run.http.post(run.url + "/api/approve", json={}) as r:
+        async with run.http.post(run.url + "/api/approve") as r:  # no body at all
             assert r.status == 403 and "X-CSRF-Token" in (await r.json())["error"]
-        async with run.http.post(
-            run.url + "/api/approve", json={}, headers={"X-CSRF-Token": csrf}
-        ) as r:
+        async with run.http.post(run.url + "/api/approve", headers={"X-CSRF-Token": csrf}) as r:
             assert r.status == 200  # under the name given at the login
         await approve_b(run)
         done = await cli

@@ -52,6 +52,20 @@ def refusal(status: type[web.HTTPException], reason: str) -> web.HTTPException:
     return status(text=json.dumps({"error": reason}), content_type="application/json")
 
 
+async def json_object(request: web.Request) -> dict[str, str]:
+    """The string fields of the JSON object the request carries ({} for no
+    body); 400 for a body that is not a JSON object."""
+    if not request.body_exists:
+        return {}
+    try:
+        body = await request.json()
+    except ValueError:
+        raise refusal(web.HTTPBadRequest, "the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise refusal(web.HTTPBadRequest, "the body must be a JSON object")
+    return {k: v for k, v in body.items() if isinstance(v, str)}
+
+
 class Desk:
     """One site's desk: the service, the tokens, the page's sessions and the
     release it runs itself (a rollback asked from the desk)."""
@@ -85,9 +99,7 @@ class Desk:
         caller = self.caller(request, Role.OPERATOR)
         if caller.csrf is not None and not csrf_ok(caller.csrf, request.headers.get(CSRF_HEADER)):
             raise refusal(web.HTTPForbidden, f"missing or wrong {CSRF_HEADER} header")
-        body = await request.json() if request.can_read_body else {}
-        name = body.get("name") if isinstance(body, dict) else None
-        name = (name if isinstance(name, str) else caller.name or "").strip()
+        name = ((await json_object(request)).get("name") or caller.name or "").strip()
         if not name:
             raise refusal(web.HTTPBadRequest, 'say who you are: {"name": "..."}')
         return f"{name} (desk)"
@@ -186,13 +198,11 @@ class Desk:
     # --- the page ----------------------------------------------------------------------
 
     async def login(self, request: web.Request) -> web.Response:
-        body = await request.json() if request.can_read_body else {}
-        token = body.get("token") if isinstance(body, dict) else None
-        name = body.get("name") if isinstance(body, dict) else None
-        role = self.tokens.role_of(token if isinstance(token, str) else None)
+        body = await json_object(request)
+        role = self.tokens.role_of(body.get("token"))
         if role is None:
             raise refusal(web.HTTPUnauthorized, "unknown token")
-        name = name.strip() if isinstance(name, str) else ""
+        name = body.get("name", "").strip()
         if not name:
             raise refusal(web.HTTPBadRequest, "say who you are: the journal records the name")
         sid, session = self.sessions.open(role, name)
