@@ -11,6 +11,7 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 from playwright.async_api import Dialog, Page, async_playwright, expect
 
@@ -132,6 +133,18 @@ async def test_abort_from_the_page_stops_at_a_safe_point(site: DemoSite) -> None
         release = await S.start_cli(site, "release", "2.0")
         async with logged_in(url, confirmed) as page:
             await expect(page.locator("#approve")).to_be_enabled(timeout=60_000)
+            # A rollback asked by the API while another process runs the release.
+            async with (
+                aiohttp.ClientSession() as http,
+                http.post(
+                    url + "/api/rollback",
+                    json={"name": "ops"},
+                    headers={"Authorization": f"Bearer {OPERATOR}"},
+                ) as refused,
+            ):
+                assert refused.status == 409
+                reason = (await refused.json())["error"]
+                assert reason.startswith("another release holds the lock: release #1 by ")
             await page.focus("#abort")
             await page.keyboard.press("Enter")
             await expect(page.locator("#notice")).to_contain_text("next safe point")

@@ -169,8 +169,10 @@ class Desk:
     async def act(self, call: Callable[[], Awaitable[str]]) -> web.Response:
         try:
             return web.json_response({"ok": True, "message": await call()})
-        except (BadRequest, LockHeld, PlanRefused) as exc:
+        except (BadRequest, PlanRefused) as exc:
             raise refusal(web.HTTPConflict, str(exc)) from None
+        except LockHeld as exc:  # worded as the CLI words it
+            raise refusal(web.HTTPConflict, f"another release holds the lock: {exc}") from None
         except BalancerError as exc:
             raise refusal(web.HTTPBadGateway, str(exc)) from None
 
