@@ -336,3 +336,31 @@ def test_the_desk_does_not_start_without_a_token(
     result = CliRunner().invoke(app, ["desk", "-c", str(config), "--listen", "127.0.0.1:0"])
     assert result.exit_code == 2, result.output
     assert "the desk needs a token" in " ".join(result.output.split())
+
+
+async def test_the_streams_share_one_look_at_the_site(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from changeover.desk import app
+
+    monkeypatch.setattr(app, "STREAM_EVERY", 600.0)  # no second look during the test
+    looks = 0
+    snapshot = app.Desk.snapshot
+
+    async def counted(self: app.Desk) -> dict[str, Any]:
+        nonlocal looks
+        looks += 1
+        return await snapshot(self)
+
+    monkeypatch.setattr(app.Desk, "snapshot", counted)
+    async with desk(tmp_path) as run:
+        headers = {"Authorization": f"Bearer {VIEWER}"}
+        async with contextlib.AsyncExitStack() as streams:
+            firsts = []
+            for _ in range(3):
+                r = await streams.enter_async_context(
+                    run.http.get(run.url + "/api/events", headers=headers)
+                )
+                assert await r.content.readline() == b"event: status\n"
+                firsts.append(await r.content.readline())
+        assert len(set(firsts)) == 1 and looks == 1

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from changeover.desk.openapi import SPEC
 from changeover.journal import LockHeld
 from changeover.plan import PlanRefused
 from changeover.releases import BadRequest, Outcome, Releases
+
+log = logging.getLogger(__name__)
 
 COOKIE = "changeover_desk"
 CSRF_HEADER = "X-CSRF-Token"
@@ -77,6 +80,10 @@ class Desk:
         self.sessions = Sessions()
         self.stop = asyncio.Event()
         self.running: asyncio.Task[Outcome] | None = None
+        self._streams = 0  # open event streams
+        self._latest: str | None = None  # the status they were sent last
+        self._changed = asyncio.Condition()
+        self._watcher: asyncio.Task[None] | None = None
 
     # --- who is asking ----------------------------------------------------------
 
@@ -145,15 +152,47 @@ class Desk:
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await response.prepare(request)
-        last = None
-        while not self.stop.is_set():
-            text = json.dumps(await self.snapshot(), sort_keys=True)
-            if text != last:
-                await response.write(f"event: status\ndata: {text}\n\n".encode())
-                last = text
+        self._streams += 1
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.create_task(self._watch())
+        watcher = self._watcher
+        try:
+            sent: str | None = None
+
+            def news() -> bool:
+                return self.stop.is_set() or watcher.done() or self._latest != sent
+
+            while True:
+                async with self._changed:
+                    await self._changed.wait_for(news)
+                # A watcher that failed ends the stream: the page reconnects.
+                if self.stop.is_set() or watcher.done() or self._latest is None:
+                    return response
+                sent = self._latest
+                await response.write(f"event: status\ndata: {sent}\n\n".encode())
+        finally:
+            self._streams -= 1
+
+    async def _watch(self) -> None:
+        """One look at the site every STREAM_EVERY seconds, whatever the number
+        of open streams, while there is one: the balancer and the journal are
+        read once for all viewers."""
+        while True:
+            # No await between this test and the return: a stream opening now
+            # either keeps this watcher going or finds it done and starts one.
+            if not self._streams or self.stop.is_set():
+                self._latest = None  # the next stream starts from a fresh look
+                return
+            try:
+                self._latest = json.dumps(await self.snapshot(), sort_keys=True)
+            except Exception:  # the streams end (the page reconnects); say why here
+                log.exception("the desk could not read the site")
+                return
+            finally:  # the streams send a change, or end when the look failed
+                async with self._changed:
+                    self._changed.notify_all()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), STREAM_EVERY)
-        return response
 
     async def metrics(self, request: web.Request) -> web.Response:
         self.caller(request, Role.VIEWER)
@@ -257,6 +296,10 @@ class Desk:
     async def close(self) -> None:
         """Stop the live streams and any rollback at its next safe point."""
         self.stop.set()
+        async with self._changed:
+            self._changed.notify_all()
+        if self._watcher is not None:
+            await self._watcher
         if self.running is not None:
             self.releases.interrupt()
             with contextlib.suppress(Exception):
