@@ -364,3 +364,15 @@ async def test_the_streams_share_one_look_at_the_site(
                 assert await r.content.readline() == b"event: status\n"
                 firsts.append(await r.content.readline())
         assert len(set(firsts)) == 1 and looks == 1
+
+
+def test_a_session_lasts_its_hours_from_the_login() -> None:
+    from changeover.desk.auth import Sessions
+
+    now = [0.0]
+    sessions = Sessions(hours=12, clock=lambda: now[0])
+    sid, session = sessions.open(Role.OPERATOR, "otto")
+    now[0] = 12 * 3600 - 1
+    assert sessions.get(sid) == session
+    now[0] = 12 * 3600
+    assert sessions.get(sid) is None

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import hmac
 import secrets
+import time
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -83,19 +84,32 @@ class Session:
     csrf: str
 
 
-class Sessions:
-    """Sessions of this desk process, by the opaque id in their cookie."""
+SESSION_HOURS = 12.0  # a working day: log in again the next morning
 
-    def __init__(self) -> None:
-        self._by_id: dict[str, Session] = {}
+
+class Sessions:
+    """Sessions of this desk process, by the opaque id in their cookie; each
+    lasts `hours` from its login."""
+
+    def __init__(
+        self, hours: float = SESSION_HOURS, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._by_id: dict[str, tuple[float, Session]] = {}
+        self._seconds = hours * 3600
+        self._clock = clock
 
     def open(self, role: Role, name: str) -> tuple[str, Session]:
         sid = secrets.token_urlsafe(32)
-        self._by_id[sid] = Session(role, name, secrets.token_urlsafe(32))
-        return sid, self._by_id[sid]
+        session = Session(role, name, secrets.token_urlsafe(32))
+        self._by_id[sid] = (self._clock() + self._seconds, session)
+        return sid, session
 
     def get(self, sid: str | None) -> Session | None:
-        return self._by_id.get(sid) if sid else None
+        now = self._clock()
+        for expired in [k for k, (until, _) in self._by_id.items() if until <= now]:
+            del self._by_id[expired]
+        found = self._by_id.get(sid) if sid else None
+        return found[1] if found else None
 
     def close(self, sid: str | None) -> None:
         if sid:
