@@ -376,3 +376,47 @@ def test_a_session_lasts_its_hours_from_the_login() -> None:
     assert sessions.get(sid) == session
     now[0] = 12 * 3600
     assert sessions.get(sid) is None
+
+
+@pytest.mark.parametrize(
+    ("cluster", "url"),
+    [
+        ({"qa_port": 8081}, "http://127.0.0.1:8081"),  # its own listener
+        ({"qa_host": "qa-a.example.com"}, "http://qa-a.example.com:8080"),  # by Host name
+        ({}, None),
+    ],
+)
+def test_the_qa_link_of_a_cluster(tmp_path: Path, cluster: dict[str, Any], url: str) -> None:
+    from changeover.config import parse
+    from changeover.desk.views import qa_url
+
+    topo = parse(
+        {
+            "balancer": {"listen": "127.0.0.1:8080"},
+            "clusters": [
+                {"name": "a", "members": [{"name": "a1", "port": 9001}], **cluster},
+                {"name": "b", "members": [{"name": "b1", "port": 9002}]},
+            ],
+        },
+        tmp_path / "changeover.toml",
+    )
+    assert qa_url(topo, "a") == url
+
+
+@pytest.mark.parametrize(
+    ("states", "cluster"),
+    [
+        ({"preflight": "running"}, None),
+        ({"preflight": "done", "drain-a": "running"}, "a"),
+        ({"preflight": "done", "drain-a": "done", "drained-a": "pending"}, "a"),
+        ({"approve-a": "done", "drain-b": "running"}, "b"),
+    ],
+)
+def test_the_cluster_under_test(
+    tmp_path: Path, states: dict[str, str], cluster: str | None
+) -> None:
+    from changeover.desk.views import under_test
+
+    topo = Site.build(tmp_path).topo
+    release = {"steps": [{"id": step, "state": state} for step, state in states.items()]}
+    assert under_test(topo, release) == cluster
