@@ -1,5 +1,5 @@
 #!/bin/sh
-# Installs the real servers the test suite drives (Debian packages), only when missing.
+# Installs the real servers (and the browser) the test suite drives (Debian packages), only when missing.
 # The packages' own system services are stopped: tests start private instances
 # on ephemeral loopback ports and must never touch the system ones.
 set -eu
@@ -9,6 +9,8 @@ command -v apache2 >/dev/null 2>&1 || [ -x /usr/sbin/apache2 ] || need="$need ap
 [ -x /usr/sbin/nginx ] || need="$need nginx"
 [ -x /usr/sbin/sshd ] || need="$need openssh-server"
 command -v wrk >/dev/null 2>&1 || need="$need wrk"
+# The desk's browser test drives Debian's Chromium with Playwright (no browser download).
+[ -x /usr/bin/chromium ] || need="$need chromium"
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || need="$need postgresql"
 if [ -n "$need" ]; then
   if [ "$(id -u)" != 0 ]; then

@@ -649,6 +649,31 @@ def show(
                 out.print(f"         | {line}", markup=False, highlight=False)
 
 
+@app.command()
+def desk(
+    config: ConfigOpt = Path(DEFAULT_CONFIG),
+    listen: Annotated[str, typer.Option(help="host:port of the web page and API.")] = (
+        "127.0.0.1:8700"
+    ),
+) -> None:
+    """Serve the release desk: the web page, its JSON API under /api/ and /metrics."""
+    from changeover.config import parse_hostport
+    from changeover.desk.app import Desk, serve
+    from changeover.desk.auth import load_tokens
+
+    topo = _load(config)
+    try:
+        host, port = parse_hostport(listen)
+        tokens = load_tokens(topo, os.environ)
+    except (ConfigError, ValueError) as exc:
+        fail(EXIT_BAD_INPUT, str(exc))
+
+    def ready(url: str) -> None:
+        out.print(f"desk of {topo.site.name} on {url}", highlight=False, markup=False)
+
+    _service(topo, lambda r: serve(Desk(topo, r, tokens), host, port, ready))
+
+
 # --- the embedded balancer, the probe and the demo ----------------------------------
 
 

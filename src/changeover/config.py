@@ -476,6 +476,12 @@ class Site(_Model):
     state_dir: str = ".changeover"  # journal and lock; relative to the config file
 
 
+class Desk(_Model):
+    """`changeover desk`: where its tokens are, besides the environment (docs/desk.md)."""
+
+    tokens_file: str | None = None  # TOML: viewer = [...], operator = [...]
+
+
 class Topology(_Model):
     site: Site = Site()
     clusters: list[Cluster]
@@ -485,6 +491,7 @@ class Topology(_Model):
     checks: Checks = Checks()
     policy: Policy = Policy()
     database: Database | None = None
+    desk: Desk = Desk()
     # Where the file was loaded from (set by `load`), for relative paths.
     source: Path | None = Field(default=None, exclude=True)
 

@@ -25,11 +25,13 @@ from changeover.config import ConfigError, Topology
 from changeover.engine import Engine, Event
 from changeover.journal import LockInfo, ReleaseRow, StepRow
 from changeover.migrations import Finding, allow_refusal
-from changeover.model import AbortAsked, Admission, Approval, PoolView, encode_ask
+from changeover.model import AbortAsked, Admission, Approval, PoolView, decode_ask, encode_ask
 from changeover.policy import kept_clusters
 from changeover.ports import JournalStore, Migrator, Ports, Review
 
 T = TypeVar("T")
+
+ASKED = "asked"  # the journal event of an approve, abort or rollback: who, and when
 
 
 class BadRequest(Exception):
@@ -271,9 +273,18 @@ class Releases:
 
     async def rollback(self) -> Outcome:
         """Back to the previous version (see `policy.rollback_plan`)."""
-        engine = await self._started()
-        release_id = await engine.begin_rollback()
-        return Outcome(release_id, await engine.run(release_id))
+        return await self.run(await self.begin_rollback())
+
+    async def begin_rollback(self, who: str | None = None) -> int:
+        """Plan and journal a rollback (refused as `rollback` is), run by `run`."""
+        release_id = await (await self._started()).begin_rollback()
+        if who:
+            await self._record(lambda j: j.add_event(release_id, ASKED, f"rollback by {who}"))
+        return release_id
+
+    async def run(self, release_id: int) -> Outcome:
+        """Run a journaled release to its end (or its next stop)."""
+        return Outcome(release_id, await (await self._started()).run(release_id))
 
     async def resume(self) -> Outcome:
         """Continue the unfinished release from the step it was in."""
@@ -294,7 +305,11 @@ class Releases:
         if not running:
             raise BadRequest("no step is awaiting approval")
         step_id = running[0].step_id
+        asked = decode_ask(row.request)
+        if isinstance(asked, Approval) and asked.step_id == step_id:
+            raise BadRequest(f"{step_id} of release #{row.id} is already approved by {asked.who}")
         await self._record(lambda j: j.request(row.id, encode_ask(Approval(step_id, who))))
+        await self._record(lambda j: j.add_event(row.id, ASKED, f"approve {step_id} by {who}"))
         return f"approved {step_id} of release #{row.id}"
 
     async def abort(self, who: str) -> str:
@@ -312,6 +327,7 @@ class Releases:
                 await self._record(lambda j: j.force_unlock(self.site))
             return f"release #{row.id} aborted; {ABORTED_IDLE}"
         await self._record(lambda j: j.request(row.id, encode_ask(AbortAsked(who))))
+        await self._record(lambda j: j.add_event(row.id, ASKED, f"abort by {who}"))
         return f"asked release #{row.id} ({holder.describe()}) to stop at its next safe point"
 
     async def lock_holder(self) -> LockInfo | None:
