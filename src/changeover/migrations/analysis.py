@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from changeover.migrations.coltypes import ColType, is_safe_widening
 from changeover.migrations.rules import RULES, Dialect, Finding, Phase, Transactions
@@ -27,9 +28,9 @@ HELD_LOCK = "transaction-holds-lock"
 _EXCERPT_CHARS = 80
 
 
-@dataclass(frozen=True)
-class Hit:
-    """A rule a statement matched, before phase and new-object filtering."""
+class Hit(NamedTuple):
+    """A rule a statement matched, before phase and new-object filtering.  (A
+    NamedTuple: a big file makes several per statement, and it is the cheapest.)"""
 
     rule: str
     detail: str  # what this statement does, e.g. "drops column users.email"
@@ -39,8 +40,7 @@ class Hit:
     lock: str | None = None
 
 
-@dataclass(frozen=True)
-class Statement:
+class Statement(NamedTuple):
     offset: int  # character offset of the statement's first token in the file
     text: str
     hits: list[Hit]
@@ -198,11 +198,14 @@ def _analyse(
         _hold(statement.hits, state, line)
         # Whatever locks an existing object wants both timeouts (squawk's
         # require-timeout-settings): the lock wait and the statement bounded.
-        timed = [
-            Hit(STATEMENT_TIMEOUT, h.detail, h.obj)
-            for h in statement.hits
-            if h.rule == LOCK_TIMEOUT
-        ]
+        # Reported once per file, so not made again after that.
+        timed: list[Hit] = []
+        if STATEMENT_TIMEOUT not in state.timeouts_reported:
+            timed = [
+                Hit(STATEMENT_TIMEOUT, h.detail, h.obj)
+                for h in statement.hits
+                if h.rule == LOCK_TIMEOUT
+            ]
         for hit in statement.hits + timed:
             if not _keep(hit, state, phase):
                 continue
