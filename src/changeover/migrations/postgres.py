@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from pglast import ast, parse_sql
@@ -182,7 +183,8 @@ def _parsed(
     from the parser's JSON (`pgjson`: pglast's own AST costs several times more).  With
     `wanted`, only the statements whose text it accepts are parsed and yielded.
     A file PostgreSQL cannot parse is parsed statement by statement (each one,
-    whatever `wanted` says), or with `broken=False` yields nothing.
+    whatever `wanted` says), or with `broken=False` yields only its REPACK
+    statements (`Repack`: pglast's grammar does not know them).
     """
     if "\0" in sql:  # libpg_query reads C strings: it would silently stop at the NUL
         yield 0, sql, ParseError("the file contains a NUL character")
@@ -192,6 +194,9 @@ def _parsed(
     except ParseError as whole_file_error:
         if broken:
             yield from _parsed_one_by_one(sql, whole_file_error)
+        else:
+            texts = ((begin, sql[begin:end]) for begin, end in _scanned(sql) or ())
+            yield from ((b, text, r) for b, text in texts if (r := _repack(text)) is not None)
         return
     for piece in pieces:
         text = sql[piece]
@@ -199,18 +204,14 @@ def _parsed(
             yield piece.start, text, pgjson.statement(text)
 
 
-def _parsed_one_by_one(sql: str, whole_file_error: ParseError) -> Iterator[tuple[int, str, Any]]:
-    """After a syntax error, parse statement by statement so the others are still checked.
-
-    Statements are split on the scanner's `;` tokens, so semicolons inside
-    strings, dollar quotes and comments are never split on.
-    """
+def _scanned(sql: str) -> list[tuple[int, int]] | None:
+    """Each statement's (start, end), split on the scanner's `;` tokens, so semicolons
+    inside strings, dollar quotes and comments are never split on; None when the
+    scanner fails (e.g. an unterminated string: nothing can be split reliably)."""
     try:
         tokens = scan(sql)
-    except ParseError:  # e.g. an unterminated string: nothing can be split reliably
-        location = whole_file_error.args[1] if len(whole_file_error.args) > 1 else 0
-        yield location if isinstance(location, int) else 0, sql, whole_file_error
-        return
+    except ParseError:
+        return None
     start: int | None = None
     end = 0
     bounds: list[tuple[int, int]] = []
@@ -226,8 +227,22 @@ def _parsed_one_by_one(sql: str, whole_file_error: ParseError) -> Iterator[tuple
         end = token.end + 1
     if start is not None:
         bounds.append((start, end))
+    return bounds
+
+
+def _parsed_one_by_one(sql: str, whole_file_error: ParseError) -> Iterator[tuple[int, str, Any]]:
+    """After a syntax error, parse statement by statement so the others are still checked."""
+    bounds = _scanned(sql)
+    if bounds is None:
+        location = whole_file_error.args[1] if len(whole_file_error.args) > 1 else 0
+        yield location if isinstance(location, int) else 0, sql, whole_file_error
+        return
     for begin, finish in bounds:
         text = sql[begin:finish]
+        repack = _repack(text)
+        if repack is not None:
+            yield begin, text, repack
+            continue
         try:
             raws = parse_sql(text)
         except ParseError as error:
@@ -237,8 +252,58 @@ def _parsed_one_by_one(sql: str, whole_file_error: ParseError) -> Iterator[tuple
             yield begin + (raw.stmt_location or 0), text, raw.stmt
 
 
+@dataclass(frozen=True)
+class Repack:
+    """REPACK (PostgreSQL 19: VACUUM FULL and CLUSTER in one, and a CONCURRENTLY form),
+    which pglast's grammar (PostgreSQL 18) does not know yet."""
+
+    table: str | None  # as written, schema included; None: every table
+    concurrently: bool
+
+
+_IDENT = r'(?:[a-z_][a-z0-9_$]*|"(?:[^"]|"")+")'
+# REPACK [ ( option [, ...] ) ] [ table [ ( column [, ...] ) ] [ USING INDEX [ index ] ] ],
+# nothing else: anything more (a missing semicolon, say) is left to the parser to reject.
+_REPACK = re.compile(
+    rf"repack\s*(?:\((?P<options>[^()]*)\)\s*)?"
+    rf"(?:(?!using\b)(?P<table>{_IDENT}(?:\s*\.\s*{_IDENT})?)\s*"
+    rf"(?:\(\s*{_IDENT}(?:\s*,\s*{_IDENT})*\s*\)\s*)?)?"
+    rf"(?:using\s+index(?:\s+{_IDENT})?\s*)?",
+    re.IGNORECASE,
+)
+_IDENTS = re.compile(_IDENT, re.IGNORECASE)
+_REPACK_OPTION = re.compile(
+    r"\s*(verbose|analyze|concurrently)(?:\s+(true|on|1|false|off|0))?\s*", re.IGNORECASE
+)
+
+
+def _unquoted(ident: str) -> str:
+    """A name as PostgreSQL (and pglast) gives it: quotes removed, else lowercased."""
+    return ident[1:-1].replace('""', '"') if ident.startswith('"') else ident.lower()
+
+
+def _repack(text: str) -> Repack | None:
+    """The REPACK statement `text` is, or None when it is anything else."""
+    match = _REPACK.fullmatch(text.strip())
+    if match is None:
+        return None
+    concurrently = False
+    for option in (match["options"] or "").split(",") if match["options"] is not None else ():
+        parts = _REPACK_OPTION.fullmatch(option)
+        if parts is None:
+            return None
+        if parts[1].lower() == "concurrently":
+            concurrently = (parts[2] or "true").lower() in ("true", "on", "1")
+    table = ".".join(map(_unquoted, _IDENTS.findall(match["table"]))) if match["table"] else None
+    if concurrently and table is None:  # PostgreSQL refuses it: leave it to the parser
+        return None
+    return Repack(table, concurrently)
+
+
 def _refuses_transaction(node: Any) -> bool:
     """PostgreSQL refuses to run it inside a transaction block."""
+    if isinstance(node, Repack):  # every table, or CONCURRENTLY (as the other concurrent forms)
+        return node.table is None or node.concurrently
     if isinstance(node, (ast.IndexStmt, ast.DropStmt)):
         return bool(node.concurrent)
     if isinstance(node, ast.ReindexStmt):
@@ -781,6 +846,13 @@ def _data_change(node: Any, state: FileState) -> list[Hit]:
     return state.held_lock(f"{verb} of {_qualified(node.relation)} touches every matching row")
 
 
+def _repack_table(node: Repack, state: FileState) -> list[Hit]:
+    if node.concurrently:
+        return _concurrently(state, "repacks")
+    name = node.table or "every table"
+    return [Hit("prefer-repack", f"REPACK {name} without CONCURRENTLY", name), _lock(name)]
+
+
 def _reindex(node: Any, state: FileState) -> list[Hit]:
     name = _qualified(node.relation) if node.relation else str(node.name)
     if _refuses_transaction(node):
@@ -840,6 +912,7 @@ _CLASSIFIERS: dict[type[Any], Classifier] = {
     ast.DoStmt: _do,
     ast.SelectStmt: _select,
     ast.ReindexStmt: _reindex,
+    Repack: _repack_table,
     ast.VacuumStmt: _rewrites_in_place,
     ast.ClusterStmt: _rewrites_in_place,
     ast.TruncateStmt: _truncate,

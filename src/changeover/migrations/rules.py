@@ -293,11 +293,11 @@ _RULES = (
     ),
     Rule(
         "prefer-repack",
-        "rewrites a table with VACUUM FULL or CLUSTER",
+        "rewrites a table with VACUUM FULL, CLUSTER or REPACK without CONCURRENTLY",
         "the whole table is rewritten under an ACCESS EXCLUSIVE lock, blocking reads and "
         "writes for the duration",
-        "pg_repack (outside the migration), which rewrites the table without the long lock; "
-        "or a plain VACUUM",
+        "REPACK (CONCURRENTLY) on PostgreSQL 19+, or pg_repack (outside the migration), which "
+        "rewrite the table without the long lock; or a plain VACUUM",
         BOTH_PHASES,
     ),
     Rule(
