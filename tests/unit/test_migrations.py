@@ -15,6 +15,7 @@ from changeover.migrations import (
     Dialect,
     Finding,
     Phase,
+    Transactions,
     analyse,
     blocking_findings,
     check_paths,
@@ -564,6 +565,36 @@ def test_mysql_change_is_a_rename_and_a_redefinition() -> None:
 )
 def test_postgres_statement(statement: str, expected: list[str]) -> None:
     assert rules(pg(LOCK + statement + ";")) == expected
+
+
+ADD_X = "ALTER TYPE s ADD VALUE IF NOT EXISTS 'x';\n"
+
+
+@pytest.mark.parametrize(
+    ("sql", "per_file", "per_statement"),
+    [
+        (ADD_X, [], []),  # PostgreSQL 12+ accepts ADD VALUE in a transaction
+        (f"BEGIN;\n{ADD_X}COMMIT;", [], []),
+        (f"BEGIN;\n{ADD_X}INSERT INTO t VALUES ('x');\nCOMMIT;", ["x"], ["x"]),
+        (f"BEGIN;\n{ADD_X}COMMIT;\nINSERT INTO t VALUES ('x');", [], []),  # committed
+        (f"{ADD_X}SELECT 'x'::s;", ["x"], []),  # the applier's transaction
+        (f"{ADD_X}INSERT INTO t VALUES ('y');", [], []),  # another label
+        (f"{ADD_X}CREATE INDEX CONCURRENTLY i ON t (c);\nSELECT 'x'::s;", [], []),  # as written
+    ],
+)
+def test_a_new_enum_value_used_before_its_transaction_commits(
+    sql: str, per_file: list[str], per_statement: list[str]
+) -> None:
+    rule = "adding-enum-value-in-transaction"
+    cases: list[tuple[Transactions, list[str]]] = [
+        ("per-file", per_file),
+        ("per-statement", per_statement),
+    ]
+    for transactions, expected in cases:
+        findings = analyse(
+            LOCK + sql, dialect="postgres", phase="expand", transactions=transactions
+        )
+        assert [f.message.split("'")[1] for f in findings if f.rule == rule] == expected
 
 
 def test_repack_concurrently_refuses_a_transaction_block() -> None:

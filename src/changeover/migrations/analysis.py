@@ -73,10 +73,12 @@ class FileState:
     transactions: Transactions = "per-file"
     created: set[str] = field(default_factory=set)  # objects created in this file
     in_transaction: bool = False
-    explicit_transaction: bool = False  # opened by the file's own BEGIN
     # Blocking locks on existing objects taken earlier in the open transaction:
     # object -> (lock mode, line of the statement that took it).
     held: dict[str, tuple[str, int]] = field(default_factory=dict)
+    # Enum labels ADD VALUE added in the open transaction -> their type: PostgreSQL
+    # refuses to use them before that transaction commits.
+    new_enum_values: dict[str, str] = field(default_factory=dict)
     session_timeouts: set[str] = field(default_factory=set)  # settings set non-zero
     local_timeouts: set[str] = field(default_factory=set)  # SET LOCAL: until the end
     timeouts_reported: set[str] = field(default_factory=set)  # rules, once per file
@@ -85,9 +87,10 @@ class FileState:
         return setting in self.session_timeouts or setting in self.local_timeouts
 
     def end_transaction(self) -> None:
-        self.in_transaction = self.explicit_transaction = False
+        self.in_transaction = False
         self.local_timeouts.clear()
         self.held.clear()
+        self.new_enum_values.clear()
 
     def held_lock(self, what: str) -> list[Hit]:
         """A transaction-holds-lock hit when `what` (a slow statement) runs while the

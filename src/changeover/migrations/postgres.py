@@ -362,7 +362,7 @@ def _needs_classifying(text: str, state: FileState) -> bool:
     """False when the statement's classifier would find nothing and change nothing,
     as its type (from the parser's JSON, cheap) shows; such statements are not
     turned into a Python AST, the slow part of a big file of data statements."""
-    if _DDL.match(text):  # a statement starts at its first token (the parser's split)
+    if _DDL.match(text) or state.new_enum_values:  # (a statement starts at its first token)
         return True
     tree = parse_sql_json(text)
     start = tree.index('"stmt":{"') + len('"stmt":{"')
@@ -418,7 +418,8 @@ def statements(sql: str, state: FileState) -> Iterator[Statement]:
         if isinstance(node, ParseError):
             hits = [Hit(UNPARSEABLE, f"PostgreSQL's parser rejects it ({node.args[0]})")]
         else:
-            hits = _classify(node, state)
+            hits = _uses_new_enum_value(node, state) if state.new_enum_values else []
+            hits += _classify(node, state)
             if as_written and (why := _not_rerunnable(node)):
                 hits.append(Hit("non-idempotent-ddl", f"{why}, in a file run as written"))
         yield Statement(offset, text, hits)
@@ -726,12 +727,26 @@ def _alter_enum(node: Any, state: FileState) -> list[Hit]:
         where = "after" if node.newValIsAfter else "before"
         detail = f"adds value {node.newVal!r} to {name} {where} {node.newValNeighbor!r}"
         hits.append(Hit("adding-enum-value-out-of-order", detail, name))
-    # Only the file's own BEGIN: PostgreSQL 12+ accepts ADD VALUE in the applier's
-    # transaction; before 12 it is refused there too, and the file fails whole.
-    if state.explicit_transaction:
-        detail = f"adds value {node.newVal!r} to {name}"
-        hits.append(Hit("adding-enum-value-in-transaction", detail, name))
+    # PostgreSQL 12+ accepts ADD VALUE in a transaction (the applier's or the file's
+    # own), but refuses to use the value before it commits: `_uses_new_enum_value`.
+    if state.in_transaction:
+        state.new_enum_values[str(node.newVal)] = name
     return hits
+
+
+def _uses_new_enum_value(node: Any, state: FileState) -> list[Hit]:
+    """A string constant equal to a label ADD VALUE added in the open transaction:
+    PostgreSQL fails it with 'unsafe use of new value' (and the file with it)."""
+    for const in _walk(node):
+        if isinstance(const, ast.A_Const) and isinstance(const.val, ast.String):
+            enum = state.new_enum_values.get(str(const.val.sval))
+            if enum is not None:
+                detail = (
+                    f"uses {const.val.sval!r}, which ADD VALUE added to {enum} earlier in "
+                    "this transaction"
+                )
+                return [Hit("adding-enum-value-in-transaction", detail, enum)]
+    return []
 
 
 _TIMEOUTS = frozenset({"lock_timeout", "statement_timeout"})
@@ -794,11 +809,11 @@ def _select(node: Any, state: FileState) -> list[Hit]:
 
 def _transaction(node: Any, state: FileState) -> list[Hit]:
     if node.kind in _TRANSACTION_START:
-        state.in_transaction = state.explicit_transaction = True
+        state.in_transaction = True
     elif node.kind in _TRANSACTION_END:
         state.end_transaction()
         # COMMIT AND CHAIN / ROLLBACK AND CHAIN open the next transaction at once.
-        state.in_transaction = state.explicit_transaction = bool(node.chain)
+        state.in_transaction = bool(node.chain)
     return []
 
 
