@@ -473,13 +473,16 @@ def _col_type(type_name: Any) -> ColType:
 
 
 def _walk(node: Any) -> Iterator[Any]:
-    if isinstance(node, (tuple, list)):
-        for item in node:
-            yield from _walk(item)
-    elif isinstance(node, ast.Node):
-        yield node
-        for attribute in node:
-            yield from _walk(getattr(node, attribute))
+    """Every node under `node`, itself first, in attribute order (a stack, not
+    nested generators: each level of those costs a resumption per node)."""
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (tuple, list)):
+            stack.extend(reversed(item))
+        elif isinstance(item, ast.Node):
+            yield item
+            stack.extend(getattr(item, attribute) for attribute in reversed(tuple(item)))
 
 
 def _volatile_call(expr: Any) -> str | None:
