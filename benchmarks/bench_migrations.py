@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"`python -m benchmarks migrations` ({stamp}) on {os.cpu_count()} cores ({cpu_model()}), "
         f"Python {platform.python_version()}; {args.mib:g} MiB per file, "
-        f"target < {TARGET_SECONDS:g} s and < {TARGET_MIB:g} MiB peak."
+        f"target < {TARGET_SECONDS:g} s and < {TARGET_MIB:g} MiB peak; "
+        f"load average at the start: {os.getloadavg()[0]:.1f}."
     )
     print()
     print("| file | statements | findings | CPU s | wall s | peak MiB | target |")

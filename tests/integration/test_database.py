@@ -448,6 +448,62 @@ async def test_a_lock_taken_early_in_a_file_blocks_the_old_release_until_the_fil
     assert waits["split"] < 0.2, waits
 
 
+ENUM_TABLE = (
+    "CREATE TYPE order_status AS ENUM ('paid');\n"
+    "CREATE TABLE orders (id integer PRIMARY KEY, status order_status);\n"
+)
+ADD_REFUNDED = "ALTER TYPE order_status ADD VALUE IF NOT EXISTS 'refunded';\n"
+USE_REFUNDED = "ALTER TABLE orders ALTER COLUMN status SET DEFAULT 'refunded';\n"
+
+
+@pytest.mark.real
+@pytest.mark.parametrize(
+    ("files", "fails"),
+    [
+        # The applier's transaction around a plain file: ADD VALUE is accepted...
+        ({"0002_expand_add.sql": LOCK_TIMEOUT + ADD_REFUNDED}, False),
+        # ... and so in the file's own: PostgreSQL 12+ refuses only the use.
+        ({"0002_expand_add.sql": LOCK_TIMEOUT + f"BEGIN;\n{ADD_REFUNDED}COMMIT;\n"}, False),
+        ({"0002_expand_add.sql": LOCK_TIMEOUT + ADD_REFUNDED + USE_REFUNDED}, True),
+        (
+            {
+                "0002_expand_add.sql": LOCK_TIMEOUT + f"BEGIN;\n{ADD_REFUNDED}{USE_REFUNDED}"
+                "COMMIT;\n"
+            },
+            True,
+        ),
+        (
+            {
+                "0002_expand_add.sql": LOCK_TIMEOUT + ADD_REFUNDED,
+                "0003_expand_use.sql": LOCK_TIMEOUT + USE_REFUNDED,
+            },
+            False,
+        ),
+    ],
+    ids=["plain", "own-transaction", "plain-then-use", "own-transaction-then-use", "split"],
+)
+async def test_a_new_enum_value_is_refused_until_its_transaction_commits(
+    tmp_path: Path, postgres: Postgres, files: dict[str, str], fails: bool
+) -> None:
+    """What adding-enum-value-in-transaction says, on the suite's PostgreSQL: the
+    check flags exactly the files the applier fails on."""
+    with postgres.database() as url:
+        await run_migrations(topology(tmp_path, url, {"0001_expand_orders.sql": ENUM_TABLE}),
+                             "expand", "1.0", Notes())  # fmt: skip
+        topo = topology(tmp_path, url, files)
+        found = [f.rule for f in (await review(topo, "2.0")).findings]
+        assert found == (["adding-enum-value-in-transaction"] if fails else [])
+        if fails:
+            with pytest.raises(MigrationError, match="unsafe use of new value"):
+                await run_migrations(topo, "expand", "2.0", Notes())
+            assert query(url, "SELECT unnest(enum_range(NULL::order_status))::text") == [
+                ("paid",)
+            ]  # the whole file rolled back
+        else:
+            await run_migrations(topo, "expand", "2.0", Notes())
+            assert len(await applied_migrations(topo)) == 1 + len(files)
+
+
 @pytest.mark.real
 async def test_a_failed_concurrent_index_build_is_reported_with_its_invalid_index(
     tmp_path: Path, postgres: Postgres

@@ -15,6 +15,7 @@ from changeover.migrations import (
     Dialect,
     Finding,
     Phase,
+    Transactions,
     analyse,
     blocking_findings,
     check_paths,
@@ -537,6 +538,16 @@ def test_mysql_change_is_a_rename_and_a_redefinition() -> None:
         ("VACUUM FULL t", ["prefer-repack"]),
         ("VACUUM t", []),
         ("CLUSTER t USING i", ["prefer-repack"]),
+        # REPACK (PostgreSQL 19) is recognised before parsing: pglast's grammar lacks it.
+        ("REPACK (CONCURRENTLY) t", []),
+        ("REPACK (VERBOSE, CONCURRENTLY true) s.t (a) USING INDEX i", []),
+        ("REPACK t", ["prefer-repack"]),
+        ("REPACK (CONCURRENTLY false) t USING INDEX", ["prefer-repack"]),
+        ("REPACK", ["prefer-repack"]),  # every table
+        ("REPACK (CONCURRENTLY)", ["unparseable-statement"]),  # PostgreSQL refuses it
+        ("REPACK (FULL) t", ["unparseable-statement"]),
+        ("REPACK t DROP TABLE u", ["unparseable-statement"]),  # a missing semicolon
+        ("REPACK /* why */ t", ["unparseable-statement"]),
         ("ALTER TABLE t ALTER COLUMN c DROP DEFAULT", ["dropping-required-field-default"]),
         ("TRUNCATE t", []),  # brief ACCESS EXCLUSIVE, under the lock_timeout
         ("REINDEX TABLE CONCURRENTLY t", []),
@@ -556,6 +567,55 @@ def test_postgres_statement(statement: str, expected: list[str]) -> None:
     assert rules(pg(LOCK + statement + ";")) == expected
 
 
+ADD_X = "ALTER TYPE s ADD VALUE IF NOT EXISTS 'x';\n"
+
+
+@pytest.mark.parametrize(
+    ("sql", "per_file", "per_statement"),
+    [
+        (ADD_X, [], []),  # PostgreSQL 12+ accepts ADD VALUE in a transaction
+        (f"BEGIN;\n{ADD_X}COMMIT;", [], []),
+        (f"BEGIN;\n{ADD_X}INSERT INTO t VALUES ('x');\nCOMMIT;", ["x"], ["x"]),
+        (f"BEGIN;\n{ADD_X}COMMIT;\nINSERT INTO t VALUES ('x');", [], []),  # committed
+        (f"{ADD_X}SELECT 'x'::s;", ["x"], []),  # the applier's transaction
+        (f"{ADD_X}INSERT INTO t VALUES ('y');", [], []),  # another label
+        (f"{ADD_X}CREATE INDEX CONCURRENTLY i ON t (c);\nSELECT 'x'::s;", [], []),  # as written
+    ],
+)
+def test_a_new_enum_value_used_before_its_transaction_commits(
+    sql: str, per_file: list[str], per_statement: list[str]
+) -> None:
+    rule = "adding-enum-value-in-transaction"
+    cases: list[tuple[Transactions, list[str]]] = [
+        ("per-file", per_file),
+        ("per-statement", per_statement),
+    ]
+    for transactions, expected in cases:
+        findings = analyse(
+            LOCK + sql, dialect="postgres", phase="expand", transactions=transactions
+        )
+        assert [f.message.split("'")[1] for f in findings if f.rule == rule] == expected
+
+
+def test_repack_concurrently_refuses_a_transaction_block() -> None:
+    assert rules(pg(LOCK + "BEGIN; REPACK (CONCURRENTLY) t; COMMIT;")) == [
+        "ban-concurrent-index-creation-in-transaction"
+    ]
+    # It makes the file run as written, as CREATE INDEX CONCURRENTLY does.
+    sql = LOCK + "REPACK (CONCURRENTLY) t;\nCREATE TABLE u (a int);"
+    assert rules(pg(sql)) == ["non-idempotent-ddl"]
+    assert rules(pg(LOCK + 'CREATE TABLE "T" (a int); REPACK "T";')) == []  # new: no reader
+
+
+def test_changeovers_applier_cannot_apply_repack_yet() -> None:
+    """As docs/migrations.md says: it splits files with pglast, which lacks REPACK."""
+    from changeover.database import _split_postgres
+    from changeover.ports import MigrationError
+
+    with pytest.raises(MigrationError, match="parser rejects it"):
+        _split_postgres("REPACK (CONCURRENTLY) t;", "0002_expand_repack.sql")
+
+
 def test_calling_a_function_created_in_the_same_file_needs_review() -> None:
     body = "CREATE FUNCTION f() RETURNS void LANGUAGE sql AS $$ ALTER TABLE t DROP c $$;\n"
     assert rules(pg(LOCK + body + "SELECT f();")) == ["needs-review"]
@@ -565,6 +625,83 @@ def test_calling_a_function_created_in_the_same_file_needs_review() -> None:
 def test_dropping_a_function_created_in_the_same_file_is_fine() -> None:
     sql = "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS $$ SELECT 1 $$;\nDROP FUNCTION f();"
     assert pg(sql) == []
+
+
+# Statements whose trees hold every kind of node value the JSON carries: constants of
+# each type, NULL list items, nested lists, enums, chars, renamed fields (def), one-type
+# pointers (RangeVar, TypeName), CREATE FOREIGN TABLE's embedded CreateStmt, non-ASCII.
+AST_CORPUS = (
+    "SELECT 1, -2.5e3, 'ß', true, NULL, B'101', X'1f', 1::numeric(10, 2)",
+    "SELECT DISTINCT a FROM t LEFT JOIN (SELECT DISTINCT id FROM u) AS u ON t.id = u.id",
+    "INSERT INTO t (a, b) VALUES (1, 'x'), (2, DEFAULT) ON CONFLICT (a) DO NOTHING",
+    "UPDATE t SET a = a + 1 FROM u WHERE t.id = u.id RETURNING *",
+    "WITH x AS MATERIALIZED (SELECT * FROM t) DELETE FROM t USING x WHERE t.id = x.id",
+    "MERGE INTO t USING u ON t.id = u.id WHEN MATCHED THEN UPDATE SET a = u.a",
+    "SELECT row_number() OVER (PARTITION BY a ORDER BY b DESC NULLS LAST) FROM t",
+    "SELECT * FROM generate_series(1, 10) AS g(i int)",
+    "SELECT * FROM JSON_TABLE('[1]'::jsonb, '$[*]' COLUMNS (v int PATH '$'))",
+    "DROP OPERATOR ~ (none, bit), ! (bigint, none)",
+    "ALTER TABLE ONLY s.t ADD COLUMN IF NOT EXISTS c int NOT NULL DEFAULT 0 "
+    "CONSTRAINT k CHECK (c > 0)",
+    "ALTER TABLE t ADD CONSTRAINT f FOREIGN KEY (a) REFERENCES u (id) ON DELETE CASCADE",
+    "ALTER TABLE t ALTER COLUMN c TYPE bigint USING c::bigint, ALTER c SET STATISTICS 100",
+    "ALTER TABLE p DETACH PARTITION p1 CONCURRENTLY",
+    "ALTER TABLE p ATTACH PARTITION p2 FOR VALUES FROM (1) TO (10)",
+    "CREATE TABLE p3 PARTITION OF p FOR VALUES IN (1, 2)",
+    "CREATE UNLOGGED TABLE IF NOT EXISTS t (id bigserial PRIMARY KEY, j jsonb DEFAULT '{}', "
+    "g int GENERATED ALWAYS AS (id * 2) STORED, UNIQUE NULLS NOT DISTINCT (j))",
+    "CREATE FOREIGN TABLE ft (a int OPTIONS (column_name 'x')) SERVER s OPTIONS (n 'v')",
+    "CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS i ON t USING btree (lower(a) DESC) "
+    "INCLUDE (b) WHERE b IS NOT NULL",
+    "ALTER TYPE mood ADD VALUE IF NOT EXISTS 'meh' BEFORE 'ok'",
+    "ALTER DOMAIN d ADD CONSTRAINT k CHECK (VALUE > 0) NOT VALID",
+    "CREATE TRIGGER tr BEFORE UPDATE OF a ON t FOR EACH ROW WHEN (OLD.a <> NEW.a) "
+    "EXECUTE FUNCTION f()",
+    "CREATE FUNCTION f(a int DEFAULT 1, OUT b text) RETURNS SETOF record LANGUAGE plpgsql "
+    "AS $$ BEGIN RETURN; END $$",
+    "DO $$ BEGIN PERFORM 1; END $$",
+    "REINDEX (VERBOSE) TABLE CONCURRENTLY t",
+    "VACUUM (FULL, ANALYZE) t (a)",
+    "CLUSTER t USING i",
+    "GRANT SELECT, UPDATE (a) ON t TO r WITH GRANT OPTION",
+    "CREATE POLICY p ON t FOR SELECT USING (owner = current_user)",
+    "SET LOCAL lock_timeout TO '2s'",
+    "SELECT set_config('statement_timeout', '5s', false)",
+    "BEGIN ISOLATION LEVEL SERIALIZABLE",
+    "COMMIT AND CHAIN",
+    "TRUNCATE a, b RESTART IDENTITY CASCADE",
+    "COMMENT ON COLUMN t.c IS 'ünïcode'",
+)
+
+
+def _statements_of(sql: str) -> list[str]:
+    """The statements of a file pglast parses (not the ones with REPACK, say)."""
+    from pglast.parser import ParseError, split
+
+    try:
+        return [sql[piece] for piece in split(sql, with_parser=True, only_slices=True)]
+    except ParseError:
+        return []
+
+
+PG_EXAMPLES = [p for p in EXAMPLES if p.parent.name == "postgres"]
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [*AST_CORPUS, *(s for p in PG_EXAMPLES for s in _statements_of(p.read_text()))],
+)
+def test_the_ast_from_the_parsers_json_is_pglasts(statement: str) -> None:
+    """The classifiers read nodes built from the parser's JSON (pgjson), which must be
+    pglast's own, attribute for attribute (pglast's equality skips only locations)."""
+    from pglast import parse_sql
+    from pglast.parser import parse_sql_json
+
+    from changeover.migrations import pgjson
+
+    # The fast path itself, not its fallback to pglast.
+    built = pgjson._node(json.loads(parse_sql_json(statement))["stmts"][0]["stmt"])
+    assert built == parse_sql(statement)[0].stmt
 
 
 # --- MySQL and SQLite --------------------------------------------------------------

@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from changeover.migrations.coltypes import ColType, is_safe_widening
 from changeover.migrations.rules import RULES, Dialect, Finding, Phase, Transactions
@@ -27,9 +28,9 @@ HELD_LOCK = "transaction-holds-lock"
 _EXCERPT_CHARS = 80
 
 
-@dataclass(frozen=True)
-class Hit:
-    """A rule a statement matched, before phase and new-object filtering."""
+class Hit(NamedTuple):
+    """A rule a statement matched, before phase and new-object filtering.  (A
+    NamedTuple: a big file makes several per statement, and it is the cheapest.)"""
 
     rule: str
     detail: str  # what this statement does, e.g. "drops column users.email"
@@ -39,8 +40,7 @@ class Hit:
     lock: str | None = None
 
 
-@dataclass(frozen=True)
-class Statement:
+class Statement(NamedTuple):
     offset: int  # character offset of the statement's first token in the file
     text: str
     hits: list[Hit]
@@ -73,10 +73,12 @@ class FileState:
     transactions: Transactions = "per-file"
     created: set[str] = field(default_factory=set)  # objects created in this file
     in_transaction: bool = False
-    explicit_transaction: bool = False  # opened by the file's own BEGIN
     # Blocking locks on existing objects taken earlier in the open transaction:
     # object -> (lock mode, line of the statement that took it).
     held: dict[str, tuple[str, int]] = field(default_factory=dict)
+    # Enum labels ADD VALUE added in the open transaction -> their type: PostgreSQL
+    # refuses to use them before that transaction commits.
+    new_enum_values: dict[str, str] = field(default_factory=dict)
     session_timeouts: set[str] = field(default_factory=set)  # settings set non-zero
     local_timeouts: set[str] = field(default_factory=set)  # SET LOCAL: until the end
     timeouts_reported: set[str] = field(default_factory=set)  # rules, once per file
@@ -85,9 +87,10 @@ class FileState:
         return setting in self.session_timeouts or setting in self.local_timeouts
 
     def end_transaction(self) -> None:
-        self.in_transaction = self.explicit_transaction = False
+        self.in_transaction = False
         self.local_timeouts.clear()
         self.held.clear()
+        self.new_enum_values.clear()
 
     def held_lock(self, what: str) -> list[Hit]:
         """A transaction-holds-lock hit when `what` (a slow statement) runs while the
@@ -198,11 +201,14 @@ def _analyse(
         _hold(statement.hits, state, line)
         # Whatever locks an existing object wants both timeouts (squawk's
         # require-timeout-settings): the lock wait and the statement bounded.
-        timed = [
-            Hit(STATEMENT_TIMEOUT, h.detail, h.obj)
-            for h in statement.hits
-            if h.rule == LOCK_TIMEOUT
-        ]
+        # Reported once per file, so not made again after that.
+        timed: list[Hit] = []
+        if STATEMENT_TIMEOUT not in state.timeouts_reported:
+            timed = [
+                Hit(STATEMENT_TIMEOUT, h.detail, h.obj)
+                for h in statement.hits
+                if h.rule == LOCK_TIMEOUT
+            ]
         for hit in statement.hits + timed:
             if not _keep(hit, state, phase):
                 continue

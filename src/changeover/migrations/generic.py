@@ -85,19 +85,22 @@ def statements(sql: str, dialect: Dialect, state: FileState) -> Iterator[Stateme
     except Exception as error:  # sqlglot raises more than TokenError on odd input
         yield Statement(0, sql, [Hit(UNPARSEABLE, f"sqlglot cannot tokenize the file ({error})")])
         return
-    for chunk in _chunks(tokens):
-        start = chunk[0].start
-        text = sql[start : chunk[-1].end + 1]
-        try:
-            with _quiet_sqlglot():
-                parsed = sg.parser(error_level=ErrorLevel.IMMEDIATE).parse(chunk, sql)
-        except Exception as error:  # ParseError, or a parser bug on odd input
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            yield Statement(start, text, [Hit(UNPARSEABLE, f"sqlglot cannot parse it ({reason})")])
-            continue
-        for node in parsed:
-            if node is not None:
-                yield Statement(start, text, _classify(node, dialect, state))
+    # One parser for the file (each parse resets it), one logger change for the file.
+    parser = sg.parser(error_level=ErrorLevel.IMMEDIATE)
+    with _quiet_sqlglot():
+        for chunk in _chunks(tokens):
+            start = chunk[0].start
+            text = sql[start : chunk[-1].end + 1]
+            try:
+                parsed = parser.parse(chunk, sql)
+            except Exception as error:  # ParseError, or a parser bug on odd input
+                reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                hit = Hit(UNPARSEABLE, f"sqlglot cannot parse it ({reason})")
+                yield Statement(start, text, [hit])
+                continue
+            for node in parsed:
+                if node is not None:
+                    yield Statement(start, text, _classify(node, dialect, state))
 
 
 # --- helpers ------------------------------------------------------------------

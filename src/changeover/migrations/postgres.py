@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from pglast import ast, parse_sql
@@ -23,6 +24,7 @@ from pglast.enums import (
 )
 from pglast.parser import ParseError, parse_sql_json, scan, split
 
+from changeover.migrations import pgjson
 from changeover.migrations.analysis import (
     LOCK_TIMEOUT,
     NEEDS_REVIEW,
@@ -177,10 +179,12 @@ def _parsed(
     """(offset, text, node) per statement; node is a ParseError when it does not parse.
 
     The file is split by the parser (cheap: no Python AST), then each statement
-    is parsed on its own, so only one statement's AST is alive at a time.  With
+    is parsed on its own, so only one statement's AST is alive at a time, built
+    from the parser's JSON (`pgjson`: pglast's own AST costs several times more).  With
     `wanted`, only the statements whose text it accepts are parsed and yielded.
     A file PostgreSQL cannot parse is parsed statement by statement (each one,
-    whatever `wanted` says), or with `broken=False` yields nothing.
+    whatever `wanted` says), or with `broken=False` yields only its REPACK
+    statements (`Repack`: pglast's grammar does not know them).
     """
     if "\0" in sql:  # libpg_query reads C strings: it would silently stop at the NUL
         yield 0, sql, ParseError("the file contains a NUL character")
@@ -190,25 +194,24 @@ def _parsed(
     except ParseError as whole_file_error:
         if broken:
             yield from _parsed_one_by_one(sql, whole_file_error)
+        else:
+            texts = ((begin, sql[begin:end]) for begin, end in _scanned(sql) or ())
+            yield from ((b, text, r) for b, text in texts if (r := _repack(text)) is not None)
         return
     for piece in pieces:
         text = sql[piece]
         if wanted is None or wanted(text):
-            yield piece.start, text, parse_sql(text)[0].stmt
+            yield piece.start, text, pgjson.statement(text)
 
 
-def _parsed_one_by_one(sql: str, whole_file_error: ParseError) -> Iterator[tuple[int, str, Any]]:
-    """After a syntax error, parse statement by statement so the others are still checked.
-
-    Statements are split on the scanner's `;` tokens, so semicolons inside
-    strings, dollar quotes and comments are never split on.
-    """
+def _scanned(sql: str) -> list[tuple[int, int]] | None:
+    """Each statement's (start, end), split on the scanner's `;` tokens, so semicolons
+    inside strings, dollar quotes and comments are never split on; None when the
+    scanner fails (e.g. an unterminated string: nothing can be split reliably)."""
     try:
         tokens = scan(sql)
-    except ParseError:  # e.g. an unterminated string: nothing can be split reliably
-        location = whole_file_error.args[1] if len(whole_file_error.args) > 1 else 0
-        yield location if isinstance(location, int) else 0, sql, whole_file_error
-        return
+    except ParseError:
+        return None
     start: int | None = None
     end = 0
     bounds: list[tuple[int, int]] = []
@@ -224,8 +227,22 @@ def _parsed_one_by_one(sql: str, whole_file_error: ParseError) -> Iterator[tuple
         end = token.end + 1
     if start is not None:
         bounds.append((start, end))
+    return bounds
+
+
+def _parsed_one_by_one(sql: str, whole_file_error: ParseError) -> Iterator[tuple[int, str, Any]]:
+    """After a syntax error, parse statement by statement so the others are still checked."""
+    bounds = _scanned(sql)
+    if bounds is None:
+        location = whole_file_error.args[1] if len(whole_file_error.args) > 1 else 0
+        yield location if isinstance(location, int) else 0, sql, whole_file_error
+        return
     for begin, finish in bounds:
         text = sql[begin:finish]
+        repack = _repack(text)
+        if repack is not None:
+            yield begin, text, repack
+            continue
         try:
             raws = parse_sql(text)
         except ParseError as error:
@@ -235,8 +252,58 @@ def _parsed_one_by_one(sql: str, whole_file_error: ParseError) -> Iterator[tuple
             yield begin + (raw.stmt_location or 0), text, raw.stmt
 
 
+@dataclass(frozen=True)
+class Repack:
+    """REPACK (PostgreSQL 19: VACUUM FULL and CLUSTER in one, and a CONCURRENTLY form),
+    which pglast's grammar (PostgreSQL 18) does not know yet."""
+
+    table: str | None  # as written, schema included; None: every table
+    concurrently: bool
+
+
+_IDENT = r'(?:[a-z_][a-z0-9_$]*|"(?:[^"]|"")+")'
+# REPACK [ ( option [, ...] ) ] [ table [ ( column [, ...] ) ] [ USING INDEX [ index ] ] ],
+# nothing else: anything more (a missing semicolon, say) is left to the parser to reject.
+_REPACK = re.compile(
+    rf"repack\s*(?:\((?P<options>[^()]*)\)\s*)?"
+    rf"(?:(?!using\b)(?P<table>{_IDENT}(?:\s*\.\s*{_IDENT})?)\s*"
+    rf"(?:\(\s*{_IDENT}(?:\s*,\s*{_IDENT})*\s*\)\s*)?)?"
+    rf"(?:using\s+index(?:\s+{_IDENT})?\s*)?",
+    re.IGNORECASE,
+)
+_IDENTS = re.compile(_IDENT, re.IGNORECASE)
+_REPACK_OPTION = re.compile(
+    r"\s*(verbose|analyze|concurrently)(?:\s+(true|on|1|false|off|0))?\s*", re.IGNORECASE
+)
+
+
+def _unquoted(ident: str) -> str:
+    """A name as PostgreSQL (and pglast) gives it: quotes removed, else lowercased."""
+    return ident[1:-1].replace('""', '"') if ident.startswith('"') else ident.lower()
+
+
+def _repack(text: str) -> Repack | None:
+    """The REPACK statement `text` is, or None when it is anything else."""
+    match = _REPACK.fullmatch(text.strip())
+    if match is None:
+        return None
+    concurrently = False
+    for option in (match["options"] or "").split(",") if match["options"] is not None else ():
+        parts = _REPACK_OPTION.fullmatch(option)
+        if parts is None:
+            return None
+        if parts[1].lower() == "concurrently":
+            concurrently = (parts[2] or "true").lower() in ("true", "on", "1")
+    table = ".".join(map(_unquoted, _IDENTS.findall(match["table"]))) if match["table"] else None
+    if concurrently and table is None:  # PostgreSQL refuses it: leave it to the parser
+        return None
+    return Repack(table, concurrently)
+
+
 def _refuses_transaction(node: Any) -> bool:
     """PostgreSQL refuses to run it inside a transaction block."""
+    if isinstance(node, Repack):  # every table, or CONCURRENTLY (as the other concurrent forms)
+        return node.table is None or node.concurrently
     if isinstance(node, (ast.IndexStmt, ast.DropStmt)):
         return bool(node.concurrent)
     if isinstance(node, ast.ReindexStmt):
@@ -262,23 +329,27 @@ def _refuses_transaction(node: Any) -> bool:
 
 # A word every transaction statement, and every statement that refuses a
 # transaction block, contains; only statements with one are parsed to find out.
-_MAY_UNWRAP = re.compile(
+# Searched in lowercased text: several times faster than re.IGNORECASE.
+_MAY_UNWRAP_WORDS = re.compile(
     r"\b(?:begin|start|commit|end|rollback|abort|savepoint|release|prepare|vacuum"
-    r"|concurrently|database|system|tablespace)\b",
-    re.IGNORECASE,
+    r"|concurrently|database|system|tablespace)\b"
 )
+
+
+def _may_unwrap(text: str) -> bool:
+    return _MAY_UNWRAP_WORDS.search(text.lower()) is not None
 
 
 def _applier_wraps(sql: str) -> bool:
     """Whether changeover's applier runs the file in one transaction (database.py):
     yes, unless it has a transaction statement of its own or a statement that
     refuses a transaction block (the applier then runs it as written)."""
-    if not _MAY_UNWRAP.search(sql):  # one search of the file decides most files
+    if not _may_unwrap(sql):  # one search of the file decides most files
         return True
     return not any(
         isinstance(node, ast.TransactionStmt) or _refuses_transaction(node)
         # The applier refuses a file PostgreSQL cannot parse: nothing to decide.
-        for _, _, node in _parsed(sql, _MAY_UNWRAP.search, broken=False)
+        for _, _, node in _parsed(sql, _may_unwrap, broken=False)
         if not isinstance(node, ParseError)
     )
 
@@ -291,7 +362,7 @@ def _needs_classifying(text: str, state: FileState) -> bool:
     """False when the statement's classifier would find nothing and change nothing,
     as its type (from the parser's JSON, cheap) shows; such statements are not
     turned into a Python AST, the slow part of a big file of data statements."""
-    if _DDL.match(text):  # a statement starts at its first token (the parser's split)
+    if _DDL.match(text) or state.new_enum_values:  # (a statement starts at its first token)
         return True
     tree = parse_sql_json(text)
     start = tree.index('"stmt":{"') + len('"stmt":{"')
@@ -347,7 +418,8 @@ def statements(sql: str, state: FileState) -> Iterator[Statement]:
         if isinstance(node, ParseError):
             hits = [Hit(UNPARSEABLE, f"PostgreSQL's parser rejects it ({node.args[0]})")]
         else:
-            hits = _classify(node, state)
+            hits = _uses_new_enum_value(node, state) if state.new_enum_values else []
+            hits += _classify(node, state)
             if as_written and (why := _not_rerunnable(node)):
                 hits.append(Hit("non-idempotent-ddl", f"{why}, in a file run as written"))
         yield Statement(offset, text, hits)
@@ -401,13 +473,16 @@ def _col_type(type_name: Any) -> ColType:
 
 
 def _walk(node: Any) -> Iterator[Any]:
-    if isinstance(node, (tuple, list)):
-        for item in node:
-            yield from _walk(item)
-    elif isinstance(node, ast.Node):
-        yield node
-        for attribute in node:
-            yield from _walk(getattr(node, attribute))
+    """Every node under `node`, itself first, in attribute order (a stack, not
+    nested generators: each level of those costs a resumption per node)."""
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (tuple, list)):
+            stack.extend(reversed(item))
+        elif isinstance(item, ast.Node):
+            yield item
+            stack.extend(getattr(item, attribute) for attribute in reversed(tuple(item)))
 
 
 def _volatile_call(expr: Any) -> str | None:
@@ -655,12 +730,26 @@ def _alter_enum(node: Any, state: FileState) -> list[Hit]:
         where = "after" if node.newValIsAfter else "before"
         detail = f"adds value {node.newVal!r} to {name} {where} {node.newValNeighbor!r}"
         hits.append(Hit("adding-enum-value-out-of-order", detail, name))
-    # Only the file's own BEGIN: PostgreSQL 12+ accepts ADD VALUE in the applier's
-    # transaction; before 12 it is refused there too, and the file fails whole.
-    if state.explicit_transaction:
-        detail = f"adds value {node.newVal!r} to {name}"
-        hits.append(Hit("adding-enum-value-in-transaction", detail, name))
+    # PostgreSQL 12+ accepts ADD VALUE in a transaction (the applier's or the file's
+    # own), but refuses to use the value before it commits: `_uses_new_enum_value`.
+    if state.in_transaction:
+        state.new_enum_values[str(node.newVal)] = name
     return hits
+
+
+def _uses_new_enum_value(node: Any, state: FileState) -> list[Hit]:
+    """A string constant equal to a label ADD VALUE added in the open transaction:
+    PostgreSQL fails it with 'unsafe use of new value' (and the file with it)."""
+    for const in _walk(node):
+        if isinstance(const, ast.A_Const) and isinstance(const.val, ast.String):
+            enum = state.new_enum_values.get(str(const.val.sval))
+            if enum is not None:
+                detail = (
+                    f"uses {const.val.sval!r}, which ADD VALUE added to {enum} earlier in "
+                    "this transaction"
+                )
+                return [Hit("adding-enum-value-in-transaction", detail, enum)]
+    return []
 
 
 _TIMEOUTS = frozenset({"lock_timeout", "statement_timeout"})
@@ -723,11 +812,11 @@ def _select(node: Any, state: FileState) -> list[Hit]:
 
 def _transaction(node: Any, state: FileState) -> list[Hit]:
     if node.kind in _TRANSACTION_START:
-        state.in_transaction = state.explicit_transaction = True
+        state.in_transaction = True
     elif node.kind in _TRANSACTION_END:
         state.end_transaction()
         # COMMIT AND CHAIN / ROLLBACK AND CHAIN open the next transaction at once.
-        state.in_transaction = state.explicit_transaction = bool(node.chain)
+        state.in_transaction = bool(node.chain)
     return []
 
 
@@ -773,6 +862,13 @@ def _data_change(node: Any, state: FileState) -> list[Hit]:
             return []
     verb = type(node).__name__.removesuffix("Stmt").upper()
     return state.held_lock(f"{verb} of {_qualified(node.relation)} touches every matching row")
+
+
+def _repack_table(node: Repack, state: FileState) -> list[Hit]:
+    if node.concurrently:
+        return _concurrently(state, "repacks")
+    name = node.table or "every table"
+    return [Hit("prefer-repack", f"REPACK {name} without CONCURRENTLY", name), _lock(name)]
 
 
 def _reindex(node: Any, state: FileState) -> list[Hit]:
@@ -834,6 +930,7 @@ _CLASSIFIERS: dict[type[Any], Classifier] = {
     ast.DoStmt: _do,
     ast.SelectStmt: _select,
     ast.ReindexStmt: _reindex,
+    Repack: _repack_table,
     ast.VacuumStmt: _rewrites_in_place,
     ast.ClusterStmt: _rewrites_in_place,
     ast.TruncateStmt: _truncate,

@@ -293,11 +293,11 @@ _RULES = (
     ),
     Rule(
         "prefer-repack",
-        "rewrites a table with VACUUM FULL or CLUSTER",
+        "rewrites a table with VACUUM FULL, CLUSTER or REPACK without CONCURRENTLY",
         "the whole table is rewritten under an ACCESS EXCLUSIVE lock, blocking reads and "
         "writes for the duration",
-        "pg_repack (outside the migration), which rewrites the table without the long lock; "
-        "or a plain VACUUM",
+        "REPACK (CONCURRENTLY) on PostgreSQL 19+, or pg_repack (outside the migration), which "
+        "rewrite the table without the long lock; or a plain VACUUM",
         BOTH_PHASES,
     ),
     Rule(
@@ -363,10 +363,11 @@ _RULES = (
     ),
     Rule(
         "adding-enum-value-in-transaction",
-        "adds an enum value inside a transaction block",
-        "PostgreSQL before 12 refuses ALTER TYPE ... ADD VALUE inside BEGIN ... COMMIT, and "
-        "later versions cannot use the new value until the transaction commits",
-        "run ALTER TYPE ... ADD VALUE on its own, outside BEGIN ... COMMIT",
+        "uses an enum value that ADD VALUE added earlier in the same transaction",
+        "PostgreSQL refuses to use the new value until the transaction that added it "
+        "commits ('unsafe use of new value'), so the whole file fails; changeover applies a "
+        "plain file in one transaction",
+        "add the value in one file and use it in the next (each file commits on its own)",
         BOTH_PHASES,
         severity="warning",
         applies_to_new_objects=True,

@@ -1,1 +1,2 @@
 VACUUM (ANALYZE) orders;
+REPACK (CONCURRENTLY) orders;
