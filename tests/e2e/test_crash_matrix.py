@@ -46,7 +46,7 @@ OPTS = DemoOptions(
     members_per_cluster=2,
     startup_delay=0.1,
     drain_timeout=1.0,  # sticky users keep a draining cluster busy: this is the drain's length
-    drain_idle=0.3,
+    session_idle=0.3,
     health_timeout=30.0,
 )
 DURING_DELAY = "0.05"  # seconds into a long step: all of them last longer

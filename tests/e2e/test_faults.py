@@ -37,7 +37,7 @@ OPTS = DemoOptions(
     members_per_cluster=2,
     startup_delay=0.1,
     drain_timeout=1.0,
-    drain_idle=0.3,
+    session_idle=0.3,
 )
 LIVE, DRAINING, OUT = Admission.LIVE, Admission.DRAINING, Admission.OUT
 

@@ -63,7 +63,7 @@ def release_site(product: str, root: Path) -> dict[str, Any]:
     data["checks"] = {"smoke": [{"path": "/", "status": 200, "body_contains": "{version}"}]}
     data["policy"] = {
         "drain_timeout": "3s",
-        "drain_idle": "1s",
+        "session_idle": "1s",
         "health_timeout": "30s",
         "min_healthy": 1,
     }

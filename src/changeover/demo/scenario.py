@@ -52,7 +52,7 @@ class DemoOptions:
     auto_rollback: bool = False
     # Policy timings; the crash and fault tests shorten them to stay fast.
     drain_timeout: float = 3.0
-    drain_idle: float = 1.0
+    session_idle: float = 1.0
     health_timeout: float = 30.0
     keep_previous: float = 600.0
     approval: str = "auto"
@@ -167,7 +167,7 @@ def write_topology(root: Path, opts: DemoOptions) -> Path:
         "",
         "[policy]",
         f"drain_timeout = {opts.drain_timeout:g}",
-        f"drain_idle = {opts.drain_idle:g}",
+        f"session_idle = {opts.session_idle:g}",
         f"health_timeout = {opts.health_timeout:g}",
         f"keep_previous = {opts.keep_previous:g}",
         "min_healthy = 1",
