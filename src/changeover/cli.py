@@ -592,13 +592,22 @@ def probe(
         Path | None,
         typer.Option(help="changeover.toml: watch its balancer through its driver (any driver)."),
     ] = None,
+    session_mean: Annotated[
+        float, typer.Option(help="Seconds a user stays on average (exponential).")
+    ] = 3.0,
+    session_max: Annotated[float, typer.Option(help="Seconds a user stays at most.")] = 10.0,
 ) -> None:
-    """Send traffic at a fixed rate with sticky users; report failures, latency,
-    broken sessions and version flaps (exit 1 on any)."""
-    from changeover.probe import main_cli
+    """Send traffic at a fixed rate with sticky users, who think sticky_users/rate
+    seconds between requests and leave after a while; report failures, latency,
+    broken and cut sessions and version flaps (exit 1 on any)."""
+    from changeover.probe import SessionLengths, main_cli
 
     if watch_admin and watch_config:
         raise typer.BadParameter("give --watch-admin or --watch-config, not both")
+    try:
+        sessions = SessionLengths(session_mean, session_max)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     raise typer.Exit(
         main_cli(
             url,
@@ -613,6 +622,7 @@ def probe(
             os.environ.get(token_env),
             out,
             watch_config=watch_config,
+            sessions=sessions,
         )
     )
 

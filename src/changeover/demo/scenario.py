@@ -50,9 +50,14 @@ class DemoOptions:
     strategy: str = "rolling-clusters"
     bake: float = 0.0
     auto_rollback: bool = False
-    # Policy timings; the crash and fault tests shorten them to stay fast.
-    drain_timeout: float = 3.0
-    session_idle: float = 1.0
+    # Policy timings, short to stay fast: session_idle above the probe's think
+    # time (sticky_users/rate), drain_timeout above the longest probe session plus
+    # session_idle, so that a drain cuts no session.
+    drain_timeout: float = 10.0
+    session_idle: float = 1.5
+    # How long the probe's users stay (seconds, mean and maximum): then they leave.
+    probe_session_mean: float = 1.0
+    probe_session_max: float = 2.0
     health_timeout: float = 30.0
     keep_previous: float = 600.0
     approval: str = "auto"
@@ -316,6 +321,8 @@ class DemoSite:
         cmd = [
             sys.executable, "-m", "changeover.probe", self.public_url,
             "--rate", f"{rate:g}", "--duration", "600", "--sticky-users", str(sticky_users),
+            "--session-mean", f"{self.opts.probe_session_mean:g}",
+            "--session-max", f"{self.opts.probe_session_max:g}",
             "--json", "--watch-admin", self.admin_url, "--token-env", TOKEN_ENV,
         ]  # fmt: skip
         async with _process(cmd, self.env, self.root / "probe.log") as proc:
@@ -361,7 +368,8 @@ async def run_demo(opts: DemoOptions, console: Console) -> int:
         report.render(console)
         passed = state == "done" and report.passed
         verdict = (
-            "[bold green]zero downtime: no failed request, no broken session, no version flap[/]"
+            "[bold green]zero downtime: no failed request, no broken or cut session, "
+            "no version flap[/]"
             if passed
             else f"[bold red]FAILED[/]: release {state}, probe "
             + ("passed" if report.passed else "saw failures")
