@@ -458,7 +458,7 @@ def status(config: ConfigOpt = Path(DEFAULT_CONFIG), json_out: JsonOpt = False) 
                 escape(m.name),
                 f"[{colour[m.admission.value]}]{m.admission.value}[/]",
                 "up" if m.healthy else "[red]down[/]",
-                str(m.active),
+                "not counted" if m.active is None else str(m.active),
             )
         out.print(table)
     pending = now.release
