@@ -67,12 +67,14 @@ def drain_progress(
 ) -> DrainRead:
     """Fold one read of the draining cluster's members into the watch.
 
-    The cluster is quiet once nothing is in flight, no tunnel is open, and no
-    sticky session was seen within `idle` (policy.session_idle): counted by the
-    balancer where it counts sessions, else told by the served count standing
-    still for `idle` (a draining member serves only sticky requests). A
-    balancer that counts neither cannot tell: the drain waits `timeout` by time
-    alone. A counter the balancer does not keep never passes for 0."""
+    The cluster is quiet once nothing is in flight, no tunnel is open, no sticky
+    session was seen within `idle` (policy.session_idle) where the balancer
+    counts sessions, and its served count stood still for `idle` since the drain
+    began where it counts requests (a draining member serves only sticky
+    requests; and a session whose first answer was just setting its cookie is
+    not in a session count yet, but its request was served). A balancer that
+    counts neither cannot tell: the drain waits `timeout` by time alone. A
+    counter the balancer does not keep never passes for 0."""
     sessions = total(members, "sessions")
     active = total(members, "active")
     tunnels = total(members, "tunnels")
@@ -88,11 +90,14 @@ def drain_progress(
     def judged(verdict: Drain, line: str) -> DrainRead:
         return DrainRead(watch, verdict, line, report)
 
+    idle_long_enough = served is None or now - quiet_since >= idle
     if sessions is not None:
-        if sessions == 0 and not open_work:
-            return judged(Drain.QUIET, f"no session seen within {idle:g}s, nothing in flight")
+        if sessions == 0 and not open_work and idle_long_enough:
+            return judged(
+                Drain.QUIET, f"no session seen and no request for {idle:g}s, nothing in flight"
+            )
     elif served is not None:
-        if now - quiet_since >= idle:
+        if idle_long_enough:
             return judged(Drain.QUIET, f"no request for {idle:g}s (sessions not counted)")
     elif now - watch.started >= timeout:
         return judged(

@@ -246,7 +246,7 @@ async def test_a_drain_waits_for_the_last_session_and_reports_every_few_seconds(
         "draining a: 3 session(s), 0 request(s) in flight, 0 tunnel(s); 20s left",
     ]
     assert len(progress) == 3  # every 5 s, not one per read
-    assert drain_detail(site) == "no session seen within 1s, nothing in flight"
+    assert drain_detail(site) == "no session seen and no request for 1s, nothing in flight"
 
 
 async def test_a_drain_timeout_with_sessions_left_warns_that_they_are_cut(

@@ -45,7 +45,11 @@ W, Q, T = Drain.WAITING, Drain.QUIET, Drain.TIMED_OUT
 DRAIN_CASES = [
     # Counted sessions decide: none seen within session_idle and nothing open.
     ("sessions left", DrainWatch(0, 0, 5), members((0, 5, 3, 0)), 3.0, 3.0, W, "3 session(s)"),
-    ("no session left", DrainWatch(0, 0, 5), members((0, 6, 0, 0)), 0.5, 0.5, Q, "no session"),
+    ("no session left", DrainWatch(0, 0, 6), members((0, 6, 0, 0)), 2.0, 0, Q, "no session"),
+    # A new session's first answer set its cookie: not counted yet, but served.
+    ("no session, served", DrainWatch(0, 0, 5), members((0, 6, 0, 0)), 3.0, 3.0, W, "0 sess"),
+    ("no session, not yet", DrainWatch(0, 0, 6), members((0, 6, 0, 0)), 1.9, 0, W, "0 sess"),
+    ("sessions, no counts", DrainWatch(0, 0, None), members((None, None, 0)), 0.1, 0, Q, "no"),
     ("in flight", DrainWatch(0, 0, 5), members((1, 5, 0, 0)), 3.0, 3.0, W, "1 request(s)"),
     ("a tunnel open", DrainWatch(0, 0, 5), members((0, 5, 0, 1)), 3.0, 3.0, W, "1 tunnel(s)"),
     ("sessions on two", DrainWatch(0, 0, 5), members((0, 5, 1), (0, 2, 2)), 3, 3, W, "3 sess"),

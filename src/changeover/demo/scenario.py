@@ -54,7 +54,7 @@ class DemoOptions:
     # time (sticky_users/rate), drain_timeout above the longest probe session plus
     # session_idle, so that a drain cuts no session.
     drain_timeout: float = 10.0
-    session_idle: float = 1.5
+    session_idle: float = 2.0
     # How long the probe's users stay (seconds, mean and maximum): then they leave.
     probe_session_mean: float = 1.0
     probe_session_max: float = 2.0
