@@ -132,6 +132,8 @@ async def test_users_leave_after_their_session_and_new_ones_arrive() -> None:
     # Each user took its session along when it left: the app saw one per user (a
     # reply still in flight when its user left may make one more or less).
     assert abs(len(state.sessions) - report.users_arrived) <= 2
+    # Every answer is in the totals, those to users who had left included.
+    assert sum(report.versions_seen.values()) == report.completed == report.sent
     assert report.think_time == 0.1
     assert (report.session_mean, report.session_max) == (0.3, 0.6)
     assert report.session_moves == 0 and report.version_flaps == 0 and report.passed

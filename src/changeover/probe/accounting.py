@@ -207,6 +207,13 @@ class Sessions:
         self.members_seen: Counter[str] = Counter()
         self.versions_seen: Counter[str] = Counter()
 
+    def seen(self, member: str | None, version: str | None) -> None:
+        """Count a response in the totals (also one for a user who has left)."""
+        if member is not None:
+            self.members_seen[member] += 1
+        if version is not None:
+            self.versions_seen[version] += 1
+
     def replace(self, user: int) -> None:
         """The user left; a new one, with no history, takes its place."""
         self.users[user] = UserHistory()
@@ -223,21 +230,19 @@ class Sessions:
     ) -> Move | None:
         """Record a response; `sent_member` is the user's member when the request
         left (whose session its cookies carried). Returns the move, if any."""
+        self.seen(member, version)
         history = self.users[user]
         move = None
         if member is not None:
-            self.members_seen[member] += 1
             if sent_member is not None and member != sent_member:
                 self.moves += 1
                 move = Move(user, sent_member, member, sent_at, done_at)
             history.member = member
-        if version is not None:
-            self.versions_seen[version] += 1
-            if version != history.version:
-                if version in history.versions:
-                    self.flaps += not history.flapped
-                    history.flapped = True
-                else:
-                    history.versions.append(version)
-                history.version = version
+        if version is not None and version != history.version:
+            if version in history.versions:
+                self.flaps += not history.flapped
+                history.flapped = True
+            else:
+                history.versions.append(version)
+            history.version = version
         return move

@@ -255,6 +255,7 @@ class _Probe:
             self._fail("http_5xx" if status >= 500 else "http_other", f"HTTP {status}")
             self._log(due, f"HTTP {status} from {member}, user {user} of {sent_member}")
         if not current:
+            self.sessions.seen(member, version)  # the totals, not the successor's history
             return
         move = self.sessions.served(user, sent_member, member, version, started, done)
         if move is not None:
