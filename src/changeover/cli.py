@@ -513,7 +513,7 @@ def status(config: ConfigOpt = Path(DEFAULT_CONFIG), json_out: JsonOpt = False) 
                 escape(m.name),
                 f"[{colour[m.admission.value]}]{m.admission.value}[/]",
                 "up" if m.healthy else "[red]down[/]",
-                str(m.active),
+                "not counted" if m.active is None else str(m.active),
                 escape(now.versions.get(m.name) or "-"),
             )
         out.print(table)
@@ -762,16 +762,25 @@ def probe(
         Path | None,
         typer.Option(help="Trust the CA certificates in this PEM file (a private CA's HTTPS)."),
     ] = None,
+    session_mean: Annotated[
+        float, typer.Option(help="Seconds a user stays on average (exponential).")
+    ] = 3.0,
+    session_max: Annotated[float, typer.Option(help="Seconds a user stays at most.")] = 10.0,
 ) -> None:
-    """Send traffic at a fixed rate with sticky users; report failures, latency,
-    broken sessions and version flaps (exit 1 on any)."""
-    from changeover.probe import main_cli
+    """Send traffic at a fixed rate with sticky users, who think sticky_users/rate
+    seconds between requests and leave after a while; report failures, latency,
+    broken and cut sessions and version flaps (exit 1 on any)."""
+    from changeover.probe import SessionLengths, main_cli
 
     if watch_admin and watch_config:
         raise typer.BadParameter("give --watch-admin or --watch-config, not both")
     token = os.environ.get(token_env)
     if watch_admin and not token:
         fail(EXIT_BAD_INPUT, f"--watch-admin needs the admin token in ${token_env} (--token-env)")
+    try:
+        sessions = SessionLengths(session_mean, session_max)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     raise typer.Exit(
         main_cli(
             url,
@@ -787,6 +796,7 @@ def probe(
             out,
             watch_config=watch_config,
             ca_file=ca_file,
+            sessions=sessions,
         )
     )
 

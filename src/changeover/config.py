@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
+    AliasChoices,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -402,10 +403,13 @@ class Checks(_Model):
 class Policy(_Model):
     strategy: Literal["rolling-clusters", "bluegreen"] = "rolling-clusters"
     order: list[Name] | None = None  # default: the order of [[clusters]]
-    drain_timeout: Duration = 30.0
-    # A draining cluster is drained once nothing is in flight and no request
-    # arrived for this long (sticky sessions have gone quiet), or at drain_timeout.
-    drain_idle: Duration = 2.0
+    drain_timeout: Duration = 300.0
+    # A sticky session that sent no request for this long is over: a draining
+    # cluster is drained once none of its sessions was seen within it and nothing
+    # is in flight, or at drain_timeout. Its earlier name `drain_idle` still reads.
+    session_idle: Duration = Field(
+        default=30.0, gt=0, validation_alias=AliasChoices("session_idle", "drain_idle")
+    )
     health_timeout: Duration = 120.0
     approval: Literal["auto", "manual"] = "auto"
     min_healthy: int = Field(default=1, ge=1)

@@ -33,12 +33,14 @@ from changeover.model import (
     PoolView,
     cluster_admission,
     decode_ask,
+    total,
 )
 from changeover.plan import PlanRefused, admissions_refusal, make_plan, member_admissions
 from changeover.policy import (
     Drain,
     DrainWatch,
     bake_problem,
+    bake_summary,
     drain_progress,
     excusable,
     fan_out_outcome,
@@ -492,19 +494,17 @@ class Engine:
         watch = DrainWatch(now, now)
         while True:
             members = self._serving((await self._read()).in_cluster(step.cluster))
-            watch, verdict = drain_progress(
-                watch, members, self.clock.monotonic(), policy.drain_idle, policy.drain_timeout
+            judged = drain_progress(
+                watch, members, self.clock.monotonic(), policy.session_idle, policy.drain_timeout
             )
-            if verdict is Drain.QUIET:
-                return f"quiet for {policy.drain_idle:g}s"
-            if verdict is Drain.TIMED_OUT:
-                active = sum(m.active for m in members)
-                await self._emit(
-                    "info",
-                    f"drain timeout ({policy.drain_timeout:g}s): {active} request(s) in flight "
-                    "and sticky sessions still active; they move to the live pool once it is out",
-                )
-                return "drain timeout reached"
+            watch = judged.watch
+            if judged.verdict is Drain.QUIET:
+                return judged.line
+            if judged.verdict is Drain.TIMED_OUT:
+                await self._emit("warn", f"drain of {step.cluster}: {judged.line}")
+                return judged.line
+            if judged.report:
+                await self._emit("info", f"draining {step.cluster}: {judged.line}")
             await self._check_stop()
             await self._wait(min(self.poll * 2, 0.25))
 
@@ -664,8 +664,8 @@ class Engine:
         cluster = self.topo.cluster(step.cluster)
         policy = self.topo.policy
         first = await self._read_serving()
-        base_requests = sum(m.requests for m in first.in_cluster(cluster.name))
-        base_errors = sum(m.errors for m in first.in_cluster(cluster.name))
+        base_requests = total(first.in_cluster(cluster.name), "requests")
+        base_errors = total(first.in_cluster(cluster.name), "errors")
         deadline = self.clock.monotonic() + policy.bake
         problem: str | None = None
         view = first
@@ -680,8 +680,7 @@ class Engine:
             if smoke is not None and not smoke.ok:
                 problem = f"smoke command against the live pool: {smoke.detail}"
         if problem is None:
-            served = sum(m.requests for m in view.in_cluster(cluster.name)) - base_requests
-            return f"{cluster.name} served {served} request(s) cleanly for {policy.bake:g}s"
+            return bake_summary(view, cluster.name, base_requests, policy.bake)
         await self._emit("warn", f"bake of {cluster.name} failed: {problem}")
         back = flip_back(policy.auto_rollback, step)
         if back is None:

@@ -6,9 +6,10 @@ Nothing here does I/O; planning and interlocks are pure functions over these typ
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Literal
 
 
 class Admission(StrEnum):
@@ -60,9 +61,24 @@ class MemberState:
     cluster: str
     admission: Admission
     healthy: bool
-    active: int = 0  # requests (or connections/sessions, per driver) in flight
-    requests: int = 0  # total served, where the balancer counts it (drain idleness)
-    errors: int = 0  # 5xx responses served, where the balancer counts them (bake)
+    # The counters: None where this balancer does not count it, never a made-up 0.
+    active: int | None = None  # requests (or connections, per driver) in flight
+    requests: int | None = None  # total served (drain idleness, the bake's ratio)
+    errors: int | None = None  # 5xx responses served (the bake)
+    sessions: int | None = None  # sticky sessions seen within policy.session_idle
+    tunnels: int | None = None  # open WebSocket tunnels
+
+
+Counter = Literal["active", "requests", "errors", "sessions", "tunnels"]
+COUNTERS: tuple[Counter, ...] = ("active", "requests", "errors", "sessions", "tunnels")
+
+
+def total(members: Iterable[MemberState], counter: Counter) -> int | None:
+    """The sum of one counter over `members`; None (unknown) if any member does
+    not count it: a partial sum would pass for the whole."""
+    values: list[int | None] = [getattr(m, counter) for m in members]
+    known = [v for v in values if v is not None]
+    return sum(known) if len(known) == len(values) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +98,6 @@ class PoolView:
 
     def admissions(self) -> dict[str, Admission]:
         return {m.name: m.admission for m in self.members}
-
-    def active_in(self, cluster: str) -> int:
-        return sum(m.active for m in self.in_cluster(cluster))
 
 
 @dataclass(frozen=True, slots=True)

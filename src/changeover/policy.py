@@ -15,7 +15,7 @@ from enum import StrEnum
 from changeover.config import Topology
 from changeover.executors.base import CommandResult
 from changeover.journal import STEP_DONE, ReleaseRow
-from changeover.model import Admission, MemberState, PoolView, cluster_admission
+from changeover.model import Admission, MemberState, PoolView, cluster_admission, total
 from changeover.plan import PlanRefused, flip_back_plan, make_plan
 from changeover.steps import GATES, Admit, Bake, Step, StoredPlanError, step_from_dict
 
@@ -24,8 +24,11 @@ from changeover.steps import GATES, Admit, Bake, Step, StoredPlanError, step_fro
 
 class Drain(StrEnum):
     WAITING = "waiting"
-    QUIET = "quiet"  # no request in flight and none served for `drain_idle`
-    TIMED_OUT = "timed-out"
+    QUIET = "quiet"  # nothing left on the cluster that the balancer can see
+    TIMED_OUT = "timed-out"  # at drain_timeout, or the balancer counts nothing at all
+
+
+REPORT_EVERY = 5.0  # seconds between two progress lines of a drain
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,23 +38,84 @@ class DrainWatch:
     started: float
     quiet_since: float
     last_total: int | None = None  # requests served by the cluster at the last read
+    reported: float | None = None  # when the last progress line was due
+
+
+@dataclass(frozen=True, slots=True)
+class DrainRead:
+    """One read of a drain, judged: the new watch, the verdict, what is left (a
+    line for the timeline), and whether that line is due now."""
+
+    watch: DrainWatch
+    verdict: Drain
+    line: str
+    report: bool
+
+
+def _left(sessions: int | None, active: int | None, tunnels: int | None) -> str:
+    parts = [
+        "sessions not counted" if sessions is None else f"{sessions} session(s)",
+        "requests not counted" if active is None else f"{active} request(s) in flight",
+    ]
+    if tunnels is not None:
+        parts.append(f"{tunnels} tunnel(s)")
+    return ", ".join(parts)
 
 
 def drain_progress(
     watch: DrainWatch, members: Sequence[MemberState], now: float, idle: float, timeout: float
-) -> tuple[DrainWatch, Drain]:
-    """Fold one read of the draining cluster's members into the watch. Quiet
-    means nothing in flight and the served count unchanged for `idle` seconds."""
-    active = sum(m.active for m in members)
-    total = sum(m.requests for m in members)
-    busy = active > 0 or total != watch.last_total
+) -> DrainRead:
+    """Fold one read of the draining cluster's members into the watch.
+
+    The cluster is quiet once nothing is in flight, no tunnel is open, no sticky
+    session was seen within `idle` (policy.session_idle) where the balancer
+    counts sessions, and its served count stood still for `idle` since the drain
+    began where it counts requests (a draining member serves only sticky
+    requests; and a session whose first answer was just setting its cookie is
+    not in a session count yet, but its request was served). A balancer that
+    counts neither cannot tell: the drain waits `timeout` by time alone. A
+    counter the balancer does not keep never passes for 0."""
+    sessions = total(members, "sessions")
+    active = total(members, "active")
+    tunnels = total(members, "tunnels")
+    served = total(members, "requests")
+    open_work = bool(active) or bool(tunnels)
+    busy = open_work or bool(sessions) or (served is not None and served != watch.last_total)
     quiet_since = now if busy else watch.quiet_since
-    watch = DrainWatch(watch.started, quiet_since, total)
-    if now - quiet_since >= idle:
-        return watch, Drain.QUIET
+    report = watch.reported is None or now - watch.reported >= REPORT_EVERY
+    watch = DrainWatch(watch.started, quiet_since, served, now if report else watch.reported)
+    left = max(0.0, timeout - (now - watch.started))
+    line = f"{_left(sessions, active, tunnels)}; {left:.0f}s left"
+
+    def judged(verdict: Drain, line: str) -> DrainRead:
+        return DrainRead(watch, verdict, line, report)
+
+    idle_long_enough = served is None or now - quiet_since >= idle
+    if sessions is not None:
+        if sessions == 0 and not open_work and idle_long_enough:
+            return judged(
+                Drain.QUIET, f"no session seen and no request for {idle:g}s, nothing in flight"
+            )
+    elif served is not None:
+        if idle_long_enough:
+            return judged(Drain.QUIET, f"no request for {idle:g}s (sessions not counted)")
+    elif now - watch.started >= timeout:
+        return judged(
+            Drain.TIMED_OUT,
+            f"the balancer counts neither sessions nor requests: waited drain_timeout "
+            f"({timeout:g}s) by time alone",
+        )
+    else:
+        return judged(
+            Drain.WAITING, f"the balancer counts nothing: waiting by time; {left:.0f}s left"
+        )
     if now - watch.started >= timeout:
-        return watch, Drain.TIMED_OUT
-    return watch, Drain.WAITING
+        return judged(
+            Drain.TIMED_OUT,
+            f"drain timeout ({timeout:g}s) with {_left(sessions, active, tunnels)} still on "
+            "the cluster: they are cut when it goes out",
+        )
+    return judged(Drain.WAITING, line)
 
 
 # --- running on every member ---------------------------------------------------------
@@ -122,22 +186,45 @@ def swap_refusal(plan: Sequence[Step], step_states: Mapping[str, str], cluster: 
 
 
 def bake_problem(
-    view: PoolView, cluster: str, base_requests: int, base_errors: int, max_error_ratio: float
+    view: PoolView,
+    cluster: str,
+    base_requests: int | None,
+    base_errors: int | None,
+    max_error_ratio: float,
 ) -> str | None:
     """Why a freshly promoted cluster looks bad, from the balancer's own figures
-    since the bake began, or None. A ratio needs a few requests to mean anything."""
+    since the bake began, or None. A ratio needs a few requests to mean anything,
+    and counts on both sides: a balancer that does not count 5xx (or requests)
+    cannot break the rule, which `bake_blind_spot` says."""
     members = view.in_cluster(cluster)
     sick = [m.name for m in members if not m.healthy]
     if sick:
         return f"the balancer sees {', '.join(sick)} unhealthy"
-    requests = sum(m.requests for m in members) - base_requests
-    errors = sum(m.errors for m in members) - base_errors
+    served, failed = total(members, "requests"), total(members, "errors")
+    if None in (served, failed, base_requests, base_errors):
+        return None
+    assert served is not None and failed is not None  # for mypy: checked just above
+    requests = served - (base_requests or 0)
+    errors = failed - (base_errors or 0)
     if requests >= 20 and errors / requests > max_error_ratio:
         return (
             f"{errors} of {requests} responses were 5xx ({errors / requests:.1%} > "
             f"max_error_ratio {max_error_ratio:.1%})"
         )
     return None
+
+
+def bake_summary(view: PoolView, cluster: str, base_requests: int | None, seconds: float) -> str:
+    """The detail of a bake that found nothing, saying what it could not see."""
+    members = view.in_cluster(cluster)
+    served = total(members, "requests")
+    if served is None or base_requests is None:
+        what = f"{cluster} stayed healthy for {seconds:g}s (the balancer counts no requests)"
+    else:
+        what = f"{cluster} served {served - base_requests} request(s) cleanly for {seconds:g}s"
+    if total(members, "errors") is None:
+        what += "; 5xx not counted by the balancer: max_error_ratio not judged"
+    return what
 
 
 def flip_back(auto_rollback: bool, step: Bake) -> Mapping[str, Admission] | None:

@@ -67,7 +67,7 @@ smoke = [ { path = "/", status = 200 } ]
 strategy = "rolling-clusters"
 # order = ["a", "b"]
 drain_timeout = "5m"
-drain_idle = "10s"
+session_idle = "30s"                 # a session silent this long is over (drains wait for it)
 health_timeout = "5m"
 approval = "auto"                   # or "manual": `changeover approve`
 min_healthy = 2                     # healthy members the live pool never goes below

@@ -20,7 +20,7 @@ from changeover.demo.appctl import Member as AppMember
 from changeover.demo.appctl import running_version
 from changeover.demo.scenario import DemoSite
 from changeover.journal import Journal
-from changeover.model import Admission, PoolView, cluster_admission
+from changeover.model import Admission, PoolView, cluster_admission, total
 from changeover.runtime import open_journal
 from tests.helpers import wait_until
 
@@ -96,7 +96,9 @@ async def all_live(site: DemoSite) -> bool:
 
 
 async def requests_served(site: DemoSite) -> int:
-    return sum(m.requests for m in (await pool(site)).members)
+    served = total((await pool(site)).members, "requests")
+    assert served is not None, "the embedded balancer counts requests"
+    return served
 
 
 async def traffic_flows(site: DemoSite, at_least: int = 50) -> None:

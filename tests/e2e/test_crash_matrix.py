@@ -45,8 +45,6 @@ USERS = (
 OPTS = DemoOptions(
     members_per_cluster=2,
     startup_delay=0.1,
-    drain_timeout=1.0,  # sticky users keep a draining cluster busy: this is the drain's length
-    drain_idle=0.3,
     health_timeout=30.0,
 )
 DURING_DELAY = "0.05"  # seconds into a long step: all of them last longer
@@ -179,6 +177,7 @@ async def test_killed_at_every_boundary_and_inside_every_long_step(site: DemoSit
     assert len(report.versions_seen) >= 2  # the whole chain ran under traffic
     assert report.failed == 0, (report.failure_examples, report.failure_log)
     assert report.session_breaks == 0
+    assert report.sessions_cut == 0
     assert report.version_flaps == 0
     assert set((await S.versions_by_member(site)).values()) == {version}
     assert await S.all_live(site)
@@ -209,6 +208,7 @@ async def test_sigkill_then_resume(site: DemoSite, step_id: str, where: str) -> 
     assert report.sent >= RATE  # the release ran under traffic
     assert report.failed == 0, (report.failure_examples, report.failure_log)
     assert report.session_breaks == 0
+    assert report.sessions_cut == 0
     assert report.version_flaps == 0
     assert set((await S.versions_by_member(site)).values()) == {version}
     assert await S.all_live(site)
@@ -266,6 +266,7 @@ async def test_ctrl_c_stops_at_a_safe_point_then_resume(site: DemoSite, during: 
     assert S.newest(site).state == J.DONE
     assert report.failed == 0, (report.failure_examples, report.failure_log)
     assert report.session_breaks == 0
+    assert report.sessions_cut == 0
     assert report.version_flaps == 0
     assert set((await S.versions_by_member(site)).values()) == {version}
     assert await S.all_live(site)

@@ -37,8 +37,6 @@ USERS = 200
 OPTS = DemoOptions(
     members_per_cluster=2,
     startup_delay=0.1,
-    drain_timeout=1.0,
-    drain_idle=0.3,
 )
 LIVE, DRAINING, OUT = Admission.LIVE, Admission.DRAINING, Admission.OUT
 
@@ -80,6 +78,7 @@ def assert_clean(report: ProbeReport) -> None:
     assert report.sent >= RATE, report  # the release ran under traffic
     assert report.failed == 0, (report.failure_examples, report.failure_log)
     assert report.session_breaks == 0
+    assert report.sessions_cut == 0
     assert report.version_flaps == 0
 
 

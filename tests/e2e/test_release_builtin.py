@@ -55,6 +55,7 @@ async def test_full_release_under_probe_has_zero_downtime(site: DemoSite) -> Non
     assert state == J.DONE
     assert report.failed == 0, (report.failure_examples, report.failure_log)
     assert report.session_breaks == 0
+    assert report.sessions_cut == 0
     assert report.version_flaps == 0
     # Traffic saw both releases: the release really ran under the probe.
     assert set(report.versions_seen) == {"1.0", "2.0"}
@@ -62,6 +63,33 @@ async def test_full_release_under_probe_has_zero_downtime(site: DemoSite) -> Non
     assert await pool_admissions(site) == {Admission.LIVE}
     journal = open_journal(site.topo)
     assert all(s.state == J.STEP_DONE for s in journal.steps(release_id))
+
+
+async def test_a_drain_timeout_shorter_than_the_sessions_cuts_them_and_the_probe_counts_it(
+    tmp_path: Path,
+) -> None:
+    """Users stay 4 s on average, the drain gives them 0.5 s: the release finishes
+    (it warns), and the probe counts the sessions still on a when a went out as
+    cut: not failed, not broken, and not excused either."""
+    opts = DemoOptions(
+        members_per_cluster=2,
+        startup_delay=0.1,
+        drain_timeout=0.5,
+        probe_session_mean=4.0,
+        probe_session_max=8.0,
+    )
+    demo = DemoSite(tmp_path, opts)
+    console = Console(record=True, width=200)
+    async with demo.running(), demo.probe(RATE, sticky_users=40) as probe:
+        await S.traffic_flows(demo)  # sessions on both clusters before the drain
+        _, state = await with_releases(demo.topo, lambda r: r.release(Begin("2.0")), console)
+        report = await probe.finish()
+    assert state == J.DONE
+    assert "drain timeout (0.5s) with" in console.export_text()
+    assert report.failed == 0, (report.failure_examples, report.failure_log)
+    assert report.session_breaks == 0
+    assert report.sessions_cut > 0
+    assert not report.passed
 
 
 async def _cli(site: DemoSite, *args: str) -> asyncio.subprocess.Process:
@@ -98,6 +126,7 @@ async def test_sigkill_mid_step_then_resume_keeps_the_site_up(site: DemoSite, ki
     assert final.state == J.DONE
     assert report.failed == 0, (report.failure_examples, report.failure_log)
     assert report.session_breaks == 0
+    assert report.sessions_cut == 0
     assert report.version_flaps == 0
     assert await versions_served(site) == {"2.0"}
     assert await pool_admissions(site) == {Admission.LIVE}

@@ -105,6 +105,7 @@ async def test_expand_adding_a_nullable_column_releases_with_zero_failed_request
     assert code == 0, output
     assert report.failed == 0, (report.failure_examples, report.failure_log)
     assert report.session_breaks == 0
+    assert report.sessions_cut == 0
     assert report.version_flaps == 0
     assert set(report.versions_seen) == {"1.0", "2.0"}
     assert columns(site) == ["id", "name", "email", "nickname"]

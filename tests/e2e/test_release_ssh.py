@@ -93,6 +93,7 @@ async def test_36_members_released_over_ssh_under_the_probe(
     assert state == J.DONE, S.failed_steps(site, release_id)
     assert report.failed == 0, (report.failure_examples, report.failure_log)
     assert report.session_breaks == 0
+    assert report.sessions_cut == 0
     assert report.version_flaps == 0
     assert set(report.versions_seen) == {"1.0", "2.0"}  # the release ran under traffic
     assert set((await S.versions_by_member(site)).values()) == {"2.0"}
@@ -172,6 +173,7 @@ async def test_a_failing_start_stops_the_release_and_the_site_stays_up(site: Dem
     assert state == J.FAILED
     assert report.failed == 0, (report.failure_examples, report.failure_log)
     assert report.session_breaks == 0
+    assert report.sessions_cut == 0
     assert report.version_flaps == 0
     assert await S.admissions(site) == {"a": Admission.OUT, "b": Admission.LIVE}
     assert {v for m, v in (await S.versions_by_member(site)).items() if m[0] == "b"} == previous

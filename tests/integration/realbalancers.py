@@ -352,15 +352,25 @@ def write_probe_site(path: Path, real: RealBalancer, data: dict[str, Any]) -> Pa
 
 @contextlib.asynccontextmanager
 async def probe_process(
-    site: Path, url: str, *, rate: float, sticky_users: int, log: Path, ca: Path | None = None
+    site: Path,
+    url: str,
+    *,
+    rate: float,
+    sticky_users: int,
+    log: Path,
+    ca: Path | None = None,
+    session_mean: float = 0.5,
+    session_max: float = 1.5,
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     """`python -m changeover.probe` against `url` until the context ends (SIGINT),
     watching the balancer that the changeover.toml `site` names (trusting the CA
-    file `ca` for HTTPS); stdout is its report."""
+    file `ca` for HTTPS); stdout is its report. Its users stay `session_mean`
+    seconds on average, `session_max` at most."""
     with log.open("ab") as sink:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "changeover.probe", url,
             "--rate", f"{rate:g}", "--duration", "3600", "--sticky-users", str(sticky_users),
+            "--session-mean", f"{session_mean:g}", "--session-max", f"{session_max:g}",
             "--json", "--watch-config", str(site), *(["--ca-file", str(ca)] if ca else []),
             cwd=str(PROJECT_ROOT),
             env=os.environ | {"PYTHONUNBUFFERED": "1"},

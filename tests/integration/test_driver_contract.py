@@ -2,7 +2,7 @@
 (HAProxy, Apache httpd, nginx, and the embedded balancer) in front of the sample
 app: apply each admission and read it back with the others untouched; a counter
 the driver declares it fills (`fills`) moves after real requests; a counter it
-does not declare reads 0."""
+does not declare reads None (not counted), never 0."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 
 from changeover.balancers.base import COUNTERS, Balancer, fills_of
 from changeover.balancers.factory import make_balancer
-from changeover.model import Admission, PoolView
+from changeover.model import Admission, Counter, PoolView, total
 from tests.helpers import wait_until
 from tests.integration.proxy_fixtures import TOKEN, start_balancer, stop_process
 from tests.integration.realbalancers import (
@@ -75,8 +75,10 @@ async def site(
         yield started
 
 
-def counted(view: PoolView, counter: str) -> int:
-    return sum(int(getattr(m, counter)) for m in view.members)
+def counted(view: PoolView, counter: Counter) -> int:
+    figure = total(view.members, counter)
+    assert figure is not None, f"{counter} is declared but not counted"
+    return figure
 
 
 async def test_each_admission_reads_back_with_the_others_untouched(
@@ -94,7 +96,7 @@ async def test_each_admission_reads_back_with_the_others_untouched(
             assert (await balancer.read()).admissions() == expected, desired
 
 
-async def test_declared_counters_move_and_the_others_read_zero(
+async def test_declared_counters_move_and_the_others_read_none(
     site: tuple[Balancer, str],
 ) -> None:
     balancer, url = site
@@ -104,6 +106,14 @@ async def test_declared_counters_move_and_the_others_read_zero(
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
         served = [await served_by(http, url) for _ in range(30)]
         assert len({member for member, _, _ in served}) > 1
+        # A user who comes back with its session cookie is a sticky session of its member.
+        home, cookie, _ = served[0]
+        assert cookie is not None
+        for _ in range(2):
+            assert (await served_by(http, url, cookie=cookie))[0] == home
+        if "sessions" in fills:
+            seen = (await balancer.read()).member(home).sessions
+            assert seen is not None and seen >= 1, seen
         # A response whose body comes later is in flight once its headers are in.
         async with http.get(url + "/slow?ms=4000") as slow:
             assert slow.status == 200
@@ -120,4 +130,6 @@ async def test_declared_counters_move_and_the_others_read_zero(
         assert counted(after, "requests") - counted(before, "requests") >= 30
     for counter in undeclared:
         for view in (during, after):
-            assert [getattr(m, counter) for m in view.members] == [0] * len(view.members), counter
+            assert [getattr(m, counter) for m in view.members] == [None] * len(view.members), (
+                counter
+            )

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from changeover.demo.app import STATE, AppState, build_app
 from changeover.model import Admission, MemberState, PoolView
-from changeover.probe import AdmissionWatcher, ProbeReport, run_probe
+from changeover.probe import AdmissionWatcher, ProbeReport, SessionLengths, run_probe
 from tests.certs import ca_file, issue, server_context
 from tests.helpers import free_port, wait_until
 from tests.integration.test_sample_app import running_app
@@ -84,9 +84,10 @@ class FakePool:
         )
 
 
-async def test_moves_off_a_member_taken_out_are_not_breaks_but_others_are() -> None:
-    """Swap the member behind one port: a1 (v1) -> b1 (v2) after a1 left the pool,
-    then back to a1 (v1) while b1 is still admitted: 20 breaks and 20 flaps."""
+async def test_moves_off_a_member_taken_out_are_cut_and_others_broken() -> None:
+    """Swap the member behind one port: a1 (v1) -> b1 (v2) after a1 left the pool
+    (20 sessions cut: not excused), then back to a1 (v1) while b1 is still
+    admitted: 20 broken and 20 flaps."""
     port = free_port()
     url = f"http://{HOST}:{port}/"
     pool = FakePool(a1=Admission.LIVE, b1=Admission.OUT)
@@ -107,11 +108,38 @@ async def test_moves_off_a_member_taken_out_are_not_breaks_but_others_are() -> N
             report = await probe
     assert report.session_moves == 40
     assert report.session_breaks == 20
+    assert report.sessions_cut == 20
     assert report.version_flaps == 20
     assert set(report.versions_seen) == {"v1", "v2"}
     assert set(report.members_seen) == {"a1", "b1"}
     assert report.watched and report.admission_reads > 0
     assert not report.passed
+
+
+async def test_users_leave_after_their_session_and_new_ones_arrive() -> None:
+    """10 users at 100 req/s think 0.1 s; each stays 0.3 s on average, 0.6 s at
+    most: over 3 s some 100 users come and go, and a newcomer's first request
+    (no cookie, a new session) is neither a move nor a flap."""
+    port = free_port()
+    async with in_process_app(port, "a1", "v1") as state:
+        report = await run_probe(
+            f"http://{HOST}:{port}/",
+            rate=100,
+            duration=3,
+            sticky_users=10,
+            sessions=SessionLengths(0.3, 0.6),
+            seed=1,
+        )
+    assert report.failures == {}, report.failure_examples
+    assert 60 <= report.users_arrived <= 200, report.users_arrived
+    # Each user took its session along when it left: the app saw one per user (a
+    # reply still in flight when its user left may make one more or less).
+    assert abs(len(state.sessions) - report.users_arrived) <= 2
+    # Every answer is in the totals, those to users who had left included.
+    assert sum(report.versions_seen.values()) == report.completed == report.sent
+    assert report.think_time == 0.1
+    assert (report.session_mean, report.session_max) == (0.3, 0.6)
+    assert report.session_moves == 0 and report.version_flaps == 0 and report.passed
 
 
 def _seen(watcher: AdmissionWatcher, member: str, admission: Admission) -> bool:

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import aiohttp
 
+from tests.helpers import wait_until
 from tests.integration.proxy_fixtures import (
     ConnectionCount,
+    auth,
     balancer_site,
     get_json,
     members,
@@ -153,3 +155,49 @@ async def test_qa_host_on_the_public_listener_reaches_its_cluster(tmp_path: Path
             assert (await get_json(client, site.public + "/", headers=qa_b))[1]["cluster"] == "b"
             www = {"Host": "www.example"}
             assert (await get_json(client, site.public + "/", headers=www))[1]["cluster"] == "a"
+
+
+async def test_a_route_with_a_dot_is_what_follows_the_first_dot(tmp_path: Path) -> None:
+    """Members routed `rack.1` and `rack.2` (cookies `<id>.rack.1`): the route is
+    everything after the first dot, so each user keeps its member."""
+    layout = {"a": ["rack.1", "rack.2"], "b": ["b1"]}
+    async with members(layout) as started, balancer_site(tmp_path, started) as site:
+        homes: Counter[str] = Counter()
+        for _ in range(6):
+            async with fresh() as user:
+                _, body = await get_json(user, site.public + "/")
+                for _ in range(4):
+                    assert (await get_json(user, site.public + "/"))[1]["member"] == body["member"]
+                homes[body["member"]] += 1
+        assert homes == {"rack.1": 2, "rack.2": 2, "b1": 2}
+
+
+async def test_sessions_are_counted_per_member_within_session_idle(tmp_path: Path) -> None:
+    """The admin API counts each sticky session once, on the member it reaches,
+    over the `session_idle` the caller asks for; users who left stop counting."""
+    async with (
+        members(LAYOUT) as started,
+        balancer_site(tmp_path, started, balancer={"workers": 2}) as site,
+        aiohttp.ClientSession() as admin,
+    ):
+        users = [fresh() for _ in range(8)]
+        try:
+            for user in users:  # a session cookie, then requests carrying it
+                for _ in range(3):
+                    await get_json(user, site.public + "/", headers={"Connection": "close"})
+        finally:
+            for user in users:
+                await user.close()
+        pool = await site.pool(admin)
+        assert {name: m["sessions"] for name, m in pool.items()} == dict.fromkeys(pool, 2)
+        url = f"{site.admin}/v1/pool?session_idle=0.3"
+
+        async def forgotten() -> bool:
+            async with admin.get(url, headers=auth()) as r:
+                return all(m["sessions"] == 0 for m in (await r.json())["members"])
+
+        await wait_until(forgotten, timeout=5, what="sessions idle for 0.3 s to stop counting")
+        assert sum(m["sessions"] for m in (await site.pool(admin)).values()) == 8  # default 30 s
+        for bad in ("0", "-1", "nan", "soon"):
+            async with admin.get(f"{site.admin}/v1/pool?session_idle={bad}", headers=auth()) as r:
+                assert r.status == 400, bad

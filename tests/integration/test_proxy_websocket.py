@@ -17,8 +17,9 @@ from pathlib import Path
 import aiohttp
 from aiohttp import WSMsgType, web
 
+from changeover.balancers.builtin import BuiltinBalancer
 from tests.helpers import wait_until
-from tests.integration.proxy_fixtures import FakeMember, Site, balancer_site, members
+from tests.integration.proxy_fixtures import TOKEN, FakeMember, Site, balancer_site, members
 
 
 def add_echo(member: FakeMember, app: web.Application) -> None:
@@ -63,6 +64,12 @@ async def test_a_websocket_is_tunnelled_and_counted(tmp_path: Path) -> None:
             assert await tunnels(site, session) == {"a1": 1, "b1": 0}
             pool = await site.pool(session)
             assert pool["a1"]["active"] == 0  # a tunnel is not a request in flight
+            driver = BuiltinBalancer(site.admin, TOKEN)  # what a drain reads
+            try:
+                seen = (await driver.read()).member("a1")
+            finally:
+                await driver.close()
+            assert (seen.tunnels, seen.active) == (1, 0)
 
         async def closed() -> bool:
             return await tunnels(site, session) == {"a1": 0, "b1": 0}

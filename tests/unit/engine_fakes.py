@@ -19,7 +19,7 @@ from changeover.config import Cluster, Member, Topology, parse
 from changeover.executors.base import CommandResult
 from changeover.journal import Journal
 from changeover.migrations import Phase
-from changeover.model import Admission, CheckResult, MemberState, PoolView
+from changeover.model import COUNTERS, Admission, CheckResult, Counter, MemberState, PoolView
 from changeover.ports import JournalStore, MigrationError, Ports, Review
 
 
@@ -45,7 +45,7 @@ def topology(tmp_path: Path, **sections: dict[str, Any]) -> Topology:
             "deploy": "ctl deploy {member} {version}",
             "start": "ctl start {member} {version}",
         },
-        "policy": {"drain_idle": 1, "drain_timeout": 30, "health_timeout": 5},
+        "policy": {"session_idle": 1, "drain_timeout": 30, "health_timeout": 5},
     }
     for name, table in sections.items():
         data[name] = data.get(name, {}) | table
@@ -86,15 +86,26 @@ class Fleet:
 
 
 class FakeBalancer:
+    """Counts what `fills` names (every counter by default); the others read None,
+    as a real driver's do."""
+
     name = "fake"
 
-    def __init__(self, topo: Topology, fleet: Fleet) -> None:
+    def __init__(
+        self, topo: Topology, fleet: Fleet, fills: frozenset[Counter] = frozenset(COUNTERS)
+    ) -> None:
         self.fleet = fleet
+        self.fills = fills
         self.cluster = {m.name: c.name for c, m in topo.members()}
         self.admissions = {name: Admission.LIVE for name in self.cluster}
-        self.requests = dict.fromkeys(self.cluster, 0)
-        self.errors = dict.fromkeys(self.cluster, 0)
-        self.active = dict.fromkeys(self.cluster, 0)
+        self.counts: dict[Counter, dict[str, int]] = {
+            c: dict.fromkeys(self.cluster, 0) for c in COUNTERS
+        }
+        self.requests = self.counts["requests"]
+        self.errors = self.counts["errors"]
+        self.active = self.counts["active"]
+        self.sessions = self.counts["sessions"]
+        self.tunnels = self.counts["tunnels"]
         self.changes: list[dict[str, Admission]] = []
         self.refusals = 0  # the next N applies fail as an unreachable balancer would
 
@@ -106,9 +117,7 @@ class FakeBalancer:
                     self.cluster[name],
                     adm,
                     name in self.fleet.running and name not in self.fleet.never_healthy,
-                    self.active[name],
-                    self.requests[name],
-                    self.errors[name],
+                    **{c: self.counts[c][name] if c in self.fills else None for c in COUNTERS},
                 )
                 for name, adm in self.admissions.items()
             )
@@ -259,7 +268,13 @@ class Site:
     clock: FakeClock
 
     @classmethod
-    def build(cls, tmp_path: Path, **sections: dict[str, Any]) -> Site:
+    def build(
+        cls,
+        tmp_path: Path,
+        fills: frozenset[Counter] = frozenset(COUNTERS),
+        **sections: dict[str, Any],
+    ) -> Site:
+        """`fills`: the counters the fake balancer keeps (see FakeBalancer)."""
         topo = topology(tmp_path, **sections)
         names = [m.name for _, m in topo.members()]
         fleet = Fleet(dict.fromkeys(names, "1.0"), set(names))
@@ -267,7 +282,7 @@ class Site:
             topo,
             Journal(tmp_path / "journal.sqlite"),
             fleet,
-            FakeBalancer(topo, fleet),
+            FakeBalancer(topo, fleet, fills),
             FakeExecutor(fleet),
             FakeChecks(fleet),
             FakeMigrator(),

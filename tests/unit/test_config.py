@@ -36,6 +36,13 @@ def test_valid_topology_has_defaults() -> None:
     assert topo.cluster("a").members[0].route_id == "a1"
 
 
+def test_session_idle_defaults_and_reads_its_earlier_name() -> None:
+    policy = parse(two_clusters(), "site.toml").policy
+    assert (policy.session_idle, policy.drain_timeout) == (30.0, 300.0)
+    assert parse(two_clusters(policy={"drain_idle": "4s"}), "site.toml").policy.session_idle == 4
+    assert "policy.session_idle" in error_of(two_clusters(policy={"session_idle": 0}))
+
+
 def test_fewer_than_two_clusters_is_refused() -> None:
     data = two_clusters()
     data["clusters"] = data["clusters"][:1]

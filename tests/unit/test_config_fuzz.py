@@ -79,7 +79,7 @@ def valid() -> dict[str, Any]:
         "checks": {"smoke": [{"path": "/", "status": 200, "body_contains": "{version}"}]},
         "policy": {
             "drain_timeout": "30s",
-            "drain_idle": 2,
+            "session_idle": 2,
             "health_timeout": "2m",
             "min_healthy": 1,
             "order": ["a", "b"],
@@ -131,7 +131,7 @@ LEAVES: list[tuple[KeyPath, str]] = [
     (("checks", "smoke", 0, "status"), "status"),
     (("policy", "strategy"), "strategy"),
     (("policy", "drain_timeout"), "duration"),
-    (("policy", "drain_idle"), "duration"),
+    (("policy", "session_idle"), "duration"),
     (("policy", "health_timeout"), "duration"),
     (("policy", "keep_previous"), "duration"),
     (("policy", "bake"), "duration"),

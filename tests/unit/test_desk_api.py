@@ -20,6 +20,7 @@ from changeover import journal as J
 from changeover.desk.app import Desk, serve
 from changeover.desk.auth import Role, Tokens
 from changeover.journal import Journal
+from changeover.model import COUNTERS
 from changeover.ports import JournalStore, Ports
 from changeover.releases import ASKED, Begin, Outcome, Releases
 from tests.helpers import wait_until
@@ -68,7 +69,7 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def desk(tmp_path: Path, **sections: dict[str, Any]) -> AsyncIterator[Running]:
-    site = Site.build(tmp_path, **sections)
+    site = Site.build(tmp_path, frozenset(COUNTERS), **sections)
     path = tmp_path / "journal.sqlite"
     site.clock = HeldClock(Journal(path))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from changeover.cli import _status_notes
 from changeover.config import Cluster, Member
 from changeover.engine import Engine, Event
 from changeover.executors.base import CommandResult
-from changeover.model import AbortAsked, Admission, Approval, encode_ask
+from changeover.model import AbortAsked, Admission, Approval, Counter, PoolView, encode_ask
 from changeover.plan import PlanRefused
 from changeover.releases import Awaiting, BadRequest, Begin, Releases
 from changeover.steps import StepKind
@@ -85,7 +86,7 @@ async def test_a_rolling_release_changes_the_pool_and_runs_commands_in_order(
 async def test_every_step_kind_runs_through_the_service(tmp_path: Path) -> None:
     site = Site.build(
         tmp_path,
-        policy={"bake": 4, "approval": "manual", "drain_idle": 1, "health_timeout": 5},
+        policy={"bake": 4, "approval": "manual", "session_idle": 1, "health_timeout": 5},
         database={"url": "sqlite:///db.sqlite", "migrations_dir": "migrations"},
         release={"upload": [{"src": "app-{version}.tar", "dest": "/srv/app.tar"}]},
     )
@@ -266,6 +267,93 @@ async def test_a_balancer_that_refuses_is_retried_then_takes_the_change(tmp_path
     assert site.balancer.cluster_changes() == ROLLING_CHANGES
 
 
+# --- the drain ------------------------------------------------------------------------------
+
+
+def when_out(site: Site, member: str) -> list[float]:
+    """Fills with the fake clock's time when `member` is first taken OUT."""
+    at: list[float] = []
+    apply = site.balancer.apply
+
+    async def noting(desired: Mapping[str, Admission]) -> PoolView:
+        if desired.get(member) is Admission.OUT and not at:
+            at.append(site.clock.now)
+        return await apply(desired)
+
+    site.balancer.apply = noting  # type: ignore[method-assign]
+    return at
+
+
+def drain_detail(site: Site) -> str:
+    release_id = site.journal.newest("t").id  # type: ignore[union-attr]
+    return {s.step_id: s.detail for s in site.journal.steps(release_id)}["drained-a"] or ""
+
+
+async def test_a_drain_waits_for_the_last_session_and_reports_every_few_seconds(
+    tmp_path: Path,
+) -> None:
+    site = Site.build(tmp_path)
+    site.balancer.sessions |= {"a1": 2, "a2": 1}
+    draining_since: list[float] = []
+    went_out = when_out(site, "a1")
+
+    def users_leave() -> None:
+        """a's users leave 12 s into the drain, one tunnel closes at 14 s."""
+        if site.balancer.admissions["a1"] is Admission.DRAINING:
+            draining_since[:] = draining_since or [site.clock.now]
+            elapsed = site.clock.now - draining_since[0]
+            if elapsed >= 12:
+                site.balancer.sessions |= {"a1": 0, "a2": 0}
+                site.balancer.tunnels["a1"] = 1 if elapsed < 14 else 0
+
+    site.clock.on_sleep.append(users_leave)
+    events: list[Event] = []
+    assert await release(site, events=events) == J.DONE
+
+    assert (
+        14 <= went_out[0] - draining_since[0] < 15
+    )  # not before the tunnel closed, promptly after
+    progress = [e for e in events if e.message.startswith("draining a:")]
+    assert [e.message for e in progress[:3]] == [
+        "draining a: 3 session(s), 0 request(s) in flight, 0 tunnel(s); 30s left",
+        "draining a: 3 session(s), 0 request(s) in flight, 0 tunnel(s); 25s left",
+        "draining a: 3 session(s), 0 request(s) in flight, 0 tunnel(s); 20s left",
+    ]
+    assert len(progress) == 3  # every 5 s, not one per read
+    assert drain_detail(site) == "no session seen and no request for 1s, nothing in flight"
+
+
+async def test_a_drain_timeout_with_sessions_left_warns_that_they_are_cut(
+    tmp_path: Path,
+) -> None:
+    site = Site.build(tmp_path, policy={"drain_timeout": 8})
+    site.balancer.sessions["a2"] = 4  # users who never leave
+    events: list[Event] = []
+    assert await release(site, events=events) == J.DONE
+    warnings = [e.message for e in events if e.kind == "warn"]
+    assert warnings[0].startswith("drain of a: drain timeout (8s) with 4 session(s)")
+    assert "cut when it goes out" in drain_detail(site)
+
+
+@pytest.mark.parametrize(
+    ("fills", "detail"),
+    [
+        (frozenset({"active", "requests"}), "no request for 1s (sessions not counted)"),
+        (frozenset(), "waited drain_timeout (6s) by time alone"),
+    ],
+)
+async def test_a_drain_without_session_counts_says_how_it_decided(
+    tmp_path: Path, fills: frozenset[Counter], detail: str
+) -> None:
+    site = Site.build(tmp_path, fills=fills, policy={"drain_timeout": 6})
+    site.balancer.sessions["a1"] = 5  # there, but this balancer cannot see them
+    start = site.clock.now
+    drained_at = when_out(site, "a1")
+    assert await release(site) == J.DONE
+    assert detail in drain_detail(site)
+    assert (drained_at[0] - start >= 6) == (not fills)  # blind: the whole timeout
+
+
 # --- the bake ------------------------------------------------------------------------------
 
 
@@ -322,6 +410,7 @@ async def test_a_bad_bake_without_a_flip_back_fails(tmp_path: Path, auto_rollbac
 
 async def test_an_abort_stops_at_a_safe_point_and_resume_finishes(tmp_path: Path) -> None:
     site = Site.build(tmp_path)
+    site.balancer.sessions["a1"] = 1  # a user still on a1: the drain waits
     asked = False
 
     def abort_during_drain() -> None:
@@ -437,7 +526,7 @@ class Crash(BaseException):
 def _full_plan_site(tmp_path: Path) -> Site:
     return Site.build(
         tmp_path,
-        policy={"bake": 2, "approval": "manual", "drain_idle": 1},
+        policy={"bake": 2, "approval": "manual", "session_idle": 1},
         database={"url": "sqlite:///db.sqlite", "migrations_dir": "migrations"},
     )
 

@@ -9,11 +9,14 @@ import pytest
 from changeover.config import Topology, parse
 from changeover.executors.base import CommandResult
 from changeover.journal import STEP_DONE, STEP_FAILED, STEP_PENDING, ReleaseRow
-from changeover.model import Admission, MemberState, PoolView
+from changeover.model import Admission, MemberState, PoolView, total
 from changeover.plan import PlanRefused, make_plan
 from changeover.policy import (
+    REPORT_EVERY,
     Drain,
     DrainWatch,
+    bake_problem,
+    bake_summary,
     drain_progress,
     excusable,
     fan_out_outcome,
@@ -27,29 +30,58 @@ from changeover.steps import Bake, StepKind
 LIVE, DRAIN, OUT = Admission.LIVE, Admission.DRAINING, Admission.OUT
 
 
-def members(*figures: tuple[int, int]) -> tuple[MemberState, ...]:
-    """(active, requests) per member of cluster a."""
+def members(*figures: tuple[int | None, ...]) -> tuple[MemberState, ...]:
+    """(active, requests, sessions, tunnels) per member of cluster a; a figure
+    left out or None is one the balancer does not count."""
+    padded = [(*f, None, None, None, None)[:4] for f in figures]
     return tuple(
-        MemberState(f"a{i}", "a", DRAIN, True, active, requests)
-        for i, (active, requests) in enumerate(figures)
+        MemberState(f"a{i}", "a", DRAIN, True, active=a, requests=r, sessions=s, tunnels=t)
+        for i, (a, r, s, t) in enumerate(padded)
     )
 
 
-# (watch before, members, now) -> (quiet_since after, verdict); idle 2 s, timeout 10 s
+W, Q, T = Drain.WAITING, Drain.QUIET, Drain.TIMED_OUT
+# (watch before, members, now) -> (quiet_since after, verdict, the line says); idle 2 s,
+# timeout 10 s
 DRAIN_CASES = [
-    ("first read, busy", DrainWatch(0, 0, None), members((1, 5)), 0.5, 0.5, Drain.WAITING),
-    ("first read, idle", DrainWatch(0, 0, None), members((0, 5)), 0.5, 0.5, Drain.WAITING),
-    ("in flight resets", DrainWatch(0, 0, 5), members((1, 5)), 3.0, 3.0, Drain.WAITING),
-    ("served resets", DrainWatch(0, 0, 5), members((0, 6)), 3.0, 3.0, Drain.WAITING),
-    ("quiet long enough", DrainWatch(0, 1.0, 5), members((0, 5)), 3.0, 1.0, Drain.QUIET),
-    ("quiet, not yet", DrainWatch(0, 1.0, 5), members((0, 3), (0, 2)), 2.9, 1.0, Drain.WAITING),
-    ("timeout", DrainWatch(0, 0, 5), members((2, 9)), 10.0, 10.0, Drain.TIMED_OUT),
-    ("quiet wins at timeout", DrainWatch(0, 7.0, 5), members((0, 5)), 10.0, 7.0, Drain.QUIET),
+    # Counted sessions decide: none seen within session_idle and nothing open.
+    ("sessions left", DrainWatch(0, 0, 5), members((0, 5, 3, 0)), 3.0, 3.0, W, "3 session(s)"),
+    ("no session left", DrainWatch(0, 0, 6), members((0, 6, 0, 0)), 2.0, 0, Q, "no session"),
+    # A new session's first answer set its cookie: not counted yet, but served.
+    ("no session, served", DrainWatch(0, 0, 5), members((0, 6, 0, 0)), 3.0, 3.0, W, "0 sess"),
+    ("no session, not yet", DrainWatch(0, 0, 6), members((0, 6, 0, 0)), 1.9, 0, W, "0 sess"),
+    ("sessions, no counts", DrainWatch(0, 0, None), members((None, None, 0)), 0.1, 0, Q, "no"),
+    ("in flight", DrainWatch(0, 0, 5), members((1, 5, 0, 0)), 3.0, 3.0, W, "1 request(s)"),
+    ("a tunnel open", DrainWatch(0, 0, 5), members((0, 5, 0, 1)), 3.0, 3.0, W, "1 tunnel(s)"),
+    ("sessions on two", DrainWatch(0, 0, 5), members((0, 5, 1), (0, 2, 2)), 3, 3, W, "3 sess"),
+    (
+        "sessions at timeout",
+        DrainWatch(0, 0, 5),
+        members((0, 5, 2, 0)),
+        10.0,
+        10.0,
+        T,
+        "2 session(s), 0 request(s) in flight, 0 tunnel(s) still on the cluster",
+    ),
+    # Sessions not counted: the served count standing still for session_idle.
+    ("first read, busy", DrainWatch(0, 0, None), members((1, 5)), 0.5, 0.5, W, "sessions not"),
+    ("first read, idle", DrainWatch(0, 0, None), members((0, 5)), 0.5, 0.5, W, "0 request(s)"),
+    ("in flight resets", DrainWatch(0, 0, 5), members((1, 5)), 3.0, 3.0, W, "7s left"),
+    ("served resets", DrainWatch(0, 0, 5), members((0, 6)), 3.0, 3.0, W, "0 request(s)"),
+    ("quiet long enough", DrainWatch(0, 1.0, 5), members((0, 5)), 3.0, 1.0, Q, "no request"),
+    ("quiet, not yet", DrainWatch(0, 1.0, 5), members((0, 3), (0, 2)), 2.9, 1.0, W, "in flight"),
+    ("timeout", DrainWatch(0, 0, 5), members((2, 9)), 10.0, 10.0, T, "cut when it goes out"),
+    ("quiet wins at timeout", DrainWatch(0, 7.0, 5), members((0, 5)), 10.0, 7.0, Q, "no req"),
+    # One member that does not count makes the cluster's sum unknown, not smaller.
+    ("one uncounted", DrainWatch(0, 0, 5), members((0, 5, 0), (0, 0)), 0.5, 0, W, "not counted"),
+    # Nothing counted: time alone, and it says so.
+    ("blind, waiting", DrainWatch(0, 0, None), members(()), 9.0, 0.0, W, "counts nothing"),
+    ("blind, at timeout", DrainWatch(0, 0, None), members(()), 10.0, 0.0, T, "by time alone"),
 ]
 
 
 @pytest.mark.parametrize(
-    ("case", "watch", "seen", "now", "quiet_since", "verdict"),
+    ("case", "watch", "seen", "now", "quiet_since", "verdict", "says"),
     DRAIN_CASES,
     ids=[c[0] for c in DRAIN_CASES],
 )
@@ -60,11 +92,64 @@ def test_drain_progress(
     now: float,
     quiet_since: float,
     verdict: Drain,
+    says: str,
 ) -> None:
-    after, got = drain_progress(watch, seen, now, idle=2.0, timeout=10.0)
-    assert (after.quiet_since, got) == (quiet_since, verdict)
-    assert after.last_total == sum(m.requests for m in seen)
-    assert after.started == watch.started
+    judged = drain_progress(watch, seen, now, idle=2.0, timeout=10.0)
+    assert (judged.watch.quiet_since, judged.verdict) == (quiet_since, verdict)
+    assert says in judged.line
+    assert judged.watch.last_total == total(seen, "requests")
+    assert judged.watch.started == watch.started
+
+
+def test_a_drain_reports_its_progress_every_few_seconds() -> None:
+    """A line at the first read, then one per REPORT_EVERY seconds, not one per read."""
+    watch = DrainWatch(0, 0)
+    due = []
+    for tick in range(41):  # 0.25 s apart, 10 s in all
+        judged = drain_progress(watch, members((0, tick, 4, 0)), tick / 4, 2.0, 60.0)
+        watch = judged.watch
+        due.append(judged.report)
+    assert [i / 4 for i, d in enumerate(due) if d] == [0.0, REPORT_EVERY, 2 * REPORT_EVERY]
+
+
+def baked(requests: int | None, errors: int | None, healthy: bool = True) -> PoolView:
+    return PoolView((MemberState("a1", "a", LIVE, healthy, 0, requests, errors),))
+
+
+# (view, base requests, base errors) -> problem (a part of it) or None; max ratio 1%
+BAKE_CASES = [
+    ("clean", baked(120, 0), 20, 0, None),
+    ("5xx over the ratio", baked(120, 5), 20, 0, "5 of 100 responses were 5xx"),
+    ("too few to judge", baked(30, 5), 20, 0, None),
+    ("unhealthy", baked(120, 0, healthy=False), 20, 0, "a1 unhealthy"),
+    ("5xx not counted", baked(120, None), 20, None, None),
+    ("requests not counted", PoolView((MemberState("a1", "a", LIVE, True),)), None, None, None),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "view", "base_requests", "base_errors", "problem"),
+    BAKE_CASES,
+    ids=[c[0] for c in BAKE_CASES],
+)
+def test_bake_problem(
+    case: str,
+    view: PoolView,
+    base_requests: int | None,
+    base_errors: int | None,
+    problem: str | None,
+) -> None:
+    got = bake_problem(view, "a", base_requests, base_errors, 0.01)
+    assert got == problem if problem is None else problem in (got or "")
+
+
+def test_a_bake_says_what_the_balancer_cannot_see() -> None:
+    assert bake_summary(baked(120, 0), "a", 20, 4) == "a served 100 request(s) cleanly for 4s"
+    assert "5xx not counted by the balancer: max_error_ratio not judged" in bake_summary(
+        baked(120, None), "a", 20, 4
+    )
+    blind = bake_summary(PoolView((MemberState("a1", "a", LIVE, True),)), "a", None, 4)
+    assert "counts no requests" in blind and "5xx not counted" in blind
 
 
 def result(member: str, status: int | None, output: str = "boom") -> CommandResult:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import random
+import statistics
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -12,6 +15,7 @@ from changeover.probe.accounting import (
     BreakLedger,
     LatencyHistogram,
     Move,
+    SessionLengths,
     Sessions,
     Timeline,
     move_is_break,
@@ -108,14 +112,14 @@ def test_ledger_waits_for_a_read_after_the_move() -> None:
     assert ledger.pending == 0 and ledger.breaks == 1
 
 
-def test_ledger_excuses_a_move_off_a_member_taken_out() -> None:
+def test_ledger_counts_a_move_off_a_member_taken_out_as_cut_not_excused() -> None:
     tl = Timeline()
     tl.record(1.0, {"a1": DRAINING})
     ledger = BreakLedger(tl)
     ledger.add(_move(1.05, 1.06))
     tl.record(1.1, {"a1": OUT})
     ledger.settle()
-    assert ledger.breaks == 0
+    assert (ledger.breaks, ledger.cuts) == (0, 1)
 
 
 def test_ledger_final_settle_judges_with_what_is_known() -> None:
@@ -134,7 +138,40 @@ def test_ledger_pending_queue_is_bounded() -> None:
     for i in range(100):
         ledger.add(_move(1.0 + i, 1.5 + i))
     assert ledger.pending == 10
-    assert ledger.breaks == 0  # judged early, and excused by the read before
+    assert (ledger.breaks, ledger.cuts) == (0, 90)  # judged early, by the read before
+
+
+@pytest.mark.parametrize(
+    ("mean", "maximum"), [(2.0, 6.0), (0.5, 0.5), (3.0, None)], ids=["capped", "fixed", "open"]
+)
+def test_session_lengths_have_the_mean_and_never_pass_the_maximum(
+    mean: float, maximum: float | None
+) -> None:
+    lengths = SessionLengths(mean, maximum)
+    rng = random.Random(7)
+    stays = [lengths.draw(rng) for _ in range(20_000)]
+    assert max(stays) <= (maximum or math.inf) and min(stays) >= 0
+    # The exponential's mean, less what the cap takes off: mean * (1 - e^(-max/mean)).
+    expected = mean * (1 - math.exp(-(maximum or math.inf) / mean))
+    assert abs(statistics.fmean(stays) - expected) < 0.05 * expected
+    assert SessionLengths().draw(rng) == math.inf  # no mean: users stay for good
+
+
+@pytest.mark.parametrize(
+    ("mean", "maximum"), [(0.0, None), (-1.0, None), (math.nan, None), (None, 3.0), (2.0, 1.0)]
+)
+def test_session_lengths_refuse_nonsense(mean: float | None, maximum: float | None) -> None:
+    with pytest.raises(ValueError):
+        SessionLengths(mean, maximum)
+
+
+def test_a_user_who_leaves_is_replaced_by_one_with_no_history() -> None:
+    sessions = Sessions(2)
+    sessions.served(0, None, "a1", "v2", 0.0, 0.1)
+    sessions.replace(0)
+    # The newcomer's first answer is no move, and an older version no flap.
+    assert sessions.served(0, None, "b1", "v1", 0.2, 0.3) is None
+    assert (sessions.moves, sessions.flaps, sessions.arrived) == (0, 0, 3)
 
 
 def test_sessions_count_moves_against_the_member_the_cookie_named() -> None:

@@ -59,6 +59,7 @@ def test_from_dict_rejects_what_is_not_a_report() -> None:
     [
         {"failures": {"connect": 1}},
         {"session_breaks": 1},
+        {"sessions_cut": 1},
         {"version_flaps": 1},
         {"sent": 0, "completed": 0, "ok": 0},
     ],
@@ -79,6 +80,25 @@ def test_render_shows_the_verdict_and_figures() -> None:
     assert "p99 4.5 ms" in text
     assert "v1 1200, v2 800" in text
     assert "HTTP 502" in text
+
+
+def test_render_shows_cut_sessions_and_how_users_behave() -> None:
+    console = Console(record=True, width=120)
+    report = replace(
+        sample_report(),
+        session_moves=5,
+        session_breaks=1,
+        sessions_cut=4,
+        users_arrived=130,
+        think_time=0.25,
+        session_mean=2.0,
+        session_max=6.0,
+    )
+    report.render(console)
+    text = console.export_text()
+    assert "5 moved: 1 broken, 4 cut" in text
+    assert "130 arrived, 0.25 s between requests, stay 2 s on average, 6 s at most" in text
+    assert "FAILED" in text
 
 
 def test_failure_kinds() -> None:
@@ -109,6 +129,8 @@ def test_pool_from_json() -> None:
     )
     assert view.admissions() == {"a1": Admission.DRAINING, "b1": Admission.LIVE}
     assert view.member("a1").active == 3
+    # What an older balancer's document does not give is not counted, not 0.
+    assert (view.member("a1").requests, view.member("b1").active) == (None, None)
     with pytest.raises(BalancerError):
         pool_from_json({"members": [{"name": "a1", "cluster": "a", "admission": "maybe"}]})
     with pytest.raises(BalancerError):
@@ -153,3 +175,22 @@ def test_render_warns_when_the_probe_fell_behind() -> None:
     console = Console(record=True, width=120)
     sample_report().render(console)
     assert "fell behind" not in console.export_text()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--session-mean", "5", "--session-max", "1"],
+        ["--session-mean", "0"],
+        ["--session-max", "nan"],
+    ],
+)
+def test_probe_refuses_session_lengths_that_make_no_sense(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from changeover.probe.command import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["http://127.0.0.1:9/", *argv])
+    assert exited.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err

@@ -13,10 +13,13 @@ from changeover.model import Admission
 from changeover.proxy.health import next_health
 from changeover.proxy.routing import DRAINING, LIVE, OUT
 from changeover.proxy.state import (
+    SESSION_PROBE,
+    SESSION_SLOTS,
     AdmissionError,
     PoolState,
     SharedState,
     load_admissions,
+    now_ms,
     save_admissions,
 )
 
@@ -121,7 +124,40 @@ def test_pool_view_has_the_admin_contract_fields() -> None:
         "active": 1,
         "requests": 0,
         "tunnels": 3,
+        "sessions": 0,
     }
+
+
+def test_sessions_are_counted_per_member_within_session_idle_across_workers() -> None:
+    pool = PoolState(topology(), SharedState(3, 2), None)
+    w0, w1 = pool.shared.sessions(0), pool.shared.sessions(1)
+    now = now_ms()
+    w0.seen(11, 0, now - 500)  # a1: two sessions, one of them also seen by worker 1
+    w0.seen(12, 0, now - 3_000)
+    w1.seen(11, 0, now - 50)
+    w1.seen(13, 1, now - 5_000)  # a2: its only session went quiet 5 s ago
+    w0.seen(14, 2, now - 5_000)  # b1: one session seen by both workers...
+    w1.seen(14, 2, now - 10)  # ...last just now: counted once, as recent
+    assert pool.shared.session_totals(now, 4_000) == [2, 0, 1]
+    assert [m["sessions"] for m in pool.view(session_idle=10)["members"]] == [2, 1, 1]
+    assert [m["sessions"] for m in pool.view(session_idle=2)["members"]] == [1, 0, 1]
+
+
+def test_a_session_table_is_bounded_and_forgets_the_oldest_first() -> None:
+    """SESSION_SLOTS sessions per worker at most: one more session takes the slot of
+    the one seen longest ago among the slots its hash may use, never another."""
+    table = SharedState(1, 1).sessions(0)
+    for key in range(1, SESSION_SLOTS + 1):
+        table.seen(key, 0, 1_000 + key)
+    assert len(table.entries()) == SESSION_SLOTS
+    newcomer = 5 * SESSION_SLOTS + 3  # its slots hold sessions 3..3+SESSION_PROBE-1
+    table.seen(newcomer, 0, 999_999)
+    keys = {key for key, _, _ in table.entries()}
+    assert len(keys) == SESSION_SLOTS
+    assert newcomer in keys and 3 not in keys  # 3 was the oldest of its slots
+    assert set(range(4, 3 + SESSION_PROBE)) <= keys
+    table.seen(newcomer, 0, 1_000_000)  # seen again: updated in place, nothing evicted
+    assert len({key for key, _, _ in table.entries()}) == SESSION_SLOTS
 
 
 def test_health_needs_fall_failures_to_go_down_and_rise_successes_to_return() -> None:

@@ -3,6 +3,7 @@ that each product's own checker accepts the result (TLS included)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,32 @@ def test_haproxy_admissions_qa_and_sticky_routes() -> None:
     qa_a = text.split("backend qa_a", 1)[1].split("backend qa_b", 1)[0]
     assert "disabled" not in qa_a and "weight 0" not in qa_a
     assert "level admin expose-fd listeners" in text
+
+
+def test_haproxy_counts_sticky_sessions_in_a_stick_table_expiring_at_session_idle() -> None:
+    text = render(topology(), "haproxy", MIXED)
+    live = text.split("\nbackend live\n", 1)[1].split("\nbackend ", 1)[0]
+    track = "http-request track-sc0 req.cook(JSESSIONID) table sessions"
+    assert track + " if { req.cook(JSESSIONID) -m found }" in live
+    table = text.split("backend sessions", 1)[1]
+    assert "stick-table type string len 200 size 100k expire 30000ms" in table
+
+
+def test_every_product_takes_the_route_after_the_first_dot() -> None:
+    """The extraction each template renders, applied to `<id>.rack.1`: `rack.1`."""
+    cookie = "0123abcd.rack.1"
+    haproxy = render(topology(route="rack.1"), "haproxy", MIXED)
+    pattern = re.search(r"use-server a1 if \{ req\.cook\(JSESSIONID\) -m reg (\S+) \}", haproxy)
+    assert pattern and re.search(pattern.group(1), cookie)
+    assert not re.search(pattern.group(1), "0123abcd.x.rack.1")
+    nginx = render(topology(route="rack.1"), "nginx", MIXED)
+    extract = re.search(r'"~(\^\[\^\.\]\*[^"]+)" \$changeover_sfx', nginx)
+    assert extract is not None
+    found = re.match(extract.group(1).replace("(?<", "(?P<"), cookie)
+    assert found and found.group("changeover_sfx") == "rack.1"
+    assert "rack.1 sticky_a1;" in nginx
+    # Apache's mod_proxy_balancer splits at the first dot itself (get_route: strchr).
+    assert "route=rack.1 " in render(topology(route="rack.1"), "apache", MIXED)
 
 
 def test_apache_status_flags_and_manager_on_loopback() -> None:

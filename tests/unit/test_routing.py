@@ -153,19 +153,26 @@ def test_retry_excludes_members_already_tried() -> None:
     assert route(live, load=[0, 1, 1, 1], exclude=(A1,)) in (A2, B1, B2)
 
 
-def test_sticky_route_from_session_cookie_suffix() -> None:
+def test_sticky_route_is_what_follows_the_first_dot_of_the_session_cookie() -> None:
     s, ins = b"JSESSIONID=", b"CHANGEOVER_ROUTE="
-    assert sticky_route(b"JSESSIONID=abc123.a1", s, ins) == b"a1"
-    assert sticky_route(b"x=1; JSESSIONID=abc.def.rb1 ; y=2", s, ins) == b"rb1"
+    assert sticky_route(b"JSESSIONID=abc123.a1", s, ins) == (b"a1", b"abc123.a1")
+    # A route with a dot in it: the first dot ends the id, as on the other three.
+    assert sticky_route(b"x=1; JSESSIONID=abc.rack.1 ; y=2", s, ins) == (
+        b"rack.1",
+        b"abc.rack.1",
+    )
     assert sticky_route(b"JSESSIONID=noroute", s, ins) is None
     assert sticky_route(b"MYJSESSIONID=abc.a1", s, ins) is None
 
 
 def test_sticky_route_from_inserted_cookie_when_session_has_none() -> None:
     s, ins = b"JSESSIONID=", b"CHANGEOVER_ROUTE="
-    assert sticky_route(b"CHANGEOVER_ROUTE=b2", s, ins) == b"b2"
-    assert sticky_route(b"CHANGEOVER_ROUTE=b2; JSESSIONID=abc.a1", s, ins) == b"a1"
-    assert sticky_route(b"JSESSIONID=plain; CHANGEOVER_ROUTE=a2", s, ins) == b"a2"
+    assert sticky_route(b"CHANGEOVER_ROUTE=b2", s, ins) == (b"b2", b"CHANGEOVER_ROUTE=b2")
+    assert sticky_route(b"CHANGEOVER_ROUTE=b2; JSESSIONID=abc.a1", s, ins) == (
+        b"a1",
+        b"abc.a1",
+    )
+    assert sticky_route(b"JSESSIONID=plain; CHANGEOVER_ROUTE=a2", s, ins)[0] == b"a2"  # type: ignore[index]
 
 
 def test_qa_host_matches_without_port_and_case() -> None:

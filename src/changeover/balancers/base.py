@@ -8,14 +8,13 @@ drops connections.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal, Protocol
+from typing import Protocol
 
-from changeover.model import Admission, PoolView
+from changeover.model import COUNTERS, Admission, Counter, PoolView
 
-# The MemberState counters a balancer may or may not count. Each driver says
-# which it fills (`fills`); the others read 0, which means "not counted".
-Counter = Literal["active", "requests", "errors"]
-COUNTERS: tuple[Counter, ...] = ("active", "requests", "errors")
+# The MemberState counters a balancer may or may not count: each driver says
+# which it fills (`fills`); the others read None, "not counted".
+__all__ = ["COUNTERS", "Balancer", "BalancerError", "Counter", "fills_of"]
 
 
 class BalancerError(Exception):

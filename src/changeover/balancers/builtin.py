@@ -19,7 +19,8 @@ def admin_url_of(topo: Topology) -> str:
 
 
 def pool_from_json(data: Any) -> PoolView:
-    """PoolView from the admin API's {"members": [{"name", "cluster", "admission", ...}]}."""
+    """PoolView from the admin API's {"members": [{"name", "cluster", "admission", ...}]}.
+    A counter the document does not give (an older balancer) is not counted."""
     try:
         return PoolView(
             tuple(
@@ -28,8 +29,7 @@ def pool_from_json(data: Any) -> PoolView:
                     cluster=str(m["cluster"]),
                     admission=Admission(m["admission"]),
                     healthy=bool(m.get("healthy", False)),
-                    active=int(m.get("active", 0)),
-                    requests=int(m.get("requests", 0)),
+                    **{c: None if m.get(c) is None else int(m[c]) for c in BuiltinBalancer.fills},
                 )
                 for m in data["members"]
             )
@@ -41,10 +41,15 @@ def pool_from_json(data: Any) -> PoolView:
 class BuiltinBalancer:
     """One embedded balancer instance; admission changes are atomic on its side."""
 
-    fills: ClassVar[frozenset[Counter]] = frozenset({"active", "requests"})
+    fills: ClassVar[frozenset[Counter]] = frozenset({"active", "requests", "sessions", "tunnels"})
 
     def __init__(
-        self, url: str, token: str | None, name: str = "builtin", timeout: float = 5.0
+        self,
+        url: str,
+        token: str | None,
+        name: str = "builtin",
+        timeout: float = 5.0,
+        session_idle: float | None = None,
     ) -> None:
         if not token:  # the config lacks it: bad input, not an unreachable balancer
             raise ConfigError(
@@ -53,6 +58,10 @@ class BuiltinBalancer:
             )
         self.name = name
         self.url = url.rstrip("/")
+        # Sessions are counted over this site's session_idle, not the balancer's own.
+        self._pool = (
+            "/v1/pool" if session_idle is None else f"/v1/pool?session_idle={session_idle:g}"
+        )
         headers = {"Authorization": f"Bearer {token}"}
         self._client = LazySession(
             lambda: aiohttp.ClientSession(
@@ -76,7 +85,7 @@ class BuiltinBalancer:
             ) from exc
 
     async def read(self) -> PoolView:
-        return await self._call("GET", "/v1/pool")
+        return await self._call("GET", self._pool)
 
     async def apply(self, desired: Mapping[str, Admission]) -> PoolView:
         body = {"admissions": {name: adm.value for name, adm in desired.items()}}
@@ -104,10 +113,11 @@ def builtin_driver(
     `run_dir` and `template_dir` do not apply. Without `balancer.instances` the
     one instance is the topology's own admin listener."""
     token = topology.balancer.token()
+    idle = topology.policy.session_idle
     if not topology.balancer.instances:
-        return BuiltinBalancer(admin_url_of(topology), token)
+        return BuiltinBalancer(admin_url_of(topology), token, session_idle=idle)
     if not instance.admin_url:
         raise BalancerError(
             f"balancer.instances {instance.name!r}: the builtin driver needs admin_url"
         )
-    return BuiltinBalancer(instance.admin_url, token, instance.name)
+    return BuiltinBalancer(instance.admin_url, token, instance.name, session_idle=idle)

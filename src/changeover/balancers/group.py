@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import Mapping, Sequence
 
 from changeover.balancers.base import Balancer, BalancerError, fills_of
-from changeover.model import Admission, MemberState, PoolView, differs
+from changeover.model import COUNTERS, Admission, MemberState, PoolView, differs, total
 
 
 class BalancerGroup:
@@ -51,7 +51,8 @@ class BalancerGroup:
                 + "; ".join(disagreements)
                 + " (apply the desired admissions again to bring them together)"
             )
-        # Healthy only if every instance sees it healthy; work in flight adds up.
+        # Healthy only if every instance sees it healthy; counters add up, and
+        # one instance that does not count a counter makes the sum unknown.
         return PoolView(
             tuple(
                 MemberState(
@@ -59,9 +60,7 @@ class BalancerGroup:
                     cluster=m.cluster,
                     admission=m.admission,
                     healthy=all(v.member(m.name).healthy for v in views),
-                    active=sum(v.member(m.name).active for v in views),
-                    requests=sum(v.member(m.name).requests for v in views),
-                    errors=sum(v.member(m.name).errors for v in views),
+                    **{c: total([v.member(m.name) for v in views], c) for c in COUNTERS},
                 )
                 for m in first.members
             )

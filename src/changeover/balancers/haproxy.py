@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
-from collections.abc import Mapping
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from changeover.balancers.base import BalancerError
@@ -24,6 +26,7 @@ from changeover.model import Admission, MemberState, PoolView
 from changeover.polling import poll_until
 
 LIVE_BACKEND = "live"
+SESSIONS_TABLE = "sessions"  # the stick table of sticky sessions (haproxy.cfg.j2)
 
 # srv_admin_state bits of `show servers state` (HAProxy's enum srv_admin):
 # any forced, inherited or resolution maintenance (FMAINT|IMAINT|RMAINT, not the
@@ -66,6 +69,21 @@ def parse_stat(text: str) -> dict[tuple[str, str], dict[str, str]]:
     return {(row["pxname"], row["svname"]): row for row in reader}
 
 
+def parse_table_keys(text: str) -> list[str] | None:
+    """The keys of `show table <t>` (one `0x...: key=<k> use=... exp=...` line
+    each), or None when HAProxy has no such table (a config rendered before it)."""
+    lines = text.splitlines()
+    if not lines or not lines[0].startswith("# table:"):
+        return None
+    return [match.group(1) for line in lines[1:] if (match := re.search(r"\bkey=(\S+)", line))]
+
+
+def sessions_per_member(keys: Sequence[str], members: Mapping[str, str]) -> Counter[str]:
+    """Sessions per member from the session cookies in the table: the route is what
+    follows the cookie's first dot; `members` maps routes to member names."""
+    return Counter(members[route] for key in keys if (route := key.partition(".")[2]) in members)
+
+
 def admission_of(row: Mapping[str, str]) -> Admission:
     admin = int(row["srv_admin_state"])
     if admin & _MAINT:
@@ -86,7 +104,8 @@ def healthy_status(row: Mapping[str, str]) -> bool:
 
 class HAProxyBalancer(ConfiguredBalancer):
     product = "haproxy"
-    fills = frozenset({"active", "requests"})  # show stat: scur, stot
+    # show stat: scur, stot; show table sessions (the rendered stick table)
+    fills = frozenset({"active", "requests", "sessions"})
     default_config = "/etc/haproxy/haproxy.cfg"
     default_check = ("haproxy", "-c", "-f", "{config}")
     # Debian's unit runs HAProxy in master-worker mode: reload = seamless USR2.
@@ -122,10 +141,15 @@ class HAProxyBalancer(ConfiguredBalancer):
             ) from None
 
     async def read(self) -> PoolView:
-        state_text, stat_text = await asyncio.gather(
-            self.command(f"show servers state {LIVE_BACKEND}"), self.command("show stat -1 4 -1")
+        state_text, stat_text, table_text = await asyncio.gather(
+            self.command(f"show servers state {LIVE_BACKEND}"),
+            self.command("show stat -1 4 -1"),
+            self.command(f"show table {SESSIONS_TABLE}"),
         )
         state, stat = parse_servers_state(state_text), parse_stat(stat_text)
+        keys = parse_table_keys(table_text)
+        routes = {m.route_id: m.name for _, m in self.topology.members()}
+        sessions = None if keys is None else sessions_per_member(keys, routes)
         members = []
         for cluster, member in self.topology.members():
             row = state.get((LIVE_BACKEND, member.name))
@@ -145,6 +169,7 @@ class HAProxyBalancer(ConfiguredBalancer):
                     healthy=healthy_status(qa),
                     active=int(live.get("scur") or 0),
                     requests=int(live.get("stot") or 0),
+                    sessions=None if sessions is None else sessions[member.name],
                 )
             )
         return PoolView(tuple(members))

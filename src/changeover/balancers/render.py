@@ -222,6 +222,8 @@ def _context(
         "redirect": lb.redirect_listen,
         "member_tls": member_tls,
         "sticky_cookie": lb.sticky_cookie,
+        # HAProxy's stick table forgets a session this long after its last request.
+        "session_idle_ms": max(1, round(topology.policy.session_idle * 1000)),
         "algorithm": lb.algorithm,
         "health": {
             "path": health.path,

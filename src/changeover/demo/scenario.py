@@ -50,9 +50,14 @@ class DemoOptions:
     strategy: str = "rolling-clusters"
     bake: float = 0.0
     auto_rollback: bool = False
-    # Policy timings; the crash and fault tests shorten them to stay fast.
-    drain_timeout: float = 3.0
-    drain_idle: float = 1.0
+    # Policy timings, short to stay fast: session_idle above the probe's think
+    # time (sticky_users/rate), drain_timeout above the longest probe session plus
+    # session_idle, so that a drain cuts no session.
+    drain_timeout: float = 10.0
+    session_idle: float = 2.0
+    # How long the probe's users stay (seconds, mean and maximum): then they leave.
+    probe_session_mean: float = 1.0
+    probe_session_max: float = 2.0
     health_timeout: float = 30.0
     keep_previous: float = 600.0
     approval: str = "auto"
@@ -177,7 +182,7 @@ def write_topology(root: Path, opts: DemoOptions) -> Path:
         "",
         "[policy]",
         f"drain_timeout = {opts.drain_timeout:g}",
-        f"drain_idle = {opts.drain_idle:g}",
+        f"session_idle = {opts.session_idle:g}",
         f"health_timeout = {opts.health_timeout:g}",
         f"keep_previous = {opts.keep_previous:g}",
         "min_healthy = 1",
@@ -337,6 +342,8 @@ class DemoSite:
         cmd = [
             sys.executable, "-m", "changeover.probe", self.public_url,
             "--rate", f"{rate:g}", "--duration", "600", "--sticky-users", str(sticky_users),
+            "--session-mean", f"{self.opts.probe_session_mean:g}",
+            "--session-max", f"{self.opts.probe_session_max:g}",
             "--json", "--watch-admin", self.admin_url, "--token-env", TOKEN_ENV,
             *(["--ca-file", str(self.opts.tls[2])] if self.opts.tls else []),
         ]  # fmt: skip
@@ -383,7 +390,8 @@ async def run_demo(opts: DemoOptions, console: Console) -> int:
         report.render(console)
         passed = state == "done" and report.passed
         verdict = (
-            "[bold green]zero downtime: no failed request, no broken session, no version flap[/]"
+            "[bold green]zero downtime: no failed request, no broken or cut session, "
+            "no version flap[/]"
             if passed
             else f"[bold red]FAILED[/]: release {state}, probe "
             + ("passed" if report.passed else "saw failures")

@@ -1,5 +1,5 @@
 """Pure accounting for the probe: latency percentiles, the admission timeline,
-session moves, breaks and version flaps.
+session moves (broken or cut), version flaps, and how long a user stays.
 
 Nothing here does I/O or reads a clock: callers pass times in, so every rule is
 tested on synthetic sequences.
@@ -8,6 +8,7 @@ tested on synthetic sequences.
 from __future__ import annotations
 
 import math
+import random
 from bisect import bisect_left, bisect_right
 from collections import Counter, deque
 from collections.abc import Mapping
@@ -96,9 +97,11 @@ def move_is_break(
     before: Mapping[str, Admission] | None,
     after: Mapping[str, Admission] | None,
 ) -> bool:
-    """A user moved away from `member`: a break unless a read just before or
-    just after the move shows the member not admitted (a member absent from the
-    pool counts as not admitted). A missing read is no excuse."""
+    """A user moved away from `member`: broken (moved while its member was still
+    admitted) unless a read just before or just after the move shows the member
+    not admitted (a member absent from the pool counts as not admitted): then the
+    session was cut, its member having left the pool under it. Neither is excused.
+    A missing read proves nothing: the move counts as broken."""
     return all(
         view is None or view.get(member, Admission.OUT) in ADMITTED for view in (before, after)
     )
@@ -116,7 +119,7 @@ class Move:
 
 
 class BreakLedger:
-    """Counts moves as breaks once the timeline brackets them.
+    """Counts moves as broken or cut once the timeline brackets them.
 
     A move waits until a read has started after its response arrived; moves
     arrive in completion order, so only the head of the queue is ever checked.
@@ -128,7 +131,8 @@ class BreakLedger:
         self._timeline = timeline
         self._pending: deque[Move] = deque()
         self._max_pending = max_pending
-        self.breaks = 0
+        self.breaks = 0  # moved while the member was admitted
+        self.cuts = 0  # still active when the member left the pool
 
     def add(self, move: Move) -> None:
         self._pending.append(move)
@@ -146,11 +150,40 @@ class BreakLedger:
             self._pending.popleft()
             before = timeline.at_or_before(move.sent_at) if timeline else None
             after = timeline.at_or_after(move.done_at) if timeline else None
-            self.breaks += move_is_break(move.from_member, before, after)
+            if move_is_break(move.from_member, before, after):
+                self.breaks += 1
+            else:
+                self.cuts += 1
 
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLengths:
+    """How long a virtual user stays: exponential with `mean` seconds, never more
+    than `maximum` (so a few stay long, most leave soon, as on a real site); then
+    the user leaves, its cookies with it, and a new one takes its place. None for
+    `mean`: users who never leave."""
+
+    mean: float | None = None
+    maximum: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.mean is not None and not (0 < self.mean < math.inf):
+            raise ValueError("the mean session length must be a positive number of seconds")
+        if self.maximum is not None and not (
+            self.mean is not None and self.mean <= self.maximum < math.inf
+        ):
+            raise ValueError("the longest session needs a mean, and is at least the mean")
+
+    def draw(self, rng: random.Random) -> float:
+        """One user's stay in seconds (math.inf: stays)."""
+        if self.mean is None:
+            return math.inf
+        stay = rng.expovariate(1.0 / self.mean)
+        return stay if self.maximum is None else min(stay, self.maximum)
 
 
 @dataclass(slots=True)
@@ -168,10 +201,23 @@ class Sessions:
 
     def __init__(self, users: int) -> None:
         self.users = [UserHistory() for _ in range(users)]
+        self.arrived = users  # every user ever served, those who left included
         self.moves = 0
         self.flaps = 0  # users who returned to an earlier version
         self.members_seen: Counter[str] = Counter()
         self.versions_seen: Counter[str] = Counter()
+
+    def seen(self, member: str | None, version: str | None) -> None:
+        """Count a response in the totals (also one for a user who has left)."""
+        if member is not None:
+            self.members_seen[member] += 1
+        if version is not None:
+            self.versions_seen[version] += 1
+
+    def replace(self, user: int) -> None:
+        """The user left; a new one, with no history, takes its place."""
+        self.users[user] = UserHistory()
+        self.arrived += 1
 
     def served(
         self,
@@ -184,21 +230,19 @@ class Sessions:
     ) -> Move | None:
         """Record a response; `sent_member` is the user's member when the request
         left (whose session its cookies carried). Returns the move, if any."""
+        self.seen(member, version)
         history = self.users[user]
         move = None
         if member is not None:
-            self.members_seen[member] += 1
             if sent_member is not None and member != sent_member:
                 self.moves += 1
                 move = Move(user, sent_member, member, sent_at, done_at)
             history.member = member
-        if version is not None:
-            self.versions_seen[version] += 1
-            if version != history.version:
-                if version in history.versions:
-                    self.flaps += not history.flapped
-                    history.flapped = True
-                else:
-                    history.versions.append(version)
-                history.version = version
+        if version is not None and version != history.version:
+            if version in history.versions:
+                self.flaps += not history.flapped
+                history.flapped = True
+            else:
+                history.versions.append(version)
+            history.version = version
         return move

@@ -2,7 +2,8 @@
 `python -m changeover.probe`.
 
     python -m changeover.probe URL [--rate R] [--duration S] [--sticky-users U] [--json]
-        [--host-header H] [--timeout T] [--insecure | --ca-file PEM]
+        [--session-mean S] [--session-max S] [--host-header H] [--timeout T]
+        [--insecure | --ca-file PEM]
         [--watch-admin URL [--token-env NAME] | --watch-config FILE]
 
 --watch-admin reads the embedded balancer's admin API; --watch-config reads
@@ -11,8 +12,12 @@ embedded one) through its driver, as `changeover status` would.
 
 SIGINT or SIGTERM ends the run early; the report is printed all the same.
 
-Exit codes: 0 passed; 1 failed (a request failed, a session broke, a user saw
-a version flap, or nothing was sent); 2 bad usage.
+Each user thinks sticky_users/rate seconds between requests and stays for a
+length drawn from an exponential distribution with --session-mean seconds, cut
+at --session-max; then it leaves and a new user takes its place.
+
+Exit codes: 0 passed; 1 failed (a request failed, a session broke or was cut,
+a user saw a version flap, or nothing was sent); 2 bad usage.
 """
 
 from __future__ import annotations
@@ -33,11 +38,13 @@ from rich.console import Console
 from changeover.balancers.base import Balancer, BalancerError
 from changeover.balancers.builtin import BuiltinBalancer
 from changeover.config import ConfigError, load
+from changeover.probe.accounting import SessionLengths
 from changeover.probe.report import ProbeReport
 from changeover.probe.runner import run_probe
 from changeover.probe.watcher import AdmissionWatcher
 
 DEFAULT_TOKEN_ENV = "CHANGEOVER_ADMIN_TOKEN"
+DEFAULT_SESSIONS = SessionLengths(mean=3.0, maximum=10.0)  # seconds a user stays
 
 
 def main_cli(
@@ -54,13 +61,15 @@ def main_cli(
     console: Console | None = None,
     watch_config: Path | None = None,
     ca_file: Path | None = None,
+    sessions: SessionLengths = DEFAULT_SESSIONS,
 ) -> int:
     """Run the probe in a fresh (uvloop) event loop, print the report, return the exit code.
 
     `watch_admin` is the embedded balancer's admin URL, `watch_config` a
     changeover.toml whose balancer (any driver) is read instead: with either,
-    moves caused by a member leaving the pool are not counted as broken
-    sessions. Exit 2 when the config cannot be loaded or names no usable balancer.
+    moves caused by a member leaving the pool are counted as cut sessions
+    rather than broken ones. Exit 2 when the config cannot be loaded or names no
+    usable balancer.
     """
     if watch_admin and watch_config:
         raise ValueError("watch_admin and watch_config exclude each other")
@@ -86,6 +95,7 @@ def main_cli(
                     ssl.create_default_context(cafile=ca_file) if ca_file else not insecure
                 ),
                 reader=reader,
+                sessions=sessions,
             )
         )
     if json_out:
@@ -106,6 +116,7 @@ async def _run(
     timeout: float,
     verify_tls: bool | ssl.SSLContext,
     reader: Balancer | None,
+    sessions: SessionLengths,
 ) -> ProbeReport:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -125,6 +136,7 @@ async def _run(
                 stop=stop,
                 watcher=watcher,
                 verify_tls=verify_tls,
+                sessions=sessions,
             )
     finally:
         for sig in signals:
@@ -174,6 +186,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=_non_negative, default=10.0, help="seconds")
     parser.add_argument("--sticky-users", type=_users, default=100)
     parser.add_argument("--timeout", type=_positive, default=2.0, help="per request, seconds")
+    parser.add_argument(
+        "--session-mean",
+        type=_positive,
+        default=DEFAULT_SESSIONS.mean,
+        help="seconds a user stays on average (exponential)",
+    )
+    parser.add_argument(
+        "--session-max",
+        type=_positive,
+        default=DEFAULT_SESSIONS.maximum,
+        help="seconds a user stays at most",
+    )
     parser.add_argument("--host-header", help="Host header to send (e.g. a QA host name)")
     trust = parser.add_mutually_exclusive_group()
     trust.add_argument("--insecure", action="store_true", help="do not verify TLS certificates")
@@ -199,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     token = os.environ.get(args.token_env) if args.watch_admin else None
     if args.watch_admin and not token:
         parser.error(f"--watch-admin needs the admin token in ${args.token_env}")
+    try:
+        sessions = SessionLengths(args.session_mean, args.session_max)
+    except ValueError as exc:
+        parser.error(str(exc))
     return main_cli(
         args.url,
         args.rate,
@@ -212,4 +240,5 @@ def main(argv: list[str] | None = None) -> int:
         admin_token=token,
         watch_config=args.watch_config,
         ca_file=args.ca_file,
+        sessions=sessions,
     )

@@ -44,7 +44,7 @@ class ProbeReport:
     failures: dict[str, int]
     latency_ms: dict[str, float]  # p50, p99, max
     session_moves: int
-    session_breaks: int
+    session_breaks: int  # moved while the member was still admitted
     version_flaps: int  # users served an earlier version again after a newer one
     versions_seen: dict[str, int]
     members_seen: dict[str, int]
@@ -53,6 +53,11 @@ class ProbeReport:
     watched: bool = False  # breaks judged against a balancer's admissions
     admission_reads: int = 0
     admission_read_failures: int = 0
+    sessions_cut: int = 0  # still active when the member left the pool: lost too
+    users_arrived: int = 0  # users served, those who left and their successors included
+    think_time: float = 0.0  # seconds between two requests of one user
+    session_mean: float | None = None  # how long a user stays (None: for good)
+    session_max: float | None = None
     failure_examples: list[str] = field(default_factory=list)
     # The first failed requests: when (seconds after the first scheduled one), what,
     # which user and the member its session was on ("None": no session yet).
@@ -64,11 +69,12 @@ class ProbeReport:
 
     @property
     def passed(self) -> bool:
-        """Something was sent, and nothing failed, broke or flapped."""
+        """Something was sent, and nothing failed, broke, was cut or flapped."""
         return (
             self.sent > 0
             and self.failed == 0
             and self.session_breaks == 0
+            and self.sessions_cut == 0
             and self.version_flaps == 0
         )
 
@@ -102,7 +108,12 @@ class ProbeReport:
                 f"p50 {lat['p50']:.1f} ms  p99 {lat['p99']:.1f} ms  max {lat['max']:.1f} ms",
             ),
             ("schedule lag", self._lag()),
-            ("sessions", f"{self.session_moves} moved, {self.session_breaks} broken"),
+            ("users", self._users()),
+            (
+                "sessions",
+                f"{self.session_moves} moved: {self.session_breaks} broken, "
+                f"{self.sessions_cut} cut",
+            ),
             ("version flaps", str(self.version_flaps)),
             ("versions", _counts(self.versions_seen) or "-"),
             ("members", _counts(self.members_seen) or "-"),
@@ -115,12 +126,21 @@ class ProbeReport:
                 )
             )
         else:
-            rows.append(("admissions", "not watched: every move counts as a break"))
+            rows.append(("admissions", "not watched: every move counts as broken"))
         rows.extend(("example", example) for example in self.failure_examples)
         rows.extend(("failed request", line) for line in self.failure_log[:10])
         for label, value in rows:
             table.add_row(label, value)
         return table
+
+    def _users(self) -> str:
+        stay = (
+            "stay for good"
+            if self.session_mean is None
+            else f"stay {self.session_mean:g} s on average"
+            + ("" if self.session_max is None else f", {self.session_max:g} s at most")
+        )
+        return f"{self.users_arrived} arrived, {self.think_time:g} s between requests, {stay}"
 
     def _lag(self) -> str | Text:
         lag = f"max {self.max_schedule_lag_ms:.1f} ms"

@@ -2,22 +2,32 @@
 
 Request i is dispatched at t0 + i/rate whether or not earlier requests have
 returned, as real users do; request i belongs to virtual user i % sticky_users,
-who keeps the cookies the balancer and the app set, like a browser.
+who keeps the cookies the balancer and the app set, like a browser. So a user
+thinks sticky_users/rate seconds between two requests; with `sessions`, it
+stays for a drawn length and then leaves (its cookies with it), and a new user
+takes its place on the schedule.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import ssl
 import time
 from collections import Counter
 
 import aiohttp
 
-from changeover.probe.accounting import BreakLedger, LatencyHistogram, Sessions
+from changeover.probe.accounting import (
+    BreakLedger,
+    LatencyHistogram,
+    SessionLengths,
+    Sessions,
+)
 from changeover.probe.report import ProbeReport
 from changeover.probe.watcher import AdmissionWatcher
 
+STAY_FOR_GOOD = SessionLengths()  # users who never leave
 MAX_EXAMPLES = 5  # distinct failure messages kept for the report
 MAX_LOGGED = 20  # failed requests kept with their time and member, to tell when and where
 MAX_SLEEP = 0.05  # the scheduler wakes at least this often to notice `stop`
@@ -36,12 +46,15 @@ async def run_probe(
     member_header: str = "X-Changeover-Member",
     version_header: str = "X-Changeover-Version",
     verify_tls: bool | ssl.SSLContext = True,
+    sessions: SessionLengths = STAY_FOR_GOOD,
+    seed: int | None = None,
 ) -> ProbeReport:
     """Send GET `url` at `rate` requests/s until `duration` elapses or `stop` is set.
 
     `verify_tls`: an SSL context verifies with it (e.g. a site's own CA), False not at all.
     With a running `watcher`, a user moved off a member that the balancer had
-    taken out is not a broken session; without one every move is a break.
+    taken out counts as a cut session, any other move as a broken one; without
+    one every move is a break. `seed` makes the session lengths repeatable.
     """
     if rate <= 0 or duration < 0 or sticky_users < 1 or timeout <= 0:
         raise ValueError("rate and timeout must be positive, duration >= 0, sticky_users >= 1")
@@ -54,6 +67,8 @@ async def run_probe(
         watcher=watcher,
         member_header=member_header,
         version_header=version_header,
+        lengths=sessions,
+        rng=random.Random(seed),
     )
     # The pool is sized to the rate: enough connections for a slow second, not unbounded.
     connector = aiohttp.TCPConnector(
@@ -97,6 +112,8 @@ class _Probe:
         watcher: AdmissionWatcher | None,
         member_header: str,
         version_header: str,
+        lengths: SessionLengths,
+        rng: random.Random,
     ) -> None:
         self.url = url
         self.rate = rate
@@ -118,6 +135,12 @@ class _Probe:
         # carries, whichever response happened to arrive last.
         self.cookie_owner: list[str | None] = [None] * sticky_users
         self.sessions = Sessions(sticky_users)
+        self.lengths, self.rng = lengths, rng
+        # When each user leaves (relative to t0 until the schedule starts), and
+        # which user of the slot it is: a response to a user who has left is
+        # counted, but changes nothing of the user who replaced it.
+        self.leaves = [lengths.draw(rng) for _ in range(sticky_users)]
+        self.generation = [0] * sticky_users
         self.ledger = BreakLedger(watcher.timeline if watcher else None)
         self.latency = LatencyHistogram()
         self.failures: Counter[str] = Counter()
@@ -136,6 +159,7 @@ class _Probe:
         """Dispatch every request when it is due; return the seconds spent."""
         total = int(duration * self.rate)
         self.t0 = t0 = time.monotonic()
+        self.leaves = [t0 + stay for stay in self.leaves]
         i = 0
         while i < total and not stop.is_set():
             now = time.monotonic()
@@ -172,11 +196,25 @@ class _Probe:
             self._fail("overload", f"more than {self.max_in_flight} requests in flight")
             return
         self.sent += 1
-        task = asyncio.create_task(self._request(session, seq % self.users, due))
+        user = seq % self.users
+        if due >= self.leaves[user]:
+            self._replace(user, due)
+        task = asyncio.create_task(self._request(session, user, self.generation[user], due))
         self.in_flight.add(task)
         task.add_done_callback(self.in_flight.discard)
 
-    async def _request(self, session: aiohttp.ClientSession, user: int, due: float) -> None:
+    def _replace(self, user: int, now: float) -> None:
+        """The user's session is over: it leaves, a new user arrives in its place."""
+        self.generation[user] += 1
+        self.cookies[user] = {}
+        self.cookie_header[user] = ""
+        self.cookie_owner[user] = None
+        self.sessions.replace(user)
+        self.leaves[user] = now + self.lengths.draw(self.rng)
+
+    async def _request(
+        self, session: aiohttp.ClientSession, user: int, generation: int, due: float
+    ) -> None:
         started = time.monotonic()
         self.max_lag = max(self.max_lag, started - due)
         sent_cookies = self.cookie_header[user]
@@ -195,10 +233,12 @@ class _Probe:
                 status = resp.status
                 member = resp.headers.get(self.member_header)
                 version = resp.headers.get(self.version_header)
-                if "Set-Cookie" in resp.headers:
+                # A user who left while this was in flight took its cookies along.
+                current = self.generation[user] == generation
+                if current and "Set-Cookie" in resp.headers:
                     self._keep_cookies(user, resp)
                     self.cookie_owner[user] = member
-                elif self.cookie_header[user] == sent_cookies and sent_cookies:
+                elif current and self.cookie_header[user] == sent_cookies and sent_cookies:
                     # The session it carried is the user's current one: whoever
                     # answered holds it now (a stale cookie's answer changes nothing).
                     self.cookie_owner[user] = member
@@ -216,6 +256,9 @@ class _Probe:
         else:
             self._fail("http_5xx" if status >= 500 else "http_other", f"HTTP {status}")
             self._log(due, f"HTTP {status} from {member}, user {user} of {sent_member}")
+        if not current:
+            self.sessions.seen(member, version)  # the totals, not the successor's history
+            return
         move = self.sessions.served(user, sent_member, member, version, started, done)
         if move is not None:
             self.ledger.add(move)
@@ -257,6 +300,11 @@ class _Probe:
             },
             session_moves=self.sessions.moves,
             session_breaks=self.ledger.breaks,
+            sessions_cut=self.ledger.cuts,
+            users_arrived=self.sessions.arrived,
+            think_time=round(self.users / self.rate, 3),
+            session_mean=self.lengths.mean,
+            session_max=self.lengths.maximum,
             version_flaps=self.sessions.flaps,
             versions_seen=dict(self.sessions.versions_seen),
             members_seen=dict(self.sessions.members_seen),

@@ -1,8 +1,8 @@
 """The admin API on `balancer.admin_listen`, served by the master process.
 
-GET /v1/pool, POST /v1/admissions, POST /v1/tls/reload, the site's release
-lock at /v1/lock (GET, PUT to claim or renew, DELETE to let go; see
-`proxy/lease.py`), all behind the bearer token, and GET /v1/healthz (open).
+GET /v1/pool[?session_idle=S], POST /v1/admissions, POST /v1/tls/reload, the
+site's release lock at /v1/lock (GET, PUT to claim or renew, DELETE to let go;
+see `proxy/lease.py`), all behind the bearer token, and GET /v1/healthz (open).
 aiohttp is fine here: this is not the request hot path.
 
 A body that cannot be read as JSON (not JSON, not text in its charset, an
@@ -98,9 +98,17 @@ def build_app(
     health = pool.topology.balancer.health
     first_verdicts = min(3.0, health.fall * health.interval + health.timeout)
 
-    async def get_pool(_: web.Request) -> web.Response:
+    async def get_pool(request: web.Request) -> web.Response:
+        idle: float | None = None
+        if "session_idle" in request.query:
+            try:
+                idle = float(request.query["session_idle"])
+            except ValueError:
+                idle = -1.0
+            if not 0 < idle < 1e9:  # also refuses nan
+                return _error(400, "session_idle must be a positive number of seconds")
         await pool.first_verdicts(first_verdicts)
-        return web.json_response(pool.view())
+        return web.json_response(pool.view(idle))
 
     async def post_admissions(request: web.Request) -> web.Response:
         body, problem = await _json_body(request)

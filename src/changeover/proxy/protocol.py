@@ -66,7 +66,7 @@ from changeover.proxy.routing import (
     qa_cluster,
     sticky_route,
 )
-from changeover.proxy.state import SharedState
+from changeover.proxy.state import SharedState, now_ms
 from changeover.proxy.tunnel import Tunnel, close_offsets
 from changeover.tls import member_ca, member_context
 
@@ -133,6 +133,7 @@ class Worker:
         self.drained = asyncio.Event()  # set when a client closes while stopping
         self.tunnels: set[Tunnel] = set()
         self.open_tunnels = shared.tunnels(index)  # per member, for the admin API
+        self.sessions = shared.sessions(index)  # sticky sessions seen, for the admin API
         self.close_spread = balancer.close_spread
         self.turn = index  # workers start their round-robin at different members
         # Deadlines are checked once a second, so a clock updated as often is
@@ -292,6 +293,7 @@ class Head:
         "raw",
         "replayable",
         "scope",
+        "session",
         "sticky",
         "tunnel",
         "upstream",
@@ -306,6 +308,7 @@ class Head:
         keep_alive: bool,
         chunked: bool = False,
         http10: bool = False,
+        session: int = 0,
     ) -> None:
         # The head as received, blank line included, once it is worth keeping
         # (only such a head becomes a connection's `last`: b"" starts every buffer).
@@ -313,6 +316,7 @@ class Head:
         self.upstream = upstream  # the head that goes upstream
         self.scope = scope
         self.sticky = sticky
+        self.session = session  # hash of the sticky session's cookie, 0 for none
         self.head_only = method == b"HEAD"
         self.replayable = method is None or method in _IDEMPOTENT  # None: GET
         self.keep_alive = keep_alive
@@ -338,6 +342,7 @@ class Request:
         "scope",
         "sent",
         "sent_size",
+        "session",
         "sticky",
         "tried",
         "tunnel",
@@ -347,6 +352,7 @@ class Request:
     def __init__(self, head: Head, keep_alive: bool) -> None:
         self.scope = head.scope
         self.sticky = head.sticky
+        self.session = head.session
         self.chunked = head.chunked
         self.head_only = head.head_only
         self.http10 = head.http10
@@ -629,15 +635,17 @@ class Client(asyncio.Protocol):
         scope = self.scope
         if scope == PUBLIC and w.qa_hosts:
             scope = qa_cluster(w.table, host)
-        sticky = NO_MEMBER
+        sticky, session = NO_MEMBER, 0
         if cookies is not None:
-            route = sticky_route(cookies, w.sticky, w.inserted)
-            if route is not None:
-                sticky = w.routes.get(route, NO_MEMBER)
+            found = sticky_route(cookies, w.sticky, w.inserted)
+            if found is not None:
+                sticky = w.routes.get(found[0], NO_MEMBER)
+                # Forked workers share the hash seed, so one session is one key.
+                session = hash(found[1]) or 1
         method = None if buf.startswith(b"GET ", start) else self.parser.get_method()
         check_method(method)
         keep_alive = self.parser.should_keep_alive()
-        return Head(upstream, scope, sticky, method, keep_alive, chunked, http10)
+        return Head(upstream, scope, sticky, method, keep_alive, chunked, http10, session)
 
     def _request(self, head: Head) -> None:
         req = Request(head, head.keep_alive and not self.w.stopping)
@@ -701,7 +709,12 @@ class Client(asyncio.Protocol):
             self._answer(502 if req.tried else 503)
             return
         req.member = member
-        req.cookie = None if member == req.sticky else w.set_cookie[member]
+        if member == req.sticky:
+            req.cookie = None
+            if req.session and req.scope == PUBLIC:  # the live pool's sessions, for drains
+                w.sessions.seen(req.session, member, now_ms())
+        else:
+            req.cookie = w.set_cookie[member]
         self.active = req
         w.inflight[member] += 1
         idle = w.idle[member]

@@ -94,22 +94,26 @@ def qa_cluster(table: Table, host: bytes | None) -> int:
     return table.qa_hosts.get(host_name(host), PUBLIC)
 
 
-def sticky_route(cookies: bytes, sticky: bytes, inserted: bytes) -> bytes | None:
-    """The route a Cookie header asks for, the Apache way.
+def sticky_route(cookies: bytes, sticky: bytes, inserted: bytes) -> tuple[bytes, bytes] | None:
+    """(route, session) that a Cookie header asks for, the Apache way.
 
     `sticky` and `inserted` are cookie names followed by "=". The application's
-    session cookie carries the route after its last "." (JSESSIONID=abc.a1 -> a1);
-    the balancer-inserted cookie carries the route itself. The session cookie wins.
+    session cookie carries the route after its first "." (JSESSIONID=abc.a1 -> a1,
+    JSESSIONID=abc.rack.1 -> rack.1, as Apache, HAProxy and nginx read it); the
+    balancer-inserted cookie carries the route itself. The session cookie wins.
+    The session is the cookie's whole value: one per user with the application's
+    cookie, one per member with the inserted one (it names only the route).
     """
-    found: bytes | None = None
+    found: tuple[bytes, bytes] | None = None
     for part in cookies.split(b";"):
         part = part.strip()
         if part.startswith(sticky):
-            dot = part.rfind(b".")
-            if dot >= len(sticky):
-                return part[dot + 1 :]
+            dot = part.find(b".", len(sticky))
+            if dot >= 0:
+                return part[dot + 1 :], part[len(sticky) :]
         elif found is None and part.startswith(inserted):
-            found = part[len(inserted) :]
+            route = part[len(inserted) :]
+            found = route, part
     return found
 
 

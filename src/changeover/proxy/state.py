@@ -7,11 +7,19 @@
     [slot 1: same]
     [per worker: in-flight int64 x N | requests int64 x N | connect failures int64 x N
                  | open tunnels int64 x N]
+    [per worker: sticky sessions, SESSION_SLOTS x (key, member, last seen ms) int64]
 
 Only the master writes the slots: it fills the slot the next generation
 selects, then bumps the generation, so a worker that copies a slot sees one
 whole admission change or none (a seqlock with one writer). Each worker writes
-only its own counters; the master sums them.
+only its own counters and its own session table; the master sums the counters
+and merges the tables (a session that reached two workers counts once).
+
+A session table is bounded: SESSION_SLOTS sessions per worker, an open-addressed
+table where a session's key may sit in one of SESSION_PROBE slots from its hash;
+a new session whose slots are all taken replaces the one seen longest ago. Past
+that bound the oldest sessions are forgotten, so a count can fall short only
+when more than SESSION_SLOTS sessions per worker were seen within session_idle.
 
 `PoolState` is the master's authority over admissions and health: it
 validates admin changes, publishes them to the shared slots and persists the
@@ -28,6 +36,7 @@ import mmap
 import os
 import reprlib
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +50,8 @@ log = logging.getLogger("changeover.proxy")
 
 _WORD = 8
 _COUNTERS = 4  # int64 arrays per worker: in-flight, requests, connect failures, tunnels
+SESSION_SLOTS = 8192  # sessions each worker remembers (24 bytes each: 192 KiB)
+SESSION_PROBE = 8  # slots a session's key may occupy, from its hash on
 
 
 def _padded(n: int) -> int:
@@ -53,7 +64,8 @@ class SharedState:
         self.workers = workers
         self._slot_size = _padded(2 * members)
         self._counters_at = _WORD + 2 * self._slot_size
-        size = self._counters_at + workers * _COUNTERS * members * _WORD
+        self._sessions_at = self._counters_at + workers * _COUNTERS * members * _WORD
+        size = self._sessions_at + workers * 3 * SESSION_SLOTS * _WORD
         self._map = mmap.mmap(-1, size)  # anonymous and MAP_SHARED: inherited by fork
         self._view = memoryview(self._map)
         self._generation = self._view[:_WORD].cast("q")
@@ -100,6 +112,26 @@ class SharedState:
         start = self._counters_at + worker * size
         return self._view[start : start + size].cast("q")
 
+    def sessions(self, worker: int) -> SessionTable:
+        """One worker's table of sticky sessions, which only that worker writes."""
+        size = 3 * SESSION_SLOTS * _WORD
+        start = self._sessions_at + worker * size
+        return SessionTable(self._view[start : start + size].cast("q"))
+
+    def session_totals(self, now_ms: int, idle_ms: int) -> list[int]:
+        """Sessions per member seen within `idle_ms` before `now_ms`, over every
+        worker; a session two workers saw belongs to the member that saw it last."""
+        latest: dict[int, tuple[int, int]] = {}
+        for w in range(self.workers):
+            for key, member, seen in self.sessions(w).entries():
+                if seen > latest.get(key, (-1, 0))[0]:
+                    latest[key] = (seen, member)
+        counts = [0] * self.members
+        for seen, member in latest.values():
+            if now_ms - seen <= idle_ms and 0 <= member < self.members:
+                counts[member] += 1
+        return counts
+
     def tunnel_totals(self) -> list[int]:
         """Open tunnels per member, summed over workers."""
         views = [self.tunnels(w) for w in range(self.workers)]
@@ -117,6 +149,51 @@ class SharedState:
                 for m in range(self.members):
                     total[m] += part[m]
         return sums
+
+
+def now_ms() -> int:
+    """CLOCK_MONOTONIC in ms: one clock for every process of the machine, so the
+    master can age what the workers wrote."""
+    return time.monotonic_ns() // 1_000_000
+
+
+class SessionTable:
+    """SESSION_SLOTS entries of (key, member, last seen in ms); key 0 is a free slot.
+
+    The writer updates an entry's time and member before its key, so a reader
+    never credits a new key with another session's time; a read that races a
+    write may see one entry half-written, which only moves one count by one."""
+
+    def __init__(self, words: memoryview) -> None:
+        self._words = words
+
+    def seen(self, session: int, member: int, now_ms: int) -> None:
+        """The worker routed a request of `session` (a hash; never 0) to its member."""
+        words = self._words
+        start = session % SESSION_SLOTS
+        target, oldest = -1, None
+        for k in range(SESSION_PROBE):
+            slot = (start + k) % SESSION_SLOTS
+            key = words[3 * slot]
+            if key == session or key == 0:
+                target = slot
+                break
+            seen = words[3 * slot + 2]
+            if oldest is None or seen < oldest:
+                target, oldest = slot, seen
+        at = 3 * target
+        if words[at] != session:
+            words[at] = 0  # free while it changes hands
+        words[at + 1] = member
+        words[at + 2] = now_ms
+        words[at] = session
+
+    def entries(self) -> list[tuple[int, int, int]]:
+        """(key, member, last seen) of every taken slot."""
+        words = self._words.tolist()  # one copy, then plain ints
+        return [
+            (words[i], words[i + 1], words[i + 2]) for i in range(0, len(words), 3) if words[i] != 0
+        ]
 
 
 class AdmissionError(ValueError):
@@ -240,12 +317,16 @@ class PoolState:
             )
         )
 
-    def view(self) -> dict[str, list[dict[str, Any]]]:
+    def view(self, session_idle: float | None = None) -> dict[str, list[dict[str, Any]]]:
         """The admin API's pool document, members in topology order. `active`
         counts requests in flight; a WebSocket is one request until its 101,
-        then one of `tunnels` until it closes."""
+        then one of `tunnels` until it closes. `sessions` counts the sticky
+        sessions routed to the member within `session_idle` seconds (default
+        the balancer's policy.session_idle)."""
         active, requests, _ = self.shared.totals()
         tunnels = self.shared.tunnel_totals()
+        idle = self.topology.policy.session_idle if session_idle is None else session_idle
+        sessions = self.shared.session_totals(now_ms(), int(idle * 1000))
         members = []
         for i, (cluster, member) in enumerate(self.topology.members()):
             members.append(
@@ -260,6 +341,7 @@ class PoolState:
                     "active": active[i],
                     "requests": requests[i],
                     "tunnels": tunnels[i],
+                    "sessions": sessions[i],
                 }
             )
         return {"members": members}
