@@ -287,7 +287,10 @@ class Journal:
     def acquire(
         self, site: str, release_id: int | None, take_stale: bool = True
     ) -> LockInfo | None:
-        """Take the site lock; returns the stale lock that was taken over, if any."""
+        """Take the site lock; returns the stale lock that was taken over, if any.
+        This process holding it already counts as held, unless for `release_id`
+        itself: a second release begun in one process (the desk runs releases)
+        must be refused, not let go of the first one's lock when it gives up."""
         pid, host, user, start = _me()
         with self._tx() as db:
             row = db.execute("SELECT * FROM locks WHERE site=?", (site,)).fetchone()
@@ -295,7 +298,8 @@ class Journal:
             if row:
                 holder = LockInfo(**dict(row))
                 if holder.pid == pid and holder.host == host:
-                    stale = None
+                    if release_id is None or holder.release_id != release_id:
+                        raise LockHeld(holder)
                 elif take_stale and holder.is_stale():
                     stale = holder
                 else:

@@ -16,10 +16,12 @@ from changeover.cli import _status_notes
 from changeover.config import Cluster, Member
 from changeover.engine import Engine, Event
 from changeover.executors.base import CommandResult
+from changeover.journal import LockHeld
 from changeover.model import AbortAsked, Admission, Approval, Counter, PoolView, encode_ask
 from changeover.plan import PlanRefused
 from changeover.releases import Awaiting, BadRequest, Begin, Releases
 from changeover.steps import StepKind
+from tests.helpers import wait_until
 from tests.unit.engine_fakes import FakeExecutor, Site, journal_writes
 
 LIVE, DRAINING, OUT = Admission.LIVE, Admission.DRAINING, Admission.OUT
@@ -767,3 +769,25 @@ async def test_status_after_bluegreen_names_the_kept_cluster_and_the_time_left(
     assert now.versions["b1"] == "1.0" and now.versions["a1"] == "2.0"
     site.balancer.admissions |= {"b1": Admission.OUT, "b2": Admission.OUT}  # b taken out
     assert (await service.status()).kept is None  # nothing to flip back to
+
+
+async def test_a_second_release_in_one_process_is_refused_and_the_first_keeps_its_lock(
+    tmp_path: Path,
+) -> None:
+    """The desk runs releases in its own process: a second one begun there while
+    the first waits must be refused without letting go of the first's lock."""
+    site = Site.build(tmp_path, policy={"approval": "manual"})
+    first = Engine(site.topo, site.ports(), poll=0.05)
+    release_id = await first.begin("2.0")
+    running = asyncio.create_task(first.run(release_id))
+    await wait_until(
+        lambda: site.journal.release(release_id).state == J.AWAITING_APPROVAL,
+        what="the first release waiting for approval",
+    )
+    with pytest.raises(LockHeld):
+        await Engine(site.topo, site.ports(), poll=0.05).begin("3.0")
+    holder = site.journal.lock_holder("t")
+    assert holder is not None and holder.release_id == release_id
+    approve_when_asked(site)
+    assert await running == J.DONE
+    assert [r.version for r in site.journal.releases("t")] == ["2.0"]
