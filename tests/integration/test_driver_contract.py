@@ -125,9 +125,14 @@ async def test_declared_counters_move_and_the_others_read_none(
                 await wait_until(in_flight, timeout=3, what="the slow request counted active")
             during = await balancer.read()
             await slow.read()
+        for _ in range(5):
+            async with http.get(url + "/fail") as failed:
+                assert failed.status == 500
     after = await balancer.read()
     if "requests" in fills:
         assert counted(after, "requests") - counted(before, "requests") >= 30
+    if "errors" in fills:
+        assert counted(after, "errors") - counted(before, "errors") == 5
     for counter in undeclared:
         for view in (during, after):
             assert [getattr(m, counter) for m in view.members] == [None] * len(view.members), (

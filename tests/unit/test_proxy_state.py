@@ -111,7 +111,10 @@ def test_pool_view_has_the_admin_contract_fields() -> None:
     pool.shared.counters(1)[0][2] += 1
     pool.shared.tunnels(0)[2] += 2
     pool.shared.tunnels(1)[2] += 1
+    pool.shared.errors(0)[2] += 4
+    pool.shared.errors(1)[2] += 1
     assert pool.shared.counters(0)[2][2] == 0  # tunnels have their own counters
+    assert pool.shared.tunnels(0)[2] == 2  # and 5xx theirs
     member = pool.view()["members"][2]
     assert member == {
         "name": "b1",
@@ -123,6 +126,7 @@ def test_pool_view_has_the_admin_contract_fields() -> None:
         "healthy": True,
         "active": 1,
         "requests": 0,
+        "errors": 5,
         "tunnels": 3,
         "sessions": 0,
     }

@@ -41,7 +41,9 @@ def pool_from_json(data: Any) -> PoolView:
 class BuiltinBalancer:
     """One embedded balancer instance; admission changes are atomic on its side."""
 
-    fills: ClassVar[frozenset[Counter]] = frozenset({"active", "requests", "sessions", "tunnels"})
+    fills: ClassVar[frozenset[Counter]] = frozenset(
+        {"active", "requests", "errors", "sessions", "tunnels"}
+    )
 
     def __init__(
         self,

@@ -104,8 +104,8 @@ def healthy_status(row: Mapping[str, str]) -> bool:
 
 class HAProxyBalancer(ConfiguredBalancer):
     product = "haproxy"
-    # show stat: scur, stot; show table sessions (the rendered stick table)
-    fills = frozenset({"active", "requests", "sessions"})
+    # show stat: scur, stot, hrsp_5xx; show table sessions (the rendered stick table)
+    fills = frozenset({"active", "requests", "errors", "sessions"})
     default_config = "/etc/haproxy/haproxy.cfg"
     default_check = ("haproxy", "-c", "-f", "{config}")
     # Debian's unit runs HAProxy in master-worker mode: reload = seamless USR2.
@@ -169,6 +169,7 @@ class HAProxyBalancer(ConfiguredBalancer):
                     healthy=healthy_status(qa),
                     active=int(live.get("scur") or 0),
                     requests=int(live.get("stot") or 0),
+                    errors=int(live.get("hrsp_5xx") or 0),
                     sessions=None if sessions is None else sessions[member.name],
                 )
             )

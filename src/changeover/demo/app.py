@@ -113,6 +113,13 @@ async def version_text(request: web.Request) -> web.Response:
     return web.Response(text=state.version if reported is None else reported)
 
 
+async def fail(request: web.Request) -> web.Response:
+    """A 500 on purpose: what a balancer counts as the member's 5xx response."""
+    return web.json_response(
+        {"member": request.app[STATE].member, "error": "on purpose"}, status=500
+    )
+
+
 async def slow(request: web.Request) -> web.StreamResponse:
     """Headers at once, the body after `ms`: a long response that is visibly in flight."""
     try:
@@ -189,6 +196,7 @@ def build_app(
     app.router.add_get("/health", health)
     app.router.add_get("/version", version_text)
     app.router.add_get("/slow", slow)
+    app.router.add_get("/fail", fail)
     if db is not None:
         app.router.add_get("/db", users)
     return app

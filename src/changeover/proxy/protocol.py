@@ -133,6 +133,7 @@ class Worker:
         self.drained = asyncio.Event()  # set when a client closes while stopping
         self.tunnels: set[Tunnel] = set()
         self.open_tunnels = shared.tunnels(index)  # per member, for the admin API
+        self.errors = shared.errors(index)  # 5xx responses per member (the bake's figure)
         self.sessions = shared.sessions(index)  # sticky sessions seen, for the admin API
         self.close_spread = balancer.close_spread
         self.turn = index  # workers start their round-robin at different members
@@ -929,6 +930,7 @@ class Upstream(asyncio.Protocol):
         "head_sent",
         "keep",
         "last",
+        "last_5xx",
         "last_length",
         "last_size",
         "left",
@@ -979,6 +981,7 @@ class Upstream(asyncio.Protocol):
         # Content-Length: the next one is often the same bytes (until Date ticks).
         self.last = b"\x00"  # starts no response
         self.last_length = 0
+        self.last_5xx = False
         self.last_size = -1  # the whole response: head and body
 
     def start(self, client: Client, req: Request) -> None:
@@ -1149,6 +1152,8 @@ class Upstream(asyncio.Protocol):
             start = self.mark
             if req.plain and buf.startswith(self.last, start) and not self.w.stopping:
                 # The same bytes as the last plain head: the same decisions.
+                if self.last_5xx:
+                    self.w.errors[req.member] += 1
                 self.mark = self.cursor = end = start + len(self.last)
                 self._plain_head(req, buf, start, end, self.last_length)
                 return
@@ -1164,6 +1169,8 @@ class Upstream(asyncio.Protocol):
             end = buf.find(b"\r\n\r\n", start) + 4
             self.mark = self.cursor = end - len(earlier)
         status: int = self.parser.get_status_code()
+        if status >= 500:
+            self.w.errors[req.member] += 1
         if status == 101:
             # Only a WebSocket handshake may switch protocols, to WebSocket only.
             if not (req.tunnel and switches(buf[start:end])):
@@ -1187,6 +1194,7 @@ class Upstream(asyncio.Protocol):
             length = plain_length(buf[line_end : end - 2].lower())
             if length >= 0 and self.parser.should_keep_alive():
                 self.last = buf[start:end]
+                self.last_5xx = status >= 500
                 self.last_length = length
                 self.last_size = end - start + length
                 self._plain_head(req, buf, start, end, length)

@@ -6,7 +6,7 @@
     [slot 0: admission byte x N | healthy byte x N]   (padded to 8 bytes)
     [slot 1: same]
     [per worker: in-flight int64 x N | requests int64 x N | connect failures int64 x N
-                 | open tunnels int64 x N]
+                 | open tunnels int64 x N | 5xx responses int64 x N]
     [per worker: sticky sessions, SESSION_SLOTS x (key, member, last seen ms) int64]
 
 Only the master writes the slots: it fills the slot the next generation
@@ -37,7 +37,7 @@ import os
 import reprlib
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ from changeover.proxy.routing import ADMISSIONS, CODES, LIVE
 log = logging.getLogger("changeover.proxy")
 
 _WORD = 8
-_COUNTERS = 4  # int64 arrays per worker: in-flight, requests, connect failures, tunnels
+_COUNTERS = 5  # int64 arrays per worker: in-flight, requests, connect failures, tunnels, 5xx
 SESSION_SLOTS = 8192  # sessions each worker remembers (24 bytes each: 192 KiB)
 SESSION_PROBE = 8  # slots a session's key may occupy, from its hash on
 
@@ -105,7 +105,11 @@ class SharedState:
 
     def tunnels(self, worker: int) -> memoryview:
         """One worker's open tunnels (WebSockets) per member, int64 each."""
-        return self._worker_view(worker)[3 * self.members :]
+        return self._worker_view(worker)[3 * self.members : 4 * self.members]
+
+    def errors(self, worker: int) -> memoryview:
+        """One worker's 5xx responses from each member, int64 each."""
+        return self._worker_view(worker)[4 * self.members :]
 
     def _worker_view(self, worker: int) -> memoryview:
         size = _COUNTERS * self.members * _WORD
@@ -134,7 +138,14 @@ class SharedState:
 
     def tunnel_totals(self) -> list[int]:
         """Open tunnels per member, summed over workers."""
-        views = [self.tunnels(w) for w in range(self.workers)]
+        return self._summed(self.tunnels)
+
+    def error_totals(self) -> list[int]:
+        """5xx responses from each member, summed over workers."""
+        return self._summed(self.errors)
+
+    def _summed(self, per_worker: Callable[[int], memoryview]) -> list[int]:
+        views = [per_worker(w) for w in range(self.workers)]
         return [sum(int(v[m]) for v in views) for m in range(self.members)]
 
     def failures(self, member: int) -> int:
@@ -320,11 +331,14 @@ class PoolState:
     def view(self, session_idle: float | None = None) -> dict[str, list[dict[str, Any]]]:
         """The admin API's pool document, members in topology order. `active`
         counts requests in flight; a WebSocket is one request until its 101,
-        then one of `tunnels` until it closes. `sessions` counts the sticky
+        then one of `tunnels` until it closes. `errors` counts the member's 5xx
+        responses (not the balancer's own 502/503 when it cannot reach one).
+        `sessions` counts the sticky
         sessions routed to the member within `session_idle` seconds (default
         the balancer's policy.session_idle)."""
         active, requests, _ = self.shared.totals()
         tunnels = self.shared.tunnel_totals()
+        errors = self.shared.error_totals()
         idle = self.topology.policy.session_idle if session_idle is None else session_idle
         sessions = self.shared.session_totals(now_ms(), int(idle * 1000))
         members = []
@@ -340,6 +354,7 @@ class PoolState:
                     "healthy": self.healthy[i] and i not in self.unchecked,
                     "active": active[i],
                     "requests": requests[i],
+                    "errors": errors[i],
                     "tunnels": tunnels[i],
                     "sessions": sessions[i],
                 }
