@@ -122,7 +122,10 @@ function renderRelease(status) {
   }
   $("approve").disabled = !(operator && release && release.state === "awaiting-approval");
   $("abort").disabled = !(operator && release);
-  $("rollback").disabled = !(operator && !release);
+  // A release that stopped (failed, interrupted, aborted) stays resumable, and
+  // a rollback supersedes it; only one still running refuses it.
+  const running = release && ["running", "awaiting-approval"].includes(release.state);
+  $("rollback").disabled = !(operator && !running);
 }
 
 async function renderHistory(status) {
