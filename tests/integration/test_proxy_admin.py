@@ -65,7 +65,7 @@ async def test_pool_document_and_atomic_admissions(tmp_path: Path) -> None:
         assert list(pool) == ["a1", "b1"]
         assert set(pool["a1"]) == {
             "name", "cluster", "host", "port", "route", "admission", "healthy", "active",
-            "requests", "tunnels", "sessions",
+            "requests", "errors", "tunnels", "sessions",
         }  # fmt: skip
         assert pool["a1"]["requests"] + pool["b1"]["requests"] == 4
         assert pool["a1"]["active"] == 0 and pool["a1"]["healthy"] is True

@@ -312,7 +312,10 @@ class DemoSite:
     async def running(self, fresh: bool = False) -> AsyncIterator[DemoSite]:
         """Every member on `from_version` and healthy behind the balancer; `fresh`:
         the balancer alone, no member deployed or started (a first deploy's site)."""
-        # The engine's builtin driver, in this process, reads the token from here.
+        # The engine's builtin driver, in this process, reads the token from here;
+        # put back what was there after, or the next site in this process (a
+        # test's) would meet this one's token.
+        before = os.environ.get(TOKEN_ENV)
         os.environ[TOKEN_ENV] = self.token
         try:
             if not fresh:
@@ -327,6 +330,10 @@ class DemoSite:
         finally:
             with contextlib.suppress(Exception):
                 await _appctl(self.topo, "stop")
+            if before is None:
+                os.environ.pop(TOKEN_ENV, None)
+            else:
+                os.environ[TOKEN_ENV] = before
 
     async def restart_members(self, version: str) -> None:
         """Stop, deploy `version` on and start every member, until the balancer
