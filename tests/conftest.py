@@ -1,11 +1,15 @@
-"""Suite-wide: a cancelled run still cleans up after itself."""
+"""Suite-wide: a cancelled run still cleans up after itself, and a leak fails the run."""
 
 from __future__ import annotations
 
+import atexit
 import signal
+import sys
 from types import FrameType
 
 import pytest
+
+from tests import reaper
 
 
 def _cancelled(signum: int, frame: FrameType | None) -> None:
@@ -17,3 +21,30 @@ def pytest_configure(config: pytest.Config) -> None:
     # every fixture's teardown stops the balancers, members, probes and
     # servers it started instead of leaving them running.
     signal.signal(signal.SIGTERM, _cancelled)
+    # What a teardown cut short still leaves (a member whose `changeover`
+    # parent died) is re-parented here and swept at the end.
+    reaper.become_subreaper()
+    atexit.register(_sweep_at_exit)
+
+
+def _sweep_at_exit() -> None:
+    # A second signal can cut pytest's own unwinding before sessionfinish.
+    left = reaper.leftovers()
+    if left:
+        print(f"stopping {len(left)} processes the tests left running", file=sys.stderr)
+        reaper.stop(left)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    left = reaper.leftovers()
+    if not left:
+        return
+    names = [reaper.describe(p) for p in left]
+    reaper.stop(left)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"processes left running, now stopped: {len(names)}", red=True)
+        for name in names:
+            reporter.write_line(f"  {name}", red=True)
+    if session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

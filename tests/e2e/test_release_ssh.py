@@ -10,6 +10,7 @@ the failure test comes last since it leaves cluster a out of the pool.
 from __future__ import annotations
 
 import shlex
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -153,6 +154,32 @@ async def test_parallel_bounds_the_members_running_a_command_at_once(
     assert all(peak <= parallel for peak in peaks.values()), peaks
     assert max(peaks.values()) == parallel, peaks  # the bound was reached, not just respected
     assert set((await S.versions_by_member(site)).values()) == {"3.0"}
+
+
+async def test_killed_while_commands_run_over_ssh_then_resumed(site: DemoSite) -> None:
+    """SIGKILL of `changeover release` with start-a in flight on 18 hosts, then
+    `resume` from the journal: every step done once, the site served throughout."""
+    fail = {"CHANGEOVER_FAILPOINT": "start-a:during", "CHANGEOVER_FAILPOINT_DELAY": "0.05"}
+    async with site.probe(RATE, sticky_users=STICKY_USERS) as probe:
+        await S.traffic_flows(site)
+        killed = await S.cli(site, "release", "3.1", env=fail)
+        assert killed.code == -signal.SIGKILL, killed.output
+        row = S.newest(site)
+        assert row.version == "3.1" and row.state == J.RUNNING
+        assert S.step_states(site, row.id)["start-a"] == J.STEP_RUNNING
+        assert await S.admissions(site) == {"a": Admission.OUT, "b": Admission.LIVE}
+        resumed = await S.cli(site, "resume")
+        report = await probe.finish()
+
+    assert resumed.code == 0, resumed.output
+    assert S.newest(site).state == J.DONE
+    assert set(S.step_states(site, row.id).values()) == {J.STEP_DONE}
+    assert report.failed == 0, (report.failure_examples, report.failure_log)
+    assert report.session_breaks == 0
+    assert report.sessions_cut == 0
+    assert report.version_flaps == 0
+    assert set((await S.versions_by_member(site)).values()) == {"3.1"}
+    assert await S.all_live(site)
 
 
 async def test_a_failing_start_stops_the_release_and_the_site_stays_up(site: DemoSite) -> None:

@@ -139,8 +139,8 @@ async def served_certificate(topology: Topology, ca: trustme.CA) -> bytes:
 
 
 @pytest.mark.parametrize(
-    ("product", "https"), [*((p, False) for p in PRODUCTS), ("haproxy", True)],
-    ids=[*PRODUCTS, "haproxy-https"],
+    ("product", "https"), [*((p, False) for p in PRODUCTS), *((p, True) for p in PRODUCTS)],
+    ids=[*PRODUCTS, *(f"{p}-https" for p in PRODUCTS)],
 )  # fmt: skip
 async def test_full_release_under_probe_has_zero_downtime(
     product: str, https: bool, tmp_path: Path
