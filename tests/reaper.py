@@ -22,13 +22,24 @@ def become_subreaper() -> bool:
     return int(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
 
 
+# multiprocessing's own helper: it exits when this process does (its pipe closes).
+_OURS_TO_THE_END = "from multiprocessing.resource_tracker import main"
+
+
 def leftovers(pid: int | None = None) -> list[psutil.Process]:
     """Every live process below ``pid`` (this process by default)."""
     try:
         below = psutil.Process(pid or os.getpid()).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-    return [p for p in below if _alive(p)]
+    return [p for p in below if _alive(p) and not _tracker(p)]
+
+
+def _tracker(proc: psutil.Process) -> bool:
+    try:
+        return _OURS_TO_THE_END in " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
 
 
 def describe(proc: psutil.Process) -> str:

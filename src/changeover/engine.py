@@ -22,6 +22,7 @@ from changeover import journal as J
 from changeover.balancers.base import BalancerError
 from changeover.config import Cluster, Member, Topology
 from changeover.executors.base import CommandResult, member_values, render_argv
+from changeover.groupcommit import GroupCommit
 from changeover.journal import JournalError
 from changeover.migrations import Phase
 from changeover.model import (
@@ -546,6 +547,9 @@ class Engine:
         limit = asyncio.Semaphore(cfg.parallel or len(members))
         failed: list[CommandResult] = []
         skipped: list[str] = []
+        outputs: GroupCommit[J.OutputRow] = GroupCommit(
+            lambda rows: self._j(self.journal.add_outputs, self._release_id, rows)
+        )
 
         async def one(member: Member) -> None:
             async with limit:
@@ -553,15 +557,15 @@ class Engine:
                     skipped.append(member.name)
                     return
                 result = await work(member)
-                await self._j(
-                    self.journal.add_output,
-                    self._release_id,
-                    idx,
-                    member.name,
-                    list(result.argv),
-                    result.exit_status,
-                    result.seconds,
-                    result.output,
+                await outputs.add(
+                    J.OutputRow(
+                        idx,
+                        member.name,
+                        list(result.argv),
+                        result.exit_status,
+                        result.seconds,
+                        result.output,
+                    )
                 )
                 if not result.ok:
                     failed.append(result)

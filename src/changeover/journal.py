@@ -15,7 +15,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -398,29 +398,25 @@ class Journal:
                 (STEP_PENDING, why, release_id, idx),
             )
 
-    def add_output(
-        self,
-        release_id: int,
-        idx: int,
-        member: str,
-        argv: list[str],
-        exit_status: int | None,
-        seconds: float,
-        output: str,
-    ) -> None:
+    def add_outputs(self, release_id: int, rows: Sequence[OutputRow]) -> None:
+        """Members' outputs in one transaction (one fsync however many)."""
+        now = time.time()
         with self._tx() as db:
-            db.execute(
+            db.executemany(
                 "INSERT INTO outputs VALUES (?,?,?,?,?,?,?,?)",
-                (
-                    release_id,
-                    idx,
-                    member,
-                    json.dumps(argv),
-                    exit_status,
-                    seconds,
-                    output,
-                    time.time(),
-                ),
+                [
+                    (
+                        release_id,
+                        r.idx,
+                        r.member,
+                        json.dumps(r.argv),
+                        r.exit_status,
+                        r.seconds,
+                        r.output,
+                        now,
+                    )
+                    for r in rows
+                ],
             )
 
     def add_event(self, release_id: int, kind: str, message: str) -> None:

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from changeover.cli import app
 from changeover.config import load
-from changeover.journal import Journal, journal_path
+from changeover.journal import Journal, OutputRow, journal_path
 from changeover.starter import STARTER
 
 TOKEN_ENV = {"CHANGEOVER_ADMIN_TOKEN": "t0ken"}
@@ -157,7 +157,7 @@ def test_show_json_has_steps_outputs_and_events(tmp_path: Path) -> None:
         "site", "2.0", "1.0", "rolling-clusters", [{"id": "stop-a", "description": "stop a"}]
     )
     j.step_started(rid, 0)
-    j.add_output(rid, 0, "a1", ["ctl", "stop", "a1; x"], 0, 0.25, "stopped\n")
+    j.add_outputs(rid, [OutputRow(0, "a1", ["ctl", "stop", "a1; x"], 0, 0.25, "stopped\n")])
     j.step_finished(rid, 0, True, "1/1 ok")
     j.add_event(rid, "warn", "took over a stale lock left by someone")
     j.close()

@@ -19,7 +19,7 @@ def test_release_and_steps_round_trip(tmp_path: Path) -> None:
     rid = j.create_release("site", "2.0", "1.0", "rolling-clusters", PLAN)
     j.step_started(rid, 0)
     j.step_finished(rid, 0, True, "fine")
-    j.add_output(rid, 1, "a1", ["ctl", "stop"], 0, 0.1, "stopped")
+    j.add_outputs(rid, [J.OutputRow(1, "a1", ["ctl", "stop"], 0, 0.1, "stopped")])
     steps = j.steps(rid)
     assert [(s.step_id, s.state) for s in steps] == [("preflight", "done"), ("drain-a", "pending")]
     assert j.outputs(rid)[0].argv == ["ctl", "stop"]
