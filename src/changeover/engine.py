@@ -490,6 +490,18 @@ class Engine:
             raise StepFailed(f"the balancer still sees {sick} unhealthy")
 
     async def _wait_drained(self, step: WaitDrained) -> str:
+        # The commands that follow the drain find their connections open.
+        warming = asyncio.create_task(self.executor.warm(self.topo.cluster(step.cluster)))
+        try:
+            line = await self._drained(step)
+        except BaseException:
+            warming.cancel()
+            await asyncio.gather(warming, return_exceptions=True)
+            raise
+        await warming
+        return line
+
+    async def _drained(self, step: WaitDrained) -> str:
         policy = self.topo.policy
         now = self.clock.monotonic()
         watch = DrainWatch(now, now)

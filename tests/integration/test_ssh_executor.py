@@ -260,6 +260,19 @@ async def test_one_connection_per_host_across_steps_and_concurrent_callers(
     assert [sshd.accepted(m.host) for m in MEMBERS] == [1, 1, 1]
 
 
+async def test_warm_opens_each_hosts_connection_that_commands_then_reuse(
+    sshd: SshdServer, executor: SshExecutor
+) -> None:
+    cluster = Cluster(name="A", members=[*MEMBERS, UNREACHABLE])
+    await executor.warm(cluster)  # the unreachable member is left for its command
+    await wait_until(lambda: [sshd.accepted(m.host) for m in MEMBERS] == [1, 1, 1], timeout=10)
+    results = await asyncio.gather(*(executor.run(CLUSTER, m, ["true"], 10) for m in MEMBERS))
+    assert all(r.ok for r in results), results
+    assert [sshd.accepted(m.host) for m in MEMBERS] == [1, 1, 1]  # no second handshake
+    late = await executor.run(cluster, UNREACHABLE, ["true"], 10)
+    assert late.exit_status is None and "cannot connect" in late.output
+
+
 async def test_upload_verifies_the_checksum_and_replaces_atomically(
     executor: SshExecutor, tmp_path: Path
 ) -> None:

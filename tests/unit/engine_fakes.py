@@ -156,6 +156,7 @@ class FakeExecutor:
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
         self.calls: list[tuple[str, ...]] = []
+        self.warmed: list[tuple[str, int]] = []  # (cluster, commands run before it)
         self.fail: dict[tuple[str, str], int] = {}
         self.during: Callable[[Sequence[str]], None] | None = None  # runs inside a command
 
@@ -182,6 +183,9 @@ class FakeExecutor:
     ) -> CommandResult:
         self.calls.append(("upload", member.name, str(src), dest))
         return CommandResult(member.name, ("upload", dest), 0, "", 0.01)
+
+    async def warm(self, cluster: Cluster) -> None:
+        self.warmed.append((cluster.name, len(self.calls)))  # and how many commands ran before
 
     async def close(self) -> None:
         return None

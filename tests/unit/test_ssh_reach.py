@@ -35,6 +35,9 @@ class CountingExecutor:
     ) -> CommandResult:
         raise NotImplementedError
 
+    async def warm(self, cluster: Cluster) -> None:
+        raise NotImplementedError
+
     async def close(self) -> None:
         return None
 

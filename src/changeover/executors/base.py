@@ -59,4 +59,10 @@ class Executor(Protocol):
         """Copy a local file to `dest` on the member and verify its checksum there."""
         ...
 
+    async def warm(self, cluster: Cluster) -> None:
+        """Open ahead what commands on the cluster's members need (SSH
+        connections), while its drain waits; a failure is left for the
+        commands to report."""
+        ...
+
     async def close(self) -> None: ...

@@ -115,5 +115,8 @@ class LocalExecutor:
             )
         return CommandResult(member.name, argv, status, text, time.monotonic() - start)
 
+    async def warm(self, cluster: Cluster) -> None:
+        return None  # nothing to open ahead on this host
+
     async def close(self) -> None:
         return None

@@ -35,6 +35,9 @@ from changeover.executors.base import CommandResult
 OUTPUT_LIMIT = 64 * 1024  # bytes of output kept per command: the last ones
 KILL_TIMEOUT = 5.0  # seconds allowed for killing a timed-out command
 KEEPALIVE_INTERVAL = 15.0  # detect a dead pooled connection between steps
+# Handshakes at once while a drain waits: sshd's default MaxStartups (10:30:100)
+# starts dropping unauthenticated connections beyond 10.
+WARM_AT_ONCE = 10
 _READ_SIZE = 64 * 1024
 _PID_LINE = re.compile(rb"(^|\n)changeover-pid:(\d+)\n")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -268,6 +271,16 @@ class SshExecutor:
                 self._forget(member.host, conn)
             return result(1, f"upload to {where} failed: {_describe(exc)}")
         return result(0, f"uploaded {src} to {where} ({size} bytes, sha256 {local} verified)")
+
+    async def warm(self, cluster: Cluster) -> None:
+        limit = asyncio.Semaphore(WARM_AT_ONCE)
+
+        async def one(host: str) -> None:
+            async with limit:
+                with contextlib.suppress(SshError):
+                    await self._connection(host)
+
+        await asyncio.gather(*(one(h) for h in dict.fromkeys(m.host for m in cluster.members)))
 
     async def close(self) -> None:
         conns, jump = list(self._conns.values()), self._jump_conn
