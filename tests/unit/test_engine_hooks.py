@@ -7,7 +7,7 @@ from pathlib import Path
 
 from changeover import journal as J
 from changeover.engine import Engine
-from changeover.model import AbortAsked, encode_ask
+from changeover.model import AbortAsked, Admission, encode_ask
 from tests.unit.engine_fakes import Site
 from tests.unit.test_engine_playbook import approve_when_asked, release
 
@@ -96,6 +96,35 @@ async def test_a_failed_step_and_an_abort_are_told(tmp_path: Path) -> None:
     other.clock.on_sleep.append(abort)
     assert await release(other) == J.ABORTED
     assert other.notifier.names()[-1] == ("aborted", None)
+
+    # A resume after steps ran: no pre-release check, `started` says it resumed.
+    other.clock.on_sleep.clear()
+    other.notifier.events.clear()
+    engine = Engine(other.topo, other.ports(), poll=0.05)
+    assert await engine.run(await engine.take_over()) == J.DONE
+    assert other.notifier.names()[0] == ("started", None)
+    assert other.notifier.events[0].message == "resumed"
+    assert "pre-release" not in [e.event for e in other.notifier.events]
+
+
+async def test_a_bake_that_flips_back_and_an_interruption_are_told(tmp_path: Path) -> None:
+    site = Site.build(tmp_path, policy={"bake": 10, "max_error_ratio": 0.05, "auto_rollback": True})
+    site.clock.on_sleep.append(
+        lambda: (
+            site.balancer.serve("a", 10, 3)
+            if site.balancer.admissions["a1"] is Admission.LIVE
+            else None
+        )
+    )
+    assert await release(site) == J.ROLLED_BACK
+    told = site.notifier.events[-1]
+    assert told.event == "rolled-back" and "flipped back" in told.message
+
+    other = Site.build(tmp_path / "other")
+    engine = Engine(other.topo, other.ports(), poll=0.05)
+    other.clock.on_sleep.append(engine.interrupt)
+    assert await engine.run(await engine.begin("2.0")) == J.INTERRUPTED
+    assert other.notifier.names()[-1] == ("interrupted", None)
 
 
 async def test_a_hook_that_fails_is_journaled_and_fails_nothing(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from changeover.hooks import (
     DELIVERY_HEADER,
     EVENT_HEADER,
     SIGNATURE_HEADER,
+    HookRunner,
     argv,
     body,
     budget,
@@ -227,7 +229,36 @@ def test_headers_name_the_event_and_delivery_and_sign_only_with_a_secret() -> No
 
 
 @pytest.mark.parametrize(
-    ("status", "again"), [(500, True), (503, True), (429, True), (408, True), (404, False)]
+    ("status", "again"),
+    [(500, True), (503, True), (429, True), (408, True), (404, False), (302, False)],
 )
 def test_only_the_receivers_trouble_is_retried(status: int, again: bool) -> None:
     assert retryable(status) is again
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        (
+            {"url": "http://127.0.0.1:9/", "secret_env": "NO_SECRET"},
+            "secret_env: NO_SECRET is not set",
+        ),
+        ({"url_env": "NO_URL"}, "url_env: NO_URL is not set"),
+        (
+            {"url": "http://127.0.0.1:9/", "secret_file": "missing.secret"},
+            "secret_file: cannot read",
+        ),
+    ],
+)
+async def test_a_webhook_missing_its_secret_or_url_fails_at_once_and_sends_nothing(
+    tmp_path: Path, entry: dict[str, Any], problem: str
+) -> None:
+    """Not retried (no "after N attempts"), never sent unsigned."""
+    data = two_clusters(hooks=[{"name": "gate", "on": ["pre-release"]} | entry])
+    runner = HookRunner(parse(data, tmp_path / "site.toml"), env={})
+    try:
+        refusal = await runner.check(replace(EVENT, event="pre-release", cluster=None))
+    finally:
+        await runner.close()
+    assert refusal is not None
+    assert refusal.startswith(f"pre-release hook gate (webhook) failed: {problem}")
