@@ -532,6 +532,10 @@ def _hook_command(value: str | list[str] | None) -> str | list[str] | None:
     return value
 
 
+def _repeated(items: list[str]) -> list[str]:
+    return sorted({item for item in items if items.count(item) > 1})
+
+
 class Hook(_Model):
     """One `[[hooks]]` entry: a local command and/or a webhook POST, run on the
     events `on` names (docs/configuration.md)."""
@@ -559,8 +563,7 @@ class Hook(_Model):
     @field_validator("on")
     @classmethod
     def _once_each(cls, on: list[str]) -> list[str]:
-        twice = sorted({e for e in on if on.count(e) > 1})
-        if twice:
+        if twice := _repeated(on):
             raise ValueError(f"names {', '.join(twice)} more than once")
         return on
 
@@ -617,9 +620,7 @@ class Topology(_Model):
     @field_validator("hooks")
     @classmethod
     def _hook_names(cls, hooks: list[Hook]) -> list[Hook]:
-        names = [h.name for h in hooks if h.name is not None]
-        twice = sorted({n for n in names if names.count(n) > 1})
-        if twice:
+        if twice := _repeated([h.name for h in hooks if h.name is not None]):
             raise ValueError(f"hook name {twice[0]!r} is given to more than one hook")
         return hooks
 

@@ -102,9 +102,8 @@ async def receiver() -> AsyncIterator[Receiver]:
     app.router.add_post("/{name}", record)
     runner = web.AppRunner(app, shutdown_timeout=1)
     await runner.setup()
-    tcp = web.TCPSite(runner, "127.0.0.1", 0)
-    await tcp.start()
-    port = tcp._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
     box.append(Receiver(f"http://127.0.0.1:{port}"))
     try:
         yield box[0]

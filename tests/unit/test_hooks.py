@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -262,3 +263,15 @@ async def test_a_webhook_missing_its_secret_or_url_fails_at_once_and_sends_nothi
         await runner.close()
     assert refusal is not None
     assert refusal.startswith(f"pre-release hook gate (webhook) failed: {problem}")
+
+
+async def test_a_command_that_outlives_its_timeout_is_killed_and_refuses(tmp_path: Path) -> None:
+    hook = {"name": "slow", "command": "sleep 30", "timeout": "0.3s", "on": ["pre-release"]}
+    runner = HookRunner(parse(two_clusters(hooks=[hook]), tmp_path / "site.toml"))
+    started = time.monotonic()
+    try:
+        refusal = await runner.check(replace(EVENT, event="pre-release", cluster=None))
+    finally:
+        await runner.close()
+    assert refusal == "pre-release hook slow (command) failed: timed out after 0.3s"
+    assert time.monotonic() - started < 5
