@@ -17,7 +17,7 @@ import string
 import tomllib
 from collections.abc import Collection, Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -486,6 +486,101 @@ class Desk(_Model):
     tokens_file: str | None = None  # TOML: viewer = [...], operator = [...]
 
 
+# --- hooks: local commands and webhooks run on release events (hooks.py) ---------
+
+# `pre-release` runs before the first step and stops the release when it fails;
+# the others only tell (their failures are journaled, never fail the release).
+HookEventName = Literal[
+    "pre-release",
+    "started",
+    "qa-ready",
+    "awaiting-approval",
+    "swapped",
+    "done",
+    "failed",
+    "rolled-back",
+    "aborted",
+    "interrupted",
+]
+HOOK_EVENTS: tuple[HookEventName, ...] = get_args(HookEventName)
+NOTIFY_EVENTS = HOOK_EVENTS[1:]
+HOOK_PLACEHOLDERS = (
+    "event",
+    "site",
+    "release",
+    "kind",
+    "version",
+    "previous_version",
+    "cluster",
+    "qa_url",
+    "qa_host",
+    "message",
+)
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+def _hook_command(value: str | list[str] | None) -> str | list[str] | None:
+    """A template split like a release command, or an argument list whose
+    every word may hold placeholders; either way each value is one argument."""
+    if isinstance(value, str):
+        template_words(value, HOOK_PLACEHOLDERS)
+    elif isinstance(value, list):
+        if not value:
+            raise ValueError("expected a non-empty argument list")
+        for word in value:
+            check_placeholders(word, HOOK_PLACEHOLDERS)
+    return value
+
+
+def _repeated(items: list[str]) -> list[str]:
+    return sorted({item for item in items if items.count(item) > 1})
+
+
+class Hook(_Model):
+    """One `[[hooks]]` entry: a local command and/or a webhook POST, run on the
+    events `on` names (docs/configuration.md)."""
+
+    name: Name | None = None  # how the journal names it (default: hooks[N])
+    on: list[HookEventName] = Field(default_factory=lambda: list(NOTIFY_EVENTS), min_length=1)
+    command: Annotated[str | list[str] | None, AfterValidator(_hook_command)] = None
+    url: str | None = None
+    url_env: Annotated[str, Field(pattern=_ENV_NAME)] | None = None  # the URL is a secret
+    format: Literal["json", "slack"] = "json"
+    # The HMAC-SHA256 key of the signature header: from the environment or a
+    # file, never written in changeover.toml itself.
+    secret_env: Annotated[str, Field(pattern=_ENV_NAME)] | None = None
+    secret_file: str | None = None  # relative to the config file
+    timeout: Duration = Field(default=5.0, gt=0)  # each attempt
+    retries: int = Field(default=2, ge=0, le=10)  # attempts after the first
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is not None and not re.match(r"^https?://[^/\s]+", url):
+            raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
+        return url
+
+    @field_validator("on")
+    @classmethod
+    def _once_each(cls, on: list[str]) -> list[str]:
+        if twice := _repeated(on):
+            raise ValueError(f"names {', '.join(twice)} more than once")
+        return on
+
+    @model_validator(mode="after")
+    def _something_to_run(self) -> Hook:
+        web = self.url is not None or self.url_env is not None
+        if self.url is not None and self.url_env is not None:
+            raise ValueError("give url or url_env, not both")
+        if self.command is None and not web:
+            raise ValueError("a hook needs a command, a url (or url_env), or both")
+        if not web and (self.format != "json" or self.secret_env or self.secret_file):
+            raise ValueError("format, secret_env and secret_file need a url (or url_env)")
+        if self.secret_env is not None and self.secret_file is not None:
+            raise ValueError("give secret_env or secret_file, not both")
+        return self
+
+
 class Topology(_Model):
     site: Site = Site()
     clusters: list[Cluster]
@@ -496,6 +591,7 @@ class Topology(_Model):
     policy: Policy = Policy()
     database: Database | None = None
     desk: Desk = Desk()
+    hooks: list[Hook] = Field(default_factory=list)
     # Where the file was loaded from (set by `load`), for relative paths.
     source: Path | None = Field(default=None, exclude=True)
 
@@ -520,6 +616,13 @@ class Topology(_Model):
                     f"got {self.policy.order}"
                 )
         return self
+
+    @field_validator("hooks")
+    @classmethod
+    def _hook_names(cls, hooks: list[Hook]) -> list[Hook]:
+        if twice := _repeated([h.name for h in hooks if h.name is not None]):
+            raise ValueError(f"hook name {twice[0]!r} is given to more than one hook")
+        return hooks
 
     @model_validator(mode="after")
     def _own_addresses(self) -> Topology:

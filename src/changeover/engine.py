@@ -50,7 +50,7 @@ from changeover.policy import (
     rollback_plan,
     swap_refusal,
 )
-from changeover.ports import MigrationError, Ports
+from changeover.ports import HookEvent, MigrationError, Ports
 from changeover.steps import (
     Admit,
     Approve,
@@ -126,12 +126,14 @@ class Engine:
         self.journal = ports.journal
         self.clock = ports.clock
         self.site_lock = ports.site_lock
+        self.notifier = ports.notifier
         self.on_event = on_event or (lambda e: None)
         self.poll = poll
         self.site = topo.site.name
         self._interrupt = asyncio.Event()
         self._release_id = 0
         self._version = ""
+        self._row: J.ReleaseRow | None = None  # the release running, for its hooks
         self._steps: list[Step] = []
         self._kept_out: set[str] = set()  # failed a step of this release within max_failed
 
@@ -152,6 +154,31 @@ class Engine:
         self.on_event(Event(self.clock.time(), kind, message, step, index, total))
         if journal and self._release_id:
             await self._j(self.journal.add_event, self._release_id, kind, message)
+
+    def _hook_event(self, event: str, cluster: str | None = None, message: str = "") -> HookEvent:
+        row = self._row
+        assert row is not None, "hooks run inside a release"
+        return HookEvent(
+            event,
+            self.site,
+            row.id,
+            row.kind,
+            row.version,
+            row.previous_version,
+            self.clock.time(),
+            cluster=cluster,
+            message=message,
+        )
+
+    def _notify(self, event: str, cluster: str | None = None, message: str = "") -> None:
+        """Hand the `[[hooks]]` an event; their failures are journaled warnings."""
+        release_id = self._release_id
+
+        async def report(problem: str) -> None:
+            self.on_event(Event(self.clock.time(), "warn", problem))
+            await self._j(self.journal.add_event, release_id, "warn", problem)
+
+        self.notifier.notify(self._hook_event(event, cluster, message), report)
 
     def interrupt(self) -> None:
         """Ctrl-C: stop at the next safe point."""
@@ -276,6 +303,7 @@ class Engine:
         self._release_id = release_id
         row = await self._j(self.journal.release, release_id)
         self._version = row.version
+        self._row = row
         try:
             state = await self._run_steps(row)
         except JournalError as exc:
@@ -288,11 +316,15 @@ class Engine:
                 f"stopped: {exc}; the site is serving; fix that, then `changeover resume`",
                 journal=False,
             )
+            self._notify(state, message=str(exc))
         finally:
             await self.checks.close()
             await self.site_lock.release()
             with contextlib.suppress(JournalError):  # left behind, the lock is stale: resume
                 await self._j(self.journal.release_lock, self.site)
+            # The hooks' last deliveries, each within its timeout and retries.
+            with contextlib.suppress(JournalError):
+                await self.notifier.settle()
         return state
 
     async def _run_steps(self, row: J.ReleaseRow) -> str:
@@ -316,6 +348,11 @@ class Engine:
                 f"release #{release_id}: {row.version} on {self.site}"
                 + (" (resumed)" if done else ""),
             )
+            if not done:  # before anything changes: a pre-release hook may refuse
+                refusal = await self.notifier.check(self._hook_event("pre-release"))
+                if refusal:
+                    raise StepFailed(f"refused before any change: {refusal}")
+            self._notify("started", message="resumed" if done else "")
             for idx, step in enumerate(steps):
                 if idx in done:
                     continue
@@ -325,18 +362,22 @@ class Engine:
             await self._emit(
                 "state", f"release #{release_id} done: {self.site} serves {row.version}"
             )
+            self._notify("done")
         except Stopped as stop:
             state = stop.state
             await self._j(self.journal.set_state, release_id, state, str(stop))
             await self._emit("warn", str(stop))
+            self._notify(state, message=str(stop))
         except RolledBack as exc:
             state = J.ROLLED_BACK
             await self._j(self.journal.set_state, release_id, state, str(exc))
             await self._emit("state", f"release #{release_id} rolled back: {exc}")
+            self._notify(state, message=str(exc))
         except StepFailed as exc:
             state = J.FAILED
             await self._j(self.journal.set_state, release_id, state, str(exc))
             await self._emit("state", f"release #{release_id} failed: {exc}")
+            self._notify(state, message=str(exc))
         return state
 
     async def _run_step(self, idx: int, step: Step, total: int) -> None:
@@ -361,6 +402,10 @@ class Engine:
             raise
         await self._j(self.journal.step_finished, self._release_id, idx, True, detail)
         failpoint(step.id, "after")
+        if isinstance(step, Smoke):  # deployed, healthy, on the version, smoke passed
+            self._notify("qa-ready", step.cluster, detail)
+        elif isinstance(step, Admit) and step.promote:
+            self._notify("swapped", step.promote, detail)
         took = self.clock.monotonic() - started
         await self._emit(
             "step-done",
@@ -713,6 +758,7 @@ class Engine:
 
     async def _approve(self, step: Approve) -> str:
         await self._j(self.journal.set_state, self._release_id, J.AWAITING_APPROVAL)
+        self._notify("awaiting-approval", step.cluster)
         await self._emit(
             "info",
             f"awaiting approval of {step.cluster}: "

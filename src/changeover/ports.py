@@ -175,6 +175,58 @@ class JournalStore(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class HookEvent:
+    """A release event as the `[[hooks]]` receive it (hooks.py), plain data."""
+
+    event: str  # one of config.HOOK_EVENTS
+    site: str
+    release: int
+    kind: str  # release, first-deploy or rollback
+    version: str
+    previous_version: str | None
+    at: float  # wall-clock seconds
+    cluster: str | None = None
+    qa_url: str | None = None  # the cluster's QA entry point (filled by the notifier)
+    qa_host: str | None = None  # the Host header that reaches it there
+    message: str = ""  # what happened, in one line (the error of a failed release)
+
+
+class Notifier(Protocol):
+    """The `[[hooks]]`: `check` runs the ones that may stop a release
+    (`pre-release`), `notify` hands an event to the others and returns at once;
+    their failures go to `report`, never to the release."""
+
+    async def check(self, event: HookEvent) -> str | None:
+        """Run the hooks of `event` in turn; why one refused, or None."""
+        ...
+
+    def notify(self, event: HookEvent, report: Callable[[str], Awaitable[None]]) -> None: ...
+
+    async def settle(self) -> None:
+        """Wait for the deliveries still under way, each within its timeout and
+        retries; what is still not delivered then is reported and dropped."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class NoNotifier:
+    """A site without hooks."""
+
+    async def check(self, event: HookEvent) -> str | None:
+        return None
+
+    def notify(self, event: HookEvent, report: Callable[[str], Awaitable[None]]) -> None:
+        return None
+
+    async def settle(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
 class Ports:
     """Everything outside the engine's own decisions."""
 
@@ -185,3 +237,4 @@ class Ports:
     journal: JournalStore
     clock: Clock
     site_lock: SiteLock = field(default_factory=NoSiteLock)
+    notifier: Notifier = field(default_factory=NoNotifier)

@@ -1,5 +1,5 @@
 """Assembling the engine's ports (balancer driver, executor, checks, database,
-journal, clock) from a topology: the one place that names concrete ones."""
+journal, clock, hooks) from a topology: the one place that names concrete ones."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from changeover.checks import Checker
 from changeover.config import Topology
 from changeover.database import SiteDatabase
 from changeover.executors.base import Executor
+from changeover.hooks import HookRunner
 from changeover.journal import Journal, journal_path
 from changeover.ports import JournalStore, NoSiteLock, Ports, Review, SiteLock, SystemClock
 from changeover.releases import Begin, Releases, review_gate
@@ -62,6 +63,7 @@ def make_ports(topo: Topology, journal: JournalStore, checker: Checker | None = 
         journal=journal,
         clock=SystemClock(),
         site_lock=make_site_lock(topo),
+        notifier=HookRunner(topo),
     )
 
 
@@ -69,6 +71,7 @@ async def close_ports(ports: Ports) -> None:
     await ports.balancer.close()
     await ports.executor.close()
     await ports.checks.close()
+    await ports.notifier.close()
 
 
 async def review(topo: Topology, begin: Begin) -> Review | None:

@@ -20,7 +20,7 @@ from changeover.executors.base import CommandResult
 from changeover.journal import Journal
 from changeover.migrations import Phase
 from changeover.model import COUNTERS, Admission, CheckResult, Counter, MemberState, PoolView
-from changeover.ports import JournalStore, MigrationError, Ports, Review
+from changeover.ports import HookEvent, JournalStore, MigrationError, Ports, Review
 
 
 def topology(tmp_path: Path, **sections: dict[str, Any]) -> Topology:
@@ -258,6 +258,39 @@ class FakeMigrator:
         return {"0001_expand.sql": "0" * 64}
 
 
+class FakeNotifier:
+    """Records the events the engine hands the hooks; `refuse` makes the
+    pre-release check say no, `failing` makes every delivery report a problem."""
+
+    def __init__(self) -> None:
+        self.events: list[HookEvent] = []
+        self.refuse: str | None = None
+        self.failing: str | None = None
+        self.settled = 0
+        self._reports: list[Awaitable[None]] = []  # run at `settle`, as deliveries end
+
+    async def check(self, event: HookEvent) -> str | None:
+        self.events.append(event)
+        return self.refuse
+
+    def notify(self, event: HookEvent, report: Callable[[str], Awaitable[None]]) -> None:
+        self.events.append(event)
+        if self.failing:
+            self._reports.append(report(f"{event.event} hook fake {self.failing}"))
+
+    async def settle(self) -> None:
+        self.settled += 1
+        for pending in self._reports:
+            await pending
+        self._reports.clear()
+
+    async def close(self) -> None:
+        return None
+
+    def names(self) -> list[tuple[str, str | None]]:
+        return [(e.event, e.cluster) for e in self.events]
+
+
 @dataclass
 class Site:
     """One topology with every port faked, and the fakes kept at hand."""
@@ -270,6 +303,7 @@ class Site:
     checks: FakeChecks
     migrator: FakeMigrator
     clock: FakeClock
+    notifier: FakeNotifier = field(default_factory=FakeNotifier)
 
     @classmethod
     def build(
@@ -295,7 +329,13 @@ class Site:
 
     def ports(self) -> Ports:
         return Ports(
-            self.balancer, self.executor, self.checks, self.migrator, self.journal, self.clock
+            self.balancer,
+            self.executor,
+            self.checks,
+            self.migrator,
+            self.journal,
+            self.clock,
+            notifier=self.notifier,
         )
 
     def journal_opener(self) -> Journal:
