@@ -177,6 +177,31 @@ def workers(site: Site) -> set[int]:
     return {p.pid for p in psutil.Process(site.process.pid).children()}
 
 
+def listening(port: int) -> set[int]:
+    """Inodes of the sockets listening on 127.0.0.1:`port` (from /proc/net/tcp)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == f"0100007F:{port:04X}" and fields[3] == "0A":
+            found.add(int(fields[9]))
+    return found
+
+
+def sockets_of(pid: int) -> set[int]:
+    """Inodes of the sockets process `pid` has open."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def public_port(site: Site) -> int:
+    return int(site.public.rsplit(":", 1)[1])
+
+
 def old_gone(site: Site, old: set[int]) -> bool:
     """The workers before the reload have exited; as many new ones serve."""
     now = workers(site)
@@ -197,6 +222,8 @@ async def test_a_reload_that_adds_a_member_under_the_probe_loses_nothing(tmp_pat
     ):
         await admit(site, a1="out")  # an admission set before the reload
         old_workers = workers(site)
+        sockets = listening(public_port(site))
+        assert len(sockets) == 2  # one per worker, held by the master
         async with probed(site) as report:
             await traffic_reaches(site, "b1")
             write_config(site, members, after)
@@ -213,6 +240,7 @@ async def test_a_reload_that_adds_a_member_under_the_probe_loses_nothing(tmp_pat
         log = site.log_text()
         assert "reloaded " in log and "members +b2" in log
         assert "the workers replaced by reload 1 have exited" in log
+        assert listening(public_port(site)) == sockets  # the very same sockets, never closed
 
 
 async def test_a_reload_that_removes_a_member_under_the_probe_loses_nothing(
@@ -342,11 +370,14 @@ async def test_a_binary_upgrade_under_the_probe_loses_nothing(tmp_path: Path) ->
             ):
                 await traffic_reaches(site, "b1")
                 sessions = sum(m["sessions"] for m in (await pool(site)).values())
+                sockets = listening(public_port(site))
                 new, log = await start_balancer(new_config, "--workers", "2", "--take-over")
+                assert sockets <= sockets_of(new.pid)  # passed over, not bound again
                 assert await asyncio.wait_for(site.process.wait(), 60) == 0
                 assert json.loads(await slow.read())["slept_ms"] == 3000
                 await traffic_reaches(site, "a2")  # served by the new master now
             assert_clean(report[0])
+            assert listening(public_port(site)) == sockets
             old_log = site.log_text()
             assert "balancer handed over" in old_log and "balancer stopped" in old_log
             assert "took the listeners and the pool state over" in log.read_text()
