@@ -338,6 +338,11 @@ async def test_an_invalid_topology_keeps_the_old_one_serving(tmp_path: Path) -> 
                     assert response.status == 200
         assert list(await pool(site)) == ["a1", "b1"]
 
+        moved = good.replace(site.admin.removeprefix("http://"), f"127.0.0.1:{free_port()}")
+        site.config.write_text(moved)
+        status = await reload_by_signal(site)
+        assert status["ok"] is False and "admin_listen changed" in status["error"], status
+
         site.config.write_text(good)  # fixed: the next reload goes through
         code, output = await balancer_cli(site, "reload")
         assert (code, output) == (0, "reloaded: the same members"), output
@@ -390,3 +395,43 @@ async def test_a_binary_upgrade_under_the_probe_loses_nothing(tmp_path: Path) ->
         finally:
             if new is not None:
                 await stop_process(new)
+
+
+async def test_a_take_over_that_fails_leaves_the_old_master_serving(tmp_path: Path) -> None:
+    """The new master gets the sockets but cannot start (a QA port of its config
+    is taken): the old one takes its admin API back and serves on."""
+    layout: Layout = {"a": ["a1"], "b": ["b1"]}
+    async with apps(layout) as members, site_of(tmp_path, members, layout) as site:
+        await admit(site, b1="draining")
+        new_config = site.config.with_name("upgraded.toml")
+        with socket.create_server(("127.0.0.1", 0)) as taken:
+            port = taken.getsockname()[1]
+            new_config.write_text(
+                site.config.read_text().replace('name = "b"', f'name = "b"\nqa_port = {port}')
+            )
+            new = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "changeover.proxy", "-c", str(new_config), "--take-over",
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            try:
+                _, err = await asyncio.wait_for(new.communicate(), 60)
+            finally:
+                await stop_process(new)
+        assert new.returncode == 2 and f"127.0.0.1:{port}" in err.decode(), err
+        await wait_until(
+            lambda: "did not take over: this one serves on" in site.log_text(),
+            what="the old master to serve on",
+        )
+        assert site.process.returncode is None
+        assert (await pool(site))["b1"]["admission"] == "draining"
+        async with aiohttp.ClientSession() as user, user.get(site.public + "/") as response:
+            assert response.status == 200
+        # and a take-over that works still can
+        good = site.config.with_name("good.toml")
+        good.write_text(site.config.read_text())
+        again, _ = await start_balancer(good, "--take-over")
+        try:
+            assert await asyncio.wait_for(site.process.wait(), 60) == 0
+            assert (await pool(site))["b1"]["admission"] == "draining"
+        finally:
+            await stop_process(again)
