@@ -209,8 +209,22 @@ def old_gone(site: Site, old: set[int]) -> bool:
 
 
 async def admit(site: Site, **admissions: str) -> None:
-    async with aiohttp.ClientSession() as admin:
-        await site.admit(admin, **admissions)
+    body = {"admissions": admissions}
+    async with (
+        aiohttp.ClientSession() as admin,
+        admin.post(site.admin + "/v1/admissions", json=body, headers=auth()) as response,
+    ):
+        assert response.status == 200, await response.text()
+
+
+def admin_connections(pid: int, site: Site) -> list[Any]:
+    """The admin API connections process `pid` holds open."""
+    port = int(site.admin.rsplit(":", 1)[1])
+    return [
+        c
+        for c in psutil.Process(pid).net_connections("tcp")
+        if c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED
+    ]
 
 
 async def test_a_reload_that_adds_a_member_under_the_probe_loses_nothing(tmp_path: Path) -> None:
@@ -229,6 +243,10 @@ async def test_a_reload_that_adds_a_member_under_the_probe_loses_nothing(tmp_pat
             write_config(site, members, after)
             status = await reload_by_signal(site)
             assert status["ok"] is True and status["members"] == ["+b2"], status
+            # The watcher's keep-alive admin connection was open in the master when
+            # it forked the new workers: they hold no copy of it.
+            assert admin_connections(site.process.pid, site)
+            assert not [c for pid in workers(site) for c in admin_connections(pid, site)]
             await traffic_reaches(site, "b2")  # new users reach the new member
             await wait_until(lambda: old_gone(site, old_workers), timeout=30, what="old workers")
             await traffic_reaches(site, "a2")  # the users carry on with the new workers

@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import stat
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -334,6 +335,35 @@ def _start_workers(fork: Fork, count: int) -> list[BaseProcess] | str:
     return processes
 
 
+def _drop_inherited_connections() -> None:
+    """A worker forked from the master's running loop (a restart, a reload)
+    inherits the master's open connections (admin clients, health checks,
+    a take-over): its copy would keep one open after the master closed it, and
+    a client sending on it again would wait for an answer that never comes.
+    Each connected socket is pointed at /dev/null instead (the number stays
+    taken, so an object still holding it cannot close something else later);
+    listening sockets are kept."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        for name in names:
+            fd = int(name)
+            try:
+                if fd == devnull or not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                    continue
+                with socket.socket(fileno=os.dup(fd)) as probe:
+                    listening = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            except OSError:
+                continue
+            if not listening:
+                os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
 def _worker_main(
     index: int,
     topology: Topology,
@@ -345,6 +375,7 @@ def _worker_main(
     # A worker restarted by the master is forked from its running event loop: a
     # signal must not reach the master's loop through its inherited wakeup fd.
     signal.set_wakeup_fd(-1)
+    _drop_inherited_connections()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the master's: it reloads, then tells us
