@@ -1,16 +1,25 @@
-"""Process management: the master, its workers, listeners, TLS and shutdown.
+"""Process management: the master, its workers, listeners, TLS, reload, upgrade and shutdown.
 
-The master checks the addresses, creates the shared state, forks one worker
-per core (each binds its own SO_REUSEPORT sockets, so the kernel spreads
-connections), then serves the admin API and runs the health checks. A worker
-that dies is forked again (its requests in flight are lost, the other
-workers' listeners stay up meanwhile); one that keeps dying within seconds of
-its start is given up after a few tries. SIGTERM or SIGINT: workers stop
+The master checks the addresses, creates the shared state, binds the listening
+sockets (per address one SO_REUSEPORT socket per worker slot, so the kernel
+spreads connections) and forks one worker per slot on them, then serves the
+admin API and runs the health checks. The sockets stay in the master: a
+worker that exits closes only its copy, and the connections queue for the
+next. A worker that dies is forked again (its requests in flight are lost,
+the other workers keep serving); one that keeps dying within seconds of its
+start is given up after a few tries. SIGTERM or SIGINT: workers stop
 accepting, finish the requests in flight (bounded) and exit; the master
-returns 0. SIGHUP to the master (or `POST /v1/tls/reload`) reloads the
-certificates: the master loads them first, and only when every pair loads do
-the workers' next handshakes get them (see `changeover.tls`); open
-connections keep theirs.
+returns 0.
+
+SIGHUP (or `POST /v1/reload`) re-reads the topology file: new workers take
+the sockets over, the old ones finish their requests and tunnels within
+`balancer.reload_grace` (SIGQUIT), and the pool's admissions carry over by
+member name (`PoolState.adopt`); a file that does not load changes nothing.
+`--take-over` starts a new master on the running one's sockets and state
+(`handover.py`): a binary upgrade. `POST /v1/tls/reload` reloads the
+certificates only: the master loads them first (in a thread), and only when
+every pair loads do the workers' next handshakes get them (see
+`changeover.tls`); open connections keep theirs.
 """
 
 from __future__ import annotations
@@ -553,8 +562,7 @@ class Master:
             self.handed.ready()
             log.info("took the listeners and the pool state over from the running balancer")
         control = self.listen_control()
-        for warning in expiry_warnings(generation.topology, dt.datetime.now(dt.UTC)):
-            log.warning("%s", warning)
+        await self.warn_expiry(generation.topology)
         log.info(
             "balancer started: %s, admin %s, %d worker%s, %s, %d members",
             ", ".join(self.describe(generation)),
@@ -587,6 +595,12 @@ class Master:
         self.unlink_control()
         log.info("balancer stopped")
         return self.code
+
+    async def warn_expiry(self, topology: Topology) -> None:
+        """Log certificates that expire soon (their files read off the loop)."""
+        now = dt.datetime.now(dt.UTC)
+        for warning in await asyncio.to_thread(lambda: list(expiry_warnings(topology, now))):
+            log.warning("%s", warning)
 
     def describe(self, generation: Generation) -> list[str]:
         tls = " (TLS)" if generation.tls else ""
@@ -778,6 +792,7 @@ class Master:
             self.started[index] = self.loop.time()
             self.crashes[index] = 0
         changes = self.pool.adopt(topology, shared)
+        await self.warn_expiry(topology)
         self.health.cancel()
         checker = HealthChecker(topology, self.pool, set(self.pool.unchecked))
         self.health = asyncio.create_task(checker.run())
