@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 import psutil
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 from changeover.balancers.factory import make_balancer
 from changeover.config import load
@@ -34,6 +34,8 @@ from tests.integration.proxy_fixtures import (
     stop_process,
     topology_toml,
 )
+from tests.integration.proxy_fixtures import members as fake_members
+from tests.integration.test_proxy_websocket import add_echo
 
 Layout = dict[str, list[str]]
 
@@ -453,3 +455,29 @@ async def test_a_take_over_that_fails_leaves_the_old_master_serving(tmp_path: Pa
             assert (await pool(site))["b1"]["admission"] == "draining"
         finally:
             await stop_process(again)
+
+
+async def test_a_websocket_open_across_a_reload_runs_on_until_the_grace_ends(
+    tmp_path: Path,
+) -> None:
+    """The old worker keeps relaying the tunnel (still counted by the admin API)
+    after the reload, and closes it with 1001 only once reload_grace is over."""
+    async with (
+        fake_members({"a": ["a1"], "b": ["b1"]}, extra_routes=add_echo) as started,
+        balancer_site(tmp_path, started, balancer={"reload_grace": "3s"}) as site,
+        aiohttp.ClientSession() as session,
+        session.ws_connect(f"{site.public}/ws") as ws,
+    ):
+        old_workers = workers(site)
+        status = await reload_by_signal(site)
+        assert status["ok"] is True
+        reloaded = asyncio.get_running_loop().time()
+        await ws.send_str("after the reload")
+        member, said = (await ws.receive_str(timeout=5)).split(":", 1)
+        assert said == "after the reload"
+        assert (await pool(site))[member]["tunnels"] == 1  # the old worker's, still counted
+        message = await ws.receive(timeout=30)
+        assert message.type is WSMsgType.CLOSE and ws.close_code == 1001, message
+        assert asyncio.get_running_loop().time() - reloaded >= 2.5  # not before the grace
+        await wait_until(lambda: old_gone(site, old_workers), timeout=30, what="old worker")
+        assert (await pool(site))[member]["tunnels"] == 0
