@@ -687,11 +687,61 @@ def balancer_serve(
         int | None,
         typer.Option(min=1, max=64, help="Worker processes (default: balancer.workers)."),
     ] = None,
+    take_over: Annotated[
+        bool,
+        typer.Option(
+            "--take-over",
+            help="Binary upgrade: take the listening sockets and the pool state over from "
+            "the balancer running with this config (it drains and exits); none is closed.",
+        ),
+    ] = False,
 ) -> None:
     """Serve the live pool, the QA entry points and the admin API."""
     from changeover.proxy.server import run as serve
 
-    raise typer.Exit(serve(_load(config), workers))
+    raise typer.Exit(serve(_load(config), workers, take_over=take_over))
+
+
+@balancer_app.command("reload")
+def balancer_reload(config: ConfigOpt = Path(DEFAULT_CONFIG)) -> None:
+    """Make the running embedded balancer re-read its topology file (as SIGHUP does).
+
+    Sent to its admin API (POST /v1/reload, with the admin token), so the answer
+    says how it went. New workers take the listening sockets over, the old ones
+    finish their requests and WebSockets (within balancer.reload_grace);
+    admissions and sessions stay. A file that does not load is refused here
+    (exit 2) and nothing is sent; one the balancer refuses (say, a port it cannot
+    listen on) changes nothing there: the old topology serves on and the error
+    is printed (exit 1). The balancer re-reads the file it was started with;
+    CONFIG says where its admin API is.
+    """
+    import aiohttp
+
+    from changeover.balancers.builtin import admin_url_of
+
+    topo = _load(config)
+    token = topo.balancer.token()
+    if not token:
+        fail(EXIT_BAD_INPUT, f"no admin token: set {topo.balancer.admin_token_env}")
+    url = admin_url_of(topo).rstrip("/") + "/v1/reload"
+
+    async def send() -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {token}"}
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http,
+            http.post(url, headers=headers) as response,
+        ):
+            return response.status, await response.json(content_type=None)
+
+    try:
+        status, body = asyncio.run(send())
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        fail(EXIT_FAILED, f"cannot reach the balancer at {url}: {exc}")
+    if status != 200:
+        error = body.get("error") if isinstance(body, dict) else body
+        fail(EXIT_FAILED, f"reload failed, the old topology still serves: {error}")
+    changes = " ".join(body.get("members") or []) or "the same members"
+    out.print(f"reloaded: {changes}", highlight=False, markup=False)
 
 
 def _positive(value: float) -> float:

@@ -310,6 +310,12 @@ class Balancer(_Model):
     # builtin: WebSockets still open on a member set OUT are closed (code 1001)
     # spread evenly over this long, never all at once
     close_spread: Duration = Field(default=30.0, gt=0)
+    # builtin: after a reload or an upgrade, the old workers finish their requests
+    # and tunnels for at most this long; then tunnels get 1001 and the rest is cut
+    reload_grace: Duration = Field(default=30.0, gt=0)
+    # builtin: the unix socket a new master takes the listeners over through
+    # (default $TMPDIR/changeover-<uid>/balancer-<admin port>.sock)
+    control_socket: str | None = None
     template_dir: str | None = None  # a site's own copies of the Jinja2 templates
     instances: list[BalancerInstance] = Field(default_factory=list)
 

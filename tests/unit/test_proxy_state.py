@@ -177,3 +177,70 @@ def test_health_needs_fall_failures_to_go_down_and_rise_successes_to_return() ->
     assert not healthy
     healthy, streak = next_health(healthy, streak, True, rise=2, fall=3)
     assert healthy and streak == 0
+
+
+def reloaded() -> Topology:
+    """topology() after a reload: a2 removed, b2 added."""
+    return parse(
+        {
+            "clusters": [
+                {"name": "a", "members": [{"name": "a1", "port": 9001}]},
+                {
+                    "name": "b",
+                    "members": [{"name": "b1", "port": 9003}, {"name": "b2", "port": 9004}],
+                },
+            ]
+        }
+    )
+
+
+def test_a_reload_carries_members_by_name_and_counts_the_old_workers_until_they_exit() -> None:
+    pool = PoolState(topology(), SharedState(3, 2), None)
+    pool.expect_checks()
+    for member in range(3):
+        pool.checked(member)
+    pool.set_admissions({"a1": "out", "a2": "draining"}, force=True)
+    pool.set_healthy(2, False)
+    old = pool.shared
+    old.counters(0)[1][0] += 5  # a1: 5 requests, 1 still in flight in worker 0
+    old.counters(0)[0][0] += 1
+    old.counters(1)[1][1] += 7  # a2, removed by the reload
+    now = now_ms()
+    old.sessions(0).seen(21, 0, now - 10)  # a session on a1 and one on a2
+    old.sessions(1).seen(22, 1, now - 10)
+
+    new = SharedState(3, 2)
+    assert pool.picture(reloaded()) == ([OUT, LIVE, LIVE], [True, False, False])
+    assert pool.adopt(reloaded(), new) == ["+b2", "-a2"]
+    assert pool.names == ["a1", "b1", "b2"]
+    assert pool.admission == [OUT, LIVE, LIVE]
+    assert pool.healthy == [True, False, False]  # b2 waits for its first good check
+    assert pool.unchecked == {2}
+    view = {m["name"]: m for m in pool.view()["members"]}
+    assert (view["a1"]["requests"], view["a1"]["active"], view["a1"]["sessions"]) == (5, 1, 1)
+    assert new.snapshot()[1] == bytes([OUT, LIVE, LIVE])
+
+    pool.set_admissions({"b1": "out"}, force=True)  # the old workers see it too
+    assert old.snapshot()[1] == bytes([OUT, OUT, OUT])  # a1, a2 (gone: out), b1
+
+    new.counters(1)[1][0] += 2  # the new workers serve a1 too
+    old.counters(0)[0][0] -= 1  # the old worker finished its request and exited
+    old.counters(0)[1][0] += 1
+    pool.retire_done(old)
+    assert pool.retired == []
+    view = {m["name"]: m for m in pool.view()["members"]}
+    assert (view["a1"]["requests"], view["a1"]["active"], view["a1"]["sessions"]) == (8, 0, 1)
+
+
+def test_a_new_master_restores_what_the_old_one_handed_over() -> None:
+    old = PoolState(topology(), SharedState(3, 1), None)
+    old.set_admissions({"a2": "out"}, force=True)
+    old.shared.counters(0)[1][2] += 4
+    old.shared.sessions(0).seen(31, 2, now_ms())
+    state = json.loads(json.dumps(old.handover_state()))  # as it crosses the socket
+
+    new = PoolState(reloaded(), SharedState(3, 2), None)
+    assert new.restore(state) == {2}  # b2 is new to it
+    assert new.admission == [LIVE, LIVE, LIVE] and new.healthy == [True, True, False]
+    view = {m["name"]: m for m in new.view()["members"]}
+    assert (view["b1"]["requests"], view["b1"]["sessions"]) == (4, 1)

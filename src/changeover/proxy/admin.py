@@ -1,8 +1,10 @@
 """The admin API on `balancer.admin_listen`, served by the master process.
 
-GET /v1/pool[?session_idle=S], POST /v1/admissions, POST /v1/tls/reload, the
-site's release lock at /v1/lock (GET, PUT to claim or renew, DELETE to let go;
-see `proxy/lease.py`), all behind the bearer token, and GET /v1/healthz (open).
+GET /v1/pool[?session_idle=S], POST /v1/admissions, POST /v1/tls/reload,
+POST /v1/reload (re-read the topology file, as SIGHUP does) and GET /v1/reload
+(how the last reload went), the site's release lock at /v1/lock (GET, PUT to
+claim or renew, DELETE to let go; see `proxy/lease.py`), all behind the bearer
+token, and GET /v1/healthz (open).
 aiohttp is fine here: this is not the request hot path.
 
 A body that cannot be read as JSON (not JSON, not text in its charset, an
@@ -73,9 +75,18 @@ async def _json_body(request: web.Request) -> tuple[Any, web.Response | None]:
 
 
 def build_app(
-    pool: PoolState, token: str, reload_tls: Callable[[], list[str]] | None = None
+    pool: PoolState,
+    token: str,
+    reload_tls: Callable[[], Awaitable[list[str]]] | None = None,
+    *,
+    reload: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+    status: Callable[[], dict[str, Any]] | None = None,
+    held_lease: list[lease.Lease | None] | None = None,
 ) -> web.Application:
-    """`reload_tls` loads the certificates again (ValueError: not loaded, the old kept)."""
+    """`reload_tls` loads the certificates again (ValueError: not loaded, the old
+    kept); `reload` re-reads the topology (an exception: refused, see its message)
+    and `status` says how the last reload went; `held_lease` holds the release lock
+    (one item, kept by the caller so that it survives a hand-over)."""
     expected = _digest(f"Bearer {token}")
 
     @web.middleware
@@ -138,12 +149,24 @@ def build_app(
         if reload_tls is None:
             return _error(409, "this balancer has no TLS listener (balancer.tls_cert)")
         try:
-            files = reload_tls()
+            files = await reload_tls()
         except ValueError as exc:
             return _error(400, f"{exc}; the old certificates still serve")
         return web.json_response({"reloaded": files})
 
-    held: list[lease.Lease | None] = [None]  # the one lease, kept by this process
+    held: list[lease.Lease | None] = [None] if held_lease is None else held_lease
+
+    async def post_reload(_: web.Request) -> web.Response:
+        if reload is None:
+            return _error(409, "this balancer cannot reload")
+        try:
+            return web.json_response(await reload())
+        except Exception as exc:  # the reload's own refusal, already logged
+            body = {"error": str(exc), "reload": status() if status else None}
+            return web.json_response(body, status=400)
+
+    async def get_reload(_: web.Request) -> web.Response:
+        return web.json_response(status() if status else {"reloads": 0, "ok": None})
 
     def lock_view() -> web.Response:
         now, current = time.monotonic(), held[0]
@@ -187,6 +210,8 @@ def build_app(
     app.router.add_get("/v1/pool", get_pool)
     app.router.add_post("/v1/admissions", post_admissions)
     app.router.add_post("/v1/tls/reload", post_tls_reload)
+    app.router.add_post("/v1/reload", post_reload)
+    app.router.add_get("/v1/reload", get_reload)
     app.router.add_get("/v1/lock", get_lock)
     app.router.add_put("/v1/lock", put_lock)
     app.router.add_delete("/v1/lock", delete_lock)

@@ -37,7 +37,9 @@ def next_health(healthy: bool, streak: int, ok: bool, rise: int, fall: int) -> t
 
 
 class HealthChecker:
-    def __init__(self, topology: Topology, pool: PoolState) -> None:
+    def __init__(self, topology: Topology, pool: PoolState, fresh: set[int] | None = None) -> None:
+        """`fresh`: the members without a verdict yet (default all; after a
+        reload, the members it added)."""
         self.check: HealthCheck = topology.balancer.health
         self.pool = pool
         self.members: list[Member] = [m for _, m in topology.members()]
@@ -49,7 +51,7 @@ class HealthChecker:
         self.names = [balancer.member_tls_name or m.host for m in self.members]
         self.streaks = [0] * len(self.members)
         self.failures_seen = [0] * len(self.members)
-        pool.expect_checks()
+        pool.expect_checks(fresh)
 
     async def run(self) -> None:
         timeout = aiohttp.ClientTimeout(total=self.check.timeout)

@@ -248,6 +248,12 @@ class Worker:
             client.expire()
         self._sweeper = self.loop.call_later(1.0, self._sweep)
 
+    def retire(self) -> None:
+        """After a reload: every connection closes after its next response (an idle
+        keep-alive one is not closed under a client that may be sending on it
+        now) and tunnels run on until they close; `stop()` ends the grace."""
+        self.stopping = True
+
     def stop(self) -> None:
         """Stop taking new requests: idle clients close now, busy ones after their response."""
         self.stopping = True

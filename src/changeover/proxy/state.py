@@ -8,6 +8,7 @@
     [per worker: in-flight int64 x N | requests int64 x N | connect failures int64 x N
                  | open tunnels int64 x N | 5xx responses int64 x N]
     [per worker: sticky sessions, SESSION_SLOTS x (key, member, last seen ms) int64]
+    [the master's carried sessions: the same, sessions a reload or upgrade took over]
 
 Only the master writes the slots: it fills the slot the next generation
 selects, then bumps the generation, so a worker that copies a slot sees one
@@ -24,6 +25,14 @@ when more than SESSION_SLOTS sessions per worker were seen within session_idle.
 `PoolState` is the master's authority over admissions and health: it
 validates admin changes, publishes them to the shared slots and persists the
 admissions to `balancer.state_file`.
+
+A reload (see `server.py`) gives the new workers a new `SharedState` sized for
+the new members; `PoolState.adopt` carries every member that still exists
+across by name (admission, health, request and error counts, sessions) and
+keeps the old `SharedState` as *retired* while the old workers drain: their
+requests in flight, tunnels and sessions still count, and admission changes
+still reach them. `retire_done` folds a retired state's last counts in once
+its workers have exited.
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ from typing import Any
 from changeover.config import Topology
 from changeover.model import Admission, MemberState, PoolView
 from changeover.plan import admissions_refusal
-from changeover.proxy.routing import ADMISSIONS, CODES, LIVE
+from changeover.proxy.routing import ADMISSIONS, CODES, LIVE, OUT
 
 log = logging.getLogger("changeover.proxy")
 
@@ -65,7 +74,8 @@ class SharedState:
         self._slot_size = _padded(2 * members)
         self._counters_at = _WORD + 2 * self._slot_size
         self._sessions_at = self._counters_at + workers * _COUNTERS * members * _WORD
-        size = self._sessions_at + workers * 3 * SESSION_SLOTS * _WORD
+        # One table per worker, then the master's (sessions carried over a reload).
+        size = self._sessions_at + (workers + 1) * 3 * SESSION_SLOTS * _WORD
         self._map = mmap.mmap(-1, size)  # anonymous and MAP_SHARED: inherited by fork
         self._view = memoryview(self._map)
         self._generation = self._view[:_WORD].cast("q")
@@ -122,19 +132,18 @@ class SharedState:
         start = self._sessions_at + worker * size
         return SessionTable(self._view[start : start + size].cast("q"))
 
+    def carried(self) -> SessionTable:
+        """The master's table: sessions a reload or an upgrade carried over."""
+        return self.sessions(self.workers)
+
+    def session_entries(self) -> list[tuple[int, int, int]]:
+        """(key, member, last seen) over every worker's table and the carried one."""
+        return [e for w in range(self.workers + 1) for e in self.sessions(w).entries()]
+
     def session_totals(self, now_ms: int, idle_ms: int) -> list[int]:
         """Sessions per member seen within `idle_ms` before `now_ms`, over every
         worker; a session two workers saw belongs to the member that saw it last."""
-        latest: dict[int, tuple[int, int]] = {}
-        for w in range(self.workers):
-            for key, member, seen in self.sessions(w).entries():
-                if seen > latest.get(key, (-1, 0))[0]:
-                    latest[key] = (seen, member)
-        counts = [0] * self.members
-        for seen, member in latest.values():
-            if now_ms - seen <= idle_ms and 0 <= member < self.members:
-                counts[member] += 1
-        return counts
+        return count_sessions([self.session_entries()], self.members, now_ms, idle_ms)
 
     def tunnel_totals(self) -> list[int]:
         """Open tunnels per member, summed over workers."""
@@ -160,6 +169,23 @@ class SharedState:
                 for m in range(self.members):
                     total[m] += part[m]
         return sums
+
+
+def count_sessions(
+    sources: Sequence[Sequence[tuple[int, int, int]]], members: int, now_ms: int, idle_ms: int
+) -> list[int]:
+    """Sessions per member seen within `idle_ms`; a key in several entries
+    belongs to the member that saw it last."""
+    latest: dict[int, tuple[int, int]] = {}
+    for entries in sources:
+        for key, member, seen in entries:
+            if seen > latest.get(key, (-1, 0))[0]:
+                latest[key] = (seen, member)
+    counts = [0] * members
+    for seen, member in latest.values():
+        if now_ms - seen <= idle_ms and 0 <= member < members:
+            counts[member] += 1
+    return counts
 
 
 def now_ms() -> int:
@@ -236,6 +262,11 @@ class PoolState:
         self.healthy = [True] * len(self.names)
         self.unchecked: set[int] = set()
         self._verdicts: asyncio.Event | None = None
+        # Old workers' states while they drain after a reload, each with where its
+        # members are now (None: removed); counts of states whose workers are gone.
+        self.retired: list[tuple[SharedState, list[int | None]]] = []
+        self.base_requests = [0] * len(self.names)
+        self.base_errors = [0] * len(self.names)
         if state_file is not None:
             for name, adm in load_admissions(state_file).items():
                 if name in self.index:
@@ -243,6 +274,154 @@ class PoolState:
                 else:
                     log.warning("state file %s names unknown member %r: ignored", state_file, name)
         shared.publish(self.admission, self.healthy)
+
+    def _publish(self) -> None:
+        self.shared.publish(self.admission, self.healthy)
+        for old, where in self.retired:  # draining workers still route their last requests
+            old.publish(
+                [OUT if j is None else self.admission[j] for j in where],
+                [j is not None and self.healthy[j] for j in where],
+            )
+
+    def adopt(self, topology: Topology, shared: SharedState) -> list[str]:
+        """A reload: serve `topology` from `shared` (the new workers' state). A
+        member that still exists (by name) keeps its admission, health, counts
+        and sessions; a new one starts LIVE but unhealthy until its first good
+        check; a removed one vanishes. Returns the names added and removed, as
+        "+name" and "-name"."""
+        names = [m.name for _, m in topology.members()]
+        where = [names.index(n) if n in names else None for n in self.names]
+        changes = [f"+{n}" for n in names if n not in self.index]
+        changes += [f"-{n}" for n in self.names if n not in names]
+        admission, healthy = [LIVE] * len(names), [False] * len(names)
+        base_requests, base_errors = [0] * len(names), [0] * len(names)
+        unchecked = set(range(len(names)))
+        for i, j in enumerate(where):
+            if j is not None:
+                admission[j], healthy[j] = self.admission[i], self.healthy[i]
+                base_requests[j], base_errors[j] = self.base_requests[i], self.base_errors[i]
+                if i not in self.unchecked:
+                    unchecked.discard(j)
+        carried = [
+            (key, where[member], seen)
+            for key, member, seen in self.shared.session_entries()
+            if 0 <= member < len(where) and where[member] is not None
+        ]
+        table = shared.carried()
+        for key, member, seen in sorted(carried, key=lambda e: e[2]):
+            assert member is not None
+            table.seen(key, member, seen)
+        self.retired = [
+            (old, [None if j is None else where[j] for j in was]) for old, was in self.retired
+        ]
+        self.retired.append((self.shared, where))
+        self.topology, self.shared, self.names = topology, shared, names
+        self.index = {name: i for i, name in enumerate(names)}
+        self.admission, self.healthy = admission, healthy
+        self.base_requests, self.base_errors = base_requests, base_errors
+        self.unchecked = unchecked if self._verdicts is not None else set()
+        if self.state_file is not None and changes:
+            save_admissions(self.state_file, dict(zip(self.names, self.admission, strict=True)))
+        self._publish()
+        return changes
+
+    def retire_done(self, old: SharedState) -> None:
+        """The workers of a retired state have exited: fold its counts in, forget it."""
+        for shared, where in self.retired:
+            if shared is old:
+                _, requests, _ = old.totals()
+                errors = old.error_totals()
+                for i, j in enumerate(where):
+                    if j is not None:
+                        self.base_requests[j] += requests[i]
+                        self.base_errors[j] += errors[i]
+                table = self.shared.carried()
+                for key, member, seen in sorted(old.session_entries(), key=lambda e: e[2]):
+                    if 0 <= member < len(where) and (j := where[member]) is not None:
+                        table.seen(key, j, seen)
+        self.retired = [(s, w) for s, w in self.retired if s is not old]
+
+    def _mapped(self, per_state: Callable[[SharedState], list[int]]) -> list[int]:
+        """A per-member figure of the current state plus every retired one's."""
+        total = per_state(self.shared)
+        for old, where in self.retired:
+            for i, value in enumerate(per_state(old)):
+                if where[i] is not None:
+                    total[where[i]] += value  # type: ignore[index]
+        return total
+
+    def counts(self) -> tuple[list[int], list[int], list[int], list[int]]:
+        """(in flight, requests, tunnels, errors) per member, draining workers included."""
+        active = self._mapped(lambda s: s.totals()[0])
+        requests = self._mapped(lambda s: s.totals()[1])
+        tunnels = self._mapped(SharedState.tunnel_totals)
+        errors = self._mapped(SharedState.error_totals)
+        requests = [r + b for r, b in zip(requests, self.base_requests, strict=True)]
+        errors = [e + b for e, b in zip(errors, self.base_errors, strict=True)]
+        return active, requests, tunnels, errors
+
+    def _session_sources(self) -> list[list[tuple[int, int, int]]]:
+        """Session entries of the current state and every retired one, in today's members."""
+        sources = [self.shared.session_entries()]
+        for old, where in self.retired:
+            sources.append(
+                [
+                    (key, j, seen)
+                    for key, m, seen in old.session_entries()
+                    if 0 <= m < len(where) and (j := where[m]) is not None
+                ]
+            )
+        return sources
+
+    def session_counts(self, idle_ms: int) -> list[int]:
+        return count_sessions(self._session_sources(), len(self.names), now_ms(), idle_ms)
+
+    def handover_state(self) -> dict[str, Any]:
+        """What a new master takes over (see `handover.py`), members by name."""
+        _, requests, _, errors = self.counts()
+        names = self.names
+        admissions = [str(ADMISSIONS[a]) for a in self.admission]
+        return {
+            "admissions": dict(zip(names, admissions, strict=True)),
+            "healthy": dict(zip(names, self.healthy, strict=True)),
+            "unchecked": [names[i] for i in sorted(self.unchecked)],
+            "requests": dict(zip(names, requests, strict=True)),
+            "errors": dict(zip(names, errors, strict=True)),
+            "sessions": [
+                [key, names[m], seen]
+                for entries in self._session_sources()
+                for key, m, seen in entries
+                if 0 <= m < len(names)
+            ],
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> set[int]:
+        """Take over an old master's `handover_state`; returns the members it did
+        not know (they start LIVE, unhealthy until their first good check)."""
+        known = state.get("admissions", {})
+        fresh = {i for i, n in enumerate(self.names) if n not in known}
+        for i, name in enumerate(self.names):
+            if i in fresh:
+                self.admission[i], self.healthy[i] = LIVE, False
+                continue
+            self.admission[i] = CODES[Admission(known[name])]
+            self.healthy[i] = bool(state.get("healthy", {}).get(name, True))
+            self.base_requests[i] = int(state.get("requests", {}).get(name, 0))
+            self.base_errors[i] = int(state.get("errors", {}).get(name, 0))
+        unchecked = fresh | {self.index[n] for n in state.get("unchecked", []) if n in self.index}
+        table = self.shared.carried()
+        for key, name, seen in sorted(state.get("sessions", []), key=lambda e: int(e[2])):
+            if name in self.index and int(key) != 0:
+                table.seen(int(key), self.index[name], int(seen))
+        self._publish()
+        return unchecked
+
+    def picture(self, topology: Topology) -> tuple[list[int], list[bool]]:
+        """(admission, healthy) of `topology`'s members as `adopt` would carry them."""
+        names = [m.name for _, m in topology.members()]
+        admission = [self.admission[self.index[n]] if n in self.index else LIVE for n in names]
+        healthy = [n in self.index and self.healthy[self.index[n]] for n in names]
+        return admission, healthy
 
     def set_admissions(self, changes: Mapping[str, Any], force: bool = False) -> list[str]:
         """Apply every change or none; return 'member: old -> new' for each real change.
@@ -281,17 +460,19 @@ class PoolState:
             if self.state_file is not None:  # persist first: a failed write changes nothing
                 save_admissions(self.state_file, dict(zip(self.names, following, strict=True)))
             self.admission = following
-            self.shared.publish(self.admission, self.healthy)
+            self._publish()
         return done
 
-    def expect_checks(self) -> None:
+    def expect_checks(self, members: set[int] | None = None) -> None:
         """A health checker runs: until its first verdict on a member, that member's
         health is a start-up guess, which the admin API never reports as healthy
         (see first_verdicts). Otherwise a caller that waits for health (a release,
         a test, a benchmark) could go ahead at start-up while every member is in
         fact still down."""
-        self.unchecked = set(range(len(self.names)))
+        self.unchecked = set(range(len(self.names))) if members is None else members
         self._verdicts = asyncio.Event()
+        if not self.unchecked:
+            self._verdicts.set()
 
     def checked(self, member: int) -> None:
         """A probe has agreed with `member`'s health: its `healthy` flag is now real."""
@@ -308,12 +489,12 @@ class PoolState:
 
     def set_healthy(self, member: int, healthy: bool) -> None:
         self.healthy[member] = healthy
-        self.shared.publish(self.admission, self.healthy)
+        self._publish()
 
     def pool_view(self) -> PoolView:
         """The pool as the admin API reports it, for the interlock: a member is
         healthy once a check has seen it so (see expect_checks)."""
-        active, requests, _ = self.shared.totals()
+        active, requests, _, _ = self.counts()
         return PoolView(
             tuple(
                 MemberState(
@@ -336,11 +517,9 @@ class PoolState:
         `sessions` counts the sticky
         sessions routed to the member within `session_idle` seconds (default
         the balancer's policy.session_idle)."""
-        active, requests, _ = self.shared.totals()
-        tunnels = self.shared.tunnel_totals()
-        errors = self.shared.error_totals()
+        active, requests, tunnels, errors = self.counts()
         idle = self.topology.policy.session_idle if session_idle is None else session_idle
-        sessions = self.shared.session_totals(now_ms(), int(idle * 1000))
+        sessions = self.session_counts(int(idle * 1000))
         members = []
         for i, (cluster, member) in enumerate(self.topology.members()):
             members.append(
