@@ -92,11 +92,12 @@ def init(
         DEFAULT_CONFIG
     ),
     force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Write a commented starter changeover.toml."""
     from changeover.commands import site
 
-    site.init(path, force)
+    site.init(path, force, json_out)
 
 
 @app.command()

@@ -89,6 +89,14 @@ def starter_site(tmp_path: Path) -> Path:
     return config
 
 
+def test_init_json_names_the_file_it_wrote(tmp_path: Path) -> None:
+    path = tmp_path / "site.toml"
+    result = CliRunner().invoke(app, ["init", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"message": f"wrote {path}", "path": str(path)}
+    assert path.read_text() == STARTER
+
+
 def test_check_json_lists_the_members_and_the_policy(tmp_path: Path) -> None:
     config = starter_site(tmp_path)
     result = CliRunner().invoke(app, ["check", "--json", "-c", str(config)])

@@ -17,7 +17,7 @@ from changeover.commands.output import err, fail, out, print_json
 from changeover.config import Topology
 
 
-def init(path: Path, force: bool) -> None:
+def init(path: Path, force: bool, json_out: bool) -> None:
     from changeover.starter import STARTER
 
     if path.exists() and not force:
@@ -26,7 +26,10 @@ def init(path: Path, force: bool) -> None:
         path.write_text(STARTER)
     except OSError as exc:
         fail(EXIT_BAD_INPUT, f"{path}: cannot write: {exc.strerror}")
-    out.print(f"wrote {path}; edit it, then run `changeover check -c {path}`")
+    if json_out:
+        print_json({"message": f"wrote {path}", "path": str(path)})
+    else:
+        out.print(f"wrote {path}; edit it, then run `changeover check -c {path}`")
 
 
 def _qa(cluster: Any) -> str:
