@@ -8,49 +8,26 @@ Exit codes (documented in README and `changeover --help`):
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-import datetime
-import json
 import math
 import os
 import sys
-import time
-from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, NoReturn
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 # typer's own click: the usage errors it raises when not in standalone mode.
 from typer._click.exceptions import NoArgsIsHelpError, UsageError
-from yarl import URL
 
 from changeover import __version__
-from changeover import journal as J
-from changeover.balancers.base import BalancerError
-from changeover.balancers.factory import make_balancer
-from changeover.config import DEFAULT_CONFIG, ConfigError, Topology, load
-from changeover.journal import JournalError, LockHeld
-from changeover.migrations import format_findings
-from changeover.migrations.cli import app as migrations_app
-from changeover.plan import PlanRefused, describe, make_plan
-from changeover.ports import MigrationError, Review
-from changeover.releases import (
-    BadRequest,
-    Begin,
-    GateRefused,
-    Outcome,
-    Releases,
-    SiteStatus,
-    operator,
-)
-from changeover.runtime import make_executor, review, with_releases
+from changeover.commands import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_REFUSED, EXIT_STOPPED
+from changeover.migrations.cli import app as migrations_app  # its analyser loads when it runs
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_STOPPED = 0, 1, 2, 3, 4
+# Start-up: this module imports typer and nothing heavy (`--help` needs only the
+# declarations below); each command's body is in changeover.commands, imported
+# when the command runs (tests/unit/test_cli_surface.py holds this).
+
+DEFAULT_CONFIG = "changeover.toml"  # changeover.config.DEFAULT_CONFIG, without pydantic
 
 HELP = f"""Zero-downtime releases across separate clusters behind a load balancer.
 
@@ -63,27 +40,24 @@ Exit codes: {EXIT_OK} success, {EXIT_FAILED} release/check failed,
 the migration check, {EXIT_STOPPED} stopped at a safe point (resumable).
 """
 
-app = typer.Typer(help=HELP, no_args_is_help=True, rich_markup_mode=None, add_completion=False)
+app = typer.Typer(help=HELP, no_args_is_help=True, rich_markup_mode=None)
 balancer_app = typer.Typer(help="Run the embedded balancer.", no_args_is_help=True)
 app.add_typer(balancer_app, name="balancer")
+
+
 app.add_typer(
     migrations_app, name="migrations", help="Check migrations for expand/contract safety."
 )
-
-out = Console()
-err = Console(stderr=True)
 
 ConfigOpt = Annotated[
     Path, typer.Option("--config", "-c", envvar="CHANGEOVER_CONFIG", help="Topology file.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 
-T = TypeVar("T")
-
 
 def _version_callback(value: bool) -> None:
     if value:
-        out.print(f"changeover {__version__}")
+        print(f"changeover {__version__}")
         raise typer.Exit()
 
 
@@ -99,49 +73,11 @@ def _root(
     pass
 
 
-def _print_error(message: str) -> None:
-    # The message carries user text (versions, paths, rule names): data, not markup.
-    err.print(
-        f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True
-    )
-
-
 def fail(code: int, message: str) -> NoReturn:
-    _print_error(message)
-    raise typer.Exit(code)
+    """Print a one-line error and exit with `code`."""
+    from changeover.commands.output import fail as print_and_exit
 
-
-def _load(path: Path) -> Topology:
-    try:
-        return load(path)
-    except ConfigError as exc:
-        fail(EXIT_BAD_INPUT, str(exc))
-
-
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine, mapping the expected failures to exit codes."""
-    try:
-        return asyncio.run(coro)
-    except (ConfigError, JournalError, BadRequest) as exc:
-        fail(EXIT_BAD_INPUT, str(exc))
-    except GateRefused as exc:
-        err.print(
-            format_findings(exc.findings, "text"), markup=False, highlight=False, soft_wrap=True
-        )
-        fail(EXIT_REFUSED, str(exc))
-    except LockHeld as exc:
-        fail(EXIT_REFUSED, f"another release holds the lock: {exc}")
-    except PlanRefused as exc:
-        fail(EXIT_REFUSED, str(exc))
-    except (BalancerError, MigrationError) as exc:
-        fail(EXIT_FAILED, str(exc))
-
-
-def _service(
-    topo: Topology, call: Callable[[Releases], Awaitable[T]], console: Console | None = None
-) -> T:
-    """Call the release service with the site's ports, mapping failures to exit codes."""
-    return _run(with_releases(topo, call, console or out))
+    print_and_exit(code, message)
 
 
 # --- topology --------------------------------------------------------------------
@@ -153,17 +89,12 @@ def init(
         DEFAULT_CONFIG
     ),
     force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Write a commented starter changeover.toml."""
-    from changeover.starter import STARTER
+    from changeover.commands import site
 
-    if path.exists() and not force:
-        fail(EXIT_BAD_INPUT, f"{path} exists (use --force to overwrite)")
-    try:
-        path.write_text(STARTER)
-    except OSError as exc:
-        fail(EXIT_BAD_INPUT, f"{path}: cannot write: {exc.strerror}")
-    out.print(f"wrote {path}; edit it, then run `changeover check -c {path}`")
+    site.init(path, force, json_out)
 
 
 @app.command()
@@ -172,70 +103,12 @@ def check(
     reach: Annotated[
         bool, typer.Option("--reach", help="Also run a trivial command on every member.")
     ] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Validate the topology and print it as a table."""
-    topo = _load(config)
-    table = Table(title=f"site {topo.site.name} ({config})")
-    for col in ("cluster", "member", "address", "route", "QA entry point"):
-        table.add_column(col)
-    for cluster, member in topo.members():
-        qa = ", ".join(
-            x
-            for x in (
-                f"port {cluster.qa_port}" if cluster.qa_port else "",
-                f"Host {cluster.qa_host}" if cluster.qa_host else "",
-            )
-            if x
-        )
-        table.add_row(
-            cluster.name,
-            member.name,
-            f"{member.host}:{member.port}",
-            member.route_id,
-            escape(qa) or "-",
-        )
-    out.print(table)
-    bal, pol = topo.balancer, topo.policy
-    out.print(
-        f"balancer: {bal.driver}, public {bal.listen}, sticky cookie {bal.sticky_cookie}, "
-        f"{bal.algorithm}; executor: {topo.executor.kind}; strategy {pol.strategy}, "
-        f"order {' -> '.join(topo.cluster_order())}, approval {pol.approval}, "
-        f"min_healthy {pol.min_healthy}"
-    )
-    from changeover.tls import expiry_warnings
+    from changeover.commands import site
 
-    for warning in expiry_warnings(topo, datetime.datetime.now(datetime.UTC)):
-        out.print(f"warning: {warning}", markup=False, highlight=False)
-    if reach:
-        _check_reach(topo)
-
-
-def _check_reach(topo: Topology) -> None:
-    from changeover.executors.reach import reach as reach_all
-
-    async def go() -> list[Any]:
-        executor = make_executor(topo)
-        try:
-            return await reach_all(topo, executor)
-        finally:
-            await executor.close()
-
-    results = _run(go())
-    table = Table(title="reachability")
-    for col in ("member", "host", "node", "reachable", "seconds", "detail"):
-        table.add_column(col)
-    for r in results:
-        table.add_row(
-            r.member,
-            r.host,
-            r.node or "-",  # what the host calls itself: catches an address that reaches another
-            "[green]yes[/]" if r.ok else "[red]no[/]",
-            f"{r.seconds:.2f}",
-            r.error or "",
-        )
-    out.print(table)
-    if not all(r.ok for r in results):
-        raise typer.Exit(EXIT_FAILED)
+    site.check(config, reach, json_out)
 
 
 @app.command("render")
@@ -254,41 +127,17 @@ def render_config(
 ) -> None:
     """Write the complete balancer config for the topology (QA entry points included);
     every member live unless --current."""
-    from changeover.balancers.render import RenderError, RenderOptions, render
+    from changeover.commands import site
 
-    topo = _load(config)
-    chosen = next((i for i in topo.balancer.instances if i.name == instance), None)
-    if instance and chosen is None:
-        fail(EXIT_BAD_INPUT, f"no balancer instance named {instance!r} in {config}")
-    chosen = chosen or (topo.balancer.instances[0] if topo.balancer.instances else None)
-    admissions = None
-    if current:
+    site.render(driver, config, output, instance, current)
 
-        async def read() -> dict[str, Any]:
-            balancer = make_balancer(topo)
-            try:
-                return dict((await balancer.read()).admissions())
-            finally:
-                await balancer.close()
 
-        admissions = _run(read())
-    run_dir = chosen.run_dir if chosen and chosen.run_dir else None
-    options = RenderOptions(
-        instance=chosen,
-        run_dir=topo.resolve_path(run_dir) if run_dir else None,
-        template_dir=topo.resolve_path(topo.balancer.template_dir)
-        if topo.balancer.template_dir
-        else None,
-    )
-    try:
-        text = render(topo, driver, admissions, options=options)
-    except RenderError as exc:
-        fail(EXIT_BAD_INPUT, str(exc))
-    if output is None:
-        sys.stdout.write(text)
-    else:
-        output.write_text(text)
-        err.print(f"wrote {output}")
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of changeover.toml, for editors (see docs/configuration.md)."""
+    from changeover.commands import site
+
+    site.schema()
 
 
 # --- planning and releasing -------------------------------------------------------
@@ -316,11 +165,6 @@ FirstOpt = Annotated[
 ]
 
 
-def _reviewed(topo: Topology, begin: Begin) -> Review | None:
-    """The migration gate of `plan` (exit 3 with the findings printed when refused)."""
-    return _run(review(topo, begin))
-
-
 @app.command()
 def plan(
     version: Annotated[str, typer.Argument(help="The version to release.")],
@@ -334,62 +178,10 @@ def plan(
     first: FirstOpt = False,
 ) -> None:
     """Print the ordered steps of a release and check its migrations; touches nothing."""
-    topo = _load(config)
-    begin = Begin(version, tuple(allow or ()), reason, first)
-    found = _reviewed(topo, begin)
+    from changeover.commands import releasing
+    from changeover.releases import Begin
 
-    async def go() -> list[Any]:
-        view = None
-        if not offline:
-            balancer = make_balancer(topo)
-            try:
-                view = await balancer.read()
-            except BalancerError as exc:
-                # Not a failed release (exit 1): the plan could not be checked against the pool.
-                fail(
-                    EXIT_BAD_INPUT,
-                    f"cannot read the balancer: {exc}; `changeover plan --offline` plans "
-                    "without it (no interlock check)",
-                )
-            finally:
-                await balancer.close()
-        return make_plan(topo, version, view, first=first)
-
-    steps = _run(go())
-    if json_out:
-        data: dict[str, Any] = {"version": version, "steps": [s.to_dict() for s in steps]}
-        if found is not None:
-            data["migrations"] = {
-                "pending": found.pending,
-                "allowed_findings": [dataclasses.asdict(f) for f in found.findings],
-            }
-        print(json.dumps(data, indent=2))
-        return
-    out.print(
-        f"[bold]plan[/]: release {escape(repr(version))} to {topo.site.name}", highlight=False
-    )
-    for line in describe(steps):
-        out.print(line, highlight=False, markup=False)
-    if found is not None:
-        pending = "; ".join(f"{p}: {', '.join(n) or 'none'}" for p, n in found.pending.items())
-        out.print(f"pending migrations: {pending}", highlight=False, markup=False, soft_wrap=True)
-        note = Releases.allowance(found, begin)
-        if note:
-            out.print(note, highlight=False, markup=False, soft_wrap=True)
-
-
-_STATE_EXIT = {
-    J.DONE: EXIT_OK,
-    J.FAILED: EXIT_FAILED,
-    J.ROLLED_BACK: EXIT_FAILED,
-    J.INTERRUPTED: EXIT_STOPPED,
-}
-
-
-def _finish(topo: Topology, done: Outcome, json_out: bool) -> None:
-    if json_out:
-        print(json.dumps(_service(topo, lambda r: r.describe(done.release_id)), indent=2))
-    raise typer.Exit(_STATE_EXIT.get(done.state, EXIT_STOPPED))
+    releasing.plan(config, Begin(version, tuple(allow or ()), reason, first), json_out, offline)
 
 
 @app.command()
@@ -402,10 +194,10 @@ def release(
     first: FirstOpt = False,
 ) -> None:
     """Release VERSION to every cluster, one cluster at a time, with zero downtime."""
-    topo = _load(config)
-    begin = Begin(version, tuple(allow or ()), reason, first)
-    done = _service(topo, lambda r: r.release(begin), err if json_out else out)
-    _finish(topo, done, json_out)
+    from changeover.commands import releasing
+    from changeover.releases import Begin
+
+    releasing.release(config, Begin(version, tuple(allow or ()), reason, first), json_out)
 
 
 @app.command()
@@ -413,33 +205,35 @@ def rollback(config: ConfigOpt = Path(DEFAULT_CONFIG), json_out: JsonOpt = False
     """Go back to the previous version: an instant flip to the clusters a bluegreen
     release kept on it (within policy.keep_previous), else a release of it. After a
     release that failed or was aborted: back to the version that one replaced."""
-    topo = _load(config)
-    done = _service(topo, lambda r: r.rollback(), err if json_out else out)
-    _finish(topo, done, json_out)
+    from changeover.commands import releasing
+
+    releasing.rollback(config, json_out)
 
 
 @app.command()
 def resume(config: ConfigOpt = Path(DEFAULT_CONFIG), json_out: JsonOpt = False) -> None:
     """Continue the unfinished release after a crash, Ctrl-C or a fixed failure."""
-    topo = _load(config)
-    done = _service(topo, lambda r: r.resume(), err if json_out else out)
-    _finish(topo, done, json_out)
+    from changeover.commands import releasing
+
+    releasing.resume(config, json_out)
 
 
 @app.command()
-def abort(config: ConfigOpt = Path(DEFAULT_CONFIG)) -> None:
+def abort(config: ConfigOpt = Path(DEFAULT_CONFIG), json_out: JsonOpt = False) -> None:
     """Stop the release in progress at its next safe point (from another shell).
     It stays resumable: `resume` continues it, `rollback` or a new release
     supersedes it; `status` warns while healthy members are left out."""
-    topo = _load(config)
-    out.print(_service(topo, lambda r: r.abort(operator())), highlight=False, markup=False)
+    from changeover.commands import releasing
+
+    releasing.abort(config, json_out)
 
 
 @app.command()
-def approve(config: ConfigOpt = Path(DEFAULT_CONFIG)) -> None:
+def approve(config: ConfigOpt = Path(DEFAULT_CONFIG), json_out: JsonOpt = False) -> None:
     """Approve the cluster that a release with approval = "manual" waits for."""
-    topo = _load(config)
-    out.print(_service(topo, lambda r: r.approve(operator())), highlight=False, markup=False)
+    from changeover.commands import releasing
+
+    releasing.approve(config, json_out)
 
 
 @app.command()
@@ -447,128 +241,54 @@ def unlock(
     config: ConfigOpt = Path(DEFAULT_CONFIG),
     force: Annotated[bool, typer.Option("--force", help="Required: break the lock.")] = False,
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Break the site's release lock (only when its holder is surely gone)."""
-    if not force:
-        fail(EXIT_BAD_INPUT, "unlock needs --force: it breaks the lock of a release in progress")
-    topo = _load(config)
-    holder = _service(topo, lambda r: r.lock_holder())
-    if holder is None:
-        out.print("the site is not locked")
-        return
-    if not yes and not typer.confirm(f"break the lock held by {holder.describe()}?"):
-        raise typer.Exit(EXIT_REFUSED)
-    _service(topo, lambda r: r.unlock())
-    out.print(f"lock of {holder.describe()} broken", highlight=False, markup=False)
+    from changeover.commands import releasing
+
+    releasing.unlock(config, force, yes, json_out)
 
 
 # --- looking ------------------------------------------------------------------------
 
 
+def _interval(value: float) -> float:
+    if not (math.isfinite(value) and 0.1 <= value <= 3600):
+        raise typer.BadParameter(f"expected seconds between 0.1 and 3600, got {value}")
+    return value
+
+
 @app.command()
-def status(config: ConfigOpt = Path(DEFAULT_CONFIG), json_out: JsonOpt = False) -> None:
+def status(
+    config: ConfigOpt = Path(DEFAULT_CONFIG),
+    json_out: JsonOpt = False,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch",
+            help="Follow the release in progress (or the next to begin) until it ends: "
+            "the status again on every change (--json: one line each), a progress line "
+            "during long waits; exit as the release ends (0 done, 1 failed, 4 stopped "
+            "or Ctrl-C).",
+        ),
+    ] = False,
+    interval: Annotated[
+        float, typer.Option(callback=_interval, help="--watch: seconds between reads.")
+    ] = 2.0,
+    progress: Annotated[
+        float,
+        typer.Option(
+            callback=_interval, help="--watch: a progress line after this many quiet seconds."
+        ),
+    ] = 5.0,
+) -> None:
     """Show the pool as the balancer sees it and any release in progress."""
-    topo = _load(config)
-    now = _service(topo, lambda r: r.status())
-    view = now.view
-    if json_out:
-        print(
-            json.dumps(
-                {
-                    "pool": None
-                    if view is None
-                    else [
-                        {
-                            "name": m.name,
-                            "cluster": m.cluster,
-                            "admission": m.admission.value,
-                            "healthy": m.healthy,
-                            "active": m.active,
-                            "version": now.versions.get(m.name),
-                        }
-                        for m in view.members
-                    ],
-                    "awaiting_approval": dataclasses.asdict(now.awaiting) if now.awaiting else None,
-                    "kept": dataclasses.asdict(now.kept) if now.kept else None,
-                    "balancer_error": now.balancer_error,
-                    "release": now.release,
-                    "lock": now.lock.describe() if now.lock else None,
-                    "kept_out": now.kept_out,
-                    "warning": now.warning,
-                },
-                indent=2,
-            )
-        )
-        return
-    if view is None:
-        err.print(f"[red]balancer unreachable:[/] {escape(now.balancer_error or '')}")
-    else:
-        table = Table(title=f"pool of {escape(topo.site.name)}")
-        for col in ("cluster", "member", "admission", "health", "in flight", "version"):
-            table.add_column(col)
-        colour = {"live": "green", "draining": "yellow", "out": "red"}
-        for m in view.members:
-            table.add_row(
-                escape(m.cluster),
-                escape(m.name),
-                f"[{colour[m.admission.value]}]{m.admission.value}[/]",
-                "up" if m.healthy else "[red]down[/]",
-                "not counted" if m.active is None else str(m.active),
-                escape(now.versions.get(m.name) or "-"),
-            )
-        out.print(table)
-    pending = now.release
-    if pending:
-        done = sum(1 for s in pending["steps"] if s["state"] == J.STEP_DONE)
-        out.print(
-            f"release #{pending['id']} {escape(repr(pending['version']))}: "
-            f"[bold]{pending['state']}[/], {done}/{len(pending['steps'])} steps done"
-            + (f"; {escape(pending['error'])}" if pending["error"] else ""),
-            highlight=False,
-        )
-    else:
-        out.print("no release in progress")
-    if now.kept_out:
-        out.print(
-            f"kept out of the live pool by release #{now.kept_by} after failing a step: "
-            f"{', '.join(now.kept_out)} (the next release brings them back)",
-            highlight=False,
-            markup=False,
-        )
-    for line in _status_notes(now):
-        out.print(line, highlight=False, markup=False, soft_wrap=True)
-    if now.lock:
-        stale = " (stale: its process is gone)" if now.lock.is_stale() else ""
-        out.print(f"lock: {now.lock.describe()}{stale}", highlight=False, markup=False)
-    if now.warning:
-        out.print(
-            f"[bold yellow]warning:[/] {escape(now.warning)}", highlight=False, soft_wrap=True
-        )
-    if view is None:
-        raise typer.Exit(EXIT_FAILED)
+    from changeover.commands import looking
 
-
-def _status_notes(now: SiteStatus) -> list[str]:
-    """The approval a release waits for, and what bluegreen kept for a rollback."""
-    notes = []
-    if now.awaiting:
-        wait = now.awaiting
-        where = (
-            f"QA at {wait.qa_url}" + (f" (Host: {wait.qa_host})" if wait.qa_host else "")
-            if wait.qa_url
-            else "no QA entry point"
-        )
-        notes.append(
-            f"awaiting approval of {wait.cluster}: {where}; "
-            "`changeover approve` (or `changeover abort`)"
-        )
-    if now.kept:
-        minutes, seconds = divmod(max(0, int(now.kept.seconds_left)), 60)
-        notes.append(
-            f"kept for an instant rollback: {', '.join(now.kept.clusters)} (draining, on "
-            f"{now.kept.version!r}) for {minutes}m {seconds:02d}s more (policy.keep_previous)"
-        )
-    return notes
+    if watch:
+        looking.watch(config, json_out, interval, progress)
+    else:
+        looking.status(config, json_out)
 
 
 @app.command()
@@ -578,32 +298,9 @@ def history(
     limit: Annotated[int, typer.Option(min=1, max=100_000, help="How many releases.")] = 20,
 ) -> None:
     """List past releases, newest first."""
-    topo = _load(config)
+    from changeover.commands import looking
 
-    async def read(r: Releases) -> list[dict[str, Any]]:
-        return [await r.describe(row.id) for row in await r.history(limit)]
-
-    rows = _service(topo, read)
-    if json_out:
-        print(json.dumps(rows, indent=2))
-        return
-    table = Table(title=f"releases of {escape(topo.site.name)}")
-    for col in ("#", "version", "previous", "kind", "state", "started", "took", "by"):
-        table.add_column(col)
-    for r in rows:
-        took = f"{r['finished'] - r['started']:.1f}s" if r["finished"] else "-"
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["started"]))
-        table.add_row(
-            str(r["id"]),
-            escape(r["version"]),
-            escape(r["previous_version"] or "-"),
-            r["kind"],
-            r["state"],
-            started,
-            took,
-            escape(f"{r['user']}@{r['host']}"),
-        )
-    out.print(table)
+    looking.history(config, json_out, limit)
 
 
 @app.command()
@@ -615,38 +312,9 @@ def show(
     json_out: JsonOpt = False,
 ) -> None:
     """Show every step of one release with times, outputs and who ran it."""
-    topo = _load(config)
-    try:
-        data = _service(topo, lambda r: r.describe(release_id, detail=True))
-    except KeyError:
-        fail(EXIT_BAD_INPUT, f"no release #{release_id}")
-    if json_out:
-        print(json.dumps(data, indent=2, default=str))
-        return
-    outputs = data["outputs"]
-    out.print(
-        f"[bold]release #{data['id']}[/] {escape(repr(data['version']))} "
-        f"({data['kind']}, {data['strategy']}) "
-        f"by {escape(data['user'])}@{escape(data['host'])}: {data['state']}",
-        highlight=False,
-    )
-    if data["error"]:
-        out.print(f"[red]{escape(data['error'])}[/]", highlight=False)
-    for i, s in enumerate(data["steps"]):
-        took = f"{s['finished'] - s['started']:.1f}s" if s["finished"] and s["started"] else ""
-        out.print(
-            f"{i + 1:>3}. {s['state']:<8} {took:>7} {s['description']}"
-            + (f": {s['detail']}" if s["detail"] else ""),
-            highlight=False,
-            markup=False,
-        )
-        for o in (o for o in outputs if o["idx"] == i):
-            status_text = (
-                "timeout/unreachable" if o["exit_status"] is None else f"exit {o['exit_status']}"
-            )
-            out.print(f"       {o['member']}: {status_text} in {o['seconds']:.2f}s", markup=False)
-            for line in o["output"].strip().splitlines()[-5:]:
-                out.print(f"         | {line}", markup=False, highlight=False)
+    from changeover.commands import looking
+
+    looking.show(config, release_id, json_out)
 
 
 @app.command()
@@ -657,11 +325,13 @@ def desk(
     ),
 ) -> None:
     """Serve the release desk: the web page, its JSON API under /api/ and /metrics."""
-    from changeover.config import parse_hostport
+    from changeover.commands.common import load_config, service
+    from changeover.commands.output import out
+    from changeover.config import ConfigError, parse_hostport
     from changeover.desk.app import Desk, serve
     from changeover.desk.auth import load_tokens
 
-    topo = _load(config)
+    topo = load_config(config)
     try:
         host, port = parse_hostport(listen)
         tokens = load_tokens(topo, os.environ)
@@ -671,7 +341,7 @@ def desk(
     def ready(url: str) -> None:
         out.print(f"desk of {topo.site.name} on {url}", highlight=False, markup=False)
 
-    _service(topo, lambda r: serve(Desk(topo, r, tokens), host, port, ready))
+    service(topo, lambda r: serve(Desk(topo, r, tokens), host, port, ready))
 
 
 # --- the embedded balancer, the probe and the demo ----------------------------------
@@ -697,9 +367,10 @@ def balancer_serve(
     ] = False,
 ) -> None:
     """Serve the live pool, the QA entry points and the admin API."""
+    from changeover.commands.common import load_config
     from changeover.proxy.server import run as serve
 
-    raise typer.Exit(serve(_load(config), workers, take_over=take_over))
+    raise typer.Exit(serve(load_config(config), workers, take_over=take_over))
 
 
 @balancer_app.command("reload")
@@ -715,33 +386,9 @@ def balancer_reload(config: ConfigOpt = Path(DEFAULT_CONFIG)) -> None:
     is printed (exit 1). The balancer re-reads the file it was started with;
     CONFIG says where its admin API is.
     """
-    import aiohttp
+    from changeover.commands.balancer import reload
 
-    from changeover.balancers.builtin import admin_url_of
-
-    topo = _load(config)
-    token = topo.balancer.token()
-    if not token:
-        fail(EXIT_BAD_INPUT, f"no admin token: set {topo.balancer.admin_token_env}")
-    url = admin_url_of(topo).rstrip("/") + "/v1/reload"
-
-    async def send() -> tuple[int, Any]:
-        headers = {"Authorization": f"Bearer {token}"}
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http,
-            http.post(url, headers=headers) as response,
-        ):
-            return response.status, await response.json(content_type=None)
-
-    try:
-        status, body = asyncio.run(send())
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        fail(EXIT_FAILED, f"cannot reach the balancer at {url}: {exc}")
-    if status != 200:
-        error = body.get("error") if isinstance(body, dict) else body
-        fail(EXIT_FAILED, f"reload failed, the old topology still serves: {error}")
-    changes = " ".join(body.get("members") or []) or "the same members"
-    out.print(f"reloaded: {changes}", highlight=False, markup=False)
+    reload(config)
 
 
 def _positive(value: float) -> float:
@@ -758,6 +405,8 @@ def _not_negative(value: float) -> float:
 
 def _http_url(value: str | None) -> str | None:
     """An absolute http(s) URL with a host (yarl parses it, as aiohttp will)."""
+    from yarl import URL
+
     if value is None:
         return None
     try:
@@ -820,6 +469,7 @@ def probe(
     """Send traffic at a fixed rate with sticky users, who think sticky_users/rate
     seconds between requests and leave after a while; report failures, latency,
     broken and cut sessions and version flaps (exit 1 on any)."""
+    from changeover.commands.output import out
     from changeover.probe import SessionLengths, main_cli
 
     if watch_admin and watch_config:
@@ -863,6 +513,8 @@ def demo(
 ) -> None:
     """Release v1 -> v2 across two local clusters behind the embedded balancer,
     under the probe, and print the timeline and the report (exit 1 on any failure)."""
+    from changeover.commands.common import run
+    from changeover.commands.output import out
     from changeover.demo.scenario import DemoOptions, run_demo
 
     opts = DemoOptions(
@@ -872,22 +524,24 @@ def demo(
         workers=workers,
         keep=keep,
     )
-    raise typer.Exit(_run(run_demo(opts, out)))
+    raise typer.Exit(run(run_demo(opts, out)))
 
 
 def main() -> None:
     try:
         code = app(standalone_mode=False)
     except NoArgsIsHelpError as exc:
-        err.print(exc.format_message(), markup=False, highlight=False)
+        print(exc.format_message(), file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     except UsageError as exc:  # found before any command ran
         # One line, not the usage block: what was wrong, and where to look.
+        from changeover.commands.output import print_error
+
         where = exc.ctx.command_path if exc.ctx is not None else "changeover"
-        _print_error(f"{exc.format_message()} (see `{where} --help`)")
+        print_error(f"{exc.format_message()} (see `{where} --help`)")
         sys.exit(EXIT_BAD_INPUT)
     except typer.Abort:
-        err.print("interrupted")
+        print("interrupted", file=sys.stderr)
         sys.exit(EXIT_STOPPED)
     sys.exit(code if isinstance(code, int) else EXIT_OK)
 

@@ -57,7 +57,8 @@ def parse_duration(value: object) -> float:
     return seconds
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+# In the JSON Schema (`changeover schema`): a number or a string such as "30s".
+Duration = Annotated[float, BeforeValidator(parse_duration, json_schema_input_type=float | str)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
 
@@ -890,3 +891,17 @@ def load(path: Path | str = DEFAULT_CONFIG) -> Topology:
     except RecursionError:
         raise ConfigError(f"{p}: not valid TOML: arrays or tables nested too deep") from None
     return parse(data, p)
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of changeover.toml (`changeover schema`), for editors: from
+    the models, with what the loader accepts beyond them (an address written
+    "HOST:PORT"). Checks a file's shape; the loader's own checks (placeholders,
+    addresses, cross-references) go further."""
+    schema = Topology.model_json_schema()
+    listen = schema["$defs"]["Listen"]
+    schema["$defs"]["Listen"] = {
+        "anyOf": [{"type": "string", "pattern": r"^.+:[0-9]{1,5}$"}, listen],
+        "description": listen.get("description", ""),
+    }
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}

@@ -14,9 +14,9 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner, Result
 
-from changeover import cli
 from changeover import journal as J
 from changeover.cli import app
+from changeover.commands import output
 from changeover.config import load
 from changeover.engine import Engine
 from changeover.journal import Journal, journal_path
@@ -120,7 +120,7 @@ def test_a_version_is_printed_as_itself_by_every_command(
 ) -> None:
     monkeypatch.setenv("CHANGEOVER_ADMIN_TOKEN", "t0ken")
     monkeypatch.setattr("changeover.engine.APPLY_BACKOFF", 0.01)
-    monkeypatch.setattr(cli.out, "width", 300)  # a table cell is not wrapped
+    monkeypatch.setattr(output.out, "width", 300)  # a table cell is not wrapped
     config = site_with_release(tmp_path, version)
     argv = [version if word == "{v}" else word for word in command]
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from changeover.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_REFUSED, app
+from changeover.cli import app
+from changeover.commands import EXIT_BAD_INPUT, EXIT_OK, EXIT_REFUSED
 
 runner = CliRunner()
 

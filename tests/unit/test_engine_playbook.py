@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from changeover import journal as J
-from changeover.cli import _status_notes
+from changeover.commands.looking import status_notes as _status_notes
 from changeover.config import Cluster, Member
 from changeover.engine import Engine, Event
 from changeover.executors.base import CommandResult

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from importlib import import_module
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol, cast
 
-from changeover.balancers.apache import ApacheBalancer
 from changeover.balancers.base import Balancer, BalancerError
-from changeover.balancers.builtin import builtin_driver
 from changeover.balancers.group import BalancerGroup
-from changeover.balancers.haproxy import HAProxyBalancer
-from changeover.balancers.nginx import NginxBalancer
 from changeover.config import BalancerInstance, Topology
 
 
@@ -27,12 +25,30 @@ class Driver(Protocol):
     ) -> Balancer: ...
 
 
-DRIVERS: dict[str, Driver] = {
-    "builtin": builtin_driver,
-    "haproxy": HAProxyBalancer,
-    "apache": ApacheBalancer,
-    "nginx": NginxBalancer,
-}
+class _Drivers(Mapping[str, Driver]):
+    """Driver name -> how it is built, each driver's module imported when it is
+    first looked up (a site running HAProxy never imports Jinja2 for Apache's
+    templates, nor the builtin driver aiohttp, at start-up)."""
+
+    _WHERE: ClassVar[dict[str, tuple[str, str]]] = {
+        "builtin": ("changeover.balancers.builtin", "builtin_driver"),
+        "haproxy": ("changeover.balancers.haproxy", "HAProxyBalancer"),
+        "apache": ("changeover.balancers.apache", "ApacheBalancer"),
+        "nginx": ("changeover.balancers.nginx", "NginxBalancer"),
+    }
+
+    def __getitem__(self, name: str) -> Driver:
+        module, attr = self._WHERE[name]
+        return cast(Driver, getattr(import_module(module), attr))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._WHERE)
+
+    def __len__(self) -> int:
+        return len(self._WHERE)
+
+
+DRIVERS: Mapping[str, Driver] = _Drivers()
 
 
 def make_balancer(

@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from changeover.migrations.analysis import allow_refusal, blocking_findings, check_paths
 from changeover.migrations.report import Format, format_findings
 from changeover.migrations.rules import Dialect, Phase, Transactions
 
@@ -48,6 +47,9 @@ def check(
     ] = None,
 ) -> None:
     """Exit 1 when a statement breaks the old release or locks a table, 0 when clean."""
+    # The analyser loads here, not with `changeover --help`.
+    from changeover.migrations.analysis import allow_refusal, blocking_findings, check_paths
+
     allowed = set(allow or ())
     refusal = allow_refusal(allowed)
     if refusal:

@@ -1,0 +1,211 @@
+"""`init`, `check`, `render` and `schema`: the topology file and what it describes."""
+
+from __future__ import annotations
+
+import datetime
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from changeover.commands import EXIT_BAD_INPUT, EXIT_FAILED
+from changeover.commands.common import load_config, run
+from changeover.commands.output import err, fail, out, print_json
+from changeover.config import Topology
+
+
+def init(path: Path, force: bool, json_out: bool) -> None:
+    from changeover.starter import STARTER
+
+    if path.exists() and not force:
+        fail(EXIT_BAD_INPUT, f"{path} exists (use --force to overwrite)")
+    try:
+        path.write_text(STARTER)
+    except OSError as exc:
+        fail(EXIT_BAD_INPUT, f"{path}: cannot write: {exc.strerror}")
+    if json_out:
+        print_json({"message": f"wrote {path}", "path": str(path)})
+    else:
+        out.print(f"wrote {path}; edit it, then run `changeover check -c {path}`")
+
+
+def _qa(cluster: Any) -> str:
+    return ", ".join(
+        x
+        for x in (
+            f"port {cluster.qa_port}" if cluster.qa_port else "",
+            f"Host {cluster.qa_host}" if cluster.qa_host else "",
+        )
+        if x
+    )
+
+
+def check(config: Path, reach: bool, json_out: bool) -> None:
+    from changeover.tls import expiry_warnings
+
+    topo = load_config(config)
+    warnings = list(expiry_warnings(topo, datetime.datetime.now(datetime.UTC)))
+    if json_out:
+        results = _reach(topo) if reach else None
+        print_json(_check_data(topo, config, warnings, results))
+    else:
+        _print_check(topo, config, warnings)
+        results = _reach(topo) if reach else None
+        if results is not None:
+            _print_reach(results)
+    if results is not None and not all(r.ok for r in results):
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _check_data(
+    topo: Topology, config: Path, warnings: list[str], results: list[Any] | None
+) -> dict[str, Any]:
+    bal, pol = topo.balancer, topo.policy
+    return {
+        "site": topo.site.name,
+        "config": str(config),
+        "members": [
+            {
+                "cluster": cluster.name,
+                "member": member.name,
+                "host": member.host,
+                "port": member.port,
+                "route": member.route_id,
+                "qa_port": cluster.qa_port,
+                "qa_host": cluster.qa_host,
+            }
+            for cluster, member in topo.members()
+        ],
+        "balancer": {
+            "driver": bal.driver,
+            "listen": str(bal.listen),
+            "sticky_cookie": bal.sticky_cookie,
+            "algorithm": bal.algorithm,
+        },
+        "executor": topo.executor.kind,
+        "policy": {
+            "strategy": pol.strategy,
+            "order": topo.cluster_order(),
+            "approval": pol.approval,
+            "min_healthy": pol.min_healthy,
+        },
+        "warnings": warnings,
+        "reach": None
+        if results is None
+        else [
+            {
+                "member": r.member,
+                "host": r.host,
+                "node": r.node,
+                "ok": r.ok,
+                "seconds": r.seconds,
+                "error": r.error,
+            }
+            for r in results
+        ],
+    }
+
+
+def _print_check(topo: Topology, config: Path, warnings: list[str]) -> None:
+    table = Table(title=f"site {topo.site.name} ({config})")
+    for col in ("cluster", "member", "address", "route", "QA entry point"):
+        table.add_column(col)
+    for cluster, member in topo.members():
+        table.add_row(
+            cluster.name,
+            member.name,
+            f"{member.host}:{member.port}",
+            member.route_id,
+            escape(_qa(cluster)) or "-",
+        )
+    out.print(table)
+    bal, pol = topo.balancer, topo.policy
+    out.print(
+        f"balancer: {bal.driver}, public {bal.listen}, sticky cookie {bal.sticky_cookie}, "
+        f"{bal.algorithm}; executor: {topo.executor.kind}; strategy {pol.strategy}, "
+        f"order {' -> '.join(topo.cluster_order())}, approval {pol.approval}, "
+        f"min_healthy {pol.min_healthy}"
+    )
+    for warning in warnings:
+        out.print(f"warning: {warning}", markup=False, highlight=False)
+
+
+def _print_reach(results: list[Any]) -> None:
+    table = Table(title="reachability")
+    for col in ("member", "host", "node", "reachable", "seconds", "detail"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(
+            r.member,
+            r.host,
+            r.node or "-",  # what the host calls itself: catches an address that reaches another
+            "[green]yes[/]" if r.ok else "[red]no[/]",
+            f"{r.seconds:.2f}",
+            r.error or "",
+        )
+    out.print(table)
+
+
+def _reach(topo: Topology) -> list[Any]:
+    from changeover.executors.reach import reach as reach_all
+    from changeover.runtime import make_executor
+
+    async def go() -> list[Any]:
+        executor = make_executor(topo)
+        try:
+            return await reach_all(topo, executor)
+        finally:
+            await executor.close()
+
+    return run(go())
+
+
+def render(
+    driver: str, config: Path, output: Path | None, instance: str | None, current: bool
+) -> None:
+    from changeover.balancers.factory import make_balancer
+    from changeover.balancers.render import RenderError, RenderOptions
+    from changeover.balancers.render import render as render_config
+
+    topo = load_config(config)
+    chosen = next((i for i in topo.balancer.instances if i.name == instance), None)
+    if instance and chosen is None:
+        fail(EXIT_BAD_INPUT, f"no balancer instance named {instance!r} in {config}")
+    chosen = chosen or (topo.balancer.instances[0] if topo.balancer.instances else None)
+    admissions = None
+    if current:
+
+        async def read() -> dict[str, Any]:
+            balancer = make_balancer(topo)
+            try:
+                return dict((await balancer.read()).admissions())
+            finally:
+                await balancer.close()
+
+        admissions = run(read())
+    run_dir = chosen.run_dir if chosen and chosen.run_dir else None
+    options = RenderOptions(
+        instance=chosen,
+        run_dir=topo.resolve_path(run_dir) if run_dir else None,
+        template_dir=topo.resolve_path(topo.balancer.template_dir)
+        if topo.balancer.template_dir
+        else None,
+    )
+    try:
+        text = render_config(topo, driver, admissions, options=options)
+    except RenderError as exc:
+        fail(EXIT_BAD_INPUT, str(exc))
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text)
+        err.print(f"wrote {output}")
+
+
+def schema() -> None:
+    from changeover.config import json_schema
+
+    print_json(json_schema())
