@@ -176,8 +176,11 @@ def check(
     """Validate the topology and print it as a table."""
     topo = _load(config)
     table = Table(title=f"site {topo.site.name} ({config})")
+    ssh = topo.executor.ssh if topo.executor.kind == "ssh" else None
     for col in ("cluster", "member", "address", "route", "QA entry point"):
         table.add_column(col)
+    if ssh is not None:
+        table.add_column("SSH login")
     for cluster, member in topo.members():
         qa = ", ".join(
             x
@@ -187,14 +190,18 @@ def check(
             )
             if x
         )
-        table.add_row(
-            cluster.name,
-            member.name,
-            f"{member.host}:{member.port}",
-            member.route_id,
-            escape(qa) or "-",
-        )
+        address = f"{member.host}:{member.port}"
+        row = [cluster.name, member.name, address, member.route_id, qa or "-"]
+        if ssh is not None:
+            user = member.ssh_user or ssh.user or "(local user)"
+            row.append(f"{user}@{member.host}:{member.ssh_port or ssh.port}")
+        table.add_row(*(escape(x) for x in row))
     out.print(table)
+    if topo.site.inventory:
+        groups = ", ".join(
+            f"{c.name} <- {c.group} ({len(c.members)})" for c in topo.clusters if c.group
+        )
+        out.print(f"members from inventory {topo.site.inventory}: {groups}", markup=False)
     bal, pol = topo.balancer, topo.policy
     out.print(
         f"balancer: {bal.driver}, public {bal.listen}, sticky cookie {bal.sticky_cookie}, "

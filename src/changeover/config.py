@@ -189,6 +189,10 @@ class Member(_Model):
     host: Annotated[str, AfterValidator(check_host)] = "127.0.0.1"
     port: Port
     route: Name | None = None  # sticky-session route; defaults to the member name
+    # SSH: how this member is logged into, over the [executor.ssh] defaults
+    # (from an inventory's ansible_user / ansible_port, docs/configuration.md)
+    ssh_user: str | None = None
+    ssh_port: Port | None = None
 
     @property
     def route_id(self) -> str:
@@ -205,6 +209,8 @@ class Cluster(_Model):
     members: list[Member] = Field(min_length=1)
     qa_host: str | None = None  # Host header that reaches this cluster only
     qa_port: Port | None = None  # port of a listener that reaches this cluster only
+    group: str | None = None  # the inventory group its members came from ([site] inventory)
+    member_port: Port | None = None  # with group: the application port of every member
 
 
 class HealthCheck(_Model):
@@ -478,6 +484,7 @@ class Database(_Model):
 class Site(_Model):
     name: Name = "site"
     state_dir: str = ".changeover"  # journal and lock; relative to the config file
+    inventory: str | None = None  # an Ansible inventory (INI or YAML) the clusters' groups name
 
 
 class Desk(_Model):
@@ -746,6 +753,17 @@ def format_validation(path: Path | str, exc: ValidationError) -> str:
 
 
 def parse(data: dict[str, Any], path: Path | str = DEFAULT_CONFIG) -> Topology:
+    site, clusters = data.get("site"), data.get("clusters")
+    if (isinstance(site, dict) and site.get("inventory") is not None) or (
+        isinstance(clusters, list)
+        and any(isinstance(c, dict) and c.get("group") is not None for c in clusters)
+    ):
+        from changeover import inventory  # PyYAML is imported only for a site with one
+
+        try:
+            data = inventory.with_members(data, Path(path).resolve().parent)
+        except inventory.KeyedInventoryError as exc:
+            raise ConfigError(f"{path}: {exc.key}: {exc}") from None
     try:
         topo = Topology.model_validate(data)
     except ValidationError as exc:
