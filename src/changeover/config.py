@@ -776,20 +776,38 @@ def parse(data: dict[str, Any], path: Path | str = DEFAULT_CONFIG) -> Topology:
 MAX_CONFIG_BYTES = 1 << 20  # a topology is a few kilobytes; /dev/zero is endless
 
 
-def load(path: Path | str = DEFAULT_CONFIG) -> Topology:
-    p = Path(path)
+class TooLarge(ValueError):
+    """A file larger than its kind ever is."""
+
+
+def read_regular(p: Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes. FileNotFoundError
+    when there is none; ValueError (TooLarge for the size) saying what is wrong."""
     try:
         # Looked at before it is opened: reading a FIFO or a device would block or never end.
         if not stat.S_ISREG(p.stat().st_mode):
-            raise ConfigError(f"{p}: not a regular file")
+            raise ValueError("not a regular file")
         with p.open("rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
+            raw = f.read(limit + 1)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise ValueError(f"cannot read: {exc.strerror}") from None
+    if len(raw) > limit:
+        raise TooLarge(f"larger than {limit} bytes")
+    return raw
+
+
+def load(path: Path | str = DEFAULT_CONFIG) -> Topology:
+    p = Path(path)
+    try:
+        raw = read_regular(p, MAX_CONFIG_BYTES)
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such file (write one with `changeover init`)") from None
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{p}: larger than {MAX_CONFIG_BYTES} bytes: not a topology")
+    except TooLarge as exc:
+        raise ConfigError(f"{p}: {exc}: not a topology") from None
+    except ValueError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:

@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from changeover.config import read_regular
+
 YAML_SUFFIXES = (".yml", ".yaml", ".json")  # ansible-core's yaml_valid_extensions
 MAX_INVENTORY_BYTES = 4 << 20
 MAX_RANGE_HOSTS = 10_000
@@ -384,14 +386,11 @@ def read(path: Path) -> Inventory:
                 "move those variables into the inventory file"
             )
     try:
-        with path.open("rb") as f:
-            raw = f.read(MAX_INVENTORY_BYTES + 1)
+        raw = read_regular(path, MAX_INVENTORY_BYTES)
     except FileNotFoundError:
         raise InventoryError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise InventoryError(f"{path}: cannot read: {exc.strerror}") from None
-    if len(raw) > MAX_INVENTORY_BYTES:
-        raise InventoryError(f"{path}: larger than {MAX_INVENTORY_BYTES} bytes")
+    except ValueError as exc:
+        raise InventoryError(f"{path}: {exc}") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -7,6 +7,7 @@ variables must come out the same.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -296,6 +297,10 @@ def test_what_changeover_does_not_read_is_refused(tmp_path: Path) -> None:
     (tmp_path / "group_vars").rmdir()
     script = site(tmp_path, "#!/bin/sh\necho '{}'\n", "hosts.sh")
     assert "a script (dynamic inventory) is not read" in error_of(script, tmp_path)
+    fifo = site(tmp_path, INI)
+    os.mkfifo(tmp_path / "fifo.ini")
+    fifo["site"]["inventory"] = "fifo.ini"
+    assert "fifo.ini: not a regular file" in error_of(fifo, tmp_path)  # never blocks
     missing = site(tmp_path, INI)
     missing["site"]["inventory"] = "nowhere.ini"
     assert "site.inventory: " in error_of(missing, tmp_path)
