@@ -190,6 +190,10 @@ class Member(_Model):
     host: Annotated[str, AfterValidator(check_host)] = "127.0.0.1"
     port: Port
     route: Name | None = None  # sticky-session route; defaults to the member name
+    # SSH: how this member is logged into, over the [executor.ssh] defaults
+    # (from an inventory's ansible_user / ansible_port, docs/configuration.md)
+    ssh_user: str | None = None
+    ssh_port: Port | None = None
 
     @property
     def route_id(self) -> str:
@@ -206,6 +210,8 @@ class Cluster(_Model):
     members: list[Member] = Field(min_length=1)
     qa_host: str | None = None  # Host header that reaches this cluster only
     qa_port: Port | None = None  # port of a listener that reaches this cluster only
+    group: str | None = None  # the inventory group its members came from ([site] inventory)
+    member_port: Port | None = None  # with group: the application port of every member
 
 
 class HealthCheck(_Model):
@@ -485,6 +491,7 @@ class Database(_Model):
 class Site(_Model):
     name: Name = "site"
     state_dir: str = ".changeover"  # journal and lock; relative to the config file
+    inventory: str | None = None  # an Ansible inventory (INI or YAML) the clusters' groups name
 
 
 class Desk(_Model):
@@ -856,6 +863,17 @@ def format_validation(path: Path | str, exc: ValidationError) -> str:
 
 
 def parse(data: dict[str, Any], path: Path | str = DEFAULT_CONFIG) -> Topology:
+    site, clusters = data.get("site"), data.get("clusters")
+    if (isinstance(site, dict) and site.get("inventory") is not None) or (
+        isinstance(clusters, list)
+        and any(isinstance(c, dict) and c.get("group") is not None for c in clusters)
+    ):
+        from changeover import inventory  # PyYAML is imported only for a site with one
+
+        try:
+            data = inventory.with_members(data, Path(path).resolve().parent)
+        except inventory.KeyedInventoryError as exc:
+            raise ConfigError(f"{path}: {exc.key}: {exc}") from None
     try:
         topo = Topology.model_validate(data)
     except ValidationError as exc:
@@ -868,20 +886,38 @@ def parse(data: dict[str, Any], path: Path | str = DEFAULT_CONFIG) -> Topology:
 MAX_CONFIG_BYTES = 1 << 20  # a topology is a few kilobytes; /dev/zero is endless
 
 
-def load(path: Path | str = DEFAULT_CONFIG) -> Topology:
-    p = Path(path)
+class TooLarge(ValueError):
+    """A file larger than its kind ever is."""
+
+
+def read_regular(p: Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes. FileNotFoundError
+    when there is none; ValueError (TooLarge for the size) saying what is wrong."""
     try:
         # Looked at before it is opened: reading a FIFO or a device would block or never end.
         if not stat.S_ISREG(p.stat().st_mode):
-            raise ConfigError(f"{p}: not a regular file")
+            raise ValueError("not a regular file")
         with p.open("rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
+            raw = f.read(limit + 1)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise ValueError(f"cannot read: {exc.strerror}") from None
+    if len(raw) > limit:
+        raise TooLarge(f"larger than {limit} bytes")
+    return raw
+
+
+def load(path: Path | str = DEFAULT_CONFIG) -> Topology:
+    p = Path(path)
+    try:
+        raw = read_regular(p, MAX_CONFIG_BYTES)
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such file (write one with `changeover init`)") from None
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{p}: larger than {MAX_CONFIG_BYTES} bytes: not a topology")
+    except TooLarge as exc:
+        raise ConfigError(f"{p}: {exc}: not a topology") from None
+    except ValueError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:

@@ -9,6 +9,8 @@ the failure test comes last since it leaves cluster a out of the pool.
 
 from __future__ import annotations
 
+import io
+import json
 import shlex
 import signal
 from collections.abc import AsyncIterator
@@ -19,11 +21,14 @@ import pytest_asyncio
 from rich.console import Console
 
 from changeover import journal as J
-from changeover.config import Topology
+from changeover.balancers.factory import make_balancer
+from changeover.config import Topology, parse
 from changeover.demo.scenario import DemoOptions, DemoSite
+from changeover.executors.base import member_values, render_argv
 from changeover.model import Admission
+from changeover.polling import poll_until
 from changeover.releases import Begin
-from changeover.runtime import with_releases
+from changeover.runtime import make_executor, with_releases
 from tests.e2e import support as S
 from tests.integration.sshd import SshdServer, cluster_hosts, running_sshd
 
@@ -69,8 +74,9 @@ async def site(
         yield demo
 
 
-async def release(topo: Topology, version: str) -> tuple[int, str]:
-    return await with_releases(topo, lambda r: r.release(Begin(version)), Console(quiet=True))
+async def release(topo: Topology, version: str, console: Console | None = None) -> tuple[int, str]:
+    console = console or Console(quiet=True)
+    return await with_releases(topo, lambda r: r.release(Begin(version)), console)
 
 
 def outputs(site: DemoSite, release_id: int) -> list[J.OutputRow]:
@@ -179,6 +185,106 @@ async def test_killed_while_commands_run_over_ssh_then_resumed(site: DemoSite) -
     assert report.sessions_cut == 0
     assert report.version_flaps == 0
     assert set((await S.versions_by_member(site)).values()) == {"3.1"}
+    assert await S.all_live(site)
+
+
+def from_inventory(site: DemoSite, sshd: SshdServer, folder: Path) -> Topology:
+    """The site's topology with its members read from an Ansible inventory: one
+    group per cluster under a parent whose vars give `ansible_port` and
+    `ansible_user`, while [executor.ssh] names a port and a user that reach nothing."""
+    lines = []
+    for cluster in site.topo.clusters:
+        lines.append(f"[fleet_{cluster.name}]")
+        lines += [
+            f"{m.name} ansible_host={m.host} changeover_port={m.port}" for m in cluster.members
+        ]
+    lines += ["[fleet:children]", *(f"fleet_{c.name}" for c in site.topo.clusters)]
+    lines += ["[fleet:vars]", f"ansible_port={sshd.port}", f"ansible_user={sshd.user}"]
+    (folder / "hosts.ini").write_text("\n".join(lines) + "\n")
+    data = site.topo.model_dump(mode="json")
+    data["site"]["inventory"] = str(folder / "hosts.ini")
+    data["executor"]["ssh"].update(port=1, user="nobody-here")
+    data["executor"]["max_failed"] = 1
+    for cluster in data["clusters"]:
+        del cluster["members"]
+        cluster["group"] = f"fleet_{cluster['name']}"
+    assert site.topo.source is not None  # the same file: the same state directory
+    return parse(data, site.topo.source)
+
+
+async def bring_back(site: DemoSite, topo: Topology, name: str, version: str) -> None:
+    """What the operator does for a member kept out: start it, put it live."""
+    cluster, member = next((c, m) for c, m in topo.members() if m.name == name)
+    assert topo.release.start is not None
+    executor = make_executor(topo)
+    try:
+        argv = render_argv(topo.release.start, member_values(cluster, member, version))
+        started = await executor.run(cluster, member, argv, 60)
+    finally:
+        await executor.close()
+    assert started.ok, started.output
+    balancer = make_balancer(site.topo)
+    try:
+        await balancer.apply({name: Admission.LIVE})
+
+        async def healthy() -> bool:
+            view = await balancer.read()
+            return any(m.name == name and m.healthy for m in view.members)
+
+        assert await poll_until(healthy, 30), f"{name} not healthy again"
+    finally:
+        await balancer.close()
+
+
+async def test_one_member_failing_its_start_is_kept_out_within_max_failed(
+    site: DemoSite, sshd: SshdServer, tmp_path: Path
+) -> None:
+    """The failure budget over SSH, with the members from an inventory: with
+    max_failed = 1, a7 failing its start is left out and the release completes."""
+    topo = from_inventory(site, sshd, tmp_path)
+    assert [(m.name, m.host, m.port) for _, m in topo.members()] == [
+        (m.name, m.host, m.port) for _, m in site.topo.members()
+    ]
+    assert {(m.ssh_port, m.ssh_user) for _, m in topo.members()} == {(sshd.port, sshd.user)}
+    failing, version = "a7", "3.5"
+    (S.app_member(site, failing).dir / "fail-start").touch()
+    timeline = Console(file=io.StringIO(), width=200, color_system=None)
+    try:
+        async with site.probe(RATE, sticky_users=STICKY_USERS) as probe:
+            await S.traffic_flows(site)
+            release_id, state = await release(topo, version, timeline)
+            report = await probe.finish()
+    finally:
+        S.faults_cleared(site)
+
+    assert state == J.DONE, S.failed_steps(site, release_id)
+    assert report.failed == 0, (report.failure_examples, report.failure_log)
+    assert report.session_breaks == 0
+    assert report.sessions_cut == 0
+    assert report.version_flaps == 0
+    admissions = {m.name: m.admission for m in (await S.pool(site)).members}
+    assert admissions.pop(failing) is Admission.OUT
+    assert set(admissions.values()) == {Admission.LIVE}
+    versions = await S.versions_by_member(site)
+    assert versions.pop(failing) is None  # stopped, and its start failed
+    assert set(versions.values()) == {version}
+
+    text = timeline.file.getvalue()  # type: ignore[attr-defined]
+    assert f"kept {failing} out of the live pool for the rest of this release" in text, text
+    journal = S.journal(site)
+    try:
+        kept = [e.message for e in journal.events(release_id) if e.kind == J.KEPT_OUT]
+    finally:
+        journal.close()
+    assert kept == [failing]
+    status = await S.cli(site, "status", "--json")
+    assert status.code == 0, status.output
+    assert json.loads(status.output)["kept_out"] == [failing], status.output
+    said = await S.cli(site, "status")
+    assert f"kept out of the live pool by release #{release_id}" in said.text, said.text
+    assert failing in said.text.split(f"release #{release_id}", 1)[1]
+
+    await bring_back(site, topo, failing, version)  # the next test starts from a full pool
     assert await S.all_live(site)
 
 

@@ -67,3 +67,34 @@ async def test_check_reach_prints_each_member_and_exits_1_on_an_unreachable_one(
     _, host, shown_node, reachable, _, detail = rows["b3"]
     assert (host, shown_node, reachable) == (NOWHERE, "-", "no")
     assert NOWHERE in detail and "Connection refused" in detail
+
+
+async def test_an_inventory_gives_each_member_its_ssh_port_and_user(tmp_path: Path) -> None:
+    """Members from an Ansible inventory: `ansible_host`, `ansible_port` and
+    `ansible_user` reach them, though [executor.ssh] names another port and user."""
+    async with running_sshd(A_HOSTS + B_HOSTS) as server:
+        (tmp_path / "hosts.ini").write_text(
+            "[web_a]\n"
+            + "".join(f"a{i} ansible_host={h}\n" for i, h in enumerate(A_HOSTS, 1))
+            + "[web_b]\n"
+            + "".join(f"b{i} ansible_host={h}\n" for i, h in enumerate(B_HOSTS, 1))
+            + f"[site:children]\nweb_a\nweb_b\n[site:vars]\nansible_port={server.port}\n"
+            + f"ansible_user={server.user}\n"
+        )
+        config = tmp_path / "changeover.toml"
+        config.write_text(
+            '[site]\ninventory = "hosts.ini"\n'
+            '[executor]\nkind = "ssh"\n'
+            f'[executor.ssh]\nuser = "nobody-here"\nport = 1\nkey_file = "{server.key_file}"\n'
+            f'known_hosts = "{server.known_hosts}"\n'
+            '[[clusters]]\nname = "a"\ngroup = "web_a"\nmember_port = 9000\n'
+            '[[clusters]]\nname = "b"\ngroup = "web_b"\nmember_port = 9000\n'
+        )
+        code, rows = await check_reach(config)
+        accepted = {h: server.accepted(h) for h in A_HOSTS + B_HOSTS}
+
+    assert code == 0, rows
+    assert list(rows) == ["a1", "a2", "a3", "b1", "b2", "b3"]
+    assert [r[1] for r in rows.values()] == A_HOSTS + B_HOSTS
+    assert [r[3] for r in rows.values()] == ["yes"] * 6
+    assert accepted == dict.fromkeys(A_HOSTS + B_HOSTS, 1)

@@ -76,6 +76,7 @@ def _check_data(
                 "route": member.route_id,
                 "qa_port": cluster.qa_port,
                 "qa_host": cluster.qa_host,
+                "ssh_login": _ssh_login(topo, member),
             }
             for cluster, member in topo.members()
         ],
@@ -109,19 +110,33 @@ def _check_data(
     }
 
 
+def _ssh_login(topo: Topology, member: Any) -> str | None:
+    """user@host:port the SSH executor logs in as (None: not over SSH)."""
+    if topo.executor.kind != "ssh":
+        return None
+    ssh = topo.executor.ssh
+    user = member.ssh_user or ssh.user or "(local user)"
+    return f"{user}@{member.host}:{member.ssh_port or ssh.port}"
+
+
 def _print_check(topo: Topology, config: Path, warnings: list[str]) -> None:
-    table = Table(title=f"site {topo.site.name} ({config})")
+    table = Table(title=escape(f"site {topo.site.name} ({config})"))
+    over_ssh = topo.executor.kind == "ssh"
     for col in ("cluster", "member", "address", "route", "QA entry point"):
         table.add_column(col)
+    if over_ssh:
+        table.add_column("SSH login")
     for cluster, member in topo.members():
-        table.add_row(
-            cluster.name,
-            member.name,
-            f"{member.host}:{member.port}",
-            member.route_id,
-            escape(_qa(cluster)) or "-",
-        )
+        row = [cluster.name, member.name, f"{member.host}:{member.port}", member.route_id]
+        row.append(_qa(cluster) or "-")
+        login = _ssh_login(topo, member)
+        table.add_row(*(escape(x) for x in [*row, *([login] if login else [])]))
     out.print(table)
+    if topo.site.inventory:
+        groups = ", ".join(
+            f"{c.name} <- {c.group} ({len(c.members)})" for c in topo.clusters if c.group
+        )
+        out.print(f"members from inventory {topo.site.inventory}: {groups}", markup=False)
     bal, pol = topo.balancer, topo.policy
     out.print(
         f"balancer: {bal.driver}, public {bal.listen}, sticky cookie {bal.sticky_cookie}, "

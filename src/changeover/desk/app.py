@@ -133,8 +133,10 @@ class Desk:
         try:
             limit = int(request.query.get("limit", HISTORY_LIMIT))
         except ValueError:
-            raise refusal(web.HTTPBadRequest, "limit must be a whole number") from None
-        rows = await self.releases.history(max(1, min(limit, 500)))
+            limit = 0
+        if limit < 1:
+            raise refusal(web.HTTPBadRequest, "limit must be a whole number of 1 or more")
+        rows = await self.releases.history(min(limit, 500))
         return web.json_response([await self.releases.describe(r.id) for r in rows])
 
     async def show(self, request: web.Request) -> web.Response:
@@ -142,7 +144,7 @@ class Desk:
         try:
             number = int(request.match_info["id"])
             return web.json_response(await self.releases.describe(number, detail=True))
-        except (KeyError, ValueError):
+        except (KeyError, ValueError, OverflowError):  # OverflowError: beyond SQLite's integers
             raise refusal(web.HTTPNotFound, f"no release #{request.match_info['id']}") from None
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
@@ -311,16 +313,22 @@ def _session_json(role: Role, name: str, csrf: str) -> dict[str, Any]:
 
 
 async def serve(
-    desk: Desk, host: str, port: int, ready: Callable[[str], None] = lambda url: None
+    desk: Desk,
+    host: str,
+    port: int,
+    ready: Callable[[str], None] = lambda url: None,
+    *,
+    signals: bool = True,
 ) -> None:
-    """Serve until SIGINT or SIGTERM (or `desk.stop`)."""
+    """Serve until SIGINT or SIGTERM (with `signals`: only the main thread can
+    take them) or `desk.stop`."""
     runner = web.AppRunner(desk.app())
     await runner.setup()
     try:
         tcp = web.TCPSite(runner, host, port)
         await tcp.start()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM) if signals else ():
             loop.add_signal_handler(sig, desk.stop.set)
         bound_host, bound_port = runner.addresses[0][:2]
         ready(f"http://{bound_host}:{bound_port}")

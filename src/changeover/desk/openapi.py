@@ -19,7 +19,7 @@ ERRORS = {
 }
 REFUSED = _json(_ref("Error"), "refused: the release's state does not allow it")
 ACTOR = {
-    "required": False,
+    "required": True,
     "content": {"application/json": {"schema": _ref("Actor")}},
 }
 
@@ -67,7 +67,15 @@ SPEC: dict[str, Any] = {
             },
             "Actor": {
                 "type": "object",
-                "properties": {"name": {"type": "string", "description": "for the journal"}},
+                "required": ["name"],
+                "properties": {
+                    "name": {
+                        "type": "string",
+                        "pattern": "\\S",  # not blank
+                        "description": "who acts, for the journal (with a session cookie, "
+                        "the name given at login when left out)",
+                    }
+                },
             },
             "Step": {
                 "type": "object",
@@ -155,7 +163,7 @@ SPEC: dict[str, Any] = {
                 ],
                 "responses": {
                     "200": _json({"type": "array", "items": _ref("Release")}, "ok"),
-                    "400": _json(_ref("Error"), "limit is not a number"),
+                    "400": _json(_ref("Error"), "limit is not a whole number of 1 or more"),
                     **ERRORS,
                 },
             }

@@ -211,7 +211,7 @@ class SshExecutor:
     ) -> CommandResult:
         started = time.monotonic()
         try:
-            conn = await self._connection(member.host)
+            conn = await self._connection(member)
         except SshError as exc:
             return CommandResult(member.name, tuple(argv), None, str(exc), _since(started))
         return await self._execute(conn, cluster, member, argv, timeout, started)
@@ -230,7 +230,7 @@ class SshExecutor:
             return CommandResult(member.name, argv, status, output, _since(started))
 
         try:
-            conn = await self._connection(member.host)
+            conn = await self._connection(member)
         except SshError as exc:
             return result(None, str(exc))
         where = f"{member.host}:{dest}"
@@ -268,19 +268,20 @@ class SshExecutor:
             return result(None, f"upload to {where} timed out after {timeout:g}s")
         except (asyncssh.Error, OSError) as exc:
             if conn.is_closed():
-                self._forget(member.host, conn)
+                self._forget(self._key(member), conn)
             return result(1, f"upload to {where} failed: {_describe(exc)}")
         return result(0, f"uploaded {src} to {where} ({size} bytes, sha256 {local} verified)")
 
     async def warm(self, cluster: Cluster) -> None:
         limit = asyncio.Semaphore(WARM_AT_ONCE)
 
-        async def one(host: str) -> None:
+        async def one(member: Member) -> None:
             async with limit:
                 with contextlib.suppress(SshError):
-                    await self._connection(host)
+                    await self._connection(member)
 
-        await asyncio.gather(*(one(h) for h in dict.fromkeys(m.host for m in cluster.members)))
+        logins = {self._key(m): m for m in cluster.members}  # one member per connection
+        await asyncio.gather(*(one(m) for m in logins.values()))
 
     async def close(self) -> None:
         conns, jump = list(self._conns.values()), self._jump_conn
@@ -329,14 +330,14 @@ class SshExecutor:
         except TimeoutError:
             stdout.flush()
             if proc is None:
-                self._forget(member.host, conn)
+                self._forget(self._key(member), conn)
                 return result(None, f"no session opened on {member.host} within {timeout:g}s")
-            killed = await self._kill(conn, member.host, stdout.pid)
+            killed = await self._kill(conn, self._key(member), stdout.pid)
             return result(None, f"timed out after {timeout:g}s on {member.host}; {killed}")
         except (asyncssh.Error, OSError) as exc:
             stdout.flush()
             if conn.is_closed():
-                self._forget(member.host, conn)
+                self._forget(self._key(member), conn)
             what = "cannot start the command on" if proc is None else "lost the command on"
             return result(None, f"{what} {member.host}: {_describe(exc)}")
         finally:
@@ -351,7 +352,7 @@ class SshExecutor:
             return result(128 - code, f"killed by signal {name}")
         return result(code)
 
-    async def _kill(self, conn: asyncssh.SSHClientConnection, host: str, pid: int | None) -> str:
+    async def _kill(self, conn: asyncssh.SSHClientConnection, key: str, pid: int | None) -> str:
         if pid is None:
             return "its pid was never announced, so it may still be running"
         # The pid is the session leader: -pid names its process group.
@@ -360,29 +361,40 @@ class SshExecutor:
             async with asyncio.timeout(KILL_TIMEOUT):
                 done = await conn.run(command, check=False, stdin=asyncssh.DEVNULL)
         except (TimeoutError, asyncssh.Error, OSError) as exc:
-            self._forget(host, conn)  # it could not even run `kill`: reconnect next time
+            self._forget(key, conn)  # it could not even run `kill`: reconnect next time
             return f"could not kill process group {pid}: {_describe(exc)}"
         if done.exit_status != 0:
             return f"could not kill process group {pid} (kill exited {done.exit_status})"
         return f"killed its process group {pid}"
 
-    async def _connection(self, host: str) -> asyncssh.SSHClientConnection:
-        lock = self._locks.setdefault(host, asyncio.Lock())
+    def _login(self, member: Member) -> tuple[str, int, str | None]:
+        """(host, port, user) of a member: its own ssh_port/ssh_user over the settings'."""
+        port = member.ssh_port or self._settings.port
+        return member.host, port, member.ssh_user or self._settings.user
+
+    def _key(self, member: Member) -> str:
+        """The pooled connection a member uses: one per host, port and user."""
+        host, port, user = self._login(member)
+        return f"{user or ''}@{host}:{port}"
+
+    async def _connection(self, member: Member) -> asyncssh.SSHClientConnection:
+        key = self._key(member)
+        lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
-            conn = self._conns.get(host)
+            conn = self._conns.get(key)
             if conn is None or conn.is_closed():
-                conn = await self._connect(host, self._settings.port, self._settings.user)
-                self._conns[host] = conn
+                conn = await self._connect(*self._login(member))
+                self._conns[key] = conn
             return conn
 
-    def _forget(self, host: str, conn: asyncssh.SSHClientConnection) -> None:
+    def _forget(self, key: str, conn: asyncssh.SSHClientConnection) -> None:
         """Drop a broken pooled connection so the next command reconnects.
 
         Only for a connection that is closed or unresponsive: others on the same
         host may be running commands on it.
         """
-        if self._conns.get(host) is conn:
-            del self._conns[host]
+        if self._conns.get(key) is conn:
+            del self._conns[key]
             conn.abort()
 
     async def _prepare(self) -> None:
