@@ -825,6 +825,62 @@ def demo(
     raise typer.Exit(_run(run_demo(opts, out)))
 
 
+# --- moving history (bodies in journalio.py) -------------------------------------
+
+journal_app = typer.Typer(
+    help="Move a site's history between the SQLite journal and [site] state_url.",
+    no_args_is_help=True,
+)
+app.add_typer(journal_app, name="journal")
+SqliteOpt = Annotated[
+    bool,
+    typer.Option("--sqlite", help="The SQLite journal in state_dir, even with [site] state_url."),
+]
+
+
+@journal_app.command("export")
+def journal_export(
+    target: Annotated[
+        Path | None, typer.Argument(help="JSON lines file to write (default: stdout).")
+    ] = None,
+    config: ConfigOpt = Path(DEFAULT_CONFIG),
+    sqlite: SqliteOpt = False,
+) -> None:
+    """Write the site's releases, steps, outputs and events as JSON lines."""
+    from changeover import journalio
+
+    topo = _load(config)
+    try:
+        count = journalio.export_history(topo, target, sqlite)
+    except (JournalError, OSError) as exc:
+        fail(EXIT_BAD_INPUT, str(exc))
+    err.print(f"exported {count} release(s) of site {topo.site.name}", markup=False)
+
+
+@journal_app.command("import")
+def journal_import(
+    source: Annotated[Path, typer.Argument(help="A file `journal export` wrote ('-': stdin).")],
+    config: ConfigOpt = Path(DEFAULT_CONFIG),
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace the history the journal holds.")
+    ] = False,
+    sqlite: SqliteOpt = False,
+) -> None:
+    """Read an export into the site's journal (refused over existing history)."""
+    from changeover import journalio
+
+    topo = _load(config)
+    try:
+        count = journalio.import_history(
+            topo, None if str(source) == "-" else source, force, sqlite
+        )
+    except (JournalError, journalio.HistoryFileError) as exc:
+        fail(EXIT_BAD_INPUT, str(exc))
+    except journalio.ImportRefused as exc:
+        fail(EXIT_REFUSED, str(exc))
+    out.print(f"imported {count} release(s) of site {topo.site.name}", markup=False)
+
+
 def main() -> None:
     try:
         code = app(standalone_mode=False)
