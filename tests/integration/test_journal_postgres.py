@@ -306,3 +306,13 @@ def test_a_sqlite_history_file_is_not_taken_for_an_export(tmp_path: Path, url: s
     code, text = cli("journal", "import", str(db), "-c", str(shared))
     assert code == 2, text
     assert str(db) in " ".join(text.split()) and "Traceback" not in text
+
+
+def test_an_unreachable_state_database_is_exit_2_and_one_line(
+    tmp_path: Path, postgres: Postgres
+) -> None:
+    config = site_config(tmp_path, f"postgresql://postgres:s3cret@127.0.0.1:{postgres.port}/nope")
+    code, text = cli("history", "-c", str(config))
+    assert code == 2, text
+    assert text.startswith("error: site.state_url postgresql://127.0.0.1:"), text
+    assert "s3cret" not in text and len(text.strip().splitlines()) == 1
