@@ -131,4 +131,4 @@ async def with_releases(
             await close_ports(ports)
         await checker.close()
         for opened in journals:
-            opened.close()
+            await asyncio.to_thread(opened.close)  # a network goodbye for PostgreSQL

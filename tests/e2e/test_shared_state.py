@@ -10,7 +10,7 @@ import asyncio
 import getpass
 import json
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -40,7 +40,7 @@ def state_url(postgres: Postgres) -> Iterator[str]:
 @pytest.fixture
 async def site(tmp_path: Path) -> AsyncIterator[DemoSite]:
     demo = DemoSite(
-        tmp_path, DemoOptions(members_per_cluster=1, startup_delay=0.1, approval="manual")
+        tmp_path, DemoOptions(members_per_cluster=2, startup_delay=0.1, approval="manual")
     )
     async with demo.running():
         yield demo
@@ -77,16 +77,44 @@ async def awaiting(state_url: str, step_id: str) -> None:
         assert isinstance(steps, list)
         return any(s.step_id == step_id and s.state == J.STEP_RUNNING for s in steps)
 
-    await wait_until(waiting, timeout=90, interval=0.1, what=f"{step_id} awaiting approval")
+    await wait_until(waiting, timeout=180, interval=0.1, what=f"{step_id} awaiting approval")
 
 
 async def test_two_operators_one_release_approved_killed_and_resumed_across_machines(
     site: DemoSite, state_url: str
 ) -> None:
+    started: list[asyncio.subprocess.Process] = []
+
+    async def start(*args: str, config: str) -> asyncio.subprocess.Process:
+        started.append(await S.start_cli(site, *args, config=config))
+        return started[-1]
+
+    try:
+        await two_operators(site, state_url, start)
+    except AssertionError as exc:
+        outputs = []
+        for proc in started:
+            if proc.returncode is None:
+                proc.kill()
+            out = await proc.stdout.read() if proc.stdout else b""
+            outputs.append(f"pid {proc.pid} ({proc.returncode}): {out.decode(errors='replace')}")
+        raise AssertionError(f"{exc}\n" + "\n".join(outputs)) from None
+    finally:
+        for proc in started:  # every CLI this test started ends with it
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+
+async def two_operators(
+    site: DemoSite,
+    state_url: str,
+    start: Callable[..., Awaitable[asyncio.subprocess.Process]],
+) -> None:
     one, two = (operator_config(site, name, state_url) for name in ("op1", "op2"))
     # Both at once: exactly one releases, the other is refused naming the holder.
-    first = await S.start_cli(site, "release", "2.0", config=one)
-    second = await S.start_cli(site, "release", "2.0", config=two)
+    first = await start("release", "2.0", config=one)
+    second = await start("release", "2.0", config=two)
     await awaiting(state_url, "approve-a")
     holder = await shared(state_url, "lock_holder", "demo")
     assert isinstance(holder, J.LockInfo) and holder.alive
@@ -97,10 +125,13 @@ async def test_two_operators_one_release_approved_killed_and_resumed_across_mach
     lost = await S.finish(refused)
     assert lost.code == 3, lost.output
     who = f"{getpass.getuser()}@{socket.gethostname()}"
-    assert f"another release holds the lock: release #1 by {who} (pid {running.pid}) since " in (
-        lost.text
-    ), lost.text
-    assert not running.returncode
+    # Refused while the winner was taking the lock, before it journaled release #1.
+    assert "another release holds the lock: " in lost.text, lost.text
+    assert f" by {who} (pid {running.pid}) since " in lost.text, lost.text
+    retried = await S.cli(site, "release", "3.0", config=theirs)
+    assert retried.code == 3, retried.output
+    assert f"lock: release #1 by {who} (pid {running.pid}) since " in retried.text, retried.text
+    assert running.returncode is None
 
     # The other operator approves; the release goes on to b.
     approved = await S.cli(site, "approve", config=theirs)
@@ -120,7 +151,7 @@ async def test_two_operators_one_release_approved_killed_and_resumed_across_mach
     assert status.code == 0 and "stale" in status.text, status.output
 
     # The other machine resumes it, and the first approves what it waits for.
-    resumed = await S.start_cli(site, "resume", config=theirs)
+    resumed = await start("resume", config=theirs)
     try:
         await awaiting(state_url, "approve-b")
         approved = await S.cli(site, "approve", config=mine)
@@ -141,7 +172,7 @@ async def test_two_operators_one_release_approved_killed_and_resumed_across_mach
     assert not list(site.root.glob("op*/*.sqlite"))
 
     # An abort asked from the other copy stops the holder at its next safe point.
-    again = await S.start_cli(site, "release", "3.0", config=mine)
+    again = await start("release", "3.0", config=mine)
     try:
         await awaiting(state_url, "approve-a")
         aborted = await S.cli(site, "abort", config=theirs)
