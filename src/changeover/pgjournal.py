@@ -10,8 +10,10 @@ own connection and held for the whole release: when the holder dies (SIGKILL,
 a crash, a lost machine) its connection ends and the server frees the lock,
 so nobody waits on a holder that is gone. A row beside it says who holds it
 (who, host, pid, since). The connection is never opened again behind the
-caller's back: once it is lost the lock may be another's, so every later call
-is a `JournalError` and the engine stops where it is (`resume` continues).
+caller's back while it held the lock: the lock may be another's by then, so
+every later call is a `JournalError` and the engine stops where it is (`resume`
+continues). A connection lost while it held no lock (the desk, between
+releases) fails the call in progress and is opened again for the next one.
 
 Methods are synchronous, as `JournalStore` says: the engine and the service
 call them through `asyncio.to_thread`. Every value is passed as a parameter.
@@ -149,19 +151,10 @@ class PgJournal:
         self.where = f"site.state_url {url_shown(url)}"
         self._key = site_key(site)
         self._held = False  # this connection holds the site's release lock
+        self._lost_lock = False  # the connection went while it held the lock
         self._lock = threading.Lock()
-        try:
-            self._db: psycopg.Connection[dict[str, Any]] = psycopg.connect(
-                url,
-                autocommit=True,
-                row_factory=dict_row,
-                connect_timeout=10,
-                application_name="changeover journal",
-            )
-        except psycopg.Error as exc:
-            raise JournalError(
-                f"{self.where}: cannot reach the state database: {_why(exc)}"
-            ) from None
+        self._url = url
+        self._db = self._connect()
         try:
             self._check_schema()
         except psycopg.Error as exc:
@@ -195,6 +188,20 @@ class PgJournal:
         if version < SCHEMA_VERSION:
             raise JournalError(f"{self.where}: journal schema {version} is unknown; left untouched")
 
+    def _connect(self) -> psycopg.Connection[dict[str, Any]]:
+        try:
+            return psycopg.connect(
+                self._url,
+                autocommit=True,
+                row_factory=dict_row,
+                connect_timeout=10,
+                application_name="changeover journal",
+            )
+        except psycopg.Error as exc:
+            raise JournalError(
+                f"{self.where}: cannot reach the state database: {_why(exc)}"
+            ) from None
+
     def close(self) -> None:
         self._held = False  # the server lets go of it with the session
         self._db.close()
@@ -204,16 +211,18 @@ class PgJournal:
         """The connection, to this thread alone; the driver's errors become a
         JournalError that says which database and what happened."""
         with self._lock:
-            if self._db.closed:
+            if self._lost_lock:
                 raise JournalError(
                     f"{self.where}: the connection to the state database was lost earlier "
-                    "(a release lock it held went with it): `changeover resume` continues"
+                    "(the release lock it held went with it): `changeover resume` continues"
                 )
+            if self._db.closed:  # lost while it held no lock: nothing to lose by a new one
+                self._db = self._connect()
             try:
                 yield self._db
             except psycopg.Error as exc:
                 if self._db.broken or self._db.closed:
-                    self._held = False
+                    self._lost_lock, self._held = self._held, False
                     self._db.close()
                     raise JournalError(
                         f"{self.where}: lost the connection to the state database "
@@ -298,7 +307,7 @@ class PgJournal:
                 )
         except BaseException:
             # A session-level lock outlives the transaction that took it.
-            if taken and not self._db.closed:
+            if taken and not self._db.closed and not self._lost_lock:
                 with self._locked() as db:
                     db.execute("SELECT pg_advisory_unlock(%s, %s)", (_LOCK, self._key))
             raise

@@ -165,15 +165,34 @@ def test_unlock_force_ends_the_holders_session_and_the_holder_then_stops(url: st
     breaker.close()
 
 
-def test_a_lost_connection_is_a_journal_error_and_never_reopened(url: str) -> None:
-    j = PgJournal(url, "site")
-    rid = j.create_release("site", "2.0", None, "rolling-clusters", PLAN)
+def terminate_sessions(url: str) -> None:
     with psycopg.connect(url, autocommit=True) as admin:
         for pid in backends(url):
             admin.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
+
+
+def test_a_connection_lost_while_holding_the_lock_is_never_reopened(url: str) -> None:
+    j = PgJournal(url, "site")
+    rid = j.create_release("site", "2.0", None, "rolling-clusters", PLAN)
+    j.acquire("site", rid)
+    terminate_sessions(url)
     with pytest.raises(JournalError, match=r"site\.state_url postgresql://") as info:
         j.step_started(rid, 0)
     assert "a release lock it held went with it" in str(info.value)
+    with pytest.raises(JournalError, match="was lost earlier"):
+        j.release(rid)
+    assert backends(url) == []  # not opened again
+
+
+def test_a_connection_lost_while_holding_no_lock_is_opened_again(url: str) -> None:
+    j = PgJournal(url, "site")
+    rid = j.create_release("site", "2.0", None, "rolling-clusters", PLAN)
+    terminate_sessions(url)
+    with pytest.raises(JournalError, match="lost the connection"):
+        j.release(rid)
+    assert j.release(rid).version == "2.0"  # the next call opens a new one
+    assert j.acquire("site", rid) is None
+    j.close()
 
 
 def test_a_newer_schema_is_refused_and_left_untouched(url: str) -> None:
