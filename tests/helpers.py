@@ -76,3 +76,14 @@ def toml_value(value: Any) -> str:
         items = (f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items() if v is not None)
         return "{ " + ", ".join(items) + " }"
     raise TypeError(f"no TOML for {value!r}")
+
+
+def put_output(journal: Any, release_id: int, row: Any) -> None:
+    """One member's output (a journal.OutputRow), through whichever call the
+    journal has: `add_outputs` where outputs are group-committed, else `add_output`."""
+    many = getattr(journal, "add_outputs", None)
+    if many is not None:
+        many(release_id, [row])
+    else:
+        journal.add_output(release_id, row.idx, row.member, row.argv, row.exit_status,
+                           row.seconds, row.output)  # fmt: skip

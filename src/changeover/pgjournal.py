@@ -25,7 +25,7 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -452,19 +452,21 @@ class PgJournal:
         seconds: float,
         output: str,
     ) -> None:
-        self._run(
-            "INSERT INTO changeover_outputs (site, release_id, idx, member, argv,"
-            " exit_status, seconds, output, at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)",
-            self.site,
-            release_id,
-            idx,
-            member,
-            json.dumps(argv),
-            exit_status,
-            seconds,
-            output,
-            time.time(),
-        )
+        self.add_outputs(release_id, [OutputRow(idx, member, argv, exit_status, seconds, output)])
+
+    def add_outputs(self, release_id: int, rows: Sequence[OutputRow]) -> None:
+        """Members' outputs in one transaction."""
+        now = time.time()
+        with self._tx() as db, db.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO changeover_outputs (site, release_id, idx, member, argv,"
+                " exit_status, seconds, output, at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                [
+                    (self.site, release_id, r.idx, _text(r.member), json.dumps(r.argv),
+                     r.exit_status, r.seconds, _text(r.output), now)
+                    for r in rows
+                ],
+            )  # fmt: skip
 
     def add_event(self, release_id: int, kind: str, message: str) -> None:
         self._run(

@@ -22,9 +22,10 @@ from typer.testing import CliRunner
 from changeover import journal as J
 from changeover.cli import app
 from changeover.config import load
-from changeover.journal import Journal, JournalError, LockHeld, journal_path
+from changeover.journal import Journal, JournalError, LockHeld, OutputRow, journal_path
 from changeover.pgjournal import PgJournal
 from changeover.starter import STARTER
+from tests.helpers import put_output
 from tests.postgres import Postgres, running_postgres
 
 pytestmark = pytest.mark.real
@@ -58,7 +59,7 @@ def test_release_and_steps_round_trip(url: str) -> None:
     rid = j.create_release("site", "2.0", "1.0", "rolling-clusters", PLAN)
     j.step_started(rid, 0)
     j.step_finished(rid, 0, True, "fine")
-    j.add_output(rid, 1, "a1", ["ctl", "stop"], 0, 0.1, "stopped\x00here")
+    put_output(j, rid, OutputRow(1, "a1", ["ctl", "stop"], 0, 0.1, "stopped\x00here"))
     j.add_event(rid, "info", "hello")
     states = [(s.step_id, s.state) for s in j.steps(rid)]
     assert states == [("preflight", "done"), ("drain-a", "pending")]
@@ -239,8 +240,8 @@ def a_history(config: Path) -> None:
     for n in range(3):
         rid = j.create_release(site, f"{n}.0", f"{n - 1}.0" if n else None, "bluegreen", PLAN)
         j.step_started(rid, 0)
-        j.add_output(rid, 0, "a1", ["appctl", "deploy", f"{n}.0"], 0, 0.25, "ok ü\n")
-        j.add_output(rid, 0, "a2", ["appctl", "deploy", f"{n}.0"], None, 5.0, "timeout")
+        put_output(j, rid, OutputRow(0, "a1", ["appctl", "deploy", f"{n}.0"], 0, 0.25, "ok ü\n"))
+        put_output(j, rid, OutputRow(0, "a2", ["appctl", "deploy", f"{n}.0"], None, 5.0, "timeout"))
         j.step_finished(rid, 0, n != 1, "fine" if n != 1 else "broke")
         j.add_event(rid, "asked", "approve approve-a by qa@desk")
         j.add_event(rid, "info", "done")

@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 from changeover import journal as J
 from changeover.cli import app
 from changeover.config import ConfigError, load, parse
-from changeover.journal import Journal, journal_path
+from changeover.journal import Journal, OutputRow, journal_path
 from changeover.starter import STARTER
+from tests.helpers import put_output
 
 CLUSTERS = [
     {"name": "a", "members": [{"name": "a1", "port": 18001}]},
@@ -68,7 +69,7 @@ def journal_of(config: Path) -> Journal:
 def with_history(config: Path) -> None:
     j = journal_of(config)
     rid = j.create_release("web-prod", "2.0", "1.0", "bluegreen", [{"id": "preflight"}])
-    j.add_output(rid, 0, "a1", ["appctl", "deploy"], 0, 0.5, "ok")
+    put_output(j, rid, OutputRow(0, "a1", ["appctl", "deploy"], 0, 0.5, "ok"))
     j.add_event(rid, "info", "hello")
     j.set_state(rid, J.DONE)
     j.close()
