@@ -80,6 +80,19 @@ async def awaiting(state_url: str, step_id: str) -> None:
     await wait_until(waiting, timeout=180, interval=0.1, what=f"{step_id} awaiting approval")
 
 
+async def awaiting_again(state_url: str, message: str) -> None:
+    """The resumed release waits again: an approval given before its take-over
+    (which clears what was asked of the dead holder) would be lost."""
+
+    async def waiting() -> bool:
+        events = await shared(state_url, "events", 1)
+        assert isinstance(events, list)
+        took = [i for i, e in enumerate(events) if "took over a stale lock" in e.message]
+        return bool(took) and any(e.message.startswith(message) for e in events[took[0] :])
+
+    await wait_until(waiting, timeout=180, interval=0.1, what=f"{message} after the take-over")
+
+
 async def test_two_operators_one_release_approved_killed_and_resumed_across_machines(
     site: DemoSite, state_url: str
 ) -> None:
@@ -153,7 +166,7 @@ async def two_operators(
     # The other machine resumes it, and the first approves what it waits for.
     resumed = await start("resume", config=theirs)
     try:
-        await awaiting(state_url, "approve-b")
+        await awaiting_again(state_url, "awaiting approval of b")
         approved = await S.cli(site, "approve", config=mine)
         assert approved.code == 0, approved.output
     finally:
