@@ -527,6 +527,48 @@ def demo(
     raise typer.Exit(run(run_demo(opts, out)))
 
 
+# --- moving history (bodies in commands/history.py) -------------------------------------
+
+journal_app = typer.Typer(
+    help="Move a site's history between the SQLite journal and [site] state_url.",
+    no_args_is_help=True,
+)
+app.add_typer(journal_app, name="journal")
+SqliteOpt = Annotated[
+    bool,
+    typer.Option("--sqlite", help="The SQLite journal in state_dir, even with [site] state_url."),
+]
+
+
+@journal_app.command("export")
+def journal_export(
+    target: Annotated[
+        Path | None, typer.Argument(help="JSON lines file to write (default: stdout).")
+    ] = None,
+    config: ConfigOpt = Path(DEFAULT_CONFIG),
+    sqlite: SqliteOpt = False,
+) -> None:
+    """Write the site's releases, steps, outputs and events as JSON lines."""
+    from changeover.commands import history
+
+    history.export(config, target, sqlite)
+
+
+@journal_app.command("import")
+def journal_import(
+    source: Annotated[Path, typer.Argument(help="A file `journal export` wrote ('-': stdin).")],
+    config: ConfigOpt = Path(DEFAULT_CONFIG),
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace the history the journal holds.")
+    ] = False,
+    sqlite: SqliteOpt = False,
+) -> None:
+    """Read an export into the site's journal (refused over existing history)."""
+    from changeover.commands import history
+
+    history.import_(config, source, force, sqlite)
+
+
 def main() -> None:
     try:
         code = app(standalone_mode=False)

@@ -488,10 +488,42 @@ class Database(_Model):
         return ("expand", "contract") if self.migrations_dir is not None else (self.phase,)
 
 
+def url_shown(url: str) -> str:
+    """A database URL as it may be printed: what follows the credentials."""
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}{rest.rpartition('@')[2]}" if sep else url.rpartition("@")[2]
+
+
+def _state_url(value: str | None) -> str | None:
+    """A PostgreSQL URL libpq can read (checked here, so a release never meets a bad one)."""
+    if value is None:
+        return None
+    scheme = value.partition(":")[0].lower()
+    if scheme not in ("postgresql", "postgres") or not value[len(scheme) :].startswith("://"):
+        raise ValueError(
+            f"expected a postgresql://[user@]host[:port]/database URL, got {url_shown(value)!r}"
+        )
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(value)
+    except ProgrammingError as exc:
+        # libpq's message may quote the URL, password and all.
+        what = str(exc).strip().removeprefix("couldn't parse the connection string: ")
+        raise ValueError(
+            f"not a URL libpq can read: {what.replace(value, url_shown(value))}"
+        ) from None
+    return value
+
+
 class Site(_Model):
     name: Name = "site"
     state_dir: str = ".changeover"  # journal and lock; relative to the config file
     inventory: str | None = None  # an Ansible inventory (INI or YAML) the clusters' groups name
+    # The journal, the release lock and approvals in PostgreSQL, shared by every
+    # copy of the config (pgjournal.py); None: a SQLite file in state_dir.
+    state_url: Annotated[str | None, AfterValidator(_state_url)] = None
 
 
 class Desk(_Model):

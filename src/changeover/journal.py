@@ -15,7 +15,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +126,9 @@ class LockInfo:
     user: str
     acquired: float
     proc_start: float | None
+    # Whether a live session holds it, where the store can tell (PostgreSQL's
+    # advisory lock); None: judged by the process on this host (`is_stale`).
+    alive: bool | None = None
 
     def describe(self) -> str:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.acquired))
@@ -133,7 +136,10 @@ class LockInfo:
         return f"{rel} by {self.user}@{self.host} (pid {self.pid}) since {when}"
 
     def is_stale(self) -> bool:
-        """True when the holder was a process on this host that no longer runs."""
+        """True when the holder was a process on this host that no longer runs
+        (or, in a shared journal, when no session holds the lock any more)."""
+        if self.alive is not None:
+            return not self.alive
         if self.host != socket.gethostname():
             return False  # cannot tell from here; `unlock --force` exists for that
         try:
@@ -504,6 +510,72 @@ class Journal:
             ).fetchall()
         return [EventRow(**dict(r)) for r in rows]
 
+    # --- moving history (journalio.py) ------------------------------------------
+
+    def history_rows(self, site: str) -> dict[str, list[dict[str, Any]]]:
+        """Every release of `site` with its steps, outputs and events, in order."""
+        ordering = {"releases": "id", "steps": "release_id, idx", "outputs": "at, rowid"}
+        found: dict[str, list[dict[str, Any]]] = {}
+        with self._locked() as db:
+            for table, columns in HISTORY_COLUMNS.items():
+                names = ", ".join(f'"{c}"' for c in columns)
+                where = "site=?" if table == "releases" else (
+                    "release_id IN (SELECT id FROM releases WHERE site=?)"
+                )  # fmt: skip
+                rows = db.execute(
+                    f"SELECT {names} FROM {table} WHERE {where}"
+                    f" ORDER BY {ordering.get(table, 'id')}",
+                    (site,),
+                ).fetchall()
+                found[table] = [dict(r) for r in rows]
+        return found
+
+    def replace_history(
+        self, site: str, history: Mapping[str, list[dict[str, Any]]], force: bool
+    ) -> int:
+        """Write `history` (as `history_rows` gives it) as the site's; refused
+        (HistoryExists) over releases already there unless `force`, which
+        replaces them. The number of releases the site had."""
+        with self._tx() as db:
+            ids = "SELECT id FROM releases WHERE site=?"
+            had = int(db.execute(f"SELECT count(*) FROM ({ids})", (site,)).fetchone()[0])
+            if had and not force:
+                raise HistoryExists(had)
+            for table in reversed(HISTORY_COLUMNS):
+                key = "id" if table == "releases" else "release_id"
+                db.execute(f"DELETE FROM {table} WHERE {key} IN ({ids})", (site,))
+            for table, columns in HISTORY_COLUMNS.items():
+                extra = ("site",) if table == "releases" else ()
+                names = ", ".join(f'"{c}"' for c in (*columns, *extra))
+                marks = ",".join("?" * (len(columns) + len(extra)))
+                db.executemany(
+                    f"INSERT INTO {table} ({names}) VALUES ({marks})",
+                    [(*(r[c] for c in columns), *(site for _ in extra)) for r in history[table]],
+                )
+        return had
+
+
+class HistoryExists(Exception):
+    """The journal already holds releases of the site."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(f"the journal already holds {count} release(s) of the site")
+        self.count = count
+
+
+# The columns of a site's history as `changeover journal export` writes them.
+HISTORY_COLUMNS: dict[str, tuple[str, ...]] = {
+    "releases": (
+        "id", "version", "previous_version", "strategy", "kind", "state", "plan",
+        "started", "finished", "user", "host", "error", "request",
+    ),
+    "steps": ("release_id", "idx", "step_id", "state", "started", "finished", "detail"),
+    "outputs": (
+        "release_id", "idx", "member", "argv", "exit_status", "seconds", "output", "at",
+    ),
+    "events": ("release_id", "at", "kind", "message"),
+}  # fmt: skip
+
 
 # What stops writes to a sound journal, as opposed to a damaged or foreign file.
 _CANNOT_WRITE = ("SQLITE_FULL", "SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_IOERR")
@@ -525,7 +597,7 @@ def why(exc: sqlite3.Error) -> str:
     return str(exc)
 
 
-def _release_row(row: sqlite3.Row) -> ReleaseRow:
+def _release_row(row: sqlite3.Row | Mapping[str, Any]) -> ReleaseRow:
     data = dict(row)
     data["plan"] = json.loads(data["plan"])
     return ReleaseRow(**data)

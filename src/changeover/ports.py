@@ -140,7 +140,8 @@ class SystemClock:
 
 
 class JournalStore(Protocol):
-    """The durable record of releases, steps, outputs and the site lock (journal.py).
+    """The durable record of releases, steps, outputs and the site lock (journal.py:
+    SQLite; pgjournal.py: PostgreSQL, with `[site] state_url`).
     Its calls block: the engine and the service run them in a thread."""
 
     def acquire(self, site: str, release_id: int | None) -> LockInfo | None: ...
@@ -172,6 +173,7 @@ class JournalStore(Protocol):
     def steps(self, release_id: int) -> list[StepRow]: ...
     def outputs(self, release_id: int) -> list[OutputRow]: ...
     def events(self, release_id: int) -> list[EventRow]: ...
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)

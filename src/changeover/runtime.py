@@ -6,22 +6,25 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from rich.console import Console
 
 from changeover.balancers.builtin import admin_url_of
 from changeover.balancers.factory import make_balancer
 from changeover.checks import Checker
-from changeover.config import Topology
+from changeover.config import Topology, url_shown
 from changeover.database import SiteDatabase
 from changeover.executors.base import Executor
 from changeover.hooks import HookRunner
 from changeover.journal import Journal, journal_path
 from changeover.ports import JournalStore, NoSiteLock, Ports, Review, SiteLock, SystemClock
 from changeover.releases import Begin, Releases, review_gate
-from changeover.sitelock import AdminApiLock, owner_id
+from changeover.sitelock import AdminApiLock, owner_id, shared_owner_id
 from changeover.ui import Timeline
+
+if TYPE_CHECKING:
+    from changeover.pgjournal import PgJournal
 
 T = TypeVar("T")
 
@@ -37,7 +40,18 @@ def make_executor(topo: Topology) -> Executor:
 
 
 def open_journal(topo: Topology) -> Journal:
+    """The SQLite journal in the state directory."""
     return Journal(journal_path(topo.state_dir(), topo.site.name))
+
+
+def open_store(topo: Topology, sqlite: bool = False) -> Journal | PgJournal:
+    """The site's journal: in PostgreSQL with `[site] state_url` (unless
+    `sqlite`), else the SQLite file. Blocks: call it in a worker thread."""
+    if topo.site.state_url and not sqlite:
+        from changeover.pgjournal import PgJournal
+
+        return PgJournal(topo.site.state_url, topo.site.name)
+    return open_journal(topo)
 
 
 def make_site_lock(topo: Topology) -> SiteLock:
@@ -50,7 +64,11 @@ def make_site_lock(topo: Topology) -> SiteLock:
     url = bal.instances[0].admin_url if bal.instances else admin_url_of(topo)
     if not url:
         return NoSiteLock()
-    return AdminApiLock(url, token, owner_id(journal_path(topo.state_dir(), topo.site.name)))
+    if topo.site.state_url:
+        owner = shared_owner_id(url_shown(topo.site.state_url), topo.site.name)
+    else:
+        owner = owner_id(journal_path(topo.state_dir(), topo.site.name))
+    return AdminApiLock(url, token, owner)
 
 
 def make_ports(topo: Topology, journal: JournalStore, checker: Checker | None = None) -> Ports:
@@ -90,11 +108,11 @@ async def with_releases(
     when it needs them), clean up. SIGINT and SIGTERM ask a running release to stop
     at its next safe point."""
     checker = Checker(topo)  # no connection until a check runs
-    journals: list[Journal] = []
+    journals: list[JournalStore] = []
     built: list[Ports] = []
 
-    def journal() -> Journal:
-        journals.append(open_journal(topo))
+    def journal() -> JournalStore:
+        journals.append(open_store(topo))
         return journals[-1]
 
     def connect(journal: JournalStore) -> Ports:
@@ -116,4 +134,4 @@ async def with_releases(
             await close_ports(ports)
         await checker.close()
         for opened in journals:
-            opened.close()
+            await asyncio.to_thread(opened.close)  # a network goodbye for PostgreSQL

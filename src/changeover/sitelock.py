@@ -32,6 +32,13 @@ def owner_id(journal: Path) -> str:
     return hashlib.sha256(f"{socket.gethostname()}:{journal.resolve()}".encode()).hexdigest()[:32]
 
 
+def shared_owner_id(state_url: str, site: str) -> str:
+    """With a shared journal (`[site] state_url`) its lock decides between every
+    copy of the config, so all of them are one owner: a resume from another
+    machine renews the lease at once."""
+    return hashlib.sha256(f"{state_url}#{site}".encode()).hexdigest()[:32]
+
+
 class AdminApiLock:
     """The embedded balancer's lease, claimed and then renewed in the background
     until `release`."""
