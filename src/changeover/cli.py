@@ -175,6 +175,12 @@ def check(
 ) -> None:
     """Validate the topology and print it as a table."""
     topo = _load(config)
+    from changeover.balancers.factory import COUNTS
+    from changeover.policy import error_ratio_refusal
+
+    refusal = error_ratio_refusal(topo, COUNTS[topo.balancer.driver])
+    if refusal is not None:
+        fail(EXIT_BAD_INPUT, f"{config}: {refusal}")
     table = Table(title=f"site {topo.site.name} ({config})")
     for col in ("cluster", "member", "address", "route", "QA entry point"):
         table.add_column(col)

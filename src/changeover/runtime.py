@@ -17,7 +17,15 @@ from changeover.config import Topology
 from changeover.database import SiteDatabase
 from changeover.executors.base import Executor
 from changeover.journal import Journal, journal_path
-from changeover.ports import JournalStore, NoSiteLock, Ports, Review, SiteLock, SystemClock
+from changeover.ports import (
+    JournalStore,
+    Metrics,
+    NoSiteLock,
+    Ports,
+    Review,
+    SiteLock,
+    SystemClock,
+)
 from changeover.releases import Begin, Releases, review_gate
 from changeover.sitelock import AdminApiLock, owner_id
 from changeover.ui import Timeline
@@ -52,6 +60,16 @@ def make_site_lock(topo: Topology) -> SiteLock:
     return AdminApiLock(url, token, owner_id(journal_path(topo.state_dir(), topo.site.name)))
 
 
+def make_metrics(topo: Topology) -> Metrics | None:
+    """The source `[policy.analysis]` queries: its Prometheus server, or None."""
+    analysis = topo.policy.analysis
+    if analysis is None:
+        return None
+    from changeover.prometheus import PrometheusMetrics
+
+    return PrometheusMetrics(analysis)
+
+
 def make_ports(topo: Topology, journal: JournalStore, checker: Checker | None = None) -> Ports:
     checker = checker or Checker(topo)
     return Ports(
@@ -62,6 +80,7 @@ def make_ports(topo: Topology, journal: JournalStore, checker: Checker | None = 
         journal=journal,
         clock=SystemClock(),
         site_lock=make_site_lock(topo),
+        metrics=make_metrics(topo),
     )
 
 
@@ -69,6 +88,8 @@ async def close_ports(ports: Ports) -> None:
     await ports.balancer.close()
     await ports.executor.close()
     await ports.checks.close()
+    if ports.metrics is not None:
+        await ports.metrics.close()
 
 
 async def review(topo: Topology, begin: Begin) -> Review | None:

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Protocol
 
 from changeover.balancers.apache import ApacheBalancer
-from changeover.balancers.base import Balancer, BalancerError
-from changeover.balancers.builtin import builtin_driver
+from changeover.balancers.base import Balancer, BalancerError, Counter
+from changeover.balancers.builtin import BuiltinBalancer, builtin_driver
 from changeover.balancers.group import BalancerGroup
 from changeover.balancers.haproxy import HAProxyBalancer
 from changeover.balancers.nginx import NginxBalancer
@@ -32,6 +32,15 @@ DRIVERS: dict[str, Driver] = {
     "haproxy": HAProxyBalancer,
     "apache": ApacheBalancer,
     "nginx": NginxBalancer,
+}
+
+# What each driver counts per member (its `fills`), known before one is built:
+# `check` refuses rules the driver's counters cannot judge.
+COUNTS: dict[str, frozenset[Counter]] = {
+    "builtin": BuiltinBalancer.fills,
+    "haproxy": HAProxyBalancer.fills,
+    "apache": ApacheBalancer.fills,
+    "nginx": NginxBalancer.fills,
 }
 
 

@@ -3,6 +3,9 @@
 GET /v1/pool[?session_idle=S], POST /v1/admissions, POST /v1/tls/reload, the
 site's release lock at /v1/lock (GET, PUT to claim or renew, DELETE to let go;
 see `proxy/lease.py`), all behind the bearer token, and GET /v1/healthz (open).
+GET /metrics (each member's counters for Prometheus, `proxy/metrics.py`) takes
+the admin token or the read-only metrics token (`balancer.metrics_token_env`),
+which opens nothing else.
 aiohttp is fine here: this is not the request hot path.
 
 A body that cannot be read as JSON (not JSON, not text in its charset, an
@@ -25,13 +28,14 @@ from typing import Any
 
 from aiohttp import web
 
-from changeover.proxy import lease
+from changeover.proxy import lease, metrics
 from changeover.proxy.state import AdmissionError, InterlockError, PoolState
 
 log = logging.getLogger("changeover.proxy")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PATHS = frozenset({"/v1/healthz"})
+METRICS_PATH = "/metrics"
 
 
 def _digest(value: str) -> bytes:
@@ -77,12 +81,17 @@ def build_app(
 ) -> web.Application:
     """`reload_tls` loads the certificates again (ValueError: not loaded, the old kept)."""
     expected = _digest(f"Bearer {token}")
+    read_only = pool.topology.balancer.metrics_token()
+    scraper = _digest(f"Bearer {read_only}") if read_only else None
 
     @web.middleware
     async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path not in OPEN_PATHS:
             given = _digest(request.headers.get("Authorization", ""))
-            if not hmac.compare_digest(given, expected):
+            allowed = hmac.compare_digest(given, expected)
+            if scraper is not None and request.path == METRICS_PATH:
+                allowed = hmac.compare_digest(given, scraper) or allowed
+            if not allowed:
                 response = _error(401, "missing or wrong bearer token")
                 response.headers["WWW-Authenticate"] = "Bearer"
                 return response
@@ -182,7 +191,16 @@ def build_app(
         held[0], refused = lease.release(held[0], body["owner"], time.monotonic())
         return _error(409, refused) if refused else lock_view()
 
+    async def get_metrics(_: web.Request) -> web.Response:
+        await pool.first_verdicts(first_verdicts)
+        return web.Response(
+            body=metrics.render(pool.view()["members"]),
+            content_type="text/plain",
+            charset="utf-8",
+        )
+
     app = web.Application(middlewares=[require_token])
+    app.router.add_get(METRICS_PATH, get_metrics)
     app.router.add_get("/v1/healthz", healthz)
     app.router.add_get("/v1/pool", get_pool)
     app.router.add_post("/v1/admissions", post_admissions)
