@@ -5,6 +5,7 @@ refusal of max_error_ratio where a driver counts no 5xx."""
 from __future__ import annotations
 
 import math
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -305,3 +306,18 @@ def test_check_exits_2_naming_the_file_and_key(driver: str, tmp_path: Path) -> N
         )
     result = CliRunner().invoke(app, ["check", "-c", str(config)])
     assert result.exit_code == 0, result.output
+
+
+def test_the_documented_example_reads() -> None:
+    """docs/configuration.md's [policy.analysis] example, as a site would write it."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    section = text.split("### [policy.analysis]", 1)[1]
+    example = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    data = tomllib.loads(example)
+    policy = topo(data["policy"]).policy
+    assert policy.analysis is not None and policy.bake == 120
+    (q,) = policy.analysis.queries
+    assert (q.name, q.succeed_if, q.threshold, q.interval, q.failure_limit) == (
+        "error-ratio", "<", 0.01, 10.0, 1,
+    )  # fmt: skip
+    assert promql(q, topo(data["policy"]).cluster("b")).count('cluster="b"') == 2
