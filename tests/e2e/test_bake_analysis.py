@@ -137,7 +137,8 @@ async def test_embedded_balancer_metrics_roll_back_a_cluster_answering_500s(
 ) -> None:
     require_binary("prometheus", "/usr/bin/prometheus")
     (tmp_path / "site").mkdir()
-    site = DemoSite(tmp_path / "site", DemoOptions(members_per_cluster=2, startup_delay=0.1))
+    opts = DemoOptions(members_per_cluster=2, startup_delay=0.1, health_timeout=90.0)
+    site = DemoSite(tmp_path / "site", opts)
     site.env = site.env | {METRICS_ENV: METRICS_TOKEN}  # the balancer's read-only scrape token
     admin = site.topo.balancer.admin_listen
     scrape = Target("changeover", f"{admin.host}:{admin.port}", "/metrics", METRICS_TOKEN)
