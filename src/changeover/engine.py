@@ -712,7 +712,7 @@ class Engine:
 
     async def _analyse(self, cluster: Cluster, watches: dict[str, QueryWatch]) -> str | None:
         """Measure the `[policy.analysis]` queries that are due (updating `watches`);
-        the first problem one of them finds, or None."""
+        what the failing ones found, or None."""
         analysis = self.topo.policy.analysis
         now = self.clock.monotonic()
         due = [q for q in analysis.queries if watches[q.name].due <= now] if analysis else []
