@@ -297,6 +297,8 @@ class Balancer(_Model):
     admin_listen: Listen = Listen(host="127.0.0.1", port=8089)
     admin_token: str | None = None  # prefer admin_token_env in production
     admin_token_env: str = "CHANGEOVER_ADMIN_TOKEN"
+    # builtin: a read-only token that opens /metrics only (the admin token opens it too)
+    metrics_token_env: str = "CHANGEOVER_METRICS_TOKEN"
     sticky_cookie: str = "JSESSIONID"
     route_cookie: str = "CHANGEOVER_ROUTE"  # inserted when the app sets no sticky cookie
     algorithm: Literal["round-robin", "least-conn"] = "round-robin"
@@ -347,6 +349,10 @@ class Balancer(_Model):
     def token(self) -> str | None:
         """The admin token: the environment variable wins over the file."""
         return os.environ.get(self.admin_token_env) or self.admin_token
+
+    def metrics_token(self) -> str | None:
+        """The read-only token of /metrics, from the environment only."""
+        return os.environ.get(self.metrics_token_env) or None
 
 
 class SshSettings(_Model):
@@ -413,6 +419,73 @@ class Checks(_Model):
     timeout: Duration = 5.0
 
 
+# --- [policy.analysis]: metrics judged during the bake ----------------------------
+
+ANALYSIS_PLACEHOLDERS = ("cluster", "members")
+ANALYSIS_FIELD = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
+Comparison = Literal["<", "<=", ">", ">=", "==", "!="]
+
+
+def check_promql(value: str) -> str:
+    """A PromQL query whose `{{name}}` placeholders are known (PromQL's own label
+    matchers use single braces, so `{{` never appears in a query otherwise)."""
+    if not value.strip():
+        raise ValueError("expected a PromQL query, got an empty string")
+    for name in ANALYSIS_FIELD.findall(value):
+        if name not in ANALYSIS_PLACEHOLDERS:
+            known = ", ".join("{{" + p + "}}" for p in ANALYSIS_PLACEHOLDERS)
+            raise ValueError(f"unknown placeholder {{{{{name}}}}} in the query; known: {known}")
+    return value
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("expected a finite number")
+    return value
+
+
+class AnalysisQuery(_Model):
+    """One PromQL query measured every `interval` during the bake, as a metric of
+    Argo Rollouts' AnalysisTemplate: the result (every series of it) must be
+    `succeed_if threshold`; more than `failure_limit` failed measurements, or more
+    than `error_limit` in a row without a value, fail the bake."""
+
+    name: Name
+    query: Annotated[str, AfterValidator(check_promql)]
+    succeed_if: Comparison
+    threshold: Annotated[float, AfterValidator(_finite)]
+    interval: Duration = Field(default=5.0, gt=0)
+    initial_delay: Duration = 0.0
+    failure_limit: int = Field(default=0, ge=0)
+    error_limit: int = Field(default=4, ge=0)
+
+
+def _http_url(value: str) -> str:
+    if not re.match(r"^https?://[^/\s]+", value):
+        raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+    return value.rstrip("/")
+
+
+class Analysis(_Model):
+    """Where the bake's metrics come from: a Prometheus server's HTTP API."""
+
+    prometheus: Annotated[str, AfterValidator(_http_url)]
+    timeout: Duration = Field(default=5.0, gt=0)  # per query
+    bearer_token_env: str | None = None  # sent as `Authorization: Bearer` when set
+    queries: list[AnalysisQuery] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> Analysis:
+        names = [q.name for q in self.queries]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise KeyedError(f"queries[{i}].name", f"{name!r} names two queries")
+        return self
+
+    def token(self) -> str | None:
+        return os.environ.get(self.bearer_token_env) if self.bearer_token_env else None
+
+
 class Policy(_Model):
     strategy: Literal["rolling-clusters", "bluegreen"] = "rolling-clusters"
     order: list[Name] | None = None  # default: the order of [[clusters]]
@@ -430,6 +503,24 @@ class Policy(_Model):
     bake: Duration = 0.0
     auto_rollback: bool = False
     max_error_ratio: float = Field(default=0.01, ge=0, le=1)
+    analysis: Analysis | None = None  # PromQL queries judged during the bake
+
+    @model_validator(mode="after")
+    def _analysis_in_bake(self) -> Policy:
+        if self.analysis is None:
+            return self
+        if self.bake <= 0:
+            raise KeyedError(
+                "analysis", "is judged during the bake: set policy.bake to more than 0"
+            )
+        for i, q in enumerate(self.analysis.queries):
+            if q.initial_delay >= self.bake:
+                raise KeyedError(
+                    f"analysis.queries[{i}].initial_delay",
+                    f"{q.initial_delay:g}s is not shorter than policy.bake ({self.bake:g}s): "
+                    "the query would never be measured",
+                )
+        return self
 
 
 SqlDialect = Literal["postgres", "mysql", "sqlite"]

@@ -32,6 +32,7 @@ from changeover.model import (
     CheckResult,
     MemberState,
     PoolView,
+    Sample,
     cluster_admission,
     decode_ask,
     total,
@@ -40,6 +41,10 @@ from changeover.plan import PlanRefused, admissions_refusal, make_plan, member_a
 from changeover.policy import (
     Drain,
     DrainWatch,
+    QueryWatch,
+    analysis_read,
+    analysis_start,
+    analysis_summary,
     bake_problem,
     bake_summary,
     drain_progress,
@@ -47,10 +52,11 @@ from changeover.policy import (
     fan_out_outcome,
     flip_back,
     may_start,
+    promql,
     rollback_plan,
     swap_refusal,
 )
-from changeover.ports import HookEvent, MigrationError, Ports
+from changeover.ports import HookEvent, MetricsError, MigrationError, Ports
 from changeover.steps import (
     Admit,
     Approve,
@@ -127,6 +133,7 @@ class Engine:
         self.clock = ports.clock
         self.site_lock = ports.site_lock
         self.notifier = ports.notifier
+        self.metrics = ports.metrics
         self.on_event = on_event or (lambda e: None)
         self.poll = poll
         self.site = topo.site.name
@@ -728,6 +735,9 @@ class Engine:
         base_requests = total(first.in_cluster(cluster.name), "requests")
         base_errors = total(first.in_cluster(cluster.name), "errors")
         deadline = self.clock.monotonic() + policy.bake
+        watches = analysis_start(
+            policy.analysis.queries if policy.analysis else (), self.clock.monotonic()
+        )
         problem: str | None = None
         view = first
         while problem is None and self.clock.monotonic() < deadline:
@@ -740,8 +750,13 @@ class Engine:
             smoke = await self.checks.live_smoke(self._version) if problem is None else None
             if smoke is not None and not smoke.ok:
                 problem = f"smoke command against the live pool: {smoke.detail}"
+            if problem is None:
+                problem = await self._analyse(cluster, watches)
         if problem is None:
-            return bake_summary(view, cluster.name, base_requests, policy.bake)
+            summary = bake_summary(view, cluster.name, base_requests, policy.bake)
+            if policy.analysis:
+                summary += "; " + analysis_summary(policy.analysis.queries, watches)
+            return summary
         await self._emit("warn", f"bake of {cluster.name} failed: {problem}")
         back = flip_back(policy.auto_rollback, step)
         if back is None:
@@ -755,6 +770,32 @@ class Engine:
         raise RolledBack(
             f"{problem}; flipped back: {live} live on the previous release, {cluster.name} out"
         )
+
+    async def _analyse(self, cluster: Cluster, watches: dict[str, QueryWatch]) -> str | None:
+        """Measure the `[policy.analysis]` queries that are due (updating `watches`);
+        what the failing ones found, or None."""
+        analysis = self.topo.policy.analysis
+        now = self.clock.monotonic()
+        due = [q for q in analysis.queries if watches[q.name].due <= now] if analysis else []
+        if not due:
+            return None
+        if self.metrics is None:
+            raise StepFailed("policy.analysis is configured but no metrics source was built")
+        metrics = self.metrics
+
+        async def one(text: str) -> list[Sample] | str:
+            try:
+                return await metrics.query(text)
+            except MetricsError as exc:
+                return str(exc)
+
+        answers = await asyncio.gather(*(one(promql(q, cluster)) for q in due))
+        problems = []
+        for q, answer in zip(due, answers, strict=True):
+            watches[q.name], problem = analysis_read(q, watches[q.name], answer, now)
+            if problem is not None:
+                problems.append(problem)
+        return "; ".join(problems) or None
 
     async def _approve(self, step: Approve) -> str:
         await self._j(self.journal.set_state, self._release_id, J.AWAITING_APPROVAL)

@@ -168,3 +168,11 @@ def decode_ask(text: str | None) -> Ask | None:
         case {"kind": "abort", "who": str(who)}:
             return AbortAsked(who)
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One series of a metrics query's answer: its labels and its value now."""
+
+    labels: Mapping[str, str]
+    value: float

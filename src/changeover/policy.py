@@ -8,14 +8,23 @@ tests/unit/test_policy.py. The engine reads the world, asks these, and acts.
 
 from __future__ import annotations
 
+import math
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from changeover.config import Topology
+from changeover.config import ANALYSIS_FIELD, AnalysisQuery, Cluster, Topology
 from changeover.executors.base import CommandResult
 from changeover.journal import STEP_DONE, ReleaseRow
-from changeover.model import Admission, MemberState, PoolView, cluster_admission, total
+from changeover.model import (
+    Admission,
+    MemberState,
+    PoolView,
+    Sample,
+    cluster_admission,
+    total,
+)
 from changeover.plan import PlanRefused, flip_back_plan, make_plan
 from changeover.steps import GATES, Admit, Bake, Step, StoredPlanError, step_from_dict
 
@@ -231,6 +240,127 @@ def flip_back(auto_rollback: bool, step: Bake) -> Mapping[str, Admission] | None
     """The admissions a failed bake flips back to, or None when it may not: the
     policy says no, or nothing is left on the old release (the last cluster)."""
     return step.admissions if auto_rollback and step.admissions else None
+
+
+# --- the bake's analysis: PromQL queries against their thresholds -------------------
+
+_COMPARE = {
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+    "==": operator.eq,
+    "!=": operator.ne,
+}
+
+
+def promql(query: AnalysisQuery, cluster: Cluster) -> str:
+    """The query with `{{cluster}}` (the promoted cluster's name) and `{{members}}`
+    (its members' names as a PromQL regex alternation, for `=~`) filled in. Names
+    are letters, digits, `_`, `.` and `-` (config.Name): only the dot needs escaping,
+    written `\\.` because it sits inside a PromQL string."""
+    names = "|".join(m.name.replace(".", "\\\\.") for m in cluster.members)
+    values = {"cluster": cluster.name, "members": names}
+    return ANALYSIS_FIELD.sub(lambda m: values[m.group(1)], query.query)
+
+
+class Measured(StrEnum):
+    PASSED = "passed"
+    FAILED = "failed"  # a value broke the condition
+    NO_VALUE = "no value"  # the query failed, returned no series, or NaN (Argo: Error)
+
+
+def _labels(sample: Sample) -> str:
+    inner = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+    return "{" + inner + "}" if inner else ""
+
+
+def measure(query: AnalysisQuery, result: Sequence[Sample] | str) -> tuple[Measured, str]:
+    """One measurement of `query`: its answer (every series; a string when the
+    query itself failed) against `succeed_if threshold`."""
+    want = f"{query.succeed_if} {query.threshold:g}"
+    if isinstance(result, str):
+        return Measured.NO_VALUE, f"query failed: {result}"
+    if not result:
+        return Measured.NO_VALUE, "no series in the answer"
+    if any(math.isnan(s.value) for s in result):
+        return Measured.NO_VALUE, "no value (NaN) in the answer"
+    compare = _COMPARE[query.succeed_if]
+    bad = [s for s in result if not compare(s.value, query.threshold)]
+    if bad:
+        shown = ", ".join(f"{_labels(s)} {s.value:g}".strip() for s in bad[:3])
+        more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
+        return Measured.FAILED, f"{shown}{more}, expected {want}"
+    shown = ", ".join(f"{s.value:g}" for s in result[:3])
+    return Measured.PASSED, f"{shown} {want}"
+
+
+@dataclass(frozen=True, slots=True)
+class QueryWatch:
+    """What the bake remembers of one query between two measurements."""
+
+    due: float  # when the next measurement is due (the engine's monotonic clock)
+    taken: int = 0
+    failed: int = 0
+    no_value_in_a_row: int = 0
+    last: str = ""
+
+
+def analysis_start(queries: Sequence[AnalysisQuery], now: float) -> dict[str, QueryWatch]:
+    return {q.name: QueryWatch(due=now + q.initial_delay) for q in queries}
+
+
+def analysis_read(
+    query: AnalysisQuery, watch: QueryWatch, result: Sequence[Sample] | str, now: float
+) -> tuple[QueryWatch, str | None]:
+    """Fold one measurement into the watch; the problem that fails the bake, or None.
+
+    As Argo Rollouts' `failureLimit` and `consecutiveErrorLimit`: the bake fails at
+    the `failure_limit + 1`th failed measurement, or at the `error_limit + 1`th in a
+    row without a value (an analysis that cannot see is not a passing one)."""
+    outcome, detail = measure(query, result)
+    failed = watch.failed + (outcome is Measured.FAILED)
+    in_a_row = watch.no_value_in_a_row + 1 if outcome is Measured.NO_VALUE else 0
+    after = QueryWatch(now + query.interval, watch.taken + 1, failed, in_a_row, detail)
+    if outcome is Measured.FAILED and failed > query.failure_limit:
+        return after, (
+            f"analysis {query.name}: {detail} ({failed} failed measurement(s), "
+            f"failure_limit {query.failure_limit})"
+        )
+    if in_a_row > query.error_limit:
+        return after, (
+            f"analysis {query.name}: {in_a_row} measurement(s) in a row without a value "
+            f"(error_limit {query.error_limit}), last: {detail}"
+        )
+    return after, None
+
+
+def analysis_summary(queries: Sequence[AnalysisQuery], watches: Mapping[str, QueryWatch]) -> str:
+    """The bake's detail about its analysis when it found nothing."""
+    parts = []
+    for q in queries:
+        w = watches[q.name]
+        parts.append(
+            f"{q.name}: {w.taken} measurement(s), {w.failed} failed"
+            + (f", last {w.last}" if w.last else "")
+        )
+    return "analysis " + "; ".join(parts)
+
+
+def error_ratio_refusal(topo: Topology, fills: frozenset[str]) -> str | None:
+    """Why `check` refuses the topology's `policy.max_error_ratio`: it is set in
+    the file, the driver counts no 5xx per member (`fills`: the counters it fills)
+    and no `[policy.analysis]` measures errors instead; else None."""
+    policy = topo.policy
+    if "max_error_ratio" not in policy.model_fields_set or "errors" in fills:
+        return None
+    if policy.analysis is not None:
+        return None
+    return (
+        f"policy.max_error_ratio: the {topo.balancer.driver} driver counts no 5xx responses "
+        "per member, so the bake could never judge it; remove it, or configure "
+        "[policy.analysis] with a query on your metrics (docs/configuration.md)"
+    )
 
 
 # --- rolling back ------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from changeover.config import Cluster, Member
 from changeover.executors.base import Executor
 from changeover.journal import EventRow, LockInfo, OutputRow, ReleaseRow, StepRow
 from changeover.migrations import Finding, Phase, blocking_findings
-from changeover.model import CheckResult
+from changeover.model import CheckResult, Sample
 
 
 class MigrationError(Exception):
@@ -47,6 +47,21 @@ class Checks(Protocol):
 
     async def served_version(self) -> str | None:
         """The version the live pool serves now, when it tells."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class MetricsError(Exception):
+    """A metrics query could not be answered (unreachable, refused, malformed); one line."""
+
+
+class Metrics(Protocol):
+    """Where `[policy.analysis]` queries are answered (prometheus.py)."""
+
+    async def query(self, promql: str) -> list[Sample]:
+        """The instant answer to `promql`, one Sample per series; MetricsError
+        when there is none to give."""
         ...
 
     async def close(self) -> None: ...
@@ -240,3 +255,4 @@ class Ports:
     clock: Clock
     site_lock: SiteLock = field(default_factory=NoSiteLock)
     notifier: Notifier = field(default_factory=NoNotifier)
+    metrics: Metrics | None = None  # [policy.analysis]'s source, when configured

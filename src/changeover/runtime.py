@@ -18,7 +18,15 @@ from changeover.database import SiteDatabase
 from changeover.executors.base import Executor
 from changeover.hooks import HookRunner
 from changeover.journal import Journal, journal_path
-from changeover.ports import JournalStore, NoSiteLock, Ports, Review, SiteLock, SystemClock
+from changeover.ports import (
+    JournalStore,
+    Metrics,
+    NoSiteLock,
+    Ports,
+    Review,
+    SiteLock,
+    SystemClock,
+)
 from changeover.releases import Begin, Releases, review_gate
 from changeover.sitelock import AdminApiLock, owner_id, shared_owner_id
 from changeover.ui import Timeline
@@ -71,6 +79,16 @@ def make_site_lock(topo: Topology) -> SiteLock:
     return AdminApiLock(url, token, owner)
 
 
+def make_metrics(topo: Topology) -> Metrics | None:
+    """The source `[policy.analysis]` queries: its Prometheus server, or None."""
+    analysis = topo.policy.analysis
+    if analysis is None:
+        return None
+    from changeover.prometheus import PrometheusMetrics
+
+    return PrometheusMetrics(analysis)
+
+
 def make_ports(topo: Topology, journal: JournalStore, checker: Checker | None = None) -> Ports:
     checker = checker or Checker(topo)
     return Ports(
@@ -82,6 +100,7 @@ def make_ports(topo: Topology, journal: JournalStore, checker: Checker | None = 
         clock=SystemClock(),
         site_lock=make_site_lock(topo),
         notifier=HookRunner(topo),
+        metrics=make_metrics(topo),
     )
 
 
@@ -90,6 +109,8 @@ async def close_ports(ports: Ports) -> None:
     await ports.executor.close()
     await ports.checks.close()
     await ports.notifier.close()
+    if ports.metrics is not None:
+        await ports.metrics.close()
 
 
 async def review(topo: Topology, begin: Begin) -> Review | None:

@@ -274,5 +274,5 @@ async def restored(site: DemoSite) -> str:
 def faults_cleared(site: DemoSite) -> None:
     for _, member in site.topo.members():
         d = app_member(site, member.name).dir
-        for name in ("fail-start", "unhealthy", "report-version"):
+        for name in ("fail-start", "unhealthy", "report-version", "errors"):
             (d / name).unlink(missing_ok=True)

@@ -322,3 +322,52 @@ async def test_the_interlock_judges_members_on_checks_not_the_start_up_guess() -
             "/v1/admissions", json={"admissions": {"a2": "out", "b1": "out"}}, headers=auth()
         ) as r:
             assert r.status == 200
+
+
+METRICS_TOKEN = "scrape-only-token"
+
+
+async def test_metrics_serve_each_members_counters_to_either_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """/metrics takes the admin token or the read-only metrics token; the metrics
+    token opens nothing else; the figures are the pool document's."""
+    monkeypatch.setenv("CHANGEOVER_METRICS_TOKEN", METRICS_TOKEN)
+    pool = new_pool()
+    shared = pool.shared
+    in_flight, requests, _ = shared.counters(0)
+    requests[0], requests[2], in_flight[0] = 7, 3, 2  # a1, b1
+    shared.errors(0)[0] = 5
+    shared.tunnels(0)[2] = 1
+    pool.set_admissions({"b1": "draining"})
+    async with admin_client(pool) as client:
+        for headers in ({}, auth("wrong")):
+            r = await client.get("/metrics", headers=headers)
+            assert r.status == 401
+        r = await client.get("/v1/pool", headers=auth(METRICS_TOKEN))
+        assert r.status == 401  # read-only: the pool (and every change) needs the admin token
+        r = await client.post(
+            "/v1/admissions", json={"admissions": {"a1": "out"}}, headers=auth(METRICS_TOKEN)
+        )
+        assert r.status == 401
+        texts = []
+        for token in (TOKEN, METRICS_TOKEN):
+            r = await client.get("/metrics", headers=auth(token))
+            assert r.status == 200 and r.content_type == "text/plain"
+            texts.append(await r.text())
+    text = texts[1]
+    for line in (
+        'changeover_balancer_requests_total{cluster="a",member="a1"} 7.0',
+        'changeover_balancer_requests_total{cluster="b",member="b1"} 3.0',
+        'changeover_balancer_responses_5xx_total{cluster="a",member="a1"} 5.0',
+        'changeover_balancer_responses_5xx_total{cluster="b",member="b1"} 0.0',
+        'changeover_balancer_in_flight{cluster="a",member="a1"} 2.0',
+        'changeover_balancer_tunnels{cluster="b",member="b1"} 1.0',
+        'changeover_balancer_sessions{cluster="a",member="a1"} 0.0',
+        'changeover_balancer_admission{admission="draining",cluster="b",member="b1"} 1.0',
+        'changeover_balancer_admission{admission="live",cluster="b",member="b1"} 0.0',
+        'changeover_balancer_admission{admission="live",cluster="a",member="a1"} 1.0',
+    ):
+        assert line in text, (line, text)
+    assert "# TYPE changeover_balancer_requests_total counter" in text
+    assert text.count("changeover_balancer_healthy{") == 3  # every member, healthy or not

@@ -244,7 +244,7 @@ async def http_status(url: str) -> tuple[int, str] | None:
         return None
 
 
-async def test_appctl_fault_hooks_unhealthy_and_report_version(tmp_path: Path) -> None:
+async def test_appctl_fault_hooks_unhealthy_report_version_and_errors(tmp_path: Path) -> None:
     port = free_port()
     base = f"http://{HOST}:{port}"
     faults = tmp_path / "a1"
@@ -269,6 +269,14 @@ async def test_appctl_fault_hooks_unhealthy_and_report_version(tmp_path: Path) -
         assert page is not None and '"version": "v1"' in page[1]  # only /version lies
         (faults / "report-version").unlink()
         assert await http_status(base + "/version") == (200, "v1")
+
+        (faults / "errors").write_text("v2")  # only v2 answers 500: v1 does not
+        assert (await http_status(base + "/") or (0, ""))[0] == 200
+        (faults / "errors").write_text("v1\n")
+        assert (await http_status(base + "/") or (0, ""))[0] == 500
+        assert await http_status(base + "/health") == (200, "ok")  # healthy all the same
+        (faults / "errors").unlink()
+        assert (await http_status(base + "/") or (0, ""))[0] == 200
     finally:
         await appctl(tmp_path, "stop")
 

@@ -42,6 +42,34 @@ async def test_a_plain_exchange_and_its_repeat_on_a_pooled_connection(pb: Playbo
     assert not client.closed and not member.closed
 
 
+async def test_every_5xx_is_counted_also_when_it_repeats_on_a_pooled_connection(
+    pb: Playbook,
+) -> None:
+    """A repeated response takes the shortcuts (head only, or head and body in
+    one read): its 5xx is the member's all the same (the bake's figure)."""
+    error = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 2\r\n\r\nno"
+    client = pb.client()
+    client.feed(GET)
+    member = await pb.upstream()  # one upstream connection for every request below
+    for n in range(1, 5):
+        if n > 1:
+            client.feed(GET)
+        assert member.take().startswith(b"GET / ")
+        if n == 3:  # the head and the body in two reads: the head-only shortcut
+            member.feed(error[:-2])
+            member.feed(error[-2:])
+        else:  # whole, as the first time: the whole-response shortcut
+            member.feed(error)
+        assert client.take().startswith(b"HTTP/1.1 500 ")
+        assert pb.shared.error_totals() == [n, 0]
+    client.feed(GET)
+    assert pb.opened() == 0
+    member.take()
+    member.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+    assert client.take().startswith(b"HTTP/1.1 200 ")
+    assert pb.shared.error_totals() == [4, 0]
+
+
 # (response bytes from the member, what the client receives) for a keep-alive
 # HTTP/1.1 GET; each is also delivered split at every byte boundary.
 EXCHANGES = {

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from importlib import import_module
 from pathlib import Path
-from typing import ClassVar, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
-from changeover.balancers.base import Balancer, BalancerError
+from changeover.balancers.base import Balancer, BalancerError, Counter
 from changeover.balancers.group import BalancerGroup
 from changeover.config import BalancerInstance, Topology
+
+T = TypeVar("T")
 
 
 class Driver(Protocol):
@@ -25,30 +27,50 @@ class Driver(Protocol):
     ) -> Balancer: ...
 
 
-class _Drivers(Mapping[str, Driver]):
-    """Driver name -> how it is built, each driver's module imported when it is
+class _Lazy(Mapping[str, T]):
+    """Driver name -> something of its module, the module imported when it is
     first looked up (a site running HAProxy never imports Jinja2 for Apache's
     templates, nor the builtin driver aiohttp, at start-up)."""
 
-    _WHERE: ClassVar[dict[str, tuple[str, str]]] = {
-        "builtin": ("changeover.balancers.builtin", "builtin_driver"),
-        "haproxy": ("changeover.balancers.haproxy", "HAProxyBalancer"),
-        "apache": ("changeover.balancers.apache", "ApacheBalancer"),
-        "nginx": ("changeover.balancers.nginx", "NginxBalancer"),
-    }
+    def __init__(self, where: dict[str, tuple[str, str]], pick: Callable[[Any], T]) -> None:
+        self._where = where
+        self._pick = pick
 
-    def __getitem__(self, name: str) -> Driver:
-        module, attr = self._WHERE[name]
-        return cast(Driver, getattr(import_module(module), attr))
+    def __getitem__(self, name: str) -> T:
+        module, attr = self._where[name]
+        return self._pick(getattr(import_module(module), attr))
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._WHERE)
+        return iter(self._where)
 
     def __len__(self) -> int:
-        return len(self._WHERE)
+        return len(self._where)
 
 
-DRIVERS: Mapping[str, Driver] = _Drivers()
+_MODULES = {
+    "builtin": "changeover.balancers.builtin",
+    "haproxy": "changeover.balancers.haproxy",
+    "apache": "changeover.balancers.apache",
+    "nginx": "changeover.balancers.nginx",
+}
+_CLASSES = {
+    "builtin": "BuiltinBalancer",
+    "haproxy": "HAProxyBalancer",
+    "apache": "ApacheBalancer",
+    "nginx": "NginxBalancer",
+}
+
+# How each driver is built (the builtin one through a function of its own).
+DRIVERS: Mapping[str, Driver] = _Lazy(
+    {n: (m, "builtin_driver" if n == "builtin" else _CLASSES[n]) for n, m in _MODULES.items()},
+    lambda build: cast(Driver, build),
+)
+# What each driver counts per member (its class's `fills`), known before one is
+# built: `check` refuses rules the driver's counters cannot judge.
+COUNTS: Mapping[str, frozenset[Counter]] = _Lazy(
+    {n: (m, _CLASSES[n]) for n, m in _MODULES.items()},
+    lambda cls: cast(frozenset[Counter], cls.fills),
+)
 
 
 def make_balancer(

@@ -44,9 +44,14 @@ def _qa(cluster: Any) -> str:
 
 
 def check(config: Path, reach: bool, json_out: bool) -> None:
+    from changeover.balancers.factory import COUNTS
+    from changeover.policy import error_ratio_refusal
     from changeover.tls import expiry_warnings
 
     topo = load_config(config)
+    refusal = error_ratio_refusal(topo, COUNTS[topo.balancer.driver])
+    if refusal is not None:
+        fail(EXIT_BAD_INPUT, f"{config}: {refusal}")
     warnings = list(expiry_warnings(topo, datetime.datetime.now(datetime.UTC)))
     if json_out:
         results = _reach(topo) if reach else None

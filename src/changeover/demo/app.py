@@ -12,7 +12,9 @@
 - Fault injection, read on every request from --fault-dir (appctl passes the
   member's directory): while `unhealthy` exists /health answers 503 (when the
   file holds a version, only an app running that version is unhealthy); while
-  `report-version` exists /version answers its content instead of the version.
+  `report-version` exists /version answers its content instead of the version;
+  while `errors` exists GET / answers 500 (a file holding a version: only an app
+  running that version), as a release that goes bad in production.
   GET /slow?ms=N: sends the headers at once and the body after N ms (at most
   30000), for drain tests.
 - With --db (a postgresql:// URL or a SQLite file path), GET /db returns
@@ -75,6 +77,11 @@ STATE = web.AppKey("state", AppState)
 
 async def index(request: web.Request) -> web.Response:
     state = request.app[STATE]
+    broken = state.fault("errors")
+    if broken is not None and broken in ("", state.version):
+        return web.json_response(
+            {"member": state.member, "error": "errors (fault injection)"}, status=500
+        )
     session = request.cookies.get(SESSION_COOKIE)
     new = session is None or session not in state.sessions
     if session is None or new:

@@ -5,6 +5,9 @@ POST /v1/reload (re-read the topology file, as SIGHUP does) and GET /v1/reload
 (how the last reload went), the site's release lock at /v1/lock (GET, PUT to
 claim or renew, DELETE to let go; see `proxy/lease.py`), all behind the bearer
 token, and GET /v1/healthz (open).
+GET /metrics (each member's counters for Prometheus, `proxy/metrics.py`) takes
+the admin token or the read-only metrics token (`balancer.metrics_token_env`),
+which opens nothing else.
 aiohttp is fine here: this is not the request hot path.
 
 A body that cannot be read as JSON (not JSON, not text in its charset, an
@@ -27,13 +30,14 @@ from typing import Any
 
 from aiohttp import web
 
-from changeover.proxy import lease
+from changeover.proxy import lease, metrics
 from changeover.proxy.state import AdmissionError, InterlockError, PoolState
 
 log = logging.getLogger("changeover.proxy")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PATHS = frozenset({"/v1/healthz"})
+METRICS_PATH = "/metrics"
 
 
 def _digest(value: str) -> bytes:
@@ -88,12 +92,17 @@ def build_app(
     and `status` says how the last reload went; `held_lease` holds the release lock
     (one item, kept by the caller so that it survives a hand-over)."""
     expected = _digest(f"Bearer {token}")
+    read_only = pool.topology.balancer.metrics_token()
+    scraper = _digest(f"Bearer {read_only}") if read_only else None
 
     @web.middleware
     async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path not in OPEN_PATHS:
             given = _digest(request.headers.get("Authorization", ""))
-            if not hmac.compare_digest(given, expected):
+            allowed = hmac.compare_digest(given, expected)
+            if scraper is not None and request.path == METRICS_PATH:
+                allowed = hmac.compare_digest(given, scraper) or allowed
+            if not allowed:
                 response = _error(401, "missing or wrong bearer token")
                 response.headers["WWW-Authenticate"] = "Bearer"
                 return response
@@ -205,7 +214,16 @@ def build_app(
         held[0], refused = lease.release(held[0], body["owner"], time.monotonic())
         return _error(409, refused) if refused else lock_view()
 
+    async def get_metrics(_: web.Request) -> web.Response:
+        await pool.first_verdicts(first_verdicts)
+        return web.Response(
+            body=metrics.render(pool.view()["members"]),
+            content_type="text/plain",
+            charset="utf-8",
+        )
+
     app = web.Application(middlewares=[require_token])
+    app.router.add_get(METRICS_PATH, get_metrics)
     app.router.add_get("/v1/healthz", healthz)
     app.router.add_get("/v1/pool", get_pool)
     app.router.add_post("/v1/admissions", post_admissions)

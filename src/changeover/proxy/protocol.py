@@ -1033,6 +1033,8 @@ class Upstream(asyncio.Protocol):
         ):
             # The last plain response again, head and whole body in this read:
             # llhttp would end up where it is now, between two messages.
+            if self.last_5xx:
+                self.w.errors[req.member] += 1
             self.head_sent = self.done = True
             if req.cookie is None:
                 client.transport.write(data)
