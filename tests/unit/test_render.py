@@ -162,6 +162,23 @@ def test_apache_status_flags_and_manager_on_loopback() -> None:
     assert "Require ip 127.0.0.1 ::1" in manager
 
 
+def test_apache_scoreboard_holds_a_new_generation_beside_a_full_old_one() -> None:
+    """A graceful restart under load needs slots for a whole new generation while
+    the old children finish; each generation starts half its workers at once and
+    keeps them (no growing at a child a second, no killing of spare children)."""
+    text = render(topology(), "apache", MIXED)
+    mpm = {
+        key: int(value)
+        for key, value in re.findall(r"^(ServerLimit|ThreadsPerChild|MaxRequestWorkers|"
+                                     r"StartServers|MaxSpareThreads) (\d+)$", text, re.M)
+    }  # fmt: skip
+    assert len(mpm) == 5, mpm
+    generation = mpm["MaxRequestWorkers"] // mpm["ThreadsPerChild"]  # children
+    assert mpm["ServerLimit"] >= 2 * generation
+    assert 2 * mpm["StartServers"] >= generation
+    assert mpm["MaxSpareThreads"] >= mpm["MaxRequestWorkers"]
+
+
 def test_nginx_drain_is_a_route_map_and_out_is_nothing() -> None:
     text = render(topology(route="default"), "nginx", MIXED)
     sticky = text.split("map $changeover_route $changeover_sticky_pool {", 1)[1].split("}", 1)[0]
