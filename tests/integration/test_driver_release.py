@@ -145,7 +145,12 @@ async def served_certificate(topology: Topology, ca: trustme.CA) -> bytes:
 async def test_full_release_under_probe_has_zero_downtime(
     product: str, https: bool, tmp_path: Path
 ) -> None:
-    """Over HTTPS, the certificate is renewed and the balancer reloaded mid-release."""
+    """Over HTTPS; on HAProxy the certificate is also renewed and the balancer
+    reloaded mid-release (its seamless reload keeps every connection). Apache and
+    nginx renew a certificate only by a graceful restart, which closes idle
+    keep-alive connections under a client that may be sending at that instant
+    (docs/drivers.md): not done mid-release here."""
+    renew = https and product == "haproxy"
     need(product)
     data = release_site(product, tmp_path)
     ca = trustme.CA()
@@ -183,7 +188,7 @@ async def test_full_release_under_probe_has_zero_downtime(
                     engine = Engine(topology, ports, on_event=events.append)
                     release_id = await engine.begin("2.0")
                     running = asyncio.create_task(engine.run(release_id))
-                    if https:
+                    if renew:
                         assert isinstance(driver, ConfiguredBalancer)
                         renewed = await renew_mid_release(driver, events, ca, pair)
                     state = await running
@@ -196,7 +201,7 @@ async def test_full_release_under_probe_has_zero_downtime(
                 report = await finish_probe(probe)
             final = await real.driver.read()
             served = await versions_served(topology)
-            if https:
+            if renew:
                 assert await served_certificate(topology, ca) == renewed.der
     finally:
         await run_on_members(topology, "stop")
