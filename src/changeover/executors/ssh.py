@@ -201,6 +201,20 @@ class SshExecutor:
 
         return cls(ssh, known_hosts=resolve(ssh.known_hosts), key_file=resolve(ssh.key_file))
 
+    @property
+    def known_hosts_path(self) -> Path:
+        return self._known_hosts_path
+
+    @property
+    def key_path(self) -> Path | None:
+        return self._key_path
+
+    async def connection(self, host: str) -> asyncssh.SSHClientConnection:
+        """The pooled connection to `host`, opened (or reopened) on demand; SshError
+        if it cannot be reached. For other users of the same settings (a balancer
+        instance on that host)."""
+        return await self._connection(host)
+
     # --- the Executor protocol ---------------------------------------------
 
     async def run(
