@@ -259,15 +259,17 @@ class BalancerInstance(_Model):
     @model_validator(mode="after")
     def _remote_paths(self) -> BalancerInstance:
         if self.ssh_host is None:
-            if self.ssh_port is not None or self.ssh_user is not None:
-                raise ValueError("ssh_port and ssh_user need ssh_host")
+            for key in ("ssh_port", "ssh_user"):
+                if getattr(self, key) is not None:
+                    raise KeyedError(key, "needs ssh_host (the host reached over SSH)")
             return self
         for key in ("config_path", "run_dir", "state_dir", "state_file"):
             value = getattr(self, key)
             if value is not None and not value.startswith("/"):
-                raise ValueError(
-                    f"{key} must be an absolute path on {self.ssh_host} (the instance is "
-                    f"reached over SSH, nothing is relative to this file there), got {value!r}"
+                raise KeyedError(
+                    key,
+                    f"must be an absolute path on {self.ssh_host} (the instance is "
+                    f"reached over SSH, nothing is relative to this file there), got {value!r}",
                 )
         return self
 
@@ -346,11 +348,12 @@ class Balancer(_Model):
             )
         if not self.member_tls and (self.member_ca or self.member_tls_name):
             raise ValueError("member_ca and member_tls_name need member_tls = true")
-        remote = [i.name for i in self.instances if i.ssh_host]
+        remote = [n for n, i in enumerate(self.instances) if i.ssh_host]
         if self.driver == "builtin" and remote:
-            raise ValueError(
-                f"instances {', '.join(remote)}: ssh_host is for the haproxy, apache and "
-                "nginx drivers (the builtin balancer is reached by its admin_url)"
+            raise KeyedError(
+                f"instances[{remote[0]}].ssh_host",
+                "is for the haproxy, apache and nginx drivers (the builtin balancer "
+                "is reached by its admin_url)",
             )
         seen: set[str] = set()
         for host in self.tls_hosts:

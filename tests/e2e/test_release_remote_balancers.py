@@ -1,0 +1,309 @@
+"""Balancer instances on other hosts: two HAProxy (or two nginx) instances, each
+behind its own real sshd on its own loopback address, changed as one group
+through SSH (config by SFTP, the check and the reload run there, the runtime
+API through the connection), a whole release under two probes (one per
+instance, as users behind DNS reach either); and one instance refusing half-way.
+
+All "hosts" are this machine: every instance has its own run directory (config,
+pid file, stats socket, logs), its own listeners on its own address
+(`bind_host`) and, for nginx, its own flag directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from changeover import journal as J
+from changeover.balancers.factory import make_balancer
+from changeover.balancers.group import BalancerGroup
+from changeover.checks import Checker
+from changeover.config import BalancerInstance, Topology
+from changeover.database import SiteDatabase
+from changeover.engine import Engine, Event
+from changeover.model import Admission, cluster_admission
+from changeover.ports import Ports, SystemClock
+from changeover.probe import ProbeReport
+from changeover.runtime import make_executor, open_journal
+from tests.helpers import wait_until
+from tests.integration.realbalancers import (
+    RealBalancer,
+    finish_probe,
+    instance_for,
+    need,
+    parse_site,
+    probe_process,
+    searchable_dir,
+    start_balancer,
+    stop_balancer,
+    toml_document,
+)
+from tests.integration.sshd import SshdServer, running_sshd
+from tests.integration.test_driver_release import (
+    members_up,
+    release_site,
+    run_on_members,
+    versions_served,
+)
+
+pytestmark = [pytest.mark.real, pytest.mark.slow]
+
+ADDRESSES = ("127.0.31.1", "127.0.31.2")
+RATE = 100.0  # per probe, one probe per instance
+STICKY_USERS = 20
+
+
+@dataclass
+class RemoteSite:
+    data: dict[str, Any]
+    topology: Topology
+    servers: list[SshdServer]
+    balancers: list[RealBalancer]
+    sshd_stacks: list[contextlib.AsyncExitStack]
+    root: Path
+
+    def url(self, index: int) -> str:
+        return f"http://{ADDRESSES[index]}:{self.topology.balancer.listen.port}"
+
+    def site_file(self, index: int) -> Path:
+        """A changeover.toml naming instance `index` only, for its probe's watcher.
+        The watcher stands for an observer on that host: it reads the instance
+        directly (every "host" is this machine), so its reads neither cost SSH
+        crypto on this shared CPU nor stop when that instance's sshd does."""
+        data = dict(self.data)
+        data["balancer"] = dict(data["balancer"])
+        instance = dict(data["balancer"]["instances"][index])
+        for key in ("ssh_host", "ssh_port"):
+            instance.pop(key)
+        data["balancer"]["instances"] = [instance]
+        path = self.root / f"probe-site-{index}.toml"
+        path.write_text(toml_document(data))
+        return path
+
+    async def stop_sshd(self, index: int) -> None:
+        await self.sshd_stacks[index].aclose()
+
+
+def instance_data(product: str, root: Path, index: int, server: SshdServer) -> dict[str, Any]:
+    run_dir = root / f"lb{index + 1}"
+    state_dir = searchable_dir("changeover-remote-state-") if product == "nginx" else None
+    data = instance_for(product, run_dir, f"lb{index + 1}", state_dir=state_dir)
+    return data | {
+        "ssh_host": ADDRESSES[index],
+        "ssh_port": server.port,
+        "bind_host": ADDRESSES[index],
+    }
+
+
+@contextlib.asynccontextmanager
+async def remote_site(
+    product: str, root: Path, refuse: Path | None = None
+) -> AsyncIterator[RemoteSite]:
+    """Members, two sshd, two instances of `product` started and healthy.
+    `refuse`: lb2's check fails (after running the product's own) while it exists."""
+    need(product)
+    stacks = [contextlib.AsyncExitStack(), contextlib.AsyncExitStack()]
+    balancers: list[RealBalancer] = []
+    topology: Topology | None = None
+    try:
+        first = await stacks[0].enter_async_context(running_sshd([ADDRESSES[0]]))
+        second = await stacks[1].enter_async_context(
+            running_sshd([ADDRESSES[1]], client_key=first.key_file)
+        )
+        servers = [first, second]
+        known_hosts = root / "known_hosts"
+        known_hosts.write_text("".join(s.known_hosts.read_text() for s in servers))
+        key = root / "id_ed25519"
+        shutil.copy(first.key_file, key)
+        key.chmod(0o600)
+        data = release_site(product, root)
+        # Two balancers check the members: on a loaded 2-core box one slow answer
+        # must not take a member down (the probe would see 503s the release did
+        # not cause).
+        data["balancer"]["health"] |= {"timeout": "2s", "fall": 3}
+        listen = data["balancer"]["listen"].rsplit(":", 1)[1]
+        admin = data["balancer"]["admin_listen"].rsplit(":", 1)[1]
+        data["balancer"]["listen"] = f"{ADDRESSES[0]}:{listen}"
+        data["balancer"]["admin_listen"] = f"{ADDRESSES[0]}:{admin}"
+        instances = [instance_data(product, root, i, s) for i, s in enumerate(servers)]
+        if refuse is not None:
+            check = instances[1].get("check_command") or ["haproxy", "-c", "-f", "{config}"]
+            script = (
+                'if [ -e "$1" ]; then echo "refused: $1 exists" >&2; exit 1; fi; shift; exec "$@"'
+            )
+            instances[1]["check_command"] = ["sh", "-c", script, "check", str(refuse), *check]
+        data["balancer"]["instances"] = instances
+        data["executor"]["ssh"] = {
+            "user": first.user,
+            "key_file": str(key),
+            "known_hosts": str(known_hosts),
+        }
+        topology = parse_site(data, root)
+        await run_on_members(topology, "deploy", "1.0")
+        await run_on_members(topology, "start")
+        await wait_until(lambda: members_up(topology), timeout=30, what="members listening")
+        for index in range(2):
+            instance = BalancerInstance.model_validate(instances[index])
+            run_dir = root / instance.name
+            balancers.append(
+                await start_balancer(product, topology, run_dir, instance=instance, timeout=30)
+            )
+        yield RemoteSite(data, topology, servers, balancers, stacks, root)
+    finally:
+        for real in balancers:
+            await stop_balancer(real)
+        if topology is not None:
+            await run_on_members(topology, "stop")
+        for stack in reversed(stacks):
+            await stack.aclose()
+
+
+async def release_under_probes(
+    site: RemoteSite, version: str, during: Any = None
+) -> tuple[str, list[J.StepRow], list[Event], list[ProbeReport]]:
+    """The engine releases `version` through the group while a probe runs against
+    each instance; `during(events)` runs beside the release."""
+    events: list[Event] = []
+    async with contextlib.AsyncExitStack() as stack:
+        probes = [
+            await stack.enter_async_context(
+                probe_process(
+                    site.site_file(i),
+                    site.url(i),
+                    rate=RATE,
+                    sticky_users=STICKY_USERS,
+                    log=site.root / f"probe-{i}.log",
+                )
+            )
+            for i in range(2)
+        ]
+        await asyncio.sleep(1.0)  # sticky sessions form before the release
+        balancer = make_balancer(site.topology)
+        assert isinstance(balancer, BalancerGroup)
+        journal = open_journal(site.topology)
+        executor = make_executor(site.topology)
+        try:
+            checker = Checker(site.topology)
+            ports = Ports(
+                balancer, executor, checker, SiteDatabase(site.topology, checker), journal,
+                SystemClock(),
+            )  # fmt: skip
+            engine = Engine(site.topology, ports, on_event=events.append)
+            release_id = await engine.begin(version)
+            side = asyncio.create_task(during(events)) if during else None
+            state = await engine.run(release_id)
+            if side is not None:
+                await side
+            steps = journal.steps(release_id)
+        finally:
+            await balancer.close()
+            await executor.close()
+            journal.close()
+        await asyncio.sleep(1.0)  # traffic after the release counts too
+        reports = [await finish_probe(p) for p in probes]
+    return state, steps, events, reports
+
+
+def assert_no_user_noticed(reports: list[ProbeReport]) -> None:
+    for report in reports:
+        assert report.failed == 0, (report.failure_examples, report.failure_log)
+        assert report.session_breaks == 0
+        assert report.sessions_cut == 0
+        assert report.version_flaps == 0
+
+
+def why(events: list[Event]) -> str:
+    return "\n".join(f"{e.kind}: {e.message}" for e in events)
+
+
+async def step_started(events: list[Event], step_id: str) -> None:
+    def started() -> bool:
+        return any(e.kind == "step-start" and e.step and e.step.id == step_id for e in events)
+
+    await wait_until(started, timeout=120, what=f"step {step_id}")
+
+
+@pytest.mark.parametrize("product", ["haproxy", "nginx"])
+async def test_release_through_two_instances_on_other_hosts(product: str, tmp_path: Path) -> None:
+    async with remote_site(product, tmp_path) as site:
+        before = [s.accepted() for s in site.servers]
+        state, steps, events, reports = await release_under_probes(site, "2.0")
+        views = [await real.driver.read() for real in site.balancers]
+        served = await versions_served(site.topology)
+        accepted = [s.accepted() - b for s, b in zip(site.servers, before, strict=True)]
+    assert state == J.DONE, why(events)
+    assert all(s.state == J.STEP_DONE for s in steps)
+    assert_no_user_noticed(reports)
+    for report in reports:  # each instance served both versions: the release went through it
+        assert set(report.versions_seen) == {"1.0", "2.0"}
+    assert served == {"2.0"}
+    for view in views:
+        assert {m.admission for m in view.members} == {Admission.LIVE}
+    assert all(n >= 1 for n in accepted), accepted  # every instance was reached over its sshd
+
+
+async def test_an_instance_whose_check_refuses_leaves_the_group_as_it_was(
+    tmp_path: Path,
+) -> None:
+    """lb2's check refuses from the swap on: lb1, changed already, is put back,
+    both still agree (b live, a out) and the site serves on."""
+    refuse = tmp_path / "refuse-lb2"
+
+    async def refuse_at_the_swap(events: list[Event]) -> None:
+        await step_started(events, "healthy-a")
+        refuse.touch()
+
+    async with remote_site("haproxy", tmp_path, refuse=refuse) as site:
+        state, steps, events, reports = await release_under_probes(site, "2.0", refuse_at_the_swap)
+        group = make_balancer(site.topology)
+        try:
+            view = await group.read()  # refuses if the instances disagree
+        finally:
+            await group.close()
+    assert state == J.FAILED, why(events)
+    failed = {s.step_id: s.detail or "" for s in steps if s.state == J.STEP_FAILED}
+    assert list(failed) == ["drain-b"], failed
+    detail = failed["drain-b"]
+    assert "lb2" in detail and "rejected the new config" in detail, detail
+    assert f"refused: {refuse} exists" in detail, detail
+    assert f"on root@{ADDRESSES[1]}:" in detail, detail
+    assert "every instance was put back as it was" in detail, detail
+    assert {c: cluster_admission(view, c) for c in ("a", "b")} == {
+        "a": Admission.OUT,
+        "b": Admission.LIVE,
+    }
+    assert_no_user_noticed(reports)
+
+
+async def test_an_instance_whose_sshd_stops_fails_the_change_and_the_site_serves_on(
+    tmp_path: Path,
+) -> None:
+    """lb2's sshd stops while cluster a is checked: the swap cannot reach lb2 and
+    fails; lb1 stays as it was, and both nginx instances keep serving."""
+    stopped = asyncio.Event()
+
+    async def stop_lb2_sshd(events: list[Event]) -> None:
+        await step_started(events, "healthy-a")
+        await site.stop_sshd(1)
+        stopped.set()
+
+    async with remote_site("nginx", tmp_path) as site:
+        state, steps, events, reports = await release_under_probes(site, "2.0", stop_lb2_sshd)
+        lb1 = await site.balancers[0].driver.read()
+        assert stopped.is_set()
+    assert state == J.FAILED, why(events)
+    failed = {s.step_id: s.detail or "" for s in steps if s.state == J.STEP_FAILED}
+    assert list(failed) == ["drain-b"], failed
+    assert "lb2" in failed["drain-b"] and ADDRESSES[1] in failed["drain-b"], failed
+    assert {c: cluster_admission(lb1, c) for c in ("a", "b")} == {
+        "a": Admission.OUT,
+        "b": Admission.LIVE,
+    }
+    assert_no_user_noticed(reports)
