@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 
 from changeover.balancers.host import LocalHost, SshHost, host_for
+from changeover.balancers.nginx import NginxBalancer
+from changeover.balancers.render import RenderOptions, render
 from changeover.config import ConfigError, parse
 
 
@@ -76,3 +78,18 @@ def test_remote_instance_keys_are_checked_naming_file_and_key(
     with pytest.raises(ConfigError) as info:
         parse(data, "site.toml")
     assert str(info.value).startswith(message), str(info.value)
+
+
+def test_bind_host_puts_the_instances_listeners_on_its_own_address(tmp_path: Path) -> None:
+    data = site(bind_host="10.0.0.8")
+    data["balancer"] |= {"listen": "127.0.0.1:8080", "admin_listen": "127.0.0.1:8089"}
+    data["clusters"][0]["qa_port"] = 8081
+    topology = parse(data, tmp_path / "changeover.toml")
+    instance = topology.balancer.instances[0]
+    text = render(topology, "nginx", options=RenderOptions(instance=instance, run_dir=tmp_path))
+    assert "listen 10.0.0.8:8080" in text
+    assert "listen 10.0.0.8:8081" in text
+    assert "listen 10.0.0.8:8089" in text
+    assert "127.0.0.1:80" not in text
+    driver = NginxBalancer(topology, instance, run_dir=tmp_path)
+    assert driver.control_url == "http://10.0.0.8:8089"
