@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,14 +24,10 @@ import pytest
 from changeover import journal as J
 from changeover.balancers.factory import make_balancer
 from changeover.balancers.group import BalancerGroup
-from changeover.checks import Checker
 from changeover.config import BalancerInstance, Topology
-from changeover.database import SiteDatabase
-from changeover.engine import Engine, Event
+from changeover.engine import Event
 from changeover.model import Admission, cluster_admission
-from changeover.ports import Ports, SystemClock
 from changeover.probe import ProbeReport
-from changeover.runtime import make_executor, open_journal
 from tests.helpers import wait_until
 from tests.integration.realbalancers import (
     RealBalancer,
@@ -49,6 +45,7 @@ from tests.integration.sshd import SshdServer, running_sshd
 from tests.integration.test_driver_release import (
     members_up,
     release_site,
+    release_with,
     run_on_members,
     versions_served,
 )
@@ -148,7 +145,7 @@ async def remote_site(
         topology = parse_site(data, root)
         await run_on_members(topology, "deploy", "1.0")
         await run_on_members(topology, "start")
-        await wait_until(lambda: members_up(topology), timeout=30, what="members listening")
+        await wait_until(lambda: members_up(topology), timeout=60, what="members listening")
         for index in range(2):
             instance = BalancerInstance.model_validate(instances[index])
             run_dir = root / instance.name
@@ -166,7 +163,9 @@ async def remote_site(
 
 
 async def release_under_probes(
-    site: RemoteSite, version: str, during: Any = None
+    site: RemoteSite,
+    version: str,
+    during: Callable[[list[Event]], Coroutine[Any, Any, None]] | None = None,
 ) -> tuple[str, list[J.StepRow], list[Event], list[ProbeReport]]:
     """The engine releases `version` through the group while a probe runs against
     each instance; `during(events)` runs beside the release."""
@@ -187,25 +186,8 @@ async def release_under_probes(
         await asyncio.sleep(1.0)  # sticky sessions form before the release
         balancer = make_balancer(site.topology)
         assert isinstance(balancer, BalancerGroup)
-        journal = open_journal(site.topology)
-        executor = make_executor(site.topology)
-        try:
-            checker = Checker(site.topology)
-            ports = Ports(
-                balancer, executor, checker, SiteDatabase(site.topology, checker), journal,
-                SystemClock(),
-            )  # fmt: skip
-            engine = Engine(site.topology, ports, on_event=events.append)
-            release_id = await engine.begin(version)
-            side = asyncio.create_task(during(events)) if during else None
-            state = await engine.run(release_id)
-            if side is not None:
-                await side
-            steps = journal.steps(release_id)
-        finally:
-            await balancer.close()
-            await executor.close()
-            journal.close()
+        side = during(events) if during else None
+        state, steps, _ = await release_with(site.topology, balancer, version, events, side)
         await asyncio.sleep(1.0)  # traffic after the release counts too
         reports = [await finish_probe(p) for p in probes]
     return state, steps, events, reports

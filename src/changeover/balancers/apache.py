@@ -116,13 +116,19 @@ class ApacheBalancer(ConfiguredBalancer):
         """`url` as this process reaches it (a port forward for a remote instance)."""
         return await self.host.reachable_url(url)
 
+    async def _referer(self) -> dict[str, str]:
+        """The manager answers (in full) and honours only requests that come "from
+        itself": the Referer names the manager's URL as the request reaches it."""
+        return {"Referer": await self._reachable(self.manager_url)}
+
     async def close(self) -> None:
         await self._client.close()
         await super().close()
 
     async def _get(self, url: str) -> str:
         try:
-            async with self._client().get(await self._reachable(url)) as resp:
+            target, headers = await self._reachable(url), await self._referer()
+            async with self._client().get(target, headers=headers) as resp:
                 body = await resp.text()
                 if resp.status != 200:
                     raise BalancerError(f"{self.name}: GET {url}: HTTP {resp.status}")
@@ -166,10 +172,7 @@ class ApacheBalancer(ConfiguredBalancer):
             return
         state = await self.manager()
         routes = {m.name: m.route_id for _, m in self.topology.members()}
-        url = await self._reachable(self.manager_url)
-        # The manager only honours requests that come "from itself": the Referer
-        # names the URL the request goes to (the forwarded one, over SSH).
-        headers = {"Referer": url}
+        url, headers = await self._reachable(self.manager_url), await self._referer()
         # One member per POST: the manager has no batch; order keeps the pool non-empty.
         for name, admission in changes:
             worker = state.workers[LIVE_BALANCER, routes[name]]
