@@ -26,7 +26,7 @@ from changeover.balancers.factory import make_balancer
 from changeover.balancers.group import BalancerGroup
 from changeover.config import BalancerInstance, Topology
 from changeover.engine import Event
-from changeover.model import Admission, cluster_admission
+from changeover.model import Admission, PoolView, cluster_admission
 from changeover.probe import ProbeReport
 from tests.helpers import wait_until
 from tests.integration.realbalancers import (
@@ -53,8 +53,19 @@ from tests.integration.test_driver_release import (
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
 ADDRESSES = ("127.0.31.1", "127.0.31.2")
-RATE = 100.0  # per probe, one probe per instance
-STICKY_USERS = 20
+RATE = 60.0  # per probe, one probe per instance
+STICKY_USERS = 15
+
+
+# lb2's check, on its host: while the file $1 exists it refuses, except that
+# with "$1.once" there too it passes once more (the group's check before any
+# change), then refuses (the check of the change itself); else the product's own.
+REFUSING = (
+    'if [ -e "$1" ]; then '
+    'if [ -e "$1.once" ]; then rm -f -- "$1.once"; '
+    'else echo "refused: $1 exists" >&2; exit 1; fi; '
+    'fi; shift; exec "$@"'
+)
 
 
 @dataclass
@@ -104,7 +115,7 @@ async def remote_site(
     product: str, root: Path, refuse: Path | None = None
 ) -> AsyncIterator[RemoteSite]:
     """Members, two sshd, two instances of `product` started and healthy.
-    `refuse`: lb2's check fails (after running the product's own) while it exists."""
+    `refuse`: lb2's check refuses while that file exists (see REFUSING)."""
     need(product)
     stacks = [contextlib.AsyncExitStack(), contextlib.AsyncExitStack()]
     balancers: list[RealBalancer] = []
@@ -125,6 +136,7 @@ async def remote_site(
         # must not take a member down (the probe would see 503s the release did
         # not cause).
         data["balancer"]["health"] |= {"timeout": "2s", "fall": 3}
+        data["policy"]["health_timeout"] = "90s"  # a member's boot, on that box
         listen = data["balancer"]["listen"].rsplit(":", 1)[1]
         admin = data["balancer"]["admin_listen"].rsplit(":", 1)[1]
         data["balancer"]["listen"] = f"{ADDRESSES[0]}:{listen}"
@@ -132,10 +144,7 @@ async def remote_site(
         instances = [instance_data(product, root, i, s) for i, s in enumerate(servers)]
         if refuse is not None:
             check = instances[1].get("check_command") or ["haproxy", "-c", "-f", "{config}"]
-            script = (
-                'if [ -e "$1" ]; then echo "refused: $1 exists" >&2; exit 1; fi; shift; exec "$@"'
-            )
-            instances[1]["check_command"] = ["sh", "-c", script, "check", str(refuse), *check]
+            instances[1]["check_command"] = ["sh", "-c", REFUSING, "check", str(refuse), *check]
         data["balancer"]["instances"] = instances
         data["executor"]["ssh"] = {
             "user": first.user,
@@ -217,10 +226,10 @@ async def test_release_through_two_instances_on_other_hosts(product: str, tmp_pa
     async with remote_site(product, tmp_path) as site:
         before = [s.accepted() for s in site.servers]
         state, steps, events, reports = await release_under_probes(site, "2.0")
+        assert state == J.DONE, why(events)
         views = [await real.driver.read() for real in site.balancers]
         served = await versions_served(site.topology)
         accepted = [s.accepted() - b for s, b in zip(site.servers, before, strict=True)]
-    assert state == J.DONE, why(events)
     assert all(s.state == J.STEP_DONE for s in steps)
     assert_no_user_noticed(reports)
     for report in reports:  # each instance served both versions: the release went through it
@@ -232,37 +241,79 @@ async def test_release_through_two_instances_on_other_hosts(product: str, tmp_pa
     assert accepted == [1, 1], accepted
 
 
-async def test_an_instance_whose_check_refuses_leaves_the_group_as_it_was(
-    tmp_path: Path,
-) -> None:
-    """lb2's check refuses from the swap on: lb1, changed already, is put back,
-    both still agree (b live, a out) and the site serves on."""
-    refuse = tmp_path / "refuse-lb2"
+def refusal_at_the_swap(
+    refuse: Path, *, once: bool
+) -> Callable[[list[Event]], Coroutine[Any, Any, None]]:
+    """From the swap on (once cluster a is checked), lb2's check refuses;
+    `once`: it passes the group's check first, then refuses the change itself."""
 
-    async def refuse_at_the_swap(events: list[Event]) -> None:
+    async def refuse_there(events: list[Event]) -> None:
         await step_started(events, "healthy-a")
-        refuse.touch()
+        if once:
+            await asyncio.to_thread(Path(f"{refuse}.once").touch)
+        await asyncio.to_thread(refuse.touch)
 
-    async with remote_site("haproxy", tmp_path, refuse=refuse) as site:
-        state, steps, events, reports = await release_under_probes(site, "2.0", refuse_at_the_swap)
-        group = make_balancer(site.topology)
-        try:
-            view = await group.read()  # refuses if the instances disagree
-        finally:
-            await group.close()
-    assert state == J.FAILED, why(events)
+    return refuse_there
+
+
+async def group_view(site: RemoteSite) -> PoolView:
+    group = make_balancer(site.topology)
+    try:
+        return await group.read()  # refuses if the instances disagree
+    finally:
+        await group.close()
+
+
+def swap_failure(steps: list[J.StepRow]) -> str:
     failed = {s.step_id: s.detail or "" for s in steps if s.state == J.STEP_FAILED}
     assert list(failed) == ["drain-b"], failed
-    detail = failed["drain-b"]
-    assert "lb2" in detail and "rejected the new config" in detail, detail
+    return failed["drain-b"]
+
+
+def still_b_live(view: PoolView) -> bool:
+    clusters = {c: cluster_admission(view, c) for c in ("a", "b")}
+    return clusters == {"a": Admission.OUT, "b": Admission.LIVE}
+
+
+async def test_an_instance_whose_check_refuses_changes_no_instance(tmp_path: Path) -> None:
+    """lb2's check refuses the swap: the group's check before any change finds
+    it, so lb1 never changes either; both agree (b live, a out), nobody noticed."""
+    refuse = tmp_path / "refuse-lb2"
+    async with remote_site("haproxy", tmp_path, refuse=refuse) as site:
+        during = refusal_at_the_swap(refuse, once=False)
+        state, steps, events, reports = await release_under_probes(site, "2.0", during)
+        view = await group_view(site)
+    assert state == J.FAILED, why(events)
+    detail = swap_failure(steps)
+    assert "refused by 1 of 2 balancers before any changed" in detail, detail
+    assert "no instance was changed" in detail, detail
+    assert f"haproxy on root@{ADDRESSES[1]}:" in detail and "rejected the new config" in detail
     assert f"refused: {refuse} exists" in detail, detail
-    assert f"on root@{ADDRESSES[1]}:" in detail, detail
-    assert "every instance was put back as it was" in detail, detail
-    assert {c: cluster_admission(view, c) for c in ("a", "b")} == {
-        "a": Admission.OUT,
-        "b": Admission.LIVE,
-    }
+    assert still_b_live(view)
     assert_no_user_noticed(reports)
+
+
+async def test_an_instance_refusing_mid_apply_is_undone_on_the_others(tmp_path: Path) -> None:
+    """lb2 passes the group's check, then refuses the change itself: lb1, changed
+    already, is put back; both agree (b live, a out) and no request failed. The
+    users who began a session on a in that moment are moved back to b (cut)."""
+    refuse = tmp_path / "refuse-lb2"
+    async with remote_site("haproxy", tmp_path, refuse=refuse) as site:
+        during = refusal_at_the_swap(refuse, once=True)
+        state, steps, events, reports = await release_under_probes(site, "2.0", during)
+        view = await group_view(site)
+    assert state == J.FAILED, why(events)
+    swap_failure(steps)
+    # The first attempt changed lb1 and was undone; the engine's retries were then
+    # refused by the group's check, before any change.
+    first = next(e.message for e in events if e.kind == "warn" and "balancer change" in e.message)
+    assert "the change failed on 1 of 2 balancers (lb2: " in first, first
+    assert f"refused: {refuse} exists" in first, first
+    assert "every instance was put back as it was" in first, first
+    assert still_b_live(view)
+    for report in reports:
+        assert report.failed == 0, (report.failure_examples, report.failure_log)
+        assert report.session_breaks == 0
 
 
 async def test_an_instance_whose_sshd_stops_fails_the_change_and_the_site_serves_on(
@@ -282,11 +333,7 @@ async def test_an_instance_whose_sshd_stops_fails_the_change_and_the_site_serves
         lb1 = await site.balancers[0].driver.read()
         assert stopped.is_set()
     assert state == J.FAILED, why(events)
-    failed = {s.step_id: s.detail or "" for s in steps if s.state == J.STEP_FAILED}
-    assert list(failed) == ["drain-b"], failed
-    assert "lb2" in failed["drain-b"] and ADDRESSES[1] in failed["drain-b"], failed
-    assert {c: cluster_admission(lb1, c) for c in ("a", "b")} == {
-        "a": Admission.OUT,
-        "b": Admission.LIVE,
-    }
+    detail = swap_failure(steps)
+    assert "lb2" in detail and ADDRESSES[1] in detail, detail
+    assert still_b_live(lb1)
     assert_no_user_noticed(reports)

@@ -203,6 +203,16 @@ class ConfiguredBalancer(ABC):
         target.update({name: Admission(adm) for name, adm in desired.items()})
         return target
 
+    async def prepare(self, desired: Mapping[str, Admission]) -> None:
+        """Have the product check the config `apply(desired)` would install, and
+        install nothing: a group asks every instance first, so one that would
+        refuse the change refuses it before any instance has changed."""
+        async with self._lock:
+            current = await self.read()
+            text = self.render(self._file_admissions(self._target(current, desired)))
+            if text != await self.config.read():
+                await self.config.check(text)
+
     async def apply(self, desired: Mapping[str, Admission]) -> PoolView:
         async with self._lock:
             current = await self.read()
