@@ -263,6 +263,17 @@ def refusal_at_the_swap(
     return refuse_there
 
 
+async def refused_release(
+    refuse: Path, *, once: bool
+) -> tuple[str, list[J.StepRow], list[Event], list[ProbeReport], PoolView]:
+    """A release through two HAProxy instances whose lb2 refuses from the swap on
+    (`refusal_at_the_swap`), under the probes; and the group's view after it."""
+    async with remote_site("haproxy", refuse.parent, refuse=refuse) as site:
+        during = refusal_at_the_swap(refuse, once=once)
+        state, steps, events, reports = await release_under_probes(site, "2.0", during)
+        return state, steps, events, reports, await group_view(site)
+
+
 async def group_view(site: RemoteSite) -> PoolView:
     group = make_balancer(site.topology)
     try:
@@ -286,10 +297,7 @@ async def test_an_instance_whose_check_refuses_changes_no_instance(tmp_path: Pat
     """lb2's check refuses the swap: the group's check before any change finds
     it, so lb1 never changes either; both agree (b live, a out), nobody noticed."""
     refuse = tmp_path / "refuse-lb2"
-    async with remote_site("haproxy", tmp_path, refuse=refuse) as site:
-        during = refusal_at_the_swap(refuse, once=False)
-        state, steps, events, reports = await release_under_probes(site, "2.0", during)
-        view = await group_view(site)
+    state, steps, events, reports, view = await refused_release(refuse, once=False)
     assert state == J.FAILED, why(events)
     detail = swap_failure(steps)
     assert "refused by 1 of 2 balancers before any changed" in detail, detail
@@ -305,10 +313,7 @@ async def test_an_instance_refusing_mid_apply_is_undone_on_the_others(tmp_path: 
     already, is put back; both agree (b live, a out) and no request failed. The
     users who began a session on a in that moment are moved back to b (cut)."""
     refuse = tmp_path / "refuse-lb2"
-    async with remote_site("haproxy", tmp_path, refuse=refuse) as site:
-        during = refusal_at_the_swap(refuse, once=True)
-        state, steps, events, reports = await release_under_probes(site, "2.0", during)
-        view = await group_view(site)
+    state, steps, events, reports, view = await refused_release(refuse, once=True)
     assert state == J.FAILED, why(events)
     swap_failure(steps)
     # The first attempt changed lb1 and was undone; the engine's retries were then
