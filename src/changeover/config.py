@@ -254,6 +254,31 @@ class BalancerInstance(_Model):
     # Private directory for the instance's pid, logs and sockets (relative to the
     # config file); default: the distribution's standard locations.
     run_dir: str | None = None
+    # apache/haproxy/nginx on another host, reached over SSH with [executor.ssh]'s
+    # settings (known_hosts, key, strict host keys); ssh_port/ssh_user override them.
+    ssh_host: Annotated[str, AfterValidator(check_host)] | None = None
+    ssh_port: Port | None = None
+    ssh_user: str | None = None
+    # The address this instance's listeners bind instead of balancer.listen's host
+    # (public, admin, redirect and QA ports): the host's own address.
+    bind_host: Annotated[str, AfterValidator(check_host)] | None = None
+
+    @model_validator(mode="after")
+    def _remote_paths(self) -> BalancerInstance:
+        if self.ssh_host is None:
+            for key in ("ssh_port", "ssh_user"):
+                if getattr(self, key) is not None:
+                    raise KeyedError(key, "needs ssh_host (the host reached over SSH)")
+            return self
+        for key in ("config_path", "run_dir", "state_dir", "state_file"):
+            value = getattr(self, key)
+            if value is not None and not value.startswith("/"):
+                raise KeyedError(
+                    key,
+                    f"must be an absolute path on {self.ssh_host} (the instance is "
+                    f"reached over SSH, nothing is relative to this file there), got {value!r}",
+                )
+        return self
 
 
 # TLS 1.2 suites with forward secrecy and AEAD only (Mozilla's "intermediate"
@@ -338,6 +363,13 @@ class Balancer(_Model):
             )
         if not self.member_tls and (self.member_ca or self.member_tls_name):
             raise ValueError("member_ca and member_tls_name need member_tls = true")
+        remote = [n for n, i in enumerate(self.instances) if i.ssh_host]
+        if self.driver == "builtin" and remote:
+            raise KeyedError(
+                f"instances[{remote[0]}].ssh_host",
+                "is for the haproxy, apache and nginx drivers (the builtin balancer "
+                "is reached by its admin_url)",
+            )
         seen: set[str] = set()
         for host in self.tls_hosts:
             for name in host.names:

@@ -6,14 +6,16 @@ from __future__ import annotations
 import asyncio
 import shlex
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import pytest
 import trustme
 
 from changeover import journal as J
+from changeover.balancers.base import Balancer
 from changeover.balancers.factory import DRIVERS
 from changeover.balancers.process import ConfiguredBalancer
 from changeover.checks import Checker
@@ -43,6 +45,7 @@ from tests.integration.realbalancers import (
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
 RATE = 300.0
+T = TypeVar("T")
 
 
 def release_site(product: str, root: Path) -> dict[str, Any]:
@@ -88,6 +91,33 @@ async def run_on_members(topology: Topology, action: str, version: str = "") -> 
     await asyncio.gather(
         *(one(render_argv(template, member_values(c, m, version))) for c, m in topology.members())
     )
+
+
+async def release_with(
+    topology: Topology,
+    balancer: Balancer,
+    version: str,
+    events: list[Event],
+    during: Coroutine[Any, Any, T] | None = None,
+) -> tuple[str, list[J.StepRow], T | None]:
+    """The engine releases `version` through `balancer` (closed after) with the
+    real executor, checks and journal; `during` runs beside it, its result returned."""
+    journal = open_journal(topology)
+    executor = make_executor(topology)
+    try:
+        checker = Checker(topology)
+        database = SiteDatabase(topology, checker)
+        ports = Ports(balancer, executor, checker, database, journal, SystemClock())
+        engine = Engine(topology, ports, on_event=events.append)
+        release_id = await engine.begin(version)
+        side = asyncio.create_task(during) if during is not None else None
+        state = await engine.run(release_id)
+        result = await side if side is not None else None
+        return state, journal.steps(release_id), result
+    finally:
+        await balancer.close()
+        await executor.close()
+        journal.close()
 
 
 async def members_up(topology: Topology) -> bool:
@@ -173,35 +203,15 @@ async def test_full_release_under_probe_has_zero_downtime(
             ) as probe:  # fmt: skip
                 await asyncio.sleep(1.0)  # sticky sessions form before the release
                 driver = DRIVERS[product](topology, instance, run_dir=tmp_path / "lb1")
-                journal = open_journal(topology)
-                executor = make_executor(topology)
-                try:
-                    checker = Checker(topology)
-                    ports = Ports(
-                        driver,
-                        executor,
-                        checker,
-                        SiteDatabase(topology, checker),
-                        journal,
-                        SystemClock(),
-                    )
-                    engine = Engine(topology, ports, on_event=events.append)
-                    release_id = await engine.begin("2.0")
-                    running = asyncio.create_task(engine.run(release_id))
-                    if renew:
-                        assert isinstance(driver, ConfiguredBalancer)
-                        renewed = await renew_mid_release(driver, events, ca, pair)
-                    state = await running
-                    steps = journal.steps(release_id)
-                finally:
-                    await driver.close()
-                    await executor.close()
-                    journal.close()
+                assert isinstance(driver, ConfiguredBalancer)
+                renewal = renew_mid_release(driver, events, ca, pair) if renew else None
+                state, steps, renewed = await release_with(topology, driver, "2.0", events, renewal)
                 await asyncio.sleep(1.0)  # traffic after the release counts too
                 report = await finish_probe(probe)
             final = await real.driver.read()
             served = await versions_served(topology)
             if renew:
+                assert renewed is not None
                 assert await served_certificate(topology, ca) == renewed.der
     finally:
         await run_on_members(topology, "stop")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from changeover.balancers.base import BalancerError
+from changeover.balancers.host import LocalHost
 from changeover.balancers.nginx import canonical, cluster_flags, flag_admission, write_flags
 from changeover.model import Admission
 
@@ -50,39 +51,40 @@ def test_what_nginx_read_back_maps_to_an_admission() -> None:
         flag_admission("a", 1, 0)
 
 
-def recorded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every create (+name) and remove (-name) write_flags makes, in order."""
-    log: list[str] = []
-    touch, unlink = Path.touch, Path.unlink
+class RecordingHost(LocalHost):
+    """This machine, logging every create (+name) and remove (-name), in order."""
 
-    def on_touch(path: Path, *args: object, **kwargs: object) -> None:
-        log.append(f"+{path.name}")
-        touch(path, *args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self) -> None:
+        self.log: list[str] = []
 
-    def on_unlink(path: Path, missing_ok: bool = False) -> None:
-        log.append(f"-{path.name}")
-        unlink(path, missing_ok=missing_ok)
+    async def replace(self, path: str, text: str) -> None:
+        self.log.append(f"+{Path(path).name}")
+        await super().replace(path, text)
 
-    monkeypatch.setattr(Path, "touch", on_touch)
-    monkeypatch.setattr(Path, "unlink", on_unlink)
-    return log
+    async def remove(self, path: str) -> None:
+        self.log.append(f"-{Path(path).name}")
+        await super().remove(path)
 
 
-def test_files_change_so_a_cluster_never_takes_new_sessions_it_would_not_keep(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def names(directory: Path) -> list[str]:
+    return [p.name for p in directory.iterdir()]
+
+
+async def test_files_change_so_a_cluster_never_takes_new_sessions_it_would_not_keep(
+    tmp_path: Path,
 ) -> None:
-    log = recorded(monkeypatch)
-    write_flags(tmp_path, [("a", OUT)])
-    assert log == ["+a.no-new", "+a.out"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.no-new", "a.out"]
-    log.clear()
-    write_flags(tmp_path, [("a", LIVE)])
-    assert log == ["-a.out", "-a.no-new"]
-    assert list(tmp_path.iterdir()) == []
-    log.clear()
-    write_flags(tmp_path, [("b", LIVE), ("a", DRAINING)])
-    assert log == ["-b.out", "-b.no-new", "+a.no-new", "-a.out"]
-    assert [p.name for p in tmp_path.iterdir()] == ["a.no-new"]
+    host = RecordingHost()
+    await write_flags(host, str(tmp_path), [("a", OUT)])
+    assert host.log == ["+a.no-new", "+a.out"]
+    assert sorted(names(tmp_path)) == ["a.no-new", "a.out"]
+    host.log.clear()
+    await write_flags(host, str(tmp_path), [("a", LIVE)])
+    assert host.log == ["-a.out", "-a.no-new"]
+    assert names(tmp_path) == []
+    host.log.clear()
+    await write_flags(host, str(tmp_path), [("b", LIVE), ("a", DRAINING)])
+    assert host.log == ["-b.out", "-b.no-new", "+a.no-new", "-a.out"]
+    assert names(tmp_path) == ["a.no-new"]
 
 
 def test_canonical_leaves_whole_clusters_to_the_flags() -> None:

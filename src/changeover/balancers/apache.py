@@ -21,6 +21,7 @@ import aiohttp
 
 from changeover.balancers.base import BalancerError
 from changeover.balancers.process import ConfiguredBalancer, ordered_changes
+from changeover.balancers.render import bound
 from changeover.balancers.sessions import LazySession
 from changeover.model import REACH, Admission, MemberState, PoolView
 from changeover.polling import poll_until
@@ -103,30 +104,39 @@ class ApacheBalancer(ConfiguredBalancer):
     def manager_url(self) -> str:
         if self.instance.manager_url:
             return self.instance.manager_url
-        return self.topology.balancer.admin_listen.url() + "/balancer-manager"
+        return bound(self.topology.balancer.admin_listen, self.instance).url() + "/balancer-manager"
 
     @functools.cached_property
     def _client(self) -> LazySession:
         return LazySession(
-            lambda: aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
-                # The manager only honours requests that come "from itself".
-                headers={"Referer": self.manager_url},
-            )
+            lambda: aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
         )
+
+    async def _reachable(self, url: str) -> str:
+        """`url` as this process reaches it (a port forward for a remote instance)."""
+        return await self.host.reachable_url(url)
+
+    async def _referer(self) -> dict[str, str]:
+        """The manager answers (in full) and honours only requests that come "from
+        itself": the Referer names the manager's URL as the request reaches it."""
+        return {"Referer": await self._reachable(self.manager_url)}
 
     async def close(self) -> None:
         await self._client.close()
+        await super().close()
 
     async def _get(self, url: str) -> str:
         try:
-            async with self._client().get(url) as resp:
+            target, headers = await self._reachable(url), await self._referer()
+            async with self._client().get(target, headers=headers) as resp:
                 body = await resp.text()
                 if resp.status != 200:
                     raise BalancerError(f"{self.name}: GET {url}: HTTP {resp.status}")
                 return body
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise BalancerError(f"{self.name}: cannot reach {url}: {exc!r}") from None
+            raise BalancerError(
+                f"{self.name}: cannot reach {url}{self.host.where}: {exc!r}"
+            ) from None
 
     async def manager(self) -> ManagerState:
         return parse_manager_xml(await self._get(self.manager_url + "?xml=1"))
@@ -162,6 +172,7 @@ class ApacheBalancer(ConfiguredBalancer):
             return
         state = await self.manager()
         routes = {m.name: m.route_id for _, m in self.topology.members()}
+        url, headers = await self._reachable(self.manager_url), await self._referer()
         # One member per POST: the manager has no batch; order keeps the pool non-empty.
         for name, admission in changes:
             worker = state.workers[LIVE_BALANCER, routes[name]]
@@ -172,7 +183,7 @@ class ApacheBalancer(ConfiguredBalancer):
                 **manager_form(admission),
             }
             try:
-                async with self._client().post(self.manager_url, data=form) as resp:
+                async with self._client().post(url, data=form, headers=headers) as resp:
                     await resp.read()
                     if resp.status != 200:
                         raise BalancerError(

@@ -1,8 +1,11 @@
 """Several balancer instances (an LB tier behind DNS, say) changed as one.
 
-`apply` goes to every instance at once; if any instance fails, every instance is
-put back to the admissions it had before, and the error names what failed and
-whether putting back worked. `read` refuses to merge instances that disagree:
+`apply` first has every instance that can check a change (the config-driven
+drivers: the product's own check of the config it would install) check it, so
+an instance that would refuse refuses before any has changed; then it goes to
+every instance at once; if any instance fails, every instance is put back to
+the admissions it had before, and the error names what failed and whether
+putting back worked. `read` refuses to merge instances that disagree:
 a pool view that is true for one instance and false for another would mislead
 the interlocks; applying the desired admissions again brings them together.
 """
@@ -11,9 +14,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
+from typing import Protocol, runtime_checkable
 
 from changeover.balancers.base import Balancer, BalancerError, fills_of
 from changeover.model import COUNTERS, Admission, MemberState, PoolView, differs, total
+
+
+@runtime_checkable
+class Preparing(Protocol):
+    """A balancer that can check a change without making it (`ConfiguredBalancer`)."""
+
+    async def prepare(self, desired: Mapping[str, Admission]) -> None: ...
 
 
 class BalancerGroup:
@@ -66,8 +77,26 @@ class BalancerGroup:
             )
         )
 
+    async def _prepare_all(self, desired: Mapping[str, Admission]) -> None:
+        """Every instance that can check a change first (the config-driven ones run
+        their product's check) checks this one; any refusal changes nothing anywhere."""
+        results = await asyncio.gather(
+            *(b.prepare(desired) for b in self.instances if isinstance(b, Preparing)),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, Exception):
+                raise result
+        refused = [str(r) for r in results if isinstance(r, Exception)]
+        if refused:
+            raise BalancerError(
+                f"the change was refused by {len(refused)} of {len(self.instances)} balancers "
+                f"before any changed ({'; '.join(refused)}); no instance was changed"
+            )
+
     async def apply(self, desired: Mapping[str, Admission]) -> PoolView:
         before = await self._read_all()
+        await self._prepare_all(desired)
         results = await asyncio.gather(
             *(b.apply(desired) for b in self.instances), return_exceptions=True
         )

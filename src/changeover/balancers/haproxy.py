@@ -123,11 +123,13 @@ class HAProxyBalancer(ConfiguredBalancer):
         """One runtime API request (commands may be joined with ';'), its whole answer."""
         try:
             async with asyncio.timeout(self.timeout):
+                # On a remote instance, through the SSH connection (streamlocal or
+                # a direct TCP channel): the socket stays private to its host.
                 if self.socket.startswith("/"):
-                    reader, writer = await asyncio.open_unix_connection(self.socket)
+                    reader, writer = await self.host.open_unix(self.socket)
                 else:
                     host, port = parse_hostport(self.socket)
-                    reader, writer = await asyncio.open_connection(host, port)
+                    reader, writer = await self.host.open_tcp(host, port)
                 try:
                     writer.write(line.encode() + b"\n")
                     await writer.drain()
@@ -135,9 +137,10 @@ class HAProxyBalancer(ConfiguredBalancer):
                     return (await reader.read()).decode(errors="replace")
                 finally:
                     writer.close()
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, BalancerError) as exc:
             raise BalancerError(
-                f"{self.name}: cannot reach the HAProxy stats socket {self.socket}: {exc}"
+                f"{self.name}: cannot reach the HAProxy stats socket {self.socket}"
+                f"{self.host.where}: {exc}"
             ) from None
 
     async def read(self) -> PoolView:
@@ -200,7 +203,7 @@ class HAProxyBalancer(ConfiguredBalancer):
         # Management Guide, "server-state-file": save the running state just before
         # the reload; the new process loads it (load-server-state-from-file).
         saved = await self.command("show servers state")
-        await asyncio.to_thread(self.state_file.write_text, saved)
+        await self.host.replace(str(self.state_file), saved)
         old_pid = await self._worker_pid()
         await self.config.reload()
 

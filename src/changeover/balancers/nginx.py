@@ -35,8 +35,9 @@ from typing import ClassVar
 import aiohttp
 
 from changeover.balancers.base import BalancerError, Counter
+from changeover.balancers.host import Host
 from changeover.balancers.process import ConfiguredBalancer, ordered_changes
-from changeover.balancers.render import runtime_paths
+from changeover.balancers.render import bound, runtime_paths
 from changeover.balancers.sessions import LazySession
 from changeover.model import REACH, Admission, MemberState, PoolView, admission_reaching
 from changeover.polling import poll_until
@@ -99,10 +100,9 @@ def flag_admission(cluster: str, new: int, sticky: int) -> Admission:
     )
 
 
-def write_flags(state_dir: Path, changes: list[tuple[str, Admission]]) -> None:
-    """Create and remove flag files, each step atomic, in an order that never
-    leaves a cluster taking new sessions but refusing their sticky requests."""
-    state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+async def write_flags(host: Host, state_dir: str, changes: list[tuple[str, Admission]]) -> None:
+    """Create and remove flag files on `host`, each step atomic, in an order that
+    never leaves a cluster taking new sessions but refusing their sticky requests."""
     for cluster, admission in changes:
         # `.no-new` is there when the cluster takes no new sessions, `.out` when
         # it takes no sticky requests either.
@@ -110,11 +110,11 @@ def write_flags(state_dir: Path, changes: list[tuple[str, Admission]]) -> None:
         steps = [(f"{cluster}.no-new", no_new), (f"{cluster}.out", out)]
         # Narrowing: .no-new first; widening: .out goes first.
         for name, present in steps if no_new else reversed(steps):
-            path = state_dir / name
+            path = f"{state_dir.rstrip('/')}/{name}"
             if present:
-                path.touch(mode=0o644)
+                await host.replace(path, "")
             else:
-                path.unlink(missing_ok=True)
+                await host.remove(path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +202,7 @@ class NginxBalancer(ConfiguredBalancer):
     def control_url(self) -> str:
         if self.instance.admin_url:
             return self.instance.admin_url.rstrip("/")
-        return self.topology.balancer.admin_listen.url()
+        return bound(self.topology.balancer.admin_listen, self.instance).url()
 
     @property
     def state_dir(self) -> Path:
@@ -231,11 +231,17 @@ class NginxBalancer(ConfiguredBalancer):
     async def close(self) -> None:
         await self._client.close()
         await self._health_client.close()
+        await super().close()
+
+    async def _reachable(self, path: str) -> str:
+        """The control listener's `path` as this process reaches it (through the
+        SSH connection's port forward for a remote instance)."""
+        return await self.host.reachable_url(self.control_url) + path
 
     async def _state(self) -> NginxState:
         url = f"{self.control_url}/changeover/state"
         try:
-            async with self._client().get(url) as resp:
+            async with self._client().get(await self._reachable("/changeover/state")) as resp:
                 if resp.status != 200:
                     raise BalancerError(f"{self.name}: GET {url}: HTTP {resp.status}")
                 data = json.loads(await resp.text())
@@ -247,18 +253,20 @@ class NginxBalancer(ConfiguredBalancer):
                 },
             )
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
-            raise BalancerError(f"{self.name}: cannot read nginx state at {url}: {exc!r}") from None
+            raise BalancerError(
+                f"{self.name}: cannot read nginx state at {url}{self.host.where}: {exc!r}"
+            ) from None
         self._loaded = state
         return state
 
     async def _healthy(self, member: str) -> bool:
         """nginx's own view: can it reach the member's health URL right now?"""
         try:
-            url = f"{self.control_url}/changeover/health/{member}"
+            url = await self._reachable(f"/changeover/health/{member}")
             async with self._health_client().get(url) as resp:
                 await resp.read()
                 return 200 <= resp.status < 400
-        except (aiohttp.ClientError, TimeoutError):
+        except (aiohttp.ClientError, TimeoutError, BalancerError):
             return False
 
     def _view(self, state: NginxState, health: Mapping[str, bool]) -> PoolView:
@@ -302,17 +310,18 @@ class NginxBalancer(ConfiguredBalancer):
         self, before: Mapping[str, Admission], after: Mapping[str, Admission]
     ) -> None:
         try:
-            await asyncio.to_thread(write_flags, self.state_dir, ordered_changes(before, after))
-        except OSError as exc:
+            await write_flags(self.host, str(self.state_dir), ordered_changes(before, after))
+        except (OSError, BalancerError) as exc:
             raise BalancerError(
-                f"{self.name}: cannot write nginx's admission files in {self.state_dir}: {exc}"
+                f"{self.name}: cannot write nginx's admission files in {self.state_dir}"
+                f"{self.host.where}: {exc}"
             ) from None
         try:
             await self._until(lambda state: state.flags == dict(after), "read the new files")
         except BalancerError as exc:
             # Files nginx cannot see must not take effect later, when it can.
-            with contextlib.suppress(OSError):
-                await asyncio.to_thread(write_flags, self.state_dir, ordered_changes(after, before))
+            with contextlib.suppress(OSError, BalancerError):
+                await write_flags(self.host, str(self.state_dir), ordered_changes(after, before))
             raise BalancerError(
                 f"{exc}\nnginx does not see the admission files in {self.state_dir}: its worker "
                 f"processes must be able to search every directory of that path.\n"
@@ -339,9 +348,11 @@ class NginxBalancer(ConfiguredBalancer):
             raise BalancerError(f"{self.name}: nginx did not {what} within {self.timeout:g}s")
 
     async def _log_tail(self, lines: int = 5) -> str:
-        path = Path(runtime_paths("nginx", self.options)["error_log"])
+        path = runtime_paths("nginx", self.options)["error_log"]
         try:
-            text = await asyncio.to_thread(path.read_text, errors="replace")
-        except OSError as exc:
-            return f"(cannot read {path}: {exc.strerror})"
+            text = await self.host.read_text(path)
+        except (OSError, BalancerError) as exc:
+            return f"(cannot read {path}: {exc})"
+        if text is None:
+            return f"(no {path})"
         return "\n".join(text.splitlines()[-lines:]) or "(empty)"

@@ -1,10 +1,10 @@
 """What the config-driven drivers (HAProxy, Apache httpd, nginx) share.
 
-- `run_command`: a check or reload command as an asyncio subprocess, with a timeout.
-- `ConfigFile`: the rendered config on disk; a candidate is checked by the
-  product's own checker (`haproxy -c`, `apache2 -t`, `nginx -t`) before it
-  replaces the file, so a config the product rejects is never installed nor
-  reloaded, and the error carries the product's own message.
+- `ConfigFile`: the rendered config on its host (`host.py`: here or over SSH);
+  a candidate is checked by the product's own checker (`haproxy -c`,
+  `apache2 -t`, `nginx -t`) there before it replaces the file, so a config
+  the product rejects is never installed nor reloaded, and the error carries
+  the product's own message.
 - `converge`: read back until the balancer shows the desired admissions, so a
   change that silently did nothing is an error, not a success.
 - `ConfiguredBalancer`: the apply skeleton built from those three; each driver
@@ -15,62 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 from changeover.balancers.base import BalancerError, Counter
+from changeover.balancers.host import Host, LocalHost, host_for
 from changeover.balancers.render import Product, RenderError, RenderOptions, render
 from changeover.config import BalancerInstance, Topology
 from changeover.model import REACH, Admission, PoolView, differs
 from changeover.polling import poll_until
-
-
-@dataclass(frozen=True, slots=True)
-class CommandOutput:
-    argv: tuple[str, ...]
-    returncode: int
-    stdout: str
-    stderr: str
-
-    @property
-    def ok(self) -> bool:
-        return self.returncode == 0
-
-    def message(self) -> str:
-        """What the program said, stderr first (where the products put errors)."""
-        text = "\n".join(part.strip() for part in (self.stderr, self.stdout) if part.strip())
-        return text or f"exit status {self.returncode}"
-
-
-async def run_command(argv: Sequence[str], *, timeout: float = 30.0) -> CommandOutput:
-    """Run `argv` (no shell) and capture its output; BalancerError if it cannot run."""
-    if not argv:
-        raise BalancerError("empty command")
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-    except OSError as exc:
-        raise BalancerError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise BalancerError(f"{' '.join(argv)} did not finish within {timeout:g}s") from None
-    return CommandOutput(
-        tuple(argv),
-        proc.returncode if proc.returncode is not None else -1,
-        out.decode(errors="replace"),
-        err.decode(errors="replace"),
-    )
 
 
 def substitute(argv: Sequence[str], config: Path) -> list[str]:
@@ -79,7 +34,7 @@ def substitute(argv: Sequence[str], config: Path) -> list[str]:
 
 
 class ConfigFile:
-    """A rendered config on disk, replaced only by candidates the product accepts."""
+    """A rendered config on its host, replaced only by candidates the product accepts."""
 
     def __init__(
         self,
@@ -89,39 +44,33 @@ class ConfigFile:
         check: Sequence[str],
         reload: Sequence[str],
         timeout: float = 30.0,
+        host: Host | None = None,
     ) -> None:
         self.path = path
         self.product = product
         self.check_argv = list(check)
         self.reload_argv = list(reload)
         self.timeout = timeout
+        self.host: Host = host or LocalHost()
 
     async def read(self) -> str | None:
-        try:
-            return await asyncio.to_thread(self.path.read_text)
-        except FileNotFoundError:
-            return None
-
-    async def _write(self, path: Path, text: str) -> None:
-        def write() -> None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-
-        await asyncio.to_thread(write)
+        return await self.host.read_text(str(self.path))
 
     async def check(self, text: str) -> None:
         """Raise BalancerError with the product's message unless it accepts `text`."""
         candidate = self.path.with_name(f".{self.path.name}.changeover-check")
-        await self._write(candidate, text)
+        await self.host.replace(str(candidate), text)
         try:
-            result = await run_command(substitute(self.check_argv, candidate), timeout=self.timeout)
+            result = await self.host.run(
+                substitute(self.check_argv, candidate), timeout=self.timeout
+            )
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                await asyncio.to_thread(candidate.unlink)
+            with contextlib.suppress(BalancerError):
+                await self.host.remove(str(candidate))
         if not result.ok:
             raise BalancerError(
-                f"{self.product} rejected the new config (nothing installed, nothing "
-                f"reloaded; the running {self.product} is untouched):\n{result.message()}"
+                f"{self.product}{self.host.where} rejected the new config (nothing installed, "
+                f"nothing reloaded; the running {self.product} is untouched):\n{result.message()}"
             )
 
     async def install(self, text: str) -> str | None:
@@ -130,25 +79,22 @@ class ConfigFile:
         if previous == text:
             return previous
         await self.check(text)
-        temporary = self.path.with_name(f".{self.path.name}.changeover-new")
-        await self._write(temporary, text)
-        await asyncio.to_thread(os.replace, temporary, self.path)
+        await self.host.replace(str(self.path), text)
         return previous
 
     async def restore(self, previous: str | None) -> None:
         """Put back what `install` replaced (the product accepted it before)."""
         if previous is None:
-            with contextlib.suppress(FileNotFoundError):
-                await asyncio.to_thread(self.path.unlink)
-            return
-        temporary = self.path.with_name(f".{self.path.name}.changeover-new")
-        await self._write(temporary, previous)
-        await asyncio.to_thread(os.replace, temporary, self.path)
+            await self.host.remove(str(self.path))
+        else:
+            await self.host.replace(str(self.path), previous)
 
     async def reload(self) -> None:
-        result = await run_command(substitute(self.reload_argv, self.path), timeout=self.timeout)
+        result = await self.host.run(substitute(self.reload_argv, self.path), timeout=self.timeout)
         if not result.ok:
-            raise BalancerError(f"{self.product} reload failed: {result.message()}")
+            raise BalancerError(
+                f"{self.product}{self.host.where} reload failed: {result.message()}"
+            )
 
 
 async def converge(
@@ -213,12 +159,14 @@ class ConfiguredBalancer(ABC):
             instance=self.instance, run_dir=run_dir, template_dir=template_dir
         )
         path = Path(self.instance.config_path or self.default_config)
+        self.host = host_for(topology, self.instance)
         self.config = ConfigFile(
             path,
             product=self.product,
             check=self.instance.check_command or self.default_check,
             reload=self.instance.reload_command or self.default_reload,
             timeout=max(timeout, 30.0),
+            host=self.host,
         )
         # One change at a time per instance: a read-modify-write of the whole config.
         self._lock = asyncio.Lock()
@@ -233,8 +181,9 @@ class ConfiguredBalancer(ABC):
     async def _enact(self, current: PoolView, target: Mapping[str, Admission]) -> None:
         """Make the running balancer serve `target` (the installed file already does)."""
 
-    async def close(self) -> None:  # noqa: B027 - drivers without connections keep this
-        """Release connections; drivers that hold none need nothing."""
+    async def close(self) -> None:
+        """Release connections (the SSH connection to a remote instance's host)."""
+        await self.host.close()
 
     # --- shared ----------------------------------------------------------------
 
@@ -253,6 +202,16 @@ class ConfiguredBalancer(ABC):
         target = {name: Admission(adm) for name, adm in current.admissions().items()}
         target.update({name: Admission(adm) for name, adm in desired.items()})
         return target
+
+    async def prepare(self, desired: Mapping[str, Admission]) -> None:
+        """Have the product check the config `apply(desired)` would install, and
+        install nothing: a group asks every instance first, so one that would
+        refuse the change refuses it before any instance has changed."""
+        async with self._lock:
+            current = await self.read()
+            text = self.render(self._file_admissions(self._target(current, desired)))
+            if text != await self.config.read():
+                await self.config.check(text)
 
     async def apply(self, desired: Mapping[str, Admission]) -> PoolView:
         async with self._lock:

@@ -96,6 +96,13 @@ class RenderOptions:
         return str((self.run_dir / name).resolve())
 
 
+def bound(listen: Listen, instance: BalancerInstance | None) -> Listen:
+    """`listen` on the instance's own `bind_host` when it names one."""
+    if instance is None or instance.bind_host is None:
+        return listen
+    return listen.model_copy(update={"host": instance.bind_host})
+
+
 def runtime_paths(product: Product, options: RenderOptions) -> dict[str, str]:
     """The files a product's process uses (pid, logs, sockets), as rendered."""
     paths = {key: options.path(product, key) for key in _SYSTEM_PATHS[product]}
@@ -216,10 +223,10 @@ def _context(
     return {
         "site": topology.site.name,
         "product": product,
-        "listen": lb.listen,
-        "admin": lb.admin_listen,
+        "listen": bound(lb.listen, options.instance),
+        "admin": bound(lb.admin_listen, options.instance),
         "tls": tls,
-        "redirect": lb.redirect_listen,
+        "redirect": lb.redirect_listen and bound(lb.redirect_listen, options.instance),
         "member_tls": member_tls,
         "sticky_cookie": lb.sticky_cookie,
         # HAProxy's stick table forgets a session this long after its last request.

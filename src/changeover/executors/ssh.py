@@ -204,6 +204,20 @@ class SshExecutor:
 
         return cls(ssh, known_hosts=resolve(ssh.known_hosts), key_file=resolve(ssh.key_file))
 
+    @property
+    def known_hosts_path(self) -> Path:
+        return self._known_hosts_path
+
+    @property
+    def key_path(self) -> Path | None:
+        return self._key_path
+
+    async def connection(self, host: str) -> asyncssh.SSHClientConnection:
+        """The pooled connection to `host`, opened (or reopened) on demand; SshError
+        if it cannot be reached. For other users of the same settings (a balancer
+        instance on that host)."""
+        return await self._pooled(host, self._settings.port, self._settings.user)
+
     # --- the Executor protocol ---------------------------------------------
 
     async def run(
@@ -374,16 +388,18 @@ class SshExecutor:
 
     def _key(self, member: Member) -> str:
         """The pooled connection a member uses: one per host, port and user."""
-        host, port, user = self._login(member)
-        return f"{user or ''}@{host}:{port}"
+        return _login_key(*self._login(member))
 
     async def _connection(self, member: Member) -> asyncssh.SSHClientConnection:
-        key = self._key(member)
+        return await self._pooled(*self._login(member))
+
+    async def _pooled(self, host: str, port: int, user: str | None) -> asyncssh.SSHClientConnection:
+        key = _login_key(host, port, user)
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
             conn = self._conns.get(key)
             if conn is None or conn.is_closed():
-                conn = await self._connect(*self._login(member))
+                conn = await self._connect(host, port, user)
                 self._conns[key] = conn
             return conn
 
@@ -484,6 +500,10 @@ class SshExecutor:
             f"unknown host key for {label}: no entry in {self._known_hosts_path}; refusing to "
             f"connect (add it with `ssh-keyscan -p {port} {host}` after verifying the fingerprint)"
         )
+
+
+def _login_key(host: str, port: int, user: str | None) -> str:
+    return f"{user or ''}@{host}:{port}"
 
 
 async def _closed(conn: asyncssh.SSHClientConnection) -> None:
