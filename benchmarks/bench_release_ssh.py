@@ -60,6 +60,7 @@ class Figures:
     parts: dict[str, dict[str, float]]  # cluster -> drain, stop, deploy, start, health, smoke
     steps: dict[str, float]  # step id -> seconds in the journal
     journaled: float  # the release's own start to finish in the journal
+    members: int  # in the whole site
     engine_cpu: float = 0.0  # CPU seconds of this process (the engine) during the release
 
     @property
@@ -112,7 +113,12 @@ def figures(label: str, site: DemoSite, release_id: int, wall: float, real_app: 
         parts[c] = part
     assert row.state == J.DONE and row.finished is not None, row.error
     return Figures(
-        label, wall, parts, {sid: took(sid) for sid in steps}, row.finished - row.started
+        label,
+        wall,
+        parts,
+        {sid: took(sid) for sid in steps},
+        row.finished - row.started,
+        sum(len(c.members) for c in site.topo.clusters),
     )
 
 
@@ -225,6 +231,11 @@ def report(f: Figures) -> None:
     )
     for cluster, part in f.parts.items():
         print(f"  {cluster}: " + ", ".join(f"{k} {v:.2f}" for k, v in part.items()))
+    members = f.members
+    print(
+        f"  engine CPU per member per step: {1000 * f.engine_cpu / (members * len(f.steps)):.2f} ms"
+        f" ({members} members, {len(f.steps)} steps)"
+    )
     overhead = {
         sid: secs
         for sid, secs in f.steps.items()
