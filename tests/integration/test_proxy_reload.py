@@ -100,7 +100,7 @@ async def reload_by_signal(site: Site) -> dict[str, Any]:
 
     async def reported() -> bool:
         now = await reloads(site)
-        return bool(now["reloads"] > before["reloads"] or now["at"] != before["at"])
+        return bool(now["attempts"] > before["attempts"])  # done or refused
 
     await wait_until(reported, timeout=30, what="the reload to be reported")
     return await reloads(site)

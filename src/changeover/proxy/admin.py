@@ -175,7 +175,7 @@ def build_app(
             return web.json_response(body, status=400)
 
     async def get_reload(_: web.Request) -> web.Response:
-        return web.json_response(status() if status else {"reloads": 0, "ok": None})
+        return web.json_response(status() if status else {"reloads": 0, "attempts": 0, "ok": None})
 
     def lock_view() -> web.Response:
         now, current = time.monotonic(), held[0]

@@ -505,7 +505,10 @@ class Master:
             self.lease[0] = Lease(str(held["owner"]), str(held["holder"]), float(held["expires"]))
         self.current: Generation | None = None
         self.alive: dict[BaseProcess, tuple[Generation, int]] = {}
-        self.status: dict[str, Any] = {"reloads": 0, "ok": None, "error": None, "at": None}
+        # reloads: those done; attempts: those tried, refused ones included.
+        self.status: dict[str, Any] = {
+            "reloads": 0, "attempts": 0, "ok": None, "error": None, "at": None,
+        }  # fmt: skip
         self.reloading = asyncio.Lock()
         self.handed_over = False
         self.tasks: set[asyncio.Future[None]] = set()
@@ -729,17 +732,16 @@ class Master:
             if self.stop.is_set():
                 raise ReloadError("the balancer is stopping")
             when = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+            tried = {"reloads": self.status["reloads"], "attempts": self.status["attempts"] + 1}
             try:
                 changes = await self._reload()
             except ReloadError as exc:
                 message = _one_line(str(exc))
-                self.status = {
-                    "reloads": self.status["reloads"], "ok": False, "error": message, "at": when,
-                }  # fmt: skip
+                self.status = tried | {"ok": False, "error": message, "at": when}
                 log.error("reload failed, the old topology still serves: %s", message)
                 raise ReloadError(message) from None
-            self.status = {
-                "reloads": self.status["reloads"] + 1, "ok": True, "error": None, "at": when,
+            self.status = tried | {
+                "reloads": tried["reloads"] + 1, "ok": True, "error": None, "at": when,
                 "members": changes,
             }  # fmt: skip
             return self.reload_status()
