@@ -184,8 +184,9 @@ async def test_group_of_two_stays_consistent_when_the_second_fails(
             with pytest.raises(BalancerError) as info:
                 await group.apply(cluster(OUT, "a"))
             message = str(info.value)
-            assert "failed on 1 of 2" in message and "put back as it was" in message
-            assert "rejected the new config" in message
+            # Every instance checks the change first: lb2's refusal changes none.
+            assert "refused by 1 of 2 balancers before any changed" in message, message
+            assert "no instance was changed" in message and "rejected the new config" in message
             everyone_live = cluster(LIVE, "a") | cluster(LIVE, "b")
             assert (await lb1.driver.read()).admissions() == everyone_live
             assert (await lb2.driver.read()).admissions() == everyone_live
