@@ -11,20 +11,33 @@ import pytest
 
 from tests import reaper
 
+_session: list[pytest.Session] = []
+
 
 def _cancelled(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+    reason = f"signal {signal.Signals(signum).name}"
+    # A test can turn the interrupt into its own failure (its cleanup raises
+    # instead, or asyncio's runner cancels the test's task, which then fails):
+    # the run still stops after that test instead of going on to the next.
+    for session in _session:
+        session.shouldstop = reason
+    raise KeyboardInterrupt(reason)
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # SIGTERM (a CI job cancelled, `timeout`, `kill`) unwinds like Ctrl-C, so
-    # every fixture's teardown stops the balancers, members, probes and
-    # servers it started instead of leaving them running.
+    # SIGTERM (a CI job cancelled, `timeout`, `kill`) and SIGINT unwind like
+    # Ctrl-C, so every fixture's teardown stops the balancers, members, probes
+    # and servers it started instead of leaving them running.
     signal.signal(signal.SIGTERM, _cancelled)
+    signal.signal(signal.SIGINT, _cancelled)
     # What a teardown cut short still leaves (a member whose `changeover`
     # parent died) is re-parented here and swept at the end.
     reaper.become_subreaper()
     atexit.register(_sweep_at_exit)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _session.append(session)
 
 
 def _sweep_at_exit() -> None:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import psutil
 
 from tests import reaper
+
+REPO = Path(__file__).resolve().parents[2]
 
 # A child that starts a long sleeper in its own session and exits at once:
 # the sleeper is orphaned, as a demo member is when its `changeover` dies.
@@ -30,3 +36,65 @@ def test_an_orphaned_grandchild_is_adopted_and_stopped() -> None:
     finally:
         if psutil.pid_exists(orphan):
             psutil.Process(orphan).kill()
+
+
+# The first test turns the interrupt into a failure of its own, as a test whose
+# cleanup raises does; the second must never start.
+CANCELLED_RUN = """
+import pathlib, subprocess, sys, time
+
+HERE = pathlib.Path(__file__).parent
+
+def test_first():
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    (HERE / "sleeper").write_text(str(sleeper.pid))
+    try:
+        time.sleep(60)
+    except BaseException:
+        raise AssertionError("the test's own cleanup failed")
+
+def test_second():
+    (HERE / "second-ran").touch()
+"""
+
+
+def test_a_cancelled_run_stops_after_the_test_it_interrupted_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "test_cancelled.py").write_text(CANCELLED_RUN)
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    argv = [
+        "-p",
+        "tests.conftest",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "-c",
+        str(tmp_path / "pytest.ini"),
+    ]
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pytest", *argv, str(tmp_path)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    marker = tmp_path / "sleeper"
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists() or not marker.read_text():
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()[0]
+            time.sleep(0.05)  # polling a file another process writes: nothing to await
+        run.send_signal(signal.SIGTERM)
+        out, _ = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    sleeper = int(marker.read_text())
+    assert run.returncode != 0, out
+    assert "the test's own cleanup failed" in out, out
+    assert not (tmp_path / "second-ran").exists(), out
+    assert (
+        not psutil.pid_exists(sleeper) or psutil.Process(sleeper).status() == psutil.STATUS_ZOMBIE
+    )
