@@ -1,4 +1,4 @@
-"""Balancer instances on other hosts: two HAProxy (or two nginx) instances, each
+"""Balancer instances on other hosts: two HAProxy (or Apache, or nginx) instances, each
 behind its own real sshd on its own loopback address, changed as one group
 through SSH (config by SFTP, the check and the reload run there, the runtime
 API through the connection), a whole release under two probes (one per
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shlex
 import shutil
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -23,8 +24,9 @@ from typing import Any
 import pytest
 
 from changeover import journal as J
-from changeover.balancers.factory import make_balancer
+from changeover.balancers.factory import DRIVERS, make_balancer
 from changeover.balancers.group import BalancerGroup
+from changeover.balancers.process import ConfiguredBalancer
 from changeover.config import BalancerInstance, Topology
 from changeover.engine import Event
 from changeover.model import Admission, PoolView, cluster_admission
@@ -70,6 +72,27 @@ REFUSING = (
 )
 
 
+# Every instance's check, on its host: the server address of the SSH connection
+# it runs under (the third word of $SSH_CONNECTION; "none" outside SSH) appended
+# to $1, then the product's own check.
+WITNESSED = 'printf "%s\\n" "${SSH_CONNECTION:-none}" >> "$1"; shift; exec "$@"'
+CHECKS_LOG = "checks.log"
+
+
+def product_check(product: str, instance: dict[str, Any]) -> list[str]:
+    """The check command `instance` of `product` would run: its own, else the driver's."""
+    driver = DRIVERS[product]
+    assert isinstance(driver, type) and issubclass(driver, ConfiguredBalancer), driver
+    return list(instance.get("check_command") or driver.default_check)
+
+
+def checked_on(run_dir: Path) -> list[str]:
+    """The server address of each check the instance of `run_dir` ran, in order."""
+    log = run_dir / CHECKS_LOG
+    lines = log.read_text().splitlines() if log.exists() else []
+    return [(line.split() + ["none"] * 3)[2] for line in lines]
+
+
 @dataclass
 class RemoteSite:
     data: dict[str, Any]
@@ -105,7 +128,12 @@ def instance_data(product: str, root: Path, index: int, server: SshdServer) -> d
     run_dir = root / f"lb{index + 1}"
     state_dir = searchable_dir("changeover-remote-state-") if product == "nginx" else None
     data = instance_for(product, run_dir, f"lb{index + 1}", state_dir=state_dir)
+    witness = ["sh", "-c", WITNESSED, "witness", str(run_dir / CHECKS_LOG)]
+    data["check_command"] = [*witness, *product_check(product, data)]
     return data | {
+        # Its pid file, logs and runtime files (Apache's ServerRoot and shared
+        # memory) on "its host", as the instance was started with.
+        "run_dir": str(run_dir),
         "ssh_host": ADDRESSES[index],
         "ssh_port": server.port,
         "bind_host": ADDRESSES[index],
@@ -150,7 +178,7 @@ async def remote_site(
         data["balancer"]["admin_listen"] = f"{ADDRESSES[0]}:{admin}"
         instances = [instance_data(product, root, i, s) for i, s in enumerate(servers)]
         if refuse is not None:
-            check = instances[1].get("check_command") or ["haproxy", "-c", "-f", "{config}"]
+            check = product_check(product, instances[1])
             instances[1]["check_command"] = ["sh", "-c", REFUSING, "check", str(refuse), *check]
         data["balancer"]["instances"] = instances
         data["executor"]["ssh"] = {
@@ -228,16 +256,31 @@ async def step_started(events: list[Event], step_id: str) -> None:
     await wait_until(started, timeout=120, what=f"step {step_id}")
 
 
-@pytest.mark.parametrize("product", ["haproxy", "nginx"])
+@pytest.mark.parametrize("product", ["haproxy", "apache", "nginx"])
 async def test_release_through_two_instances_on_other_hosts(product: str, tmp_path: Path) -> None:
+    run_dirs = [tmp_path / f"lb{i + 1}" for i in range(2)]
     async with remote_site(product, tmp_path) as site:
         before = [s.accepted() for s in site.servers]
+        checks_before = [len(checked_on(d)) for d in run_dirs]
         state, steps, events, reports = await release_under_probes(site, "2.0")
         assert state == J.DONE, why(events)
         views = [await real.driver.read() for real in site.balancers]
         served = await versions_served(site.topology)
         accepted = [s.accepted() - b for s, b in zip(site.servers, before, strict=True)]
+        configs = [(d / f"{product}.conf").read_text() for d in run_dirs]
     assert all(s.state == J.STEP_DONE for s in steps)
+    # Every check ran on the instance's own host, under its own sshd; HAProxy's
+    # and Apache's files carry every admission, so each change was checked there
+    # and installed there (renamed over the file: no temporary left beside it).
+    # nginx changes whole clusters by its flag files, without a new config.
+    for index, run_dir in enumerate(run_dirs):
+        seen = checked_on(run_dir)
+        assert seen and set(seen) == {ADDRESSES[index]}, seen
+        assert not list(run_dir.glob(f".{product}.conf.changeover-*"))
+        if product != "nginx":
+            assert len(seen) > checks_before[index], seen
+            admissions = dict.fromkeys((m.name for _, m in site.topology.members()), "live")
+            assert f"Admissions: {json.dumps(admissions, separators=(',', ':'))}" in configs[index]
     assert_no_user_noticed(reports)
     for report in reports:  # each instance served both versions: the release went through it
         assert set(report.versions_seen) == {"1.0", "2.0"}
