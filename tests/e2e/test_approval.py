@@ -14,6 +14,7 @@ from changeover import journal as J
 from changeover.config import load
 from changeover.demo.scenario import DemoOptions, DemoSite
 from changeover.journal import Journal
+from changeover.releases import operator
 from changeover.runtime import open_journal
 from tests.e2e import support as S
 from tests.helpers import wait_until
@@ -123,6 +124,43 @@ async def test_abort_while_awaiting_approval_stops_at_a_safe_point_and_resumes(
     code, text = await cli(site, "status", "--json")
     assert json.loads(text)["warning"] is None
     assert {m["admission"] for m in json.loads(text)["pool"]} == {"live"}
+
+
+async def test_an_approval_given_after_the_release_was_killed_survives_its_resume(
+    site: DemoSite,
+) -> None:
+    """The release process is killed while a waits for approval; `approve` while
+    nothing runs; the `resume` that takes the release over keeps that approval
+    and waits for b's only."""
+    killed = await S.start_cli(site, "release", "2.0")
+    try:
+        await awaiting(site, "approve-a")
+    finally:
+        if killed.returncode is None:
+            killed.kill()
+        out = await killed.stdout.read() if killed.stdout else b""
+        await killed.wait()
+    assert killed.returncode == -9, out.decode(errors="replace")
+    code, text = await cli(site, "approve")
+    assert code == 0 and "approved approve-a of release #1" in text, text
+    resumed = await S.start_cli(site, "resume")
+    try:
+        await awaiting(site, "approve-b")
+        code, text = await cli(site, "approve")
+        assert code == 0 and "approved approve-b of release #1" in text, text
+        done = await S.finish(resumed)
+    finally:
+        if resumed.returncode is None:
+            resumed.kill()
+            await resumed.wait()
+    assert done.code == 0, done.output
+    journal = open_journal(site.topo)
+    messages = [e.message for e in journal.events(1)]
+    kept = next(i for i, m in enumerate(messages) if m.startswith("kept the approval of approve-a"))
+    assert not [m for m in messages[kept:] if m.startswith("awaiting approval of a")], messages
+    details = {s.step_id: s.detail for s in journal.steps(1)}
+    assert details["approve-a"] == details["approve-b"] == f"approved by {operator()}"
+    assert set((await S.versions_by_member(site)).values()) == {"2.0"}
 
 
 async def test_rollback_after_an_abort_returns_to_the_version_it_replaced(
