@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shlex
 import shutil
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
@@ -33,7 +32,6 @@ from changeover.model import Admission, PoolView, cluster_admission
 from changeover.probe import ProbeReport
 from tests.helpers import wait_until
 from tests.integration.realbalancers import (
-    NICE,
     RealBalancer,
     finish_probe,
     instance_for,
@@ -51,6 +49,7 @@ from tests.integration.test_driver_release import (
     release_site,
     release_with,
     run_on_members,
+    under_load,
     versions_served,
 )
 
@@ -161,17 +160,9 @@ async def remote_site(
         key = root / "id_ed25519"
         shutil.copy(first.key_file, key)
         key.chmod(0o600)
-        data = release_site(product, root)
-        # Two balancers check the members: on a loaded 2-core box one slow answer
-        # must not take a member down (the probe would see 503s the release did
-        # not cause).
-        data["balancer"]["health"] |= {"timeout": "2s", "fall": 3}
-        data["policy"]["health_timeout"] = "90s"  # a member's boot, on that box
-        # The members run at this test's priority, not below it: here the SSH
-        # handshakes and sessions (sshd and the engine) come in bursts, and members
-        # below them in priority would be starved into timeouts by each one.
-        nice = shlex.join(NICE) + " "
-        data["release"] = {k: v.replace(nice, "", 1) for k, v in data["release"].items()}
+        # Two balancers check the members, SSH handshakes and sessions (sshd and
+        # the engine) come in bursts: members must not be starved into timeouts.
+        data = under_load(release_site(product, root))
         listen = data["balancer"]["listen"].rsplit(":", 1)[1]
         admin = data["balancer"]["admin_listen"].rsplit(":", 1)[1]
         data["balancer"]["listen"] = f"{ADDRESSES[0]}:{listen}"
