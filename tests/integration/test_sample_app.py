@@ -141,6 +141,27 @@ async def test_sigterm_finishes_the_request_in_flight_and_exits_zero() -> None:
         assert await asyncio.wait_for(app.proc.wait(), timeout=10) == 0
 
 
+async def test_the_websocket_echoes_and_gets_1001_at_sigterm() -> None:
+    """GET /ws echoes text and binary as they came, its 101 names the member and
+    version; at SIGTERM the app closes it with 1001 (going away) and exits 0."""
+    async with (
+        running_app(member="a2", version="v3") as app,
+        aiohttp.ClientSession() as http,
+        http.ws_connect(app.url + "/ws") as ws,
+    ):
+        handshake = ws._response  # aiohttp keeps the 101's headers only here
+        assert handshake.headers["X-Changeover-Member"] == "a2"
+        assert handshake.headers["X-Changeover-Version"] == "v3"
+        await ws.send_str("u1 m1")
+        assert await ws.receive_str(timeout=5) == "u1 m1"
+        await ws.send_bytes(b"\x00\xff" * 4000)
+        assert await ws.receive_bytes(timeout=5) == b"\x00\xff" * 4000
+        app.proc.send_signal(signal.SIGTERM)
+        closing = await ws.receive(timeout=10)
+        assert (closing.type, closing.data) == (aiohttp.WSMsgType.CLOSE, 1001)
+        assert await asyncio.wait_for(app.proc.wait(), timeout=10) == 0
+
+
 async def _refused(port: int) -> bool:
     return not await port_open(port)
 

@@ -17,6 +17,10 @@
   running that version), as a release that goes bad in production.
   GET /slow?ms=N: sends the headers at once and the body after N ms (at most
   30000), for drain tests.
+- GET /ws: a WebSocket that sends every text and binary message back as it
+  came (its 101 names the member and version like any response), open until
+  the client closes it; at SIGTERM the app closes every one still open with
+  code 1001 (going away), as an app server does at undeploy.
 - With --db (a postgresql:// URL or a SQLite file path), GET /db returns
   {"version", "users": [{"id", "name", "email"}]} read from the users table,
   or 500 with the database's error (e.g. after a migration dropped a column).
@@ -41,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvloop
-from aiohttp import web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 log = logging.getLogger("changeover.demo.app")
 
@@ -60,6 +64,7 @@ class AppState:
     sessions: dict[str, int] = field(default_factory=dict)  # insertion order: oldest first
     shutting_down: bool = False
     fault_dir: Path | None = None
+    sockets: set[web.WebSocketResponse] = field(default_factory=set)  # open WebSockets
     db: str | None = None  # a postgresql:// URL or a SQLite file path
 
     def fault(self, name: str) -> str | None:
@@ -142,6 +147,31 @@ async def slow(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def echo(request: web.Request) -> web.WebSocketResponse:
+    """Every text or binary message back as it came, until the client closes."""
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    sockets = request.app[STATE].sockets
+    sockets.add(ws)
+    try:
+        async for message in ws:
+            if message.type is WSMsgType.TEXT:
+                await ws.send_str(message.data)
+            elif message.type is WSMsgType.BINARY:
+                await ws.send_bytes(message.data)
+    finally:
+        sockets.discard(ws)
+    return ws
+
+
+async def _close_sockets(app: web.Application) -> None:
+    """At shutdown: every open WebSocket gets 1001 (going away)."""
+    sockets = list(app[STATE].sockets)
+    await asyncio.gather(
+        *(ws.close(code=WSCloseCode.GOING_AWAY, message=b"shutting down") for ws in sockets)
+    )
+
+
 async def _identify(request: web.Request, response: web.StreamResponse) -> None:
     # on_response_prepare also covers errors raised by the router (404, 405).
     state = request.app[STATE]
@@ -199,11 +229,13 @@ def build_app(
     app = web.Application()
     app[STATE] = AppState(member=member, route=route, version=version, fault_dir=fault_dir, db=db)
     app.on_response_prepare.append(_identify)
+    app.on_shutdown.append(_close_sockets)
     app.router.add_get("/", index)
     app.router.add_get("/health", health)
     app.router.add_get("/version", version_text)
     app.router.add_get("/slow", slow)
     app.router.add_get("/fail", fail)
+    app.router.add_get("/ws", echo)
     if db is not None:
         app.router.add_get("/db", users)
     return app
