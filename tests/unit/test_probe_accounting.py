@@ -1,4 +1,5 @@
-"""The probe's accounting on synthetic sequences: percentiles, timeline, breaks, flaps."""
+"""The probe's accounting on synthetic sequences: percentiles, timeline, breaks, flaps,
+and what its WebSocket users count (closes, reconnects, the busiest second)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ from changeover.probe.accounting import (
     BreakLedger,
     LatencyHistogram,
     Move,
+    PeakRate,
     SessionLengths,
     Sessions,
     Timeline,
+    WebSocketLedger,
     move_is_break,
+    ws_close_failure,
 )
 
 LIVE, DRAINING, OUT = Admission.LIVE, Admission.DRAINING, Admission.OUT
@@ -206,3 +210,80 @@ def test_responses_without_headers_are_not_tracked() -> None:
     s.served(0, None, "a1", "v1", 0.0, 0.0)
     assert s.served(0, "a1", None, None, 1.0, 1.1) is None  # e.g. a balancer's own 503
     assert s.users[0].member == "a1" and s.users[0].version == "v1"
+
+
+# --- WebSocket users ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [
+        (1001, None),  # going away: the balancer at a drain, an app server at undeploy
+        (1000, "close_code"),  # a normal closure by the server is not what a drain sends
+        (1006, "close_code"),  # a code no close frame may carry is still not 1001
+        (1011, "close_code"),
+        (None, "no_close_frame"),  # closed or reset without a close frame
+    ],
+)
+def test_only_a_1001_close_is_normal(code: int | None, kind: str | None) -> None:
+    assert ws_close_failure(code) == kind
+
+
+def most_in_a_window_by_brute_force(times: list[float], width: float) -> int:
+    return max((sum(1 for u in times if t - width < u <= t) for t in times), default=0)
+
+
+@given(st.lists(st.floats(min_value=0, max_value=20, allow_nan=False), max_size=200))
+def test_peak_rate_is_the_most_events_in_any_window(times: list[float]) -> None:
+    times.sort()
+    peak = PeakRate(1.0)
+    for t in times:
+        peak.record(t)
+    assert peak.peak == most_in_a_window_by_brute_force(times, 1.0)
+    assert peak.count == len(times)
+
+
+def test_peak_rate_counts_a_burst_across_a_second_boundary_and_forgets_old_events() -> None:
+    peak = PeakRate(1.0)
+    for t in (0.5, 0.625, 0.75, 1.125, 1.25, 1.375):  # 3 in each calendar second, 6 in 0.875 s
+        peak.record(t)
+    assert peak.peak == 6
+    peak.record(2.375)  # 1.375 is exactly 1 s before: not in (1.375, 2.375]
+    assert peak.peak == 6 and len(peak._recent) == 1
+    with pytest.raises(ValueError, match="backwards"):
+        peak.record(2.0)
+    with pytest.raises(ValueError, match="positive"):
+        PeakRate(0)
+
+
+def test_closes_spread_over_three_seconds_peak_at_the_configured_share() -> None:
+    """200 reconnects evenly over 3 s, as the balancer spreads its 1001s: no
+    second holds more than ceil(200 / 3); the same 200 at once hold all 200."""
+    spread = PeakRate(1.0)
+    for i in range(200):
+        spread.record(3.0 * i / 200)
+    assert spread.peak == math.ceil(200 / 3)
+    burst = PeakRate(1.0)
+    for _ in range(200):
+        burst.record(5.0)
+    assert burst.peak == 200
+
+
+def test_a_reconnect_is_the_first_open_after_a_1001() -> None:
+    ws = WebSocketLedger(users=3)
+    for user in range(3):
+        ws.open(user, at=0.0)  # first connections: not reconnects
+    ws.echo()
+    ws.going_away(0, "a1")
+    ws.open(0, at=1.0)  # straight back: a reconnect
+    ws.going_away(1, "a2")
+    ws.failed("handshake")  # the first attempt failed: abnormal, not excused
+    ws.open(1, at=1.5)  # the next one opened: still one reconnect, timed here
+    ws.failed("echo_timeout")  # user 2: abnormal, and its next open is no reconnect
+    ws.open(2, at=2.0)
+    ws.going_away(2, None)  # the member was not told by the handshake
+    assert ws.opened == 6 and ws.echoed == 1
+    assert ws.normal == {"a1": 1, "a2": 1, "?": 1}
+    assert ws.abnormal == {"handshake": 1, "echo_timeout": 1}
+    assert ws.reconnects.count == 2 and ws.reconnects.peak == 2
+    assert ws.waiting_to_reconnect == 1  # user 2, closed with 1001, not back yet

@@ -246,3 +246,83 @@ class Sessions:
                 history.versions.append(version)
             history.version = version
         return move
+
+
+# --- WebSocket users ---------------------------------------------------------------
+
+GOING_AWAY = 1001  # RFC 6455 7.4.1: the balancer ending a tunnel at a drain
+
+
+def ws_close_failure(code: int | None) -> str | None:
+    """How a WebSocket that the far end closed counts: None for a normal close
+    (a close frame with 1001, going away: the balancer ending its tunnels at a
+    drain, or an app server at undeploy), else its abnormal kind: `close_code`
+    for a close frame with any other code, `no_close_frame` for a connection that
+    ended without one (1006: closed or reset under the user)."""
+    if code is None:
+        return "no_close_frame"
+    return None if code == GOING_AWAY else "close_code"
+
+
+class PeakRate:
+    """The most events within any `width` seconds (a sliding window, so two
+    halves of a burst straddling a second boundary still count together),
+    keeping only the events of the last window. Times must not go backwards."""
+
+    def __init__(self, width: float = 1.0) -> None:
+        if not width > 0:
+            raise ValueError("the window must be positive")
+        self.width = width
+        self._recent: deque[float] = deque()
+        self.count = 0
+        self.peak = 0
+
+    def record(self, t: float) -> None:
+        recent = self._recent
+        if recent and t < recent[-1]:
+            raise ValueError(f"time went backwards: {t} after {recent[-1]}")
+        recent.append(t)
+        while recent[0] <= t - self.width:  # the window is (t - width, t]
+            recent.popleft()
+        self.count += 1
+        self.peak = max(self.peak, len(recent))
+
+
+class WebSocketLedger:
+    """What the probe's WebSocket users went through.
+
+    A user's connection ends normally (`going_away`: a 1001 close) or abnormally
+    (`failed`: any other end, a failed handshake included); the first connection
+    a user opens after a normal close is a reconnect, timed when it opened, even
+    when failed attempts came between (those are counted as abnormal). Times
+    are passed in and must not go backwards."""
+
+    def __init__(self, users: int, window: float = 1.0) -> None:
+        self.users = users
+        self.opened = 0  # connections opened, reconnects included
+        self.echoed = 0  # messages whose echo came back as sent
+        self.normal: Counter[str] = Counter()  # 1001 closes, by the member that was closed
+        self.abnormal: Counter[str] = Counter()  # by kind
+        self.reconnects = PeakRate(window)
+        self._going_away = [False] * users  # closed with 1001, not reconnected yet
+
+    def open(self, user: int, at: float) -> None:
+        self.opened += 1
+        if self._going_away[user]:
+            self._going_away[user] = False
+            self.reconnects.record(at)
+
+    def echo(self) -> None:
+        self.echoed += 1
+
+    def going_away(self, user: int, member: str | None) -> None:
+        self.normal[member or "?"] += 1
+        self._going_away[user] = True
+
+    def failed(self, kind: str) -> None:
+        self.abnormal[kind] += 1
+
+    @property
+    def waiting_to_reconnect(self) -> int:
+        """Users closed with 1001 that have not opened a connection since."""
+        return sum(self._going_away)
