@@ -428,6 +428,12 @@ RateOpt = Annotated[
 UsersOpt = Annotated[
     int, typer.Option(min=1, max=1_000_000, help="Probe virtual users keeping cookies.")
 ]
+WsUsersOpt = Annotated[
+    int,
+    typer.Option(
+        min=0, max=100_000, help="Probe WebSocket users, each holding a WebSocket that echoes."
+    ),
+]
 
 
 @app.command()
@@ -468,12 +474,22 @@ def probe(
         float, typer.Option(help="Seconds a user stays on average (exponential).")
     ] = 3.0,
     session_max: Annotated[float, typer.Option(help="Seconds a user stays at most.")] = 10.0,
+    ws_users: WsUsersOpt = 0,
+    ws_path: Annotated[
+        str, typer.Option(help="The WebSocket users' echo endpoint on the same host.")
+    ] = "/ws",
+    ws_interval: Annotated[
+        float,
+        typer.Option(callback=_positive, help="Seconds between two messages of a WebSocket user."),
+    ] = 1.0,
 ) -> None:
     """Send traffic at a fixed rate with sticky users, who think sticky_users/rate
-    seconds between requests and leave after a while; report failures, latency,
-    broken and cut sessions and version flaps (exit 1 on any)."""
+    seconds between requests and leave after a while, and WebSocket users who
+    echo a message every --ws-interval (a 1001 close is normal: they reconnect);
+    report failures, latency, broken and cut sessions, version flaps, abnormal
+    WebSocket closes and reconnects (exit 1 on any failure)."""
     from changeover.commands.output import out
-    from changeover.probe import SessionLengths, main_cli
+    from changeover.probe import SessionLengths, WebSocketOptions, main_cli
 
     if watch_admin and watch_config:
         raise typer.BadParameter("give --watch-admin or --watch-config, not both")
@@ -500,6 +516,7 @@ def probe(
             watch_config=watch_config,
             ca_file=ca_file,
             sessions=sessions,
+            websockets=WebSocketOptions(ws_users, ws_path, ws_interval),
         )
     )
 
@@ -511,6 +528,7 @@ def demo(
     ] = 3,
     rate: RateOpt = 200.0,
     sticky_users: UsersOpt = 40,
+    ws_users: WsUsersOpt = 0,
     workers: WorkersOpt = 1,
     keep: Annotated[bool, typer.Option(help="Keep the temporary directory.")] = False,
 ) -> None:
@@ -524,6 +542,7 @@ def demo(
         members_per_cluster=members_per_cluster,
         rate=rate,
         sticky_users=sticky_users,
+        ws_users=ws_users,
         workers=workers,
         keep=keep,
     )

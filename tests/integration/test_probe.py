@@ -1,24 +1,29 @@
-"""The probe against real sample apps on loopback: rate, failures, moves, breaks, flaps."""
+"""The probe against real sample apps on loopback: rate, failures, moves, breaks, flaps;
+its WebSocket users through the real balancer and against servers that misbehave."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
+import pytest
 import trustme
-from aiohttp import web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from changeover.demo.app import STATE, AppState, build_app
 from changeover.model import Admission, MemberState, PoolView
 from changeover.probe import AdmissionWatcher, ProbeReport, SessionLengths, run_probe
 from tests.certs import ca_file, issue, server_context
 from tests.helpers import free_port, wait_until
+from tests.integration.proxy_fixtures import FakeMember, balancer_site, members
 from tests.integration.test_sample_app import running_app
 
 HOST = "127.0.0.1"
@@ -181,10 +186,16 @@ async def test_probe_process_stops_on_sigterm_and_prints_its_json_report() -> No
                 "--json",
                 f"--watch-admin=http://{HOST}:{admin_port}",
                 "--token-env=PROBE_TEST_TOKEN",
+                "--ws-users=5",
+                "--ws-interval=0.1",
                 env={**os.environ, "PROBE_TEST_TOKEN": token},
                 stdout=asyncio.subprocess.PIPE,
             )
-            await wait_until(lambda: served(state) >= 50 and len(reads) >= 3, what="traffic")
+
+            def talking() -> bool:
+                return served(state) >= 50 and len(reads) >= 3 and len(state.sockets) == 5
+
+            await wait_until(talking, what="traffic and 5 WebSockets")
             proc.send_signal(signal.SIGTERM)
             out, _ = await asyncio.wait_for(proc.communicate(), timeout=15)
     finally:
@@ -196,6 +207,10 @@ async def test_probe_process_stops_on_sigterm_and_prints_its_json_report() -> No
     assert report.watched and report.admission_reads >= 3
     assert report.admission_read_failures == 0
     assert set(reads) == {f"Bearer {token}"}
+    # The sample app's /ws echoed; the probe closed its WebSockets itself at the end.
+    assert (report.ws_users, report.ws_opened, report.ws_interval) == (5, 5, 0.1)
+    assert report.ws_echoed >= 5 and report.ws_abnormal_closes == {}
+    assert report.ws_normal_closes == {} and report.ws_reconnects == 0
 
 
 async def test_the_probe_command_trusts_a_private_ca_only_when_told(tmp_path: Path) -> None:
@@ -225,3 +240,148 @@ async def test_the_probe_command_trusts_a_private_ca_only_when_told(tmp_path: Pa
     assert code == 0 and report.ok == report.sent == 50, report.failures
     code, report = runs[False]
     assert code == 1 and report.ok == 0 and report.sent == 50, report.failures
+
+
+# --- WebSocket users -------------------------------------------------------------------
+
+
+def add_exact_echo(member: FakeMember, app: web.Application) -> None:
+    """GET /ws on a fake member: echoes as it came, its 101 naming the member."""
+
+    async def echo(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        ws.headers["X-Changeover-Member"] = member.name
+        await ws.prepare(request)
+        async for message in ws:
+            if message.type is WSMsgType.TEXT:
+                await ws.send_str(message.data)
+        return ws
+
+    app.router.add_get("/ws", echo)
+
+
+async def test_websocket_users_closed_1001_at_out_reconnect_through_the_balancer(
+    tmp_path: Path,
+) -> None:
+    """20 WebSocket users on a1 behind the real balancer; a1 drains (they stay),
+    then goes out: each is closed with 1001, spread over close_spread, and
+    reconnects through the balancer to b1. No abnormal close, and no second
+    holds more than the share the spread allows."""
+    users, spread = 20, 2.0
+    stop = asyncio.Event()
+    async with (
+        members({"a": ["a1"], "b": ["b1"]}, extra_routes=add_exact_echo) as started,
+        balancer_site(tmp_path, started, balancer={"close_spread": f"{spread:g}s"}) as site,
+        aiohttp.ClientSession() as admin,
+    ):
+        await site.admit(admin, b1="out")
+        probe = asyncio.create_task(
+            run_probe(
+                site.public + "/",
+                rate=50,
+                duration=60,
+                sticky_users=5,
+                stop=stop,
+                ws_users=users,
+                ws_interval=0.2,
+            )
+        )
+
+        async def tunnels(**expected: int) -> bool:
+            pool = await site.pool(admin)
+            return all(pool[name]["tunnels"] == n for name, n in expected.items())
+
+        await wait_until(lambda: tunnels(a1=users), timeout=20, what="every user on a1")
+        await site.admit(admin, a1="draining", b1="live")
+        await wait_until(lambda: tunnels(a1=users, b1=0), what="a1's tunnels kept while it drains")
+        await site.admit(admin, a1="out")
+        await wait_until(lambda: tunnels(a1=0, b1=users), timeout=20, what="all moved to b1")
+        stop.set()
+        report = await probe
+    assert report.ws_abnormal_closes == {}, report.failure_examples
+    assert report.ws_normal_closes == {"a1": users}
+    assert report.ws_reconnects == users and report.ws_waiting_to_reconnect == 0
+    assert report.ws_opened == 2 * users
+    assert report.ws_echoed > users
+    # Closes at i * spread / users: ceil(users / spread) in a second; the 0.25 s
+    # margin covers the reconnect's own round trip and scheduling on a busy box.
+    assert report.ws_max_reconnects_per_second <= math.ceil(users * 1.25 / spread)
+    assert report.failed == 0 and report.passed
+
+
+class Misbehaving:
+    """A WebSocket server that ends its connections the way `how` says, after
+    answering the first message properly."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if self.how == "refuse":
+            return web.Response(status=403, text="no")
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        first = await ws.receive()
+        await ws.send_str(first.data)
+        second = await ws.receive()
+        if self.how == "mismatch":
+            await ws.send_str(f"not {second.data}")
+        elif self.how == "drop" and request.transport is not None:
+            request.transport.abort()  # no close frame
+        elif self.how == "close-1011":
+            await ws.close(code=WSCloseCode.INTERNAL_ERROR)
+        elif self.how == "going-away":
+            await ws.close(code=WSCloseCode.GOING_AWAY)
+        # "silent": no answer to the second message
+        async for _ in ws:
+            pass
+        return ws
+
+
+@pytest.mark.parametrize(
+    ("how", "kind"),
+    [
+        ("refuse", "handshake"),
+        ("mismatch", "echo_mismatch"),
+        ("silent", "echo_timeout"),
+        ("drop", "no_close_frame"),
+        ("close-1011", "close_code"),
+        ("going-away", None),  # the one normal end: closed with 1001, then a reconnect
+    ],
+)
+async def test_every_end_of_a_websocket_but_1001_is_abnormal(how: str, kind: str | None) -> None:
+    server = Misbehaving(how)
+    app = web.Application()
+
+    async def ok(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app.router.add_get("/", ok)
+    app.router.add_get("/ws", server.handle)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, HOST, port).start()
+    try:
+        report = await run_probe(
+            f"http://{HOST}:{port}/",
+            rate=20,
+            duration=2,
+            sticky_users=2,
+            timeout=0.3,
+            ws_users=2,
+            ws_interval=0.1,
+        )
+    finally:
+        await runner.cleanup()
+    assert report.failed == 0  # the HTTP users saw nothing wrong
+    if kind is None:
+        assert report.ws_abnormal_closes == {}, report.failure_examples
+        assert report.ws_normal_closes["?"] >= 2  # no member header on this server
+        assert report.ws_reconnects >= 2 and report.passed
+        return
+    assert set(report.ws_abnormal_closes) == {kind}, report.failure_examples
+    assert report.ws_abnormal_closes[kind] >= 2  # each user, and again on each retry
+    assert report.ws_reconnects == 0 and not report.passed
+    assert any(e.startswith(f"ws {kind}: ") for e in report.failure_examples)
+    assert any(f"ws {kind} (" in line for line in report.failure_log)

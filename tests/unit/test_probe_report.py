@@ -62,6 +62,8 @@ def test_from_dict_rejects_what_is_not_a_report() -> None:
         {"sessions_cut": 1},
         {"version_flaps": 1},
         {"sent": 0, "completed": 0, "ok": 0},
+        {"ws_users": 10, "ws_echoed": 50, "ws_abnormal_closes": {"echo_timeout": 1}},
+        {"ws_users": 10, "ws_echoed": 0},  # WebSocket users that never got an echo
     ],
 )
 def test_any_failure_break_flap_or_silence_fails(change: dict[str, object]) -> None:
@@ -99,6 +101,47 @@ def test_render_shows_cut_sessions_and_how_users_behave() -> None:
     assert "5 moved: 1 broken, 4 cut" in text
     assert "130 arrived, 0.25 s between requests, stay 2 s on average, 6 s at most" in text
     assert "FAILED" in text
+
+
+def websocket_report() -> ProbeReport:
+    return replace(
+        sample_report(),
+        ws_users=200,
+        ws_interval=1.0,
+        ws_opened=500,
+        ws_echoed=11000,
+        ws_normal_closes={"a1": 40, "b1": 260},
+        ws_reconnects=300,
+        ws_max_reconnects_per_second=67,
+    )
+
+
+def test_websocket_users_with_only_1001_closes_pass_and_round_trip() -> None:
+    report = websocket_report()
+    assert report.passed and report.ws_normal == 300 and report.ws_abnormal == 0
+    assert ProbeReport.from_dict(json.loads(json.dumps(report.to_dict()))) == report
+    # A report written before WebSocket users existed reads as having none.
+    old = {k: v for k, v in report.to_dict().items() if not k.startswith("ws_")}
+    assert ProbeReport.from_dict(old).ws_users == 0
+
+
+def test_render_shows_the_websocket_figures_and_abnormal_closes_by_kind() -> None:
+    console = Console(record=True, width=160)
+    websocket_report().render(console)
+    text = console.export_text()
+    assert "200 users, a message every 1 s: 11000 echoed, 500 connections opened" in text
+    assert "300 normal (1001): b1 260, a1 40, 0 abnormal" in text
+    assert "300, at most 67 in one second" in text
+    console = Console(record=True, width=160)
+    replace(
+        websocket_report(), ws_abnormal_closes={"no_close_frame": 3}, ws_waiting_to_reconnect=2
+    ).render(console)
+    text = console.export_text()
+    assert "3 abnormal: no_close_frame 3" in text and "FAILED" in text
+    assert "2 not back at the end" in text
+    console = Console(record=True, width=160)
+    sample_report().render(console)  # no WebSocket users: no rows about them
+    assert "websockets" not in console.export_text()
 
 
 def test_failure_kinds() -> None:

@@ -42,6 +42,7 @@ class DemoOptions:
     members_per_cluster: int = 3
     rate: float = 200.0
     sticky_users: int = 40
+    ws_users: int = 0  # the probe's WebSocket users, on the sample app's /ws echo
     from_version: str = "1.0"
     to_version: str = "2.0"
     workers: int = 1
@@ -55,6 +56,8 @@ class DemoOptions:
     # session_idle, so that a drain cuts no session.
     drain_timeout: float = 10.0
     session_idle: float = 2.0
+    # WebSockets still open when a cluster goes out are closed over this long.
+    close_spread: float = 3.0
     # How long the probe's users stay (seconds, mean and maximum): then they leave.
     probe_session_mean: float = 1.0
     probe_session_max: float = 2.0
@@ -140,6 +143,7 @@ def write_topology(root: Path, opts: DemoOptions) -> Path:
         f'admin_listen = "127.0.0.1:{admin}"',
         f'admin_token_env = "{TOKEN_ENV}"',
         f"workers = {opts.workers}",
+        f"close_spread = {opts.close_spread:g}",
         *(
             [
                 f"tls_cert = {_toml_str(str(opts.tls[0]))}",
@@ -344,11 +348,16 @@ class DemoSite:
         await _all_healthy(self.topo, self.root / "apps", 30)
 
     @contextlib.asynccontextmanager
-    async def probe(self, rate: float, sticky_users: int) -> AsyncIterator[ProbeHandle]:
-        """The probe in its own process (its schedule must not share our event loop)."""
+    async def probe(
+        self, rate: float, sticky_users: int, ws_users: int | None = None
+    ) -> AsyncIterator[ProbeHandle]:
+        """The probe in its own process (its schedule must not share our event loop);
+        `ws_users` WebSocket users beside (default: the options')."""
+        ws = self.opts.ws_users if ws_users is None else ws_users
         cmd = [
             sys.executable, "-m", "changeover.probe", self.public_url,
             "--rate", f"{rate:g}", "--duration", "600", "--sticky-users", str(sticky_users),
+            "--ws-users", str(ws),
             "--session-mean", f"{self.opts.probe_session_mean:g}",
             "--session-max", f"{self.opts.probe_session_max:g}",
             "--json", "--watch-admin", self.admin_url, "--token-env", TOKEN_ENV,
@@ -384,7 +393,7 @@ async def run_demo(opts: DemoOptions, console: Console) -> int:
         async with site.running(), site.probe(opts.rate, opts.sticky_users) as probe:
             console.print(
                 f"v{opts.from_version} serving on every member; probe: {opts.rate:g} req/s, "
-                f"{opts.sticky_users} sticky users",
+                f"{opts.sticky_users} sticky users, {opts.ws_users} WebSocket users",
                 highlight=False,
             )
             await asyncio.sleep(1.0)  # let sticky sessions form before the release
@@ -398,7 +407,7 @@ async def run_demo(opts: DemoOptions, console: Console) -> int:
         passed = state == "done" and report.passed
         verdict = (
             "[bold green]zero downtime: no failed request, no broken or cut session, "
-            "no version flap[/]"
+            "no version flap, no WebSocket closed abnormally[/]"
             if passed
             else f"[bold red]FAILED[/]: release {state}, probe "
             + ("passed" if report.passed else "saw failures")

@@ -5,6 +5,7 @@
         [--session-mean S] [--session-max S] [--host-header H] [--timeout T]
         [--insecure | --ca-file PEM]
         [--watch-admin URL [--token-env NAME] | --watch-config FILE]
+        [--ws-users N [--ws-path PATH] [--ws-interval S]]
 
 --watch-admin reads the embedded balancer's admin API; --watch-config reads
 whatever balancer a changeover.toml names (HAProxy, Apache httpd, nginx or the
@@ -16,8 +17,15 @@ Each user thinks sticky_users/rate seconds between requests and stays for a
 length drawn from an exponential distribution with --session-mean seconds, cut
 at --session-max; then it leaves and a new user takes its place.
 
+--ws-users N adds N WebSocket users: each holds a WebSocket to --ws-path (the
+sample app's echo, /ws) on the same host and sends a message every
+--ws-interval seconds, whose echo must come back within --timeout. A close
+with 1001 (going away: the balancer ending its tunnels at a drain) is normal
+and the user reconnects at once; any other end is an abnormal close.
+
 Exit codes: 0 passed; 1 failed (a request failed, a session broke or was cut,
-a user saw a version flap, or nothing was sent); 2 bad usage.
+a user saw a version flap, a WebSocket closed abnormally, or nothing was
+sent); 2 bad usage.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ import os
 import signal
 import ssl
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import uvloop
@@ -47,6 +57,18 @@ DEFAULT_TOKEN_ENV = "CHANGEOVER_ADMIN_TOKEN"
 DEFAULT_SESSIONS = SessionLengths(mean=3.0, maximum=10.0)  # seconds a user stays
 
 
+@dataclass(frozen=True)
+class WebSocketOptions:
+    """The probe's WebSocket users: how many, the echo's path, seconds between messages."""
+
+    users: int = 0
+    path: str = "/ws"
+    interval: float = 1.0
+
+
+NO_WEBSOCKETS = WebSocketOptions()
+
+
 def main_cli(
     url: str,
     rate: float,
@@ -62,6 +84,7 @@ def main_cli(
     watch_config: Path | None = None,
     ca_file: Path | None = None,
     sessions: SessionLengths = DEFAULT_SESSIONS,
+    websockets: WebSocketOptions = NO_WEBSOCKETS,
 ) -> int:
     """Run the probe in a fresh (uvloop) event loop, print the report, return the exit code.
 
@@ -96,6 +119,7 @@ def main_cli(
                 ),
                 reader=reader,
                 sessions=sessions,
+                websockets=websockets,
             )
         )
     if json_out:
@@ -117,6 +141,7 @@ async def _run(
     verify_tls: bool | ssl.SSLContext,
     reader: Balancer | None,
     sessions: SessionLengths,
+    websockets: WebSocketOptions,
 ) -> ProbeReport:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -137,6 +162,9 @@ async def _run(
                 watcher=watcher,
                 verify_tls=verify_tls,
                 sessions=sessions,
+                ws_users=websockets.users,
+                ws_path=websockets.path,
+                ws_interval=websockets.interval,
             )
     finally:
         for sig in signals:
@@ -169,11 +197,14 @@ def _non_negative(text: str) -> float:
     return value
 
 
-def _users(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected at least 1, got {text}")
-    return value
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def count(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected at least {minimum}, got {text}")
+        return value
+
+    return count
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("url")
     parser.add_argument("--rate", type=_positive, default=200.0, help="requests per second")
     parser.add_argument("--duration", type=_non_negative, default=10.0, help="seconds")
-    parser.add_argument("--sticky-users", type=_users, default=100)
+    parser.add_argument("--sticky-users", type=_at_least(1), default=100)
     parser.add_argument("--timeout", type=_positive, default=2.0, help="per request, seconds")
     parser.add_argument(
         "--session-mean",
@@ -199,6 +230,21 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds a user stays at most",
     )
     parser.add_argument("--host-header", help="Host header to send (e.g. a QA host name)")
+    parser.add_argument(
+        "--ws-users",
+        type=_at_least(0),
+        default=0,
+        help="WebSocket users, each echoing a message every --ws-interval (default 0)",
+    )
+    parser.add_argument(
+        "--ws-path", default=NO_WEBSOCKETS.path, help="their echo endpoint (default /ws)"
+    )
+    parser.add_argument(
+        "--ws-interval",
+        type=_positive,
+        default=NO_WEBSOCKETS.interval,
+        help="seconds between two messages of a WebSocket user (default 1)",
+    )
     trust = parser.add_mutually_exclusive_group()
     trust.add_argument("--insecure", action="store_true", help="do not verify TLS certificates")
     trust.add_argument(
@@ -241,4 +287,5 @@ def main(argv: list[str] | None = None) -> int:
         watch_config=args.watch_config,
         ca_file=args.ca_file,
         sessions=sessions,
+        websockets=WebSocketOptions(args.ws_users, args.ws_path, args.ws_interval),
     )

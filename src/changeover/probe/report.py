@@ -24,6 +24,15 @@ FAILURE_KINDS = (
     "other",
 )
 
+# How a WebSocket user's connection can end abnormally (a 1001 close is normal).
+WS_FAILURE_KINDS = (
+    "handshake",  # refused, timed out, or answered with something else than a 101
+    "no_close_frame",  # closed or reset without a close frame (1006)
+    "close_code",  # a close frame with a code other than 1001
+    "echo_timeout",  # the echo of a message did not come back within the timeout
+    "echo_mismatch",  # something else than the message came back
+)
+
 
 @dataclass
 class ProbeReport:
@@ -62,20 +71,40 @@ class ProbeReport:
     # The first failed requests: when (seconds after the first scheduled one), what,
     # which user and the member its session was on ("None": no session yet).
     failure_log: list[str] = field(default_factory=list)
+    ws_users: int = 0
+    ws_interval: float | None = None  # seconds between two messages of a user
+    ws_opened: int = 0  # connections opened, reconnects included
+    ws_echoed: int = 0  # messages whose echo came back as sent
+    ws_normal_closes: dict[str, int] = field(default_factory=dict)  # 1001, by member
+    ws_abnormal_closes: dict[str, int] = field(default_factory=dict)  # by kind
+    ws_reconnects: int = 0  # first connections opened after a 1001
+    ws_max_reconnects_per_second: int = 0  # the most within any one second
+    ws_waiting_to_reconnect: int = 0  # closed with 1001 as the run ended, not back yet
 
     @property
     def failed(self) -> int:
         return sum(self.failures.values())
 
     @property
+    def ws_normal(self) -> int:
+        return sum(self.ws_normal_closes.values())
+
+    @property
+    def ws_abnormal(self) -> int:
+        return sum(self.ws_abnormal_closes.values())
+
+    @property
     def passed(self) -> bool:
-        """Something was sent, and nothing failed, broke, was cut or flapped."""
+        """Something was sent, and nothing failed, broke, was cut or flapped;
+        WebSocket users echoed something and had no abnormal close."""
         return (
             self.sent > 0
             and self.failed == 0
             and self.session_breaks == 0
             and self.sessions_cut == 0
             and self.version_flaps == 0
+            and (self.ws_users == 0 or self.ws_echoed > 0)
+            and self.ws_abnormal == 0
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,6 +147,8 @@ class ProbeReport:
             ("versions", _counts(self.versions_seen) or "-"),
             ("members", _counts(self.members_seen) or "-"),
         ]
+        if self.ws_users:
+            rows.extend(self._websockets())
         if self.watched:
             rows.append(
                 (
@@ -141,6 +172,35 @@ class ProbeReport:
             + ("" if self.session_max is None else f", {self.session_max:g} s at most")
         )
         return f"{self.users_arrived} arrived, {self.think_time:g} s between requests, {stay}"
+
+    def _websockets(self) -> list[tuple[str, str | Text]]:
+        every = f"a message every {self.ws_interval:g} s" if self.ws_interval else "messages"
+        abnormal = (
+            Text(f"{self.ws_abnormal} abnormal: {_counts(self.ws_abnormal_closes)}", "bold red")
+            if self.ws_abnormal
+            else "0 abnormal"
+        )
+        normal = f"{self.ws_normal} normal (1001)" + (
+            f": {_counts(self.ws_normal_closes)}" if self.ws_normal else ""
+        )
+        waiting = (
+            f", {self.ws_waiting_to_reconnect} not back at the end"
+            if self.ws_waiting_to_reconnect
+            else ""
+        )
+        return [
+            (
+                "websockets",
+                f"{self.ws_users} users, {every}: {self.ws_echoed} echoed, "
+                f"{self.ws_opened} connections opened",
+            ),
+            ("ws closes", Text.assemble(normal, ", ", abnormal)),
+            (
+                "ws reconnects",
+                f"{self.ws_reconnects}, at most {self.ws_max_reconnects_per_second} "
+                f"in one second{waiting}",
+            ),
+        ]
 
     def _lag(self) -> str | Text:
         lag = f"max {self.max_schedule_lag_ms:.1f} ms"

@@ -5,7 +5,9 @@ returned, as real users do; request i belongs to virtual user i % sticky_users,
 who keeps the cookies the balancer and the app set, like a browser. So a user
 thinks sticky_users/rate seconds between two requests; with `sessions`, it
 stays for a drawn length and then leaves (its cookies with it), and a new user
-takes its place on the schedule.
+takes its place on the schedule. Beside them, `ws_users` WebSocket users
+(`changeover.probe.websockets`) each hold a WebSocket to `ws_path` and echo a
+message every `ws_interval` seconds.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from changeover.probe.accounting import (
 )
 from changeover.probe.report import ProbeReport
 from changeover.probe.watcher import AdmissionWatcher
+from changeover.probe.websockets import WebSocketUsers, ws_url
 
 STAY_FOR_GOOD = SessionLengths()  # users who never leave
 MAX_EXAMPLES = 5  # distinct failure messages kept for the report
@@ -48,6 +51,9 @@ async def run_probe(
     verify_tls: bool | ssl.SSLContext = True,
     sessions: SessionLengths = STAY_FOR_GOOD,
     seed: int | None = None,
+    ws_users: int = 0,
+    ws_path: str = "/ws",
+    ws_interval: float = 1.0,
 ) -> ProbeReport:
     """Send GET `url` at `rate` requests/s until `duration` elapses or `stop` is set.
 
@@ -55,9 +61,12 @@ async def run_probe(
     With a running `watcher`, a user moved off a member that the balancer had
     taken out counts as a cut session, any other move as a broken one; without
     one every move is a break. `seed` makes the session lengths repeatable.
+    `ws_users` WebSocket users run alongside, on `ws_path` of the same host.
     """
     if rate <= 0 or duration < 0 or sticky_users < 1 or timeout <= 0:
         raise ValueError("rate and timeout must be positive, duration >= 0, sticky_users >= 1")
+    if ws_users < 0 or not ws_interval > 0:
+        raise ValueError("ws_users must be >= 0 and ws_interval positive")
     probe = _Probe(
         url,
         rate=rate,
@@ -75,16 +84,46 @@ async def run_probe(
         limit=max(64, min(512, int(rate // 2))),
         ssl=verify_tls,
     )
-    async with aiohttp.ClientSession(
-        connector=connector,
-        cookie_jar=aiohttp.DummyCookieJar(),  # cookies are kept per virtual user instead
-        timeout=aiohttp.ClientTimeout(total=timeout),
-        auto_decompress=False,
-    ) as session:
-        elapsed = await probe.schedule(session, duration, stop or asyncio.Event())
+    ws_stop = asyncio.Event()
+    sockets = (
+        WebSocketUsers(
+            ws_url(url, ws_path),
+            users=ws_users,
+            interval=ws_interval,
+            timeout=timeout,
+            headers={"Host": host_header} if host_header else {},
+            member_header=member_header,
+            stop=ws_stop,
+            failed=probe.ws_failed,
+        )
+        if ws_users
+        else None
+    )
+    async with (
+        aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),  # cookies are kept per virtual user instead
+            timeout=aiohttp.ClientTimeout(total=timeout),
+            auto_decompress=False,
+        ) as session,
+        # The WebSockets hold their connections: a pool of their own, unbounded;
+        # their handshakes are timed by the users themselves.
+        aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ssl=verify_tls),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(total=None),
+        ) as ws_session,
+    ):
+        users = asyncio.create_task(sockets.run(ws_session)) if sockets else None
+        try:
+            elapsed = await probe.schedule(session, duration, stop or asyncio.Event())
+        finally:
+            ws_stop.set()
         await probe.drain()
+        if users is not None:
+            await users  # each user's goodbye is bounded by the timeout
     await probe.settle_breaks()
-    return probe.report(duration=elapsed)
+    return probe.report(duration=elapsed, sockets=sockets)
 
 
 def failure_kind(exc: BaseException) -> str:
@@ -274,7 +313,9 @@ class _Probe:
 
     def _fail(self, kind: str, message: str) -> None:
         self.failures[kind] += 1
-        example = f"{kind}: {message}"
+        self._example(f"{kind}: {message}")
+
+    def _example(self, example: str) -> None:
         if len(self.examples) < MAX_EXAMPLES and example not in self.examples:
             self.examples.append(example)
 
@@ -282,8 +323,15 @@ class _Probe:
         if len(self.failure_log) < MAX_LOGGED:
             self.failure_log.append(f"at {due - self.t0:.2f}s: {what}")
 
-    def report(self, *, duration: float) -> ProbeReport:
+    def ws_failed(self, kind: str, detail: str, user: int, member: str | None) -> None:
+        """A WebSocket user's abnormal close, for the examples and the log (the
+        count is the WebSocket ledger's)."""
+        self._example(f"ws {kind}: {detail}")
+        self._log(time.monotonic(), f"ws {kind} ({detail}), ws user {user} on {member}")
+
+    def report(self, *, duration: float, sockets: WebSocketUsers | None = None) -> ProbeReport:
         watcher = self.watcher
+        ws = sockets.ledger if sockets else None
         return ProbeReport(
             url=self.url,
             target_rate=self.rate,
@@ -315,4 +363,13 @@ class _Probe:
             admission_read_failures=watcher.failures if watcher else 0,
             failure_examples=self.examples,
             failure_log=self.failure_log,
+            ws_users=ws.users if ws else 0,
+            ws_interval=sockets.interval if sockets else None,
+            ws_opened=ws.opened if ws else 0,
+            ws_echoed=ws.echoed if ws else 0,
+            ws_normal_closes=dict(ws.normal) if ws else {},
+            ws_abnormal_closes=dict(ws.abnormal) if ws else {},
+            ws_reconnects=ws.reconnects.count if ws else 0,
+            ws_max_reconnects_per_second=ws.reconnects.peak if ws else 0,
+            ws_waiting_to_reconnect=ws.waiting_to_reconnect if ws else 0,
         )
