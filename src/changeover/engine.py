@@ -47,6 +47,7 @@ from changeover.policy import (
     analysis_summary,
     bake_problem,
     bake_summary,
+    closing_progress,
     drain_progress,
     excusable,
     fan_out_outcome,
@@ -505,7 +506,35 @@ class Engine:
                 raise StepFailed(refusal)
             await self._wait_balancer_healthy(step.promote)
         view = await self._change(step.admissions, "take the change")
-        return _admissions_summary(self.topo, view)
+        summary = _admissions_summary(self.topo, view)
+        gone = [c for c, admission in step.admissions.items() if admission is Admission.OUT]
+        closed = await self._websockets_closed(gone, view) if gone else ""
+        return f"{summary}; {closed}" if closed else summary
+
+    async def _websockets_closed(self, clusters: Sequence[str], view: PoolView) -> str:
+        """Wait while the balancer closes the WebSockets of `clusters` (just set
+        OUT) spread over close_spread: the stop that follows must not end them
+        all at once (policy.closing_progress)."""
+        spread = self.topo.balancer.close_spread
+        started = self.clock.monotonic()
+
+        def tunnels(view: PoolView) -> int | None:
+            return total(
+                self._serving([m for c in clusters for m in view.in_cluster(c)]), "tunnels"
+            )
+
+        judged = closing_progress(tunnels(view), 0.0, spread)
+        if not judged.done:
+            await self._emit("info", f"{', '.join(clusters)} out: {judged.line}")
+        while not judged.done:
+            await self._check_stop()
+            await self._wait(min(self.poll * 2, 0.25))
+            judged = closing_progress(
+                tunnels(await self._read()), self.clock.monotonic() - started, spread
+            )
+        if judged.cut:
+            await self._emit("warn", f"{', '.join(clusters)} out: {judged.line}")
+        return judged.line if tunnels(view) else ""
 
     async def _change(self, admissions: dict[str, Admission], verb: str) -> PoolView:
         """Apply cluster admissions in one balancer change, each attempt checked

@@ -130,6 +130,44 @@ def drain_progress(
     return judged(Drain.WAITING, line)
 
 
+# Past `balancer.close_spread`, how long the members' stop still waits for the
+# WebSockets of a cluster gone OUT: the balancer gives the last ones 2 s to
+# answer its close (proxy.tunnel.CLOSE_WAIT), then cuts them; and a read.
+CLOSE_GRACE = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class ClosingRead:
+    """One read of a cluster gone OUT whose WebSockets the balancer is closing."""
+
+    done: bool  # its members may be stopped
+    line: str  # for the step's detail (done) or the timeline
+    cut: bool = False  # some are still open: the stop ends them
+
+
+def closing_progress(tunnels: int | None, elapsed: float, spread: float) -> ClosingRead:
+    """Whether the members of a cluster that just went OUT may be stopped.
+
+    The embedded balancer closes the WebSockets still open there with 1001,
+    spread evenly over `close_spread`, so that their users do not all come back
+    at once; a stop before that would end the rest at once (an app server's own
+    1001s at shutdown, or a cut). So the stop waits until the balancer counts
+    none, for at most `spread + CLOSE_GRACE` seconds; a balancer that counts no
+    tunnels (None) is not waited for."""
+    if tunnels is None:
+        return ClosingRead(True, "")
+    if tunnels == 0:
+        return ClosingRead(True, f"every WebSocket closed within {elapsed:.1f}s")
+    if elapsed >= spread + CLOSE_GRACE:
+        return ClosingRead(
+            True,
+            f"{tunnels} WebSocket(s) still open {elapsed:.0f}s after it went out "
+            f"(close_spread {spread:g}s): the stop ends them",
+            cut=True,
+        )
+    return ClosingRead(False, f"{tunnels} WebSocket(s) closing with 1001 over {spread:g}s")
+
+
 # --- running on every member ---------------------------------------------------------
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,7 @@ from changeover.executors.base import CommandResult
 from changeover.journal import LockHeld
 from changeover.model import AbortAsked, Admission, Approval, Counter, PoolView, encode_ask
 from changeover.plan import PlanRefused
+from changeover.policy import CLOSE_GRACE
 from changeover.releases import Awaiting, BadRequest, Begin, Releases
 from changeover.steps import StepKind
 from tests.helpers import wait_until
@@ -347,6 +348,61 @@ async def test_a_drain_timeout_with_sessions_left_warns_that_they_are_cut(
     warnings = [e.message for e in events if e.kind == "warn"]
     assert warnings[0].startswith("drain of a: drain timeout (8s) with 4 session(s)")
     assert "cut when it goes out" in drain_detail(site)
+
+
+def websockets_on_a(
+    site: Site, closes: Callable[[float], dict[str, int]]
+) -> tuple[list[float], list[float]]:
+    """a1 and a2 hold WebSockets; once a is OUT, `closes(seconds since)` says how
+    many each still holds (the balancer closing them). Fills (when a went out,
+    when a1's stop ran)."""
+    site.balancer.tunnels |= {"a1": 3, "a2": 2}
+    went_out = when_out(site, "a1")
+    stopped: list[float] = []
+
+    def closing() -> None:
+        if went_out and site.balancer.admissions["a1"] is Admission.OUT:
+            site.balancer.tunnels |= closes(site.clock.now - went_out[0])
+
+    def stop_seen(argv: Sequence[str]) -> None:
+        if argv[1] == "stop" and argv[2] == "a1":
+            stopped.append(site.clock.now)
+
+    site.clock.on_sleep.append(closing)
+    site.executor.during = stop_seen
+    return went_out, stopped
+
+
+async def test_out_waits_while_the_balancer_closes_the_websockets_then_the_stop_runs(
+    tmp_path: Path,
+) -> None:
+    """The WebSockets still on a when it goes out are closed by the balancer
+    over close_spread (4 s); a's stop waits until the last is closed (3 s
+    here), not longer: stopping earlier would end the rest all at once."""
+    site = Site.build(tmp_path, policy={"drain_timeout": 2}, balancer={"close_spread": "4s"})
+    out, stop = websockets_on_a(site, lambda t: {"a1": 1 if t < 3 else 0, "a2": 0 if t >= 1 else 2})
+    events: list[Event] = []
+    assert await release(site, events=events) == J.DONE
+    assert 3 <= stop[0] - out[0] < 3.5
+    assert "a out: 5 WebSocket(s) closing with 1001 over 4s" in [e.message for e in events]
+    newest = site.journal.newest("t")
+    assert newest is not None
+    steps = {s.step_id: s.detail for s in site.journal.steps(newest.id)}
+    assert steps["out-a"] == "a=out b=live; every WebSocket closed within 3.0s"
+    assert not [e for e in events if e.kind == "warn" and "WebSocket" in e.message]
+
+
+async def test_websockets_that_outlast_the_spread_are_left_to_the_stop_with_a_warning(
+    tmp_path: Path,
+) -> None:
+    site = Site.build(tmp_path, policy={"drain_timeout": 2}, balancer={"close_spread": "4s"})
+    out, stop = websockets_on_a(site, lambda t: {"a1": 1, "a2": 0})  # one never closes
+    events: list[Event] = []
+    assert await release(site, events=events) == J.DONE
+    assert 4 + CLOSE_GRACE <= stop[0] - out[0] < 4 + CLOSE_GRACE + 0.5
+    warned = [e.message for e in events if e.kind == "warn" and "WebSocket" in e.message]
+    assert warned == ["a out: 1 WebSocket(s) still open 7s after it went out "
+                      "(close_spread 4s): the stop ends them"]  # fmt: skip
 
 
 @pytest.mark.parametrize(

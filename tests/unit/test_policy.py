@@ -19,11 +19,13 @@ from changeover.journal import (
 from changeover.model import AbortAsked, Admission, Approval, Ask, MemberState, PoolView, total
 from changeover.plan import PlanRefused, make_plan
 from changeover.policy import (
+    CLOSE_GRACE,
     REPORT_EVERY,
     Drain,
     DrainWatch,
     bake_problem,
     bake_summary,
+    closing_progress,
     drain_progress,
     excusable,
     fan_out_outcome,
@@ -107,6 +109,31 @@ def test_drain_progress(
     assert says in judged.line
     assert judged.watch.last_total == total(seen, "requests")
     assert judged.watch.started == watch.started
+
+
+@pytest.mark.parametrize(
+    ("tunnels", "elapsed", "done", "cut", "says"),
+    [
+        (None, 0.0, True, False, ""),  # a balancer that counts no tunnel: nothing to wait for
+        (0, 0.0, True, False, "every WebSocket closed within 0.0s"),
+        (12, 0.0, False, False, "12 WebSocket(s) closing with 1001 over 4s"),
+        (3, 4.0 + CLOSE_GRACE - 0.1, False, False, "3 WebSocket(s) closing"),
+        (0, 3.2, True, False, "every WebSocket closed within 3.2s"),
+        (3, 4.0 + CLOSE_GRACE, True, True, "3 WebSocket(s) still open 7s after it went out"),
+    ],
+)
+def test_the_stop_after_out_waits_for_the_balancer_to_close_the_websockets(
+    tunnels: int | None, elapsed: float, done: bool, cut: bool, says: str
+) -> None:
+    judged = closing_progress(tunnels, elapsed, spread=4.0)
+    assert (judged.done, judged.cut) == (done, cut)
+    assert judged.line.startswith(says)
+
+
+def test_the_close_grace_covers_the_balancers_last_close_handshakes() -> None:
+    from changeover.proxy.tunnel import CLOSE_WAIT
+
+    assert CLOSE_GRACE > CLOSE_WAIT
 
 
 def test_a_drain_reports_its_progress_every_few_seconds() -> None:
