@@ -417,6 +417,64 @@ async def test_a_binary_upgrade_under_the_probe_loses_nothing(tmp_path: Path) ->
                 await stop_process(new)
 
 
+async def test_the_new_master_counts_the_old_workers_until_they_exit(tmp_path: Path) -> None:
+    """After a take-over, the new master's GET /v1/pool counts what the old
+    master's workers still carry (a WebSocket, a request in flight) from their
+    shared memory, and their requests once each: those served before the
+    take-over from the handed totals, those ending after it (a request counts
+    when its response ends) from that memory; once the old master has exited,
+    the figures are final."""
+    layout: Layout = {"a": ["a1"], "b": ["b1"]}
+    async with (
+        apps(layout) as members,
+        balancer_site(
+            tmp_path, [members["a1"], members["b1"]], balancer={"reload_grace": "30s"}
+        ) as site,
+        aiohttp.ClientSession() as user,
+    ):
+        await admit(site, b1="out")  # everything on a1
+        for _ in range(3):
+            async with user.get(site.public + "/") as response:
+                assert response.status == 200
+        new: asyncio.subprocess.Process | None = None
+        try:
+            async with (
+                user.ws_connect(site.public + "/ws") as ws,
+                user.get(site.public + "/slow?ms=4000") as slow,
+            ):
+                served = await requests_of(site, "a1")  # /slow is not done: not yet counted
+                new_config = site.config.with_name("upgraded.toml")
+                new_config.write_text(site.config.read_text())
+                new, log = await start_balancer(new_config, "--take-over")
+                assert "took the listeners and the pool state over" in log.read_text()
+                view = (await pool(site))["a1"]  # the new master answers now
+                assert (view["tunnels"], view["active"]) == (1, 1), view
+                assert view["requests"] == served  # counted once, not again from memory
+                await ws.send_str("after the take-over")  # the old worker relays it
+                assert await ws.receive_str(timeout=5) == "after the take-over"
+                assert json.loads(await slow.read())["slept_ms"] == 4000
+
+                async def settled(tunnels: int) -> bool:
+                    view = (await pool(site))["a1"]
+                    return (view["tunnels"], view["active"]) == (tunnels, 0)
+
+                await wait_until(lambda: settled(1), what="the old worker's request done")
+                assert await requests_of(site, "a1") == served + 1  # /slow, by the old worker
+            await wait_until(lambda: settled(0), what="the old worker's tunnel closed")
+            assert await asyncio.wait_for(site.process.wait(), 60) == 0
+            await wait_until(
+                lambda: "taken over from have exited" in log.read_text(),
+                what="the new master to see the old workers gone",
+            )
+            assert await requests_of(site, "a1") == served + 1  # folded in, not lost
+            async with user.get(site.public + "/") as response:
+                assert response.status == 200
+            assert await requests_of(site, "a1") == served + 2
+        finally:
+            if new is not None:
+                await stop_process(new)
+
+
 async def test_a_take_over_that_fails_leaves_the_old_master_serving(tmp_path: Path) -> None:
     """The new master gets the sockets but cannot start (a QA port of its config
     is taken): the old one takes its admin API back and serves on."""

@@ -244,3 +244,55 @@ def test_a_new_master_restores_what_the_old_one_handed_over() -> None:
     assert new.admission == [LIVE, LIVE, LIVE] and new.healthy == [True, True, False]
     view = {m["name"]: m for m in new.view()["members"]}
     assert (view["b1"]["requests"], view["b1"]["sessions"]) == (4, 1)
+
+
+def test_a_new_master_counts_the_old_workers_from_their_memory_until_they_exit() -> None:
+    """The old master hands over the memory of its states whose workers still
+    run (the current one and one draining after a reload): the new master
+    maps it (another mapping of the same memory, as across processes), counts
+    requests once (those of workers already gone from the settled figures, the
+    others from that memory), sees in-flight requests and tunnels, reaches the
+    old workers with admission changes, and folds the rest in once they exit."""
+    old = PoolState(topology(), SharedState(3, 1), None)
+    before_reload = old.shared
+    before_reload.counters(0)[1][0] += 2  # a1: 2 requests by the oldest workers
+    old.adopt(topology(), SharedState(3, 1))  # a reload: those workers still drain
+    old.shared.counters(0)[1][0] += 3  # a1: 3 more by the current ones
+    old.retire_done(before_reload)  # ... and the oldest have exited: 2 settled
+    draining = SharedState(3, 1)
+    old.adopt(topology(), draining)  # another reload: two states with running workers
+    draining.counters(0)[1][2] += 4  # b1: 4 requests by the newest
+    draining.counters(0)[0][2] += 1  # and one in flight
+    draining.tunnels(0)[0] += 2  # two WebSockets on a1
+    state = json.loads(json.dumps(old.handover_state()))
+    running = [
+        (SharedState(d["members"], d["workers"], os.dup(shared.fd)), json.loads(json.dumps(d)))
+        for shared, d in old.live_states()
+    ]
+    assert len(running) == 2
+
+    new = PoolState(reloaded(), SharedState(3, 2), None)
+    new.restore(state, running)
+    view = {m["name"]: m for m in new.view()["members"]}
+    assert (view["a1"]["requests"], view["a1"]["tunnels"]) == (5, 2)  # once each, live
+    assert (view["b1"]["requests"], view["b1"]["active"]) == (4, 1)
+
+    new.set_admissions({"a1": "out"}, force=True)  # the old workers see it through
+    assert draining.snapshot()[1][0] == OUT
+
+    draining.counters(0)[0][2] -= 1  # the old worker's request ends after the take-over
+    draining.counters(0)[1][2] += 1
+    draining.tunnels(0)[0] -= 2
+    view = {m["name"]: m for m in new.view()["members"]}
+    assert (view["b1"]["requests"], view["b1"]["active"], view["a1"]["tunnels"]) == (5, 0, 0)
+    for shared, _ in running:  # the old master has exited
+        new.retire_done(shared)
+    assert new.retired == []
+    view = {m["name"]: m for m in new.view()["members"]}
+    assert (view["a1"]["requests"], view["b1"]["requests"]) == (5, 5)
+
+
+def test_a_pool_state_of_the_wrong_size_is_refused() -> None:
+    shared = SharedState(3, 1)
+    with pytest.raises(ValueError, match=r"not \d+ bytes"):
+        SharedState(3, 2, shared.fd)

@@ -7,12 +7,16 @@ A new master started with `--take-over` connects (both ends check that the
 other runs as the same user) and asks; the old master stops its admin API,
 then sends, in one SOCK_SEQPACKET message, every listening socket (public, QA,
 redirect, one per worker slot, and the admin one) with a header naming each,
+and the shared memory of each of its pool states whose workers still run;
 then the state document (admissions, health, sessions, counts, the release
-lease) in chunks. The new master starts its workers on those very sockets
-(never closed, never bound again: no connection is refused meanwhile) and
-says "ready"; the old master then drains its workers and exits. If the new
-master goes away before "ready", the old one takes its admin API back and
-serves on.
+lease, and how to read those states) in chunks. The new master starts its
+workers on those very sockets (never closed, never bound again: no
+connection is refused meanwhile) and says "ready"; the old master then
+drains its workers and exits. Until it has exited (its end of the control
+connection closes) the new master counts the old workers' requests in
+flight, tunnels and sessions from their shared memory, as a reload counts
+its old workers'. If the new master goes away before "ready", the old one
+takes its admin API back and serves on.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ import os
 import socket
 import struct
 import tempfile
+from collections.abc import Sequence
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,14 +81,23 @@ def give(
     named: list[tuple[Address, socket.socket]],
     admin: socket.socket,
     state: dict[str, Any],
+    running: Sequence[tuple[int, dict[str, Any]]] = (),
 ) -> None:
-    """Old master (blocking: run it off the event loop): send sockets and state."""
-    body = json.dumps(state).encode()
+    """Old master (blocking: run it off the event loop): send sockets and state;
+    `running`: each pool state whose workers still run, its memory's descriptor
+    and how to read it (`PoolState.live_states`)."""
+    body = json.dumps(state | {"running": [described for _, described in running]}).encode()
     chunks = [body[i : i + CHUNK] for i in range(0, len(body), CHUNK)] or [b""]
     header = json.dumps(
-        {"listeners": [list(address) for address, _ in named], "chunks": len(chunks)}
+        {
+            "listeners": [list(address) for address, _ in named],
+            "chunks": len(chunks),
+            "running": len(running),
+        }
     ).encode()
-    fds = [s.fileno() for _, s in named] + [admin.fileno()]
+    # The admin socket last, the states between: a taker that knows no states
+    # still finds the listeners first and the admin socket at the end.
+    fds = [s.fileno() for _, s in named] + [fd for fd, _ in running] + [admin.fileno()]
     socket.send_fds(conn, [header], fds)
     for chunk in chunks:
         conn.sendall(chunk)
@@ -99,17 +113,19 @@ def wait_ready(conn: socket.socket) -> bool:
 
 @dataclass
 class Handed:
-    """What the new master received; `conn` stays open until `ready()`."""
+    """What the new master received; `conn` stays open after `ready()`: the old
+    master's end closes when it exits."""
 
     sockets: dict[Address, list[socket.socket]]  # per address, one per worker slot
     admin: socket.socket
     state: dict[str, Any]
     conn: socket.socket
+    # The old master's pool states whose workers still run: (memory, description).
+    running: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
 
     def ready(self) -> None:
         with suppress(OSError):
             self.conn.sendall(READY)
-        self.conn.close()
 
     def close(self) -> None:
         """Give up (the old master serves on); the sockets are closed here only."""
@@ -118,6 +134,9 @@ class Handed:
             for sock in group:
                 sock.close()
         self.admin.close()
+        for fd, _ in self.running:
+            with suppress(OSError):
+                os.close(fd)
 
 
 def take(path: Path, timeout: float) -> Handed:
@@ -146,7 +165,10 @@ def take(path: Path, timeout: float) -> Handed:
         conn.close()
         raise HandoverError(f"{path}: a hand-over this version cannot read: {exc}") from None
     sockets: dict[Address, list[socket.socket]] = {}
+    listening = len(described["listeners"])
     for (host, port), fd in zip(described["listeners"], fds, strict=False):
         sockets.setdefault((str(host), int(port)), []).append(socket.socket(fileno=fd))
+    memories = fds[listening : listening + int(described.get("running", 0))]
+    running = list(zip(memories, state.pop("running", []), strict=False))
     admin = socket.socket(fileno=fds[-1])
-    return Handed(sockets, admin, state, conn)
+    return Handed(sockets, admin, state, conn, running)

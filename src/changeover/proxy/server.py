@@ -279,7 +279,11 @@ def _start(topology: Topology, token: str, slots: int, handed: Handed | None) ->
         shared = SharedState(sum(len(c.members) for c in topology.clusters), slots)
         pool = PoolState(topology, shared, state_file)
         if handed is not None:
-            fresh = pool.restore(handed.state)
+            running = [
+                (SharedState(int(d["members"]), int(d["workers"]), fd), d)
+                for fd, d in handed.running
+            ]
+            fresh = pool.restore(handed.state, running)
     except (OSError, ValueError) as exc:
         print(f"changeover balancer: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -512,6 +516,8 @@ class Master:
         self.reloading = asyncio.Lock()
         self.handed_over = False
         self.tasks: set[asyncio.Future[None]] = set()
+        # The taken-over master's states whose workers still ran (see predecessor_exited).
+        self.inherited = [r.shared for r in pool.retired]
 
     def fork(self, generation: Generation, index: int) -> tuple[BaseProcess, Connection]:
         """Start worker `index`; it says None on the pipe once it listens, else why not."""
@@ -564,6 +570,8 @@ class Master:
         if self.handed is not None:
             self.handed.ready()
             log.info("took the listeners and the pool state over from the running balancer")
+            # Its end of the connection closes as it exits, its workers gone.
+            loop.add_reader(self.handed.conn.fileno(), self.predecessor_exited)
         control = self.listen_control()
         await self.warn_expiry(generation.topology)
         log.info(
@@ -825,6 +833,18 @@ class Master:
 
     # --- hand-over (binary upgrade) -------------------------------------------------
 
+    def predecessor_exited(self) -> None:
+        """The master taken over from has exited: its workers' figures are final."""
+        assert self.handed is not None
+        conn = self.handed.conn
+        self.loop.remove_reader(conn.fileno())
+        conn.close()
+        for shared in self.inherited:
+            self.pool.retire_done(shared)
+        if self.inherited:
+            log.info("the workers of the balancer taken over from have exited")
+        self.inherited = []
+
     def listen_control(self) -> asyncio.Task[None] | None:
         path = control_path(self.topology)
         try:
@@ -848,15 +868,21 @@ class Master:
     async def serve_control(self) -> None:
         while True:
             conn, _ = await self.loop.sock_accept(self.control)
+            handed = False
             try:
                 conn.setblocking(True)
                 conn.settimeout(START_TIMEOUT)
-                if await self.hand_over(conn):
-                    return
+                handed = await self.hand_over(conn)
             except OSError as exc:
                 log.error("take-over refused: %s", exc.strerror or exc)
             finally:
-                conn.close()
+                if not handed:
+                    conn.close()
+            if handed:
+                # Left open: it closes as this process exits, which tells the
+                # new master that these workers are gone.
+                self.successor = conn
+                return
 
     async def hand_over(self, conn: socket.socket) -> bool:
         if not same_user(conn):
@@ -877,8 +903,9 @@ class Master:
                     "owner": held.owner, "holder": held.holder, "expires": held.expires,
                 }  # fmt: skip
             named = self.sockets.named([s.listen for s in self.current.serving])
+            running = [(shared.fd, described) for shared, described in self.pool.live_states()]
             try:
-                await asyncio.to_thread(give, conn, named, self.admin, state)
+                await asyncio.to_thread(give, conn, named, self.admin, state, running)
                 conn.settimeout(START_TIMEOUT * 2 + 10)
                 ok = await asyncio.to_thread(wait_ready, conn)
             except OSError:

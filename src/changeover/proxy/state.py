@@ -1,6 +1,7 @@
 """Pool state shared by the master and its worker processes.
 
-`SharedState` is an anonymous shared mmap created before the workers fork:
+`SharedState` is shared memory (a memfd, mapped MAP_SHARED) created before
+the workers fork; its descriptor lets a new master map it too (a take-over):
 
     [generation: int64]
     [slot 0: admission byte x N | healthy byte x N]   (padded to 8 bytes)
@@ -32,7 +33,9 @@ across by name (admission, health, request and error counts, sessions) and
 keeps the old `SharedState` as *retired* while the old workers drain: their
 requests in flight, tunnels and sessions still count, and admission changes
 still reach them. `retire_done` folds a retired state's last counts in once
-its workers have exited.
+its workers have exited. A take-over (`handover.py`) hands the memory of
+every state whose workers still run to the new master, which keeps each as
+retired in the same way (`PoolState.restore`) until the old master exits.
 """
 
 from __future__ import annotations
@@ -68,7 +71,9 @@ def _padded(n: int) -> int:
 
 
 class SharedState:
-    def __init__(self, members: int, workers: int) -> None:
+    def __init__(self, members: int, workers: int, fd: int | None = None) -> None:
+        """A new state for `members` and `workers`, or with `fd` the one another
+        master made with the same figures (handed over with its workers)."""
         self.members = members
         self.workers = workers
         self._slot_size = _padded(2 * members)
@@ -76,9 +81,21 @@ class SharedState:
         self._sessions_at = self._counters_at + workers * _COUNTERS * members * _WORD
         # One table per worker, then the master's (sessions carried over a reload).
         size = self._sessions_at + (workers + 1) * 3 * SESSION_SLOTS * _WORD
-        self._map = mmap.mmap(-1, size)  # anonymous and MAP_SHARED: inherited by fork
+        if fd is None:  # memory with a descriptor, so a take-over can map it too
+            fd = os.memfd_create("changeover-pool")
+            os.ftruncate(fd, size)
+        elif os.fstat(fd).st_size != size:  # the caller still owns `fd`
+            raise ValueError(f"a handed-over pool state is not {size} bytes")
+        self.fd = fd
+        self._map = mmap.mmap(fd, size)  # MAP_SHARED: inherited by fork
         self._view = memoryview(self._map)
         self._generation = self._view[:_WORD].cast("q")
+
+    def close(self) -> None:
+        """Its workers are gone: the descriptor is no longer needed (the memory
+        goes with the last view of it)."""
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
 
     def _slot(self, generation: int) -> memoryview:
         start = _WORD + (generation % 2) * self._slot_size
@@ -246,6 +263,35 @@ _short = reprlib.Repr()
 _short.maxstring = _short.maxother = 60  # a request may send anything: quote a little of it
 
 
+class Retired:
+    """A state whose workers drain (after a reload, or a take-over's old master's):
+    where each of its members is now (None: removed), and the requests and
+    errors it had served when counted elsewhere already (a take-over's totals)."""
+
+    __slots__ = ("counted_errors", "counted_requests", "shared", "where")
+
+    def __init__(
+        self,
+        shared: SharedState,
+        where: list[int | None],
+        counted_requests: list[int] | None = None,
+        counted_errors: list[int] | None = None,
+    ) -> None:
+        self.shared = shared
+        self.where = where
+        self.counted_requests = counted_requests or [0] * shared.members
+        self.counted_errors = counted_errors or [0] * shared.members
+
+    def served(self) -> tuple[list[int], list[int]]:
+        """(requests, errors) per member of this state, less what was counted already."""
+        requests = self.shared.totals()[1]
+        errors = self.shared.error_totals()
+        return (
+            [n - c for n, c in zip(requests, self.counted_requests, strict=True)],
+            [n - c for n, c in zip(errors, self.counted_errors, strict=True)],
+        )
+
+
 class PoolState:
     """The master's view: admissions (persisted) and health (from the checker)."""
 
@@ -262,9 +308,9 @@ class PoolState:
         self.healthy = [True] * len(self.names)
         self.unchecked: set[int] = set()
         self._verdicts: asyncio.Event | None = None
-        # Old workers' states while they drain after a reload, each with where its
-        # members are now (None: removed); counts of states whose workers are gone.
-        self.retired: list[tuple[SharedState, list[int | None]]] = []
+        # Old workers' states while they drain after a reload or a take-over;
+        # counts of states whose workers are gone.
+        self.retired: list[Retired] = []
         self.base_requests = [0] * len(self.names)
         self.base_errors = [0] * len(self.names)
         if state_file is not None:
@@ -277,10 +323,10 @@ class PoolState:
 
     def _publish(self) -> None:
         self.shared.publish(self.admission, self.healthy)
-        for old, where in self.retired:  # draining workers still route their last requests
-            old.publish(
-                [OUT if j is None else self.admission[j] for j in where],
-                [j is not None and self.healthy[j] for j in where],
+        for old in self.retired:  # draining workers still route their last requests
+            old.shared.publish(
+                [OUT if j is None else self.admission[j] for j in old.where],
+                [j is not None and self.healthy[j] for j in old.where],
             )
 
     def adopt(self, topology: Topology, shared: SharedState) -> list[str]:
@@ -311,10 +357,9 @@ class PoolState:
         for key, member, seen in sorted(carried, key=lambda e: e[2]):
             assert member is not None
             table.seen(key, member, seen)
-        self.retired = [
-            (old, [None if j is None else where[j] for j in was]) for old, was in self.retired
-        ]
-        self.retired.append((self.shared, where))
+        for old in self.retired:
+            old.where = [None if j is None else where[j] for j in old.where]
+        self.retired.append(Retired(self.shared, where))
         self.topology, self.shared, self.names = topology, shared, names
         self.index = {name: i for i, name in enumerate(names)}
         self.admission, self.healthy = admission, healthy
@@ -327,35 +372,36 @@ class PoolState:
 
     def retire_done(self, old: SharedState) -> None:
         """The workers of a retired state have exited: fold its counts in, forget it."""
-        for shared, where in self.retired:
-            if shared is old:
-                _, requests, _ = old.totals()
-                errors = old.error_totals()
-                for i, j in enumerate(where):
+        for gone in self.retired:
+            if gone.shared is old:
+                requests, errors = gone.served()
+                for i, j in enumerate(gone.where):
                     if j is not None:
                         self.base_requests[j] += requests[i]
                         self.base_errors[j] += errors[i]
                 table = self.shared.carried()
                 for key, member, seen in sorted(old.session_entries(), key=lambda e: e[2]):
-                    if 0 <= member < len(where) and (j := where[member]) is not None:
+                    if 0 <= member < len(gone.where) and (j := gone.where[member]) is not None:
                         table.seen(key, j, seen)
-        self.retired = [(s, w) for s, w in self.retired if s is not old]
+        self.retired = [r for r in self.retired if r.shared is not old]
+        old.close()
 
-    def _mapped(self, per_state: Callable[[SharedState], list[int]]) -> list[int]:
+    def _mapped(self, current: list[int], retired: Callable[[Retired], list[int]]) -> list[int]:
         """A per-member figure of the current state plus every retired one's."""
-        total = per_state(self.shared)
-        for old, where in self.retired:
-            for i, value in enumerate(per_state(old)):
-                if where[i] is not None:
-                    total[where[i]] += value  # type: ignore[index]
+        total = list(current)
+        for old in self.retired:
+            for i, value in enumerate(retired(old)):
+                if (j := old.where[i]) is not None:
+                    total[j] += value
         return total
 
     def counts(self) -> tuple[list[int], list[int], list[int], list[int]]:
         """(in flight, requests, tunnels, errors) per member, draining workers included."""
-        active = self._mapped(lambda s: s.totals()[0])
-        requests = self._mapped(lambda s: s.totals()[1])
-        tunnels = self._mapped(SharedState.tunnel_totals)
-        errors = self._mapped(SharedState.error_totals)
+        shared = self.shared
+        active = self._mapped(shared.totals()[0], lambda r: r.shared.totals()[0])
+        requests = self._mapped(shared.totals()[1], lambda r: r.served()[0])
+        tunnels = self._mapped(shared.tunnel_totals(), lambda r: r.shared.tunnel_totals())
+        errors = self._mapped(shared.error_totals(), lambda r: r.served()[1])
         requests = [r + b for r, b in zip(requests, self.base_requests, strict=True)]
         errors = [e + b for e, b in zip(errors, self.base_errors, strict=True)]
         return active, requests, tunnels, errors
@@ -363,18 +409,40 @@ class PoolState:
     def _session_sources(self) -> list[list[tuple[int, int, int]]]:
         """Session entries of the current state and every retired one, in today's members."""
         sources = [self.shared.session_entries()]
-        for old, where in self.retired:
+        for old in self.retired:
             sources.append(
                 [
                     (key, j, seen)
-                    for key, m, seen in old.session_entries()
-                    if 0 <= m < len(where) and (j := where[m]) is not None
+                    for key, m, seen in old.shared.session_entries()
+                    if 0 <= m < len(old.where) and (j := old.where[m]) is not None
                 ]
             )
         return sources
 
     def session_counts(self, idle_ms: int) -> list[int]:
         return count_sessions(self._session_sources(), len(self.names), now_ms(), idle_ms)
+
+    def live_states(self) -> list[tuple[SharedState, dict[str, Any]]]:
+        """The states whose workers still run (the current one and those draining
+        after a reload), each described for a new master to map and count on
+        (see `handover.py`): its size, whose members by name (None: removed),
+        and what of its requests and errors was counted elsewhere already. With
+        `handover_state`'s `settled` figures (the workers already gone), the new
+        master's totals go on from exactly this master's."""
+        states = [Retired(self.shared, list(range(len(self.names)))), *self.retired]
+        return [
+            (
+                state.shared,
+                {
+                    "members": state.shared.members,
+                    "workers": state.shared.workers,
+                    "names": [None if j is None else self.names[j] for j in state.where],
+                    "requests": state.counted_requests,
+                    "errors": state.counted_errors,
+                },
+            )
+            for state in states
+        ]
 
     def handover_state(self) -> dict[str, Any]:
         """What a new master takes over (see `handover.py`), members by name."""
@@ -387,6 +455,12 @@ class PoolState:
             "unchecked": [names[i] for i in sorted(self.unchecked)],
             "requests": dict(zip(names, requests, strict=True)),
             "errors": dict(zip(names, errors, strict=True)),
+            # Of those, what workers already gone served: a new master that maps
+            # the running states (`live_states`) counts the rest from their memory.
+            "settled": {
+                "requests": dict(zip(names, self.base_requests, strict=True)),
+                "errors": dict(zip(names, self.base_errors, strict=True)),
+            },
             "sessions": [
                 [key, names[m], seen]
                 for entries in self._session_sources()
@@ -395,10 +469,19 @@ class PoolState:
             ],
         }
 
-    def restore(self, state: Mapping[str, Any]) -> set[int]:
+    def restore(
+        self,
+        state: Mapping[str, Any],
+        running: Sequence[tuple[SharedState, Mapping[str, Any]]] = (),
+    ) -> set[int]:
         """Take over an old master's `handover_state`; returns the members it did
-        not know (they start LIVE, unhealthy until their first good check)."""
+        not know (they start LIVE, unhealthy until their first good check).
+        `running`: the old master's states whose workers still run, as
+        `live_states` described them: they count as retired until those
+        workers are gone (`retire_done`), and the totals start from what the
+        workers already gone served (`settled`)."""
         known = state.get("admissions", {})
+        figures = state.get("settled", state) if running else state
         fresh = {i for i, n in enumerate(self.names) if n not in known}
         for i, name in enumerate(self.names):
             if i in fresh:
@@ -406,9 +489,13 @@ class PoolState:
                 continue
             self.admission[i] = CODES[Admission(known[name])]
             self.healthy[i] = bool(state.get("healthy", {}).get(name, True))
-            self.base_requests[i] = int(state.get("requests", {}).get(name, 0))
-            self.base_errors[i] = int(state.get("errors", {}).get(name, 0))
+            self.base_requests[i] = int(figures.get("requests", {}).get(name, 0))
+            self.base_errors[i] = int(figures.get("errors", {}).get(name, 0))
         unchecked = fresh | {self.index[n] for n in state.get("unchecked", []) if n in self.index}
+        for shared, described in running:
+            where = [self.index.get(n) if n is not None else None for n in described["names"]]
+            counted = (list(described["requests"]), list(described["errors"]))
+            self.retired.append(Retired(shared, where, *counted))
         table = self.shared.carried()
         for key, name, seen in sorted(state.get("sessions", []), key=lambda e: int(e[2])):
             if name in self.index and int(key) != 0:
