@@ -269,21 +269,27 @@ def test_closes_spread_over_three_seconds_peak_at_the_configured_share() -> None
     assert burst.peak == 200
 
 
-def test_a_reconnect_is_the_first_open_after_a_1001() -> None:
+def test_a_reconnect_is_the_first_open_after_a_1001_timed_at_its_first_attempt() -> None:
     ws = WebSocketLedger(users=3)
     for user in range(3):
-        ws.open(user, at=0.0)  # first connections: not reconnects
+        ws.attempt(user, at=0.0)
+        ws.open(user)  # first connections: not reconnects
     ws.echo()
     ws.going_away(0, "a1")
-    ws.open(0, at=1.0)  # straight back: a reconnect
+    ws.attempt(0, at=1.0)
+    ws.open(0)  # straight back: a reconnect
     ws.going_away(1, "a2")
+    ws.attempt(1, at=1.25)
     ws.failed("handshake")  # the first attempt failed: abnormal, not excused
-    ws.open(1, at=1.5)  # the next one opened: still one reconnect, timed here
+    ws.attempt(1, at=2.5)  # the next one opens: still one reconnect, begun at 1.25
+    ws.open(1)
     ws.failed("echo_timeout")  # user 2: abnormal, and its next open is no reconnect
-    ws.open(2, at=2.0)
+    ws.attempt(2, at=2.5)
+    ws.open(2)
     ws.going_away(2, None)  # the member was not told by the handshake
     assert ws.opened == 6 and ws.echoed == 1
     assert ws.normal == {"a1": 1, "a2": 1, "?": 1}
     assert ws.abnormal == {"handshake": 1, "echo_timeout": 1}
-    assert ws.reconnects.count == 2 and ws.reconnects.peak == 2
+    assert ws.reconnects == 2
+    assert (ws.reconnecting.count, ws.reconnecting.peak) == (2, 2)  # at 1.0 and 1.25
     assert ws.waiting_to_reconnect == 1  # user 2, closed with 1001, not back yet

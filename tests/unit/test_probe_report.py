@@ -131,7 +131,7 @@ def test_render_shows_the_websocket_figures_and_abnormal_closes_by_kind() -> Non
     text = console.export_text()
     assert "200 users, a message every 1 s: 11000 echoed, 500 connections opened" in text
     assert "300 normal (1001): b1 260, a1 40, 0 abnormal" in text
-    assert "300, at most 67 in one second" in text
+    assert "300, at most 67 begun in one second" in text
     console = Console(record=True, width=160)
     replace(
         websocket_report(), ws_abnormal_closes={"no_close_frame": 3}, ws_waiting_to_reconnect=2

@@ -292,10 +292,12 @@ class WebSocketLedger:
     """What the probe's WebSocket users went through.
 
     A user's connection ends normally (`going_away`: a 1001 close) or abnormally
-    (`failed`: any other end, a failed handshake included); the first connection
-    a user opens after a normal close is a reconnect, timed when it opened, even
-    when failed attempts came between (those are counted as abnormal). Times
-    are passed in and must not go backwards."""
+    (`failed`: any other end, a failed handshake included). After a normal close
+    the user reconnects at once: its first attempt is timed (`attempt`) and the
+    busiest second of those is kept, since that is when the balancer's 1001s
+    send users back; the first connection it then opens is a reconnect, even
+    when failed attempts came between (those count as abnormal). Times are
+    passed in and must not go backwards."""
 
     def __init__(self, users: int, window: float = 1.0) -> None:
         self.users = users
@@ -303,14 +305,22 @@ class WebSocketLedger:
         self.echoed = 0  # messages whose echo came back as sent
         self.normal: Counter[str] = Counter()  # 1001 closes, by the member that was closed
         self.abnormal: Counter[str] = Counter()  # by kind
-        self.reconnects = PeakRate(window)
+        self.reconnects = 0  # connections opened after a 1001
+        self.reconnecting = PeakRate(window)  # the first attempts after a 1001
         self._going_away = [False] * users  # closed with 1001, not reconnected yet
+        self._attempted = [False] * users  # and its first attempt is timed
 
-    def open(self, user: int, at: float) -> None:
+    def attempt(self, user: int, at: float) -> None:
+        """The user starts to connect."""
+        if self._going_away[user] and not self._attempted[user]:
+            self._attempted[user] = True
+            self.reconnecting.record(at)
+
+    def open(self, user: int) -> None:
         self.opened += 1
         if self._going_away[user]:
-            self._going_away[user] = False
-            self.reconnects.record(at)
+            self._going_away[user] = self._attempted[user] = False
+            self.reconnects += 1
 
     def echo(self) -> None:
         self.echoed += 1

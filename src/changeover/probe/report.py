@@ -41,6 +41,13 @@ class ProbeReport:
     `sent` counts requests dispatched; slots skipped as `overload` are failures
     but were never sent. Latency runs from each request's scheduled time, so a
     probe that fell behind cannot hide it (no coordinated omission).
+
+    The `ws_` figures are the WebSocket users' (`ws_users` 0: none ran): a
+    connection closed with 1001 (going away) is a normal close, counted by the
+    member it was on; the user reconnects at once, and its next connection is a
+    reconnect; `ws_max_reconnects_per_second` is the most reconnects begun within
+    any one second (when the 1001s sent users back); any other end is an
+    abnormal close, counted by kind (WS_FAILURE_KINDS).
     """
 
     url: str
@@ -78,7 +85,7 @@ class ProbeReport:
     ws_normal_closes: dict[str, int] = field(default_factory=dict)  # 1001, by member
     ws_abnormal_closes: dict[str, int] = field(default_factory=dict)  # by kind
     ws_reconnects: int = 0  # first connections opened after a 1001
-    ws_max_reconnects_per_second: int = 0  # the most within any one second
+    ws_max_reconnects_per_second: int = 0  # the most begun within any one second
     ws_waiting_to_reconnect: int = 0  # closed with 1001 as the run ended, not back yet
 
     @property
@@ -198,7 +205,7 @@ class ProbeReport:
             (
                 "ws reconnects",
                 f"{self.ws_reconnects}, at most {self.ws_max_reconnects_per_second} "
-                f"in one second{waiting}",
+                f"begun in one second{waiting}",
             ),
         ]
 

@@ -369,7 +369,7 @@ class _Probe:
             ws_echoed=ws.echoed if ws else 0,
             ws_normal_closes=dict(ws.normal) if ws else {},
             ws_abnormal_closes=dict(ws.abnormal) if ws else {},
-            ws_reconnects=ws.reconnects.count if ws else 0,
-            ws_max_reconnects_per_second=ws.reconnects.peak if ws else 0,
+            ws_reconnects=ws.reconnects if ws else 0,
+            ws_max_reconnects_per_second=ws.reconnecting.peak if ws else 0,
             ws_waiting_to_reconnect=ws.waiting_to_reconnect if ws else 0,
         )

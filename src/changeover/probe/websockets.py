@@ -97,6 +97,7 @@ class WebSocketUsers:
     async def _connect(
         self, session: aiohttp.ClientSession, user: int
     ) -> aiohttp.ClientWebSocketResponse | None:
+        self.ledger.attempt(user, time.monotonic())
         try:
             async with asyncio.timeout(self.timeout):
                 ws = await session.ws_connect(
@@ -111,7 +112,7 @@ class WebSocketUsers:
             detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             self._failed("handshake", detail, user, None)
             return None
-        self.ledger.open(user, time.monotonic())
+        self.ledger.open(user)
         return ws
 
     def _member(self, ws: aiohttp.ClientWebSocketResponse) -> str | None:
