@@ -192,10 +192,13 @@ class Engine:
         """Ctrl-C: stop at the next safe point."""
         self._interrupt.set()
 
-    async def _check_stop(self) -> None:
+    async def _check_stop(self, row: J.ReleaseRow | None = None) -> None:
+        """Stop at Ctrl-C or an abort asked from another shell (in `row`, the
+        release as just read; else read now)."""
         if self._interrupt.is_set():
             raise Stopped(J.INTERRUPTED, "interrupted (Ctrl-C); `changeover resume` continues")
-        row = await self._j(self.journal.release, self._release_id)
+        if row is None:
+            row = await self._j(self.journal.release, self._release_id)
         if isinstance(decode_ask(row.request), AbortAsked):
             raise Stopped(J.ABORTED, ABORTED)
 
@@ -236,17 +239,21 @@ class Engine:
         kind: str = "release",
         supersede: J.ReleaseRow | None = None,
     ) -> int:
-        await self._j(self.journal.acquire, self.site, None)
+        journal, site = self.journal, self.site
+        await self._j(journal.acquire, site, None)
+        reading: asyncio.Task[PoolView] | None = None
         try:
             await self._claim_site()
-            pending = await self._j(self.journal.unfinished, self.site)
+            reading = asyncio.create_task(self.balancer.read())  # meanwhile
+            pending, last = await self._j(
+                lambda: (journal.unfinished(site), journal.last_done(site))
+            )
             if pending is not None and (supersede is None or pending.id != supersede.id):
                 raise PlanRefused(
                     f"release #{pending.id} ({pending.version}) is {pending.state}: "
                     "`changeover resume` it, or `changeover abort` it first"
                 )
-            view = await self.balancer.read()
-            last = await self._j(self.journal.last_done, self.site)
+            view = await reading
             version, steps = plan(view, last)
             if supersede is not None and kind == "rollback":  # undoes what that one began
                 serving: str | None = supersede.version
@@ -261,8 +268,12 @@ class Engine:
                 [s.to_dict() for s in steps],
                 kind,
             )
-            await self._j(self.journal.set_lock_release, self.site, release_id)
-            await self._claim_site()  # renewed, naming the release
+
+            def name_release() -> J.LockInfo | None:  # and read the lock so named
+                journal.set_lock_release(site, release_id)
+                return journal.lock_holder(site)
+
+            await self._claim_site(await self._j(name_release))  # renewed, naming the release
             if supersede is not None:  # keeps why it stopped
                 why = f"{supersede.error}; " if supersede.error else ""
                 await self._j(
@@ -272,14 +283,19 @@ class Engine:
                     f"{why}superseded by {kind} #{release_id}",
                 )
         except BaseException:
+            if reading is not None:
+                reading.cancel()
+                await asyncio.gather(reading, return_exceptions=True)
             await self.site_lock.release()
             await self._j(self.journal.release_lock, self.site)
             raise
         return release_id
 
-    async def _claim_site(self) -> None:
-        """The balancer's release lock, beside the journal's (see `sitelock.py`)."""
-        holder = await self._j(self.journal.lock_holder, self.site)
+    async def _claim_site(self, holder: J.LockInfo | None = None) -> None:
+        """The balancer's release lock, beside the journal's (see `sitelock.py`),
+        naming the journal's lock `holder` (read now when not given)."""
+        if holder is None:
+            holder = await self._j(self.journal.lock_holder, self.site)
         await self.site_lock.claim(
             f"{holder.describe() if holder else 'a release'} (site {self.site})"
         )
@@ -340,14 +356,24 @@ class Engine:
             )
             self._notify(state, message=str(exc))
         finally:
-            await self.checks.close()
-            await self.site_lock.release()
-            with contextlib.suppress(JournalError):  # left behind, the lock is stale: resume
-                await self._j(self.journal.release_lock, self.site)
+            # Both locks let go of at once (each its own round trip).
+            errors = await asyncio.gather(
+                self.checks.close(),
+                self.site_lock.release(),
+                self._release_journal_lock(),
+                return_exceptions=True,
+            )
+            for error in errors:
+                if isinstance(error, BaseException):
+                    raise error
             # The hooks' last deliveries, each within its timeout and retries.
             with contextlib.suppress(JournalError):
                 await self.notifier.settle()
         return state
+
+    async def _release_journal_lock(self) -> None:
+        with contextlib.suppress(JournalError):  # left behind, the lock is stale: resume
+            await self._j(self.journal.release_lock, self.site)
 
     async def _run_steps(self, row: J.ReleaseRow) -> str:
         """The release's remaining steps, its final state journaled."""
@@ -361,9 +387,11 @@ class Engine:
                     f"release #{release_id}: its stored plan cannot be read here ({exc}); "
                     "finish it with the version that began it, or `changeover abort` it"
                 ) from None
-            journaled = await self._j(self.journal.steps, release_id)
+            journal = self.journal
+            journaled, events = await self._j(
+                lambda: (journal.steps(release_id), journal.events(release_id))
+            )
             done = {s.idx for s in journaled if s.state == J.STEP_DONE}
-            events = await self._j(self.journal.events, release_id)
             self._kept_out = {e.message for e in events if e.kind == J.KEPT_OUT}
             await self._emit(
                 "state",
@@ -375,15 +403,20 @@ class Engine:
                 if refusal:
                     raise StepFailed(f"refused before any change: {refusal}")
             self._notify("started", message="resumed" if done else "")
+            between: J.ReleaseRow | None = None  # as the last step's end read it
             for idx, step in enumerate(steps):
                 if idx in done:
                     continue
-                await self._check_stop()
-                await self._run_step(idx, step, len(steps))
-            await self._j(self.journal.set_state, release_id, J.DONE)
-            await self._emit(
-                "state", f"release #{release_id} done: {self.site} serves {row.version}"
-            )
+                await self._check_stop(between)
+                between = await self._run_step(idx, step, len(steps))
+            line = f"release #{release_id} done: {self.site} serves {row.version}"
+
+            def finish() -> None:
+                journal.set_state(release_id, J.DONE)
+                journal.add_event(release_id, "state", line)
+
+            await self._j(finish)
+            await self._emit("state", line, journal=False)
             self._notify("done")
         except Stopped as stop:
             state = stop.state
@@ -402,7 +435,8 @@ class Engine:
             self._notify(state, message=str(exc))
         return state
 
-    async def _run_step(self, idx: int, step: Step, total: int) -> None:
+    async def _run_step(self, idx: int, step: Step, total: int) -> J.ReleaseRow:
+        """Run one step, journaled before and after; the release as its end read it."""
         failpoint(step.id, "before")
         await self._j(self.journal.step_started, self._release_id, idx)
         await self._emit("step-start", step.description, step, idx, total, journal=False)
@@ -411,9 +445,17 @@ class Engine:
         try:
             detail = await self._dispatch(idx, step)
         except (StepFailed, BalancerError, PlanRefused, MigrationError) as exc:
-            await self._j(self.journal.step_finished, self._release_id, idx, False, str(exc))
-            await self._emit("step-failed", f"{step.description}: {exc}", step, idx, total)
-            raise StepFailed(f"{step.description}: {exc}") from exc
+            failed = f"{step.description}: {exc}"
+            await self._j(
+                self.journal.step_finished,
+                self._release_id,
+                idx,
+                False,
+                str(exc),
+                ("step-failed", failed),
+            )
+            await self._emit("step-failed", failed, step, idx, total, journal=False)
+            raise StepFailed(failed) from exc
         except Stopped as stop:
             # Not done: resume runs this step again from the start.
             await self._j(self.journal.step_interrupted, self._release_id, idx, str(stop))
@@ -422,20 +464,19 @@ class Engine:
             # The bake failed: the step is finished (not done), the release rolled back.
             await self._j(self.journal.step_finished, self._release_id, idx, False, str(exc))
             raise
-        await self._j(self.journal.step_finished, self._release_id, idx, True, detail)
+        took = self.clock.monotonic() - started
+        message = f"{step.description} ({took:.1f}s){': ' + detail if detail else ''}"
+        # One transaction: the step done, its event, and what was asked meanwhile.
+        row = await self._j(
+            self.journal.step_finished, self._release_id, idx, True, detail, ("step-done", message)
+        )
         failpoint(step.id, "after")
         if isinstance(step, Smoke):  # deployed, healthy, on the version, smoke passed
             self._notify("qa-ready", step.cluster, detail)
         elif isinstance(step, Admit) and step.promote:
             self._notify("swapped", step.promote, detail)
-        took = self.clock.monotonic() - started
-        await self._emit(
-            "step-done",
-            f"{step.description} ({took:.1f}s){': ' + detail if detail else ''}",
-            step,
-            idx,
-            total,
-        )
+        await self._emit("step-done", message, step, idx, total, journal=False)
+        return row
 
     async def _dispatch(self, idx: int, step: Step) -> str:
         """One handler per step kind."""
@@ -615,7 +656,10 @@ class Engine:
         )
 
     async def _for_members(
-        self, idx: int, cluster: Cluster, work: Callable[[Member], Awaitable[CommandResult]]
+        self,
+        idx: int,
+        cluster: Cluster,
+        work: Callable[[Member], Awaitable[CommandResult]],
     ) -> str:
         """Run `work` on every member not kept out, `executor.parallel` at a time;
         once the failures exceed what `max_failed` leaves, no further member
