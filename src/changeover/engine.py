@@ -539,22 +539,28 @@ class Engine:
         return summary
 
     async def _admit(self, step: Admit) -> str:
+        seen: PoolView | None = None
         if step.promote:
             steps = await self._j(self.journal.steps, self._release_id)
             refusal = swap_refusal(self._steps, {s.step_id: s.state for s in steps}, step.promote)
             if refusal:
                 raise StepFailed(refusal)
-            await self._wait_balancer_healthy(step.promote)
-        view = await self._change(step.admissions, "take the change")
+            seen = await self._wait_balancer_healthy(step.promote)
+        view = await self._change(step.admissions, "take the change", seen)
         return _admissions_summary(self.topo, view)
 
-    async def _change(self, admissions: dict[str, Admission], verb: str) -> PoolView:
+    async def _change(
+        self, admissions: dict[str, Admission], verb: str, seen: PoolView | None = None
+    ) -> PoolView:
         """Apply cluster admissions in one balancer change, each attempt checked
-        against the interlock on a fresh read first."""
+        against the interlock on a fresh read first (the first on `seen`, when
+        the caller has just read the pool)."""
         desired = member_admissions(self.topo, admissions, self._kept_out)
+        fresh = [seen] if seen is not None else []
 
         async def change() -> PoolView:
-            refusal = admissions_refusal(self.topo, await self.balancer.read(), desired)
+            view = fresh.pop() if fresh else await self.balancer.read()
+            refusal = admissions_refusal(self.topo, view, desired)
             if refusal:
                 raise PlanRefused(refusal)
             return await self.balancer.apply(desired)
@@ -585,17 +591,20 @@ class Engine:
         """The pool without the members kept out of this release."""
         return PoolView(tuple(self._serving((await self._read()).members)))
 
-    async def _wait_balancer_healthy(self, cluster: str) -> None:
+    async def _wait_balancer_healthy(self, cluster: str) -> PoolView:
+        """Until the balancer sees the cluster healthy; the read that saw it."""
         sick: list[str] = []
+        view = PoolView(())
 
         async def healthy() -> bool:
-            nonlocal sick
-            members = self._serving((await self._read()).in_cluster(cluster))
-            sick = [m.name for m in members if not m.healthy]
+            nonlocal sick, view
+            view = await self._read()
+            sick = [m.name for m in self._serving(view.in_cluster(cluster)) if not m.healthy]
             return not sick
 
         if not await self._until(healthy, self.topo.policy.health_timeout, self.poll):
             raise StepFailed(f"the balancer still sees {sick} unhealthy")
+        return view
 
     async def _wait_drained(self, step: WaitDrained) -> str:
         # The commands that follow the drain find their connections open.
