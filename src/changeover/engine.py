@@ -47,6 +47,7 @@ from changeover.policy import (
     analysis_summary,
     bake_problem,
     bake_summary,
+    done_with,
     drain_progress,
     excusable,
     fan_out_outcome,
@@ -144,6 +145,8 @@ class Engine:
         self._row: J.ReleaseRow | None = None  # the release running, for its hooks
         self._steps: list[Step] = []
         self._kept_out: set[str] = set()  # failed a step of this release within max_failed
+        self._done_with: list[str] = []  # clusters whose connections close at the next drain
+        self._closing: list[asyncio.Task[None]] = []  # clusters' connections closing
 
     # --- plumbing ----------------------------------------------------------------
 
@@ -356,19 +359,24 @@ class Engine:
             )
             self._notify(state, message=str(exc))
         finally:
-            # Both locks let go of at once (each its own round trip).
-            errors = await asyncio.gather(
-                self.checks.close(),
-                self.site_lock.release(),
-                self._release_journal_lock(),
-                return_exceptions=True,
-            )
-            for error in errors:
-                if isinstance(error, BaseException):
-                    raise error
-            # The hooks' last deliveries, each within its timeout and retries.
-            with contextlib.suppress(JournalError):
-                await self.notifier.settle()
+            self._done_with.clear()  # the executor's close closes them
+            try:
+                # Both locks let go of at once (each its own round trip).
+                errors = await asyncio.gather(
+                    self.checks.close(),
+                    self.site_lock.release(),
+                    self._release_journal_lock(),
+                    return_exceptions=True,
+                )
+                for error in errors:
+                    if isinstance(error, BaseException):
+                        raise error
+                # The hooks' last deliveries, each within its timeout and retries.
+                with contextlib.suppress(JournalError):
+                    await self.notifier.settle()
+            finally:  # the connections closing meanwhile
+                await asyncio.gather(*self._closing, return_exceptions=True)
+                self._closing.clear()
         return state
 
     async def _release_journal_lock(self) -> None:
@@ -464,6 +472,11 @@ class Engine:
             # The bake failed: the step is finished (not done), the release rolled back.
             await self._j(self.journal.step_finished, self._release_id, idx, False, str(exc))
             raise
+        done = done_with(self._steps, idx)
+        if done is not None and done.at_next_drain:
+            self._done_with.append(done.cluster)
+        elif done is not None:  # closed while the release goes on (its end waits for it)
+            self._close(done.cluster)
         took = self.clock.monotonic() - started
         message = f"{step.description} ({took:.1f}s){': ' + detail if detail else ''}"
         # One transaction: the step done, its event, and what was asked meanwhile.
@@ -606,8 +619,17 @@ class Engine:
             raise StepFailed(f"the balancer still sees {sick} unhealthy")
         return view
 
+    def _close(self, cluster: str) -> None:
+        """Close the cluster's connections in the background."""
+        closing = self.executor.close_cluster(self.topo.cluster(cluster))
+        self._closing.append(asyncio.create_task(closing))
+
     async def _wait_drained(self, step: WaitDrained) -> str:
-        # The commands that follow the drain find their connections open.
+        # While the drain waits, the connections of the clusters done with close,
+        # and the commands that follow it find theirs open.
+        for cluster in self._done_with:
+            self._close(cluster)
+        self._done_with = []
         warming = asyncio.create_task(self.executor.warm(self.topo.cluster(step.cluster)))
         try:
             line = await self._drained(step)

@@ -29,7 +29,17 @@ from changeover.model import (
     total,
 )
 from changeover.plan import PlanRefused, flip_back_plan, make_plan
-from changeover.steps import GATES, Admit, Bake, Step, StoredPlanError, step_from_dict
+from changeover.steps import (
+    GATES,
+    Admit,
+    Bake,
+    RunCommand,
+    Step,
+    StoredPlanError,
+    Upload,
+    WaitDrained,
+    step_from_dict,
+)
 
 # --- draining ------------------------------------------------------------------------
 
@@ -179,6 +189,26 @@ def fan_out_outcome(
         summary += f"; not started on {len(skipped)} member(s): {', '.join(sorted(skipped))}"
     over = not excusable(len(failed), kept_out, members + kept_out, max_failed)
     return FanOut(over, summary, detail)
+
+
+@dataclass(frozen=True, slots=True)
+class DoneWith:
+    """A cluster whose members the rest of the plan runs no command on."""
+
+    cluster: str
+    at_next_drain: bool  # a drain wait follows (idle time): close then, else at once
+
+
+def done_with(plan: Sequence[Step], idx: int) -> DoneWith | None:
+    """Whether `plan[idx]` is its cluster's last command step of the plan (a
+    release command or an upload), and when the connections it used may close."""
+    step = plan[idx]
+    if not isinstance(step, (RunCommand, Upload)):
+        return None
+    later = plan[idx + 1 :]
+    if any(isinstance(s, (RunCommand, Upload)) and s.cluster == step.cluster for s in later):
+        return None
+    return DoneWith(step.cluster, any(isinstance(s, WaitDrained) for s in later))
 
 
 # --- the swap gate ---------------------------------------------------------------------

@@ -157,6 +157,7 @@ class FakeExecutor:
         self.fleet = fleet
         self.calls: list[tuple[str, ...]] = []
         self.warmed: list[tuple[str, int]] = []  # (cluster, commands run before it)
+        self.closed: list[tuple[str, int]] = []  # (cluster, commands run before it), close_cluster
         self.fail: dict[tuple[str, str], int] = {}
         self.during: Callable[[Sequence[str]], None] | None = None  # runs inside a command
 
@@ -186,6 +187,9 @@ class FakeExecutor:
 
     async def warm(self, cluster: Cluster) -> None:
         self.warmed.append((cluster.name, len(self.calls)))  # and how many commands ran before
+
+    async def close_cluster(self, cluster: Cluster) -> None:
+        self.closed.append((cluster.name, len(self.calls)))
 
     async def close(self) -> None:
         return None

@@ -296,11 +296,16 @@ def drain_detail(site: Site) -> str:
     return {s.step_id: s.detail for s in site.journal.steps(release_id)}["drained-a"] or ""
 
 
-async def test_each_clusters_connections_are_opened_while_it_drains(tmp_path: Path) -> None:
+async def test_each_clusters_connections_are_opened_while_it_drains_closed_when_done(
+    tmp_path: Path,
+) -> None:
     site = Site.build(tmp_path)
     assert await release(site) == J.DONE
     # a before any command, b once a's six commands ran and before its own.
     assert site.executor.warmed == [("a", 0), ("b", 6)]
+    # a's close while b drains (b's warm too, after a's six commands); b's once its
+    # own last command ran: nothing runs on either after that.
+    assert site.executor.closed == [("a", 6), ("b", 12)]
 
 
 async def test_a_drain_waits_for_the_last_session_and_reports_every_few_seconds(

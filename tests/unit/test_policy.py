@@ -20,10 +20,12 @@ from changeover.model import AbortAsked, Admission, Approval, Ask, MemberState, 
 from changeover.plan import PlanRefused, make_plan
 from changeover.policy import (
     REPORT_EVERY,
+    DoneWith,
     Drain,
     DrainWatch,
     bake_problem,
     bake_summary,
+    done_with,
     drain_progress,
     excusable,
     fan_out_outcome,
@@ -317,6 +319,27 @@ TAKE_OVER_CASES = [
 )
 def test_kept_at_take_over(case: str, ask: Ask | None, steps: list[StepRow], kept: bool) -> None:
     assert kept_at_take_over(ask, steps) == (ask if kept else None)
+
+
+# --- what a command step's members are asked next, and when their connections close ---
+
+
+@pytest.mark.parametrize(
+    ("first", "closes"),
+    [
+        # a's connections close while b drains; b's at once (no drain follows).
+        (False, {"deploy-a": DoneWith("a", True), "deploy-b": DoneWith("b", False)}),
+        # A first deploy drains nothing: each closes as its last command ends.
+        (True, {"deploy-a": DoneWith("a", False), "deploy-b": DoneWith("b", False)}),
+    ],
+)
+def test_a_clusters_connections_close_after_its_last_command_step(
+    tmp_path: Path, first: bool, closes: dict[str, DoneWith]
+) -> None:
+    topo = topology(tmp_path)
+    plan = make_plan(topo, "2.0", first=first)
+    found = {s.id: d for i, s in enumerate(plan) if (d := done_with(plan, i)) is not None}
+    assert found == closes
 
 
 @pytest.mark.parametrize(
