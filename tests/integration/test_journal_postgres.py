@@ -25,6 +25,7 @@ from changeover.config import load
 from changeover.journal import Journal, JournalError, LockHeld, OutputRow, journal_path
 from changeover.pgjournal import PgJournal
 from changeover.starter import STARTER
+from tests.helpers import assert_a_step_ends_in_one_transaction
 from tests.postgres import Postgres, running_postgres
 
 pytestmark = pytest.mark.real
@@ -56,22 +57,7 @@ def backends(url: str) -> list[int]:
 def test_a_step_ends_with_its_event_and_reads_what_was_asked_in_one_transaction(
     url: str,
 ) -> None:
-    j = PgJournal(url, "site")
-    rid = j.create_release("site", "2.0", "1.0", "rolling-clusters", PLAN)
-    j.step_started(rid, 0)
-    j.request(rid, "abort")  # another shell asks while the step runs
-    row = j.step_finished(rid, 0, True, "fine\x00", ("step-done", "preflight: fine\x00"))
-    assert (row.id, row.request) == (rid, "abort")  # the engine's check between steps
-    step = j.steps(rid)[0]
-    [event] = j.events(rid)
-    assert (step.state, step.detail) == (J.STEP_DONE, "fine\ufffd")
-    assert (event.kind, event.message, event.at) == (
-        "step-done",
-        "preflight: fine\ufffd",
-        step.finished,
-    )
-    assert j.step_finished(rid, 1, False, "broke").request == "abort"  # no event: none added
-    assert len(j.events(rid)) == 1
+    assert_a_step_ends_in_one_transaction(PgJournal(url, "site"), "fine\x00", "fine\ufffd")
 
 
 def test_release_and_steps_round_trip(url: str) -> None:

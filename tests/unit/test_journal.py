@@ -10,6 +10,7 @@ import pytest
 
 from changeover import journal as J
 from changeover.journal import Journal, JournalError, LockHeld
+from tests.helpers import assert_a_step_ends_in_one_transaction
 
 PLAN = [{"id": "preflight"}, {"id": "drain-a"}]
 
@@ -32,22 +33,7 @@ def test_release_and_steps_round_trip(tmp_path: Path) -> None:
 def test_a_step_ends_with_its_event_and_reads_what_was_asked_in_one_transaction(
     tmp_path: Path,
 ) -> None:
-    j = Journal(tmp_path / "j.sqlite")
-    rid = j.create_release("site", "2.0", "1.0", "rolling-clusters", PLAN)
-    j.step_started(rid, 0)
-    j.request(rid, "abort")  # another shell asks while the step runs
-    row = j.step_finished(rid, 0, True, "fine", ("step-done", "preflight (0.1s): fine"))
-    assert (row.id, row.request) == (rid, "abort")  # the engine's check between steps
-    step = j.steps(rid)[0]
-    [event] = j.events(rid)
-    assert (step.state, step.detail) == (J.STEP_DONE, "fine")
-    assert (event.kind, event.message, event.at) == (
-        "step-done",
-        "preflight (0.1s): fine",
-        step.finished,
-    )
-    assert j.step_finished(rid, 1, False, "broke").request == "abort"  # no event: none added
-    assert len(j.events(rid)) == 1
+    assert_a_step_ends_in_one_transaction(Journal(tmp_path / "j.sqlite"), "fine", "fine")
 
 
 def test_journal_is_in_wal_mode_with_full_sync(tmp_path: Path) -> None:
