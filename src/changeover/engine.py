@@ -21,6 +21,7 @@ from typing import ParamSpec, TypeVar, assert_never
 from changeover import journal as J
 from changeover.balancers.base import BalancerError
 from changeover.config import Cluster, Member, Topology
+from changeover.earlychecks import EarlyChecks
 from changeover.executors.base import CommandResult, member_values, render_argv
 from changeover.groupcommit import GroupCommit
 from changeover.journal import JournalError
@@ -47,6 +48,7 @@ from changeover.policy import (
     analysis_summary,
     bake_problem,
     bake_summary,
+    checks_ahead,
     done_with,
     drain_progress,
     excusable,
@@ -145,6 +147,7 @@ class Engine:
         self._row: J.ReleaseRow | None = None  # the release running, for its hooks
         self._steps: list[Step] = []
         self._kept_out: set[str] = set()  # failed a step of this release within max_failed
+        self._early: dict[str, EarlyChecks] = {}  # cluster -> checks begun by its start step
         self._done_with: list[str] = []  # clusters whose connections close at the next drain
         self._closing: list[asyncio.Task[None]] = []  # clusters' connections closing
 
@@ -359,6 +362,9 @@ class Engine:
             )
             self._notify(state, message=str(exc))
         finally:
+            for early in self._early.values():
+                await early.cancel()
+            self._early.clear()
             self._done_with.clear()  # the executor's close closes them
             try:
                 # Both locks let go of at once (each its own round trip).
@@ -691,10 +697,12 @@ class Engine:
         idx: int,
         cluster: Cluster,
         work: Callable[[Member], Awaitable[CommandResult]],
+        succeeded: Callable[[Member], None] = lambda _: None,
     ) -> str:
         """Run `work` on every member not kept out, `executor.parallel` at a time;
         once the failures exceed what `max_failed` leaves, no further member
-        starts. Failures within the budget keep their members out."""
+        starts. Failures within the budget keep their members out. `succeeded`
+        hears of each member whose work succeeded, as it does."""
         cfg = self.topo.executor
         members = self._members(cluster)
         kept = len(cluster.members) - len(members)
@@ -711,6 +719,8 @@ class Engine:
                     skipped.append(member.name)
                     return
                 result = await work(member)
+                if result.ok:
+                    succeeded(member)
                 await outputs.add(
                     J.OutputRow(
                         idx,
@@ -750,7 +760,27 @@ class Engine:
             argv = render_argv(template, member_values(cluster, member, self._version))
             return await self.executor.run(cluster, member, argv, timeout)
 
-        return await self._for_members(idx, cluster, work)
+        ahead = checks_ahead(self._steps, idx)
+        if not ahead.health:
+            return await self._for_members(idx, cluster, work)
+        # The health wait (and version check) next: each member is asked as soon
+        # as its own command succeeded, while the others' still run.
+        await self._drop_early(cluster.name)
+        early = EarlyChecks(self.checks, self._version if ahead.version else None)
+        self._early[cluster.name] = early
+        return await self._for_members(idx, cluster, work, early.start)
+
+    async def _drop_early(self, cluster: str) -> None:
+        early = self._early.pop(cluster, None)
+        if early is not None:
+            await early.cancel()
+
+    async def _found_early(self, cluster: str) -> EarlyChecks | None:
+        """The early checks of the cluster's start step, their answers all in."""
+        early = self._early.get(cluster)
+        if early is not None:
+            await early.settle()
+        return early
 
     async def _upload(self, idx: int, step: Upload) -> str:
         cluster = self.topo.cluster(step.cluster)
@@ -778,10 +808,13 @@ class Engine:
         members = self._members(cluster)
         started = self.clock.monotonic()
         sick: list[CheckResult] = []
+        early = await self._found_early(cluster.name)
+        found = early.healthy if early is not None else set()
+        asked = [m for m in members if m.name not in found]  # not yet seen healthy
 
         async def healthy() -> bool:
             nonlocal sick
-            results = await asyncio.gather(*(self.checks.health(m) for m in members))
+            results = await asyncio.gather(*(self.checks.health(m) for m in asked))
             sick = [r for r in results if not r.ok]
             return not sick
 
@@ -802,11 +835,15 @@ class Engine:
     async def _verify_version(self, step: CheckVersion) -> str:
         cluster = self.topo.cluster(step.cluster)
         members = self._members(cluster)
-        results = await asyncio.gather(*(self.checks.version(m, self._version) for m in members))
+        early = await self._found_early(cluster.name)
+        await self._drop_early(cluster.name)
+        found = early.on_version if early is not None else set()
+        asked = [m for m in members if m.name not in found]  # not yet seen on the version
+        results = await asyncio.gather(*(self.checks.version(m, self._version) for m in asked))
         wrong = [r for r in results if not r.ok]
         if wrong:
             await self._excuse_or_fail(cluster, wrong, f"wrong version: {_brief(wrong)}")
-        return f"{len(results) - len(wrong)} member(s) on {self._version}"
+        return f"{len(members) - len(wrong)} member(s) on {self._version}"
 
     async def _smoke(self, step: Smoke) -> str:
         cluster = self.topo.cluster(step.cluster)

@@ -33,11 +33,13 @@ from changeover.steps import (
     GATES,
     Admit,
     Bake,
+    CheckVersion,
     RunCommand,
     Step,
     StoredPlanError,
     Upload,
     WaitDrained,
+    WaitHealthy,
     step_from_dict,
 )
 
@@ -209,6 +211,32 @@ def done_with(plan: Sequence[Step], idx: int) -> DoneWith | None:
     if any(isinstance(s, (RunCommand, Upload)) and s.cluster == step.cluster for s in later):
         return None
     return DoneWith(step.cluster, any(isinstance(s, WaitDrained) for s in later))
+
+
+@dataclass(frozen=True, slots=True)
+class ChecksAhead:
+    """What a command step's members are checked for in the steps right after it."""
+
+    health: bool  # the next step waits until they are healthy
+    version: bool  # and the one after checks their version
+
+
+def checks_ahead(plan: Sequence[Step], idx: int) -> ChecksAhead:
+    """Whether `plan[idx]`, a command on a cluster's members, is followed by the
+    wait for their health (and then their version check): each member can then
+    be checked as soon as its own command succeeded."""
+    step = plan[idx]
+    nxt = plan[idx + 1 : idx + 3]
+    if not isinstance(step, RunCommand) or not nxt:
+        return ChecksAhead(False, False)
+    health = isinstance(nxt[0], WaitHealthy) and nxt[0].cluster == step.cluster
+    version = (
+        health
+        and len(nxt) > 1
+        and isinstance(nxt[1], CheckVersion)
+        and nxt[1].cluster == step.cluster
+    )
+    return ChecksAhead(health, version)
 
 
 # --- the swap gate ---------------------------------------------------------------------
