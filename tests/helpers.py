@@ -14,6 +14,9 @@ from typing import Any
 
 import pytest
 
+from changeover.journal import STEP_DONE
+from changeover.ports import JournalStore
+
 REQUIRE_REAL = os.environ.get("CHANGEOVER_REQUIRE_REAL") == "1"
 
 
@@ -76,3 +79,20 @@ def toml_value(value: Any) -> str:
         items = (f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items() if v is not None)
         return "{ " + ", ".join(items) + " }"
     raise TypeError(f"no TOML for {value!r}")
+
+
+def assert_a_step_ends_in_one_transaction(j: JournalStore, text: str, stored: str) -> None:
+    """`step_finished` writes the step and its event together and reads what
+    another shell asked meanwhile (the engine's check between steps); `text`
+    as the journal stores it: `stored`."""
+    rid = j.create_release("site", "2.0", "1.0", "rolling-clusters", [{"id": "s0"}, {"id": "s1"}])
+    j.step_started(rid, 0)
+    j.request(rid, "abort")  # another shell asks while the step runs
+    row = j.step_finished(rid, 0, True, text, ("step-done", f"s0: {text}"))
+    assert (row.id, row.request) == (rid, "abort")
+    step = j.steps(rid)[0]
+    [event] = j.events(rid)
+    assert (step.state, step.detail) == (STEP_DONE, stored)
+    assert (event.kind, event.message, event.at) == ("step-done", f"s0: {stored}", step.finished)
+    assert j.step_finished(rid, 1, False, "broke").request == "abort"  # no event: none added
+    assert len(j.events(rid)) == 1

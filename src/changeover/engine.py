@@ -21,6 +21,7 @@ from typing import ParamSpec, TypeVar, assert_never
 from changeover import journal as J
 from changeover.balancers.base import BalancerError
 from changeover.config import Cluster, Member, Topology
+from changeover.earlychecks import EarlyChecks
 from changeover.executors.base import CommandResult, member_values, render_argv
 from changeover.groupcommit import GroupCommit
 from changeover.journal import JournalError
@@ -47,7 +48,9 @@ from changeover.policy import (
     analysis_summary,
     bake_problem,
     bake_summary,
+    checks_ahead,
     closing_progress,
+    done_with,
     drain_progress,
     excusable,
     fan_out_outcome,
@@ -145,6 +148,9 @@ class Engine:
         self._row: J.ReleaseRow | None = None  # the release running, for its hooks
         self._steps: list[Step] = []
         self._kept_out: set[str] = set()  # failed a step of this release within max_failed
+        self._early: dict[str, EarlyChecks] = {}  # cluster -> checks begun by its start step
+        self._done_with: list[str] = []  # clusters whose connections close at the next drain
+        self._closing: list[asyncio.Task[None]] = []  # clusters' connections closing
 
     # --- plumbing ----------------------------------------------------------------
 
@@ -193,10 +199,13 @@ class Engine:
         """Ctrl-C: stop at the next safe point."""
         self._interrupt.set()
 
-    async def _check_stop(self) -> None:
+    async def _check_stop(self, row: J.ReleaseRow | None = None) -> None:
+        """Stop at Ctrl-C or an abort asked from another shell (in `row`, the
+        release as just read; else read now)."""
         if self._interrupt.is_set():
             raise Stopped(J.INTERRUPTED, "interrupted (Ctrl-C); `changeover resume` continues")
-        row = await self._j(self.journal.release, self._release_id)
+        if row is None:
+            row = await self._j(self.journal.release, self._release_id)
         if isinstance(decode_ask(row.request), AbortAsked):
             raise Stopped(J.ABORTED, ABORTED)
 
@@ -237,17 +246,21 @@ class Engine:
         kind: str = "release",
         supersede: J.ReleaseRow | None = None,
     ) -> int:
-        await self._j(self.journal.acquire, self.site, None)
+        journal, site = self.journal, self.site
+        await self._j(journal.acquire, site, None)
+        reading: asyncio.Task[PoolView] | None = None
         try:
             await self._claim_site()
-            pending = await self._j(self.journal.unfinished, self.site)
+            reading = asyncio.create_task(self.balancer.read())  # meanwhile
+            pending, last = await self._j(
+                lambda: (journal.unfinished(site), journal.last_done(site))
+            )
             if pending is not None and (supersede is None or pending.id != supersede.id):
                 raise PlanRefused(
                     f"release #{pending.id} ({pending.version}) is {pending.state}: "
                     "`changeover resume` it, or `changeover abort` it first"
                 )
-            view = await self.balancer.read()
-            last = await self._j(self.journal.last_done, self.site)
+            view = await reading
             version, steps = plan(view, last)
             if supersede is not None and kind == "rollback":  # undoes what that one began
                 serving: str | None = supersede.version
@@ -262,8 +275,12 @@ class Engine:
                 [s.to_dict() for s in steps],
                 kind,
             )
-            await self._j(self.journal.set_lock_release, self.site, release_id)
-            await self._claim_site()  # renewed, naming the release
+
+            def name_release() -> J.LockInfo | None:  # and read the lock so named
+                journal.set_lock_release(site, release_id)
+                return journal.lock_holder(site)
+
+            await self._claim_site(await self._j(name_release))  # renewed, naming the release
             if supersede is not None:  # keeps why it stopped
                 why = f"{supersede.error}; " if supersede.error else ""
                 await self._j(
@@ -273,14 +290,19 @@ class Engine:
                     f"{why}superseded by {kind} #{release_id}",
                 )
         except BaseException:
+            if reading is not None:
+                reading.cancel()
+                await asyncio.gather(reading, return_exceptions=True)
             await self.site_lock.release()
             await self._j(self.journal.release_lock, self.site)
             raise
         return release_id
 
-    async def _claim_site(self) -> None:
-        """The balancer's release lock, beside the journal's (see `sitelock.py`)."""
-        holder = await self._j(self.journal.lock_holder, self.site)
+    async def _claim_site(self, holder: J.LockInfo | None = None) -> None:
+        """The balancer's release lock, beside the journal's (see `sitelock.py`),
+        naming the journal's lock `holder` (read now when not given)."""
+        if holder is None:
+            holder = await self._j(self.journal.lock_holder, self.site)
         await self.site_lock.claim(
             f"{holder.describe() if holder else 'a release'} (site {self.site})"
         )
@@ -341,14 +363,32 @@ class Engine:
             )
             self._notify(state, message=str(exc))
         finally:
-            await self.checks.close()
-            await self.site_lock.release()
-            with contextlib.suppress(JournalError):  # left behind, the lock is stale: resume
-                await self._j(self.journal.release_lock, self.site)
-            # The hooks' last deliveries, each within its timeout and retries.
-            with contextlib.suppress(JournalError):
-                await self.notifier.settle()
+            for early in self._early.values():
+                await early.cancel()
+            self._early.clear()
+            self._done_with.clear()  # the executor's close closes them
+            try:
+                # Both locks let go of at once (each its own round trip).
+                errors = await asyncio.gather(
+                    self.checks.close(),
+                    self.site_lock.release(),
+                    self._release_journal_lock(),
+                    return_exceptions=True,
+                )
+                for error in errors:
+                    if isinstance(error, BaseException):
+                        raise error
+                # The hooks' last deliveries, each within its timeout and retries.
+                with contextlib.suppress(JournalError):
+                    await self.notifier.settle()
+            finally:  # the connections closing meanwhile
+                await asyncio.gather(*self._closing, return_exceptions=True)
+                self._closing.clear()
         return state
+
+    async def _release_journal_lock(self) -> None:
+        with contextlib.suppress(JournalError):  # left behind, the lock is stale: resume
+            await self._j(self.journal.release_lock, self.site)
 
     async def _run_steps(self, row: J.ReleaseRow) -> str:
         """The release's remaining steps, its final state journaled."""
@@ -362,9 +402,11 @@ class Engine:
                     f"release #{release_id}: its stored plan cannot be read here ({exc}); "
                     "finish it with the version that began it, or `changeover abort` it"
                 ) from None
-            journaled = await self._j(self.journal.steps, release_id)
+            journal = self.journal
+            journaled, events = await self._j(
+                lambda: (journal.steps(release_id), journal.events(release_id))
+            )
             done = {s.idx for s in journaled if s.state == J.STEP_DONE}
-            events = await self._j(self.journal.events, release_id)
             self._kept_out = {e.message for e in events if e.kind == J.KEPT_OUT}
             await self._emit(
                 "state",
@@ -376,15 +418,20 @@ class Engine:
                 if refusal:
                     raise StepFailed(f"refused before any change: {refusal}")
             self._notify("started", message="resumed" if done else "")
+            between: J.ReleaseRow | None = None  # as the last step's end read it
             for idx, step in enumerate(steps):
                 if idx in done:
                     continue
-                await self._check_stop()
-                await self._run_step(idx, step, len(steps))
-            await self._j(self.journal.set_state, release_id, J.DONE)
-            await self._emit(
-                "state", f"release #{release_id} done: {self.site} serves {row.version}"
-            )
+                await self._check_stop(between)
+                between = await self._run_step(idx, step, len(steps))
+            line = f"release #{release_id} done: {self.site} serves {row.version}"
+
+            def finish() -> None:
+                journal.set_state(release_id, J.DONE)
+                journal.add_event(release_id, "state", line)
+
+            await self._j(finish)
+            await self._emit("state", line, journal=False)
             self._notify("done")
         except Stopped as stop:
             state = stop.state
@@ -403,7 +450,8 @@ class Engine:
             self._notify(state, message=str(exc))
         return state
 
-    async def _run_step(self, idx: int, step: Step, total: int) -> None:
+    async def _run_step(self, idx: int, step: Step, total: int) -> J.ReleaseRow:
+        """Run one step, journaled before and after; the release as its end read it."""
         failpoint(step.id, "before")
         await self._j(self.journal.step_started, self._release_id, idx)
         await self._emit("step-start", step.description, step, idx, total, journal=False)
@@ -412,9 +460,17 @@ class Engine:
         try:
             detail = await self._dispatch(idx, step)
         except (StepFailed, BalancerError, PlanRefused, MigrationError) as exc:
-            await self._j(self.journal.step_finished, self._release_id, idx, False, str(exc))
-            await self._emit("step-failed", f"{step.description}: {exc}", step, idx, total)
-            raise StepFailed(f"{step.description}: {exc}") from exc
+            failed = f"{step.description}: {exc}"
+            await self._j(
+                self.journal.step_finished,
+                self._release_id,
+                idx,
+                False,
+                str(exc),
+                ("step-failed", failed),
+            )
+            await self._emit("step-failed", failed, step, idx, total, journal=False)
+            raise StepFailed(failed) from exc
         except Stopped as stop:
             # Not done: resume runs this step again from the start.
             await self._j(self.journal.step_interrupted, self._release_id, idx, str(stop))
@@ -423,20 +479,24 @@ class Engine:
             # The bake failed: the step is finished (not done), the release rolled back.
             await self._j(self.journal.step_finished, self._release_id, idx, False, str(exc))
             raise
-        await self._j(self.journal.step_finished, self._release_id, idx, True, detail)
+        done = done_with(self._steps, idx)
+        if done is not None and done.at_next_drain:
+            self._done_with.append(done.cluster)
+        elif done is not None:  # closed while the release goes on (its end waits for it)
+            self._close(done.cluster)
+        took = self.clock.monotonic() - started
+        message = f"{step.description} ({took:.1f}s){': ' + detail if detail else ''}"
+        # One transaction: the step done, its event, and what was asked meanwhile.
+        row = await self._j(
+            self.journal.step_finished, self._release_id, idx, True, detail, ("step-done", message)
+        )
         failpoint(step.id, "after")
         if isinstance(step, Smoke):  # deployed, healthy, on the version, smoke passed
             self._notify("qa-ready", step.cluster, detail)
         elif isinstance(step, Admit) and step.promote:
             self._notify("swapped", step.promote, detail)
-        took = self.clock.monotonic() - started
-        await self._emit(
-            "step-done",
-            f"{step.description} ({took:.1f}s){': ' + detail if detail else ''}",
-            step,
-            idx,
-            total,
-        )
+        await self._emit("step-done", message, step, idx, total, journal=False)
+        return row
 
     async def _dispatch(self, idx: int, step: Step) -> str:
         """One handler per step kind."""
@@ -499,13 +559,14 @@ class Engine:
         return summary
 
     async def _admit(self, step: Admit) -> str:
+        seen: PoolView | None = None
         if step.promote:
             steps = await self._j(self.journal.steps, self._release_id)
             refusal = swap_refusal(self._steps, {s.step_id: s.state for s in steps}, step.promote)
             if refusal:
                 raise StepFailed(refusal)
-            await self._wait_balancer_healthy(step.promote)
-        view = await self._change(step.admissions, "take the change")
+            seen = await self._wait_balancer_healthy(step.promote)
+        view = await self._change(step.admissions, "take the change", seen)
         summary = _admissions_summary(self.topo, view)
         gone = [c for c, admission in step.admissions.items() if admission is Admission.OUT]
         closed = await self._websockets_closed(gone, view) if gone else ""
@@ -536,13 +597,18 @@ class Engine:
             await self._emit("warn", f"{', '.join(clusters)} out: {judged.line}")
         return judged.line if tunnels(view) else ""
 
-    async def _change(self, admissions: dict[str, Admission], verb: str) -> PoolView:
+    async def _change(
+        self, admissions: dict[str, Admission], verb: str, seen: PoolView | None = None
+    ) -> PoolView:
         """Apply cluster admissions in one balancer change, each attempt checked
-        against the interlock on a fresh read first."""
+        against the interlock on a fresh read first (the first on `seen`, when
+        the caller has just read the pool)."""
         desired = member_admissions(self.topo, admissions, self._kept_out)
+        fresh = [seen] if seen is not None else []
 
         async def change() -> PoolView:
-            refusal = admissions_refusal(self.topo, await self.balancer.read(), desired)
+            view = fresh.pop() if fresh else await self.balancer.read()
+            refusal = admissions_refusal(self.topo, view, desired)
             if refusal:
                 raise PlanRefused(refusal)
             return await self.balancer.apply(desired)
@@ -573,20 +639,32 @@ class Engine:
         """The pool without the members kept out of this release."""
         return PoolView(tuple(self._serving((await self._read()).members)))
 
-    async def _wait_balancer_healthy(self, cluster: str) -> None:
+    async def _wait_balancer_healthy(self, cluster: str) -> PoolView:
+        """Until the balancer sees the cluster healthy; the read that saw it."""
         sick: list[str] = []
+        view = PoolView(())
 
         async def healthy() -> bool:
-            nonlocal sick
-            members = self._serving((await self._read()).in_cluster(cluster))
-            sick = [m.name for m in members if not m.healthy]
+            nonlocal sick, view
+            view = await self._read()
+            sick = [m.name for m in self._serving(view.in_cluster(cluster)) if not m.healthy]
             return not sick
 
         if not await self._until(healthy, self.topo.policy.health_timeout, self.poll):
             raise StepFailed(f"the balancer still sees {sick} unhealthy")
+        return view
+
+    def _close(self, cluster: str) -> None:
+        """Close the cluster's connections in the background."""
+        closing = self.executor.close_cluster(self.topo.cluster(cluster))
+        self._closing.append(asyncio.create_task(closing))
 
     async def _wait_drained(self, step: WaitDrained) -> str:
-        # The commands that follow the drain find their connections open.
+        # While the drain waits, the connections of the clusters done with close,
+        # and the commands that follow it find theirs open.
+        for cluster in self._done_with:
+            self._close(cluster)
+        self._done_with = []
         warming = asyncio.create_task(self.executor.warm(self.topo.cluster(step.cluster)))
         try:
             line = await self._drained(step)
@@ -644,11 +722,16 @@ class Engine:
         )
 
     async def _for_members(
-        self, idx: int, cluster: Cluster, work: Callable[[Member], Awaitable[CommandResult]]
+        self,
+        idx: int,
+        cluster: Cluster,
+        work: Callable[[Member], Awaitable[CommandResult]],
+        succeeded: Callable[[Member], None] = lambda _: None,
     ) -> str:
         """Run `work` on every member not kept out, `executor.parallel` at a time;
         once the failures exceed what `max_failed` leaves, no further member
-        starts. Failures within the budget keep their members out."""
+        starts. Failures within the budget keep their members out. `succeeded`
+        hears of each member whose work succeeded, as it does."""
         cfg = self.topo.executor
         members = self._members(cluster)
         kept = len(cluster.members) - len(members)
@@ -665,6 +748,8 @@ class Engine:
                     skipped.append(member.name)
                     return
                 result = await work(member)
+                if result.ok:
+                    succeeded(member)
                 await outputs.add(
                     J.OutputRow(
                         idx,
@@ -704,7 +789,27 @@ class Engine:
             argv = render_argv(template, member_values(cluster, member, self._version))
             return await self.executor.run(cluster, member, argv, timeout)
 
-        return await self._for_members(idx, cluster, work)
+        ahead = checks_ahead(self._steps, idx)
+        if not ahead.health:
+            return await self._for_members(idx, cluster, work)
+        # The health wait (and version check) next: each member is asked as soon
+        # as its own command succeeded, while the others' still run.
+        await self._drop_early(cluster.name)
+        early = EarlyChecks(self.checks, self._version if ahead.version else None)
+        self._early[cluster.name] = early
+        return await self._for_members(idx, cluster, work, early.start)
+
+    async def _drop_early(self, cluster: str) -> None:
+        early = self._early.pop(cluster, None)
+        if early is not None:
+            await early.cancel()
+
+    async def _found_early(self, cluster: str) -> EarlyChecks | None:
+        """The early checks of the cluster's start step, their answers all in."""
+        early = self._early.get(cluster)
+        if early is not None:
+            await early.settle()
+        return early
 
     async def _upload(self, idx: int, step: Upload) -> str:
         cluster = self.topo.cluster(step.cluster)
@@ -732,10 +837,13 @@ class Engine:
         members = self._members(cluster)
         started = self.clock.monotonic()
         sick: list[CheckResult] = []
+        early = await self._found_early(cluster.name)
+        found = early.healthy if early is not None else set()
+        asked = [m for m in members if m.name not in found]  # not yet seen healthy
 
         async def healthy() -> bool:
             nonlocal sick
-            results = await asyncio.gather(*(self.checks.health(m) for m in members))
+            results = await asyncio.gather(*(self.checks.health(m) for m in asked))
             sick = [r for r in results if not r.ok]
             return not sick
 
@@ -756,11 +864,15 @@ class Engine:
     async def _verify_version(self, step: CheckVersion) -> str:
         cluster = self.topo.cluster(step.cluster)
         members = self._members(cluster)
-        results = await asyncio.gather(*(self.checks.version(m, self._version) for m in members))
+        early = await self._found_early(cluster.name)
+        await self._drop_early(cluster.name)
+        found = early.on_version if early is not None else set()
+        asked = [m for m in members if m.name not in found]  # not yet seen on the version
+        results = await asyncio.gather(*(self.checks.version(m, self._version) for m in asked))
         wrong = [r for r in results if not r.ok]
         if wrong:
             await self._excuse_or_fail(cluster, wrong, f"wrong version: {_brief(wrong)}")
-        return f"{len(results) - len(wrong)} member(s) on {self._version}"
+        return f"{len(members) - len(wrong)} member(s) on {self._version}"
 
     async def _smoke(self, step: Smoke) -> str:
         cluster = self.topo.cluster(step.cluster)

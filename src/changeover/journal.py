@@ -389,12 +389,32 @@ class Journal:
                 (STEP_RUNNING, time.time(), release_id, idx),
             )
 
-    def step_finished(self, release_id: int, idx: int, ok: bool, detail: str) -> None:
+    def step_finished(
+        self,
+        release_id: int,
+        idx: int,
+        ok: bool,
+        detail: str,
+        event: tuple[str, str] | None = None,
+    ) -> ReleaseRow:
+        """The step done (or failed), with `event` (kind, message) in the same
+        transaction; the release as it stands then, with what another shell
+        asked of it (the engine's check between steps)."""
+        now = time.time()
         with self._tx() as db:
             db.execute(
                 "UPDATE steps SET state=?, finished=?, detail=? WHERE release_id=? AND idx=?",
-                (STEP_DONE if ok else STEP_FAILED, time.time(), detail, release_id, idx),
+                (STEP_DONE if ok else STEP_FAILED, now, detail, release_id, idx),
             )
+            if event is not None:
+                db.execute(
+                    "INSERT INTO events (release_id, at, kind, message) VALUES (?,?,?,?)",
+                    (release_id, now, *event),
+                )
+            row = db.execute("SELECT * FROM releases WHERE id=?", (release_id,)).fetchone()
+        if row is None:
+            raise KeyError(release_id)
+        return _release_row(row)
 
     def step_interrupted(self, release_id: int, idx: int, why: str) -> None:
         """Back to pending: the step did not finish and runs again on resume."""

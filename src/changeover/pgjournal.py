@@ -424,9 +424,34 @@ class PgJournal:
         self._step("state = %s, started = %s, finished = NULL, detail = NULL", release_id, idx,
                    STEP_RUNNING, time.time())  # fmt: skip
 
-    def step_finished(self, release_id: int, idx: int, ok: bool, detail: str) -> None:
-        self._step("state = %s, finished = %s, detail = %s", release_id, idx,
-                   STEP_DONE if ok else STEP_FAILED, time.time(), detail)  # fmt: skip
+    def step_finished(
+        self,
+        release_id: int,
+        idx: int,
+        ok: bool,
+        detail: str,
+        event: tuple[str, str] | None = None,
+    ) -> ReleaseRow:
+        """As the SQLite journal's: the step, `event` and the release read in one
+        transaction."""
+        now = time.time()
+        state = STEP_DONE if ok else STEP_FAILED
+        with self._tx() as db:
+            db.execute(
+                "UPDATE changeover_steps SET state = %s, finished = %s, detail = %s"
+                " WHERE site = %s AND release_id = %s AND idx = %s",
+                (state, now, _text(detail), self.site, release_id, idx),
+            )
+            if event is not None:
+                db.execute(
+                    "INSERT INTO changeover_events (site, release_id, at, kind, message)"
+                    " VALUES (%s, %s, %s, %s, %s)",
+                    (self.site, release_id, now, _text(event[0]), _text(event[1])),
+                )
+            row = db.execute(self._RELEASE + " AND id = %s", (self.site, release_id)).fetchone()
+        if row is None:
+            raise KeyError(release_id)
+        return _release_row(row)
 
     def step_interrupted(self, release_id: int, idx: int, why: str) -> None:
         """Back to pending: the step did not finish and runs again on resume."""

@@ -29,7 +29,19 @@ from changeover.model import (
     total,
 )
 from changeover.plan import PlanRefused, flip_back_plan, make_plan
-from changeover.steps import GATES, Admit, Bake, Step, StoredPlanError, step_from_dict
+from changeover.steps import (
+    GATES,
+    Admit,
+    Bake,
+    CheckVersion,
+    RunCommand,
+    Step,
+    StoredPlanError,
+    Upload,
+    WaitDrained,
+    WaitHealthy,
+    step_from_dict,
+)
 
 # --- draining ------------------------------------------------------------------------
 
@@ -217,6 +229,52 @@ def fan_out_outcome(
         summary += f"; not started on {len(skipped)} member(s): {', '.join(sorted(skipped))}"
     over = not excusable(len(failed), kept_out, members + kept_out, max_failed)
     return FanOut(over, summary, detail)
+
+
+@dataclass(frozen=True, slots=True)
+class DoneWith:
+    """A cluster whose members the rest of the plan runs no command on."""
+
+    cluster: str
+    at_next_drain: bool  # a drain wait follows (idle time): close then, else at once
+
+
+def done_with(plan: Sequence[Step], idx: int) -> DoneWith | None:
+    """Whether `plan[idx]` is its cluster's last command step of the plan (a
+    release command or an upload), and when the connections it used may close."""
+    step = plan[idx]
+    if not isinstance(step, (RunCommand, Upload)):
+        return None
+    later = plan[idx + 1 :]
+    if any(isinstance(s, (RunCommand, Upload)) and s.cluster == step.cluster for s in later):
+        return None
+    return DoneWith(step.cluster, any(isinstance(s, WaitDrained) for s in later))
+
+
+@dataclass(frozen=True, slots=True)
+class ChecksAhead:
+    """What a command step's members are checked for in the steps right after it."""
+
+    health: bool  # the next step waits until they are healthy
+    version: bool  # and the one after checks their version
+
+
+def checks_ahead(plan: Sequence[Step], idx: int) -> ChecksAhead:
+    """Whether `plan[idx]`, a command on a cluster's members, is followed by the
+    wait for their health (and then their version check): each member can then
+    be checked as soon as its own command succeeded."""
+    step = plan[idx]
+    nxt = plan[idx + 1 : idx + 3]
+    if not isinstance(step, RunCommand) or not nxt:
+        return ChecksAhead(False, False)
+    health = isinstance(nxt[0], WaitHealthy) and nxt[0].cluster == step.cluster
+    version = (
+        health
+        and len(nxt) > 1
+        and isinstance(nxt[1], CheckVersion)
+        and nxt[1].cluster == step.cluster
+    )
+    return ChecksAhead(health, version)
 
 
 # --- the swap gate ---------------------------------------------------------------------

@@ -25,6 +25,7 @@ from changeover.config import load
 from changeover.journal import Journal, JournalError, LockHeld, OutputRow, journal_path
 from changeover.pgjournal import PgJournal
 from changeover.starter import STARTER
+from tests.helpers import assert_a_step_ends_in_one_transaction
 from tests.postgres import Postgres, running_postgres
 
 pytestmark = pytest.mark.real
@@ -51,6 +52,12 @@ def backends(url: str) -> list[int]:
             "SELECT pid FROM pg_stat_activity WHERE application_name = 'changeover journal'"
         ).fetchall()
     return [int(r[0]) for r in rows]
+
+
+def test_a_step_ends_with_its_event_and_reads_what_was_asked_in_one_transaction(
+    url: str,
+) -> None:
+    assert_a_step_ends_in_one_transaction(PgJournal(url, "site"), "fine\x00", "fine\ufffd")
 
 
 def test_release_and_steps_round_trip(url: str) -> None:

@@ -202,6 +202,17 @@ async def test_sessions_are_counted_per_member_within_session_idle(tmp_path: Pat
 
         await wait_until(forgotten, timeout=5, what="sessions idle for 0.3 s to stop counting")
         assert sum(m["sessions"] for m in (await site.pool(admin)).values()) == 8  # default 30 s
+        # A change answers the pool document counted the same way (the driver's read-back).
+        same = {"admissions": {"a1": (await site.pool(admin))["a1"]["admission"]}}
+        for query, sessions in (("?session_idle=0.3", 0), ("", 8)):
+            async with admin.post(
+                f"{site.admin}/v1/admissions{query}", json=same, headers=auth()
+            ) as r:
+                assert r.status == 200, await r.text()
+                assert sum(m["sessions"] for m in (await r.json())["members"]) == sessions
         for bad in ("0", "-1", "nan", "soon"):
             async with admin.get(f"{site.admin}/v1/pool?session_idle={bad}", headers=auth()) as r:
+                assert r.status == 400, bad
+            url = f"{site.admin}/v1/admissions?session_idle={bad}"
+            async with admin.post(url, json=same, headers=auth()) as r:
                 assert r.status == 400, bad

@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from changeover.config import Cluster, Member
+from changeover.executors import ssh as ssh_module
 from changeover.executors.base import member_values, render_argv
 from changeover.executors.ssh import SshExecutor
 from tests.helpers import wait_until
@@ -382,3 +383,46 @@ async def test_a_dropped_connection_is_replaced_on_the_next_command(
     after = await executor.run(CLUSTER, A1, ["true"], timeout=10)
     assert after.ok, after.output
     assert sshd.accepted(A1.host) == 2
+
+
+def connected(host: str) -> int:
+    """This process's TCP connections open to `host`."""
+    return sum(
+        1
+        for c in psutil.Process().net_connections("tcp")
+        if c.raddr and c.raddr.ip == host and c.status == psutil.CONN_ESTABLISHED
+    )
+
+
+async def test_close_cluster_closes_its_hosts_connections_and_no_other(
+    sshd: SshdServer, executor: SshExecutor
+) -> None:
+    other = Member(name="b1", host=B_HOSTS[0], port=8101)
+    b = Cluster(name="B", members=[other])
+    assert (await executor.run(b, other, ["true"], 10)).ok
+    await executor.warm(CLUSTER)
+    assert [connected(m.host) for m in [*MEMBERS, other]] == [1, 1, 1, 1]
+    await executor.close_cluster(CLUSTER)  # the release runs nothing more on A
+    assert [connected(m.host) for m in [*MEMBERS, other]] == [0, 0, 0, 1]
+    assert (await executor.run(b, other, ["true"], 10)).ok
+    assert sshd.accepted(other.host) == 1  # B's connection stayed open, and in use
+    again = await executor.run(CLUSTER, A1, ["true"], 10)  # a later command reconnects
+    assert again.ok, again.output
+    assert [sshd.accepted(m.host) for m in MEMBERS] == [2, 1, 1]
+
+
+async def test_a_cancelled_close_cluster_still_closes_every_connection(
+    sshd: SshdServer, executor: SshExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ssh_module, "CLOSE_AT_ONCE", 1)  # one batch per host
+    await executor.warm(CLUSTER)
+    closing = asyncio.create_task(executor.close_cluster(CLUSTER))
+    await asyncio.sleep(0)  # the first batch begins
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    await wait_until(
+        lambda: [connected(m.host) for m in MEMBERS] == [0, 0, 0],
+        timeout=5,
+        what="every connection of A closed, the batches not reached included",
+    )

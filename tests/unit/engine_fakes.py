@@ -17,7 +17,7 @@ from typing import Any
 from changeover.balancers.base import BalancerError
 from changeover.config import Cluster, Member, Topology, parse
 from changeover.executors.base import CommandResult
-from changeover.journal import Journal
+from changeover.journal import STEP_RUNNING, Journal
 from changeover.migrations import Phase
 from changeover.model import COUNTERS, Admission, CheckResult, Counter, MemberState, PoolView
 from changeover.ports import HookEvent, JournalStore, MigrationError, Ports, Review
@@ -83,6 +83,8 @@ class Fleet:
     running: set[str]
     broken_deploy: set[str] = field(default_factory=set)  # deploys the wrong version
     never_healthy: set[str] = field(default_factory=set)
+    slow_up: set[str] = field(default_factory=set)  # refuse the first health check after start
+    coming_up: set[str] = field(default_factory=set)  # slow_up ones started, not yet asked
 
 
 class FakeBalancer:
@@ -157,6 +159,7 @@ class FakeExecutor:
         self.fleet = fleet
         self.calls: list[tuple[str, ...]] = []
         self.warmed: list[tuple[str, int]] = []  # (cluster, commands run before it)
+        self.closed: list[tuple[str, int]] = []  # (cluster, commands run before it), close_cluster
         self.fail: dict[tuple[str, str], int] = {}
         self.during: Callable[[Sequence[str]], None] | None = None  # runs inside a command
 
@@ -176,6 +179,7 @@ class FakeExecutor:
                 self.fleet.version[member.name] = "0.0-broken" if broken else version
             elif what == "start":
                 self.fleet.running.add(member.name)
+                self.fleet.coming_up |= self.fleet.slow_up & {member.name}
         return CommandResult(member.name, tuple(argv), status, f"{what} said {status}", 0.01)
 
     async def upload(
@@ -187,6 +191,9 @@ class FakeExecutor:
     async def warm(self, cluster: Cluster) -> None:
         self.warmed.append((cluster.name, len(self.calls)))  # and how many commands ran before
 
+    async def close_cluster(self, cluster: Cluster) -> None:
+        self.closed.append((cluster.name, len(self.calls)))
+
     async def close(self) -> None:
         return None
 
@@ -197,12 +204,20 @@ class FakeChecks:
         self.smoke_fails: set[str] = set()  # clusters whose QA smoke check fails
         self.live_smoke_fails = False
         self.served: str | None = "1.0"  # None: no member answers its version yet
+        # (health | version, member, the step running then): `running` says which.
+        self.asked: list[tuple[str, str, str | None]] = []
+        self.running: Callable[[], str | None] = lambda: None
 
     async def health(self, member: Member) -> CheckResult:
+        self.asked.append(("health", member.name, self.running()))
         ok = member.name in self.fleet.running and member.name not in self.fleet.never_healthy
+        if member.name in self.fleet.coming_up:
+            self.fleet.coming_up.discard(member.name)
+            ok = False
         return CheckResult(member.name, ok, "HTTP 200" if ok else "connection refused")
 
     async def version(self, member: Member, version: str) -> CheckResult:
+        self.asked.append(("version", member.name, self.running()))
         got = self.fleet.version[member.name]
         return CheckResult(member.name, got == version, f"reports {got}")
 
@@ -316,7 +331,7 @@ class Site:
         topo = topology(tmp_path, **sections)
         names = [m.name for _, m in topo.members()]
         fleet = Fleet(dict.fromkeys(names, "1.0"), set(names))
-        return cls(
+        site = cls(
             topo,
             Journal(tmp_path / "journal.sqlite"),
             fleet,
@@ -326,6 +341,14 @@ class Site:
             FakeMigrator(),
             FakeClock(),
         )
+        site.checks.running = site.running_step
+        return site
+
+    def running_step(self) -> str | None:
+        """The step of the newest release that the journal shows running."""
+        row = self.journal.newest(self.topo.site.name)
+        steps = self.journal.steps(row.id) if row else []
+        return next((s.step_id for s in steps if s.state == STEP_RUNNING), None)
 
     def ports(self) -> Ports:
         return Ports(

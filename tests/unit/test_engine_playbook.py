@@ -297,11 +297,66 @@ def drain_detail(site: Site) -> str:
     return {s.step_id: s.detail for s in site.journal.steps(release_id)}["drained-a"] or ""
 
 
-async def test_each_clusters_connections_are_opened_while_it_drains(tmp_path: Path) -> None:
+async def test_each_clusters_connections_are_opened_while_it_drains_closed_when_done(
+    tmp_path: Path,
+) -> None:
     site = Site.build(tmp_path)
     assert await release(site) == J.DONE
     # a before any command, b once a's six commands ran and before its own.
     assert site.executor.warmed == [("a", 0), ("b", 6)]
+    # a's close while b drains (b's warm too, after a's six commands); b's once its
+    # own last command ran: nothing runs on either after that.
+    assert site.executor.closed == [("a", 6), ("b", 12)]
+
+
+# --- health and version as soon as each member started ------------------------------------
+
+
+def asked(site: Site, member: str) -> list[tuple[str, str | None]]:
+    """What the checks asked `member` (health or version), and in which step."""
+    return [(what, step) for what, name, step in site.checks.asked if name == member]
+
+
+async def test_each_member_is_checked_as_soon_as_its_start_succeeded(tmp_path: Path) -> None:
+    site = Site.build(tmp_path)
+    assert await release(site) == J.DONE
+    # Asked once each, while the start step ran; the steps after took the answers.
+    for member in ("a1", "a2", "b1", "b2"):
+        start = f"start-{member[0]}"
+        assert asked(site, member) == [("health", start), ("version", start)], member
+    release_id = site.journal.newest("t").id  # type: ignore[union-attr]
+    details = {s.step_id: s.detail for s in site.journal.steps(release_id)}
+    assert details["healthy-a"] == "2 member(s) healthy after 0.0s"
+    assert details["version-a"] == "2 member(s) on 2.0"
+
+
+async def test_a_member_not_up_as_its_start_ended_is_asked_again_by_the_steps(
+    tmp_path: Path,
+) -> None:
+    site = Site.build(tmp_path)
+    site.fleet.slow_up.add("a2")  # refuses the first health check after its start
+    assert await release(site) == J.DONE
+    assert asked(site, "a1") == [("health", "start-a"), ("version", "start-a")]
+    assert asked(site, "a2") == [
+        ("health", "start-a"),  # refused: not kept, the health wait asks again
+        ("health", "healthy-a"),
+        ("version", "version-a"),
+    ]
+
+
+async def test_a_wrong_version_found_early_is_asked_again_and_fails_the_step(
+    tmp_path: Path,
+) -> None:
+    site = Site.build(tmp_path)
+    site.fleet.broken_deploy.add("a2")
+    assert await release(site) == J.FAILED
+    assert asked(site, "a2") == [
+        ("health", "start-a"),
+        ("version", "start-a"),  # wrong: not kept
+        ("version", "version-a"),  # the step's own check fails it
+    ]
+    release_id = site.journal.newest("t").id  # type: ignore[union-attr]
+    assert step_states(site, release_id)["version-a"] == J.STEP_FAILED
 
 
 async def test_a_drain_waits_for_the_last_session_and_reports_every_few_seconds(

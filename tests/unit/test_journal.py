@@ -10,6 +10,7 @@ import pytest
 
 from changeover import journal as J
 from changeover.journal import Journal, JournalError, LockHeld
+from tests.helpers import assert_a_step_ends_in_one_transaction
 
 PLAN = [{"id": "preflight"}, {"id": "drain-a"}]
 
@@ -27,6 +28,12 @@ def test_release_and_steps_round_trip(tmp_path: Path) -> None:
     j.set_state(rid, J.DONE)
     assert j.unfinished("site") is None
     assert j.last_done("site") is not None
+
+
+def test_a_step_ends_with_its_event_and_reads_what_was_asked_in_one_transaction(
+    tmp_path: Path,
+) -> None:
+    assert_a_step_ends_in_one_transaction(Journal(tmp_path / "j.sqlite"), "fine", "fine")
 
 
 def test_journal_is_in_wal_mode_with_full_sync(tmp_path: Path) -> None:

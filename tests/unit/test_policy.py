@@ -21,11 +21,15 @@ from changeover.plan import PlanRefused, make_plan
 from changeover.policy import (
     CLOSE_GRACE,
     REPORT_EVERY,
+    ChecksAhead,
+    DoneWith,
     Drain,
     DrainWatch,
     bake_problem,
     bake_summary,
+    checks_ahead,
     closing_progress,
+    done_with,
     drain_progress,
     excusable,
     fan_out_outcome,
@@ -35,7 +39,7 @@ from changeover.policy import (
     rollback_plan,
     swap_refusal,
 )
-from changeover.steps import Bake, StepKind
+from changeover.steps import Bake, RunCommand, Smoke, Step, StepKind, WaitHealthy
 
 LIVE, DRAIN, OUT = Admission.LIVE, Admission.DRAINING, Admission.OUT
 
@@ -344,6 +348,46 @@ TAKE_OVER_CASES = [
 )
 def test_kept_at_take_over(case: str, ask: Ask | None, steps: list[StepRow], kept: bool) -> None:
     assert kept_at_take_over(ask, steps) == (ask if kept else None)
+
+
+# --- what a command step's members are asked next, and when their connections close ---
+
+
+def test_only_the_command_right_before_the_health_wait_checks_early(tmp_path: Path) -> None:
+    plan = make_plan(topology(tmp_path), "2.0")  # deploy is the only command configured
+    ahead = {s.id: checks_ahead(plan, i) for i, s in enumerate(plan)}
+    early = {step: a for step, a in ahead.items() if a != ChecksAhead(False, False)}
+    assert early == {"deploy-a": ChecksAhead(True, True), "deploy-b": ChecksAhead(True, True)}
+    health_only: list[Step] = [
+        RunCommand("start-a", "start a", "a", "start"),
+        WaitHealthy("healthy-a", "wait until a is healthy", "a"),
+        Smoke("smoke-a", "smoke a", "a"),
+    ]
+    assert checks_ahead(health_only, 0) == ChecksAhead(True, False)
+    elsewhere: list[Step] = [
+        health_only[0],
+        WaitHealthy("healthy-b", "wait until b is healthy", "b"),
+    ]
+    assert checks_ahead(elsewhere, 0) == ChecksAhead(False, False)
+    assert checks_ahead(health_only[:1], 0) == ChecksAhead(False, False)  # the plan's end
+
+
+@pytest.mark.parametrize(
+    ("first", "closes"),
+    [
+        # a's connections close while b drains; b's at once (no drain follows).
+        (False, {"deploy-a": DoneWith("a", True), "deploy-b": DoneWith("b", False)}),
+        # A first deploy drains nothing: each closes as its last command ends.
+        (True, {"deploy-a": DoneWith("a", False), "deploy-b": DoneWith("b", False)}),
+    ],
+)
+def test_a_clusters_connections_close_after_its_last_command_step(
+    tmp_path: Path, first: bool, closes: dict[str, DoneWith]
+) -> None:
+    topo = topology(tmp_path)
+    plan = make_plan(topo, "2.0", first=first)
+    found = {s.id: d for i, s in enumerate(plan) if (d := done_with(plan, i)) is not None}
+    assert found == closes
 
 
 @pytest.mark.parametrize(

@@ -38,6 +38,9 @@ class CountingExecutor:
     async def warm(self, cluster: Cluster) -> None:
         raise NotImplementedError
 
+    async def close_cluster(self, cluster: Cluster) -> None:
+        raise NotImplementedError
+
     async def close(self) -> None:
         return None
 

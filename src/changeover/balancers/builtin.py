@@ -61,9 +61,9 @@ class BuiltinBalancer:
         self.name = name
         self.url = url.rstrip("/")
         # Sessions are counted over this site's session_idle, not the balancer's own.
-        self._pool = (
-            "/v1/pool" if session_idle is None else f"/v1/pool?session_idle={session_idle:g}"
-        )
+        idle = "" if session_idle is None else f"?session_idle={session_idle:g}"
+        self._pool = "/v1/pool" + idle
+        self._admissions = "/v1/admissions" + idle
         headers = {"Authorization": f"Bearer {token}"}
         self._client = LazySession(
             lambda: aiohttp.ClientSession(
@@ -91,8 +91,8 @@ class BuiltinBalancer:
 
     async def apply(self, desired: Mapping[str, Admission]) -> PoolView:
         body = {"admissions": {name: adm.value for name, adm in desired.items()}}
-        await self._call("POST", "/v1/admissions", body)
-        view = await self.read()
+        # The answer is the master's pool document after the change: the read-back.
+        view = await self._call("POST", self._admissions, body)
         missing = differs(view, desired)
         if missing:
             raise BalancerError(

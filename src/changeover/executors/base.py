@@ -65,4 +65,9 @@ class Executor(Protocol):
         commands to report."""
         ...
 
+    async def close_cluster(self, cluster: Cluster) -> None:
+        """Close what commands on the cluster's members used (SSH connections):
+        the release runs nothing more there. A later command opens it again."""
+        ...
+
     async def close(self) -> None: ...

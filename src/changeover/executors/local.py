@@ -118,5 +118,8 @@ class LocalExecutor:
     async def warm(self, cluster: Cluster) -> None:
         return None  # nothing to open ahead on this host
 
+    async def close_cluster(self, cluster: Cluster) -> None:
+        return None
+
     async def close(self) -> None:
         return None

@@ -38,6 +38,7 @@ KEEPALIVE_INTERVAL = 15.0  # detect a dead pooled connection between steps
 # Handshakes at once while a drain waits: sshd's default MaxStartups (10:30:100)
 # starts dropping unauthenticated connections beyond 10.
 WARM_AT_ONCE = 10
+CLOSE_AT_ONCE = 10  # connections closed at once in the background (`close_cluster`)
 _READ_SIZE = 64 * 1024
 _PID_LINE = re.compile(rb"(^|\n)changeover-pid:(\d+)\n")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -296,6 +297,21 @@ class SshExecutor:
 
         logins = {self._key(m): m for m in cluster.members}  # one member per connection
         await asyncio.gather(*(one(m) for m in logins.values()))
+
+    async def close_cluster(self, cluster: Cluster) -> None:
+        # Out of the pool first: whoever asks for one of these hosts meanwhile
+        # (a member of another cluster on the same login) gets a new connection.
+        keys = {self._key(m) for m in cluster.members}
+        conns = [conn for key in keys if (conn := self._conns.pop(key, None)) is not None]
+        try:  # a few at a time: the release goes on meanwhile
+            while conns:
+                batch, conns = conns[:CLOSE_AT_ONCE], conns[CLOSE_AT_ONCE:]
+                for conn in batch:
+                    conn.close()
+                await asyncio.gather(*(conn.wait_closed() for conn in batch))
+        finally:
+            for conn in conns:  # cancelled: the rest close without being waited for
+                conn.close()
 
     async def close(self) -> None:
         conns, jump = list(self._conns.values()), self._jump_conn

@@ -1,6 +1,6 @@
 """The admin API on `balancer.admin_listen`, served by the master process.
 
-GET /v1/pool[?session_idle=S], POST /v1/admissions, POST /v1/tls/reload,
+GET /v1/pool[?session_idle=S], POST /v1/admissions[?session_idle=S], POST /v1/tls/reload,
 POST /v1/reload (re-read the topology file, as SIGHUP does) and GET /v1/reload
 (how the last reload went), the site's release lock at /v1/lock (GET, PUT to
 claim or renew, DELETE to let go; see `proxy/lease.py`), all behind the bearer
@@ -47,6 +47,20 @@ def _digest(value: str) -> bytes:
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
+
+
+def _session_idle(request: web.Request) -> float | web.Response | None:
+    """`?session_idle=S`: the seconds the pool document counts sessions over
+    (None: the balancer's own), or the 400 for a value that is none."""
+    if "session_idle" not in request.query:
+        return None
+    try:
+        idle = float(request.query["session_idle"])
+    except ValueError:
+        idle = -1.0
+    if not 0 < idle < 1e9:  # also refuses nan
+        return _error(400, "session_idle must be a positive number of seconds")
+    return idle
 
 
 ADMISSIONS_SHAPE = (
@@ -119,18 +133,16 @@ def build_app(
     first_verdicts = min(3.0, health.fall * health.interval + health.timeout)
 
     async def get_pool(request: web.Request) -> web.Response:
-        idle: float | None = None
-        if "session_idle" in request.query:
-            try:
-                idle = float(request.query["session_idle"])
-            except ValueError:
-                idle = -1.0
-            if not 0 < idle < 1e9:  # also refuses nan
-                return _error(400, "session_idle must be a positive number of seconds")
+        idle = _session_idle(request)
+        if isinstance(idle, web.Response):
+            return idle
         await pool.first_verdicts(first_verdicts)
         return web.json_response(pool.view(idle))
 
     async def post_admissions(request: web.Request) -> web.Response:
+        idle = _session_idle(request)
+        if isinstance(idle, web.Response):
+            return idle
         body, problem = await _json_body(request)
         if problem is not None:
             return problem
@@ -152,7 +164,7 @@ def build_app(
             return _error(500, f"cannot save the balancer state: {exc}")
         if done:
             log.info("admissions changed%s: %s", " (forced)" if force else "", ", ".join(done))
-        return web.json_response(pool.view())
+        return web.json_response(pool.view(idle))
 
     async def post_tls_reload(_: web.Request) -> web.Response:
         if reload_tls is None:
