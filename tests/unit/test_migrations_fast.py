@@ -1,0 +1,197 @@
+"""The migration check's fast paths give what the slow ones give (issue 13's speed goal).
+
+MySQL and SQLite files are tokenized a few statements at a time (`generic._windows`)
+and plain `INSERT ... VALUES` statements are not parsed (`generic._plain_insert`);
+both must change no finding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlglot import exp
+from sqlglot.errors import ErrorLevel, TokenError
+
+from changeover.migrations import Dialect, analyse, check_paths, generic
+from changeover.migrations.analysis import FileState, Schema
+
+DATA = Path(__file__).parent.parent / "data" / "migrations"
+
+# Statements and pieces that are hard to split: `;` in strings, identifiers and
+# comments, comments after a `;` on its line, escapes, unterminated things.
+PIECES = (
+    "INSERT INTO t (a, b) VALUES (1, 'x');\n",
+    'INSERT INTO `t` VALUES (1,\'a;b\'),(2,"c\\";");\n',
+    "INSERT IGNORE INTO s.t (`a`) VALUES (-1, NULL, TRUE);\n",
+    "INSERT INTO t VALUES (1)\nDROP TABLE users;\n",
+    "INSERT INTO t VALUES (1) ON DUPLICATE KEY UPDATE a = 1;\n",
+    "INSERT INTO t (a, b) VALUES (1, 'it''s; here'), (2, 'back\\\\');\n",
+    "INSERT INTO t VALUES (1); -- a comment; on the same line\n",
+    "INSERT INTO t VALUES (now());\n",
+    "INSERT INTO t VALUES (1,);\n",
+    "ALTER TABLE users DROP COLUMN nickname;\n",
+    "/* a ; comment */ ALTER TABLE a ADD COLUMN b int NOT NULL; -- trailing ;\n",
+    "# a hash ; comment\n",
+    "SELECT ';', `x;y`;\n",
+    "CREATE TABLE t2 (a int, b varchar(10));\n",
+    "ALTER TABLE t2 MODIFY b varchar(20);\n",
+    "DROP TABLE t2;\n",
+    "RENAME TABLE a TO b;\n",
+    "SELEC oops;\n",
+    "ALTER TABLE t ADD COLUMN c int, ALGORITHM=COPY;\n",
+    "CREATE TRIGGER tr AFTER INSERT ON t BEGIN SELECT 1; END;\n",
+    ";;\n",
+    "\n",
+)
+UNFINISHED = ("'unterminated;\n", "`unterminated;\n", "/* unterminated ;\n", '"x;')
+
+
+def corpus(seed: int, count: int, pieces: tuple[str, ...] = PIECES) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choices(pieces, k=rng.randint(1, 300))) for _ in range(count)]
+
+
+def token_view(tokens: Sequence[object]) -> list[tuple[object, ...]]:
+    names = ("token_type", "text", "line", "col", "start", "end", "comments")
+    return [tuple(getattr(t, n) for n in names) for t in tokens]
+
+
+@pytest.mark.parametrize("dialect", ["mysql", "sqlite"])
+@pytest.mark.parametrize("step", [1, 5, 64, generic._WINDOW])
+def test_windows_give_the_whole_files_tokens(dialect: Dialect, step: int) -> None:
+    sg = generic._dialect(dialect)
+    core = sg.tokenizer()._core
+    checked = 0
+    for sql in corpus(step, 40):
+        try:
+            whole = sg.tokenize(sql)
+        except TokenError as error:
+            with pytest.raises(TokenError) as raised:
+                list(generic._windows(core, sql, step))
+            assert str(raised.value) == str(error)
+            continue
+        windows = list(generic._windows(core, sql, step))
+        assert token_view([t for w in windows for t in w]) == token_view(whole)
+        # Every window but the last ends on a `;` token, so no statement spans two.
+        assert all(w[-1].text == ";" for w in windows[:-1] if w)
+        checked += len(windows) > 3
+    assert checked > 5  # the corpus does cut files into many windows
+
+
+@pytest.mark.parametrize("dialect", ["mysql", "sqlite"])
+@pytest.mark.parametrize("tail", UNFINISHED)
+def test_a_tokenizer_error_is_the_whole_files_as_before(dialect: Dialect, tail: str) -> None:
+    """Found only when the windows reach it, it still makes the file one
+    unparseable statement at line 1, with tokenize()'s own message."""
+    sg = generic._dialect(dialect)
+    sql = "ALTER TABLE a DROP COLUMN x;\n" * 3000 + "CREATE TABLE n (c int);\n" + tail
+    try:
+        sg.tokenize(sql)
+    except Exception as error:
+        message = str(error)
+    else:
+        pytest.skip(f"{dialect} tokenizes {tail!r}")
+    findings = analyse(sql, dialect=dialect, phase="expand")
+    assert [(f.rule, f.line) for f in findings] == [("unparseable-statement", 1)]
+    assert message in findings[0].message
+
+
+def test_a_file_that_does_not_tokenize_leaves_the_runs_schema_alone(tmp_path: Path) -> None:
+    # The first file declares a column (then fails to tokenize); the second widens it.
+    declared = "CREATE TABLE t (c varchar(20));\n" * 2000 + "SELECT 'unterminated;\n"
+    (tmp_path / "0001.sql").write_text(declared)
+    (tmp_path / "0002.sql").write_text("ALTER TABLE t MODIFY c varchar(50);\n")
+    findings = check_paths([tmp_path], dialect="mysql")
+    # Not the safe widening of a declared column: nothing of 0001 was taken in.
+    assert [(Path(f.path).name, f.rule) for f in findings] == [
+        ("0001.sql", "unparseable-statement"),
+        ("0002.sql", "changing-column-type"),
+    ]
+    assert "old type not declared" in findings[1].message
+
+
+NAMES = ("t", "`t`", "`a;b`", "s.t", "users", "ignore", "value", "values", "key", "status")
+PLAIN_VALUES = ("1", "-1", "+2.5e3", "'x'", "'a;b'", '"q"', "NULL", "TRUE", "FALSE")
+ODD_VALUES = ("- -1", "x'0A'", "0x1F", "b'01'", "N'x'", "now()", "a", "DEFAULT", "(1)", "1 + 1", "")
+EXTRA = ("", "", "", " ON DUPLICATE KEY UPDATE a = 1", " DROP TABLE users", " (2)", ",")
+EXTRA_MORE = (" AS new", " SELECT 1", " RETURNING a")
+
+
+VALUES = st.one_of(st.sampled_from(PLAIN_VALUES), st.sampled_from(ODD_VALUES))
+
+
+@st.composite
+def inserts(draw: st.DrawFn) -> str:
+    """INSERT statements, most of the plain kind, many one token off it."""
+    verb = draw(st.sampled_from(["INSERT INTO", "INSERT IGNORE INTO", "INSERT", "REPLACE INTO"]))
+    table = draw(st.sampled_from(NAMES))
+    columns: list[str] = draw(st.lists(st.sampled_from(NAMES), max_size=3))
+    listed = bool(columns) or draw(st.booleans())  # () alone sometimes
+    head = f"{verb} {table}" + (f" ({', '.join(columns)})" if listed else "")
+    keyword = draw(st.sampled_from(["VALUES", "VALUES", "VALUE", "SET"]))
+    rows = draw(st.lists(st.lists(VALUES, min_size=0, max_size=4), min_size=0, max_size=3))
+    body = ", ".join("(" + ", ".join(row) + ")" for row in rows)
+    return f"{head} {keyword} {body}{draw(st.sampled_from(EXTRA + EXTRA_MORE))}"
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sql=inserts(), dialect=st.sampled_from(["mysql", "sqlite"]))
+def test_a_plain_insert_is_what_sqlglot_parses_into_an_insert(sql: str, dialect: Dialect) -> None:
+    """Every statement `_plain_insert` lets through unparsed parses into one Insert,
+    which the classifier finds harmless."""
+    sg = generic._dialect(dialect)
+    tokens = sg.tokenize(sql)
+    if not tokens or not generic._plain_insert(tokens):
+        return
+    (node,) = sg.parser(error_level=ErrorLevel.IMMEDIATE).parse(tokens, sql)
+    assert isinstance(node, exp.Insert)
+    assert generic._classify(node, dialect, FileState(Schema())) == []
+
+
+@pytest.mark.parametrize(
+    ("sql", "plain"),
+    [
+        ("INSERT INTO t (a, b) VALUES (1, 'x')", True),
+        ("INSERT IGNORE INTO `s`.t VALUES (-1, NULL, TRUE), (+2, 'y', FALSE)", True),
+        ("INSERT INTO t VALUES (1)\nDROP TABLE users", False),  # a missing semicolon
+        ("INSERT INTO t VALUES (1) ON DUPLICATE KEY UPDATE a = 1", False),
+        ("INSERT INTO t VALUES (now())", False),
+        ("INSERT INTO t SELECT 1", False),
+        ("INSERT INTO t VALUES ()", False),
+        ("INSERT INTO t VALUES (1,)", False),
+        ("INSERT INTO t VALUES (1),", False),
+        ("INSERT INTO t (a,) VALUES (1)", False),
+        ("INSERT INTO t VALUES (- -1)", False),
+    ],
+)
+def test_which_inserts_are_plain(sql: str, plain: bool) -> None:
+    assert generic._plain_insert(generic._dialect("mysql").tokenize(sql)) is plain
+
+
+@pytest.mark.parametrize("dialect", ["mysql", "sqlite"])
+def test_the_fast_paths_change_no_finding(
+    dialect: Dialect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same findings with the whole file tokenized at once and every statement
+    parsed, on the examples and a corpus of the hard pieces."""
+    files = [p.read_text() for p in sorted(DATA.glob("*/*.sql"))]
+    texts = files + corpus(7, 60) + [text + UNFINISHED[0] for text in corpus(8, 5)]
+
+    def findings() -> list[list[dict[str, object]]]:
+        return [
+            [dataclasses.asdict(f) for f in analyse(sql, dialect=dialect, phase="expand")]
+            for sql in texts
+        ]
+
+    fast = findings()
+    monkeypatch.setattr(generic, "_plain_insert", lambda chunk: False)
+    monkeypatch.setattr(generic, "_tokens", lambda sg, sql: iter([sg.tokenize(sql)]))
+    assert findings() == fast
+    kinds = {finding["rule"] for file in fast for finding in file}
+    assert len(kinds) > 8  # the corpus has findings of many kinds
