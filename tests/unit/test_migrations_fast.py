@@ -195,3 +195,57 @@ def test_the_fast_paths_change_no_finding(
     assert findings() == fast
     kinds = {finding["rule"] for file in fast for finding in file}
     assert len(kinds) > 8  # the corpus has findings of many kinds
+
+
+# PostgreSQL statements around the ones left unbuilt (`postgres._needs_classifying`):
+# data changes, SELECTs, and CREATE ... IF NOT EXISTS / OR REPLACE, with what makes
+# them matter (a held lock, a function created in the file, a new enum value).
+PG_PIECES = (
+    "CREATE TABLE IF NOT EXISTS users (id int);\n",
+    "CREATE TABLE users (id int NOT NULL, j json);\n",
+    "CREATE TABLE IF NOT EXISTS scratch.users (id int);\n",
+    "CREATE TABLE IF NOT EXISTS t AS SELECT 1 AS a;\n",
+    "CREATE SEQUENCE IF NOT EXISTS s;\n",
+    "CREATE OR REPLACE VIEW v AS SELECT 'happy'::mood;\n",
+    "CREATE VIEW v AS SELECT 1;\n",
+    "CREATE OR REPLACE FUNCTION f() RETURNS int AS $$ SELECT 1 $$ LANGUAGE sql;\n",
+    "CREATE FUNCTION f() RETURNS int AS $$ SELECT 1 $$ LANGUAGE sql;\n",
+    "SELECT f();\n",
+    "SELECT 1;\n",
+    "SELECT set_config('lock_timeout', '1s', false);\n",
+    "DROP TABLE users;\n",
+    "DROP VIEW v;\n",
+    "ALTER TYPE mood ADD VALUE 'happy';\n",
+    "INSERT INTO t (a) VALUES ('happy');\n",
+    "INSERT INTO t SELECT * FROM u;\n",
+    "UPDATE users SET id = 1;\n",
+    "ALTER TABLE users ADD COLUMN c int NOT NULL;\n",
+    "CREATE INDEX CONCURRENTLY i ON users (id);\n",
+    "SET search_path = scratch;\n",
+    "SET lock_timeout = '1s';\n",
+    "COMMENT ON TABLE users IS 'x';\n",
+    "BEGIN;\n",
+    "COMMIT;\n",
+)
+
+
+def test_the_postgres_statements_left_unbuilt_change_no_finding(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from changeover.migrations import pgjson, postgres
+
+    texts = corpus(11, 120, PG_PIECES)
+
+    def findings() -> list[list[dict[str, object]]]:
+        return [
+            [dataclasses.asdict(f) for f in analyse(sql, dialect="postgres", phase="expand")]
+            for sql in texts
+        ]
+
+    fast = findings()
+    monkeypatch.setattr(
+        postgres, "_needs_classifying", lambda text, state: pgjson.raw_statement(text)
+    )
+    assert findings() == fast
+    kinds = {finding["rule"] for file in fast for finding in file}
+    assert {"non-idempotent-ddl", "needs-review", "adding-enum-value-in-transaction"} <= kinds

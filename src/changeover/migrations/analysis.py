@@ -169,6 +169,11 @@ class _Lines:
 
 
 def _excerpt(text: str) -> str:
+    # Printable: no whitespace but the ASCII space; then nothing to change when no
+    # space is doubled or at either end (the common case, told cheaply).
+    short = len(text) <= _EXCERPT_CHARS
+    if short and text.isprintable() and "  " not in text and text[:1] != " " != text[-1:]:
+        return text
     flat = " ".join(text.split())
     return flat if len(flat) <= _EXCERPT_CHARS else flat[: _EXCERPT_CHARS - 1] + "…"
 
@@ -223,12 +228,13 @@ def _analyse(
         # (transaction, timeouts, created objects) as of each statement.  A
         # statement without hits adds nothing: a stream may leave such ones out.
         for statement in _statements(sql, dialect, state):
-            _add_findings(statement, state, phase, path, lines.of(statement.offset), findings)
+            if statement.hits:
+                _add_findings(statement, state, phase, path, lines.of(statement.offset), findings)
     except WholeFile as whole:
         schema.restore(saved)
         findings = []
         state = FileState(schema, transactions)
-        _add_findings(whole.statement, state, phase, path, lines.of(0), findings)
+        _add_findings(whole.statement, state, phase, path, 1, findings)
     return findings
 
 
@@ -240,8 +246,6 @@ def _add_findings(
     line: int,
     findings: list[Finding],
 ) -> None:
-    if not statement.hits:
-        return
     _hold(statement.hits, state, line)
     # Whatever locks an existing object wants both timeouts (squawk's
     # require-timeout-settings): the lock wait and the statement bounded.
@@ -258,16 +262,9 @@ def _add_findings(
         rule = RULES[hit.rule]
         if excerpt is None:
             excerpt = _excerpt(statement.text)
+        message = f"{hit.detail}: {rule.why}"
         findings.append(
-            Finding(
-                rule=rule.id,
-                path=path,
-                line=line,
-                statement=excerpt,
-                message=f"{hit.detail}: {rule.why}",
-                safe_alternative=rule.safe_alternative,
-                severity=rule.severity,
-            )
+            Finding(rule.id, path, line, excerpt, message, rule.safe_alternative, rule.severity)
         )
 
 
