@@ -185,7 +185,7 @@ def _keep(hit: Hit, state: FileState, phase: Phase) -> bool:
     if hit.obj is not None and hit.obj in state.created and not rule.applies_to_new_objects:
         return False
     if hit.rule in TIMEOUT_SETTINGS:
-        if state.timeout(TIMEOUT_SETTINGS[hit.rule]) or hit.rule in state.timeouts_reported:
+        if hit.rule in state.timeouts_reported or state.timeout(TIMEOUT_SETTINGS[hit.rule]):
             return False
         state.timeouts_reported.add(hit.rule)
     return True

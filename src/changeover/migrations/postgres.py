@@ -685,6 +685,7 @@ def _foreign_tables(cmds: Any) -> list[str]:
     return [
         _qualified(node.pktable)
         for cmd in cmds
+        if cmd.def_ is not None
         for node in _walk(cmd.def_)
         if isinstance(node, ast.Constraint) and node.contype == ConstrType.CONSTR_FOREIGN
     ]
@@ -695,7 +696,10 @@ def _alter_table(node: Any, state: FileState) -> list[Hit]:
     cmds = list(node.cmds or ())
     if node.objtype not in (ObjectType.OBJECT_TABLE, ObjectType.OBJECT_FOREIGN_TABLE):
         return [_lock(table)]
-    mode = max((_cmd_lock(cmd) for cmd in cmds), key=_LOCK_STRENGTH.__getitem__, default=None)
+    if len(cmds) == 1:  # the usual ALTER TABLE: one subcommand
+        mode = _cmd_lock(cmds[0])
+    else:
+        mode = max(map(_cmd_lock, cmds), key=_LOCK_STRENGTH.__getitem__, default=None)
     hits = [_lock(table, mode)]
     hits.extend(_lock(other, SHARE_ROW_EXCLUSIVE) for other in _foreign_tables(cmds))
     for cmd in cmds:
