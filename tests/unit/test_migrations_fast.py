@@ -271,3 +271,20 @@ def test_a_classified_tree_is_freed_without_the_cyclic_collector() -> None:
     finally:
         gc.enable()
     assert len(findings) > 500
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    text=st.one_of(
+        st.text(max_size=120),
+        st.text(alphabet=" \t\n\r\x0b\x0c\x85\xa0\u2003ab;'", max_size=100),
+    )
+)
+def test_the_excerpt_shortcut_is_the_flattened_text(text: str) -> None:
+    """`_excerpt` returns short printable text as it is when flattening would not
+    change it: the same as flattening every time."""
+    from changeover.migrations.analysis import _EXCERPT_CHARS, _excerpt
+
+    flat = " ".join(text.split())
+    expected = flat if len(flat) <= _EXCERPT_CHARS else flat[: _EXCERPT_CHARS - 1] + "…"
+    assert _excerpt(text) == expected
