@@ -33,6 +33,8 @@ PIECES = (
     "INSERT INTO t VALUES (1) ON DUPLICATE KEY UPDATE a = 1;\n",
     "INSERT INTO t (a, b) VALUES (1, 'it''s; here'), (2, 'back\\\\');\n",
     "INSERT INTO t VALUES (1); -- a comment; on the same line\n",
+    "INSERT INTO t VALUES (1);",  # the next piece on the same line
+    "INSERT INTO t VALUES ('a\r\nb',\r'c');\r",
     "INSERT INTO t VALUES (now());\n",
     "INSERT INTO t VALUES (1,);\n",
     "ALTER TABLE users DROP COLUMN nickname;\n",
@@ -191,7 +193,7 @@ def test_the_fast_paths_change_no_finding(
 
     fast = findings()
     monkeypatch.setattr(generic, "_plain_insert", lambda chunk: False)
-    monkeypatch.setattr(generic, "_tokens", lambda sg, sql: iter([sg.tokenize(sql)]))
+    monkeypatch.setattr(generic, "_tokens", lambda sg, sql, dialect: iter([sg.tokenize(sql)]))
     assert findings() == fast
     kinds = {finding["rule"] for file in fast for finding in file}
     assert len(kinds) > 8  # the corpus has findings of many kinds
@@ -288,3 +290,122 @@ def test_the_excerpt_shortcut_is_the_flattened_text(text: str) -> None:
     flat = " ".join(text.split())
     expected = flat if len(flat) <= _EXCERPT_CHARS else flat[: _EXCERPT_CHARS - 1] + "…"
     assert _excerpt(text) == expected
+
+
+# --- MySQL: plain INSERTs recognised in the text, before tokenizing ----------------
+
+SPACES = st.sampled_from([" ", "  ", "\n", "\r\n", "\r", "\t", " \n "])
+TEXT_NAMES = (*NAMES, "`we``ird`", "`a b`", "group", "lock", "char", "x1", "_y", "t$", "ñ")
+TEXT_VALUES = (
+    *PLAIN_VALUES,
+    *ODD_VALUES,
+    "'it''s'",
+    "'back\\\\'",
+    "'esc\\'aped'",
+    "'line\nbreak'",
+    "'cr\r\nlf'",
+    '"dq\\"x"',
+    "'\\n'",
+    "1.5",
+    "1.",
+    ".5",
+    "1e5",
+    "12abc",
+    "- 7",
+    "-\n7",
+    "--7",
+    "null",
+    "True",
+    "NULLx",
+    "'a' 'b'",
+)
+
+
+@st.composite
+def insert_texts(draw: st.DrawFn) -> str:
+    """INSERT statements as text, spaced in the ways sqlglot counts lines and columns."""
+    sp = draw(SPACES)
+    verb = draw(st.sampled_from(["INSERT INTO", "insert into", "INSERT IGNORE INTO", "INSERT"]))
+    verb = verb.replace(" ", sp)
+    table = draw(st.sampled_from(TEXT_NAMES))
+    if draw(st.booleans()):
+        table = f"{draw(st.sampled_from(TEXT_NAMES))}{draw(st.sampled_from(['.', ' . ']))}{table}"
+    columns: list[str] = draw(st.lists(st.sampled_from(TEXT_NAMES), max_size=3))
+    head = f"{verb}{sp}{table}" + (f"{sp}({(',' + sp).join(columns)})" if columns else "")
+    values = st.sampled_from(TEXT_VALUES)
+    rows = draw(st.lists(st.lists(values, min_size=1, max_size=4), min_size=1, max_size=3))
+    body = ("," + draw(SPACES)).join("(" + f",{sp}".join(row) + ")" for row in rows)
+    tail = draw(st.sampled_from(["", "", " ON DUPLICATE KEY UPDATE a = 1", " -- c", ","]))
+    return f"{draw(SPACES)}{head}{sp}VALUES{sp}{body}{tail}{draw(SPACES)};"
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    text=insert_texts(),
+    before=st.sampled_from(["", "SELECT 1;", "SELECT\r\n'x';\n", "SELECT\n1; "]),
+    after=st.sampled_from(["\nDROP TABLE t;", " DROP TABLE t;", "DROP\rTABLE t; -- c", ""]),
+)
+def test_a_plain_insert_in_the_text_is_one_in_the_tokens(
+    text: str, before: str, after: str
+) -> None:
+    """Every statement `_plain_insert_text` leaves untokenized is tokenized by sqlglot
+    into a plain INSERT (`_plain_insert`) ending at that `;`, and the tokenizer goes
+    on after it exactly where and as it would have (`_skipped`)."""
+    sg = generic._dialect("mysql")
+    sql = before + text + after
+    end = generic._plain_insert_text(sql, len(before))
+    if not end:
+        return
+    tokens = sg.tokenize(sql)
+    statement = [t for t in tokens if len(before) <= t.start < end]
+    assert statement[-1].text == ";" and statement[-1].end == end - 1
+    assert generic._plain_insert(statement[:-1])
+    core = sg.tokenizer()._core
+    # One statement a window (step 1), so the insert starts one: a skip is tried there.
+    skipped = list(generic._windows(core, sql, 1, skip=generic._plain_insert_text))
+    rest = [t for t in tokens if t.start >= end or t.start < len(before)]
+    assert token_view([t for w in skipped for t in w]) == token_view(rest)
+
+
+def test_plain_inserts_are_recognised_in_the_text() -> None:
+    """The recogniser does find the common forms (a mysqldump's among them)."""
+    for sql in [
+        "INSERT INTO `users` VALUES (1,'a\\'b',NULL,-2.5),(2,'c''d',TRUE,+3);",
+        '\n insert ignore into s.t (a, `b`)\r\nvalues ( 1 , "x" );',
+    ]:
+        assert generic._plain_insert_text(sql, 0) == len(sql)
+    for sql in [
+        "INSERT INTO `t` VALUES (1)\nDROP TABLE users;",
+        "INSERT INTO t VALUES (now());",
+        "INSERT INTO key VALUES (1);",  # a keyword, not a name
+        "INSERT INTO t VALUES (1); ",  # ends at the `;`: what follows is the next one's
+    ][:-1]:
+        assert generic._plain_insert_text(sql, 0) == 0
+    assert generic._plain_insert_text("INSERT INTO t VALUES (1); ", 0) == len(
+        "INSERT INTO t VALUES (1);"
+    )
+
+
+@pytest.mark.parametrize("step", [1, 64, generic._WINDOW])
+def test_windows_with_plain_inserts_left_out_give_the_other_tokens(step: int) -> None:
+    sg = generic._dialect("mysql")
+    core = sg.tokenizer()._core
+    left_out = 0
+    for sql in corpus(step + 100, 30):
+        try:
+            whole = sg.tokenize(sql)
+        except TokenError:
+            continue
+        spans: list[tuple[int, int]] = []
+
+        def skip(text: str, start: int, spans: list[tuple[int, int]] = spans) -> int:
+            end = generic._plain_insert_text(text, start)
+            if end:
+                spans.append((start, end))
+            return end
+
+        windows = list(generic._windows(core, sql, step, skip=skip))
+        rest = [t for t in whole if not any(a <= t.start < b for a, b in spans)]
+        assert token_view([t for w in windows for t in w]) == token_view(rest)
+        left_out += len(spans)
+    assert left_out > 10  # inserts are left out, whatever the window
