@@ -119,8 +119,11 @@ def test_a_file_that_does_not_tokenize_leaves_the_runs_schema_alone(tmp_path: Pa
 
 
 NAMES = ("t", "`t`", "`a;b`", "s.t", "users", "ignore", "value", "values", "key", "status")
-PLAIN_VALUES = ("1", "-1", "+2.5e3", "'x'", "'a;b'", '"q"', "NULL", "TRUE", "FALSE")
-ODD_VALUES = ("- -1", "x'0A'", "0x1F", "b'01'", "N'x'", "now()", "a", "DEFAULT", "(1)", "1 + 1", "")
+PLAIN_VALUES: tuple[str, ...] = ("1", "-1", "+2.5e3", "'x'", "'a;b'", '"q"', "NULL", "TRUE")
+PLAIN_VALUES += ("FALSE", "NOW()", "now ( )", "UUID()", "CURRENT_TIMESTAMP", "current_timestamp()")
+ODD_VALUES: tuple[str, ...] = ("- -1", "x'0A'", "0x1F", "b'01'", "N'x'", "now(6)", "a", "DEFAULT")
+ODD_VALUES += ("(1)", "1 + 1", "", "ROUND()", "LEFT()", "CURDATE()", "NOW", "f()", "UUID")
+ODD_VALUES += ("NOW()()", "- NOW()")
 EXTRA = ("", "", "", " ON DUPLICATE KEY UPDATE a = 1", " DROP TABLE users", " (2)", ",")
 EXTRA_MORE = (" AS new", " SELECT 1", " RETURNING a")
 
@@ -163,7 +166,9 @@ def test_a_plain_insert_is_what_sqlglot_parses_into_an_insert(sql: str, dialect:
         ("INSERT IGNORE INTO `s`.t VALUES (-1, NULL, TRUE), (+2, 'y', FALSE)", True),
         ("INSERT INTO t VALUES (1)\nDROP TABLE users", False),  # a missing semicolon
         ("INSERT INTO t VALUES (1) ON DUPLICATE KEY UPDATE a = 1", False),
-        ("INSERT INTO t VALUES (now())", False),
+        ("INSERT INTO t VALUES (now(), UUID(), CURRENT_TIMESTAMP, current_timestamp())", True),
+        ("INSERT INTO t VALUES (now(6))", False),
+        ("INSERT INTO t VALUES (ROUND())", False),  # sqlglot: 'this' missing
         ("INSERT INTO t SELECT 1", False),
         ("INSERT INTO t VALUES ()", False),
         ("INSERT INTO t VALUES (1,)", False),
@@ -318,6 +323,15 @@ TEXT_VALUES = (
     "True",
     "NULLx",
     "'a' 'b'",
+    "NOW()",
+    "now\n(\r\n)",
+    "UUID( )",
+    "CURRENT_TIMESTAMP",
+    "Current_Timestamp()",
+    "NOW(6)",
+    "ROUND()",
+    "NOWX()",
+    "NOW",
 )
 
 
@@ -376,7 +390,7 @@ def test_plain_inserts_are_recognised_in_the_text() -> None:
         assert generic._plain_insert_text(sql, 0) == len(sql)
     for sql in [
         "INSERT INTO `t` VALUES (1)\nDROP TABLE users;",
-        "INSERT INTO t VALUES (now());",
+        "INSERT INTO t VALUES (round());",
         "INSERT INTO key VALUES (1);",  # a keyword, not a name
         "INSERT INTO t VALUES (1); ",  # ends at the `;`: what follows is the next one's
     ][:-1]:

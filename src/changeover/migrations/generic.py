@@ -208,7 +208,8 @@ _VALUE = (
     r"|[0-9]++(?:\.[0-9]++)?+(?=[ \t\r\n,)])"
     r"|'(?:[^'\\]++|\\[\s\S]|'')*+'"
     r'|"(?:[^"\\]++|\\[\s\S]|"")*+"'
-    r"|(?:NULL|TRUE|FALSE)(?=[ \t\r\n,)]))"
+    r"|(?:NULL|TRUE|FALSE|CURRENT_TIMESTAMP)(?=[ \t\r\n,)])"
+    r"|(?:NOW|UUID|CURRENT_TIMESTAMP)" + _WS + r"*+\(" + _WS + r"*+\))"
 )
 _ROW = rf"\({_WS}*+{_VALUE}(?:{_WS}*+,{_WS}*+{_VALUE})*+{_WS}*+\)"
 _PLAIN_INSERT_TEXT = re.compile(
@@ -242,15 +243,37 @@ def _plain_insert_text(sql: str, start: int) -> int:
 
 
 # Statements that need no parse: INSERT [IGNORE] INTO t [(a, b)] VALUES (1, 'x', NULL), ...
-# with names and literal values only.  sqlglot parses every such statement into
-# an Insert, which `_classify` finds harmless (tests/unit/test_migrations.py
-# checks both on a corpus); a data file is mostly these, and parsing them was
-# most of its check.  Anything else, a malformed one included, is parsed.
+# with names and literal values only (and NOW(), UUID(), CURRENT_TIMESTAMP).  sqlglot
+# parses every such statement into an Insert, which `_classify` finds harmless
+# (tests/unit/test_migrations_fast.py checks both on a corpus); a data file is mostly
+# these, and parsing them was most of its check.  Anything else, a malformed one
+# included, is parsed.
 _NAMES = frozenset({TokenType.VAR, TokenType.IDENTIFIER})
 _LITERALS = frozenset(
-    {TokenType.NUMBER, TokenType.STRING, TokenType.NULL, TokenType.TRUE, TokenType.FALSE}
+    {
+        TokenType.NUMBER,
+        TokenType.STRING,
+        TokenType.NULL,
+        TokenType.TRUE,
+        TokenType.FALSE,
+        TokenType.CURRENT_TIMESTAMP,
+    }
 )
 _SIGNS = frozenset({TokenType.DASH, TokenType.PLUS})
+# Calls without arguments that seed data uses for a row's time or id, and that
+# sqlglot parses (a known function called without its arguments does not parse).
+_NILADIC = frozenset({"NOW", "UUID", "CURRENT_TIMESTAMP"})
+_NILADIC_TYPES = frozenset({TokenType.VAR, TokenType.UUID, TokenType.CURRENT_TIMESTAMP})
+
+
+def _niladic_call(chunk: list[Token], types: list[TokenType], i: int) -> bool:
+    return (
+        types[i] in _NILADIC_TYPES
+        and i + 2 < len(types)
+        and types[i + 1] == TokenType.L_PAREN
+        and types[i + 2] == TokenType.R_PAREN
+        and chunk[i].text.upper() in _NILADIC
+    )
 
 
 def _plain_insert(chunk: list[Token]) -> bool:
@@ -280,8 +303,12 @@ def _plain_insert(chunk: list[Token]) -> bool:
         i += 1
         while i < count:
             if types[i] in _SIGNS and i + 1 < count and types[i + 1] == TokenType.NUMBER:
-                i += 1
-            if types[i] not in _LITERALS or i + 1 >= count:
+                i += 1  # to the number
+            elif _niladic_call(chunk, types, i):
+                i += 2  # to the call's `)`
+            elif types[i] not in _LITERALS:
+                return False
+            if i + 1 >= count:
                 return False
             i += 2
             if types[i - 1] == TokenType.R_PAREN:
