@@ -46,6 +46,16 @@ class Statement(NamedTuple):
     hits: list[Hit]
 
 
+class WholeFile(Exception):
+    """Raised by a dialect's statement stream that finds, part way through the
+    file, that the file as a whole cannot be read (a streamed tokenizer's error):
+    the file is then this one statement, as if none of it had been read."""
+
+    def __init__(self, statement: Statement) -> None:
+        super().__init__(statement.hits[0].detail if statement.hits else "")
+        self.statement = statement
+
+
 @dataclass(frozen=True)
 class ColumnInfo:
     type: ColType
@@ -61,6 +71,19 @@ class Schema:
     # NOT VALID, then validated; PostgreSQL 12+ then skips the table scan.
     unvalidated_not_null_checks: dict[str, tuple[str, str]] = field(default_factory=dict)
     validated_not_null: set[tuple[str, str]] = field(default_factory=set)
+
+    def copy(self) -> Schema:
+        return Schema(
+            dict(self.columns),
+            dict(self.unvalidated_not_null_checks),
+            set(self.validated_not_null),
+        )
+
+    def restore(self, saved: Schema) -> None:
+        """Back to `saved` (a `copy()`), in place: the object is shared by the run."""
+        self.columns = saved.columns
+        self.unvalidated_not_null_checks = saved.unvalidated_not_null_checks
+        self.validated_not_null = saved.validated_not_null
 
 
 @dataclass
@@ -146,6 +169,11 @@ class _Lines:
 
 
 def _excerpt(text: str) -> str:
+    # Printable: no whitespace but the ASCII space; then nothing to change when no
+    # space is doubled or at either end (the common case, told cheaply).
+    short = len(text) <= _EXCERPT_CHARS
+    if short and text.isprintable() and "  " not in text and text[:1] != " " != text[-1:]:
+        return text
     flat = " ".join(text.split())
     return flat if len(flat) <= _EXCERPT_CHARS else flat[: _EXCERPT_CHARS - 1] + "…"
 
@@ -157,7 +185,7 @@ def _keep(hit: Hit, state: FileState, phase: Phase) -> bool:
     if hit.obj is not None and hit.obj in state.created and not rule.applies_to_new_objects:
         return False
     if hit.rule in TIMEOUT_SETTINGS:
-        if state.timeout(TIMEOUT_SETTINGS[hit.rule]) or hit.rule in state.timeouts_reported:
+        if hit.rule in state.timeouts_reported or state.timeout(TIMEOUT_SETTINGS[hit.rule]):
             return False
         state.timeouts_reported.add(hit.rule)
     return True
@@ -191,40 +219,53 @@ def _analyse(
     schema: Schema,
     transactions: Transactions,
 ) -> list[Finding]:
+    saved = schema.copy()
     state = FileState(schema, transactions)
     findings: list[Finding] = []
     lines = _Lines(sql)
-    # The stream is consumed statement by statement, so `_keep` sees the state
-    # (transaction, timeouts, created objects) as of each statement.
-    for statement in _statements(sql, dialect, state):
-        line = lines.of(statement.offset)
-        _hold(statement.hits, state, line)
-        # Whatever locks an existing object wants both timeouts (squawk's
-        # require-timeout-settings): the lock wait and the statement bounded.
-        # Reported once per file, so not made again after that.
-        timed: list[Hit] = []
-        if STATEMENT_TIMEOUT not in state.timeouts_reported:
-            timed = [
-                Hit(STATEMENT_TIMEOUT, h.detail, h.obj)
-                for h in statement.hits
-                if h.rule == LOCK_TIMEOUT
-            ]
-        for hit in statement.hits + timed:
-            if not _keep(hit, state, phase):
-                continue
-            rule = RULES[hit.rule]
-            findings.append(
-                Finding(
-                    rule=rule.id,
-                    path=path,
-                    line=line,
-                    statement=_excerpt(statement.text),
-                    message=f"{hit.detail}: {rule.why}",
-                    safe_alternative=rule.safe_alternative,
-                    severity=rule.severity,
-                )
-            )
+    try:
+        # The stream is consumed statement by statement, so `_keep` sees the state
+        # (transaction, timeouts, created objects) as of each statement.  A
+        # statement without hits adds nothing: a stream may leave such ones out.
+        for statement in _statements(sql, dialect, state):
+            if statement.hits:
+                _add_findings(statement, state, phase, path, lines.of(statement.offset), findings)
+    except WholeFile as whole:
+        schema.restore(saved)
+        findings = []
+        state = FileState(schema, transactions)
+        _add_findings(whole.statement, state, phase, path, 1, findings)
     return findings
+
+
+def _add_findings(
+    statement: Statement,
+    state: FileState,
+    phase: Phase,
+    path: str,
+    line: int,
+    findings: list[Finding],
+) -> None:
+    _hold(statement.hits, state, line)
+    # Whatever locks an existing object wants both timeouts (squawk's
+    # require-timeout-settings): the lock wait and the statement bounded.
+    # Reported once per file, so not made again after that.
+    hits = statement.hits
+    if STATEMENT_TIMEOUT not in state.timeouts_reported:
+        hits = hits + [
+            Hit(STATEMENT_TIMEOUT, h.detail, h.obj) for h in hits if h.rule == LOCK_TIMEOUT
+        ]
+    excerpt = None
+    for hit in hits:
+        if not _keep(hit, state, phase):
+            continue
+        rule = RULES[hit.rule]
+        if excerpt is None:
+            excerpt = _excerpt(statement.text)
+        message = f"{hit.detail}: {rule.why}"
+        findings.append(
+            Finding(rule.id, path, line, excerpt, message, rule.safe_alternative, rule.severity)
+        )
 
 
 def analyse(

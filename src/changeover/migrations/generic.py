@@ -9,15 +9,17 @@ ALTER TABLE action not handled here, is needs-review.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from sqlglot import exp
 from sqlglot.dialects.dialect import Dialect as SqlglotDialect
-from sqlglot.errors import ErrorLevel
+from sqlglot.errors import ErrorLevel, TokenError
 from sqlglot.tokenizer_core import Token, TokenType
 
 from changeover.migrations.analysis import (
@@ -27,6 +29,7 @@ from changeover.migrations.analysis import (
     FileState,
     Hit,
     Statement,
+    WholeFile,
     retype,
 )
 from changeover.migrations.coltypes import ColType
@@ -51,6 +54,13 @@ _HARMLESS: tuple[type[exp.Expr], ...] = (
 )
 # ALTER TABLE ... DROP of these kinds leaves every column the old release uses.
 _DROP_HARMLESS_IN_ALTER = frozenset({"INDEX", "KEY", "CONSTRAINT", "FOREIGN KEY", "CHECK"})
+# How far past its start a tokenizer window ends (at the next `;`): a few statements.
+_WINDOW = 1024
+
+
+@functools.cache
+def _dialect(dialect: Dialect) -> SqlglotDialect:
+    return SqlglotDialect.get_or_raise(dialect)
 
 
 @contextmanager
@@ -65,42 +75,295 @@ def _quiet_sqlglot() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _chunks(tokens: list[Token]) -> Iterator[list[Token]]:
+def _chunks(tokens: Iterable[list[Token]]) -> Iterator[list[Token]]:
+    """Each statement's tokens, without the `;` tokens between them."""
     chunk: list[Token] = []
-    for token in tokens:
-        if token.token_type == TokenType.SEMICOLON:
-            if chunk:
-                yield chunk
-            chunk = []
-        else:
-            chunk.append(token)
+    for window in tokens:
+        for token in window:
+            if token.token_type == TokenType.SEMICOLON:
+                if chunk:
+                    yield chunk
+                chunk = []
+            else:
+                chunk.append(token)
     if chunk:
         yield chunk
 
 
+# The tokenizer's state, saved before each window so that a window cut in the
+# middle of a string or comment can be scanned again from where it began.
+_SCAN_STATE = ("_current", "_start", "_line", "_col", "_char", "_peek", "_end", "_prev_token_line")
+
+
+def _windows(
+    core: Any, sql: str, step: int = _WINDOW, skip: Callable[[str, int], int] | None = None
+) -> Iterator[list[Token]]:
+    """The file's tokens, exactly as `tokenize(sql)` gives them, a few statements at
+    a time, so that the whole file's tokens (about 300 bytes each) are never alive
+    at once and the cyclic collector does not walk them over and over.
+
+    sqlglot's tokenizer scans `sql[:size]`; each window sets `size` just past a
+    `;` character and scans on from where the previous window stopped, in the
+    same state.  A window is kept only when it ended on that `;` as a token of
+    its own, with no comment pending: then the whole file's tokenizer was in
+    that very state there (no sqlglot token contains a `;`).  A `;` inside a
+    string or comment fails that test (an unterminated string raises), and the
+    window is scanned again from its start, twice as long, up to the end of the
+    file, where an error is the file's own, raised as `tokenize` raises it.
+
+    `skip(sql, start)`, where a statement starts, gives the end (just past its
+    `;`) of a statement to leave out untokenized, or 0; the tokenizer then goes on
+    from there in the state it would have reached (`_skipped`).
+    """
+    size = len(sql)
+    core.reset()
+    core.sql = sql
+    scanned = 0  # where the previous window ended: just past a `;` token
+    last: list[Token] = []  # that token: a trailing comment attaches to it
+    while scanned < size:
+        if skip is not None and (skipped := skip(sql, scanned)):
+            last = [_skipped(core, sql, scanned, skipped)]
+            scanned = skipped
+            continue
+        saved = [getattr(core, name) for name in _SCAN_STATE]
+        # A comment after it is attached to `last` by the scan: undone with the rest.
+        comments = len(last[0].comments) if last else 0
+        reach = step
+        while True:
+            cut = sql.find(";", scanned + reach)
+            cut = size if cut < 0 else cut + 1
+            core.size = cut
+            core._end = False
+            core.tokens = list(last)
+            core._comments = []
+            try:
+                core._scan()
+            except Exception as error:
+                if cut == size:  # the file's own error: as tokenize() reports it
+                    start = max(core._current - 50, 0)
+                    context = sql[start : min(core._current + 50, size - 1)]
+                    raise TokenError(f"Error tokenizing '{context}'") from error
+            else:
+                tokens = core.tokens
+                end = tokens[-1] if tokens else None
+                if cut == size or (
+                    end is not None
+                    and end.token_type == TokenType.SEMICOLON
+                    and end.end == cut - 1
+                    and not core._comments
+                ):
+                    break
+            for name, value in zip(_SCAN_STATE, saved, strict=True):
+                setattr(core, name, value)
+            if last:
+                del last[0].comments[comments:]
+            reach *= 2
+        yield tokens[len(last) :]
+        last = tokens[-1:]
+        scanned = cut
+
+
+def _skipped(core: Any, sql: str, start: int, end: int) -> Token:
+    """Put the tokenizer where it would be after scanning `sql[start:end]` (from
+    the state it has at `start`, just past a `;`), and make the `;` token it would
+    have ended with.  That text has whitespace, words, numbers, strings and
+    punctuation only (`_PLAIN_INSERT_TEXT`): the tokenizer would have counted a
+    line at each \\n and each \\r not followed by one, and the column from the
+    last of them (as sqlglot's `_advance` does)."""
+    semicolon = end - 1
+    breaks = sql.count("\n", start, semicolon) + sql.count("\r", start, semicolon)
+    breaks -= sql.count("\r\n", start, semicolon)
+    line = core._line + breaks
+    if breaks:
+        col = semicolon - max(sql.rfind("\n", start, semicolon), sql.rfind("\r", start, semicolon))
+    else:
+        col = core._col + end - start
+    core._current, core._start, core._line, core._col = end, semicolon, line, col
+    core._char, core._peek, core._end = ";", sql[end] if end < len(sql) else "", end >= len(sql)
+    core._prev_token_line = line
+    return Token(TokenType.SEMICOLON, ";", line, col, semicolon, semicolon)
+
+
+def _tokens(sg: SqlglotDialect, sql: str, dialect: Dialect) -> Iterator[list[Token]]:
+    """The file's tokens in windows (`_windows`), or all at once from a tokenizer
+    that does not have the state `_windows` drives; MySQL's plain INSERTs left
+    out by their text (`_plain_insert_text`)."""
+    core = getattr(sg.tokenizer(), "_core", None)
+    if core is None or not all(hasattr(core, name) for name in (*_SCAN_STATE, "_scan")):
+        return iter([sg.tokenize(sql)])
+    return _windows(core, sql, skip=_plain_insert_text if dialect == "mysql" else None)
+
+
+# A plain INSERT (`_plain_insert`) recognised in MySQL's text before it is tokenized,
+# for the files where sqlglot's tokenizer is the time (a dump of 5 MiB of short
+# values is 5 million tokens): every text this matches is tokenized by sqlglot
+# into tokens `_plain_insert` accepts, ending with that `;` (a test checks it).
+# Only what sqlglot tokenizes one way is matched: ASCII whitespace, no comments,
+# numbers followed by a separator, strings as sqlglot ends them (a backslash takes
+# the next character, '' is a quote), names checked against the keywords.
+_WS = r"[ \t\r\n]"
+_NAME = r"(?:`(?:[^`]|``)*+`|[A-Za-z_][A-Za-z0-9_]*+)"
+_VALUE = (
+    r"(?:[-+]" + _WS + r"*+[0-9]++(?:\.[0-9]++)?+(?=[ \t\r\n,)])"
+    r"|[0-9]++(?:\.[0-9]++)?+(?=[ \t\r\n,)])"
+    r"|'(?:[^'\\]++|\\[\s\S]|'')*+'"
+    r'|"(?:[^"\\]++|\\[\s\S]|"")*+"'
+    r"|(?:NULL|TRUE|FALSE|CURRENT_TIMESTAMP)(?=[ \t\r\n,)])"
+    r"|(?:NOW|UUID|CURRENT_TIMESTAMP)" + _WS + r"*+\(" + _WS + r"*+\))"
+)
+_ROW = rf"\({_WS}*+{_VALUE}(?:{_WS}*+,{_WS}*+{_VALUE})*+{_WS}*+\)"
+_PLAIN_INSERT_TEXT = re.compile(
+    rf"{_WS}*+INSERT{_WS}++(?:IGNORE{_WS}++)?INTO{_WS}++"
+    rf"(?P<names>{_NAME}(?:{_WS}*+\.{_WS}*+{_NAME})?+{_WS}*+"
+    rf"(?:\({_WS}*+{_NAME}(?:{_WS}*+,{_WS}*+{_NAME})*+{_WS}*+\){_WS}*+)?+)"
+    rf"VALUES{_WS}*+{_ROW}(?:{_WS}*+,{_WS}*+{_ROW})*+{_WS}*+;",
+    re.IGNORECASE | re.ASCII,
+)
+_WORD = re.compile(r"`(?:[^`]|``)*`|([A-Za-z_][A-Za-z0-9_]*)", re.ASCII)
+
+
+@functools.cache
+def _keyword_words() -> frozenset[str]:
+    """Every word that starts one of MySQL's tokenizer keywords: a name that is one
+    is not a plain name to sqlglot."""
+    keywords = _dialect("mysql").tokenizer_class.KEYWORDS
+    return frozenset(word.split()[0].upper() for word in keywords if word.split())
+
+
+def _plain_insert_text(sql: str, start: int) -> int:
+    """The end (just past its `;`) of the plain INSERT at `start`, or 0."""
+    match = _PLAIN_INSERT_TEXT.match(sql, start)
+    if match is None:
+        return 0
+    keywords = _keyword_words()
+    for word in _WORD.finditer(match["names"]):
+        if word[1] is not None and word[1].upper() in keywords:
+            return 0
+    return match.end()
+
+
+# Statements that need no parse: INSERT [IGNORE] INTO t [(a, b)] VALUES (1, 'x', NULL), ...
+# with names and literal values only (and NOW(), UUID(), CURRENT_TIMESTAMP).  sqlglot
+# parses every such statement into an Insert, which `_classify` finds harmless
+# (tests/unit/test_migrations_fast.py checks both on a corpus); a data file is mostly
+# these, and parsing them was most of its check.  Anything else, a malformed one
+# included, is parsed.
+_NAMES = frozenset({TokenType.VAR, TokenType.IDENTIFIER})
+_LITERALS = frozenset(
+    {
+        TokenType.NUMBER,
+        TokenType.STRING,
+        TokenType.NULL,
+        TokenType.TRUE,
+        TokenType.FALSE,
+        TokenType.CURRENT_TIMESTAMP,
+    }
+)
+_SIGNS = frozenset({TokenType.DASH, TokenType.PLUS})
+# Calls without arguments that seed data uses for a row's time or id, and that
+# sqlglot parses (a known function called without its arguments does not parse).
+_NILADIC = frozenset({"NOW", "UUID", "CURRENT_TIMESTAMP"})
+_NILADIC_TYPES = frozenset({TokenType.VAR, TokenType.UUID, TokenType.CURRENT_TIMESTAMP})
+
+
+def _niladic_call(chunk: list[Token], types: list[TokenType], i: int) -> bool:
+    return (
+        types[i] in _NILADIC_TYPES
+        and i + 2 < len(types)
+        and types[i + 1] == TokenType.L_PAREN
+        and types[i + 2] == TokenType.R_PAREN
+        and chunk[i].text.upper() in _NILADIC
+    )
+
+
+def _plain_insert(chunk: list[Token]) -> bool:
+    if chunk[0].token_type != TokenType.INSERT or len(chunk) < 7:
+        return False
+    types = [token.token_type for token in chunk]
+    count = len(types)
+    i = 2 if types[1] == TokenType.IGNORE else 1
+    if types[i] != TokenType.INTO or types[i + 1] not in _NAMES:
+        return False
+    i += 2
+    if types[i] == TokenType.DOT:
+        if types[i + 1] not in _NAMES:
+            return False
+        i += 2
+    if types[i] == TokenType.L_PAREN:  # the column list: names
+        i += 1
+        while i + 1 < count and types[i] in _NAMES and types[i + 1] == TokenType.COMMA:
+            i += 2
+        if i + 1 >= count or types[i] not in _NAMES or types[i + 1] != TokenType.R_PAREN:
+            return False
+        i += 2
+    if i >= count or types[i] != TokenType.VALUES:
+        return False
+    i += 1
+    while i < count and types[i] == TokenType.L_PAREN:  # a row: literal values
+        i += 1
+        while i < count:
+            if types[i] in _SIGNS and i + 1 < count and types[i + 1] == TokenType.NUMBER:
+                i += 1  # to the number
+            elif _niladic_call(chunk, types, i):
+                i += 2  # to the call's `)`
+            elif types[i] not in _LITERALS:
+                return False
+            if i + 1 >= count:
+                return False
+            i += 2
+            if types[i - 1] == TokenType.R_PAREN:
+                break
+            if types[i - 1] != TokenType.COMMA:
+                return False
+        else:
+            return False
+        if i == count:
+            return True
+        if types[i] != TokenType.COMMA:
+            return False
+        i += 1
+    return False
+
+
 def statements(sql: str, dialect: Dialect, state: FileState) -> Iterator[Statement]:
-    sg = SqlglotDialect.get_or_raise(dialect)
-    try:
-        tokens = sg.tokenize(sql)
-    except Exception as error:  # sqlglot raises more than TokenError on odd input
-        yield Statement(0, sql, [Hit(UNPARSEABLE, f"sqlglot cannot tokenize the file ({error})")])
-        return
+    """The file's statements that have hits, or may change `state`: a plain INSERT
+    (`_plain_insert`) has neither and is left out."""
+    sg = _dialect(dialect)
     # One parser for the file (each parse resets it), one logger change for the file.
     parser = sg.parser(error_level=ErrorLevel.IMMEDIATE)
     with _quiet_sqlglot():
-        for chunk in _chunks(tokens):
-            start = chunk[0].start
-            text = sql[start : chunk[-1].end + 1]
-            try:
-                parsed = parser.parse(chunk, sql)
-            except Exception as error:  # ParseError, or a parser bug on odd input
-                reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-                hit = Hit(UNPARSEABLE, f"sqlglot cannot parse it ({reason})")
-                yield Statement(start, text, [hit])
-                continue
-            for node in parsed:
-                if node is not None:
-                    yield Statement(start, text, _classify(node, dialect, state))
+        try:
+            for chunk in _chunks(_tokens(sg, sql, dialect)):
+                if _plain_insert(chunk):
+                    continue
+                start = chunk[0].start
+                text = sql[start : chunk[-1].end + 1]
+                try:
+                    parsed = parser.parse(chunk, sql)
+                except Exception as error:  # ParseError, or a parser bug on odd input
+                    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                    hit = Hit(UNPARSEABLE, f"sqlglot cannot parse it ({reason})")
+                    yield Statement(start, text, [hit])
+                    continue
+                for node in parsed:
+                    if node is not None:
+                        hits = _classify(node, dialect, state)
+                        _unlink(node)
+                        yield Statement(start, text, hits)
+        except TokenError as error:
+            # Found only where the windows reach it: the file is one unparseable
+            # statement, as if none of it had been read (`analysis.WholeFile`).
+            hit = Hit(UNPARSEABLE, f"sqlglot cannot tokenize the file ({error})")
+            raise WholeFile(Statement(0, sql, [hit])) from error
+
+
+def _unlink(node: exp.Expr) -> None:
+    """Drop each node's link to its parent, the only cycles in sqlglot's tree: then
+    reference counting frees the tree as soon as it is classified, instead of the
+    cyclic collector, which a file of DDL kept running (and walking every finding
+    made so far, a third of such a file's check)."""
+    for sub in node.walk():
+        sub.parent = None
 
 
 # --- helpers ------------------------------------------------------------------
@@ -291,7 +554,7 @@ def _command(node: exp.Command, dialect: Dialect, state: FileState) -> list[Hit]
     expression = node.expression  # a Literal or a plain string, depending on the statement
     rest = expression.name if isinstance(expression, exp.Literal) else str(expression or "")
     try:
-        words = SqlglotDialect.get_or_raise(dialect).tokenize(rest)
+        words = _dialect(dialect).tokenize(rest)
     except Exception:  # the same leniency as for any other tokenizer failure
         words = []
     if (

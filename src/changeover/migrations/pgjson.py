@@ -154,10 +154,25 @@ def _node(wrapped: dict[str, Any]) -> Any:
     return special(data) if special else _build(_CLASSES[kind], data)
 
 
-def statement(text: str) -> Any:
+# json.loads without its wrapper's checks (the parser's JSON starts at its first
+# character and is all one document): called once per statement.
+_scan: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
+def raw_statement(text: str, tree: str | None = None) -> dict[str, Any]:
+    """The parser's RawStmt of the one statement in `text`, decoded from its JSON
+    (`tree`, when the caller has it: `parse_sql_json(text)`).  Raises pglast's
+    ParseError as `pglast.parse_sql` does."""
+    (raw,) = _scan(parse_sql_json(text) if tree is None else tree, 0)[0]["stmts"]
+    return raw  # type: ignore[no-any-return]
+
+
+def statement(text: str, raw: dict[str, Any] | None = None) -> Any:
     """The node of the one statement in `text` (a RawStmt's stmt), as `pglast.parse_sql`
-    gives it.  Raises pglast's ParseError as it does."""
-    (raw,) = json.loads(parse_sql_json(text))["stmts"]
+    gives it, built from `raw` when the caller has it (`raw_statement(text)`).  Raises
+    pglast's ParseError as it does."""
+    if raw is None:
+        raw = raw_statement(text)
     try:
         return _node(raw["stmt"])
     except (KeyError, TypeError, ValueError):  # a node this module cannot build: pglast's

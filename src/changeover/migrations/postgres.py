@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 from pglast import ast, parse_sql
@@ -174,14 +175,15 @@ _TRANSACTION_END = frozenset(
 
 
 def _parsed(
-    sql: str, wanted: Callable[[str], object] | None = None, *, broken: bool = True
+    sql: str, wanted: Callable[[str], dict[str, Any] | None] | None = None, *, broken: bool = True
 ) -> Iterator[tuple[int, str, Any]]:
     """(offset, text, node) per statement; node is a ParseError when it does not parse.
 
     The file is split by the parser (cheap: no Python AST), then each statement
     is parsed on its own, so only one statement's AST is alive at a time, built
     from the parser's JSON (`pgjson`: pglast's own AST costs several times more).  With
-    `wanted`, only the statements whose text it accepts are parsed and yielded.
+    `wanted`, only the statements for which it gives the parser's RawStmt (it decides
+    by the text, or by the RawStmt: `pgjson.raw_statement`) are built and yielded.
     A file PostgreSQL cannot parse is parsed statement by statement (each one,
     whatever `wanted` says), or with `broken=False` yields only its REPACK
     statements (`Repack`: pglast's grammar does not know them).
@@ -200,8 +202,10 @@ def _parsed(
         return
     for piece in pieces:
         text = sql[piece]
-        if wanted is None or wanted(text):
+        if wanted is None:
             yield piece.start, text, pgjson.statement(text)
+        elif (raw := wanted(text)) is not None:
+            yield piece.start, text, pgjson.statement(text, raw)
 
 
 def _scanned(sql: str) -> list[tuple[int, int]] | None:
@@ -340,6 +344,10 @@ def _may_unwrap(text: str) -> bool:
     return _MAY_UNWRAP_WORDS.search(text.lower()) is not None
 
 
+def _raw_if_it_may_unwrap(text: str) -> dict[str, Any] | None:
+    return pgjson.raw_statement(text) if _may_unwrap(text) else None
+
+
 def _applier_wraps(sql: str) -> bool:
     """Whether changeover's applier runs the file in one transaction (database.py):
     yes, unless it has a transaction statement of its own or a statement that
@@ -349,7 +357,7 @@ def _applier_wraps(sql: str) -> bool:
     return not any(
         isinstance(node, ast.TransactionStmt) or _refuses_transaction(node)
         # The applier refuses a file PostgreSQL cannot parse: nothing to decide.
-        for _, _, node in _parsed(sql, _may_unwrap, broken=False)
+        for _, _, node in _parsed(sql, _raw_if_it_may_unwrap, broken=False)
         if not isinstance(node, ParseError)
     )
 
@@ -358,22 +366,43 @@ _DATA_CHANGES = frozenset({"InsertStmt", "UpdateStmt", "DeleteStmt"})
 _DDL = re.compile(r"(?:alter|create|drop)\b", re.IGNORECASE)  # always classified
 
 
-def _needs_classifying(text: str, state: FileState) -> bool:
-    """False when the statement's classifier would find nothing and change nothing,
-    as its type (from the parser's JSON, cheap) shows; such statements are not
-    turned into a Python AST, the slow part of a big file of data statements."""
-    if _DDL.match(text) or state.new_enum_values:  # (a statement starts at its first token)
-        return True
+# CREATE statements whose classifier and `_not_rerunnable` find nothing and change
+# nothing when this flag is set (IF NOT EXISTS, OR REPLACE: the object may exist).
+_INERT_WITH = {
+    "CreateStmt": "if_not_exists",
+    "CreateTableAsStmt": "if_not_exists",
+    "CreateSeqStmt": "if_not_exists",
+    "ViewStmt": "replace",
+    "CreateFunctionStmt": "replace",
+}
+
+
+def _needs_classifying(text: str, state: FileState) -> dict[str, Any] | None:
+    """The parser's RawStmt of the statement (`pgjson.raw_statement`), or None when the
+    statement's classifier would find nothing and change nothing, as its type and
+    flags (from the parser's JSON, cheap) show; such statements are not turned into
+    a Python AST, the slow part of a big file of data statements."""
+    if state.new_enum_values:  # any statement may use the new value
+        return pgjson.raw_statement(text)
+    if _DDL.match(text):  # (a statement starts at its first token)
+        raw = pgjson.raw_statement(text)
+        node = raw.get("stmt")
+        if isinstance(node, dict) and len(node) == 1:
+            ((kind, fields),) = node.items()
+            flag = _INERT_WITH.get(kind)
+            if flag is not None and isinstance(fields, dict) and fields.get(flag):
+                return None
+        return raw
     tree = parse_sql_json(text)
     start = tree.index('"stmt":{"') + len('"stmt":{"')
     kind = tree[start : tree.index('"', start)]
     if kind in _HARMLESS:
-        return False
-    if kind in _DATA_CHANGES:
-        return bool(state.held)  # a backfill only matters under a held lock
-    if kind == "SelectStmt":
-        return '"FuncCall"' in tree  # set_config(), or a function created in the file
-    return True
+        return None
+    if kind in _DATA_CHANGES and not state.held:  # a backfill only matters under a held lock
+        return None
+    if kind == "SelectStmt" and '"FuncCall"' not in tree:
+        return None  # only set_config(), or a function created in the file, matters
+    return pgjson.raw_statement(text, tree)
 
 
 def _not_rerunnable(node: Any) -> str | None:
@@ -472,6 +501,17 @@ def _col_type(type_name: Any) -> ColType:
     return ColType(name, params)
 
 
+def _reversed_attributes(cls: type[Any]) -> Callable[[Any], tuple[Any, ...]]:
+    """A node's attribute values, last first, in one C call (`attrgetter`)."""
+    names = tuple(reversed(tuple(cls.__slots__)))
+    if len(names) > 1:
+        return attrgetter(*names)
+    return (lambda node: (getattr(node, names[0]),)) if names else (lambda node: ())
+
+
+_ATTRIBUTES_REVERSED: dict[type[Any], Callable[[Any], tuple[Any, ...]]] = {}
+
+
 def _walk(node: Any) -> Iterator[Any]:
     """Every node under `node`, itself first, in attribute order (a stack, not
     nested generators: each level of those costs a resumption per node)."""
@@ -482,7 +522,11 @@ def _walk(node: Any) -> Iterator[Any]:
             stack.extend(reversed(item))
         elif isinstance(item, ast.Node):
             yield item
-            stack.extend(getattr(item, attribute) for attribute in reversed(tuple(item)))
+            cls = type(item)
+            attributes = _ATTRIBUTES_REVERSED.get(cls)
+            if attributes is None:
+                attributes = _ATTRIBUTES_REVERSED[cls] = _reversed_attributes(cls)
+            stack.extend(attributes(item))
 
 
 def _volatile_call(expr: Any) -> str | None:
@@ -641,6 +685,7 @@ def _foreign_tables(cmds: Any) -> list[str]:
     return [
         _qualified(node.pktable)
         for cmd in cmds
+        if cmd.def_ is not None
         for node in _walk(cmd.def_)
         if isinstance(node, ast.Constraint) and node.contype == ConstrType.CONSTR_FOREIGN
     ]
@@ -651,7 +696,10 @@ def _alter_table(node: Any, state: FileState) -> list[Hit]:
     cmds = list(node.cmds or ())
     if node.objtype not in (ObjectType.OBJECT_TABLE, ObjectType.OBJECT_FOREIGN_TABLE):
         return [_lock(table)]
-    mode = max((_cmd_lock(cmd) for cmd in cmds), key=_LOCK_STRENGTH.__getitem__, default=None)
+    if len(cmds) == 1:  # the usual ALTER TABLE: one subcommand
+        mode = _cmd_lock(cmds[0])
+    else:
+        mode = max(map(_cmd_lock, cmds), key=_LOCK_STRENGTH.__getitem__, default=None)
     hits = [_lock(table, mode)]
     hits.extend(_lock(other, SHARE_ROW_EXCLUSIVE) for other in _foreign_tables(cmds))
     for cmd in cmds:
