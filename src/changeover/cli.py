@@ -222,7 +222,8 @@ def resume(config: ConfigOpt = Path(DEFAULT_CONFIG), json_out: JsonOpt = False) 
 def abort(config: ConfigOpt = Path(DEFAULT_CONFIG), json_out: JsonOpt = False) -> None:
     """Stop the release in progress at its next safe point (from another shell).
     It stays resumable: `resume` continues it, `rollback` or a new release
-    supersedes it; `status` warns while healthy members are left out."""
+    supersedes it; `status` warns while healthy members are left out. An
+    approval not yet acted on is withdrawn."""
     from changeover.commands import releasing
 
     releasing.abort(config, json_out)
@@ -230,7 +231,9 @@ def abort(config: ConfigOpt = Path(DEFAULT_CONFIG), json_out: JsonOpt = False) -
 
 @app.command()
 def approve(config: ConfigOpt = Path(DEFAULT_CONFIG), json_out: JsonOpt = False) -> None:
-    """Approve the cluster that a release with approval = "manual" waits for."""
+    """Approve the cluster that a release with approval = "manual" waits for,
+    also while no process runs it (killed while waiting): the `resume` that
+    takes it over keeps the approval and goes on."""
     from changeover.commands import releasing
 
     releasing.approve(config, json_out)

@@ -51,6 +51,7 @@ from changeover.policy import (
     excusable,
     fan_out_outcome,
     flip_back,
+    kept_at_take_over,
     may_start,
     promql,
     rollback_plan,
@@ -284,7 +285,9 @@ class Engine:
         )
 
     async def take_over(self) -> int:
-        """Lock the site for the unfinished release (the previous holder is gone)."""
+        """Lock the site for the unfinished release (the previous holder is gone).
+        What was asked of that holder is cleared, but for an approval of the step
+        the release resumes at (`policy.kept_at_take_over`)."""
         row = await self._j(self.journal.unfinished, self.site)
         if row is None:
             raise PlanRefused("no release to resume")
@@ -301,7 +304,19 @@ class Engine:
                 "warn",
                 f"took over a stale lock left by {stale.describe()}",
             )
-        await self._j(self.journal.request, row.id, None)
+        # Read again under the lock: an approval given until now counts.
+        row = await self._j(self.journal.release, row.id)
+        steps = await self._j(self.journal.steps, row.id)
+        kept = kept_at_take_over(decode_ask(row.request), steps)
+        if kept is None:
+            await self._j(self.journal.request, row.id, None)
+        else:
+            await self._j(
+                self.journal.add_event,
+                row.id,
+                "info",
+                f"kept the approval of {kept.step_id} by {kept.who}, given before the take-over",
+            )
         await self._j(self.journal.set_state, row.id, J.RUNNING)
         return row.id
 
@@ -798,24 +813,29 @@ class Engine:
         return "; ".join(problems) or None
 
     async def _approve(self, step: Approve) -> str:
-        await self._j(self.journal.set_state, self._release_id, J.AWAITING_APPROVAL)
-        self._notify("awaiting-approval", step.cluster)
-        await self._emit(
-            "info",
-            f"awaiting approval of {step.cluster}: "
-            f"`changeover approve` (or `changeover abort`) from another shell",
-        )
-        try:
-            while True:
-                row = await self._j(self.journal.release, self._release_id)
-                ask = decode_ask(row.request)
-                if isinstance(ask, Approval) and ask.step_id == step.id:
-                    await self._j(self.journal.request, self._release_id, None)
-                    return f"approved by {ask.who}"
-                await self._check_stop()
-                await self._wait(0.2)
-        finally:
-            await self._j(self.journal.set_state, self._release_id, J.RUNNING)
+        # Approved already (before a resume took the release over): no wait.
+        approval = await self._approval_of(step)
+        if approval is None:
+            await self._j(self.journal.set_state, self._release_id, J.AWAITING_APPROVAL)
+            self._notify("awaiting-approval", step.cluster)
+            await self._emit(
+                "info",
+                f"awaiting approval of {step.cluster}: "
+                f"`changeover approve` (or `changeover abort`) from another shell",
+            )
+            try:
+                while (approval := await self._approval_of(step)) is None:
+                    await self._check_stop()
+                    await self._wait(0.2)
+            finally:
+                await self._j(self.journal.set_state, self._release_id, J.RUNNING)
+        await self._j(self.journal.request, self._release_id, None)
+        return f"approved by {approval.who}"
+
+    async def _approval_of(self, step: Approve) -> Approval | None:
+        row = await self._j(self.journal.release, self._release_id)
+        ask = decode_ask(row.request)
+        return ask if isinstance(ask, Approval) and ask.step_id == step.id else None
 
     # --- the database ------------------------------------------------------------------
 

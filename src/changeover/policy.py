@@ -1,9 +1,10 @@
 """The engine's decisions, as pure functions over plain data.
 
 Whether a drain is over, whether a fan-out spent more than its failure budget,
-whether a cluster may be swapped live, whether a bake saw a bad release, and
-what a rollback goes back to: no I/O here, so each is a table of cases in
-tests/unit/test_policy.py. The engine reads the world, asks these, and acts.
+whether a cluster may be swapped live, what a resume keeps of what was asked,
+whether a bake saw a bad release, and what a rollback goes back to: no I/O
+here, so each is a table of cases in tests/unit/test_policy.py. The engine
+reads the world, asks these, and acts.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from enum import StrEnum
 
 from changeover.config import ANALYSIS_FIELD, AnalysisQuery, Cluster, Topology
 from changeover.executors.base import CommandResult
-from changeover.journal import STEP_DONE, ReleaseRow
+from changeover.journal import STEP_DONE, ReleaseRow, StepRow
 from changeover.model import (
     Admission,
+    Approval,
+    Ask,
     MemberState,
     PoolView,
     Sample,
@@ -189,6 +192,22 @@ def swap_refusal(plan: Sequence[Step], step_states: Mapping[str, str], cluster: 
     if needed and not missing:
         return None
     return f"refusing to put {cluster} live: check(s) not passed: {missing or 'none planned'}"
+
+
+# --- a take-over -------------------------------------------------------------------------
+
+
+def kept_at_take_over(ask: Ask | None, steps: Sequence[StepRow]) -> Approval | None:
+    """What `resume` keeps of what was asked of a release before it took it over:
+    an approval of the step it resumes at (the first of `steps`, in plan order,
+    not done), that is of the cluster the release waited for when its process
+    went away (approved while nothing ran, or just before the holder died).
+    Nothing else: an approval of another step is not this one's, and an abort
+    was asked of the process that is gone (`resume` is asked to go on)."""
+    resumes_at = next((s.step_id for s in steps if s.state != STEP_DONE), None)
+    if isinstance(ask, Approval) and ask.step_id == resumes_at:
+        return ask
+    return None
 
 
 # --- the bake ------------------------------------------------------------------------------

@@ -315,7 +315,8 @@ class Releases:
     async def abort(self, who: str) -> str:
         """Stop the release in progress at its next safe point; one nobody runs
         any more is marked aborted at once, the pool left as it is. Either way it
-        stays resumable (`resume`), and `rollback` or a new release supersedes it."""
+        stays resumable (`resume`), and `rollback` or a new release supersedes it;
+        an approval given before the abort and not yet acted on is withdrawn."""
         row = await self._record(lambda j: j.unfinished(self.site))
         if row is None:
             raise BadRequest("no release in progress")
@@ -323,6 +324,8 @@ class Releases:
         if holder is None or holder.is_stale():
             if row.state != J.ABORTED:
                 await self._record(lambda j: j.set_state(row.id, J.ABORTED, ABORTED_IDLE))
+            # The later word: an approval not yet acted on does not outlive it.
+            await self._record(lambda j: j.request(row.id, None))
             if holder is not None:
                 await self._record(lambda j: j.force_unlock(self.site))
             return f"release #{row.id} aborted; {ABORTED_IDLE}"

@@ -217,23 +217,50 @@ def show(site: DemoSite, release_id: int) -> dict[str, Any]:
 
 async def step_running(site: DemoSite, step_id: str, timeout: float = 60) -> int:
     """Wait until the unfinished release's `step_id` is running; its release id."""
+    return await _step_of_unfinished(site, step_id, None, None, timeout)
+
+
+async def awaiting_approval(
+    site: DemoSite, step_id: str, journal: Journal | None = None, timeout: float = 60
+) -> int:
+    """Wait until the unfinished release awaits approval in `step_id` (in the
+    journal `journal`, else the site's); its release id."""
+    return await _step_of_unfinished(site, step_id, J.AWAITING_APPROVAL, journal, timeout)
+
+
+async def _step_of_unfinished(
+    site: DemoSite, step_id: str, state: str | None, journal: Journal | None, timeout: float
+) -> int:
+    """Wait until the unfinished release (in `state`, if given) runs `step_id`."""
+    reading = journal or open_journal(site.topo)
     found: list[int] = []
 
-    def running() -> bool:
-        j = journal(site)
-        try:
-            row = j.unfinished(site.topo.site.name)
-            if row is None:
-                return False
-            if any(s.step_id == step_id and s.state == J.STEP_RUNNING for s in j.steps(row.id)):
-                found.append(row.id)
-                return True
+    def there() -> bool:
+        row = reading.unfinished(site.topo.site.name)
+        if row is None or state not in (None, row.state):
             return False
-        finally:
-            j.close()
+        if any(s.step_id == step_id and s.state == J.STEP_RUNNING for s in reading.steps(row.id)):
+            found.append(row.id)
+            return True
+        return False
 
-    await wait_until(running, timeout=timeout, interval=0.02, what=f"step {step_id} running")
+    what = f"{step_id} {'running' if state is None else state}"
+    try:
+        await wait_until(there, timeout=timeout, interval=0.02, what=what)
+    finally:
+        if journal is None:
+            reading.close()
     return found[0]
+
+
+async def versions_at(url: str, count: int = 20) -> set[str]:
+    """The versions `count` GETs of `url`/version were answered with."""
+    async with aiohttp.ClientSession() as http:
+        seen = set()
+        for _ in range(count):
+            async with http.get(url + "/version") as resp:
+                seen.add((await resp.text()).strip())
+        return seen
 
 
 def plan_ids(plan_json: str) -> list[str]:

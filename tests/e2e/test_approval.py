@@ -13,10 +13,9 @@ import pytest
 from changeover import journal as J
 from changeover.config import load
 from changeover.demo.scenario import DemoOptions, DemoSite
-from changeover.journal import Journal
+from changeover.releases import operator
 from changeover.runtime import open_journal
 from tests.e2e import support as S
-from tests.helpers import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -40,22 +39,6 @@ async def cli(site: DemoSite, *args: str) -> tuple[int, str]:
     return proc.returncode, out.decode()
 
 
-async def awaiting(site: DemoSite, step_id: str, journal: Journal | None = None) -> None:
-    journal = journal or open_journal(site.topo)
-
-    def waiting() -> bool:
-        row = journal.unfinished(site.topo.site.name)
-        return (
-            row is not None
-            and row.state == J.AWAITING_APPROVAL
-            and any(
-                s.step_id == step_id and s.state == J.STEP_RUNNING for s in journal.steps(row.id)
-            )
-        )
-
-    await wait_until(waiting, timeout=60, what=f"{step_id} awaiting approval")
-
-
 async def approved_run(site: DemoSite, *args: str) -> None:
     """Run a command that waits for approval of a, then b, approving each; it must succeed."""
     await approved_run_with(site, str(site.config), *args)
@@ -66,7 +49,7 @@ async def approved_run_with(site: DemoSite, config: str, *args: str) -> None:
     run = asyncio.create_task(S.cli(site, *args, config=config))
     journal = open_journal(load(config))
     for step in ("approve-a", "approve-b"):
-        await awaiting(site, step, journal)
+        await S.awaiting_approval(site, step, journal)
         approved = await S.cli(site, "approve", config=config)
         assert approved.code == 0, approved.output
     done = await asyncio.wait_for(run, 120)
@@ -75,7 +58,7 @@ async def approved_run_with(site: DemoSite, config: str, *args: str) -> None:
 
 async def test_release_waits_for_each_approval(site: DemoSite) -> None:
     release = asyncio.create_task(cli(site, "release", "2.0"))
-    await awaiting(site, "approve-a")
+    await S.awaiting_approval(site, "approve-a")
     code, text = await cli(site, "status")
     assert code == 0 and "awaiting-approval" in text
     assert "awaiting approval of a: QA at http://127.0.0.1:" in text, text
@@ -88,7 +71,7 @@ async def test_release_waits_for_each_approval(site: DemoSite) -> None:
     assert not release.done()  # nothing was swapped without a person
     code, text = await cli(site, "approve")
     assert code == 0, text
-    await awaiting(site, "approve-b")
+    await S.awaiting_approval(site, "approve-b")
     code, text = await cli(site, "approve")
     assert code == 0, text
     code, text = await asyncio.wait_for(release, 60)
@@ -102,7 +85,7 @@ async def test_abort_while_awaiting_approval_stops_at_a_safe_point_and_resumes(
     site: DemoSite,
 ) -> None:
     release = asyncio.create_task(cli(site, "release", "2.0"))
-    await awaiting(site, "approve-a")
+    await S.awaiting_approval(site, "approve-a")
     code, text = await cli(site, "abort")
     assert code == 0, text
     code, text = await asyncio.wait_for(release, 60)
@@ -125,6 +108,43 @@ async def test_abort_while_awaiting_approval_stops_at_a_safe_point_and_resumes(
     assert {m["admission"] for m in json.loads(text)["pool"]} == {"live"}
 
 
+async def test_an_approval_given_after_the_release_was_killed_survives_its_resume(
+    site: DemoSite,
+) -> None:
+    """The release process is killed while a waits for approval; `approve` while
+    nothing runs; the `resume` that takes the release over keeps that approval
+    and waits for b's only."""
+    killed = await S.start_cli(site, "release", "2.0")
+    try:
+        await S.awaiting_approval(site, "approve-a")
+    finally:
+        if killed.returncode is None:
+            killed.kill()
+        out = await killed.stdout.read() if killed.stdout else b""
+        await killed.wait()
+    assert killed.returncode == -9, out.decode(errors="replace")
+    code, text = await cli(site, "approve")
+    assert code == 0 and "approved approve-a of release #1" in text, text
+    resumed = await S.start_cli(site, "resume")
+    try:
+        await S.awaiting_approval(site, "approve-b")
+        code, text = await cli(site, "approve")
+        assert code == 0 and "approved approve-b of release #1" in text, text
+        done = await S.finish(resumed)
+    finally:
+        if resumed.returncode is None:
+            resumed.kill()
+            await resumed.wait()
+    assert done.code == 0, done.output
+    journal = open_journal(site.topo)
+    messages = [e.message for e in journal.events(1)]
+    kept = next(i for i, m in enumerate(messages) if m.startswith("kept the approval of approve-a"))
+    assert not [m for m in messages[kept:] if m.startswith("awaiting approval of a")], messages
+    details = {s.step_id: s.detail for s in journal.steps(1)}
+    assert details["approve-a"] == details["approve-b"] == f"approved by {operator()}"
+    assert set((await S.versions_by_member(site)).values()) == {"2.0"}
+
+
 async def test_rollback_after_an_abort_returns_to_the_version_it_replaced(
     site: DemoSite,
 ) -> None:
@@ -132,7 +152,7 @@ async def test_rollback_after_an_abort_returns_to_the_version_it_replaced(
     back is 2.0 everywhere (not 1.0, what the last finished release replaced)."""
     await approved_run(site, "release", "2.0")
     aborted = asyncio.create_task(cli(site, "release", "3.0"))
-    await awaiting(site, "approve-a")
+    await S.awaiting_approval(site, "approve-a")
     assert set(S.running_versions(site, "a").values()) == {"3.0"}
     code, text = await cli(site, "abort")
     assert code == 0, text
@@ -152,7 +172,7 @@ async def test_a_second_copy_of_the_config_cannot_release_the_same_balancer(
     copy = site.root / "operator-2.toml"
     copy.write_text(site.config.read_text().replace('state_dir = "state"', 'state_dir = "op2"'))
     first = asyncio.create_task(cli(site, "release", "2.0"))
-    await awaiting(site, "approve-a")
+    await S.awaiting_approval(site, "approve-a")
 
     second = await S.cli(site, "release", "3.0", config=str(copy))
 

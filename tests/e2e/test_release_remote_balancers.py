@@ -1,4 +1,4 @@
-"""Balancer instances on other hosts: two HAProxy (or two nginx) instances, each
+"""Balancer instances on other hosts: two HAProxy (or Apache, or nginx) instances, each
 behind its own real sshd on its own loopback address, changed as one group
 through SSH (config by SFTP, the check and the reload run there, the runtime
 API through the connection), a whole release under two probes (one per
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shlex
+import json
 import shutil
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
@@ -23,15 +23,15 @@ from typing import Any
 import pytest
 
 from changeover import journal as J
-from changeover.balancers.factory import make_balancer
+from changeover.balancers.factory import DRIVERS, make_balancer
 from changeover.balancers.group import BalancerGroup
+from changeover.balancers.process import ConfiguredBalancer
 from changeover.config import BalancerInstance, Topology
 from changeover.engine import Event
 from changeover.model import Admission, PoolView, cluster_admission
 from changeover.probe import ProbeReport
 from tests.helpers import wait_until
 from tests.integration.realbalancers import (
-    NICE,
     RealBalancer,
     finish_probe,
     instance_for,
@@ -49,6 +49,7 @@ from tests.integration.test_driver_release import (
     release_site,
     release_with,
     run_on_members,
+    under_load,
     versions_served,
 )
 
@@ -68,6 +69,27 @@ REFUSING = (
     'else echo "refused: $1 exists" >&2; exit 1; fi; '
     'fi; shift; exec "$@"'
 )
+
+
+# Every instance's check, on its host: the server address of the SSH connection
+# it runs under (the third word of $SSH_CONNECTION; "none" outside SSH) appended
+# to $1, then the product's own check.
+WITNESSED = 'printf "%s\\n" "${SSH_CONNECTION:-none}" >> "$1"; shift; exec "$@"'
+CHECKS_LOG = "checks.log"
+
+
+def product_check(product: str, instance: dict[str, Any]) -> list[str]:
+    """The check command `instance` of `product` would run: its own, else the driver's."""
+    driver = DRIVERS[product]
+    assert isinstance(driver, type) and issubclass(driver, ConfiguredBalancer), driver
+    return list(instance.get("check_command") or driver.default_check)
+
+
+def checked_on(run_dir: Path) -> list[str]:
+    """The server address of each check the instance of `run_dir` ran, in order."""
+    log = run_dir / CHECKS_LOG
+    lines = log.read_text().splitlines() if log.exists() else []
+    return [(line.split() + ["none"] * 3)[2] for line in lines]
 
 
 @dataclass
@@ -105,7 +127,12 @@ def instance_data(product: str, root: Path, index: int, server: SshdServer) -> d
     run_dir = root / f"lb{index + 1}"
     state_dir = searchable_dir("changeover-remote-state-") if product == "nginx" else None
     data = instance_for(product, run_dir, f"lb{index + 1}", state_dir=state_dir)
+    witness = ["sh", "-c", WITNESSED, "witness", str(run_dir / CHECKS_LOG)]
+    data["check_command"] = [*witness, *product_check(product, data)]
     return data | {
+        # Its pid file, logs and runtime files (Apache's ServerRoot and shared
+        # memory) on "its host", as the instance was started with.
+        "run_dir": str(run_dir),
         "ssh_host": ADDRESSES[index],
         "ssh_port": server.port,
         "bind_host": ADDRESSES[index],
@@ -133,24 +160,16 @@ async def remote_site(
         key = root / "id_ed25519"
         shutil.copy(first.key_file, key)
         key.chmod(0o600)
-        data = release_site(product, root)
-        # Two balancers check the members: on a loaded 2-core box one slow answer
-        # must not take a member down (the probe would see 503s the release did
-        # not cause).
-        data["balancer"]["health"] |= {"timeout": "2s", "fall": 3}
-        data["policy"]["health_timeout"] = "90s"  # a member's boot, on that box
-        # The members run at this test's priority, not below it: here the SSH
-        # handshakes and sessions (sshd and the engine) come in bursts, and members
-        # below them in priority would be starved into timeouts by each one.
-        nice = shlex.join(NICE) + " "
-        data["release"] = {k: v.replace(nice, "", 1) for k, v in data["release"].items()}
+        # Two balancers check the members, SSH handshakes and sessions (sshd and
+        # the engine) come in bursts: members must not be starved into timeouts.
+        data = under_load(release_site(product, root))
         listen = data["balancer"]["listen"].rsplit(":", 1)[1]
         admin = data["balancer"]["admin_listen"].rsplit(":", 1)[1]
         data["balancer"]["listen"] = f"{ADDRESSES[0]}:{listen}"
         data["balancer"]["admin_listen"] = f"{ADDRESSES[0]}:{admin}"
         instances = [instance_data(product, root, i, s) for i, s in enumerate(servers)]
         if refuse is not None:
-            check = instances[1].get("check_command") or ["haproxy", "-c", "-f", "{config}"]
+            check = product_check(product, instances[1])
             instances[1]["check_command"] = ["sh", "-c", REFUSING, "check", str(refuse), *check]
         data["balancer"]["instances"] = instances
         data["executor"]["ssh"] = {
@@ -228,16 +247,31 @@ async def step_started(events: list[Event], step_id: str) -> None:
     await wait_until(started, timeout=120, what=f"step {step_id}")
 
 
-@pytest.mark.parametrize("product", ["haproxy", "nginx"])
+@pytest.mark.parametrize("product", ["haproxy", "apache", "nginx"])
 async def test_release_through_two_instances_on_other_hosts(product: str, tmp_path: Path) -> None:
+    run_dirs = [tmp_path / f"lb{i + 1}" for i in range(2)]
     async with remote_site(product, tmp_path) as site:
         before = [s.accepted() for s in site.servers]
+        checks_before = [len(checked_on(d)) for d in run_dirs]
         state, steps, events, reports = await release_under_probes(site, "2.0")
         assert state == J.DONE, why(events)
         views = [await real.driver.read() for real in site.balancers]
         served = await versions_served(site.topology)
         accepted = [s.accepted() - b for s, b in zip(site.servers, before, strict=True)]
+        configs = [(d / f"{product}.conf").read_text() for d in run_dirs]
     assert all(s.state == J.STEP_DONE for s in steps)
+    # Every check ran on the instance's own host, under its own sshd; HAProxy's
+    # and Apache's files carry every admission, so each change was checked there
+    # and installed there (renamed over the file: no temporary left beside it).
+    # nginx changes whole clusters by its flag files, without a new config.
+    for index, run_dir in enumerate(run_dirs):
+        seen = checked_on(run_dir)
+        assert seen and set(seen) == {ADDRESSES[index]}, seen
+        assert not list(run_dir.glob(f".{product}.conf.changeover-*"))
+        if product != "nginx":
+            assert len(seen) > checks_before[index], seen
+            admissions = dict.fromkeys((m.name for _, m in site.topology.members()), "live")
+            assert f"Admissions: {json.dumps(admissions, separators=(',', ':'))}" in configs[index]
     assert_no_user_noticed(reports)
     for report in reports:  # each instance served both versions: the release went through it
         assert set(report.versions_seen) == {"1.0", "2.0"}

@@ -4,7 +4,9 @@ release command run over SSH by a real OpenSSH server, under the probe.
 
 The tests share one site (36 apps take a while to boot on 2 cores) and run in
 file order: each releases a new version from whatever the previous one left;
-the failure test comes last since it leaves cluster a out of the pool.
+the failure test comes last since it leaves cluster a out of the pool. The
+manual approval runs first, on a small fleet of its own (2 x 2 behind their
+own sshd), before the big one boots.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from changeover.demo.scenario import DemoOptions, DemoSite
 from changeover.executors.base import member_values, render_argv
 from changeover.model import Admission
 from changeover.polling import poll_until
-from changeover.releases import Begin
+from changeover.releases import Begin, operator
 from changeover.runtime import make_executor, with_releases
 from tests.e2e import support as S
 from tests.integration.sshd import SshdServer, cluster_hosts, running_sshd
@@ -85,6 +87,78 @@ def outputs(site: DemoSite, release_id: int) -> list[J.OutputRow]:
         return journal.outputs(release_id)
     finally:
         journal.close()
+
+
+SMALL = 2  # members per cluster of the approval's own fleet
+SMALL_RATE, SMALL_USERS = 100.0, 20  # think time 0.2 s, below the demo's session_idle
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def small_fleet(tmp_path: Path) -> AsyncIterator[tuple[DemoSite, SshdServer]]:
+    """2 x 2 members on 127.0.3.1-2 and 127.0.4.1-2 behind their own sshd, the
+    release commands over SSH, approval = "manual"."""
+    hosts = (cluster_hosts(3, SMALL), cluster_hosts(4, SMALL))
+    async with running_sshd([*hosts[0], *hosts[1]], niceness=NICENESS) as server:
+        opts = DemoOptions(
+            members_per_cluster=SMALL,
+            startup_delay=0.1,
+            member_hosts=hosts,
+            ssh=server.settings(),
+            approval="manual",
+        )
+        demo = DemoSite(tmp_path, opts)
+        async with demo.running():
+            yield demo, server
+
+
+async def qa_versions(site: DemoSite, cluster: str) -> set[str]:
+    """What QA sees on `cluster`'s own entry point (its QA port)."""
+    qa = f"http://{site.topo.balancer.listen.host}:{site.topo.cluster(cluster).qa_port}"
+    return await S.versions_at(qa, 5)
+
+
+async def test_a_manual_approval_release_over_ssh_waits_for_qa_under_the_probe(
+    small_fleet: tuple[DemoSite, SshdServer],
+) -> None:
+    """`changeover release` over SSH waits for each cluster's approval while QA
+    sees the new version on that cluster's entry point and the other cluster
+    serves everyone; `changeover approve` from another shell lets it go on."""
+    site, sshd = small_fleet
+    before = {h: sshd.accepted(h) for h in sshd.hosts}
+    async with site.probe(SMALL_RATE, sticky_users=SMALL_USERS) as probe:
+        await S.traffic_flows(site)
+        release_cli = await S.start_cli(site, "release", "2.0")
+        try:
+            for cluster, other in (("a", "b"), ("b", "a")):
+                release_id = await S.awaiting_approval(site, f"approve-{cluster}", timeout=90)
+                assert await qa_versions(site, cluster) == {"2.0"}
+                admissions = await S.admissions(site)
+                assert admissions == {cluster: Admission.OUT, other: Admission.LIVE}, admissions
+                approved = await S.cli(site, "approve")
+                assert approved.code == 0, approved.output
+                assert f"approved approve-{cluster} of release #{release_id}" in approved.text
+            done = await S.finish(release_cli)
+        finally:
+            if release_cli.returncode is None:
+                release_cli.kill()
+                await release_cli.wait()
+        report = await probe.finish()
+
+    assert done.code == 0, done.output
+    assert report.failed == 0, (report.failure_examples, report.failure_log)
+    assert report.session_breaks == 0
+    assert report.sessions_cut == 0
+    assert report.version_flaps == 0
+    assert set(report.versions_seen) == {"1.0", "2.0"}
+    assert set((await S.versions_by_member(site)).values()) == {"2.0"}
+    assert await S.all_live(site)
+    details = {s["id"]: s["detail"] for s in S.show(site, release_id)["steps"]}
+    assert details["approve-a"] == details["approve-b"] == f"approved by {operator()}"
+    # Every command went over SSH, one connection per host for the whole release.
+    ran = outputs(site, release_id)
+    assert len(ran) == 2 * SMALL * len(COMMANDS)
+    assert all(o.exit_status == 0 for o in ran), [o for o in ran if o.exit_status]
+    assert {h: sshd.accepted(h) - before[h] for h in sshd.hosts} == dict.fromkeys(sshd.hosts, 1)
 
 
 async def test_36_members_released_over_ssh_under_the_probe(

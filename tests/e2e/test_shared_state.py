@@ -1,8 +1,8 @@
 """Two operators, two copies of one config (two state directories), one shared
 journal in a real PostgreSQL (`[site] state_url`): exactly one releases, the
 other is refused naming the holder, and either can approve, abort or resume
-what the other began, SIGKILL of the holder included; `history` is the same
-from both."""
+what the other began, SIGKILL of the holder included (an approval given while
+nothing runs survives the other's take-over); `history` is the same from both."""
 
 from __future__ import annotations
 
@@ -80,17 +80,24 @@ async def awaiting(state_url: str, step_id: str) -> None:
     await wait_until(waiting, timeout=180, interval=0.1, what=f"{step_id} awaiting approval")
 
 
-async def awaiting_again(state_url: str, message: str) -> None:
-    """The resumed release waits again: an approval given before its take-over
-    (which clears what was asked of the dead holder) would be lost."""
+async def resumed_without_asking(
+    state_url: str, resumed: asyncio.subprocess.Process, cluster: str
+) -> None:
+    """`resumed` ends without waiting for `cluster`'s approval again after its
+    take-over; fails as soon as it waits."""
 
-    async def waiting() -> bool:
+    async def asked_again() -> bool:
         events = await shared(state_url, "events", 1)
         assert isinstance(events, list)
         took = [i for i, e in enumerate(events) if "took over a stale lock" in e.message]
+        message = f"awaiting approval of {cluster}"
         return bool(took) and any(e.message.startswith(message) for e in events[took[0] :])
 
-    await wait_until(waiting, timeout=180, interval=0.1, what=f"{message} after the take-over")
+    async def over() -> bool:
+        assert not await asked_again(), f"the resumed release waits for {cluster} again"
+        return resumed.returncode is not None
+
+    await wait_until(over, timeout=180, interval=0.1, what="the resumed release to end")
 
 
 async def test_two_operators_one_release_approved_killed_and_resumed_across_machines(
@@ -163,12 +170,13 @@ async def two_operators(
     status = await S.cli(site, "status", config=theirs)
     assert status.code == 0 and "stale" in status.text, status.output
 
-    # The other machine resumes it, and the first approves what it waits for.
+    # The first machine approves b while no process runs the release; the other
+    # resumes it, and that approval stands: it goes on without asking again.
+    approved = await S.cli(site, "approve", config=mine)
+    assert approved.code == 0 and "approved approve-b of release #1" in approved.text, approved
     resumed = await start("resume", config=theirs)
     try:
-        await awaiting_again(state_url, "awaiting approval of b")
-        approved = await S.cli(site, "approve", config=mine)
-        assert approved.code == 0, approved.output
+        await resumed_without_asking(state_url, resumed, "b")
     finally:
         done = await S.finish(resumed)
     assert done.code == 0, done.output
@@ -176,6 +184,10 @@ async def two_operators(
     events = await shared(state_url, "events", 1)
     assert isinstance(events, list)
     assert any("took over a stale lock left by release #1" in e.message for e in events)
+    assert any(
+        f"kept the approval of approve-b by {who}, given before the take-over" in e.message
+        for e in events
+    )
 
     # History is the same from both copies, and neither wrote a SQLite journal.
     histories = [await S.cli(site, "history", "--json", config=c) for c in (one, two)]

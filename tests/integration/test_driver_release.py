@@ -79,6 +79,19 @@ def release_site(product: str, root: Path) -> dict[str, Any]:
     return data
 
 
+def under_load(data: dict[str, Any]) -> dict[str, Any]:
+    """`release_site`'s `data` made to hold on a loaded 2-core box (other work,
+    SSH bursts): a member takes 3 slow health checks in a row (2 s each) to be
+    counted down, not one (the probe would see 503s the release did not cause),
+    may take 90 s to boot, and runs at this test's priority, not below it
+    (members below the box's other work are starved into timeouts)."""
+    data["balancer"]["health"] |= {"timeout": "2s", "fall": 3}
+    data["policy"]["health_timeout"] = "90s"
+    nice = shlex.join(NICE) + " "
+    data["release"] = {k: v.replace(nice, "", 1) for k, v in data["release"].items()}
+    return data
+
+
 async def run_on_members(topology: Topology, action: str, version: str = "") -> None:
     async def one(argv: list[str]) -> None:
         proc = await asyncio.create_subprocess_exec(

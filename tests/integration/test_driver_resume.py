@@ -1,7 +1,8 @@
 """On HAProxy, the safety of a release beyond the happy path: `changeover release`
-killed mid-step (and its `resume` killed again) finishes on `resume`, and a
-manual approval waits for QA on the cluster's own entry point; both under the
-probe with zero failed requests and no session broken or cut."""
+killed mid-step (and its `resume` killed again) finishes on `resume`, a
+manual approval waits for QA on the cluster's own entry point, and a bluegreen
+release is rolled back by an instant flip; each under the probe with zero
+failed requests and no session broken or cut."""
 
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from changeover import journal as J
 from changeover.config import BalancerInstance, Topology, load
+from changeover.demo.appctl import Member as AppMember
 from changeover.model import Admission, cluster_admission, total
 from changeover.runtime import open_journal
 from tests.e2e import support as S
@@ -33,7 +34,12 @@ from tests.integration.realbalancers import (
     running_balancer,
     write_probe_site,
 )
-from tests.integration.test_driver_release import members_up, release_site, run_on_members
+from tests.integration.test_driver_release import (
+    members_up,
+    release_site,
+    run_on_members,
+    under_load,
+)
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -73,7 +79,7 @@ class Site:
 async def haproxy_site(root: Path, policy: Mapping[str, Any] | None = None) -> AsyncIterator[Site]:
     """A 2 x 3 site on a real HAProxy, v1.0 serving, the probe running through it."""
     need(PRODUCT)
-    data = release_site(PRODUCT, root)
+    data = under_load(release_site(PRODUCT, root))
     data["policy"] |= dict(policy or {})
     topology = parse_site(data, root)
     instance = BalancerInstance.model_validate(data["balancer"]["instances"][0])
@@ -109,15 +115,6 @@ def assert_untouched(report: Any) -> None:
     assert report.version_flaps == 0
 
 
-async def versions(url: str, count: int = 20) -> set[str]:
-    async with aiohttp.ClientSession() as http:
-        seen = set()
-        for _ in range(count):
-            async with http.get(url + "/version") as resp:
-                seen.add((await resp.text()).strip())
-        return seen
-
-
 async def test_killed_inside_a_command_and_after_the_swap_then_resumed(tmp_path: Path) -> None:
     async with haproxy_site(tmp_path) as site:
         first = await site.cli("release", "2.0", env=failpoint("start-a", "during"))
@@ -139,7 +136,7 @@ async def test_killed_inside_a_command_and_after_the_swap_then_resumed(tmp_path:
         third = await site.cli("resume")
         report = await finish_probe(site.probe)
         final = await site.cluster_admissions()
-        served = await versions(site.real.url)
+        served = await S.versions_at(site.real.url)
         journal.close()
         journal = site.journal()
         events = [e.message for e in journal.events(row.id)]
@@ -173,7 +170,7 @@ async def test_manual_approval_waits_for_qa_on_the_clusters_own_entry_point(
 
             await wait_until(waiting, timeout=90, what=f"approve-{cluster} awaiting approval")
             # QA sees the new version on the cluster's own entry point while it is out.
-            assert await versions(site.real.qa_url(cluster), 5) == {"2.0"}
+            assert await S.versions_at(site.real.qa_url(cluster), 5) == {"2.0"}
             assert (await site.cluster_admissions())[cluster] == Admission.OUT
             approved = await site.cli("approve")
             assert approved.code == 0, approved.output
@@ -184,4 +181,53 @@ async def test_manual_approval_waits_for_qa_on_the_clusters_own_entry_point(
     assert finished.code == 0, finished.output
     assert final == {"a": Admission.LIVE, "b": Admission.LIVE}
     assert set(report.versions_seen) == {"1.0", "2.0"}
+    assert_untouched(report)
+
+
+def app_pids(root: Path, topology: Topology, cluster: str) -> dict[str, int | None]:
+    """The pid of each member's app process (release_site's appctl root)."""
+    pids: dict[str, int | None] = {}
+    for member in topology.cluster(cluster).members:
+        proc = AppMember(root / "apps", member.name).process()
+        pids[member.name] = proc.pid if proc else None
+    return pids
+
+
+RELEASE_COMMANDS = ("stop-", "upload-", "deploy-", "start-")
+
+
+async def test_a_bluegreen_release_rolled_back_is_an_instant_flip(tmp_path: Path) -> None:
+    """bluegreen: a is released and swapped live while b is kept draining on 1.0;
+    `rollback` puts b live and drains a out, stopping, deploying and starting
+    nothing: b's very processes serve again. Nobody noticed either change."""
+    async with haproxy_site(tmp_path, {"strategy": "bluegreen"}) as site:
+        released = await site.cli("release", "2.0")
+        assert released.code == 0, released.output
+        assert await site.cluster_admissions() == {"a": Admission.LIVE, "b": Admission.DRAINING}
+        kept = app_pids(tmp_path, site.topology, "b")
+        assert None not in kept.values(), kept
+
+        rolled = await site.cli("rollback")
+        report = await finish_probe(site.probe)
+        final = await site.cluster_admissions()
+        served = await S.versions_at(site.real.url)
+        journal = site.journal()
+        row = journal.newest(site.topology.site.name)
+        assert row is not None
+        steps = [s.step_id for s in journal.steps(row.id)]
+        journal.close()
+        after = app_pids(tmp_path, site.topology, "b")
+    assert rolled.code == 0, rolled.output
+    assert (row.kind, row.version, row.previous_version, row.state) == (
+        "rollback",
+        "1.0",
+        "2.0",
+        J.DONE,
+    )
+    assert "flip-a" in steps and "drained-a" in steps, steps
+    assert not [s for s in steps if s.startswith(RELEASE_COMMANDS)], steps
+    assert after == kept  # not even restarted
+    assert final == {"a": Admission.OUT, "b": Admission.LIVE}
+    assert served == {"1.0"}
+    assert set(report.versions_seen) == {"1.0", "2.0"}  # both changes ran under traffic
     assert_untouched(report)

@@ -49,8 +49,10 @@ async def release(site: Site, version: str = "2.0", events: list[Event] | None =
     return await engine.run(await engine.begin(version))
 
 
-def approve_when_asked(site: Site, who: str = "qa@desk") -> None:
-    """A person who approves whatever cluster the release waits for."""
+def approve_when_asked(site: Site, who: str = "qa@desk") -> list[str]:
+    """A person who approves whatever cluster the release waits for; the list
+    of the steps they were asked to approve, in order, fills as they are."""
+    asked: list[str] = []
 
     def look() -> None:
         row = site.journal.unfinished(site.topo.site.name)
@@ -58,8 +60,11 @@ def approve_when_asked(site: Site, who: str = "qa@desk") -> None:
             return
         waiting = [s for s in site.journal.steps(row.id) if s.state == J.STEP_RUNNING]
         site.journal.request(row.id, encode_ask(Approval(waiting[0].step_id, who)))
+        if asked[-1:] != [waiting[0].step_id]:
+            asked.append(waiting[0].step_id)
 
     site.clock.on_sleep.append(look)
+    return asked
 
 
 # --- a release that works -------------------------------------------------------------
@@ -576,6 +581,83 @@ async def test_a_crash_at_any_step_resumes_from_that_step(tmp_path: Path, crash_
     assert set(site.fleet.version.values()) == {"2.0"}
     assert {a for a in site.balancer.admissions.values()} == {Admission.LIVE}
     assert site.migrator.applied.count(("expand", "2.0")) >= 1
+
+
+async def killed_while_awaiting_approval(tmp_path: Path) -> tuple[Site, int, Releases]:
+    """A site with approval = "manual", the release of 2.0 whose process died while
+    a waited for approval (left as SIGKILL leaves it: awaiting approval, approve-a
+    running, nobody running it), and the service another shell calls."""
+    site = Site.build(tmp_path, policy={"approval": "manual"})
+
+    def die_when_waiting() -> None:
+        row = site.journal.unfinished("t")
+        if row is not None and row.state == J.AWAITING_APPROVAL:
+            raise Crash
+
+    site.clock.on_sleep.append(die_when_waiting)
+    engine = Engine(site.topo, site.ports(), poll=0.05)
+    release_id = await engine.begin("2.0")
+    with pytest.raises(Crash):
+        await engine.run(release_id)
+    site.clock.on_sleep.remove(die_when_waiting)
+    site.journal.set_state(release_id, J.AWAITING_APPROVAL)  # no `finally` runs under SIGKILL
+    assert step_states(site, release_id)["approve-a"] == J.STEP_RUNNING
+    assert site.journal.lock_holder("t") is None
+    return site, release_id, Releases(site.topo, site.journal_opener, site.migrator, site.connect)
+
+
+def approved_by(site: Site, release_id: int) -> dict[str, str | None]:
+    return {s.step_id: s.detail for s in site.journal.steps(release_id) if "approve" in s.step_id}
+
+
+async def test_an_approval_given_while_no_process_runs_survives_the_resume(
+    tmp_path: Path,
+) -> None:
+    site, release_id, service = await killed_while_awaiting_approval(tmp_path)
+
+    said = await service.approve("qa@desk")
+    assert said == f"approved approve-a of release #{release_id}"
+    asked = approve_when_asked(site, "later@desk")
+    site.notifier.events.clear()
+    assert await service.resume() == (release_id, J.DONE)
+
+    assert asked == ["approve-b"]  # a was not asked again
+    assert approved_by(site, release_id) == {
+        "approve-a": "approved by qa@desk",
+        "approve-b": "approved by later@desk",
+    }
+    messages = [e.message for e in site.journal.events(release_id)]
+    kept = "kept the approval of approve-a by qa@desk, given before the take-over"
+    after = messages[messages.index(kept) :]
+    assert not [m for m in after if m.startswith("awaiting approval of a")], after
+    waits = [cluster for event, cluster in site.notifier.names() if event == "awaiting-approval"]
+    assert waits == ["b"], site.notifier.names()  # no hook told QA a waits again
+    assert set(site.fleet.version.values()) == {"2.0"}
+
+
+async def test_an_approval_of_another_step_does_not_apply_after_a_resume(tmp_path: Path) -> None:
+    site, release_id, service = await killed_while_awaiting_approval(tmp_path)
+    site.journal.request(release_id, encode_ask(Approval("approve-b", "hasty@desk")))
+
+    asked = approve_when_asked(site, "qa@desk")
+    assert await service.resume() == (release_id, J.DONE)
+
+    assert asked == ["approve-a", "approve-b"]  # neither taken from the stale one
+    assert set(approved_by(site, release_id).values()) == {"approved by qa@desk"}
+    assert not any("kept the approval" in e.message for e in site.journal.events(release_id))
+
+
+async def test_an_abort_withdraws_an_approval_given_while_no_process_runs(tmp_path: Path) -> None:
+    site, release_id, service = await killed_while_awaiting_approval(tmp_path)
+    await service.approve("qa@desk")
+
+    said = await service.abort("ops@desk")
+    assert said.startswith(f"release #{release_id} aborted; aborted while not running")
+    asked = approve_when_asked(site, "again@desk")
+    assert await service.resume() == (release_id, J.DONE)
+
+    assert asked == ["approve-a", "approve-b"]  # the abort came after the approval
+    assert set(approved_by(site, release_id).values()) == {"approved by again@desk"}
 
 
 # --- Ctrl-C ------------------------------------------------------------------------------------

@@ -8,8 +8,15 @@ import pytest
 
 from changeover.config import Topology, parse
 from changeover.executors.base import CommandResult
-from changeover.journal import STEP_DONE, STEP_FAILED, STEP_PENDING, ReleaseRow
-from changeover.model import Admission, MemberState, PoolView, total
+from changeover.journal import (
+    STEP_DONE,
+    STEP_FAILED,
+    STEP_PENDING,
+    STEP_RUNNING,
+    ReleaseRow,
+    StepRow,
+)
+from changeover.model import AbortAsked, Admission, Approval, Ask, MemberState, PoolView, total
 from changeover.plan import PlanRefused, make_plan
 from changeover.policy import (
     REPORT_EVERY,
@@ -21,6 +28,7 @@ from changeover.policy import (
     excusable,
     fan_out_outcome,
     flip_back,
+    kept_at_take_over,
     may_start,
     rollback_plan,
     swap_refusal,
@@ -272,6 +280,43 @@ def test_a_cluster_with_no_check_planned_is_never_swapped_live(tmp_path: Path) -
     assert swap_refusal(plan, {}, "a") == (
         "refusing to put a live: check(s) not passed: none planned"
     )
+
+
+def step_rows(*states: tuple[str, str]) -> list[StepRow]:
+    return [StepRow(i, step, state, None, None, None) for i, (step, state) in enumerate(states)]
+
+
+WAITING_A = step_rows(
+    ("smoke-a", STEP_DONE), ("approve-a", STEP_RUNNING), ("approve-b", STEP_PENDING)
+)
+# what was asked of the gone holder, where the release stands -> what resume keeps
+TAKE_OVER_CASES = [
+    ("approval of the step it waits in", Approval("approve-a", "qa"), WAITING_A, True),
+    ("approval of another step", Approval("approve-b", "qa"), WAITING_A, False),
+    ("approval of a step done", Approval("smoke-a", "qa"), WAITING_A, False),
+    ("an abort", AbortAsked("ops"), WAITING_A, False),
+    ("nothing asked", None, WAITING_A, False),
+    (
+        "stopped before its approval step (Ctrl-C)",
+        Approval("approve-a", "qa"),
+        step_rows(("smoke-a", STEP_DONE), ("approve-a", STEP_PENDING)),
+        True,
+    ),
+    (
+        "a failed step before it runs again first",
+        Approval("approve-a", "qa"),
+        step_rows(("smoke-a", STEP_FAILED), ("approve-a", STEP_PENDING)),
+        False,
+    ),
+    ("every step done", Approval("approve-a", "qa"), step_rows(("approve-a", STEP_DONE)), False),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "ask", "steps", "kept"), TAKE_OVER_CASES, ids=[c[0] for c in TAKE_OVER_CASES]
+)
+def test_kept_at_take_over(case: str, ask: Ask | None, steps: list[StepRow], kept: bool) -> None:
+    assert kept_at_take_over(ask, steps) == (ask if kept else None)
 
 
 @pytest.mark.parametrize(
