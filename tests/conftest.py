@@ -1,4 +1,9 @@
-"""Suite-wide: a cancelled run still cleans up after itself, and a leak fails the run."""
+"""Suite-wide: a cancelled run still cleans up after itself, and a leak fails the run.
+
+Under pytest-xdist (`make test` runs two workers) the controller does the
+sweeping: a worker's leftovers are its descendants too, and only the
+controller's exit status is the run's.
+"""
 
 from __future__ import annotations
 
@@ -33,7 +38,22 @@ def pytest_configure(config: pytest.Config) -> None:
     # What a teardown cut short still leaves (a member whose `changeover`
     # parent died) is re-parented here and swept at the end.
     reaper.become_subreaper()
-    atexit.register(_sweep_at_exit)
+    if not _worker(config):
+        atexit.register(_sweep_at_exit)
+
+
+def _worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Workers take whole files (module-scoped sites are built once), and the
+    # end-to-end files all go to one worker: two releases under the probe at
+    # once on a 2-core machine would measure the machine, not the release.
+    for item in items:
+        path = item.path.relative_to(item.config.rootpath)
+        group = "e2e" if path.parts[:2] == ("tests", "e2e") else str(path)
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -48,7 +68,10 @@ def _sweep_at_exit() -> None:
         reaper.stop(left)
 
 
+@pytest.hookimpl(trylast=True)  # after xdist has stopped its workers
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _worker(session.config):
+        return
     left = reaper.leftovers()
     if not left:
         return

@@ -22,8 +22,12 @@ def become_subreaper() -> bool:
     return int(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
 
 
-# multiprocessing's own helper: it exits when this process does (its pipe closes).
-_OURS_TO_THE_END = "from multiprocessing.resource_tracker import main"
+# Helpers that exit when this process does (their pipe closes): multiprocessing's
+# resource tracker and pytest-xdist's workers (execnet's bootstrap line).
+_OURS_TO_THE_END = (
+    "from multiprocessing.resource_tracker import main",
+    "import sys;exec(eval(sys.stdin.readline()))",
+)
 
 
 def leftovers(pid: int | None = None) -> list[psutil.Process]:
@@ -37,9 +41,10 @@ def leftovers(pid: int | None = None) -> list[psutil.Process]:
 
 def _tracker(proc: psutil.Process) -> bool:
     try:
-        return _OURS_TO_THE_END in " ".join(proc.cmdline())
+        cmdline = " ".join(proc.cmdline())
     except psutil.Error:
         return False
+    return any(marker in cmdline for marker in _OURS_TO_THE_END)
 
 
 def describe(proc: psutil.Process) -> str:

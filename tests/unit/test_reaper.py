@@ -58,21 +58,13 @@ def test_second():
 """
 
 
-def test_a_cancelled_run_stops_after_the_test_it_interrupted_and_leaves_nothing(
-    tmp_path: Path,
-) -> None:
-    (tmp_path / "test_cancelled.py").write_text(CANCELLED_RUN)
+def _inner_run(tmp_path: Path, tests: str, *extra: str) -> subprocess.Popen[str]:
+    """`pytest` with the suite's conftest on a throwaway test file."""
+    (tmp_path / "test_inner.py").write_text(tests)
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
-    argv = [
-        "-p",
-        "tests.conftest",
-        "-p",
-        "no:cacheprovider",
-        "-q",
-        "-c",
-        str(tmp_path / "pytest.ini"),
-    ]
-    run = subprocess.Popen(
+    ini = str(tmp_path / "pytest.ini")
+    argv = ["-p", "tests.conftest", "-p", "no:cacheprovider", "-q", "-c", ini, *extra]
+    return subprocess.Popen(
         [sys.executable, "-m", "pytest", *argv, str(tmp_path)],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
@@ -80,6 +72,16 @@ def test_a_cancelled_run_stops_after_the_test_it_interrupted_and_leaves_nothing(
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def _gone(pid: int) -> bool:
+    return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_cancelled_run_stops_after_the_test_it_interrupted_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    run = _inner_run(tmp_path, CANCELLED_RUN)
     marker = tmp_path / "sleeper"
     try:
         deadline = time.monotonic() + 60
@@ -91,10 +93,38 @@ def test_a_cancelled_run_stops_after_the_test_it_interrupted_and_leaves_nothing(
     finally:
         if run.poll() is None:
             run.kill()
-    sleeper = int(marker.read_text())
     assert run.returncode != 0, out
     assert "the test's own cleanup failed" in out, out
     assert not (tmp_path / "second-ran").exists(), out
-    assert (
-        not psutil.pid_exists(sleeper) or psutil.Process(sleeper).status() == psutil.STATUS_ZOMBIE
-    )
+    assert _gone(int(marker.read_text())), out
+
+
+# A test on an xdist worker leaves an orphan behind (its parent exits at once).
+LEAKING_RUN = f"""
+import pathlib, subprocess, sys
+
+ORPHAN = {ORPHAN!r}
+
+def test_leaks():
+    out = subprocess.run([sys.executable, "-c", ORPHAN], capture_output=True, text=True)
+    (pathlib.Path(__file__).parent / "orphan").write_text(out.stdout)
+
+def test_other():
+    pass
+"""
+
+
+def test_a_process_left_by_a_test_on_an_xdist_worker_fails_the_run_and_is_stopped(
+    tmp_path: Path,
+) -> None:
+    run = _inner_run(tmp_path, LEAKING_RUN, "-n", "2", "--dist", "loadgroup")
+    try:
+        out, _ = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    orphan = int((tmp_path / "orphan").read_text())
+    assert "2 passed" in out, out
+    assert run.returncode != 0, out
+    assert "processes left running, now stopped: 1" in out, out
+    assert _gone(orphan), out

@@ -136,7 +136,8 @@ def test_certificates_expiring_within_21_days_are_warned(tmp_path: Path) -> None
 def test_changeover_check_prints_the_warning_and_still_passes(tmp_path: Path) -> None:
     ca = trustme.CA()
     _, path = tls_site(tmp_path, ca, {"default": 10})
-    result = CliRunner().invoke(app, ["check", "-c", str(path)])
+    # Wide enough that Rich never wraps the temporary path, however long it is.
+    result = CliRunner().invoke(app, ["check", "-c", str(path)], env={"COLUMNS": "1000"})
     assert result.exit_code == 0, result.output
     assert "warning: certificate" in result.output
     assert "default.pem expires in 9 day(s)" in " ".join(result.output.split())
