@@ -78,7 +78,9 @@ FLOOR = {
 def package_copy(source: Path, into: Path, bytecode: bool) -> Path:
     """A copy of the `changeover` package in `source` (a checkout's src/) under
     `into`, compiled or not: the directory to put first on PYTHONPATH."""
-    shutil.copytree(source / "changeover", into / "changeover")
+    shutil.copytree(
+        source / "changeover", into / "changeover", ignore=shutil.ignore_patterns("__pycache__")
+    )
     if bytecode:
         compileall.compile_dir(into / "changeover", quiet=1)
     return into
