@@ -2,9 +2,10 @@
 
 One template per product lives in `changeover/templates/`; each is commented so
 that it can be read side by side with the product's manual. Rendering is a pure
-function: it reads no file and touches no server, so `changeover render` can
-print a config for review and a driver can render the exact text it will test
-with the product's own checker before installing it.
+function: it reads no file but the templates (and Jinja2's cache of them
+compiled) and touches no server, so `changeover render` can print a config for
+review and a driver can render the exact text it will test with the product's
+own checker before installing it.
 """
 
 from __future__ import annotations
