@@ -275,6 +275,8 @@ class Client:
 
     async def close(self) -> None:
         idle, self._idle = self._idle, {}
+        if self._loop is not asyncio.get_running_loop():
+            return  # opened by a loop that has ended: they went with it
         for conns in idle.values():
             for conn in conns:
                 await conn.close()

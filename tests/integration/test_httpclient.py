@@ -9,7 +9,9 @@ import asyncio
 import contextlib
 import json
 import ssl
+import threading
 from collections.abc import AsyncIterator, Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import h11
@@ -226,3 +228,36 @@ async def test_a_new_connection_closed_unanswered_is_an_error_not_a_retry() -> N
             await client.request("GET", base + "/once")
         await client.close()
     assert seen == [(1, "/once")]
+
+
+def test_a_client_outlives_the_loop_that_opened_its_connections() -> None:
+    # The CLI runs one event loop after another (`plan`: the migration gate,
+    # then the balancer); a client kept across them, asking the same server
+    # (one in a thread, alive across both loops), opens a new connection.
+    peers: list[tuple[str, int]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive
+
+        def do_GET(self) -> None:
+            peers.append(self.client_address)
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    client = Client(timeout=5)
+    try:
+        for _ in range(2):  # the first loop's connection is kept when it ends
+            assert asyncio.run(client.request("GET", url)).text() == "ok"
+        asyncio.run(client.close())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(set(peers)) == 2
