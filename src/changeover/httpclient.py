@@ -158,6 +158,7 @@ class Client:
         sent.setdefault("host", parts.netloc.rpartition("@")[2])
         if body is not None:
             sent["content-length"] = str(len(body))
+        sent.setdefault("accept", "*/*")
         sent.setdefault("user-agent", "changeover")
         wait = self.timeout if timeout is None else timeout
         try:
