@@ -3,11 +3,14 @@
 Results are recorded in docs/benchmarks.md.
 """
 
+import compileall
 import contextlib
 import os
 import platform
 import re
 from pathlib import Path
+
+import changeover
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
@@ -21,6 +24,16 @@ def machine() -> str:
                 model = line.split(":", 1)[1].strip()
                 break
     return f"{os.cpu_count()} cores ({model}), {platform.system()} {platform.release()}"
+
+
+def compile_package() -> Path:
+    """Compile changeover's modules into their __pycache__, as `pip install` does
+    for an installed package (with PYTHONDONTWRITEBYTECODE=1, as on some
+    machines, every run would compile them from source again); the package's
+    source directory (a checkout's src/)."""
+    here = Path(changeover.__file__).resolve().parent
+    compileall.compile_dir(here, quiet=1)
+    return here.parent
 
 
 def write_section(heading: str, body: str) -> None:

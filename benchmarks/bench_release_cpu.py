@@ -9,9 +9,15 @@ itself. `changeover release` runs as a child process; its CPU with its children
 (getrusage of the reaped child), next to:
 
 - `python -c pass` and `changeover --help` (interpreter and CLI start-up);
-- the `haproxy -c` runs the release made (counted by a wrapper) times the CPU
-  of one run measured alone;
+- where the release's CPU goes: the `haproxy -c` runs it made (counted by a
+  wrapper) times the CPU of one run measured alone; its release commands (one
+  per member and command) times one `/bin/true`; the imports, the CPU of a
+  process that imports exactly the modules a release left loaded; the rest is
+  the engine at work (the stats socket, the checks, the journal, the screen);
 - the site's p99 over a window with no release and over the release.
+
+changeover's bytecode is compiled first (as an installed package has it; see
+bench_startup).
 
     .venv/bin/python -m benchmarks release_cpu   (or: benchmarks/bench_release_cpu.py
         [--releases 3])
@@ -49,7 +55,7 @@ from tests.integration.realbalancers import (
 )
 from tests.integration.test_driver_release import release_site
 
-from benchmarks import machine
+from benchmarks import compile_package, machine
 from benchmarks.bench_release_ssh import fake_app
 from changeover.config import BalancerInstance
 from changeover.model import total
@@ -83,6 +89,32 @@ async def cost(argv: list[str] | tuple[str, ...]) -> Cost:
 
 async def median_cpu(argv: list[str] | tuple[str, ...], runs: int = 5) -> float:
     return statistics.median([(await cost(argv)).cpu for _ in range(runs)])
+
+
+def recording_modules(argv: list[str], into: Path) -> list[str]:
+    """`changeover argv` run in-process (as the console script does), writing the
+    modules it left loaded to `into` (one per line) before it exits."""
+    code = (
+        "import sys\n"
+        "from changeover.cli import main\n"
+        f"sys.argv = ['changeover', *{argv!r}]\n"
+        "try:\n    main()\nexcept SystemExit as stop:\n    code = stop.code\n"
+        f"open({str(into)!r}, 'w').write('\\n'.join(sorted(sys.modules)))\n"
+        "sys.exit(code)\n"
+    )
+    return [sys.executable, "-c", code]
+
+
+def importing(modules: list[str]) -> list[str]:
+    """A process that imports `modules` (those that import) and does nothing else."""
+    wanted = [m for m in modules if not m.startswith(("__main__", "_distutils"))]
+    code = (
+        "import importlib\n"
+        f"for name in {wanted!r}:\n"
+        "    try:\n        importlib.import_module(name)\n"
+        "    except Exception:\n        pass\n"
+    )
+    return [sys.executable, "-c", code]
 
 
 def bench_site(root: Path) -> dict[str, Any]:
@@ -136,6 +168,7 @@ async def amain(releases: int) -> int:
         f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}, Python "
         f"{platform.python_version()}; load average before {os.getloadavg()[0]:.1f}"
     )
+    await asyncio.to_thread(compile_package)
     with tempfile.TemporaryDirectory(prefix="bench-release-cpu-") as tmp:
         root = Path(tmp)
         async with haproxy_with_fake_members(root) as (config, real):
@@ -145,7 +178,11 @@ async def amain(releases: int) -> int:
             check_one = await median_cpu(
                 ("haproxy", "-c", "-q", "-f", str(real.driver.config.path))
             )
-            await cost([*CLI, "release", "1.0", "-c", str(config)])  # the journal's first
+            command_one = await median_cpu(("/bin/true",))
+            loaded = root / "modules.txt"  # the journal's first release, unmeasured
+            await cost(recording_modules(["release", "1.0", "-c", str(config)], loaded))
+            imports = await median_cpu(importing(loaded.read_text().split()))
+            commands = len(COMMANDS) * sum(len(c["members"]) for c in bench_site(root)["clusters"])
             log = root / "checks.log"
             rows = []
             for n in range(2, 2 + releases):
@@ -157,17 +194,23 @@ async def amain(releases: int) -> int:
     print(
         f"\nstart-up CPU: python -c pass {start_pass:.3f} s, changeover --help {start_help:.3f} s"
     )
-    print(f"one `haproxy -c` alone: {check_one:.3f} s CPU")
+    print(
+        f"one `haproxy -c` alone: {check_one:.3f} s CPU; one release command (/bin/true): "
+        f"{command_one:.4f} s; importing what a release imports: {imports:.3f} s"
+    )
     print(f"site idle (3 s at {RATE:g} req/s): p99 {idle.latency_ms['p99']:.1f} ms\n")
     print(
-        "| release | wall | CPU (with children) | haproxy -c runs | their CPU | the rest "
-        "| failed | p99 in the window |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+        "| release | wall | CPU (with children) | haproxy -c runs | their CPU "
+        f"| {commands} release commands | imports | the engine (the rest) "
+        "| failed | p99 in the window |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     for i, (spent, checks, report) in enumerate(rows, start=1):
-        their = checks * check_one
+        their, ran = checks * check_one, commands * command_one
+        rest = spent.cpu - their - ran - imports
         print(
             f"| {i} | {spent.wall:.2f} s | {spent.cpu:.2f} s | {checks} | {their:.2f} s "
-            f"| {spent.cpu - their:.2f} s | {report.failed} | {report.latency_ms['p99']:.1f} ms |"
+            f"| {ran:.2f} s | {imports:.2f} s | {rest:.2f} s "
+            f"| {report.failed} | {report.latency_ms['p99']:.1f} ms |"
         )
     print(f"\n# load average after {os.getloadavg()[0]:.1f}")
     return 0

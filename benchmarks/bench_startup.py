@@ -9,21 +9,32 @@ wait4, the process alone). The issue's target: under 0.15 s for each. `--fresh`
 starts the balancer alone (each member's version read is refused at once), for
 a machine too busy to boot the members at nice 19.
 
-"Where it goes" runs each command once more with `python -X importtime` and adds
-up the import time (wall, self) by top-level package; what is left of the
-command's wall time is the interpreter and the command's own work.
+Bytecode: the package's modules are compiled first (`compileall`, as `pip
+install` does for an installed package), since an environment with
+PYTHONDONTWRITEBYTECODE=1 would otherwise compile every changeover module from
+source in every run; `--no-bytecode` measures that case instead (a copy of the
+package with no bytecode).
+
+"Where it goes": the floor first, what any command with a parameter pays before
+changeover's own code runs (typer, and the pydantic TypeAdapters typer 0.29
+coerces every non-flag parameter through; the config models; asyncio and Rich),
+as the CPU of importing each set; then each command once more with
+`python -X importtime`, its import time (wall, self) added up by top-level
+package.
 
     .venv/bin/python -m benchmarks startup   (or: benchmarks/bench_startup.py [--runs 9]
-                                              [--fresh] [--before PYTHON])
+                                   [--fresh] [--no-bytecode] [--before PYTHON|CHECKOUT])
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import compileall
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -32,6 +43,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import changeover
+from benchmarks import compile_package
 from changeover.demo.scenario import DemoOptions, DemoSite
 
 TARGET = 0.15
@@ -48,6 +61,29 @@ def commands(config: Path, python: str) -> dict[str, list[str]]:
         "changeover plan 2.0": [*cli, "plan", "2.0", "-c", str(config)],
         "changeover plan 2.0 --offline": [*cli, "plan", "2.0", "--offline", "-c", str(config)],
     }
+
+
+# What every command with a parameter imports before changeover's own code runs,
+# each set including the ones above it.
+FLOOR = {
+    "import typer": "import typer",
+    "+ typer's pydantic coercion": "import typer, typer._adapters",
+    "+ the config models": "import typer, typer._adapters, changeover.config",
+    "+ asyncio, Rich's tables": (
+        "import typer, typer._adapters, changeover.config, asyncio, rich.console, rich.table"
+    ),
+}
+
+
+def package_copy(source: Path, into: Path, bytecode: bool) -> Path:
+    """A copy of the `changeover` package in `source` (a checkout's src/) under
+    `into`, compiled or not: the directory to put first on PYTHONPATH."""
+    shutil.copytree(
+        source / "changeover", into / "changeover", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    if bytecode:
+        compileall.compile_dir(into / "changeover", quiet=1)
+    return into
 
 
 def cpu_of(argv: list[str], env: dict[str, str]) -> tuple[float, float, int]:
@@ -84,19 +120,41 @@ _NAMED = {
 }  # fmt: skip
 
 
-async def measure(runs: int, fresh: bool, before: str | None) -> int:
+Env = dict[str, str]
+
+
+def prepare(tmp: Path, before: str | None, bytecode: bool) -> tuple[Env, str | None, Env]:
+    """(environment of this checkout's runs, the 'before' interpreter, its
+    environment): the bytecode compiled, or a copy of the package without it;
+    a 'before' checkout's package copied (and compiled alike) for this venv."""
+    mine: Env = {}
+    if bytecode:
+        compile_package()
+    else:
+        here = Path(changeover.__file__).resolve().parent.parent
+        mine["PYTHONPATH"] = str(package_copy(here, tmp / "this", bytecode=False))
+    if before and Path(before).is_dir():
+        theirs = {"PYTHONPATH": str(package_copy(Path(before) / "src", tmp / "before", bytecode))}
+        return mine, sys.executable, theirs
+    return mine, before, {}
+
+
+async def measure(runs: int, fresh: bool, before: str | None, bytecode: bool) -> int:
     with tempfile.TemporaryDirectory(prefix="changeover-bench-startup-") as tmp:
+        mine, before_python, theirs = await asyncio.to_thread(prepare, Path(tmp), before, bytecode)
         site = DemoSite(Path(tmp), DemoOptions(members_per_cluster=1))
         async with site.running(fresh=fresh):
-            env = dict(site.env)
+            quiet = dict(site.env) | {"PYTHONDONTWRITEBYTECODE": "1"}  # nothing written meanwhile
+            env, before_env = quiet | mine, quiet | theirs
             print(
                 f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {os.cpu_count()} CPUs,"
                 f" {platform.platform()}, Python {platform.python_version()},"
                 f" load average before {os.getloadavg()[0]:.2f}; median of {runs} runs"
                 + ("; members not started (--fresh)" if fresh else "")
+                + ("; changeover's bytecode compiled" if bytecode else "; no bytecode")
             )
             table = commands(site.config, sys.executable)
-            other = commands(site.config, before) if before else {}
+            other = commands(site.config, before_python) if before_python else {}
             results: dict[str, tuple[float, float, float, int]] = {}
             earlier: dict[str, float] = {}
             for name, argv in table.items():
@@ -104,7 +162,7 @@ async def measure(runs: int, fresh: bool, before: str | None) -> int:
                 for _ in range(runs):  # in turns, so both meet the same load
                     samples.append(await asyncio.to_thread(cpu_of, argv, env))
                     if other:
-                        old.append((await asyncio.to_thread(cpu_of, other[name], env))[0])
+                        old.append((await asyncio.to_thread(cpu_of, other[name], before_env))[0])
                 cpus = [c for c, _, _ in samples]
                 walls = [w for _, w, _ in samples]
                 results[name] = (
@@ -128,6 +186,13 @@ async def measure(runs: int, fresh: bool, before: str | None) -> int:
                     f"{name:32} {cpu:7.3f} {least:7.3f} {cpu - base:7.3f} {wall:7.3f} "
                     f"{code:4}  {was}{verdict}"
                 )
+            print("\nthe floor: CPU s of importing what any command with a parameter needs")
+            for label, imports in FLOOR.items():
+                cpus = [
+                    (await asyncio.to_thread(cpu_of, [sys.executable, "-c", imports], env))[0]
+                    for _ in range(runs)
+                ]
+                print(f"  {label:34} {statistics.median(cpus):.3f}")
             print("\nwhere it goes: import time by package (wall ms, self times summed)")
             for name, argv in table.items():
                 if name.startswith("python"):
@@ -155,12 +220,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--before",
-        metavar="PYTHON",
+        metavar="PYTHON|CHECKOUT",
         help="also run each command, in turns, with this interpreter (another checkout's "
-        "venv, e.g. /work/main/.venv/bin/python): the 'before' column",
+        "venv), or this checkout's package with this venv (compiled as this one is): "
+        "the 'before' column",
+    )
+    parser.add_argument(
+        "--no-bytecode",
+        action="store_true",
+        help="run the package from source, as with PYTHONDONTWRITEBYTECODE=1 and no .pyc",
     )
     args = parser.parse_args(argv or [])
-    return asyncio.run(measure(args.runs, args.fresh, args.before))
+    return asyncio.run(measure(args.runs, args.fresh, args.before, not args.no_bytecode))
 
 
 if __name__ == "__main__":

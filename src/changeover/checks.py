@@ -8,11 +8,10 @@ import os
 import ssl
 from collections import Counter
 
-import aiohttp
-
 from changeover.config import Checks, Cluster, Member, Topology
 from changeover.executors.base import render_argv
 from changeover.executors.local import run_local
+from changeover.httpclient import Client, HttpError
 from changeover.model import CheckResult
 
 
@@ -26,6 +25,15 @@ def public_entry(topo: Topology) -> str:
     return _balancer_url(topo, topo.balancer.listen.port)
 
 
+def _unverified() -> ssl.SSLContext:
+    """QA entry points commonly use self-signed certificates in front of a
+    private cluster; smoke checks test the app, not the PKI."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 def qa_entry(topo: Topology, cluster: Cluster) -> tuple[str, str | None]:
     """(base URL, Host header) of the cluster's QA entry point: its own port when
     it has one, else the public listener with the cluster's QA host name."""
@@ -37,45 +45,26 @@ def qa_entry(topo: Topology, cluster: Cluster) -> tuple[str, str | None]:
 
 
 class Checker:
-    """One pooled HTTP client for all checks of a release."""
+    """One pooled HTTP client for all checks of a release (no connection until
+    a check runs; certificates are not verified, see `_unverified`)."""
 
     def __init__(self, topo: Topology) -> None:
         self.topo = topo
         self.cfg: Checks = topo.checks
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            timeout = aiohttp.ClientTimeout(total=self.cfg.timeout)
-            # QA entry points commonly use self-signed certificates in front of
-            # a private cluster; smoke checks test the app, not the PKI.
-            insecure = ssl.create_default_context()
-            insecure.check_hostname = False
-            insecure.verify_mode = ssl.CERT_NONE
-            self._session = aiohttp.ClientSession(
-                timeout=timeout,
-                cookie_jar=aiohttp.DummyCookieJar(),
-                connector=aiohttp.TCPConnector(limit=64, ssl=insecure),
-            )
-        return self._session
+        self._client = Client(timeout=self.cfg.timeout, tls=_unverified)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._client.close()
 
     async def _get(
         self, url: str, method: str = "GET", host: str | None = None
     ) -> tuple[int, str] | str:
         headers = {"Host": host} if host else {}
         try:
-            async with self._client().request(
-                method, url, headers=headers, allow_redirects=False
-            ) as resp:
-                body = await resp.text(errors="replace")
-                return resp.status, body
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            resp = await self._client.request(method, url, headers=headers)
+        except HttpError as exc:
             return f"{type(exc).__name__}: {exc}".rstrip(": ")
+        return resp.status, resp.text()
 
     async def health(self, member: Member) -> CheckResult:
         got = await self._get(self.topo.member_url(member) + self.cfg.health_path)

@@ -32,7 +32,7 @@ from changeover.checks import Checker, public_entry
 from changeover.config import ConfigError, Database, Topology
 from changeover.executors.base import render_argv
 from changeover.executors.local import run_local
-from changeover.migrations import Phase, analyse, check_paths, phase_of
+from changeover.migrations import Phase
 from changeover.ports import MigrationError, Review
 
 if TYPE_CHECKING:
@@ -68,6 +68,8 @@ def migration_files(topo: Topology) -> list[Migration]:
     if not folder.is_dir():
         raise ConfigError(f"database.migrations_dir: {folder} is not a directory")
     files = sorted(p for p in folder.glob("*.sql") if p.is_file())
+    from changeover.migrations.analysis import phase_of  # the analyser: only for a database
+
     return [Migration(p.name, phase_of(p), p) for p in files]
 
 
@@ -581,6 +583,8 @@ class SiteDatabase:
 
 async def review(topo: Topology, version: str) -> Review:
     """Analyse what this release would apply, before anything is applied."""
+    from changeover.migrations.analysis import analyse, check_paths
+
     db = _database(topo)
     dialect = db.sql_dialect()
     if db.sql_command is not None:

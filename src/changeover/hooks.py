@@ -23,13 +23,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from changeover import __version__
 from changeover.checks import qa_entry
 from changeover.config import Hook, Topology
 from changeover.executors.base import render_argv
 from changeover.executors.local import run_local
+from changeover.httpclient import Client, HttpError, HttpTimeout
 from changeover.ports import HookEvent
 
 SIGNATURE_HEADER = "X-Changeover-Signature"  # "sha256=" + hex HMAC-SHA256 of the body
@@ -205,7 +204,8 @@ class HookRunner:
         self.topo = topo
         self.hooks = list(topo.hooks)
         self._env = env  # default: this process's environment, read when a hook runs
-        self._session: aiohttp.ClientSession | None = None
+        # Each POST within its hook's own timeout; https verified against the system's CAs.
+        self._client = Client(timeout=30.0)
         self._workers: dict[int, _Worker] = {}
 
     def _environ(self) -> Mapping[str, str]:
@@ -255,9 +255,7 @@ class HookRunner:
         for worker in self._workers.values():
             await _stop(worker)
         self._workers.clear()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._client.close()
 
     # --- delivering ------------------------------------------------------------------
 
@@ -332,22 +330,20 @@ class HookRunner:
             raise HookError(f"url_env: {hook.url_env} is not set", final=True)
         secret = await self._secret(hook)
         data = body(hook, event, delivery)
-        timeout = aiohttp.ClientTimeout(total=hook.timeout)
         try:
-            async with self._client().post(
+            resp = await self._client.request(
+                "POST",
                 url,
-                data=data,
+                body=data,
                 headers=headers(event, delivery, data, secret),
-                timeout=timeout,
-                allow_redirects=False,
-            ) as resp:
-                if 200 <= resp.status < 300:
-                    return
-                raise HookError(f"HTTP {resp.status}", final=not retryable(resp.status))
-        except TimeoutError:
+                timeout=hook.timeout,
+            )
+        except HttpTimeout:
             raise HookError(f"no answer within {hook.timeout:g}s") from None
-        except aiohttp.ClientError as exc:
+        except HttpError as exc:
             raise HookError(str(exc) or type(exc).__name__) from None
+        if not 200 <= resp.status < 300:
+            raise HookError(f"HTTP {resp.status}", final=not retryable(resp.status))
 
     async def _secret(self, hook: Hook) -> bytes | None:
         if hook.secret_env is not None:
@@ -365,11 +361,6 @@ class HookRunner:
                 raise HookError(f"secret_file: {path} is empty", final=True)
             return text.strip().encode()
         return None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
-        return self._session
 
 
 async def _stop(worker: _Worker) -> None:

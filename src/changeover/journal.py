@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -142,6 +140,8 @@ class LockInfo:
             return not self.alive
         if self.host != socket.gethostname():
             return False  # cannot tell from here; `unlock --force` exists for that
+        import psutil  # only where a lock is looked at
+
         try:
             proc = psutil.Process(self.pid)
         except psutil.NoSuchProcess:
@@ -196,6 +196,8 @@ class EventRow:
 
 
 def _me() -> tuple[int, str, str, float]:
+    import psutil  # only where a lock is taken
+
     pid = os.getpid()
     return pid, socket.gethostname(), getpass.getuser(), psutil.Process(pid).create_time()
 

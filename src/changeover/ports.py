@@ -18,7 +18,7 @@ from changeover.balancers.base import Balancer
 from changeover.config import Cluster, Member
 from changeover.executors.base import Executor
 from changeover.journal import EventRow, LockInfo, OutputRow, ReleaseRow, StepRow
-from changeover.migrations import Finding, Phase, blocking_findings
+from changeover.migrations import Finding, Phase
 from changeover.model import CheckResult, Sample
 
 
@@ -95,6 +95,8 @@ class Review:
     findings: list[Finding]  # in the pending migrations only
 
     def blocking(self, allowed: Sequence[str]) -> list[Finding]:
+        from changeover.migrations.analysis import blocking_findings  # the analyser's module
+
         return blocking_findings(self.findings, allowed)
 
 

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import aiohttp
-
-from changeover.balancers.sessions import LazySession
 from changeover.config import Analysis
+from changeover.httpclient import Client, HttpError
 from changeover.model import Sample
 from changeover.ports import MetricsError
 
@@ -44,17 +42,16 @@ class PrometheusMetrics:
         self.url = analysis.prometheus + "/api/v1/query"
         token = analysis.token()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        timeout = aiohttp.ClientTimeout(total=analysis.timeout)
-        self._client = LazySession(lambda: aiohttp.ClientSession(timeout=timeout, headers=headers))
+        self._client = Client(timeout=analysis.timeout, headers=headers)
 
     async def query(self, promql: str) -> list[Sample]:
         try:
-            async with self._client().post(self.url, data={"query": promql}) as resp:
-                if resp.status in (401, 403):
-                    raise MetricsError(f"Prometheus refused the query (HTTP {resp.status})")
-                # 400 and 422 carry an error document that says what is wrong.
-                document = await resp.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            resp = await self._client.request("POST", self.url, form={"query": promql})
+            if resp.status in (401, 403):
+                raise MetricsError(f"Prometheus refused the query (HTTP {resp.status})")
+            # 400 and 422 carry an error document that says what is wrong.
+            document = resp.json()
+        except (HttpError, ValueError) as exc:
             raise MetricsError(f"cannot query {self.url}: {exc!r}"[:400]) from None
         return samples(document)
 

@@ -16,18 +16,20 @@ import socket
 import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from changeover import journal as J
 from changeover.balancers.base import BalancerError
 from changeover.checks import qa_entry
 from changeover.config import ConfigError, Topology
-from changeover.engine import Engine, Event
 from changeover.journal import LockInfo, ReleaseRow, StepRow
-from changeover.migrations import Finding, allow_refusal
+from changeover.migrations import Finding
 from changeover.model import AbortAsked, Admission, Approval, PoolView, decode_ask, encode_ask
 from changeover.policy import kept_clusters
 from changeover.ports import JournalStore, Migrator, Ports, Review
+
+if TYPE_CHECKING:
+    from changeover.engine import Engine, Event
 
 T = TypeVar("T")
 
@@ -169,9 +171,12 @@ async def review_gate(topo: Topology, migrator: Migrator, begin: Begin) -> Revie
     problem = version_problem(begin.version, topo.release.version_pattern)
     if problem:
         raise BadRequest(problem)
-    refusal = allow_refusal(begin.allow)
-    if refusal:
-        raise BadRequest(refusal)
+    if begin.allow:
+        from changeover.migrations.analysis import allow_refusal  # the analyser's rules
+
+        refusal = allow_refusal(begin.allow)
+        if refusal:
+            raise BadRequest(refusal)
     if begin.allow and not (begin.reason or "").strip():
         raise BadRequest('--allow needs --reason "why this is safe here" (for the journal)')
     if topo.database is None:
@@ -205,6 +210,7 @@ class Releases:
         self._open_journal = open_journal
         self._journal: JournalStore | None = None
         self._connect = connect
+        self._ports: Ports | None = None
         self._engine: Engine | None = None
         self._interrupted = False
 
@@ -219,10 +225,18 @@ class Releases:
 
         return await asyncio.to_thread(run)
 
+    async def _connected(self) -> Ports:
+        """The engine's ports, built once (reading the pool needs no engine)."""
+        if self._ports is None:
+            journal = await self._record(lambda j: j)
+            self._ports = self._connect(journal)
+        return self._ports
+
     async def _started(self) -> Engine:
         if self._engine is None:
-            journal = await self._record(lambda j: j)
-            self._engine = Engine(self.topo, self._connect(journal), on_event=self.on_event)
+            from changeover.engine import Engine  # not for reading: `status` needs none
+
+            self._engine = Engine(self.topo, await self._connected(), on_event=self.on_event)
             if self._interrupted:
                 self._engine.interrupt()
         return self._engine
@@ -267,6 +281,8 @@ class Releases:
             message = json.dumps({"files": pins, "allow": sorted(begin.allow)}, sort_keys=True)
             await self._record(lambda j: j.add_event(release_id, J.MIGRATION_PINS, message))
         if note:
+            from changeover.engine import Event
+
             await self._record(lambda j: j.add_event(release_id, "allow", note))
             self.on_event(Event(engine.clock.time(), "info", note))
         return Outcome(release_id, await engine.run(release_id))
@@ -343,12 +359,12 @@ class Releases:
     async def status(self) -> SiteStatus:
         """The pool as the balancer sees it (or why it could not be read), the
         release in progress and the lock."""
+        ports = await self._connected()
         try:
-            view: PoolView | None = await (await self._started()).balancer.read()
+            view: PoolView | None = await ports.balancer.read()
             error = None
         except BalancerError as exc:
             view, error = None, str(exc)
-        engine = await self._started()
         pending = await self.pending()
         newest = await self._record(lambda j: j.newest(self.site))
         kept_out: list[str] = []
@@ -361,7 +377,7 @@ class Releases:
         kept = None
         last = await self._record(lambda j: j.last_done(self.site))
         if view is not None and last is not None:
-            now = engine.clock.time()
+            now = ports.clock.time()
             found = kept_clusters(self.topo, last, view, now)
             if found is not None and last.finished is not None:
                 left = last.finished + self.topo.policy.keep_previous - now
@@ -374,7 +390,7 @@ class Releases:
             kept_out=kept_out,
             kept_by=newest.id if newest and kept_out else None,
             warning=idle_capacity(view, running, pending.id if pending else None) if view else None,
-            versions=await engine.checks.versions(),
+            versions=await ports.checks.versions(),
             awaiting=awaiting_approval(self.topo, pending, steps) if pending else None,
             kept=kept,
         )

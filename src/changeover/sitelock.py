@@ -17,10 +17,8 @@ import hashlib
 import socket
 from pathlib import Path
 
-import aiohttp
-
 from changeover.balancers.base import BalancerError
-from changeover.balancers.sessions import LazySession
+from changeover.httpclient import Client, HttpError
 from changeover.plan import PlanRefused
 
 LEASE_TTL = 60.0  # a holder that died frees the lock this long after its last renewal
@@ -46,20 +44,15 @@ class AdminApiLock:
     def __init__(self, admin_url: str, token: str, owner: str, timeout: float = 5.0) -> None:
         self.url = admin_url.rstrip("/") + "/v1/lock"
         self.owner = owner
-        headers = {"Authorization": f"Bearer {token}"}
-        self._client = LazySession(
-            lambda: aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=timeout), headers=headers
-            )
-        )
+        self._client = Client(timeout=timeout, headers={"Authorization": f"Bearer {token}"})
         self._renewal: asyncio.Task[None] | None = None
         self._body: dict[str, object] = {}
 
     async def _call(self, method: str, body: dict[str, object]) -> None:
         try:
-            async with self._client().request(method, self.url, json=body) as resp:
-                data = await resp.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            resp = await self._client.request(method, self.url, json=body)
+            data = resp.json()
+        except (HttpError, ValueError) as exc:
             raise BalancerError(f"the balancer's release lock at {self.url}: {exc!r}") from None
         error = data.get("error") if isinstance(data, dict) else data
         if resp.status == 409:

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from cryptography import x509
-
 from changeover.config import Balancer, Topology
 
 log = logging.getLogger("changeover.proxy")
@@ -138,6 +136,8 @@ def member_ca(topology: Topology) -> Path | None:
 
 def expires(cert: Path) -> dt.datetime:
     """When the first certificate in a PEM file stops being valid (UTC)."""
+    from cryptography import x509  # costly to import: only where an expiry is read
+
     return x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_after_utc
 
 

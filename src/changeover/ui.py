@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
-from rich.console import Console
 from rich.markup import escape
 
-from changeover.engine import Event
 from changeover.steps import StepKind
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from changeover.engine import Event
 
 _LONG_STEPS = {StepKind.WAIT_DRAINED, StepKind.WAIT_HEALTHY, StepKind.APPROVE, StepKind.RUN}
 

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from changeover.balancers.base import BalancerError
-from changeover.balancers.host import SshHost
+from changeover.balancers.sshhost import SshHost
 from changeover.executors.ssh import SshExecutor
 from tests.helpers import free_port
 from tests.integration.sshd import SshdServer, running_sshd

@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
-from changeover.balancers.host import LocalHost, SshHost, host_for
+from changeover.balancers.host import LocalHost, host_for
 from changeover.balancers.nginx import NginxBalancer
 from changeover.balancers.render import RenderOptions, render
+from changeover.balancers.sshhost import SshHost
 from changeover.config import ConfigError, parse
 
 

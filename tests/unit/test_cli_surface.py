@@ -27,7 +27,7 @@ TOKEN_ENV = {"CHANGEOVER_ADMIN_TOKEN": "t0ken"}
 HEAVY = ("aiohttp", "yarl", "rich", "jinja2", "asyncio", "psutil", "cryptography", "sqlglot")
 
 
-def loaded_by(argv: list[str]) -> set[str]:
+def loaded_by(argv: list[str], env: dict[str, str] | None = None) -> set[str]:
     """The modules a fresh interpreter has imported after running the CLI with
     `argv` (the console script's entry point, in-process)."""
     code = (
@@ -38,8 +38,9 @@ def loaded_by(argv: list[str]) -> set[str]:
         "sys.stderr.write('\\nLOADED ' + ' '.join(sorted(sys.modules)))\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
-    )
+        [sys.executable, "-c", code],
+        capture_output=True, text=True, timeout=60, check=True, env=os.environ | (env or {}),
+    )  # fmt: skip
     return set(done.stderr.rpartition("LOADED ")[2].split())
 
 
@@ -67,6 +68,45 @@ def test_a_commands_help_imports_none_of_its_body() -> None:
             "changeover.migrations.report",
             "changeover.migrations.rules",
         }
+
+
+# What reading the site must not pay for (docs/benchmarks.md, "CLI start-up"):
+# aiohttp's client (the orchestrator speaks HTTP through httpclient.py), asyncssh
+# for a site without SSH, cryptography without certificates to read, Jinja2 for
+# the embedded balancer, the migration analyser without a [database], psutil
+# while no lock is looked at, and the engine, which only runs releases.
+NOT_FOR_READING = {"aiohttp", "asyncssh", "cryptography", "jinja2", "sqlglot", "pglast", "psutil"}
+
+
+@pytest.mark.parametrize("argv", [["status"], ["status", "--json"], ["plan", "2.0"]])
+def test_status_and_plan_import_no_client_library_nor_the_engine(
+    tmp_path: Path, argv: list[str]
+) -> None:
+    config = starter_site(tmp_path)  # its balancer's admin API: nobody listens there
+    loaded = loaded_by([*argv, "-c", str(config)], env=TOKEN_ENV)
+    assert "changeover.releases" in loaded  # the command did run
+    assert not tops(loaded) & NOT_FOR_READING, tops(loaded) & NOT_FOR_READING
+    assert not {"changeover.engine", "changeover.migrations.analysis"} & loaded
+
+
+def test_a_local_haproxy_driver_imports_neither_ssh_nor_certificates_code() -> None:
+    code = (
+        "import sys\n"
+        "from changeover.balancers.factory import make_balancer\n"
+        "from changeover.config import parse\n"
+        "topo = parse({'balancer': {'driver': 'haproxy'}, 'clusters': [\n"
+        "    {'name': n, 'members': [{'name': n + '1', 'port': p}]}\n"
+        "    for n, p in (('a', 9001), ('b', 9002))\n"
+        "]})\n"
+        "make_balancer(topo).render({})\n"
+        "sys.stderr.write('LOADED ' + ' '.join(sorted(sys.modules)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    loaded = set(done.stderr.rpartition("LOADED ")[2].split())
+    assert "changeover.balancers.haproxy" in loaded and "jinja2" in tops(loaded)
+    assert not tops(loaded) & {"aiohttp", "asyncssh", "cryptography"}
 
 
 def test_migrations_check_still_loads_its_analyser(tmp_path: Path) -> None:

@@ -3,11 +3,15 @@ that each product's own checker accepts the result (TLS included)."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import pytest
 import trustme
 
@@ -261,3 +265,45 @@ def test_the_product_accepts_what_is_rendered(product: str, tls: str, tmp_path: 
         CHECK[product](conf, run_dir), capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 0, result.stderr + result.stdout
+
+
+# --- the compiled templates kept between processes -------------------------------------
+
+
+@pytest.fixture
+def fresh_environments(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every render in the test builds its Jinja2 environment (and cache) anew."""
+    from changeover.balancers import render as module
+
+    module._environment.cache_clear()
+    yield
+    module._environment.cache_clear()
+
+
+def test_a_rendered_template_is_kept_compiled_for_the_next_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_environments: None
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    text = render(topology(), "haproxy")
+    cache = tmp_path / f"_jinja2-cache-{os.getuid()}"
+    assert cache.stat().st_mode & 0o777 == 0o700
+    assert [p.suffix for p in cache.iterdir()] == [".cache"]
+    from changeover.balancers import render as module
+
+    module._environment.cache_clear()  # as a new process would: loads the compiled code
+    assert render(topology(), "haproxy") == text
+
+
+def test_no_place_for_the_cache_costs_only_a_compile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_environments: None
+) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setattr(tempfile, "tempdir", str(blocked))  # no directory can be made here
+    assert "backend live" in render(topology(), "haproxy")
+    from changeover.balancers.render import _CompiledCache
+
+    broken = _CompiledCache(str(blocked))  # a cache whose writes fail
+    bucket = jinja2.bccache.Bucket(jinja2.Environment(), "k", "checksum")
+    bucket.code = compile("x = 1", "t", "exec")
+    broken.dump_bytecode(bucket)  # said nothing: the next process compiles again

@@ -17,12 +17,10 @@ import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import aiohttp
-
 from changeover.balancers.base import BalancerError
 from changeover.balancers.process import ConfiguredBalancer, ordered_changes
 from changeover.balancers.render import bound
-from changeover.balancers.sessions import LazySession
+from changeover.httpclient import Client, HttpError
 from changeover.model import REACH, Admission, MemberState, PoolView
 from changeover.polling import poll_until
 
@@ -107,10 +105,8 @@ class ApacheBalancer(ConfiguredBalancer):
         return bound(self.topology.balancer.admin_listen, self.instance).url() + "/balancer-manager"
 
     @functools.cached_property
-    def _client(self) -> LazySession:
-        return LazySession(
-            lambda: aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
-        )
+    def _client(self) -> Client:
+        return Client(timeout=self.timeout)
 
     async def _reachable(self, url: str) -> str:
         """`url` as this process reaches it (a port forward for a remote instance)."""
@@ -128,15 +124,14 @@ class ApacheBalancer(ConfiguredBalancer):
     async def _get(self, url: str) -> str:
         try:
             target, headers = await self._reachable(url), await self._referer()
-            async with self._client().get(target, headers=headers) as resp:
-                body = await resp.text()
-                if resp.status != 200:
-                    raise BalancerError(f"{self.name}: GET {url}: HTTP {resp.status}")
-                return body
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            resp = await self._client.request("GET", target, headers=headers)
+        except HttpError as exc:
             raise BalancerError(
                 f"{self.name}: cannot reach {url}{self.host.where}: {exc!r}"
             ) from None
+        if resp.status != 200:
+            raise BalancerError(f"{self.name}: GET {url}: HTTP {resp.status}")
+        return resp.text()
 
     async def manager(self) -> ManagerState:
         return parse_manager_xml(await self._get(self.manager_url + "?xml=1"))
@@ -183,15 +178,14 @@ class ApacheBalancer(ConfiguredBalancer):
                 **manager_form(admission),
             }
             try:
-                async with self._client().post(url, data=form, headers=headers) as resp:
-                    await resp.read()
-                    if resp.status != 200:
-                        raise BalancerError(
-                            f"{self.name}: balancer-manager refused {name} -> {admission}: "
-                            f"HTTP {resp.status}"
-                        )
-            except (aiohttp.ClientError, TimeoutError) as exc:
+                resp = await self._client.request("POST", url, form=form, headers=headers)
+            except HttpError as exc:
                 raise BalancerError(f"{self.name}: balancer-manager unreachable: {exc!r}") from None
+            if resp.status != 200:
+                raise BalancerError(
+                    f"{self.name}: balancer-manager refused {name} -> {admission}: "
+                    f"HTTP {resp.status}"
+                )
 
     async def _generation(self) -> int:
         status_url = self.manager_url.rsplit("/", 1)[0] + "/server-status?auto"

@@ -6,11 +6,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-import aiohttp
-
 from changeover.balancers.base import BalancerError, Counter
-from changeover.balancers.sessions import LazySession
 from changeover.config import BalancerInstance, ConfigError, Topology
+from changeover.httpclient import Client, HttpError
 from changeover.model import Admission, MemberState, PoolView, differs
 
 
@@ -64,27 +62,20 @@ class BuiltinBalancer:
         idle = "" if session_idle is None else f"?session_idle={session_idle:g}"
         self._pool = "/v1/pool" + idle
         self._admissions = "/v1/admissions" + idle
-        headers = {"Authorization": f"Bearer {token}"}
-        self._client = LazySession(
-            lambda: aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=timeout), headers=headers
-            )
-        )
+        self._client = Client(timeout=timeout, headers={"Authorization": f"Bearer {token}"})
 
     async def _call(self, method: str, path: str, body: object = None) -> PoolView:
         try:
-            async with self._client().request(method, self.url + path, json=body) as resp:
-                data = await resp.json(content_type=None)
-                if resp.status != 200:
-                    error = data.get("error") if isinstance(data, dict) else data
-                    raise BalancerError(
-                        f"{self.name}: {method} {path}: HTTP {resp.status}: {error}"
-                    )
-                return pool_from_json(data)
-        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
+            resp = await self._client.request(method, self.url + path, json=body)
+            data = resp.json()
+        except (HttpError, ValueError) as exc:
             raise BalancerError(
                 f"{self.name}: admin API at {self.url} unreachable or invalid: {exc!r}"
             ) from exc
+        if resp.status != 200:
+            error = data.get("error") if isinstance(data, dict) else data
+            raise BalancerError(f"{self.name}: {method} {path}: HTTP {resp.status}: {error}")
+        return pool_from_json(data)
 
     async def read(self) -> PoolView:
         return await self._call("GET", self._pool)

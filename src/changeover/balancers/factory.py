@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
 
 from changeover.balancers.base import Balancer, BalancerError, Counter
-from changeover.balancers.group import BalancerGroup
 from changeover.config import BalancerInstance, Topology
 
 T = TypeVar("T")
@@ -29,8 +28,8 @@ class Driver(Protocol):
 
 class _Lazy(Mapping[str, T]):
     """Driver name -> something of its module, the module imported when it is
-    first looked up (a site running HAProxy never imports Jinja2 for Apache's
-    templates, nor the builtin driver aiohttp, at start-up)."""
+    first looked up (a site on the embedded balancer never imports Jinja2 for
+    the others' templates, nor a site on HAProxy the nginx driver)."""
 
     def __init__(self, where: dict[str, tuple[str, str]], pick: Callable[[Any], T]) -> None:
         self._where = where
@@ -96,7 +95,11 @@ def make_balancer(
         )
         for instance in instances
     ]
-    return drivers[0] if len(drivers) == 1 else BalancerGroup(drivers)
+    if len(drivers) == 1:
+        return drivers[0]
+    from changeover.balancers.group import BalancerGroup
+
+    return BalancerGroup(drivers)
 
 
 def _run_dir(topology: Topology, instance: BalancerInstance, override: Path | None) -> Path | None:

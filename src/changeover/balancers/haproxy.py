@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import functools
 import io
 import re
 from collections import Counter
@@ -111,11 +112,12 @@ class HAProxyBalancer(ConfiguredBalancer):
     # Debian's unit runs HAProxy in master-worker mode: reload = seamless USR2.
     default_reload = ("systemctl", "reload", "haproxy")
 
-    @property
+    @functools.cached_property
     def socket(self) -> str:
+        # Worked out once: every runtime API request names it (a release makes hundreds).
         return runtime_paths("haproxy", self.options)["stats_socket"]
 
-    @property
+    @functools.cached_property
     def state_file(self) -> Path:
         return Path(runtime_paths("haproxy", self.options)["state_file"])
 

@@ -32,13 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-import aiohttp
-
 from changeover.balancers.base import BalancerError, Counter
 from changeover.balancers.host import Host
 from changeover.balancers.process import ConfiguredBalancer, ordered_changes
 from changeover.balancers.render import bound, runtime_paths
-from changeover.balancers.sessions import LazySession
+from changeover.httpclient import Client, HttpError
 from changeover.model import REACH, Admission, MemberState, PoolView, admission_reaching
 from changeover.polling import poll_until
 
@@ -209,24 +207,17 @@ class NginxBalancer(ConfiguredBalancer):
         return Path(runtime_paths("nginx", self.options)["state_dir"])
 
     @functools.cached_property
-    def _client(self) -> LazySession:
-        return LazySession(
-            lambda: aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
-                # A kept-alive connection could still reach an old worker after a reload.
-                connector=aiohttp.TCPConnector(force_close=True),
-            )
-        )
+    def _client(self) -> Client:
+        # A kept-alive connection could still reach an old worker after a reload.
+        return Client(timeout=self.timeout, keep_alive=False)
 
     @functools.cached_property
-    def _health_client(self) -> LazySession:
+    def _health_client(self) -> Client:
         # Health reads may reuse connections: any worker, old or new, proxies them to
         # the same member (nginx opens a fresh upstream connection for each). A
         # connection per read cost the probe's watcher (70 reads/s) as much CPU as a
         # tenth of its traffic.
-        return LazySession(
-            lambda: aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
-        )
+        return Client(timeout=self.timeout)
 
     async def close(self) -> None:
         await self._client.close()
@@ -241,10 +232,10 @@ class NginxBalancer(ConfiguredBalancer):
     async def _state(self) -> NginxState:
         url = f"{self.control_url}/changeover/state"
         try:
-            async with self._client().get(await self._reachable("/changeover/state")) as resp:
-                if resp.status != 200:
-                    raise BalancerError(f"{self.name}: GET {url}: HTTP {resp.status}")
-                data = json.loads(await resp.text())
+            resp = await self._client.request("GET", await self._reachable("/changeover/state"))
+            if resp.status != 200:
+                raise BalancerError(f"{self.name}: GET {url}: HTTP {resp.status}")
+            data = json.loads(resp.text())
             state = NginxState(
                 rendered={name: Admission(adm) for name, adm in data["admissions"].items()},
                 flags={
@@ -252,7 +243,7 @@ class NginxBalancer(ConfiguredBalancer):
                     for cluster, seen in data["clusters"].items()
                 },
             )
-        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
+        except (HttpError, ValueError, KeyError, TypeError) as exc:
             raise BalancerError(
                 f"{self.name}: cannot read nginx state at {url}{self.host.where}: {exc!r}"
             ) from None
@@ -263,11 +254,10 @@ class NginxBalancer(ConfiguredBalancer):
         """nginx's own view: can it reach the member's health URL right now?"""
         try:
             url = await self._reachable(f"/changeover/health/{member}")
-            async with self._health_client().get(url) as resp:
-                await resp.read()
-                return 200 <= resp.status < 400
-        except (aiohttp.ClientError, TimeoutError, BalancerError):
+            resp = await self._health_client.request("GET", url)
+        except (HttpError, BalancerError):
             return False
+        return 200 <= resp.status < 400
 
     def _view(self, state: NginxState, health: Mapping[str, bool]) -> PoolView:
         admissions = state.admissions(self._cluster_of)

@@ -2,13 +2,15 @@
 
 One template per product lives in `changeover/templates/`; each is commented so
 that it can be read side by side with the product's manual. Rendering is a pure
-function: it reads no file and touches no server, so `changeover render` can
-print a config for review and a driver can render the exact text it will test
-with the product's own checker before installing it.
+function: it reads no file but the templates (and Jinja2's cache of them
+compiled) and touches no server, so `changeover render` can print a config for
+review and a driver can render the exact text it will test with the product's
+own checker before installing it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import itertools
@@ -319,14 +321,34 @@ def _check(topology: Topology, product: Product, options: RenderOptions) -> None
         )
 
 
+class _CompiledCache(jinja2.FileSystemBytecodeCache):
+    """Jinja2's cache of compiled templates, best effort: one that cannot be
+    written (a full or read-only disk) only costs the next process a compile."""
+
+    def dump_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
+        with contextlib.suppress(OSError):
+            super().dump_bytecode(bucket)
+
+
+def _compiled_cache() -> jinja2.BytecodeCache | None:
+    try:
+        return _CompiledCache()  # $TMPDIR/_jinja2-cache-<uid>, refused unless private
+    except (OSError, RuntimeError):
+        return None
+
+
 @functools.cache
 def _environment(template_dir: Path | None) -> jinja2.Environment:
     # One per template directory: compiling a template costs tens of ms, and a
-    # flip renders. Jinja2 still reloads a template whose file changed.
+    # flip renders. Jinja2 still reloads a template whose file changed. The
+    # compiled code is also kept between processes, in Jinja2's own per-user
+    # cache directory (mode 0700, checked to be this user's), keyed by the
+    # template's source: a new command's first render does not compile it again.
     dirs = [str(template_dir)] if template_dir else []
     dirs.append(str(TEMPLATE_DIR))
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(dirs),
+        bytecode_cache=_compiled_cache(),
         undefined=jinja2.StrictUndefined,  # a typo in a template fails loudly
         trim_blocks=True,
         lstrip_blocks=True,

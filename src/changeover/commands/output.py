@@ -10,8 +10,19 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-out = Console()
-err = Console(stderr=True)
+
+def _console(stderr: bool = False) -> Console:
+    console = Console(stderr=stderr)
+    if console.color_system is None:
+        # Nothing will be coloured (a pipe, a file, TERM=dumb): highlighting numbers
+        # and strings would change no character, and its expressions take tens of
+        # ms to compile.
+        return Console(stderr=stderr, highlight=False)
+    return console
+
+
+out = _console()
+err = _console(stderr=True)
 
 
 def print_error(message: str) -> None:
