@@ -1,34 +1,28 @@
-"""The orchestrator's HTTP client: HTTP/1.1 over asyncio streams, the protocol
-(framing, chunks, keep-alive) entirely h11's.
+"""The orchestrator's HTTP client: a small face over httpx.
 
 The checks, the embedded balancer's admin API, its release lock, Prometheus and
-the webhooks send a handful of small requests each. aiohttp's client costs a
-command a fifth of a second of CPU to import (it builds TLS contexts then);
-this one costs about 10 ms, and builds a TLS context only for an https URL.
-(The desk and the probe, a server and a load generator, keep aiohttp.)
-
-A `Client` keeps idle connections per origin for the next request; one the
-server closed meanwhile is noticed before it is used, and a request that meets
-a reused connection's end before any answer is sent once more on a new one.
-Nothing is followed: a redirect is an answer like any other.
+the webhooks send a handful of small requests each. httpx does the protocol
+(h11 through httpcore), the connection pool and TLS; this module keeps what
+the callers need: one deadline per request (connecting included), a bound on
+requests at once, a body read whole (and capped), and a TLS context built only
+for an https URL, when the first one is met (loading a trust store reads files
+and costs a command tens of milliseconds it does not need for plain HTTP).
+aiohttp's client costs a command a fifth of a second of CPU to import (it
+builds TLS contexts then); the desk and the probe, a server and a load
+generator, keep aiohttp. Nothing is followed: a redirect is an answer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
-import contextlib
-import json as jsonlib
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode, urlsplit
 
-import h11
+import httpx
 
 MAX_BODY = 16 << 20  # an answer larger than this is refused (none of ours comes close)
-_READ = 65536
 
 
 class HttpError(Exception):
@@ -44,6 +38,7 @@ class Response:
     status: int
     headers: tuple[tuple[str, str], ...]  # names lower-cased, in order
     body: bytes
+    encoding: str = "utf-8"  # the charset the answer names, as httpx reads it
 
     def header(self, name: str) -> str | None:
         name = name.lower()
@@ -52,53 +47,20 @@ class Response:
     def text(self) -> str:
         """The body decoded with the charset it names (UTF-8 when none, or an
         unknown one), undecodable bytes replaced."""
-        return self.body.decode(_charset(self.header("content-type")), "replace")
+        return self.body.decode(self.encoding, "replace")
 
     def json(self) -> Any:
         """The body as JSON (None when empty); ValueError when it is not JSON."""
+        import json
+
         text = self.text().strip()
-        return jsonlib.loads(text) if text else None
+        return json.loads(text) if text else None
 
 
-def _charset(content_type: str | None) -> str:
-    for param in (content_type or "").split(";")[1:]:
-        key, _, value = param.partition("=")
-        if key.strip().lower() == "charset":
-            name = value.strip().strip('"')
-            try:
-                return codecs.lookup(name).name
-            except LookupError:
-                break
-    return "utf-8"
-
-
-@dataclass(frozen=True, slots=True)
-class _Origin:
-    scheme: str
-    host: str
-    port: int
-
-
-class _Connection:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.h11 = h11.Connection(our_role=h11.CLIENT)
-
-    def usable(self) -> bool:
-        """Idle and not closed by the peer meanwhile."""
-        return not (self.reader.at_eof() or self.writer.is_closing())
-
-    async def close(self) -> None:
-        self.writer.close()
-        # A TLS peer that never answers the close is not waited for long.
-        with contextlib.suppress(OSError, TimeoutError):
-            async with asyncio.timeout(1.0):
-                await self.writer.wait_closed()
-
-
-class _Stale(Exception):
-    """A reused connection ended before any answer: send the request again."""
+def _plain() -> ssl.SSLContext:
+    # For the http:// client, which never starts TLS: httpx wants a context,
+    # and one with no trust store verifies nothing, so it could not be misused.
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 
 
 class Client:
@@ -117,13 +79,15 @@ class Client:
         keep_alive: bool = True,
     ) -> None:
         self.timeout = timeout
-        self.headers = dict(headers or {})
+        self.headers = {
+            "user-agent": "changeover",
+            **{k.lower(): v for k, v in (headers or {}).items()},
+        }
         self._make_tls = tls
-        self._tls: ssl.SSLContext | None = None
-        self._limit = limit
-        self._keep_alive = keep_alive
-        self._slots: asyncio.Semaphore | None = None
-        self._idle: dict[_Origin, list[_Connection]] = {}
+        self._limits = httpx.Limits(
+            max_connections=limit, max_keepalive_connections=limit if keep_alive else 0
+        )
+        self._clients: dict[str, httpx.AsyncClient] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def request(
@@ -138,146 +102,100 @@ class Client:
         timeout: float | None = None,
     ) -> Response:
         """Send one request and read the whole answer; HttpError when there is none."""
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise HttpError(f"not an http(s) URL with a host: {url!r}")
-        try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError as exc:
-            raise HttpError(f"bad port in {url!r}: {exc}") from None
-        origin = _Origin(parts.scheme, parts.hostname, port)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        sent = {k.lower(): v for k, v in self.headers.items()}
-        sent.update({k.lower(): v for k, v in (headers or {}).items()})
-        if json is not None:
-            body = jsonlib.dumps(json).encode()
-            sent.setdefault("content-type", "application/json")
-        elif form is not None:
-            body = urlencode(form).encode()
-            sent.setdefault("content-type", "application/x-www-form-urlencoded")
-        sent.setdefault("host", parts.netloc.rpartition("@")[2])
-        if body is not None:
-            sent["content-length"] = str(len(body))
-        sent.setdefault("accept", "*/*")
-        sent.setdefault("user-agent", "changeover")
         wait = self.timeout if timeout is None else timeout
         try:
-            async with asyncio.timeout(wait), self._slot():
-                conn, reused = await self._connection(origin)
+            target = httpx.URL(url)
+        except httpx.InvalidURL as exc:
+            raise HttpError(f"not an http(s) URL with a host: {url!r}: {exc}") from None
+        if target.scheme not in ("http", "https") or not target.host:
+            raise HttpError(f"not an http(s) URL with a host: {url!r}")
+        where = f"{target.host}:{target.port or (443 if target.scheme == 'https' else 80)}"
+        try:
+            async with asyncio.timeout(wait):
+                client = await self._client(target.scheme)
+                request = client.build_request(
+                    method, target, headers=headers, content=body, json=json, data=form,
+                    timeout=wait,
+                )  # fmt: skip
                 try:
-                    return await self._exchange(conn, origin, method, target, sent, body, reused)
+                    return await _exchange(client, request, where)
                 except _Stale:
-                    conn, _ = await self._connection(origin, fresh=True)
-                    return await self._exchange(conn, origin, method, target, sent, body, False)
-        except TimeoutError:
-            where = f"{origin.host}:{origin.port}"
+                    # A kept connection the server closed just as the request went
+                    # out (its keep-alive timeout): sent once more, on a new one.
+                    return await _exchange(client, request, where)
+        except (TimeoutError, httpx.TimeoutException):
             raise HttpTimeout(f"no answer from {where} within {wait:g}s") from None
+        except httpx.ConnectError as exc:
+            raise HttpError(f"cannot connect to {where}: {exc}") from None
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+            raise HttpError(f"{where}: the connection closed before an answer ({exc})") from None
+        except httpx.HTTPError as exc:
+            raise HttpError(f"{where}: {type(exc).__name__}: {exc}") from None
 
-    def _slot(self) -> asyncio.Semaphore:
+    async def _client(self, scheme: str) -> httpx.AsyncClient:
         loop = asyncio.get_running_loop()
-        if self._loop is not loop or self._slots is None:
-            # Connections (and the semaphore) belong to the loop that made them.
-            self._idle.clear()
-            self._slots = asyncio.Semaphore(self._limit)
+        if self._loop is not loop:
+            # A pool belongs to the loop that made its connections.
+            self._clients.clear()
             self._loop = loop
-        return self._slots
-
-    async def _connection(self, origin: _Origin, fresh: bool = False) -> tuple[_Connection, bool]:
-        idle = self._idle.get(origin, [])
-        while idle and not fresh:
-            conn = idle.pop()
-            if conn.usable():
-                return conn, True
-            await conn.close()
-        tls = None
-        if origin.scheme == "https":
-            if self._tls is None:  # loading a trust store reads files: not on the loop
-                self._tls = await asyncio.to_thread(self._make_tls)
-            tls = self._tls
-        try:
-            reader, writer = await asyncio.open_connection(
-                origin.host, origin.port, ssl=tls, server_hostname=origin.host if tls else None
+        client = self._clients.get(scheme)
+        if client is None:
+            # Loading a trust store reads files: not on the loop.
+            tls = await asyncio.to_thread(self._make_tls) if scheme == "https" else _plain()
+            client = httpx.AsyncClient(
+                verify=tls, headers=self.headers, limits=self._limits, trust_env=False
             )
-        except OSError as exc:  # ssl.SSLError included
-            raise HttpError(f"cannot connect to {origin.host}:{origin.port}: {exc}") from None
-        return _Connection(reader, writer), False
-
-    async def _exchange(
-        self,
-        conn: _Connection,
-        origin: _Origin,
-        method: str,
-        target: str,
-        headers: Mapping[str, str],
-        body: bytes | None,
-        reused: bool,
-    ) -> Response:
-        kept = False
-        try:
-            try:
-                data = conn.h11.send(
-                    h11.Request(method=method, target=target, headers=list(headers.items()))
-                )
-                if body:
-                    data = (data or b"") + (conn.h11.send(h11.Data(data=body)) or b"")
-                data = (data or b"") + (conn.h11.send(h11.EndOfMessage()) or b"")
-            except h11.LocalProtocolError as exc:
-                raise HttpError(f"cannot send {method} {target}: {exc}") from None
-            try:
-                conn.writer.write(data)
-                await conn.writer.drain()
-                response = await self._read(conn, reused)
-            except OSError as exc:  # ssl.SSLError included
-                if reused:
-                    raise _Stale() from None
-                raise HttpError(f"{origin.host}:{origin.port}: {exc}") from None
-            except h11.RemoteProtocolError as exc:
-                raise HttpError(f"{origin.host}:{origin.port} answered badly: {exc}") from None
-            done = conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE
-            if done and self._keep_alive:
-                conn.h11.start_next_cycle()
-                self._idle.setdefault(origin, []).append(conn)
-                kept = True
-            return response
-        finally:
-            if not kept:
-                await conn.close()
-
-    async def _read(self, conn: _Connection, reused: bool) -> Response:
-        head: h11.Response | None = None
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            event = conn.h11.next_event()
-            if event is h11.NEED_DATA:
-                data = await conn.reader.read(_READ)
-                if not data and head is None:
-                    if reused:
-                        raise _Stale()
-                    raise HttpError("the connection closed before an answer")
-                conn.h11.receive_data(data)
-            elif isinstance(event, h11.InformationalResponse):
-                continue
-            elif isinstance(event, h11.Response):
-                head = event
-            elif isinstance(event, h11.Data):
-                size += len(event.data)
-                if size > MAX_BODY:
-                    raise HttpError(f"an answer larger than {MAX_BODY} bytes")
-                chunks.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage) and head is not None:
-                return Response(
-                    head.status_code,
-                    tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers),
-                    b"".join(chunks),
-                )
-            else:  # ConnectionClosed before the answer ended
-                raise HttpError("the connection closed before the answer ended")
+            self._clients[scheme] = client
+        return client
 
     async def close(self) -> None:
-        idle, self._idle = self._idle, {}
+        clients, self._clients = self._clients, {}
         if self._loop is not asyncio.get_running_loop():
-            return  # opened by a loop that has ended: they went with it
-        for conns in idle.values():
-            for conn in conns:
-                await conn.close()
+            return  # connections of an ended loop are dropped, never closed or reused
+        for client in clients.values():
+            await client.aclose()
+
+
+class _Stale(Exception):
+    """A reused connection ended before any answer: send the request again."""
+
+
+async def _exchange(client: httpx.AsyncClient, request: httpx.Request, where: str) -> Response:
+    connected = False
+
+    async def trace(event: str, info: dict[str, Any]) -> None:
+        # httpcore's documented trace extension: did this request open a connection?
+        nonlocal connected
+        connected = connected or event.startswith("connection.connect_tcp")
+
+    request.extensions["trace"] = trace
+    try:
+        answer = await client.send(request, stream=True)
+    except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+        if connected:
+            raise
+        raise _Stale() from None
+    try:
+        chunks, size = [], 0
+        async for chunk in answer.aiter_bytes():
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise HttpError(f"an answer from {where} larger than {MAX_BODY} bytes")
+            chunks.append(chunk)
+    finally:
+        await answer.aclose()
+    return Response(
+        answer.status_code,
+        tuple((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in answer.headers.raw),
+        b"".join(chunks),
+        _known(answer.charset_encoding),
+    )
+
+
+def _known(charset: str | None) -> str:
+    import codecs
+
+    try:
+        return codecs.lookup(charset).name if charset else "utf-8"
+    except LookupError:
+        return "utf-8"
