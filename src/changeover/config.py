@@ -334,6 +334,11 @@ class Balancer(_Model):
     tls_hosts: list[TlsHost] = Field(default_factory=list)  # certificates per host name (SNI)
     tls_min_version: Literal["1.2", "1.3"] = "1.2"
     tls_ciphers: str = MODERN_CIPHERS  # TLS 1.2 suites, OpenSSL names
+    # nginx: when its listeners load the certificates. "config": when nginx loads
+    # its config (start, reload: a renewal replaces the workers). "handshake": at
+    # every new handshake, from the copy the driver installs in the instance's
+    # state_dir, so a renewal is a rename and no reload (docs/drivers.md).
+    tls_load: Literal["config", "handshake"] = "config"
     # A plain HTTP listener whose every request is redirected to the HTTPS one.
     redirect_listen: Listen | None = None
     member_tls: bool = False  # TLS to the members, their certificates verified
@@ -363,6 +368,15 @@ class Balancer(_Model):
             )
         if not self.member_tls and (self.member_ca or self.member_tls_name):
             raise ValueError("member_ca and member_tls_name need member_tls = true")
+        if self.tls_load == "handshake" and self.driver != "nginx":
+            raise KeyedError(
+                "tls_load",
+                f'"handshake" is for the nginx driver, not {self.driver} (HAProxy and the '
+                "embedded balancer renew certificates without closing a connection; "
+                "Apache only by a graceful restart)",
+            )
+        if self.tls_load == "handshake" and self.tls_cert is None:
+            raise KeyedError("tls_load", '"handshake" needs TLS on the listeners: set tls_cert')
         remote = [n for n, i in enumerate(self.instances) if i.ssh_host]
         if self.driver == "builtin" and remote:
             raise KeyedError(

@@ -37,6 +37,7 @@ sticky_cookie = "JSESSIONID"        # JSESSIONID=<id>.<route>, the Apache way
 algorithm = "round-robin"           # or least-conn
 # tls_cert = "/etc/ssl/site.pem"    # TLS termination: give both or neither
 # tls_key = "/etc/ssl/site.key"
+# tls_load = "handshake"            # nginx: renew certificates without a reload
 
 [balancer.health]
 path = "/health"

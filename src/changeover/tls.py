@@ -11,6 +11,7 @@ reload swaps what new handshakes get and never touches an open connection.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import ssl
 from collections.abc import Callable, Iterator, Mapping
@@ -35,6 +36,15 @@ class CertFiles:
     cert: Path
     key: Path
     names: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """A file name for this pair where a balancer keeps copies (nginx with
+        tls_load = "handshake"): `default` for tls_cert, else one derived from
+        its first name, so it stays the same when entries move or are added."""
+        if not self.names:
+            return "default"
+        return "host-" + hashlib.sha256(self.names[0].encode()).hexdigest()[:12]
 
 
 def cert_files(topology: Topology) -> list[CertFiles]:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 
 from changeover.balancers.factory import DRIVERS
 from changeover.balancers.process import ConfiguredBalancer
@@ -185,6 +186,10 @@ class RealBalancer:
     def alive(self) -> bool:
         return self.proc.returncode is None
 
+    def workers(self) -> list[int]:
+        """The product's worker processes (a reload replaces them)."""
+        return sorted(p.pid for p in psutil.Process(self.proc.pid).children())
+
 
 async def start_balancer(
     product: str,
@@ -216,11 +221,20 @@ async def start_balancer(
         with contextlib.suppress(Exception):
             view = await driver.read()
             if all(m.healthy for m in view.members):
-                return real
+                break
         if time.monotonic() > deadline:
             await stop_balancer(real)
             raise RuntimeError(f"{product} not ready in {timeout:g}s: {log.read_text()[-2000:]}")
         await asyncio.sleep(0.1)
+    if topology.balancer.tls_load == "handshake":
+        # nginx loads certificates only from a version its driver installed:
+        # the first change through the driver installs one (as a first release does).
+        try:
+            await driver.apply({})
+        except BaseException:
+            await stop_balancer(real)
+            raise
+    return real
 
 
 async def stop_balancer(real: RealBalancer) -> None:

@@ -23,6 +23,9 @@ def two_clusters(**extra: Any) -> dict[str, Any]:
     return data
 
 
+PER = {"tls_load": "handshake"}  # nginx loads its certificates at every handshake
+
+
 def error_of(data: dict[str, Any]) -> str:
     with pytest.raises(ConfigError) as info:
         parse(data, "site.toml")
@@ -79,6 +82,17 @@ def test_clusters_must_be_completely_separate(mutate: Any, needle: str) -> None:
         (two_clusters(balancer={"listen": "nowhere"}), "balancer.listen", "HOST:PORT"),
         (two_clusters(executor={"parallel": -1}), "executor.parallel", "greater than or equal"),
         (two_clusters(balancer={"tls_cert": "c.pem"}), "balancer", "tls_cert and tls_key"),
+        (
+            two_clusters(balancer={"driver": "haproxy", "tls_cert": "c", "tls_key": "k"} | PER),
+            "balancer.tls_load",
+            '"handshake" is for the nginx driver, not haproxy',
+        ),
+        (
+            two_clusters(balancer={"driver": "nginx"} | PER),
+            "balancer.tls_load",
+            "needs TLS on the listeners",
+        ),
+        (two_clusters(balancer={"tls_load": "later"}), "balancer.tls_load", "'handshake'"),
         (two_clusters(typo={"x": 1}), "typo", "not a known key"),
         (two_clusters(policy={"order": ["a"]}), "(top level)", "policy.order must list every"),
     ],

@@ -21,6 +21,7 @@ CONCRETE_EDGES = {
     "changeover.balancers.group",
     "changeover.balancers.haproxy",
     "changeover.balancers.nginx",
+    "changeover.balancers.nginxtls",
     "changeover.balancers.process",
 }
 

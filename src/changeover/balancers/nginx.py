@@ -19,14 +19,23 @@ running workers see them, so a change that did not take effect is detected.
 Which renderings and flag changes a change takes, in which order, is decided by
 `steps`, a pure function returning `Render` and `SetFlags`; the driver only
 carries them out.
+
+With `balancer.tls_load = "handshake"` nginx loads the certificates at every
+new handshake from a version directory in the state directory (`nginxtls.py`):
+`reload()` installs the configured pairs there as a new version, checked by
+nginx (`nginx -t`, then a handshake through the running workers) before the
+link every handshake follows is renamed over to it, and reloads nginx only
+when the config itself changed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import functools
 import json
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +43,20 @@ from typing import ClassVar
 
 from changeover.balancers.base import BalancerError, Counter
 from changeover.balancers.host import Host
-from changeover.balancers.process import ConfiguredBalancer, ordered_changes
-from changeover.balancers.render import bound, runtime_paths
+from changeover.balancers.nginxtls import (
+    CURRENT,
+    CertificateStore,
+    Version,
+    check_name,
+    leaf,
+    served_name,
+)
+from changeover.balancers.process import ConfiguredBalancer, converge, ordered_changes
+from changeover.balancers.render import bound, nginx_tls_dir, runtime_paths
 from changeover.httpclient import Client, HttpError
 from changeover.model import REACH, Admission, MemberState, PoolView, admission_reaching
 from changeover.polling import poll_until
+from changeover.tls import cert_files
 
 
 def _width(admission: Admission) -> int:
@@ -121,6 +139,7 @@ class NginxState:
 
     rendered: dict[str, Admission]  # per member, from the loaded config
     flags: dict[str, Admission]  # per cluster, from the flag files
+    tls: str = "none"  # how the loaded config loads certificates: config, handshake
 
     def admissions(self, cluster_of: Mapping[str, str]) -> dict[str, Admission]:
         return {
@@ -219,6 +238,14 @@ class NginxBalancer(ConfiguredBalancer):
         # tenth of its traffic.
         return Client(timeout=self.timeout)
 
+    @functools.cached_property
+    def certificates(self) -> CertificateStore | None:
+        """The certificate versions nginx loads at each handshake, if it does."""
+        if self.topology.balancer.tls_load != "handshake":
+            return None
+        root = nginx_tls_dir(str(self.state_dir))
+        return CertificateStore(self.host, root, self.config.timeout)
+
     async def close(self) -> None:
         await self._client.close()
         await self._health_client.close()
@@ -242,6 +269,7 @@ class NginxBalancer(ConfiguredBalancer):
                     cluster: flag_admission(cluster, seen["new"], seen["sticky"])
                     for cluster, seen in data["clusters"].items()
                 },
+                tls=str(data.get("tls", "none")),
             )
         except (HttpError, ValueError, KeyError, TypeError) as exc:
             raise BalancerError(
@@ -279,6 +307,137 @@ class NginxBalancer(ConfiguredBalancer):
             self._state(), *(self._healthy(name) for name in names)
         )
         return self._view(state, dict(zip(names, health, strict=True)))  # type: ignore[arg-type]
+
+    # --- certificates loaded at each handshake (tls_load = "handshake") ---------
+
+    async def apply(self, desired: Mapping[str, Admission]) -> PoolView:
+        store = self.certificates
+        if store is not None and await store.labels() is None:
+            # A first start: nothing installed the certificates nginx loads yet.
+            async with self._lock:
+                if await store.labels() is None:
+                    await self._renew_certificates(store, (await self.read()).admissions())
+        return await super().apply(desired)
+
+    async def reload(self) -> PoolView:
+        """With tls_load = "handshake": the configured certificates installed as a
+        new version (checked, then serving), and nginx reloaded only if the config
+        changed; a certificate-only change reloads nothing. Otherwise a reload."""
+        store = self.certificates
+        if store is None:
+            return await super().reload()
+        async with self._lock:
+            admissions = (await self.read()).admissions()
+            loaded = self._loaded or NginxState(dict(admissions), {})
+            # The rendering nginx runs (its flags stay): a certificate-only change
+            # renders the very file installed, and nothing is reloaded.
+            rendered = {name: loaded.rendered.get(name, adm) for name, adm in admissions.items()}
+            version, checked = await self._renew_certificates(store, rendered)
+            text = self.render(rendered)
+            previous = await self.config.install(text)
+            if previous == text:  # the certificates alone: nginx already loads them
+                return await converge(self.read, admissions, timeout=self.timeout, what=self.name)
+            reloaded = False
+            try:
+                await self._reload(rendered)
+                reloaded = True
+                if not checked:  # nginx loaded them from files before: checked now
+                    await self._serves(version, staged=True)
+                    await self._serves(version, staged=False)
+                return await converge(self.read, admissions, timeout=self.timeout, what=self.name)
+            except Exception as exc:
+                await self.config.restore(previous)
+                if reloaded:
+                    await self._reload_back(loaded.tls, exc)
+                raise
+
+    async def _reload_back(self, tls: str, exc: BaseException) -> None:
+        """After a reload whose certificates failed their check: the restored
+        config loaded again (its certificates from their files)."""
+        try:
+            await self.config.reload()
+            await self._until(lambda state: state.tls == tls, "load the previous config")
+        except BalancerError as undo_exc:
+            exc.add_note(f"{self.name}: loading the previous config again also failed: {undo_exc}")
+
+    async def _renew_certificates(
+        self, store: CertificateStore, admissions: Mapping[str, Admission]
+    ) -> tuple[Version, bool]:
+        """Every configured pair as a new version: checked by `nginx -t` (each
+        pair parses and its key matches) and, when the running nginx loads
+        certificates per handshake, by a handshake through its workers; then
+        published and read back. A failed check removes the version and leaves
+        the serving one alone. Returns the version and whether the running nginx
+        checked it."""
+        live = self._loaded is not None and self._loaded.tls == "handshake"
+        try:
+            version = await store.stage(cert_files(self.topology), dt.datetime.now(dt.UTC))
+        except BalancerError as exc:
+            raise self._refused(exc) from None
+        previous = await store.target(CURRENT)
+        try:
+            await self.config.check(self.render(admissions, {"tls_check_dir": version.path}))
+            if live:
+                await self._serves(version, staged=True)
+            await store.point(CURRENT, version)
+            if live:
+                try:
+                    await self._serves(version, staged=False)
+                except BalancerError:
+                    if previous is not None:  # put back before the version goes
+                        await store.point(CURRENT, previous)
+                    raise
+        except BalancerError as exc:
+            await store.discard(version.name)
+            raise self._refused(exc) from None
+        await store.prune(keep=[version.name, previous])
+        return version, live
+
+    def _refused(self, exc: BalancerError) -> BalancerError:
+        return BalancerError(
+            f"{self.name}: new certificates refused, the old ones keep serving: {exc}"
+        )
+
+    async def _serves(self, version: Version, *, staged: bool) -> None:
+        """Each pair of `version` served by the running workers: from `staging`
+        for its check name, or from `current` for a name of its own."""
+        listen = bound(self.topology.balancer.listen, self.instance)
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(listen.host, listen.host)
+        url = await self.host.reachable_url(f"https://{listen.model_copy(update={'host': host})}")
+        failures = []
+        for files in cert_files(self.topology):
+            name = check_name(files.label) if staged else served_name(files)
+            failure = await self._serving(url, name, version.served[files.label], staged)
+            if failure:
+                failures.append(f"{files.cert} for {name or 'no server name'}: {failure}")
+        if failures:
+            raise BalancerError(
+                f"{self.name}: nginx does not serve the new certificates"
+                f"{' it was given to check' if staged else ''}: {'; '.join(failures)}\n"
+                f"nginx error log says: {await self._log_tail()}"
+            )
+
+    async def _serving(self, url: str, name: str, want: bytes, staged: bool) -> str | None:
+        """Why `name` is not served `want`, or None. A check name is answered 421
+        by the check server; another answer comes from a worker of an older config
+        (just reloaded, still finishing), so the check is made again."""
+        failure: str | None = None
+
+        async def answered() -> bool:
+            nonlocal failure
+            try:
+                answer = await leaf(url, name, self.timeout, ask=staged)
+            except (OSError, ssl.SSLError, TimeoutError) as exc:
+                failure = f"the handshake failed ({exc})"
+                return True
+            if staged and answer.status != 421:
+                failure = f"no check server answered (HTTP {answer.status})"
+                return False
+            failure = None if answer.certificate == want else "another certificate came"
+            return True
+
+        await poll_until(answered, self.timeout)
+        return failure
 
     def _file_admissions(self, target: Mapping[str, Admission]) -> Mapping[str, Admission]:
         # What the flags can express keeps the loaded rendering: no reload.

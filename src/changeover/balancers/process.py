@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from changeover.balancers.base import BalancerError, Counter
 from changeover.balancers.host import Host, LocalHost, host_for
@@ -187,9 +188,15 @@ class ConfiguredBalancer(ABC):
 
     # --- shared ----------------------------------------------------------------
 
-    def render(self, admissions: Mapping[str, Admission]) -> str:
+    def render(
+        self, admissions: Mapping[str, Admission], extra: Mapping[str, Any] | None = None
+    ) -> str:
+        """The config with `admissions`; `extra` adds to the template's context."""
+        options = self.options
+        if extra:
+            options = dataclasses.replace(options, extra={**options.extra, **extra})
         try:
-            return render(self.topology, self.product, admissions, options=self.options)
+            return render(self.topology, self.product, admissions, options=options)
         except RenderError as exc:
             raise BalancerError(
                 f"{self.name}: cannot render the {self.product} config: {exc}"

@@ -72,6 +72,11 @@ _NGINX_MAP_WORDS = frozenset({"default", "hostnames", "include", "volatile"})
 NGINX_MAX_CLUSTERS = 6
 # A path nginx reads as one plain word: no quoting, no "$" variables.
 _NGINX_PATH = re.compile(r"/[A-Za-z0-9._/+-]*")
+# nginx with tls_load = "handshake": a handshake for "<label>.<CHECK_DOMAIN>" is
+# served the pair <label> of the staged certificate version (a reserved name,
+# RFC 2606: no client asks for it by mistake), so the driver checks a version
+# through nginx's own workers before it serves anyone.
+NGINX_TLS_CHECK_DOMAIN = "tls-check.changeover.invalid"
 
 
 class RenderError(ValueError):
@@ -215,12 +220,12 @@ def _context(
         for c in topology.clusters
     )
     members = tuple(m for c in clusters for m in c.members)
-    tls = _tls_context(topology)
+    paths = runtime_paths(product, options)
+    tls = _tls_context(topology, paths.get("state_dir"))
     member_tls = None
     if lb.member_tls:
         ca = member_ca(topology)
         member_tls = {"ca": str(ca) if ca else None, "name": lb.member_tls_name}
-    paths = runtime_paths(product, options)
     health = lb.health
     return {
         "site": topology.site.name,
@@ -254,6 +259,9 @@ def _context(
         "admissions_json": json.dumps(
             {m.name: m.admission for m in members}, separators=(",", ":")
         ),
+        # nginx, tls_load = "handshake": the certificate version directory to name
+        # literally instead (the driver's `nginx -t` of a version before it serves).
+        "tls_check_dir": None,
         **options.extra,
     }
 
@@ -261,15 +269,19 @@ def _context(
 _PROTOCOLS = {"1.2": ("TLSv1.2", "TLSv1.3"), "1.3": ("TLSv1.3",)}
 
 
-def _tls_context(topology: Topology) -> dict[str, Any] | None:
+def _tls_context(topology: Topology, state_dir: str | None) -> dict[str, Any] | None:
     """The listeners' TLS settings; `public_hosts` are the certificates for names
     that are no QA host (they get a copy of the public listener's routing where a
-    product picks the certificate by server block), `qa` each QA host's pair."""
+    product picks the certificate by server block), `qa` each QA host's pair.
+    Each pair's `label` names its copy in `dir` (nginx, `load` "handshake")."""
     files = cert_files(topology)
     if not files:
         return None
     lb = topology.balancer
-    pair = [{"cert": str(f.cert), "key": str(f.key), "names": list(f.names)} for f in files]
+    pair = [
+        {"cert": str(f.cert), "key": str(f.key), "names": list(f.names), "label": f.label}
+        for f in files
+    ]
     by_name = {name: p for p in pair[1:] for name in p["names"]}
     qa_hosts = {c.qa_host.lower() for c in topology.clusters if c.qa_host}
     public = [p | {"names": [n for n in p["names"] if n not in qa_hosts]} for p in pair[1:]]
@@ -283,7 +295,15 @@ def _tls_context(topology: Topology) -> dict[str, Any] | None:
         "protocols": _PROTOCOLS[lb.tls_min_version],
         "min_version": "TLSv" + lb.tls_min_version,
         "ciphers": lb.tls_ciphers,
+        "load": lb.tls_load,
+        "dir": nginx_tls_dir(state_dir) if state_dir else None,
+        "check_domain": NGINX_TLS_CHECK_DOMAIN,
     }
+
+
+def nginx_tls_dir(state_dir: str) -> str:
+    """Where nginx's certificate versions live (tls_load = "handshake")."""
+    return f"{state_dir.rstrip('/')}/tls"
 
 
 def _check(topology: Topology, product: Product, options: RenderOptions) -> None:
