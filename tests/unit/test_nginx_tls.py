@@ -4,7 +4,9 @@ the rendered config, and the pure parts of a renewal (names, copies, what is kep
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
+import stat
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,11 @@ from typing import Any
 import pytest
 import trustme
 
+from changeover.balancers.base import BalancerError
+from changeover.balancers.host import LocalHost
 from changeover.balancers.nginxtls import (
+    CURRENT,
+    CertificateStore,
     carried,
     check_name,
     copies,
@@ -166,3 +172,45 @@ def test_the_certificate_a_client_is_served_is_the_files_first(tmp_path: Path) -
     assert first_certificate(pair.key.read_text() + text) == pair.der  # key first: still
     with pytest.raises(ValueError, match="no PEM certificate"):
         first_certificate(pair.key.read_text())
+
+
+def version_dirs(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if not p.is_symlink())
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+async def test_a_version_is_staged_searchable_with_each_file_left_as_its_owner_made_it(
+    tmp_path: Path,
+) -> None:
+    """The store's commands on this host (the same argv run over SSH): under a
+    umask that would hide them, the directories stay searchable by nginx's
+    workers; each copy keeps its file's mode; a source that is missing leaves
+    no version behind; pruning keeps the versions named."""
+    pair = issue(trustme.CA(), tmp_path / "certs", "site", "site.test")
+    pair.key.chmod(0o640)
+    files = [CertFiles(pair.cert, pair.key)]
+    store = CertificateStore(LocalHost(), str(tmp_path / "state" / "tls"), timeout=10)
+    root = Path(store.root)
+    umask = os.umask(0o077)
+    try:
+        first = await store.stage(files, dt.datetime(2026, 1, 1))
+        with pytest.raises(BalancerError, match="cannot stat"):
+            await store.stage([CertFiles(tmp_path / "gone.pem", pair.key)], dt.datetime(2026, 1, 2))
+    finally:
+        os.umask(umask)
+    assert mode(root) == mode(Path(first.path)) == 0o755
+    assert mode(Path(first.path) / "default.key") == 0o640
+    assert version_dirs(root) == [first.name]
+    assert (root / "staging").readlink() == Path(first.name)
+    assert first.served == {"default": pair.der}
+    assert await store.labels("staging") == ["default"]
+    assert await store.target(CURRENT) is None and await store.labels() is None
+    await store.point(CURRENT, first)
+    assert await store.labels() == ["default"]
+    second = await store.stage(files, dt.datetime(2026, 1, 3))
+    third = await store.stage(files, dt.datetime(2026, 1, 4))
+    await store.prune(keep=[third.name, second.name])
+    assert version_dirs(root) == [second.name, third.name]

@@ -139,14 +139,16 @@ class CertificateStore:
     async def target(self, link: str) -> str | None:
         """The version `link` names, None when there is no such link."""
         result = await self.host.run(["readlink", f"{self.root}/{link}"], timeout=self.timeout)
-        return result.stdout.strip() or None if result.ok else None
+        return (result.stdout.strip() or None) if result.ok else None
 
     async def stage(self, files: Sequence[CertFiles], now: dt.datetime) -> Version:
         """A new version with a copy of every pair of `files` (and of the pairs
         of the serving version they lack), `staging` linked to it."""
         name = version_name(now)
         path = f"{self.root}/{name}"
-        await self._run("mkdir", "-p", "-m", "0755", path)
+        # Searchable by nginx's workers whatever the umask (each file keeps its own mode).
+        await self._run("mkdir", "-p", "-m", "0755", self.root)
+        await self._run("mkdir", "-m", "0755", path)
         try:
             labels = [f.label for f in files]
             for source, copy in copies(files, path):
