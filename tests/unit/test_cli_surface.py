@@ -71,11 +71,10 @@ def test_a_commands_help_imports_none_of_its_body() -> None:
 
 
 # What reading the site must not pay for (docs/benchmarks.md, "CLI start-up"):
-# aiohttp's client (the orchestrator speaks HTTP through httpclient.py), asyncssh
-# for a site without SSH, cryptography without certificates to read, Jinja2 for
+# asyncssh for a site without SSH, cryptography without certificates to read, Jinja2 for
 # the embedded balancer, the migration analyser without a [database], psutil
 # while no lock is looked at, and the engine, which only runs releases.
-NOT_FOR_READING = {"aiohttp", "asyncssh", "cryptography", "jinja2", "sqlglot", "pglast", "psutil"}
+NOT_FOR_READING = {"asyncssh", "cryptography", "jinja2", "sqlglot", "pglast", "psutil"}
 
 
 @pytest.mark.parametrize("argv", [["status"], ["status", "--json"], ["plan", "2.0"]])
