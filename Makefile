@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+# e.g. PYTEST_FLAGS='-n 4 --dist loadgroup' on a machine with cores to spare
+PYTEST_FLAGS ?=
 STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: demo test lint typecheck pytest system-deps bench lock clean
@@ -27,7 +29,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 pytest: $(STAMP)
-	$(BIN)/pytest -q -ra -n 2 --dist loadgroup
+	$(BIN)/pytest -q -ra $(PYTEST_FLAGS)
 
 test: system-deps lint typecheck pytest
 

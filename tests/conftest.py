@@ -1,8 +1,8 @@
 """Suite-wide: a cancelled run still cleans up after itself, and a leak fails the run.
 
-Under pytest-xdist (`make test` runs two workers) the controller does the
-sweeping: a worker's leftovers are its descendants too, and only the
-controller's exit status is the run's.
+Under pytest-xdist (`make pytest PYTEST_FLAGS="-n 4 --dist loadgroup"`) the
+controller does the sweeping: a worker's leftovers are its descendants too,
+and only the controller's exit status is the run's.
 """
 
 from __future__ import annotations
@@ -48,8 +48,7 @@ def _worker(config: pytest.Config) -> bool:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Workers take whole files (module-scoped sites are built once), and the
-    # end-to-end files all go to one worker: two releases under the probe at
-    # once on a 2-core machine would measure the machine, not the release.
+    # end-to-end files all go to one worker, so two of them never run at once.
     for item in items:
         path = item.path.relative_to(item.config.rootpath)
         group = "e2e" if path.parts[:2] == ("tests", "e2e") else str(path)
