@@ -257,8 +257,13 @@ class Journal:
             raise JournalError(
                 f"{self.path}: not a changeover journal (tables: {sorted(tables)}); left untouched"
             )
-        self._db.executescript(_SCHEMA)
-        self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        # One transaction, taken before anything is written: two processes that
+        # open a new journal at once (a release and `status --watch`) create it
+        # once, and neither sees a half-made one.
+        self._db.executescript(
+            f"BEGIN IMMEDIATE; {_SCHEMA}; INSERT OR IGNORE INTO meta "
+            f"VALUES ('schema_version', '{SCHEMA_VERSION:d}'); COMMIT;"
+        )
 
     def close(self) -> None:
         self._db.close()

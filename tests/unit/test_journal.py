@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,26 @@ def test_a_journal_that_cannot_be_opened_is_not_called_a_broken_one(tmp_path: Pa
     with pytest.raises(JournalError, match="cannot open it") as caught:
         Journal(tmp_path / "j.sqlite")
     assert "not a usable" not in str(caught.value)
+
+
+def test_journals_opened_at_once_on_a_new_file_all_open_it(tmp_path: Path) -> None:
+    # A release and `status --watch` started together on a site with no journal
+    # yet: each opens its own connection and finds the file new.
+    for attempt in range(20):
+        path = tmp_path / f"j{attempt}.sqlite"
+        start = threading.Barrier(4)
+        errors: list[Exception] = []
+
+        def open_it(path: Path, start: threading.Barrier, errors: list[Exception]) -> None:
+            start.wait()
+            try:
+                J.Journal(path).close()
+            except Exception as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_it, args=(path, start, errors)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert errors == [], (attempt, errors)
