@@ -265,8 +265,20 @@ def problems(draw: st.DrawFn) -> list[tuple[KeyPath, Any, str]]:
     return found
 
 
+# Hypothesis runs thousands of examples and cannot take function-scoped
+# fixtures, so each example gets a folder under one module-wide directory that
+# is removed when the module ends (mkdtemp alone left 5,000 folders in /tmp).
+_ROOT = tempfile.TemporaryDirectory(prefix="config-fuzz-")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_examples() -> Iterator[None]:
+    yield
+    _ROOT.cleanup()
+
+
 def write(text: str | bytes) -> Path:
-    folder = Path(tempfile.mkdtemp(prefix="config-fuzz-"))
+    folder = Path(tempfile.mkdtemp(dir=_ROOT.name))
     path = folder / "changeover.toml"
     if isinstance(text, str):
         path.write_text(text, encoding="utf-8")
