@@ -30,7 +30,6 @@ from tests.certs import Pair, ca_file, client_context, issue
 from tests.helpers import wait_until
 from tests.integration.realbalancers import (
     HOST,
-    NICE,
     PRODUCTS,
     finish_probe,
     instance_for,
@@ -50,11 +49,10 @@ T = TypeVar("T")
 
 def release_site(product: str, root: Path) -> dict[str, Any]:
     data = site_data(product)
-    # Members and their release commands run at a lower CPU priority (as in the
-    # demo site): on one box they stand in for separate hosts, and Python processes
-    # starting three at a time must not starve the probe, which would then count
-    # its own lateness as timeouts.
-    appctl = shlex.join([*NICE, sys.executable, "-m", "changeover.demo.appctl"])
+    # Members and their release commands run at this test's priority: below it,
+    # any other busy session on the box (stress-ng, another job) starves them and
+    # the probe's requests to them time out though the release did nothing wrong.
+    appctl = shlex.join([sys.executable, "-m", "changeover.demo.appctl"])
     common = (
         shlex.join(["--root", str(root / "apps")])
         + " --member {member} --host {host} --port {port} --route {route}"
@@ -68,6 +66,10 @@ def release_site(product: str, root: Path) -> dict[str, Any]:
         "start": f"{appctl} start {common} --startup-delay 0.3",
     }
     data["checks"] = {"smoke": [{"path": "/", "status": 200, "body_contains": "{version}"}]}
+    # To hold on a loaded 2-core box: a member takes 3 slow health checks in a
+    # row (2 s each) to be counted down, not one (the probe would see 503s the
+    # release did not cause), and may take 30 s to boot.
+    data["balancer"]["health"] |= {"timeout": "2s", "fall": 3}
     # Long enough for the probe's users (1.5 s at most): none is cut, even on nginx,
     # which counts nothing and so waits the whole drain_timeout.
     data["policy"] = {
@@ -80,15 +82,9 @@ def release_site(product: str, root: Path) -> dict[str, Any]:
 
 
 def under_load(data: dict[str, Any]) -> dict[str, Any]:
-    """`release_site`'s `data` made to hold on a loaded 2-core box (other work,
-    SSH bursts): a member takes 3 slow health checks in a row (2 s each) to be
-    counted down, not one (the probe would see 503s the release did not cause),
-    may take 90 s to boot, and runs at this test's priority, not below it
-    (members below the box's other work are starved into timeouts)."""
-    data["balancer"]["health"] |= {"timeout": "2s", "fall": 3}
+    """`release_site`'s `data` for releases beside SSH bursts: members may take
+    90 s to boot."""
     data["policy"]["health_timeout"] = "90s"
-    nice = shlex.join(NICE) + " "
-    data["release"] = {k: v.replace(nice, "", 1) for k, v in data["release"].items()}
     return data
 
 

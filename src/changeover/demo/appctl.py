@@ -171,8 +171,8 @@ def keep_priority(pid: int) -> None:
     """Linux autogroups share the CPU equally between sessions, whatever their
     processes' nice values: without this, 36 members (each in its own session)
     outweigh the balancer and the probe 36 to 1 on a one-box demo. The member
-    keeps the priority appctl runs at (the demo runs it at nice 19: it stands in
-    for a separate host)."""
+    keeps the priority appctl runs at (over SSH, the sshd's: the test fleets run
+    it lower, as hosts that stand for other machines)."""
     with contextlib.suppress(OSError):
         Path(f"/proc/{pid}/autogroup").write_text(f"{os.nice(0)}\n")
 
