@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import psutil
 import pytest
 import trustme
 
@@ -263,6 +264,53 @@ async def test_tls_to_members_verifies_their_certificates(tmp_path: Path) -> Non
 async def reload_via_admin(client: aiohttp.ClientSession, site: Site) -> tuple[int, dict[str, Any]]:
     async with client.post(site.admin + "/v1/tls/reload", headers=auth()) as r:
         return r.status, await r.json()
+
+
+async def test_a_connection_accepted_before_a_reload_gets_its_handshake_and_answer(
+    tmp_path: Path,
+) -> None:
+    """A worker accepts a connection, then a reload retires it before the
+    client's TLS handshake: the old worker waits for that handshake and answers
+    the request (the connection was its own), rather than exit and reset it."""
+    ca = trustme.CA()
+    async with tls_site(tmp_path, ca) as (site, _, _), aiohttp.ClientSession() as client:
+        (old,) = psutil.Process(site.process.pid).children()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(https(site.public)))
+        try:
+            mine = writer.get_extra_info("sockname")[1]
+
+            def accepted() -> bool:
+                return any(c.raddr and c.raddr.port == mine for c in old.net_connections())
+
+            await wait_until(accepted, what="the worker to accept the connection")
+            async with client.post(site.admin + "/v1/reload", headers=auth()) as r:
+                assert r.status == 200, await r.text()  # the old worker is told to retire
+            context = client_context(ca)
+            async with client.get(
+                https(site.public) + "/plain", ssl=context, server_hostname="shop.test"
+            ) as r:
+                assert r.status == 200  # a new connection: the new worker serves
+            assert old.is_running()  # waiting for its connection's handshake
+            await writer.start_tls(client_context(ca), server_hostname="shop.test")
+            writer.write(b"GET /plain HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        finally:
+            writer.close()
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        assert b"connection: close" in head.lower()  # a retiring worker's last answer
+        await wait_until(lambda: not old.is_running(), what="the old worker to exit")
+
+
+async def test_a_handshake_that_never_comes_is_closed_at_the_header_timeout(
+    tmp_path: Path,
+) -> None:
+    ca = trustme.CA()
+    async with tls_site(tmp_path, ca, {"timeouts": {"header": 1}}) as (site, _, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(https(site.public)))
+        try:  # connected, and then silent: no ClientHello
+            assert await asyncio.wait_for(reader.read(), 15) == b""  # closed, not held
+        finally:
+            writer.close()
 
 
 @pytest.mark.parametrize("how", ["sighup", "admin"])

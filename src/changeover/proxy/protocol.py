@@ -129,6 +129,10 @@ class Worker:
         self.member_names = [balancer.member_tls_name or m.host for m in members]
         self.idle: list[list[Upstream]] = [[] for _ in members]
         self.clients: set[Client] = set()
+        # Accepted over TLS, handshake not done (a Client is made at accept, but
+        # connection_made comes after the handshake): a retiring worker waits
+        # for these too, or its exit resets them. Each until its deadline.
+        self.handshaking: dict[Client, float] = {}
         self.stopping = False
         self.drained = asyncio.Event()  # set when a client closes while stopping
         self.tunnels: set[Tunnel] = set()
@@ -246,6 +250,11 @@ class Worker:
             self._reload()
         for client in [c for c in self.clients if 0 < c.deadline < now]:
             client.expire()
+        late = [c for c, deadline in self.handshaking.items() if deadline < now]
+        for client in late:  # the transport gave up on it (ssl_handshake_timeout)
+            del self.handshaking[client]
+        if late and self.stopping:
+            self.drained.set()
         self._sweeper = self.loop.call_later(1.0, self._sweep)
 
     def retire(self) -> None:
@@ -416,6 +425,8 @@ class Client(asyncio.Protocol):
         self.proto = b"https" if https else b"http"
         self.listen_host = listen_host
         self.transport: asyncio.Transport | None = None
+        if https:
+            worker.handshaking[self] = worker.now + worker.header_timeout + 1.0
         self.parser = httptools.HttpRequestParser(self)
         self.peer = Peer(b"", self.proto, b"")
         self.xf = b""
@@ -448,6 +459,7 @@ class Client(asyncio.Protocol):
         # A 1.0 request without Host gets the listener's.
         self.peer = Peer(ip, self.proto, b"Host: %s\r\n" % self.listen_host)
         self.xf = self.peer.forwarded
+        self.w.handshaking.pop(self, None)
         self.w.clients.add(self)
         self.deadline = self.w.now + self.w.header_timeout
 

@@ -425,8 +425,16 @@ async def _serve(
                     worker, listener.scope, context is not None, str(listener.listen)
                 )
                 ssl_context = context
+            # A handshake is bounded like a request head (slowloris).
+            handshake = balancer.timeouts.header if ssl_context else None
             servers.append(
-                await loop.create_server(factory, sock=sock, ssl=ssl_context, backlog=BACKLOG)
+                await loop.create_server(
+                    factory,
+                    sock=sock,
+                    ssl=ssl_context,
+                    backlog=BACKLOG,
+                    ssl_handshake_timeout=handshake,
+                )
             )
     except OSError as exc:
         ready.send(f"cannot serve: {exc.strerror or exc}")
@@ -465,11 +473,12 @@ async def _serve(
     return EXIT_OK
 
 
-async def _drained(worker: Worker, cut_short: asyncio.Future[Any] | None) -> None:
-    """Until the worker has no client left (or `cut_short` is done)."""
-    while worker.clients and not (cut_short is not None and cut_short.done()):
+async def _drained(worker: Worker, cut: asyncio.Future[Any] | None) -> None:
+    """Until the worker has no client left, handshaking ones included (or `cut`
+    is done)."""
+    while (worker.clients or worker.handshaking) and not (cut is not None and cut.done()):
         waiter = asyncio.ensure_future(worker.drained.wait())
-        others = [cut_short] if cut_short is not None else []
+        others = [cut] if cut is not None else []
         await asyncio.wait([waiter, *others], return_when="FIRST_COMPLETED")
         waiter.cancel()
         worker.drained.clear()
