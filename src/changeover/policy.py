@@ -104,7 +104,10 @@ def drain_progress(
     tunnels = total(members, "tunnels")
     served = total(members, "requests")
     open_work = bool(active) or bool(tunnels)
-    busy = open_work or bool(sessions) or (served is not None and served != watch.last_total)
+    # Sessions are judged by their own clock (none seen within `idle`), so they
+    # do not restart the served count's quiet window: that would add a whole
+    # `idle` to every drain after its last session ended.
+    busy = open_work or (served is not None and served != watch.last_total)
     quiet_since = now if busy else watch.quiet_since
     report = watch.reported is None or now - watch.reported >= REPORT_EVERY
     watch = DrainWatch(watch.started, quiet_since, served, now if report else watch.reported)

@@ -59,7 +59,8 @@ W, Q, T = Drain.WAITING, Drain.QUIET, Drain.TIMED_OUT
 # timeout 10 s
 DRAIN_CASES = [
     # Counted sessions decide: none seen within session_idle and nothing open.
-    ("sessions left", DrainWatch(0, 0, 5), members((0, 5, 3, 0)), 3.0, 3.0, W, "3 session(s)"),
+    # Sessions have their own clock: they do not restart the served count's quiet window.
+    ("sessions left", DrainWatch(0, 0, 5), members((0, 5, 3, 0)), 3.0, 0, W, "3 session(s)"),
     ("no session left", DrainWatch(0, 0, 6), members((0, 6, 0, 0)), 2.0, 0, Q, "no session"),
     # A new session's first answer set its cookie: not counted yet, but served.
     ("no session, served", DrainWatch(0, 0, 5), members((0, 6, 0, 0)), 3.0, 3.0, W, "0 sess"),
@@ -73,7 +74,7 @@ DRAIN_CASES = [
         DrainWatch(0, 0, 5),
         members((0, 5, 2, 0)),
         10.0,
-        10.0,
+        0,
         T,
         "2 session(s), 0 request(s) in flight, 0 tunnel(s) still on the cluster",
     ),
@@ -113,6 +114,18 @@ def test_drain_progress(
     assert says in judged.line
     assert judged.watch.last_total == total(seen, "requests")
     assert judged.watch.started == watch.started
+
+
+def test_a_drain_ends_as_its_last_session_does_not_one_session_idle_later() -> None:
+    """The last request at t=0: its session is counted until t=2 (idle 2 s), and
+    the served count stands still from t=0, so the drain ends at the first read
+    that sees no session, not 2 s after it."""
+    watch = DrainWatch(0, 0, 5)
+    for now in (0.5, 1.0, 1.5):
+        judged = drain_progress(watch, members((0, 5, 1, 0)), now, 2.0, 60.0)
+        assert judged.verdict is W
+        watch = judged.watch
+    assert drain_progress(watch, members((0, 5, 0, 0)), 2.0, 2.0, 60.0).verdict is Q
 
 
 @pytest.mark.parametrize(
