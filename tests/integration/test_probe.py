@@ -9,6 +9,7 @@ import json
 import math
 import os
 import signal
+import ssl
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from changeover.demo.app import STATE, AppState, build_app
 from changeover.model import Admission, MemberState, PoolView
 from changeover.probe import AdmissionWatcher, ProbeReport, SessionLengths, run_probe
-from tests.certs import ca_file, issue, server_context
+from tests.certs import ca_file, client_context, issue, server_context
 from tests.helpers import free_port, wait_until
 from tests.integration.proxy_fixtures import FakeMember, balancer_site, members
 from tests.integration.test_sample_app import running_app
@@ -260,30 +261,40 @@ def add_exact_echo(member: FakeMember, app: web.Application) -> None:
     app.router.add_get("/ws", echo)
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
 async def test_websocket_users_closed_1001_at_out_reconnect_through_the_balancer(
-    tmp_path: Path,
+    tmp_path: Path, tls: bool
 ) -> None:
-    """20 WebSocket users on a1 behind the real balancer; a1 drains (they stay),
-    then goes out: each is closed with 1001, spread over close_spread, and
-    reconnects through the balancer to b1. No abnormal close, and no second
-    holds more than the share the spread allows."""
+    """20 WebSocket users on a1 behind the real balancer (wss: on its TLS
+    listener); a1 drains (they stay), then goes out: each is closed with 1001,
+    spread over close_spread, and reconnects through the balancer to b1. No
+    abnormal close, and no second holds more than the share the spread allows."""
     users, spread = 20, 2.0
     stop = asyncio.Event()
+    settings: dict[str, str] = {"close_spread": f"{spread:g}s"}
+    verify: bool | ssl.SSLContext = True
+    if tls:
+        ca = trustme.CA()
+        pair = issue(ca, tmp_path / "certs", "site", "127.0.0.1")
+        settings |= {"tls_cert": str(pair.cert), "tls_key": str(pair.key)}
+        verify = client_context(ca)
     async with (
         members({"a": ["a1"], "b": ["b1"]}, extra_routes=add_exact_echo) as started,
-        balancer_site(tmp_path, started, balancer={"close_spread": f"{spread:g}s"}) as site,
+        balancer_site(tmp_path, started, balancer=settings) as site,
         aiohttp.ClientSession() as admin,
     ):
         await site.admit(admin, b1="out")
+        scheme = "https://" if tls else "http://"
         probe = asyncio.create_task(
             run_probe(
-                site.public + "/",
+                site.public.replace("http://", scheme) + "/",
                 rate=50,
                 duration=60,
                 sticky_users=5,
                 stop=stop,
                 ws_users=users,
                 ws_interval=0.2,
+                verify_tls=verify,
             )
         )
 
