@@ -96,3 +96,15 @@ def assert_a_step_ends_in_one_transaction(j: JournalStore, text: str, stored: st
     assert (event.kind, event.message, event.at) == ("step-done", f"s0: {stored}", step.finished)
     assert j.step_finished(rid, 1, False, "broke").request == "abort"  # no event: none added
     assert len(j.events(rid)) == 1
+
+
+def assert_withdraw_clears_only_what_it_read(j: JournalStore) -> None:
+    """`withdraw` clears a request only while it is the one read: an approval
+    another shell gave meanwhile stands."""
+    rid = j.create_release("site", "2.0", "1.0", "rolling-clusters", [{"id": "s0"}])
+    j.request(rid, "approve:s0")
+    assert not j.withdraw(rid, "abort")  # something else was asked meanwhile
+    assert j.release(rid).request == "approve:s0"
+    assert j.withdraw(rid, "approve:s0")
+    assert j.release(rid).request is None
+    assert not j.withdraw(rid, "approve:s0")  # nothing left to withdraw

@@ -327,19 +327,24 @@ class Engine:
                 "warn",
                 f"took over a stale lock left by {stale.describe()}",
             )
-        # Read again under the lock: an approval given until now counts.
-        row = await self._j(self.journal.release, row.id)
+        # Read again under the lock: an approval given until now counts. What is
+        # not kept is withdrawn only if it is still what was read: an approval
+        # landing between the read and the withdrawal is judged in turn.
         steps = await self._j(self.journal.steps, row.id)
-        kept = kept_at_take_over(decode_ask(row.request), steps)
-        if kept is None:
-            await self._j(self.journal.request, row.id, None)
-        else:
-            await self._j(
-                self.journal.add_event,
-                row.id,
-                "info",
-                f"kept the approval of {kept.step_id} by {kept.who}, given before the take-over",
-            )
+        while True:
+            row = await self._j(self.journal.release, row.id)
+            kept = kept_at_take_over(decode_ask(row.request), steps)
+            if kept is not None:
+                await self._j(
+                    self.journal.add_event,
+                    row.id,
+                    "info",
+                    f"kept the approval of {kept.step_id} by {kept.who}, "
+                    "given before the take-over",
+                )
+                break
+            if row.request is None or await self._j(self.journal.withdraw, row.id, row.request):
+                break
         await self._j(self.journal.set_state, row.id, J.RUNNING)
         return row.id
 

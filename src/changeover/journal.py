@@ -388,6 +388,15 @@ class Journal:
         with self._tx() as db:
             db.execute("UPDATE releases SET request=? WHERE id=?", (what, release_id))
 
+    def withdraw(self, release_id: int, seen: str) -> bool:
+        """Clear the release's request if it is still `seen`; False if another
+        process asked something else meanwhile (then that stands)."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE releases SET request=NULL WHERE id=? AND request=?", (release_id, seen)
+            )
+            return cur.rowcount == 1
+
     def step_started(self, release_id: int, idx: int) -> None:
         with self._tx() as db:
             db.execute(

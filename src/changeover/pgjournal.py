@@ -420,6 +420,17 @@ class PgJournal:
             release_id,
         )
 
+    def withdraw(self, release_id: int, seen: str) -> bool:
+        """Clear the release's request if it is still `seen`; False if another
+        process asked something else meanwhile (then that stands)."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE changeover_releases SET request = NULL"
+                " WHERE site = %s AND id = %s AND request = %s",
+                (self.site, release_id, _text(seen)),
+            )
+            return cur.rowcount == 1
+
     def step_started(self, release_id: int, idx: int) -> None:
         self._step("state = %s, started = %s, finished = NULL, detail = NULL", release_id, idx,
                    STEP_RUNNING, time.time())  # fmt: skip

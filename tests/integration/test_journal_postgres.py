@@ -25,7 +25,10 @@ from changeover.config import load
 from changeover.journal import Journal, JournalError, LockHeld, OutputRow, journal_path
 from changeover.pgjournal import PgJournal
 from changeover.starter import STARTER
-from tests.helpers import assert_a_step_ends_in_one_transaction
+from tests.helpers import (
+    assert_a_step_ends_in_one_transaction,
+    assert_withdraw_clears_only_what_it_read,
+)
 from tests.postgres import Postgres, running_postgres
 
 pytestmark = pytest.mark.real
@@ -82,6 +85,10 @@ def test_release_and_steps_round_trip(url: str) -> None:
     with pytest.raises(KeyError):
         j.release(rid + 1)
     j.close()
+
+
+def test_withdraw_clears_only_the_request_it_read(url: str) -> None:
+    assert_withdraw_clears_only_what_it_read(PgJournal(url, "site"))
 
 
 def test_release_numbers_count_per_site_as_in_a_sqlite_file(url: str) -> None:

@@ -746,6 +746,30 @@ async def test_an_approval_given_while_no_process_runs_survives_the_resume(
     assert set(site.fleet.version.values()) == {"2.0"}
 
 
+async def test_an_approval_landing_while_resume_withdraws_a_stale_one_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """resume reads what was asked (a stale approval of b), and QA approves a
+    before resume withdraws it: the withdrawal does not erase that approval."""
+    site, release_id, service = await killed_while_awaiting_approval(tmp_path)
+    site.journal.request(release_id, encode_ask(Approval("approve-b", "hasty@desk")))
+    withdraw = site.journal.withdraw
+
+    def qa_approves_first(rid: int, seen: str) -> bool:
+        site.journal.request(rid, encode_ask(Approval("approve-a", "qa@desk")))
+        return withdraw(rid, seen)
+
+    monkeypatch.setattr(site.journal, "withdraw", qa_approves_first)
+    asked = approve_when_asked(site, "later@desk")
+    assert await service.resume() == (release_id, J.DONE)
+
+    assert asked == ["approve-b"]  # a's approval came in time and was kept
+    assert approved_by(site, release_id) == {
+        "approve-a": "approved by qa@desk",
+        "approve-b": "approved by later@desk",
+    }
+
+
 async def test_an_approval_of_another_step_does_not_apply_after_a_resume(tmp_path: Path) -> None:
     site, release_id, service = await killed_while_awaiting_approval(tmp_path)
     site.journal.request(release_id, encode_ask(Approval("approve-b", "hasty@desk")))

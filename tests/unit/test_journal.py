@@ -11,7 +11,10 @@ import pytest
 
 from changeover import journal as J
 from changeover.journal import Journal, JournalError, LockHeld
-from tests.helpers import assert_a_step_ends_in_one_transaction
+from tests.helpers import (
+    assert_a_step_ends_in_one_transaction,
+    assert_withdraw_clears_only_what_it_read,
+)
 
 PLAN = [{"id": "preflight"}, {"id": "drain-a"}]
 
@@ -35,6 +38,10 @@ def test_a_step_ends_with_its_event_and_reads_what_was_asked_in_one_transaction(
     tmp_path: Path,
 ) -> None:
     assert_a_step_ends_in_one_transaction(Journal(tmp_path / "j.sqlite"), "fine", "fine")
+
+
+def test_withdraw_clears_only_the_request_it_read(tmp_path: Path) -> None:
+    assert_withdraw_clears_only_what_it_read(Journal(tmp_path / "j.sqlite"))
 
 
 def test_journal_is_in_wal_mode_with_full_sync(tmp_path: Path) -> None:
