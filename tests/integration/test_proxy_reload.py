@@ -475,6 +475,56 @@ async def test_the_new_master_counts_the_old_workers_until_they_exit(tmp_path: P
                 await stop_process(new)
 
 
+async def test_a_second_take_over_waits_until_the_first_ones_old_workers_are_gone(
+    tmp_path: Path,
+) -> None:
+    """Only the master that took over learns when its predecessor's workers
+    exit: while a request of theirs is in flight it refuses to hand over again
+    (a third master would stop counting them), saying why, and serves on; once
+    they are gone, the next take-over works."""
+    layout: Layout = {"a": ["a1"], "b": ["b1"]}
+    async with (
+        apps(layout) as members,
+        balancer_site(
+            tmp_path, [members["a1"], members["b1"]], balancer={"reload_grace": "30s"}
+        ) as site,
+        aiohttp.ClientSession() as user,
+    ):
+        second = refused = third = None
+        try:
+            async with user.get(site.public + "/slow?ms=4000") as slow:
+                copy = site.config.with_name("second.toml")
+                copy.write_text(site.config.read_text())
+                second, log = await start_balancer(copy, "--take-over")
+                refused = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "changeover.proxy", "-c", str(copy), "--take-over",
+                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+                )  # fmt: skip
+                _, err = await asyncio.wait_for(refused.communicate(), 60)
+                assert refused.returncode == 2, err
+                assert "refused to hand over: the workers of the balancer it took over" in (
+                    err.decode()
+                )
+                view = await pool(site)  # the second master still counts the first's request
+                assert sum(view[m]["active"] for m in ("a1", "b1")) == 1, view
+                assert json.loads(await slow.read())["slept_ms"] == 4000
+            assert await asyncio.wait_for(site.process.wait(), 60) == 0
+            await wait_until(
+                lambda: "taken over from have exited" in log.read_text(),
+                what="the second master to see the first one's workers gone",
+            )
+            again = site.config.with_name("third.toml")
+            again.write_text(site.config.read_text())
+            third, _ = await start_balancer(again, "--take-over")
+            assert await asyncio.wait_for(second.wait(), 60) == 0
+            async with user.get(site.public + "/") as response:
+                assert response.status == 200
+        finally:
+            for process in (second, refused, third):
+                if process is not None:
+                    await stop_process(process)
+
+
 async def test_a_take_over_that_fails_leaves_the_old_master_serving(tmp_path: Path) -> None:
     """The new master gets the sockets but cannot start (a QA port of its config
     is taken): the old one takes its admin API back and serves on."""

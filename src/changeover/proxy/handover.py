@@ -12,11 +12,13 @@ then the state document (admissions, health, sessions, counts, the release
 lease, and how to read those states) in chunks. The new master starts its
 workers on those very sockets (never closed, never bound again: no
 connection is refused meanwhile) and says "ready"; the old master then
-drains its workers and exits. Until it has exited (its end of the control
-connection closes) the new master counts the old workers' requests in
-flight, tunnels and sessions from their shared memory, as a reload counts
-its old workers'. If the new master goes away before "ready", the old one
-takes its admin API back and serves on.
+drains its workers and exits. A master that itself took over refuses to hand
+over again until the workers of the one before it have exited (it alone
+knows when they do, so a third master could not count them). Until the old
+master has exited (its end of the control connection closes) the new master
+counts the old workers' requests in flight, tunnels and sessions from their
+shared memory, as a reload counts its old workers'. If the new master goes
+away before "ready", the old one takes its admin API back and serves on.
 """
 
 from __future__ import annotations
@@ -103,6 +105,11 @@ def give(
         conn.sendall(chunk)
 
 
+def refuse(conn: socket.socket, why: str) -> None:
+    """Old master (blocking): decline a take-over, saying why."""
+    socket.send_fds(conn, [json.dumps({"refused": why}).encode()], [])
+
+
 def wait_ready(conn: socket.socket) -> bool:
     """Old master (blocking): whether the new master said it serves."""
     try:
@@ -156,6 +163,10 @@ def take(path: Path, timeout: float) -> Handed:
                 os.close(fd)
             raise HandoverError(f"{path}: the hand-over message was cut short")
         described = json.loads(header)
+        if "refused" in described:
+            conn.close()
+            why = described["refused"]
+            raise HandoverError(f"{path}: the running balancer refused to hand over: {why}")
         body = b"".join(conn.recv(CHUNK) for _ in range(int(described["chunks"])))
         state = json.loads(body)
     except OSError as exc:

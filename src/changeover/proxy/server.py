@@ -54,6 +54,7 @@ from changeover.proxy.handover import (
     control_path,
     give,
     listen_control,
+    refuse,
     same_user,
     take,
     wait_ready,
@@ -898,6 +899,13 @@ class Master:
             log.error("take-over refused: the asking process runs as another user")
             return False
         if await asyncio.to_thread(conn.recv, 64) != ASK:
+            return False
+        if self.inherited:
+            # Only this master learns when its predecessor's workers exit (its
+            # control connection closes): a successor would stop counting them.
+            why = "the workers of the balancer it took over from still finish; try again later"
+            log.error("take-over refused: %s", why)
+            await asyncio.to_thread(refuse, conn, why)
             return False
         async with self.reloading:  # no reload while handing over
             assert self.current is not None and self.site is not None
