@@ -211,10 +211,10 @@ class Journal:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA busy_timeout = 5000")
+            self._db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_S * 1000:d}")
             # Check first: switching to WAL rewrites the header of a foreign file.
             self._check_schema()
-            mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = self._switch_to_wal()
             # FULL: every commit (each step boundary) is on disk before we go on.
             self._db.execute("PRAGMA synchronous = FULL")
             self._db.execute("PRAGMA foreign_keys = ON")
@@ -229,6 +229,20 @@ class Journal:
         if mode.lower() != "wal":
             raise JournalError(f"{path}: SQLite refused WAL mode ({mode})")
         self._lock = threading.Lock()
+
+    def _switch_to_wal(self) -> str:
+        # SQLite answers a journal-mode switch that finds another connection
+        # reading with SQLITE_BUSY at once, without its busy handler: two
+        # processes opening a new journal together collide here (seen in CI).
+        # Once a file is in WAL mode the switch is a no-op that takes no lock.
+        deadline = time.monotonic() + _BUSY_TIMEOUT_S
+        while True:
+            try:
+                return str(self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorname != "SQLITE_BUSY" or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.005)
 
     def _check_schema(self) -> None:
         tables = {
@@ -614,6 +628,7 @@ HISTORY_COLUMNS: dict[str, tuple[str, ...]] = {
 
 
 # What stops writes to a sound journal, as opposed to a damaged or foreign file.
+_BUSY_TIMEOUT_S = 5
 _CANNOT_WRITE = ("SQLITE_FULL", "SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_IOERR")
 
 
