@@ -136,6 +136,16 @@ def test_init_json_names_the_file_it_wrote(tmp_path: Path) -> None:
     assert path.read_text() == STARTER
 
 
+def test_init_prints_its_path_as_written_on_one_line(tmp_path: Path) -> None:
+    # A path that looks like Rich markup, longer than any terminal is wide.
+    folder = tmp_path / "[bold]release-configs" / ("x" * 120)
+    folder.mkdir(parents=True)
+    path = folder / "site.toml"
+    result = CliRunner().invoke(app, ["init", str(path)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"wrote {path}; edit it, then run `changeover check -c {path}`\n"
+
+
 def test_check_json_lists_the_members_and_the_policy(tmp_path: Path) -> None:
     config = starter_site(tmp_path)
     result = CliRunner().invoke(app, ["check", "--json", "-c", str(config)])

@@ -29,7 +29,13 @@ def init(path: Path, force: bool, json_out: bool) -> None:
     if json_out:
         print_json({"message": f"wrote {path}", "path": str(path)})
     else:
-        out.print(f"wrote {path}; edit it, then run `changeover check -c {path}`")
+        # The path is the user's text: data, not markup, and never broken inside.
+        out.print(
+            f"wrote {path}; edit it, then run `changeover check -c {path}`",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _qa(cluster: Any) -> str:
@@ -150,7 +156,8 @@ def _print_check(topo: Topology, config: Path, warnings: list[str]) -> None:
         f"min_healthy {pol.min_healthy}"
     )
     for warning in warnings:
-        out.print(f"warning: {warning}", markup=False, highlight=False)
+        # One line each, never broken inside a path: a log keeps it greppable.
+        out.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _print_reach(results: list[Any]) -> None:

@@ -101,7 +101,10 @@ def main_cli(
         try:
             reader = watching_config(watch_config)
         except (ConfigError, BalancerError) as exc:
-            Console(stderr=True).print(f"error: {exc}", markup=False, highlight=False)
+            # One line, never broken inside the config's path.
+            Console(stderr=True).print(
+                f"error: {exc}", markup=False, highlight=False, soft_wrap=True
+            )
             return 2
     elif watch_admin:
         reader = BuiltinBalancer(watch_admin, admin_token, "admin", 2.0)
