@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# e.g. PYTEST_FLAGS='-n 4 --dist loadgroup' on a machine with cores to spare
-PYTEST_FLAGS ?=
+# Two pytest-xdist workers: every end-to-end file on one, the other files on the
+# other (tests/conftest.py); PYTEST_FLAGS='-n 0' runs them in one process.
+PYTEST_FLAGS ?= -n 2
 STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: demo test lint typecheck pytest system-deps bench lock clean

@@ -1,6 +1,6 @@
 """Suite-wide: a cancelled run still cleans up after itself, and a leak fails the run.
 
-Under pytest-xdist (`make pytest PYTEST_FLAGS="-n 4 --dist loadgroup"`) the
+Under pytest-xdist (`make pytest PYTEST_FLAGS="-n 2"`) the
 controller does the sweeping: a worker's leftovers are its descendants too,
 and only the controller's exit status is the run's.
 """
@@ -13,6 +13,8 @@ import sys
 from types import FrameType
 
 import pytest
+from xdist.remote import Producer
+from xdist.scheduler import LoadScopeScheduling
 
 from tests import reaper
 
@@ -46,13 +48,25 @@ def _worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Workers take whole files (module-scoped sites are built once), and the
-    # end-to-end files all go to one worker, so two of them never run at once.
-    for item in items:
-        path = item.path.relative_to(item.config.rootpath)
-        group = "e2e" if path.parts[:2] == ("tests", "e2e") else str(path)
-        item.add_marker(pytest.mark.xdist_group(group))
+class _FilesAndEndToEnd(LoadScopeScheduling):  # type: ignore[misc]  # xdist ships no types
+    """Workers take whole files (module-scoped sites are built once), and every
+    end-to-end file goes to one worker, so two of them never run at once.
+
+    Not `--dist loadgroup`: xdist 3.8 marks a group by rewriting `Item._nodeid`,
+    which pytest 9 no longer reads, so every test went wherever it fell (a
+    module's site was built twice, and its tests found each other's states)."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        path = nodeid.split("::", 1)[0]
+        return "e2e" if path.startswith("tests/e2e/") else path
+
+
+@pytest.hookimpl(optionalhook=True)  # a run without xdist (`-p no:xdist`) has no such hook
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Producer) -> LoadScopeScheduling:
+    # In collection order (the end-to-end files come first, so the longest unit
+    # starts at once), not reordered by size.
+    config.option.loadscopereorder = False
+    return _FilesAndEndToEnd(config, log)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

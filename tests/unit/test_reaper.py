@@ -58,9 +58,11 @@ def test_second():
 """
 
 
-def _inner_run(tmp_path: Path, tests: str, *extra: str) -> subprocess.Popen[str]:
-    """`pytest` with the suite's conftest on a throwaway test file."""
-    (tmp_path / "test_inner.py").write_text(tests)
+def _inner_run(tmp_path: Path, tests: str | dict[str, str], *extra: str) -> subprocess.Popen[str]:
+    """`pytest` with the suite's conftest on a throwaway test file (or files, by path)."""
+    for name, text in (tests if isinstance(tests, dict) else {"test_inner.py": tests}).items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
     ini = str(tmp_path / "pytest.ini")
     argv = ["-p", "tests.conftest", "-p", "no:cacheprovider", "-q", "-c", ini, *extra]
@@ -117,7 +119,7 @@ def test_other():
 def test_a_process_left_by_a_test_on_an_xdist_worker_fails_the_run_and_is_stopped(
     tmp_path: Path,
 ) -> None:
-    run = _inner_run(tmp_path, LEAKING_RUN, "-n", "2", "--dist", "loadgroup")
+    run = _inner_run(tmp_path, LEAKING_RUN, "-n", "2")
     try:
         out, _ = run.communicate(timeout=120)
     finally:
@@ -128,3 +130,36 @@ def test_a_process_left_by_a_test_on_an_xdist_worker_fails_the_run_and_is_stoppe
     assert run.returncode != 0, out
     assert "processes left running, now stopped: 1" in out, out
     assert _gone(orphan), out
+
+
+# Each test writes down the worker that ran it.
+RECORDING_TEST = """
+import os, pathlib
+
+def test_{n}():
+    name = pathlib.Path(__file__).stem + "-{n}-" + os.environ["PYTEST_XDIST_WORKER"]
+    (pathlib.Path({out!r}) / name).touch()
+"""
+
+
+def test_under_xdist_every_end_to_end_file_runs_on_one_worker_and_files_stay_whole(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "ran"
+    out.mkdir()
+    stems = [f"{kind}/test_{kind[0]}{n}.py" for kind in ("e2e", "unit") for n in (1, 2, 3)]
+    test = "".join(RECORDING_TEST.format(n=n, out=str(out)) for n in range(4))
+    run = _inner_run(tmp_path / "site", {f"tests/{stem}": test for stem in stems}, "-n", "2")
+    try:
+        output, _ = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert "24 passed" in output, output
+    workers: dict[str, set[str]] = {}
+    for mark in out.iterdir():
+        stem, _, worker = mark.name.split("-")
+        workers.setdefault(stem, set()).add(worker)
+    assert len(workers) == 6, workers
+    assert all(len(w) == 1 for w in workers.values()), workers  # whole files
+    assert len(workers["test_e1"] | workers["test_e2"] | workers["test_e3"]) == 1, workers
