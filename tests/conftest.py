@@ -48,9 +48,20 @@ def _worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")
 
 
+# Integration files whose tests time what they see (the probe keeping a
+# 1,000-a-second schedule, WebSocket closes spread per second): beside a release
+# on the other worker they measured that release (lags of 190 ms, 11 closes in
+# a second instead of 10). They run on the end-to-end worker after its files,
+# in collection order.
+TIMED_FILES = frozenset(
+    {"tests/integration/test_probe.py", "tests/integration/test_proxy_websocket.py"}
+)
+
+
 class _FilesAndEndToEnd(LoadScopeScheduling):  # type: ignore[misc]  # xdist ships no types
     """Workers take whole files (module-scoped sites are built once), and every
-    end-to-end file goes to one worker, so two of them never run at once.
+    end-to-end file (and every file of `TIMED_FILES`) goes to one worker, so two
+    of them never run at once.
 
     Not `--dist loadgroup`: xdist 3.8 marks a group by rewriting `Item._nodeid`,
     which pytest 9 no longer reads, so every test went wherever it fell (a
@@ -58,7 +69,7 @@ class _FilesAndEndToEnd(LoadScopeScheduling):  # type: ignore[misc]  # xdist shi
 
     def _split_scope(self, nodeid: str) -> str:
         path = nodeid.split("::", 1)[0]
-        return "e2e" if path.startswith("tests/e2e/") else path
+        return "one-at-a-time" if path.startswith("tests/e2e/") or path in TIMED_FILES else path
 
 
 @pytest.hookimpl(optionalhook=True)  # a run without xdist (`-p no:xdist`) has no such hook

@@ -142,12 +142,13 @@ def test_{n}():
 """
 
 
-def test_under_xdist_every_end_to_end_file_runs_on_one_worker_and_files_stay_whole(
+def test_under_xdist_end_to_end_and_timed_files_run_on_one_worker_and_files_stay_whole(
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "ran"
     out.mkdir()
     stems = [f"{kind}/test_{kind[0]}{n}.py" for kind in ("e2e", "unit") for n in (1, 2, 3)]
+    stems.append("integration/test_probe.py")  # one of the timed files
     test = "".join(RECORDING_TEST.format(n=n, out=str(out)) for n in range(4))
     run = _inner_run(tmp_path / "site", {f"tests/{stem}": test for stem in stems}, "-n", "2")
     try:
@@ -155,11 +156,12 @@ def test_under_xdist_every_end_to_end_file_runs_on_one_worker_and_files_stay_who
     finally:
         if run.poll() is None:
             run.kill()
-    assert "24 passed" in output, output
+    assert "28 passed" in output, output
     workers: dict[str, set[str]] = {}
     for mark in out.iterdir():
         stem, _, worker = mark.name.split("-")
         workers.setdefault(stem, set()).add(worker)
-    assert len(workers) == 6, workers
+    assert len(workers) == 7, workers
     assert all(len(w) == 1 for w in workers.values()), workers  # whole files
-    assert len(workers["test_e1"] | workers["test_e2"] | workers["test_e3"]) == 1, workers
+    one_at_a_time = ("test_e1", "test_e2", "test_e3", "test_probe")
+    assert len(set().union(*(workers[stem] for stem in one_at_a_time))) == 1, workers
