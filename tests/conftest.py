@@ -50,7 +50,7 @@ def _worker(config: pytest.Config) -> bool:
 
 # Integration files whose tests time what they see (the probe keeping a
 # 1,000-a-second schedule, WebSocket closes spread per second): beside a release
-# on the other worker they measured that release (lags of 190 ms, 11 closes in
+# on the other worker they measured that release (a 188 ms lag, 11 closes in
 # a second instead of 10). They run on the end-to-end worker after its files,
 # in collection order.
 TIMED_FILES = frozenset(
