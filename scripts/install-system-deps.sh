@@ -11,6 +11,10 @@ command -v apache2 >/dev/null 2>&1 || [ -x /usr/sbin/apache2 ] || need="$need ap
 command -v wrk >/dev/null 2>&1 || need="$need wrk"
 # The desk's browser test drives Debian's Chromium with Playwright (no browser download).
 [ -x /usr/bin/chromium ] || need="$need chromium"
+# The bake analysis tests scrape the balancers with a real Prometheus.
+[ -x /usr/bin/prometheus ] || need="$need prometheus"
+# The PostgreSQL tests run initdb as another user with runuser.
+command -v runuser >/dev/null 2>&1 || need="$need util-linux"
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || need="$need postgresql"
 if [ -n "$need" ]; then
   if [ "$(id -u)" != 0 ]; then

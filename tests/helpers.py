@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import shutil
 import socket
 import time
@@ -22,18 +23,44 @@ REQUIRE_REAL = os.environ.get("CHANGEOVER_REQUIRE_REAL") == "1"
 
 _HANDED_OUT: set[int] = set()
 
+# Ports are taken below the kernel's ephemeral range (32768-60999 by default):
+# a port found free there could be taken as the local end of some outgoing
+# connection before the server under test binds it (seen: nginx's "bind() ...
+# Address already in use" beside a probe). Each xdist worker has its own slice,
+# so two workers never hand out the same port.
+_PORTS_LOW, _PORTS_HIGH = 12000, 32000
+
+
+def _port_slice() -> range:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(worker) if worker.isdigit() else 0
+    width = (_PORTS_HIGH - _PORTS_LOW) // max(count, 1)
+    start = _PORTS_LOW + width * (index % max(count, 1))
+    return range(start, start + width)
+
+
+_SLICE = _port_slice()
+_NEXT = [random.randrange(len(_SLICE))]
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """An ephemeral port that was free a moment ago on `host`, never one this
-    process handed out before: the kernel may offer a just-closed port again, and
-    one site's members would then share it."""
-    while True:
+    """A port that is free on `host` now, outside the ephemeral range and this
+    worker's alone, never one this process handed out before (one site's members
+    would then share it)."""
+    for _ in range(len(_SLICE)):
+        port = _SLICE[_NEXT[0] % len(_SLICE)]
+        _NEXT[0] += 1
+        if port in _HANDED_OUT:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-            port = int(s.getsockname()[1])
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free port left in {_SLICE.start}-{_SLICE.stop - 1} on {host}")
 
 
 def require_binary(name: str, *candidates: str) -> Path:
