@@ -15,6 +15,7 @@ from types import FrameType
 import pytest
 from xdist.remote import Producer
 from xdist.scheduler import LoadScopeScheduling
+from xdist.workermanage import WorkerController
 
 from tests import reaper
 
@@ -48,20 +49,20 @@ def _worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")
 
 
-# Integration files whose tests time what they see (the probe keeping a
-# 1,000-a-second schedule, WebSocket closes spread per second): beside a release
-# on the other worker they measured that release (a 188 ms lag, 11 closes in
-# a second instead of 10). They run on the end-to-end worker after its files,
-# in collection order.
+# Files whose tests time what they see (the probe keeping a 1,000-a-second
+# schedule, WebSocket closes spread per second): beside a release on the other
+# worker they measured that release (a 188 ms lag, 11 closes in a second instead
+# of 10). They run last, alone, once every other test has finished.
 TIMED_FILES = frozenset(
     {"tests/integration/test_probe.py", "tests/integration/test_proxy_websocket.py"}
 )
+ALONE = "run-alone-at-the-end"
 
 
-class _FilesAndEndToEnd(LoadScopeScheduling):  # type: ignore[misc]  # xdist ships no types
-    """Workers take whole files (module-scoped sites are built once), and every
-    end-to-end file (and every file of `TIMED_FILES`) goes to one worker, so two
-    of them never run at once.
+class _WholeFilesTimedAlone(LoadScopeScheduling):  # type: ignore[misc]  # xdist ships no types
+    """Workers take whole files (module-scoped sites are built once), in
+    collection order (the end-to-end files first, the longest, so both workers
+    start on them); the files of `TIMED_FILES` wait until nothing else runs.
 
     Not `--dist loadgroup`: xdist 3.8 marks a group by rewriting `Item._nodeid`,
     which pytest 9 no longer reads, so every test went wherever it fell (a
@@ -69,15 +70,36 @@ class _FilesAndEndToEnd(LoadScopeScheduling):  # type: ignore[misc]  # xdist shi
 
     def _split_scope(self, nodeid: str) -> str:
         path = nodeid.split("::", 1)[0]
-        return "one-at-a-time" if path.startswith("tests/e2e/") or path in TIMED_FILES else path
+        return ALONE if path in TIMED_FILES else path
+
+    def _assign_work_unit(self, node: WorkerController) -> None:
+        scope = next((s for s in self.workqueue if s != ALONE), ALONE)
+        if scope == ALONE:
+            # The first worker out of other work runs them. A worker runs its
+            # last test only once told to stop (it holds it back for the next
+            # one's fixtures), so the others are stopped now and it waits for
+            # them to exit (`remove_node`).
+            others = [other for other in self.nodes if other is not node]
+            for other in others:
+                if not other.shutting_down:
+                    other.shutdown()
+            if others:
+                return
+        self.workqueue.move_to_end(scope, last=False)
+        super()._assign_work_unit(node)
+
+    def remove_node(self, node: WorkerController) -> str | None:
+        crashed: str | None = super().remove_node(node)
+        if crashed is None and list(self.workqueue) == [ALONE]:
+            for waiting in self.nodes:
+                self._reschedule(waiting)
+        return crashed
 
 
 @pytest.hookimpl(optionalhook=True)  # a run without xdist (`-p no:xdist`) has no such hook
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Producer) -> LoadScopeScheduling:
-    # In collection order (the end-to-end files come first, so the longest unit
-    # starts at once), not reordered by size.
-    config.option.loadscopereorder = False
-    return _FilesAndEndToEnd(config, log)
+    config.option.loadscopereorder = False  # collection order, not by size
+    return _WholeFilesTimedAlone(config, log)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

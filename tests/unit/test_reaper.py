@@ -132,23 +132,26 @@ def test_a_process_left_by_a_test_on_an_xdist_worker_fails_the_run_and_is_stoppe
     assert _gone(orphan), out
 
 
-# Each test writes down the worker that ran it.
+# Each test writes down the worker that ran it and when it began and ended (a
+# little work in between, so that tests of two workers would overlap).
 RECORDING_TEST = """
-import os, pathlib
+import os, pathlib, time
 
 def test_{n}():
+    began = time.monotonic()
+    time.sleep(0.05)
     name = pathlib.Path(__file__).stem + "-{n}-" + os.environ["PYTEST_XDIST_WORKER"]
-    (pathlib.Path({out!r}) / name).touch()
+    (pathlib.Path({out!r}) / name).write_text(f"{{began}} {{time.monotonic()}}")
 """
 
 
-def test_under_xdist_end_to_end_and_timed_files_run_on_one_worker_and_files_stay_whole(
+def test_under_xdist_files_stay_whole_and_timed_files_run_alone_after_the_rest(
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "ran"
     out.mkdir()
     stems = [f"{kind}/test_{kind[0]}{n}.py" for kind in ("e2e", "unit") for n in (1, 2, 3)]
-    stems.append("integration/test_probe.py")  # one of the timed files
+    stems.insert(3, "integration/test_probe.py")  # a timed file, collected mid-run
     test = "".join(RECORDING_TEST.format(n=n, out=str(out)) for n in range(4))
     run = _inner_run(tmp_path / "site", {f"tests/{stem}": test for stem in stems}, "-n", "2")
     try:
@@ -158,10 +161,15 @@ def test_under_xdist_end_to_end_and_timed_files_run_on_one_worker_and_files_stay
             run.kill()
     assert "28 passed" in output, output
     workers: dict[str, set[str]] = {}
+    spans: dict[str, list[tuple[float, float]]] = {}
     for mark in out.iterdir():
         stem, _, worker = mark.name.split("-")
         workers.setdefault(stem, set()).add(worker)
+        began, ended = map(float, mark.read_text().split())
+        spans.setdefault(stem, []).append((began, ended))
     assert len(workers) == 7, workers
     assert all(len(w) == 1 for w in workers.values()), workers  # whole files
-    one_at_a_time = ("test_e1", "test_e2", "test_e3", "test_probe")
-    assert len(set().union(*(workers[stem] for stem in one_at_a_time))) == 1, workers
+    # The end-to-end files are shared out: both workers start on one.
+    assert len(set().union(*(workers[f"test_e{n}"] for n in (1, 2, 3)))) == 2, workers
+    last_other = max(end for stem, s in spans.items() if stem != "test_probe" for _, end in s)
+    assert min(began for began, _ in spans["test_probe"]) >= last_other, spans
