@@ -2,8 +2,8 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# Two pytest-xdist workers: every end-to-end file on one, the other files on the
-# other (tests/conftest.py); PYTEST_FLAGS='-n 0' runs them in one process.
+# Two pytest-xdist workers, each taking whole files, the timed ones alone at the
+# end (tests/conftest.py); PYTEST_FLAGS='-n 0' runs them in one process.
 PYTEST_FLAGS ?= -n 2
 STAMP  := $(VENV)/.installed-stamp
 
