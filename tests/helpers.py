@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -41,7 +42,7 @@ def _port_slice() -> range:
 
 
 _SLICE = _port_slice()
-_NEXT = [random.randrange(len(_SLICE))]
+_NEXT = itertools.count(random.randrange(len(_SLICE)))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -49,8 +50,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     worker's alone, never one this process handed out before (one site's members
     would then share it)."""
     for _ in range(len(_SLICE)):
-        port = _SLICE[_NEXT[0] % len(_SLICE)]
-        _NEXT[0] += 1
+        port = _SLICE[next(_NEXT) % len(_SLICE)]
         if port in _HANDED_OUT:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
