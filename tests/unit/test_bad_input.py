@@ -212,6 +212,8 @@ BAD_ARGUMENTS: list[tuple[list[str], bool, str]] = [
     (["probe", "http://127.0.0.1:9/", "--watch-admin", "ftp://x"], False, "'--watch-admin'"),
     (["probe", "http://127.0.0.1:9/", "--watch-admin", "http://127.0.0.1:9"], True,
      "--watch-admin needs the admin token"),
+    (["probe", "http://127.0.0.1:9/", "--watch-config", "{fifo}"], False,
+     "fifo.toml: not a regular file"),
     (["history", "--limit", "99999999999999999999"], False, "'--limit'"),
     (["history", "--limit", "0"], False, "'--limit'"),
     (["show", "99999999999999999999"], False, "'RELEASE'"),
